@@ -1,0 +1,349 @@
+package kvm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"unsafe"
+)
+
+// VCPUState is everything KVM holds for one vCPU that a checkpoint needs.
+// XSave covers the FPU/SSE/AVX registers, so the legacy FPU struct is not
+// kept separately.
+type VCPUState struct {
+	MPState   MPState
+	Regs      Regs
+	Sregs     Sregs
+	XSave     []byte // XSaveSize bytes
+	XCRs      XCRs
+	DebugRegs DebugRegs
+	LAPIC     LAPICState
+	MSRs      []MSREntry
+	Events    VCPUEvents
+	CPUID     []CPUIDEntry2
+	TSCKHz    uint32
+}
+
+// ReadableMSRs returns the subset of indices that KVM_GET_MSRS can read on
+// this vCPU. KVM's MSR index list names MSRs a given CPU model may lack, and
+// KVM_GET_MSRS stops at the first one it cannot read, so a VMM filters the list
+// once, at setup, and saves that subset at every checkpoint.
+func (c *VCPU) ReadableMSRs(indices []uint32) ([]uint32, error) {
+	entries := make([]MSREntry, len(indices))
+	for i, idx := range indices {
+		entries[i].Index = idx
+	}
+	var ok []uint32
+	for len(entries) > 0 {
+		n, err := c.GetMSRs(entries)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range entries[:n] {
+			ok = append(ok, e.Index)
+		}
+		if n == len(entries) {
+			break
+		}
+		entries = entries[n+1:] // skip the one KVM refused
+	}
+	return ok, nil
+}
+
+// SaveState reads the vCPU's complete state into s, reusing s's buffers. The
+// vCPU must be out of KVM_RUN. msrs is the list from ReadableMSRs.
+//
+// The order follows what KVM requires: KVM_GET_MP_STATE first, because it may
+// process pending INIT/SIPI events and so change the rest; KVM_GET_VCPU_EVENTS
+// last, after everything that can raise an event has been read.
+func (c *VCPU) SaveState(s *VCPUState, msrs []uint32) error {
+	if err := c.GetMPState(&s.MPState); err != nil {
+		return err
+	}
+	if err := c.GetRegs(&s.Regs); err != nil {
+		return err
+	}
+	if err := c.GetSregs(&s.Sregs); err != nil {
+		return err
+	}
+	if n := c.XSaveSize(); len(s.XSave) != n {
+		s.XSave = make([]byte, n)
+	}
+	if err := c.GetXSave(s.XSave); err != nil {
+		return err
+	}
+	if err := c.GetXCRs(&s.XCRs); err != nil {
+		return err
+	}
+	if err := c.GetDebugRegs(&s.DebugRegs); err != nil {
+		return err
+	}
+	if err := c.GetLAPIC(&s.LAPIC); err != nil {
+		return err
+	}
+	khz, err := c.GetTSCKHz()
+	if err != nil {
+		return err
+	}
+	s.TSCKHz = khz
+	if cap(s.MSRs) < len(msrs) {
+		s.MSRs = make([]MSREntry, len(msrs))
+	}
+	s.MSRs = s.MSRs[:len(msrs)]
+	for i, idx := range msrs {
+		s.MSRs[i] = MSREntry{Index: idx}
+	}
+	n, err := c.GetMSRs(s.MSRs)
+	if err != nil {
+		return err
+	}
+	if n != len(s.MSRs) {
+		return fmt.Errorf("KVM_GET_MSRS: read %d of %d MSRs (MSR %#x refused)", n, len(s.MSRs), s.MSRs[n].Index)
+	}
+	if s.CPUID == nil {
+		if s.CPUID, err = c.GetCPUID(); err != nil {
+			return err
+		}
+	}
+	return c.GetVCPUEvents(&s.Events)
+}
+
+// RestoreState writes s into a vCPU that has not run yet.
+//
+// Order: CPUID before anything that depends on guest features (XSAVE, MSRs);
+// the TSC frequency before the TSC MSR; sregs (which carry APIC_BASE) before the
+// LAPIC; the LAPIC before the MSRs (TSC deadline) and before events; MP state
+// and events last, so nothing set later clears a pending event.
+func (c *VCPU) RestoreState(s *VCPUState) error {
+	if len(s.CPUID) > 0 {
+		if err := c.SetCPUID(s.CPUID); err != nil {
+			return err
+		}
+	}
+	if s.TSCKHz != 0 {
+		if cur, err := c.GetTSCKHz(); err != nil || cur != s.TSCKHz {
+			if err := c.SetTSCKHz(s.TSCKHz); err != nil {
+				return fmt.Errorf("restore TSC frequency %d kHz (this host runs at %d kHz): %w", s.TSCKHz, cur, err)
+			}
+		}
+	}
+	if err := c.SetSregs(&s.Sregs); err != nil {
+		return err
+	}
+	if err := c.SetRegs(&s.Regs); err != nil {
+		return err
+	}
+	if len(s.XSave) > 0 {
+		if err := c.SetXSave(s.XSave); err != nil {
+			return err
+		}
+	}
+	if err := c.SetXCRs(&s.XCRs); err != nil {
+		return err
+	}
+	if err := c.SetDebugRegs(&s.DebugRegs); err != nil {
+		return err
+	}
+	if err := c.SetLAPIC(&s.LAPIC); err != nil {
+		return err
+	}
+	n, err := c.SetMSRs(s.MSRs)
+	if err != nil {
+		return err
+	}
+	if n != len(s.MSRs) {
+		return fmt.Errorf("KVM_SET_MSRS: wrote %d of %d MSRs (MSR %#x refused)", n, len(s.MSRs), s.MSRs[n].Index)
+	}
+	if err := c.SetMPState(&s.MPState); err != nil {
+		return err
+	}
+	return c.SetVCPUEvents(&s.Events)
+}
+
+// VMState is the VM-wide in-kernel state: kvmclock, the PICs, the IOAPIC and
+// the PIT.
+type VMState struct {
+	Clock     ClockData
+	PICMaster IRQChip
+	PICSlave  IRQChip
+	IOAPIC    IRQChip
+	PIT       PITState2
+}
+
+// SaveState reads the VM-wide state. All vCPUs must be out of KVM_RUN.
+func (vm *VM) SaveState(s *VMState) error {
+	if err := vm.GetIRQChip(KVM_IRQCHIP_PIC_MASTER, &s.PICMaster); err != nil {
+		return err
+	}
+	if err := vm.GetIRQChip(KVM_IRQCHIP_PIC_SLAVE, &s.PICSlave); err != nil {
+		return err
+	}
+	if err := vm.GetIRQChip(KVM_IRQCHIP_IOAPIC, &s.IOAPIC); err != nil {
+		return err
+	}
+	if err := vm.GetPIT2(&s.PIT); err != nil {
+		return err
+	}
+	return vm.GetClock(&s.Clock)
+}
+
+// RestoreState writes the VM-wide state into a VM with an irqchip and PIT.
+// The clock goes last so that the guest's time jumps as little as possible.
+func (vm *VM) RestoreState(s *VMState) error {
+	for _, chip := range []*IRQChip{&s.PICMaster, &s.PICSlave, &s.IOAPIC} {
+		if err := vm.SetIRQChip(chip); err != nil {
+			return err
+		}
+	}
+	if err := vm.SetPIT2(&s.PIT); err != nil {
+		return err
+	}
+	return vm.SetClock(&s.Clock)
+}
+
+// Encoding. Both state types encode as the kernel structs' bytes in a fixed
+// order (little-endian, as on amd64), variable parts prefixed with a uint32
+// count. The encoding carries no version: the containers that hold it (testvm's
+// state file, replicate's wire messages) do.
+
+// Limits that keep a decoder from allocating on a hostile length.
+const (
+	maxXSave = 1 << 20
+	maxMSRs  = 4096
+	maxCPUID = 4096
+)
+
+// ErrShortState is returned (wrapped) when encoded state ends early.
+var ErrShortState = errors.New("truncated kvm state")
+
+// AppendBinary appends the encoding of s to b.
+func (s *VCPUState) AppendBinary(b []byte) ([]byte, error) {
+	b = append(b, bytesOf(&s.MPState)...)
+	b = append(b, bytesOf(&s.Regs)...)
+	b = append(b, bytesOf(&s.Sregs)...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(s.XSave)))
+	b = append(b, s.XSave...)
+	b = append(b, bytesOf(&s.XCRs)...)
+	b = append(b, bytesOf(&s.DebugRegs)...)
+	b = append(b, bytesOf(&s.LAPIC)...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(s.MSRs)))
+	b = append(b, sliceBytes(s.MSRs)...)
+	b = append(b, bytesOf(&s.Events)...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(s.CPUID)))
+	b = append(b, sliceBytes(s.CPUID)...)
+	b = binary.LittleEndian.AppendUint32(b, s.TSCKHz)
+	return b, nil
+}
+
+// Decode reads an encoding made by AppendBinary from the front of b and returns
+// the rest. On error s is unspecified.
+func (s *VCPUState) Decode(b []byte) ([]byte, error) {
+	d := decoder{b: b}
+	d.fixed(bytesOf(&s.MPState))
+	d.fixed(bytesOf(&s.Regs))
+	d.fixed(bytesOf(&s.Sregs))
+	s.XSave = d.bytes("xsave", maxXSave)
+	d.fixed(bytesOf(&s.XCRs))
+	d.fixed(bytesOf(&s.DebugRegs))
+	d.fixed(bytesOf(&s.LAPIC))
+	s.MSRs = decodeSlice[MSREntry](&d, "msrs", maxMSRs)
+	d.fixed(bytesOf(&s.Events))
+	s.CPUID = decodeSlice[CPUIDEntry2](&d, "cpuid", maxCPUID)
+	s.TSCKHz = d.u32()
+	if d.err != nil {
+		return nil, fmt.Errorf("decode vCPU state: %w", d.err)
+	}
+	if s.XSave != nil && len(s.XSave) < sizeofXSave {
+		return nil, fmt.Errorf("decode vCPU state: xsave area of %d bytes, need at least %d", len(s.XSave), sizeofXSave)
+	}
+	return d.b, nil
+}
+
+// AppendBinary appends the encoding of s to b.
+func (s *VMState) AppendBinary(b []byte) ([]byte, error) {
+	b = append(b, bytesOf(&s.Clock)...)
+	b = append(b, bytesOf(&s.PICMaster)...)
+	b = append(b, bytesOf(&s.PICSlave)...)
+	b = append(b, bytesOf(&s.IOAPIC)...)
+	b = append(b, bytesOf(&s.PIT)...)
+	return b, nil
+}
+
+// Decode reads an encoding made by AppendBinary from the front of b and
+// returns the rest.
+func (s *VMState) Decode(b []byte) ([]byte, error) {
+	d := decoder{b: b}
+	d.fixed(bytesOf(&s.Clock))
+	d.fixed(bytesOf(&s.PICMaster))
+	d.fixed(bytesOf(&s.PICSlave))
+	d.fixed(bytesOf(&s.IOAPIC))
+	d.fixed(bytesOf(&s.PIT))
+	if d.err != nil {
+		return nil, fmt.Errorf("decode VM state: %w", d.err)
+	}
+	want := [3]uint32{KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC}
+	for i, c := range []*IRQChip{&s.PICMaster, &s.PICSlave, &s.IOAPIC} {
+		if c.ChipID != want[i] {
+			return nil, fmt.Errorf("decode VM state: irqchip %d has chip id %d, want %d", i, c.ChipID, want[i])
+		}
+	}
+	return d.b, nil
+}
+
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) take(n int, what string) []byte {
+	if d.err != nil {
+		return nil
+	}
+	if n < 0 || len(d.b) < n {
+		d.err = fmt.Errorf("%w: %s needs %d bytes, %d left", ErrShortState, what, n, len(d.b))
+		return nil
+	}
+	p := d.b[:n]
+	d.b = d.b[n:]
+	return p
+}
+
+func (d *decoder) fixed(dst []byte) {
+	if p := d.take(len(dst), "struct"); p != nil {
+		copy(dst, p)
+	}
+}
+
+func (d *decoder) u32() uint32 {
+	if p := d.take(4, "uint32"); p != nil {
+		return binary.LittleEndian.Uint32(p)
+	}
+	return 0
+}
+
+func (d *decoder) bytes(what string, limit int) []byte {
+	n := d.u32()
+	if d.err == nil && int(n) > limit {
+		d.err = fmt.Errorf("%s of %d bytes exceeds the limit of %d", what, n, limit)
+	}
+	p := d.take(int(n), what)
+	if p == nil || n == 0 {
+		return nil
+	}
+	return append([]byte(nil), p...)
+}
+
+func decodeSlice[T any](d *decoder, what string, limit int) []T {
+	n := d.u32()
+	if d.err == nil && int(n) > limit {
+		d.err = fmt.Errorf("%s: %d entries exceeds the limit of %d", what, n, limit)
+	}
+	var z T
+	p := d.take(int(n)*int(unsafe.Sizeof(z)), what)
+	if p == nil || n == 0 {
+		return nil
+	}
+	out := make([]T, n)
+	copy(sliceBytes(out), p)
+	return out
+}

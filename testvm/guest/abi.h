@@ -1,0 +1,194 @@
+/*
+ * abi.h: the contract between the test VMM (testvm/abi.go) and the guest.
+ *
+ * testvm/abi_test.go parses every #define below and checks it against the Go
+ * constant of the same meaning, so the two sides cannot drift apart. Keep one
+ * define per line, values as plain integers.
+ *
+ * Address space. The guest runs in 64-bit mode at CPL3 with paging on. The VMM
+ * builds page tables (2 MiB pages, U/S, R/W, A and D preset so the MMU never
+ * writes them) that map guest-virtual [0, mem_size) onto guest memory. Guest
+ * memory is one memfd split over two KVM memory slots that are not contiguous in
+ * guest-physical space, but the guest only ever sees virtual addresses: virtual
+ * address V is byte V of the memfd. Below DATA_ADDR lies the VMM's fixed
+ * layout; from DATA_ADDR on, each vCPU owns the region the params page gives it.
+ */
+#ifndef REPAGENT_GUEST_ABI_H
+#define REPAGENT_GUEST_ABI_H
+
+#define ABI_VERSION 1
+
+#define PAGE_SIZE 4096
+#define MAX_VCPUS 4
+
+/* Fixed layout (guest-virtual = memfd offset). */
+#define GDT_ADDR 0x1000
+#define TSS_ADDR 0x2000
+#define PARAMS_ADDR 0x3000
+#define STATUS_ADDR 0x4000
+#define STATUS_STRIDE 0x1000
+#define PT_ADDR 0x10000
+#define CODE_ADDR 0x100000
+#define CODE_MAX 0x80000
+#define STACK_ADDR 0x180000
+#define STACK_SIZE 0x10000
+#define DATA_ADDR 0x200000
+
+/* Ports. OUT only; IN is never used. */
+#define PORT_CONSOLE 0x510
+#define PORT_CONTROL 0x511
+
+/* PORT_CONSOLE: the 32-bit value written is the length of the line the vCPU
+ * put at the start of its status page's console buffer (no newline). */
+#define CONSOLE_OFFSET 2048
+#define CONSOLE_MAX 2048
+
+/* PORT_CONTROL: the 32-bit value written is code | (arg << 8). */
+#define CTRL_READY 1
+#define CTRL_DONE 2
+#define CTRL_ERROR 3
+
+/* Error codes sent with CTRL_ERROR and left in status.error. */
+#define GERR_BAD_PARAMS 1
+#define GERR_BAD_WORKLOAD 2
+#define GERR_BAD_PATTERN 3
+#define GERR_BAD_REGION 4
+#define GERR_BAD_VCPU 5
+
+/* Magic numbers. */
+#define PARAMS_MAGIC 0x5041524d47504552
+#define STATUS_MAGIC 0x5354415447504552
+
+/* Workloads and patterns. */
+#define WL_IDLE 1
+#define WL_DIRTY 2
+#define WL_COUNTER 3
+#define PAT_SEQ 1
+#define PAT_RANDOM 2
+#define PAT_HOTCOLD 3
+
+/* Guest states in status.state. */
+#define GS_BOOT 0
+#define GS_RUNNING 1
+#define GS_WAITING 2
+#define GS_ERROR 3
+
+/* Hash and fill constants (see the functions at the end of this file). */
+#define FILL_K 0x9e3779b97f4a7c15
+#define COUNTER_K 0xff51afd7ed558ccd
+#define COUNTER_H0 0xcbf29ce484222325
+
+/* Byte offsets inside struct guest_params (checked against Go). */
+#define P_MAGIC 0
+#define P_ABI_VERSION 8
+#define P_NR_VCPUS 12
+#define P_WORKLOAD 16
+#define P_PATTERN 20
+#define P_TSC_KHZ 24
+#define P_RATE 32
+#define P_SEED 40
+#define P_PHASE_OPS 48
+#define P_HOT_PCT 56
+#define P_HOT_WRITE_PCT 60
+#define P_GO 64
+#define P_IDLE_TICK_US 72
+#define P_VCPU 128
+#define P_VCPU_STRIDE 32
+#define PV_BASE 0
+#define PV_PAGES 8
+#define PV_WORKING_SET 16
+
+/* Byte offsets inside struct guest_status (checked against Go). */
+#define S_MAGIC 0
+#define S_STATE 8
+#define S_ERROR 12
+#define S_ITERATIONS 16
+#define S_WRITES 24
+#define S_PHASE 32
+#define S_CUR_PAGE 40
+#define S_COUNTER_SEQ 48
+#define S_COUNTER_SLOT 64
+#define S_TSC 96
+
+#ifndef __ASSEMBLER__
+#ifndef ABI_NO_STRUCTS
+typedef unsigned long u64;
+typedef unsigned int u32;
+
+struct guest_vcpu_params {
+	u64 base;        /* guest-virtual address of the vCPU's region (page aligned) */
+	u64 pages;       /* size of the region in 4 KiB pages */
+	u64 working_set; /* pages of the region the workload writes, from base (<= pages) */
+	u64 reserved;
+};
+
+/* The params page, at PARAMS_ADDR, filled by the VMM before the first run.
+ * The guest only reads it. The VMM may raise `go` while the guest runs. */
+struct guest_params {
+	u64 magic;           /* PARAMS_MAGIC */
+	u32 abi_version;     /* ABI_VERSION */
+	u32 nr_vcpus;        /* 1..MAX_VCPUS */
+	u32 workload;        /* WL_* */
+	u32 pattern;         /* PAT_*, dirty only */
+	u64 tsc_khz;         /* guest TSC frequency, for pacing */
+	u64 rate;            /* dirty: page writes per second per vCPU, 0 = full speed */
+	u64 seed;            /* random and hotcold: xorshift seed, mixed with the vCPU index */
+	u64 phase_ops;       /* operations per phase (page writes, counter steps, idle ticks); 0 = no phases */
+	u32 hot_pct;         /* hotcold: hot set = this percent of the working set (>= 1 page) */
+	u32 hot_write_pct;   /* hotcold: this percent of writes go to the hot set */
+	volatile u64 go;     /* phases: the guest runs phase p (1-based) only while go >= p */
+	u64 idle_tick_us;    /* idle: microseconds between status updates */
+	u64 reserved[6];
+	struct guest_vcpu_params vcpu[MAX_VCPUS];
+};
+
+/* One per vCPU, at STATUS_ADDR + i*STATUS_STRIDE, written only by the guest.
+ * The host reads it without exits. */
+struct guest_status {
+	u64 magic;           /* STATUS_MAGIC once the vCPU started */
+	u32 state;           /* GS_* */
+	u32 error;           /* GERR_*, when state == GS_ERROR */
+	u64 iterations;      /* operations done so far (all workloads); monotonic */
+	u64 writes;          /* dirty: page writes completed; also the last version used */
+	u64 phase;           /* phases: the last phase completed */
+	u64 cur_page;        /* dirty: 1 + index of the page being written, 0 = none */
+	u64 counter_seq;     /* counter: latest published value c; its (c, h) is slot[c & 1] */
+	u64 reserved0;
+	u64 counter_slot[2][2]; /* counter: {c, h} pairs, double buffered */
+	u64 tsc;             /* rdtsc at the last status update */
+};
+
+/*
+ * Page stamps (dirty workload). Writing page `index` of vCPU `vcpu`'s working set
+ * with version v (v = status.writes + 1, so versions are unique and increase)
+ * fills all 512 words of the page:
+ *   w[0] = ((u64)vcpu << 56) | index
+ *   w[1] = v
+ *   w[k] = fill_base(w[0], v) + k * FILL_K, for k = 2..511
+ * A page never written is all zero. The host verifies any page from its own
+ * contents plus status.writes: v <= writes, or the page is cur_page (torn).
+ */
+static inline u64 mix64(u64 x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdUL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53UL;
+	x ^= x >> 33;
+	return x;
+}
+
+static inline u64 fill_base(u64 w0, u64 version)
+{
+	return mix64(w0 ^ (version * FILL_K));
+}
+
+/* Counter workload: h_0 = COUNTER_H0; for c = 1, 2, ...: h_c = counter_step(h_{c-1}, c). */
+static inline u64 counter_step(u64 h, u64 c)
+{
+	h = (h << 5 | h >> 59) ^ c;
+	return h * COUNTER_K;
+}
+#endif /* ABI_NO_STRUCTS */
+#endif /* __ASSEMBLER__ */
+#endif /* REPAGENT_GUEST_ABI_H */
