@@ -1,0 +1,125 @@
+package testvm
+
+// Constants of the guest ABI, mirrored from guest/abi.h. TestABIMatchesHeader
+// parses the header and checks every one of them.
+const (
+	abiVersion = 1
+
+	pageSize = 4096
+	// MaxVCPUs is the most vCPUs the test VM supports.
+	MaxVCPUs = 4
+
+	gdtAddr      = 0x1000
+	tssAddr      = 0x2000
+	paramsAddr   = 0x3000
+	statusAddr   = 0x4000
+	statusStride = 0x1000
+	ptAddr       = 0x10000
+	codeAddr     = 0x100000
+	codeMax      = 0x80000
+	stackAddr    = 0x180000
+	stackSize    = 0x10000
+	// DataAddr is the first byte of workload memory (guest-virtual, which is
+	// also the offset into the memory file).
+	DataAddr = 0x200000
+
+	portConsole = 0x510
+	portControl = 0x511
+
+	consoleOffset = 2048
+	consoleMax    = 2048
+
+	ctrlReady = 1
+	ctrlDone  = 2
+	ctrlError = 3
+
+	gerrBadParams   = 1
+	gerrBadWorkload = 2
+	gerrBadPattern  = 3
+	gerrBadRegion   = 4
+	gerrBadVCPU     = 5
+
+	paramsMagic = 0x5041524d47504552
+	statusMagic = 0x5354415447504552
+
+	wlIdle     = 1
+	wlDirty    = 2
+	wlCounter  = 3
+	patSeq     = 1
+	patRandom  = 2
+	patHotcold = 3
+
+	gsBoot    = 0
+	gsRunning = 1
+	gsWaiting = 2
+	gsError   = 3
+
+	fillK     = 0x9e3779b97f4a7c15
+	counterK  = 0xff51afd7ed558ccd
+	counterH0 = 0xcbf29ce484222325
+
+	pMagic       = 0
+	pABIVersion  = 8
+	pNrVCPUs     = 12
+	pWorkload    = 16
+	pPattern     = 20
+	pTSCKHz      = 24
+	pRate        = 32
+	pSeed        = 40
+	pPhaseOps    = 48
+	pHotPct      = 56
+	pHotWritePct = 60
+	pGo          = 64
+	pIdleTickUs  = 72
+	pVCPU        = 128
+	pVCPUStride  = 32
+	pvBase       = 0
+	pvPages      = 8
+	pvWorkingSet = 16
+	sMagic       = 0
+	sState       = 8
+	sError       = 12
+	sIterations  = 16
+	sWrites      = 24
+	sPhase       = 32
+	sCurPage     = 40
+	sCounterSeq  = 48
+	sCounterSlot = 64
+	sTSC         = 96
+)
+
+// mix64 is abi.h's mix64 (the murmur3 finalizer).
+func mix64(x uint64) uint64 {
+	x ^= x >> 33
+	x *= 0xff51afd7ed558ccd
+	x ^= x >> 33
+	x *= 0xc4ceb9fe1a85ec53
+	x ^= x >> 33
+	return x
+}
+
+// stampWord0 is word 0 of a dirty-workload page: the vCPU and the page index.
+func stampWord0(vcpu int, index uint64) uint64 { return uint64(vcpu)<<56 | index }
+
+// fillBase is abi.h's fill_base.
+func fillBase(w0, version uint64) uint64 { return mix64(w0 ^ version*fillK) }
+
+// CounterStep is one step of the counter workload's running hash:
+// h_c = CounterStep(h_{c-1}, c), starting from CounterStart.
+func CounterStep(h, c uint64) uint64 {
+	h = h<<5 | h>>59
+	h ^= c
+	return h * counterK
+}
+
+// CounterStart is the counter workload's hash before its first step.
+const CounterStart uint64 = counterH0
+
+// CounterHash returns the running hash at count to, given its value h at count
+// from (from <= to).
+func CounterHash(h, from, to uint64) uint64 {
+	for c := from + 1; c <= to; c++ {
+		h = CounterStep(h, c)
+	}
+	return h
+}

@@ -1,0 +1,179 @@
+package testvm
+
+import (
+	"fmt"
+)
+
+// GuestState is a vCPU's guest-side state, from its status page.
+type GuestState uint32
+
+const (
+	GuestBoot    GuestState = gsBoot
+	GuestRunning GuestState = gsRunning
+	GuestWaiting GuestState = gsWaiting
+	GuestFailed  GuestState = gsError
+)
+
+func (s GuestState) String() string {
+	switch s {
+	case GuestBoot:
+		return "boot"
+	case GuestRunning:
+		return "running"
+	case GuestWaiting:
+		return "waiting"
+	case GuestFailed:
+		return "error"
+	}
+	return fmt.Sprintf("state(%d)", uint32(s))
+}
+
+// Status is what a vCPU's guest reports in its status page. The host reads it
+// from memory, without an exit.
+type Status struct {
+	Started    bool       // the guest initialised its status page
+	State      GuestState // boot, running, waiting (between phases), error
+	Error      uint32     // the guest's error code in state error
+	Iterations uint64     // operations done: page writes, counter steps or idle ticks
+	Writes     uint64     // Dirty: page writes completed (= the last version used)
+	Phase      uint64     // the last phase completed
+	CurPage    uint64     // Dirty: 1 + the index of the page being written, 0 = none
+	Counter    uint64     // Counter: the latest published count c
+	Hash       uint64     // Counter: the running hash at c
+	TSC        uint64     // guest TSC at its last status update
+}
+
+// Status reads vCPU i's status page. While the machine runs, each field is an
+// atomic read of a value the guest may be changing; the counter pair is read
+// consistently. While it is paused, the status is exact.
+func (m *Machine) Status(i int) Status {
+	return readStatus(m.mem, i)
+}
+
+func readStatus(mem []byte, i int) Status {
+	b := StatusOffset(i)
+	st := Status{
+		Started:    load64(mem, b+sMagic) == statusMagic,
+		State:      GuestState(load32(mem, b+sState)),
+		Error:      load32(mem, b+sError),
+		Iterations: load64(mem, b+sIterations),
+		Writes:     load64(mem, b+sWrites),
+		Phase:      load64(mem, b+sPhase),
+		CurPage:    load64(mem, b+sCurPage),
+		TSC:        load64(mem, b+sTSC),
+	}
+	// The guest writes slot[c&1] = {c, h} and then counter_seq = c, so slot
+	// [seq&1] is complete unless the guest has since gone two steps on and is
+	// rewriting it; re-read in that case.
+	for tries := 0; tries < 1000; tries++ {
+		seq := load64(mem, b+sCounterSeq)
+		slot := b + sCounterSlot + (seq&1)*16
+		c := load64(mem, slot)
+		h := load64(mem, slot+8)
+		if seq == 0 {
+			st.Counter, st.Hash = 0, CounterStart
+			break
+		}
+		if c == seq && load64(mem, slot) == seq {
+			st.Counter, st.Hash = c, h
+			break
+		}
+	}
+	return st
+}
+
+// PageStamp is what a Dirty workload page says about itself.
+type PageStamp struct {
+	VCPU    int
+	Index   uint64
+	Version uint64 // 0: never written
+}
+
+// ReadStamp reads the stamp of working-set page index of vCPU i.
+func (m *Machine) ReadStamp(i int, index uint64) PageStamp {
+	off := m.layout.regionBase(i) + index*pageSize
+	w0 := load64(m.mem, off)
+	return PageStamp{VCPU: int(w0 >> 56), Index: w0 & (1<<48 - 1), Version: load64(m.mem, off+8)}
+}
+
+// PageReport summarises a verification of a vCPU's working set.
+type PageReport struct {
+	Written    uint64 // pages with a stamp
+	MaxVersion uint64 // the highest version found
+}
+
+// VerifyPages checks every page of vCPU i's working set against its own stamp
+// and the status page: a written page carries its vCPU and index, a version no
+// newer than status.writes, and the fill that version implies in every word; a
+// page never written is zero. With the Seq pattern the version of every page
+// is known exactly and checked too. Call it while the machine is paused. The
+// page being written when the guest was paused (CurPage) may be torn and is
+// only checked for its index.
+func (m *Machine) VerifyPages(i int) (PageReport, error) {
+	return verifyPages(m.mem, m.layout, m.cfg, i)
+}
+
+func verifyPages(mem []byte, l layout, cfg Config, i int) (PageReport, error) {
+	var rep PageReport
+	st := readStatus(mem, i)
+	ws := cfg.WorkingSet
+	if ws == 0 {
+		ws = l.regionPages
+	}
+	torn := uint64(0) // 1 + index of a page that may be torn
+	if st.CurPage != 0 {
+		torn = st.CurPage
+	}
+	base := l.regionBase(i)
+	for idx := uint64(0); idx < ws; idx++ {
+		w := pageWords(mem, base+idx*pageSize)
+		v := w[1]
+		if torn == idx+1 {
+			if v != 0 {
+				rep.Written++
+			}
+			continue
+		}
+		if v == 0 {
+			for k, x := range w {
+				if x != 0 {
+					return rep, fmt.Errorf("vCPU %d page %d: never written (version 0) but word %d is %#x", i, idx, k, x)
+				}
+			}
+			if cfg.Pattern == Seq && cfg.Workload == Dirty && idx < st.Writes {
+				return rep, fmt.Errorf("vCPU %d page %d: never written, but %d sequential writes should have reached it", i, idx, st.Writes)
+			}
+			continue
+		}
+		rep.Written++
+		if v > rep.MaxVersion {
+			rep.MaxVersion = v
+		}
+		if want := stampWord0(i, idx); w[0] != want {
+			return rep, fmt.Errorf("vCPU %d page %d: stamp word %#x, want %#x (vCPU %d, index %d)", i, idx, w[0], want, i, idx)
+		}
+		if v > st.Writes {
+			return rep, fmt.Errorf("vCPU %d page %d: version %d is newer than the %d writes the status page reports", i, idx, v, st.Writes)
+		}
+		fb := fillBase(w[0], v)
+		for k := 2; k < 512; k++ {
+			if want := fb + uint64(k)*fillK; w[k] != want {
+				return rep, fmt.Errorf("vCPU %d page %d version %d: word %d is %#x, want %#x", i, idx, v, k, w[k], want)
+			}
+		}
+		if cfg.Pattern == Seq && cfg.Workload == Dirty {
+			// Write number v went to page (v-1) mod ws; the newest such v <= writes.
+			want := st.Writes - (st.Writes-1-idx)%ws
+			if st.Writes <= idx {
+				want = 0
+			}
+			if v != want {
+				return rep, fmt.Errorf("vCPU %d page %d: version %d, sequential writes imply %d", i, idx, v, want)
+			}
+		}
+	}
+	if st.CurPage == 0 && st.Writes > 0 && rep.MaxVersion != st.Writes {
+		return rep, fmt.Errorf("vCPU %d: newest page version %d, but the status page reports %d writes", i, rep.MaxVersion, st.Writes)
+	}
+	return rep, nil
+}
