@@ -82,7 +82,7 @@ type Config struct {
 	// MemSize is the guest memory in bytes: a multiple of 2 MiB from 8 MiB to
 	// 64 GiB. 0 means DefaultMemSize.
 	MemSize uint64
-	// VCPUs is the number of vCPUs, 1 to MaxVCPUs. 0 means 1.
+	// VCPUs is the number of vCPUs, 1 to MaxVCPUs.
 	VCPUs int
 	// Workload is what each vCPU runs. 0 means Idle.
 	Workload Workload
@@ -123,9 +123,6 @@ type Config struct {
 func (c Config) withDefaults() Config {
 	if c.MemSize == 0 {
 		c.MemSize = DefaultMemSize
-	}
-	if c.VCPUs == 0 {
-		c.VCPUs = 1
 	}
 	if c.Workload == 0 {
 		c.Workload = Idle

@@ -73,6 +73,8 @@ type Machine struct {
 	done    chan struct{} // closed when every vCPU goroutine has exited
 	wg      sync.WaitGroup
 
+	saved SavedState // reused by Save, so a checkpoint does not reallocate
+
 	recorder atomic.Pointer[func(gpa, length uint64)]
 	console  io.Writer
 }
@@ -129,6 +131,7 @@ func New(cfg Config) (*Machine, error) {
 // build creates the KVM side of a machine: memory (a new memfd, or memF when
 // restoring), slots, irqchip, PIT and vCPUs with CPUID set.
 func build(cfg Config, memF *os.File) (m *Machine, err error) {
+	callerMem := memF
 	m = &Machine{cfg: cfg, layout: newLayout(cfg.MemSize, cfg.VCPUs), changed: make(chan struct{}),
 		done: make(chan struct{}), console: cfg.Console}
 	if m.console == nil {
@@ -136,6 +139,9 @@ func build(cfg Config, memF *os.File) (m *Machine, err error) {
 	}
 	defer func() {
 		if err != nil {
+			if callerMem != nil {
+				m.memF = nil // the caller keeps its file when build fails
+			}
 			m.Close()
 		}
 	}()

@@ -64,3 +64,8 @@ func pageWords(mem []byte, off uint64) *[512]uint64 {
 func kick(tid int) error {
 	return unix.Tgkill(unix.Getpid(), tid, unix.SIGURG)
 }
+
+// pageWordsOf views a page-sized byte slice as words.
+func pageWordsOf(b []byte) []uint64 {
+	return unsafe.Slice((*uint64)(unsafe.Pointer(&b[0])), len(b)/8)
+}

@@ -1,0 +1,154 @@
+package testvm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+)
+
+// Snapshot file: a machine state and its guest memory in one file, for saving a
+// machine in one process and restoring it in another.
+//
+//	offset 0   magic "RPAGSNAP", version u32, reserved u32,
+//	           stateLen u64, memOffset u64, memLen u64,
+//	           memCRC u32 (crc32c of the memory image), headerCRC u32 (of bytes 0..43)
+//	offset 48  the state (as Save returns it, with its own checksum)
+//	memOffset  the memory image, page aligned; all-zero pages are holes
+const (
+	snapMagic      = "RPAGSNAP"
+	snapVersion    = 1
+	snapHeaderSize = 48
+)
+
+// ErrBadSnapshot is returned (wrapped) for a snapshot file that is truncated,
+// corrupted or of another version.
+var ErrBadSnapshot = errors.New("bad snapshot file")
+
+// WriteSnapshot saves the paused machine's state and memory to path. Zero pages
+// are left as holes, so the file is as sparse as the guest's memory.
+func (m *Machine) WriteSnapshot(path string) error {
+	state, err := m.Save()
+	if err != nil {
+		return err
+	}
+	memOff := (uint64(snapHeaderSize+len(state)) + pageSize - 1) / pageSize * pageSize
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return fmt.Errorf("write snapshot: %w", err)
+	}
+	defer f.Close()
+	crc := uint32(0)
+	for off := uint64(0); off < uint64(len(m.mem)); off += pageSize {
+		page := m.mem[off : off+pageSize]
+		crc = crc32.Update(crc, castagnoli, page)
+		if isZero(page) {
+			continue
+		}
+		if _, err := f.WriteAt(page, int64(memOff+off)); err != nil {
+			return fmt.Errorf("write snapshot memory: %w", err)
+		}
+	}
+	if err := f.Truncate(int64(memOff + uint64(len(m.mem)))); err != nil {
+		return fmt.Errorf("write snapshot: %w", err)
+	}
+	hdr := make([]byte, snapHeaderSize)
+	copy(hdr, snapMagic)
+	binary.LittleEndian.PutUint32(hdr[8:], snapVersion)
+	binary.LittleEndian.PutUint64(hdr[16:], uint64(len(state)))
+	binary.LittleEndian.PutUint64(hdr[24:], memOff)
+	binary.LittleEndian.PutUint64(hdr[32:], uint64(len(m.mem)))
+	binary.LittleEndian.PutUint32(hdr[40:], crc)
+	binary.LittleEndian.PutUint32(hdr[44:], crc32.Checksum(hdr[:44], castagnoli))
+	if _, err := f.WriteAt(append(hdr, state...), 0); err != nil {
+		return fmt.Errorf("write snapshot: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("write snapshot: %w", err)
+	}
+	return f.Close()
+}
+
+func isZero(b []byte) bool {
+	for _, w := range pageWordsOf(b) {
+		if w != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// ReadSnapshot reads a snapshot file: it checks the header, the state's own
+// checksum and the memory checksum, and copies the memory into a new memfd. It
+// returns the state and the memfd, ready for Restore; nothing is returned when
+// anything fails to check.
+func ReadSnapshot(path string) (state []byte, mem *os.File, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read snapshot: %w", err)
+	}
+	defer f.Close()
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("read snapshot %s: %w: %s", path, ErrBadSnapshot, fmt.Sprintf(format, args...))
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, nil, fmt.Errorf("read snapshot: %w", err)
+	}
+	hdr := make([]byte, snapHeaderSize)
+	if _, err := io.ReadFull(f, hdr); err != nil {
+		return nil, nil, bad("header: %v (file of %d bytes)", err, fi.Size())
+	}
+	if string(hdr[:8]) != snapMagic {
+		return nil, nil, bad("magic %q, want %q (not a repagent snapshot)", hdr[:8], snapMagic)
+	}
+	if v := binary.LittleEndian.Uint32(hdr[8:]); v != snapVersion {
+		return nil, nil, bad("version %d, this build reads version %d", v, snapVersion)
+	}
+	if got, want := crc32.Checksum(hdr[:44], castagnoli), binary.LittleEndian.Uint32(hdr[44:]); got != want {
+		return nil, nil, bad("header checksum %#08x, computed %#08x (corrupted)", want, got)
+	}
+	stateLen := binary.LittleEndian.Uint64(hdr[16:])
+	memOff := binary.LittleEndian.Uint64(hdr[24:])
+	memLen := binary.LittleEndian.Uint64(hdr[32:])
+	memCRC := binary.LittleEndian.Uint32(hdr[40:])
+	if stateLen > maxStateSize || memOff%pageSize != 0 || memOff < snapHeaderSize+stateLen ||
+		memLen%hugePage != 0 || memLen < MinMemSize || memLen > MaxMemSize {
+		return nil, nil, bad("inconsistent header (state %d bytes, memory %d bytes at %d)", stateLen, memLen, memOff)
+	}
+	if uint64(fi.Size()) != memOff+memLen {
+		return nil, nil, bad("file is %d bytes, the header says %d (truncated?)", fi.Size(), memOff+memLen)
+	}
+	state = make([]byte, stateLen)
+	if _, err := f.ReadAt(state, snapHeaderSize); err != nil {
+		return nil, nil, bad("state: %v", err)
+	}
+	s, err := DecodeState(state)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read snapshot %s: %w", path, err)
+	}
+	if s.Config.MemSize != memLen {
+		return nil, nil, bad("state is for a %s guest, the image holds %s", FormatSize(s.Config.MemSize), FormatSize(memLen))
+	}
+	mem, err = newMemFile(memLen)
+	if err != nil {
+		return nil, nil, err
+	}
+	dst, err := mapMemFile(mem, memLen)
+	if err != nil {
+		mem.Close()
+		return nil, nil, err
+	}
+	defer unmapMem(dst)
+	if _, err := f.ReadAt(dst, int64(memOff)); err != nil {
+		mem.Close()
+		return nil, nil, bad("memory: %v", err)
+	}
+	if got := crc32.Checksum(dst, castagnoli); got != memCRC {
+		mem.Close()
+		return nil, nil, bad("memory checksum %#08x, computed %#08x (corrupted)", memCRC, got)
+	}
+	return state, mem, nil
+}
