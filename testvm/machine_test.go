@@ -1,0 +1,371 @@
+package testvm_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/testvm"
+)
+
+// wait is a liveness bound for things that normally take milliseconds. It
+// only turns a hang into a failure; no test asserts a duration.
+const wait = 20 * time.Second
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), wait)
+	t.Cleanup(cancel)
+	return c
+}
+
+// boot builds and starts a machine and waits for its guest to be ready.
+func boot(t *testing.T, cfg testvm.Config) *testvm.Machine {
+	t.Helper()
+	m := build(t, cfg)
+	if err := m.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.WaitReady(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func build(t *testing.T, cfg testvm.Config) *testvm.Machine {
+	t.Helper()
+	privileged.Require(t, privileged.KVM)
+	if testing.Verbose() {
+		cfg.Console = os.Stderr
+	}
+	m, err := testvm.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// waitProgress waits until every vCPU's iteration count passes min[i].
+func waitProgress(t *testing.T, m *testvm.Machine, min []uint64) {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for i := range min {
+		for m.Status(i).Iterations <= min[i] {
+			if err := m.Err(); err != nil {
+				t.Fatalf("machine stopped: %v", err)
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("vCPU %d made no progress past %d iterations in %v", i, min[i], wait)
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	}
+}
+
+func iterations(m *testvm.Machine) []uint64 {
+	out := make([]uint64, m.NumVCPUs())
+	for i := range out {
+		out[i] = m.Status(i).Iterations
+	}
+	return out
+}
+
+func TestWorkloadsMakeProgress(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  testvm.Config
+	}{
+		{"idle", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Idle, IdleTickMicros: 100}},
+		{"dirty/seq", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 300}},
+		{"dirty/random", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 1000, Seed: 7}},
+		{"dirty/hotcold", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.HotCold, WorkingSet: 1000}},
+		{"dirty/rate", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Rate: 20000, WorkingSet: 100}},
+		{"dirty/4vcpus", testvm.Config{MemSize: 64 << 20, VCPUs: 4, Workload: testvm.Dirty, WorkingSet: 500}},
+		{"counter", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Counter}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := boot(t, tt.cfg)
+			waitProgress(t, m, make([]uint64, tt.cfg.VCPUs))
+			before := iterations(m)
+			waitProgress(t, m, before)
+			if err := m.Pause(); err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < tt.cfg.VCPUs; i++ {
+				st := m.Status(i)
+				if !st.Started || st.State != testvm.GuestRunning {
+					t.Errorf("vCPU %d: status %+v, want started and running", i, st)
+				}
+				switch tt.cfg.Workload {
+				case testvm.Dirty:
+					rep, err := m.VerifyPages(i)
+					if err != nil {
+						t.Fatalf("vCPU %d: %v", i, err)
+					}
+					if rep.Written == 0 || st.Writes != st.Iterations {
+						t.Errorf("vCPU %d: %d pages written, %d writes, %d iterations", i, rep.Written, st.Writes, st.Iterations)
+					}
+				case testvm.Counter:
+					if want := testvm.CounterHash(testvm.CounterStart, 0, st.Counter); st.Hash != want {
+						t.Errorf("vCPU %d: counter %d hash %#x, want %#x", i, st.Counter, st.Hash, want)
+					}
+				}
+			}
+		})
+	}
+}
+
+// The Seq pattern's versions are fully determined by the write count; a wrong
+// page is caught by VerifyPages. Corrupt one page and check that it is.
+func TestVerifyPagesCatchesCorruption(t *testing.T) {
+	m := boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 64})
+	waitProgress(t, m, []uint64{200})
+	if err := m.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.VerifyPages(0); err != nil {
+		t.Fatalf("before corruption: %v", err)
+	}
+	victim := uint64(10)
+	if m.Status(0).CurPage == victim+1 {
+		victim = 11
+	}
+	off := m.RegionBase(0) + victim*4096 + 100*8
+	m.Memory()[off] ^= 1
+	if _, err := m.VerifyPages(0); err == nil {
+		t.Fatal("VerifyPages passed a page with a flipped bit")
+	}
+}
+
+// slotOf maps a memory offset to a (slot index, page) pair.
+func harvest(t *testing.T, m *testvm.Machine) map[uint64]bool {
+	t.Helper()
+	dirty := map[uint64]bool{}
+	for _, s := range m.Slots() {
+		pages := s.Size / 4096
+		bm := make([]uint64, (pages+63)/64)
+		if err := m.VM().GetDirtyLog(s.ID, bm); err != nil {
+			t.Fatal(err)
+		}
+		for w, word := range bm {
+			for word != 0 {
+				b := uint64(bits.TrailingZeros64(word))
+				word &= word - 1
+				dirty[s.Offset/4096+uint64(w)*64+b] = true
+			}
+		}
+	}
+	return dirty
+}
+
+// stampVersions reads the version of every working-set page of every vCPU,
+// keyed by memory page number.
+func stampVersions(m *testvm.Machine) map[uint64]uint64 {
+	out := map[uint64]uint64{}
+	for i := 0; i < m.NumVCPUs(); i++ {
+		base := m.RegionBase(i) / 4096
+		for idx := uint64(0); idx < m.WorkingSet(); idx++ {
+			out[base+idx] = m.ReadStamp(i, idx).Version
+		}
+	}
+	return out
+}
+
+// bookkeeping reports whether memory page p is one the guest writes for its
+// own purposes: a status page or a stack page.
+func bookkeeping(m *testvm.Machine, p uint64) bool {
+	for i := 0; i < m.NumVCPUs(); i++ {
+		if p == testvm.StatusOffset(i)/4096 {
+			return true
+		}
+		lo, hi := testvm.StackRange(i)
+		if p >= lo/4096 && p < hi/4096 {
+			return true
+		}
+	}
+	return false
+}
+
+// With dirty logging on, KVM_GET_DIRTY_LOG reports exactly the pages the guest
+// wrote in a phase: every page whose stamp changed (none missed), and beyond
+// those only the guest's status and stack pages.
+func TestDirtyLogMatchesGuestRecord(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  testvm.Config
+	}{
+		// 1 vCPU over 32 MiB: the region spans the slot boundary at 16 MiB.
+		{"seq/slot-boundary", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 7000, PhaseOps: 3000}},
+		{"random/2vcpus", testvm.Config{MemSize: 64 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 5000, PhaseOps: 4000, Seed: 3}},
+		{"hotcold/rewrites", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.HotCold, WorkingSet: 2000, PhaseOps: 5000}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.cfg.DirtyLog = true
+			m := boot(t, tt.cfg)
+			harvest(t, m) // everything the boot wrote
+			prev := stampVersions(m)
+			for phase := uint64(1); phase <= 4; phase++ {
+				m.Go(phase)
+				if err := m.WaitPhase(ctx(t), phase); err != nil {
+					t.Fatal(err)
+				}
+				dirty := harvest(t, m)
+				cur := stampVersions(m)
+				written := 0
+				for p, v := range cur {
+					if v != prev[p] {
+						written++
+						if !dirty[p] {
+							t.Errorf("phase %d: page %d (version %d -> %d) written but not reported dirty", phase, p, prev[p], v)
+						}
+					}
+				}
+				for p := range dirty {
+					if cur[p] == prev[p] && !bookkeeping(m, p) {
+						t.Errorf("phase %d: page %d reported dirty but the guest did not write it", phase, p)
+					}
+				}
+				if written == 0 {
+					t.Fatalf("phase %d: the guest wrote no page", phase)
+				}
+				t.Logf("phase %d: %d pages written, %d reported", phase, written, len(dirty))
+				prev = cur
+			}
+		})
+	}
+}
+
+// 1000 pause/resume cycles under load with 2 vCPUs: every pause stops both
+// vCPUs (no progress while paused), every resume lets both go on, and the
+// guest's pages verify at the end.
+func TestPauseResumeCycles(t *testing.T) {
+	m := boot(t, testvm.Config{MemSize: 64 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 2000})
+	last := iterations(m)
+	for cycle := 0; cycle < 1000; cycle++ {
+		if err := m.Pause(); err != nil {
+			t.Fatalf("cycle %d: %v", cycle, err)
+		}
+		if s := m.State(); s != testvm.Paused {
+			t.Fatalf("cycle %d: state %s after Pause", cycle, s)
+		}
+		a := iterations(m)
+		for i := range a {
+			if a[i] < last[i] {
+				t.Fatalf("cycle %d: vCPU %d went back from %d to %d iterations", cycle, i, last[i], a[i])
+			}
+		}
+		if cycle%100 == 0 {
+			time.Sleep(2 * time.Millisecond)
+			if b := iterations(m); fmt.Sprint(a) != fmt.Sprint(b) {
+				t.Fatalf("cycle %d: progress while paused: %v -> %v", cycle, a, b)
+			}
+			for i := 0; i < 2; i++ {
+				if _, err := m.VerifyPages(i); err != nil {
+					t.Fatalf("cycle %d: %v", cycle, err)
+				}
+			}
+		}
+		if err := m.Resume(); err != nil {
+			t.Fatalf("cycle %d: %v", cycle, err)
+		}
+		waitProgress(t, m, a)
+		last = a
+	}
+	if err := m.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		if _, err := m.VerifyPages(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestLargeMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("4 GiB guest in -short mode")
+	}
+	// 4 vCPUs over 4 GiB: vCPU 3's region lies in slot 1, above the 4 GiB GPA.
+	m := boot(t, testvm.Config{MemSize: 4 << 30, VCPUs: 4, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 256})
+	waitProgress(t, m, []uint64{1000, 1000, 1000, 1000})
+	if err := m.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if base := m.RegionBase(3); m.GPA(base) < 4<<30 {
+		t.Fatalf("vCPU 3's region at GPA %#x, want it in the high slot", m.GPA(base))
+	}
+	for i := 0; i < 4; i++ {
+		if _, err := m.VerifyPages(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	tests := []struct {
+		name    string
+		cfg     testvm.Config
+		wantErr string
+	}{
+		{"mem not 2MiB multiple", testvm.Config{MemSize: 33 << 20, VCPUs: 1}, "not a multiple of 2 MiB"},
+		{"mem too small", testvm.Config{MemSize: 4 << 20, VCPUs: 1}, "outside"},
+		{"mem too large", testvm.Config{MemSize: 128 << 30, VCPUs: 1}, "outside"},
+		{"0 vcpus", testvm.Config{MemSize: 32 << 20, VCPUs: 0}, "0 vCPUs"},
+		{"5 vcpus", testvm.Config{MemSize: 32 << 20, VCPUs: 5}, "5 vCPUs"},
+		{"unknown workload", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: 99}, "unknown workload"},
+		{"unknown pattern", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Pattern: 42}, "unknown pattern"},
+		{"working set too big", testvm.Config{MemSize: 32 << 20, VCPUs: 2, WorkingSet: 1 << 20}, "exceeds"},
+		{"ring not power of two", testvm.Config{MemSize: 32 << 20, VCPUs: 1, DirtyRingEntries: 1000}, "power of two"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, err := testvm.New(tt.cfg)
+			if err == nil {
+				m.Close()
+				t.Fatal("New succeeded")
+			}
+			if !contains(err.Error(), tt.wantErr) {
+				t.Fatalf("error %q does not mention %q", err, tt.wantErr)
+			}
+		})
+	}
+	if _, err := testvm.ParseWorkload("bogus"); err == nil || !contains(err.Error(), "bogus") {
+		t.Errorf("ParseWorkload(bogus) = %v", err)
+	}
+	if _, err := testvm.ParsePattern("zigzag"); err == nil || !contains(err.Error(), "zigzag") {
+		t.Errorf("ParsePattern(zigzag) = %v", err)
+	}
+}
+
+func contains(s, sub string) bool {
+	return len(sub) == 0 || len(s) >= len(sub) && (s[:len(sub)] == sub || contains(s[1:], sub))
+}
+
+// A guest that finds its params page wrong reports an error through the
+// control port, and the machine stops with it.
+func TestGuestReportsBadParams(t *testing.T) {
+	m := build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Counter})
+	m.Memory()[testvm.ParamsOffset] ^= 0xff // break the magic
+	if err := m.Start(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-m.Done():
+	case <-time.After(wait):
+		t.Fatal("machine did not stop")
+	}
+	var ge *testvm.GuestError
+	if !errors.As(m.Err(), &ge) || ge.Code != 1 {
+		t.Fatalf("Err() = %v, want a GuestError with code 1 (bad params)", m.Err())
+	}
+	if err := m.Pause(); !errors.Is(err, testvm.ErrStopped) {
+		t.Fatalf("Pause on a stopped machine = %v, want ErrStopped", err)
+	}
+}
