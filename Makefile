@@ -1,0 +1,65 @@
+# repagent: build, test and benchmark.
+#
+#   make run      build and run the main job on the built-in test VM
+#   make test     install what the tests need, then vet, check the guest, test
+#   make bench    run the benchmarks (figures: docs/BENCHMARKS.md)
+#   make guest    rebuild testvm/guest/guest.bin from its C source
+#   make lint     gofmt and go vet
+#
+# Everything the targets need is installed by `make deps` (called by test and
+# run): nothing relies on what someone installed by hand.
+
+SHELL := /bin/bash
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+GOFMT ?= $(dir $(GO))gofmt
+BIN := bin/repagent
+GUEST := testvm/guest/guest.bin
+GOTEST_FLAGS ?= -count=1 -timeout 20m
+BENCH_FLAGS ?= -benchtime 2s
+
+.PHONY: all build run test unit bench guest guest-check lint deps clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/repagent
+
+# The main job. Until replication lands (issue 4) it runs the test VM alone.
+run: deps build
+	./$(BIN) vm --duration 10s
+
+test: deps lint guest-check
+	$(GO) test $(GOTEST_FLAGS) ./...
+
+bench: deps
+	$(GO) test -run '^$$' -bench . $(BENCH_FLAGS) ./...
+
+guest:
+	sh testvm/guest/build.sh $(GUEST)
+
+# The committed guest binary must be what its source builds to.
+guest-check:
+	@tmp=$$(mktemp) && trap 'rm -f $$tmp' EXIT && \
+	sh testvm/guest/build.sh $$tmp && \
+	if cmp -s $$tmp $(GUEST); then echo "guest-check: $(GUEST) matches its source"; \
+	else echo "guest-check: $(GUEST) does not match its source: run 'make guest' and commit" >&2; exit 1; fi
+
+lint:
+	@out=$$($(GOFMT) -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:" $$out >&2; exit 1; fi
+	$(GO) vet ./...
+
+# Tools the build and tests need. On Debian, as root, missing ones are installed.
+DEPS := gcc:gcc objcopy:binutils ip:iproute2
+deps:
+	@missing=""; for d in $(DEPS); do cmd=$${d%%:*}; pkg=$${d##*:}; \
+		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "deps: installing$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "deps: missing$$missing (install them, or run as root on Debian)" >&2; exit 1; fi; \
+	fi
+	@command -v $(GO) >/dev/null 2>&1 || [ -x $(GO) ] || { echo "deps: no Go toolchain (want go1.26 at /usr/local/go)" >&2; exit 1; }
+
+clean:
+	rm -rf bin

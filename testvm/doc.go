@@ -1,0 +1,61 @@
+// Package testvm is a minimal VMM for repagent's experiments and tests: a tiny
+// guest whose work can be measured and verified exactly, on raw KVM.
+//
+// # The machine
+//
+// Guest memory is one memfd, mapped shared, spread over two KVM memory slots:
+// slot 0 at guest-physical 0 and slot 1 at 4 GiB, with KVM's TSS and identity
+// map pages in the hole between. The guest never sees that split: the VMM's
+// page tables (2 MiB pages, accessed and dirty bits preset so the MMU never
+// writes them) map guest-virtual address V to byte V of the memfd. Memory is
+// 8 MiB to 64 GiB, a multiple of 2 MiB.
+//
+// Each of 1 to 4 vCPUs runs on its own goroutine locked to an OS thread, in
+// explicit states (created, running, paused, stopped). Pause sets every vCPU's
+// immediate_exit and signals its thread, so a vCPU in the guest leaves KVM_RUN
+// and one about to enter does not; Pause returns once all of them are parked,
+// and they stay parked until Resume.
+//
+// # The guest
+//
+// The guest (guest/, freestanding C and a little assembly, built by
+// `make guest` into guest.bin and embedded) starts directly in 64-bit mode at
+// CPL3: on PVM, CPL0 code is emulated at about a million instructions a second.
+// It never halts (HLT is #GP at CPL3) and signals through two ports, allowed by
+// the TSS I/O bitmap: the console (a line left in its status page) and the
+// control port (ready, phase done, error). Its contract with the VMM is
+// guest/abi.h, which abi_test.go checks against abi.go.
+//
+// Each vCPU runs its own instance of one workload over its own region:
+//   - Idle paces itself with rdtsc and writes only its status page.
+//   - Dirty writes whole pages of a working set, in order (Seq), uniformly
+//     (Random) or mostly to a hot set (HotCold), at full speed or a set rate.
+//     Every write stamps the page with the vCPU, the page index and a version,
+//     and fills the rest from them, so VerifyPages checks every byte against the
+//     status page.
+//   - Counter counts with a running hash of its history (CounterHash), so a
+//     restored guest proves it continued from exactly the saved value.
+//
+// With Config.PhaseOps the guest stops after every PhaseOps operations until
+// Machine.Go lets it go on; tests use phases to know exactly what the guest
+// did between two points.
+//
+// The status page of each vCPU (Status) is read by the host from memory,
+// without an exit.
+//
+// # State
+//
+// Save returns the complete machine state (every vCPU, the in-kernel irqchip,
+// PIT and clock, device state and the guest configuration) with magic, version,
+// length and CRC32C. Restore checks it completely, then builds a fresh VM that
+// maps a given memory file directly, so a backup resumes from its replica
+// memfd without a copy. WriteSnapshot and ReadSnapshot put a state and a
+// sparse memory image in one file for the CLI.
+//
+// # Writes the VMM makes
+//
+// KVM's dirty log only sees guest writes. Every write the VMM itself makes into
+// guest memory goes through WriteGuest (or Go), which reports the guest-physical
+// range to the recorder set with SetWriteRecorder; dirty tracking merges those
+// ranges into its harvest.
+package testvm
