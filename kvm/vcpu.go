@@ -22,6 +22,8 @@ type VCPU struct {
 	runMem []byte
 	run    *runHeader
 	ring   []byte
+	xsave  int    // XSAVE area size, fixed per VM
+	msrBuf []byte // scratch for KVM_GET/SET_MSRS, so a checkpoint does not allocate
 }
 
 // ID returns the vCPU index given to CreateVCPU.
@@ -118,10 +120,13 @@ func (c *VCPU) SetFPU(f *FPU) error {
 // XSaveSize is the size of this VM's XSAVE area: KVM_CAP_XSAVE2's answer
 // where it is larger than the 4 KiB of struct kvm_xsave, else 4096.
 func (c *VCPU) XSaveSize() int {
-	if n := c.vm.CheckExtension(KVM_CAP_XSAVE2); n > sizeofXSave {
-		return n
+	if c.xsave == 0 {
+		c.xsave = sizeofXSave
+		if n := c.vm.CheckExtension(KVM_CAP_XSAVE2); n > sizeofXSave {
+			c.xsave = n
+		}
 	}
-	return sizeofXSave
+	return c.xsave
 }
 
 // GetXSave reads the XSAVE area into buf, which must be XSaveSize bytes
@@ -173,7 +178,11 @@ func (c *VCPU) msrs(name string, req uintptr, entries []MSREntry) (int, error) {
 	}
 	// struct kvm_msrs is an 8-byte header followed by the entries.
 	hs := int(unsafe.Sizeof(msrsHeader{}))
-	buf := make([]byte, hs+len(entries)*int(unsafe.Sizeof(MSREntry{})))
+	n := hs + len(entries)*int(unsafe.Sizeof(MSREntry{}))
+	if cap(c.msrBuf) < n {
+		c.msrBuf = make([]byte, n)
+	}
+	buf := c.msrBuf[:n]
 	(*msrsHeader)(unsafe.Pointer(&buf[0])).NMSRs = uint32(len(entries))
 	copy(buf[hs:], sliceBytes(entries))
 	r, errno := ioctlPtr(c.fd, req, unsafe.Pointer(&buf[0]))

@@ -369,3 +369,29 @@ func TestGuestReportsBadParams(t *testing.T) {
 		t.Fatalf("Pause on a stopped machine = %v, want ErrStopped", err)
 	}
 }
+
+// Every write the VMM makes into guest memory reaches the recorder as
+// guest-physical ranges, split where the slots split.
+func TestVMMWritesAreRecorded(t *testing.T) {
+	m := build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle})
+	type rng struct{ gpa, n uint64 }
+	var got []rng
+	m.SetWriteRecorder(func(gpa, n uint64) { got = append(got, rng{gpa, n}) })
+	high := m.Slots()[1]
+	if err := m.WriteGuest(high.Offset-4096, make([]byte, 8192)); err != nil {
+		t.Fatal(err)
+	}
+	m.Go(3)
+	want := []rng{{high.Offset - 4096, 4096}, {high.GPA, 4096}, {testvm.ParamsOffset + 64, 8}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("recorded %v, want %v", got, want)
+	}
+	got = nil
+	if err := m.WriteGuest(32<<20-10, make([]byte, 11)); err == nil {
+		t.Fatal("WriteGuest past the end of memory succeeded")
+	}
+	m.SetWriteRecorder(nil)
+	if err := m.WriteGuest(0x300000, []byte{1}); err != nil || len(got) != 0 {
+		t.Fatalf("after unregistering: err %v, recorded %v", err, got)
+	}
+}
