@@ -147,7 +147,7 @@ func (c Config) Validate() error {
 	c = c.withDefaults()
 	var errs []string
 	if c.MemSize%hugePage != 0 {
-		errs = append(errs, fmt.Sprintf("memory size %d is not a multiple of 2 MiB", c.MemSize))
+		errs = append(errs, fmt.Sprintf("memory size %s (%d bytes) is not a multiple of 2 MiB", FormatSize(c.MemSize), c.MemSize))
 	} else if c.MemSize < MinMemSize || c.MemSize > MaxMemSize {
 		errs = append(errs, fmt.Sprintf("memory size %s is outside %s..%s", FormatSize(c.MemSize), FormatSize(MinMemSize), FormatSize(MaxMemSize)))
 	}

@@ -80,6 +80,79 @@ func isZero(b []byte) bool {
 	return true
 }
 
+// snapHeader is a checked snapshot header and its state.
+type snapHeader struct {
+	state  []byte
+	saved  *SavedState
+	memOff uint64
+	memLen uint64
+	memCRC uint32
+}
+
+// readSnapHeader reads and checks everything but the memory image.
+func readSnapHeader(f *os.File, path string) (*snapHeader, error) {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("read snapshot %s: %w: %s", path, ErrBadSnapshot, fmt.Sprintf(format, args...))
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("read snapshot: %w", err)
+	}
+	hdr := make([]byte, snapHeaderSize)
+	if _, err := io.ReadFull(f, hdr); err != nil {
+		return nil, bad("header: %v (file of %d bytes)", err, fi.Size())
+	}
+	if string(hdr[:8]) != snapMagic {
+		return nil, bad("magic %q, want %q (not a repagent snapshot)", hdr[:8], snapMagic)
+	}
+	if v := binary.LittleEndian.Uint32(hdr[8:]); v != snapVersion {
+		return nil, bad("version %d, this build reads version %d", v, snapVersion)
+	}
+	if got, want := crc32.Checksum(hdr[:44], castagnoli), binary.LittleEndian.Uint32(hdr[44:]); got != want {
+		return nil, bad("header checksum %#08x, computed %#08x (corrupted)", want, got)
+	}
+	h := &snapHeader{
+		memOff: binary.LittleEndian.Uint64(hdr[24:]),
+		memLen: binary.LittleEndian.Uint64(hdr[32:]),
+		memCRC: binary.LittleEndian.Uint32(hdr[40:]),
+	}
+	stateLen := binary.LittleEndian.Uint64(hdr[16:])
+	if stateLen > maxStateSize || h.memOff%pageSize != 0 || h.memOff < snapHeaderSize+stateLen ||
+		h.memLen%hugePage != 0 || h.memLen < MinMemSize || h.memLen > MaxMemSize {
+		return nil, bad("inconsistent header (state %d bytes, memory %d bytes at %d)", stateLen, h.memLen, h.memOff)
+	}
+	if uint64(fi.Size()) != h.memOff+h.memLen {
+		return nil, bad("file is %d bytes, the header says %d (truncated?)", fi.Size(), h.memOff+h.memLen)
+	}
+	h.state = make([]byte, stateLen)
+	if _, err := f.ReadAt(h.state, snapHeaderSize); err != nil {
+		return nil, bad("state: %v", err)
+	}
+	if h.saved, err = DecodeState(h.state); err != nil {
+		return nil, fmt.Errorf("read snapshot %s: %w", path, err)
+	}
+	if h.saved.Config.MemSize != h.memLen {
+		return nil, bad("state is for a %s guest, the image holds %s", FormatSize(h.saved.Config.MemSize), FormatSize(h.memLen))
+	}
+	return h, nil
+}
+
+// ReadSnapshotConfig reads only the header and state of a snapshot file and
+// returns the guest configuration it holds: a cheap look before ReadSnapshot
+// copies the memory.
+func ReadSnapshotConfig(path string) (Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read snapshot: %w", err)
+	}
+	defer f.Close()
+	h, err := readSnapHeader(f, path)
+	if err != nil {
+		return Config{}, err
+	}
+	return h.saved.Config, nil
+}
+
 // ReadSnapshot reads a snapshot file: it checks the header, the state's own
 // checksum and the memory checksum, and copies the memory into a new memfd. It
 // returns the state and the memfd, ready for Restore; nothing is returned when
@@ -90,65 +163,27 @@ func ReadSnapshot(path string) (state []byte, mem *os.File, err error) {
 		return nil, nil, fmt.Errorf("read snapshot: %w", err)
 	}
 	defer f.Close()
-	bad := func(format string, args ...any) error {
-		return fmt.Errorf("read snapshot %s: %w: %s", path, ErrBadSnapshot, fmt.Sprintf(format, args...))
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, nil, fmt.Errorf("read snapshot: %w", err)
-	}
-	hdr := make([]byte, snapHeaderSize)
-	if _, err := io.ReadFull(f, hdr); err != nil {
-		return nil, nil, bad("header: %v (file of %d bytes)", err, fi.Size())
-	}
-	if string(hdr[:8]) != snapMagic {
-		return nil, nil, bad("magic %q, want %q (not a repagent snapshot)", hdr[:8], snapMagic)
-	}
-	if v := binary.LittleEndian.Uint32(hdr[8:]); v != snapVersion {
-		return nil, nil, bad("version %d, this build reads version %d", v, snapVersion)
-	}
-	if got, want := crc32.Checksum(hdr[:44], castagnoli), binary.LittleEndian.Uint32(hdr[44:]); got != want {
-		return nil, nil, bad("header checksum %#08x, computed %#08x (corrupted)", want, got)
-	}
-	stateLen := binary.LittleEndian.Uint64(hdr[16:])
-	memOff := binary.LittleEndian.Uint64(hdr[24:])
-	memLen := binary.LittleEndian.Uint64(hdr[32:])
-	memCRC := binary.LittleEndian.Uint32(hdr[40:])
-	if stateLen > maxStateSize || memOff%pageSize != 0 || memOff < snapHeaderSize+stateLen ||
-		memLen%hugePage != 0 || memLen < MinMemSize || memLen > MaxMemSize {
-		return nil, nil, bad("inconsistent header (state %d bytes, memory %d bytes at %d)", stateLen, memLen, memOff)
-	}
-	if uint64(fi.Size()) != memOff+memLen {
-		return nil, nil, bad("file is %d bytes, the header says %d (truncated?)", fi.Size(), memOff+memLen)
-	}
-	state = make([]byte, stateLen)
-	if _, err := f.ReadAt(state, snapHeaderSize); err != nil {
-		return nil, nil, bad("state: %v", err)
-	}
-	s, err := DecodeState(state)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read snapshot %s: %w", path, err)
-	}
-	if s.Config.MemSize != memLen {
-		return nil, nil, bad("state is for a %s guest, the image holds %s", FormatSize(s.Config.MemSize), FormatSize(memLen))
-	}
-	mem, err = newMemFile(memLen)
+	h, err := readSnapHeader(f, path)
 	if err != nil {
 		return nil, nil, err
 	}
-	dst, err := mapMemFile(mem, memLen)
+	mem, err = newMemFile(h.memLen)
+	if err != nil {
+		return nil, nil, err
+	}
+	dst, err := mapMemFile(mem, h.memLen)
 	if err != nil {
 		mem.Close()
 		return nil, nil, err
 	}
 	defer unmapMem(dst)
-	if _, err := f.ReadAt(dst, int64(memOff)); err != nil {
+	if _, err := f.ReadAt(dst, int64(h.memOff)); err != nil {
 		mem.Close()
-		return nil, nil, bad("memory: %v", err)
+		return nil, nil, fmt.Errorf("read snapshot %s: %w: memory: %v", path, ErrBadSnapshot, err)
 	}
-	if got := crc32.Checksum(dst, castagnoli); got != memCRC {
+	if got := crc32.Checksum(dst, castagnoli); got != h.memCRC {
 		mem.Close()
-		return nil, nil, bad("memory checksum %#08x, computed %#08x (corrupted)", memCRC, got)
+		return nil, nil, fmt.Errorf("read snapshot %s: %w: memory checksum %#08x, computed %#08x (corrupted)", path, ErrBadSnapshot, h.memCRC, got)
 	}
-	return state, mem, nil
+	return h.state, mem, nil
 }

@@ -1,0 +1,501 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+	"unicode"
+
+	"github.com/spf13/pflag"
+
+	"github.com/repagent/repagent/testvm"
+)
+
+const vmUsage = `Usage: repagent vm [flags]
+
+Run the test VM: a KVM guest whose vCPUs run a workload the host can check
+(idle, dirty pages, or a counter with a running hash of its history). It prints
+a progress line every second and a summary when --duration is over or on
+Ctrl-C; the summary verifies the guest's memory (dirty) or re-hashes its
+counters (counter). --save writes a snapshot of the paused machine at the end;
+--restore continues a saved machine instead of booting a new one, and then the
+config flags, if given, must match the snapshot.
+
+Flags:
+`
+
+// maxRehash is the largest counter the summary re-hashes on the host. Hashing
+// is as slow as the guest's own stepping (about 1.7s per 1e9 steps, the vCPUs
+// in parallel), so this caps the check at a few seconds.
+const maxRehash = 4e9
+
+// readyTimeout bounds how long a new guest may take to report READY.
+const readyTimeout = 30 * time.Second
+
+// vmOptions is what the vm command was asked to do.
+type vmOptions struct {
+	cfg      testvm.Config
+	duration time.Duration
+	save     string
+	restore  string
+	quiet    bool
+	changed  map[string]bool // config flags given on the command line
+}
+
+// usageError is a problem with what the user asked for (exit code 2).
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+// vmFlags holds the vm command's flag set and the values it parses into.
+type vmFlags struct {
+	fs                     *pflag.FlagSet
+	mem, workload, pattern string
+	vcpus                  int
+	workingSet, rate, seed uint64
+	duration               time.Duration
+	save, restore          string
+	quiet                  bool
+}
+
+func newVMFlags() *vmFlags {
+	f := &vmFlags{fs: pflag.NewFlagSet("vm", pflag.ContinueOnError)}
+	fs := f.fs
+	fs.SortFlags = false
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	fs.StringVar(&f.mem, "mem", testvm.FormatSize(testvm.DefaultMemSize),
+		"guest memory `size`: a multiple of 2MiB with a unit (256MiB, 256M, 1GiB, 4096KiB) or plain bytes")
+	fs.IntVar(&f.vcpus, "vcpus", 1, fmt.Sprintf("number of vCPUs, 1 to %d", testvm.MaxVCPUs))
+	fs.StringVar(&f.workload, "workload", "dirty", "what each vCPU runs: idle, dirty or counter")
+	fs.StringVar(&f.pattern, "pattern", "random", "the dirty workload's page order: seq, random or hotcold")
+	fs.Uint64Var(&f.workingSet, "working-set", 0, "4KiB `pages` each vCPU's dirty workload writes (default 0: its whole region)")
+	fs.Uint64Var(&f.rate, "rate", 0, "page writes per second per vCPU for the dirty workload (default 0: full speed)")
+	fs.Uint64Var(&f.seed, "seed", 1, "seed of the random and hotcold patterns")
+	fs.DurationVar(&f.duration, "duration", 10*time.Second, "how long to run; 0 runs until Ctrl-C")
+	fs.StringVar(&f.save, "save", "", "at the end, pause, verify and write a snapshot to `file`")
+	fs.StringVar(&f.restore, "restore", "", "continue the machine saved in snapshot `file` instead of booting a new one")
+	fs.BoolVar(&f.quiet, "quiet", false, "print no per-second progress lines, only the summary")
+	return f
+}
+
+// parseVMArgs parses and checks the vm command's arguments. It returns
+// pflag.ErrHelp for --help, and otherwise any error is a usage error.
+func parseVMArgs(args []string) (*vmOptions, error) {
+	f := newVMFlags()
+	if err := f.fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return nil, err
+		}
+		return nil, usageError{err}
+	}
+	if f.fs.NArg() > 0 {
+		return nil, usagef("unexpected argument %q", f.fs.Arg(0))
+	}
+	o := &vmOptions{duration: f.duration, save: f.save, restore: f.restore, quiet: f.quiet, changed: map[string]bool{}}
+	// The flags that describe the guest; with --restore they must match the snapshot.
+	for _, name := range []string{"mem", "vcpus", "workload", "pattern", "working-set", "rate", "seed"} {
+		o.changed[name] = f.fs.Changed(name)
+	}
+	mem, err := parseSize(f.mem)
+	if err != nil {
+		return nil, usagef("--mem: %w", err)
+	}
+	if mem == 0 {
+		return nil, usagef("--mem: size must not be 0")
+	}
+	if f.vcpus < 1 || f.vcpus > testvm.MaxVCPUs {
+		return nil, usagef("--vcpus %d: want 1 to %d", f.vcpus, testvm.MaxVCPUs)
+	}
+	wl, err := testvm.ParseWorkload(f.workload)
+	if err != nil {
+		return nil, usagef("--workload: %w", err)
+	}
+	pat, err := testvm.ParsePattern(f.pattern)
+	if err != nil {
+		return nil, usagef("--pattern: %w", err)
+	}
+	if f.duration < 0 {
+		return nil, usagef("--duration %v: must not be negative", f.duration)
+	}
+	if f.save != "" {
+		dir := filepath.Dir(f.save)
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			return nil, usagef("--save %s: directory %s does not exist", f.save, dir)
+		}
+	}
+	o.cfg = testvm.Config{MemSize: mem, VCPUs: f.vcpus, Workload: wl, Pattern: pat,
+		WorkingSet: f.workingSet, Rate: f.rate, Seed: f.seed}
+	if err := o.cfg.Validate(); err != nil {
+		return nil, usageError{err}
+	}
+	return o, nil
+}
+
+// parseSize parses a byte count: a whole number with an optional binary unit,
+// "256MiB", "256M", "1GiB", "1G", "4096KiB", or plain bytes ("268435456" or
+// "268435456B"). Units ignore case; K, M, G and T mean KiB, MiB, GiB and TiB.
+func parseSize(s string) (uint64, error) {
+	num := strings.TrimRightFunc(s, unicode.IsLetter)
+	unit := s[len(num):]
+	num = strings.TrimSpace(num)
+	var shift uint
+	switch strings.ToLower(unit) {
+	case "", "b":
+	case "k", "kib":
+		shift = 10
+	case "m", "mib":
+		shift = 20
+	case "g", "gib":
+		shift = 30
+	case "t", "tib":
+		shift = 40
+	default:
+		return 0, fmt.Errorf("size %q: unknown unit %q (want B, K, KiB, M, MiB, G, GiB, T or TiB)", s, unit)
+	}
+	if num == "" {
+		return 0, fmt.Errorf("size %q: no number", s)
+	}
+	n, err := strconv.ParseUint(num, 10, 64)
+	if errors.Is(err, strconv.ErrRange) || n > math.MaxUint64>>shift {
+		return 0, fmt.Errorf("size %q: too large", s)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("size %q: %q is not a whole number", s, num)
+	}
+	return n << shift, nil
+}
+
+// runVM is the vm command.
+func runVM(args []string, stdout, stderr io.Writer) int {
+	o, err := parseVMArgs(args)
+	if errors.Is(err, pflag.ErrHelp) {
+		fmt.Fprint(stdout, vmUsage+newVMFlags().fs.FlagUsages())
+		return 0
+	}
+	if err == nil {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		err = o.run(ctx, stop, stdout, &syncWriter{w: stderr})
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "repagent vm: %v\n", err)
+		if errors.As(err, new(usageError)) {
+			return 2
+		}
+		return 1
+	}
+	return 0
+}
+
+// run builds or restores the machine, runs it, and prints the summary. It
+// calls stopSignals once the run is over, so that a second Ctrl-C during a
+// long verification kills the process.
+func (o *vmOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) error {
+	m, err := o.machine(stdout, stderr)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	if err := m.Start(); err != nil {
+		return err
+	}
+	// A restored guest counts as ready already; WaitReady returns at once.
+	rctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	err = m.WaitReady(rctx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	first := totals(m)
+	t0 := time.Now()
+	if err := o.watch(ctx, m, t0, stdout); err != nil {
+		return err
+	}
+	stopSignals()
+	if err := m.Pause(); err != nil {
+		return err
+	}
+	if err := summarize(stdout, m, first, time.Since(t0)); err != nil {
+		return err
+	}
+	if o.save != "" {
+		if err := m.WriteSnapshot(o.save); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "saved snapshot %s (%s guest)\n", o.save, testvm.FormatSize(m.Config().MemSize))
+	}
+	return nil
+}
+
+// machine builds a new machine, or restores the one in o.restore after
+// checking that the config flags given match it.
+func (o *vmOptions) machine(stdout, stderr io.Writer) (*testvm.Machine, error) {
+	if o.restore == "" {
+		cfg := o.cfg
+		cfg.Console = stderr
+		return testvm.New(cfg)
+	}
+	// Check the flags against the snapshot's config before copying its memory.
+	saved, err := testvm.ReadSnapshotConfig(o.restore)
+	if err != nil {
+		return nil, err
+	}
+	if err := o.checkSnapshot(saved); err != nil {
+		return nil, err
+	}
+	state, memf, err := testvm.ReadSnapshot(o.restore)
+	if err != nil {
+		return nil, err
+	}
+	m, err := testvm.Restore(state, memf, testvm.RestoreOptions{Console: stderr})
+	if err != nil {
+		memf.Close()
+		return nil, err
+	}
+	c := m.Config()
+	fmt.Fprintf(stdout, "restored %s: %s\n", o.restore, describe(c))
+	for i := 0; i < m.NumVCPUs(); i++ {
+		st := m.Status(i)
+		line := fmt.Sprintf("  vcpu %d: %d %s", i, st.Iterations, opName(c.Workload))
+		if c.Workload == testvm.Counter {
+			line += fmt.Sprintf(", counter %d hash %#016x", st.Counter, st.Hash)
+		}
+		fmt.Fprintln(stdout, line)
+	}
+	return m, nil
+}
+
+// checkSnapshot reports, as a usage error, every config flag given on the
+// command line that differs from the snapshot's config c.
+func (o *vmOptions) checkSnapshot(c testvm.Config) error {
+	var bad []string
+	differs := func(flag string, give, have any, what string) {
+		if o.changed[flag] && give != have {
+			bad = append(bad, fmt.Sprintf("--%s %v does not match the snapshot's %s", flag, give, fmt.Sprintf(what, have)))
+		}
+	}
+	differs("mem", testvm.FormatSize(o.cfg.MemSize), testvm.FormatSize(c.MemSize), "%s guest")
+	differs("vcpus", o.cfg.VCPUs, c.VCPUs, "%d vCPUs")
+	differs("workload", o.cfg.Workload, c.Workload, "%s workload")
+	differs("pattern", o.cfg.Pattern, c.Pattern, "%s pattern")
+	differs("working-set", o.cfg.WorkingSet, c.WorkingSet, "working set of %d pages (0: whole region)")
+	differs("rate", o.cfg.Rate, c.Rate, "rate of %d writes/s (0: full speed)")
+	differs("seed", o.cfg.Seed, c.Seed, "seed %d")
+	if len(bad) > 0 {
+		return usageError{errors.New(strings.Join(bad, "; "))}
+	}
+	return nil
+}
+
+// describe names a guest config, e.g. "counter workload, 2 vCPUs, 64MiB".
+func describe(c testvm.Config) string {
+	vcpus := "vCPUs"
+	if c.VCPUs == 1 {
+		vcpus = "vCPU"
+	}
+	return fmt.Sprintf("%s workload, %d %s, %s", c.Workload, c.VCPUs, vcpus, testvm.FormatSize(c.MemSize))
+}
+
+// watch prints a progress line every second until the duration is over, ctx
+// ends or the machine stops (an error).
+func (o *vmOptions) watch(ctx context.Context, m *testvm.Machine, t0 time.Time, stdout io.Writer) error {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	var end <-chan time.Time
+	if o.duration > 0 {
+		t := time.NewTimer(o.duration)
+		defer t.Stop()
+		end = t.C
+	}
+	prev, prevT := totals(m), t0
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-end:
+			return nil
+		case <-m.Done():
+			if err := m.Err(); err != nil {
+				return fmt.Errorf("machine stopped: %w", err)
+			}
+			return errors.New("machine stopped unexpectedly")
+		case now := <-tick.C:
+			cur := totals(m)
+			if !o.quiet {
+				p := progress{elapsed: now.Sub(t0), workload: m.Config().Workload, vcpus: m.NumVCPUs(),
+					rate: float64(cur.ops-prev.ops) / now.Sub(prevT).Seconds(), total: cur.ops, counters: cur.counters}
+				fmt.Fprintln(stdout, p)
+			}
+			prev, prevT = cur, now
+		}
+	}
+}
+
+// snapshot is the guest's operation counts at one moment.
+type snapshot struct {
+	ops      uint64   // operations of all vCPUs
+	perVCPU  []uint64 // operations of each vCPU
+	counters []uint64 // the counter workload's counter of each vCPU
+}
+
+func totals(m *testvm.Machine) snapshot {
+	var s snapshot
+	for i := 0; i < m.NumVCPUs(); i++ {
+		st := m.Status(i)
+		s.ops += st.Iterations
+		s.perVCPU = append(s.perVCPU, st.Iterations)
+		if m.Config().Workload == testvm.Counter {
+			s.counters = append(s.counters, st.Counter)
+		}
+	}
+	return s
+}
+
+// progress is one progress line.
+type progress struct {
+	elapsed  time.Duration
+	workload testvm.Workload
+	vcpus    int
+	rate     float64  // operations per second of all vCPUs over the last interval
+	total    uint64   // operations of all vCPUs since the guest booted
+	counters []uint64 // counter workload: each vCPU's counter
+}
+
+// String formats the line, e.g. "  3.0s  dirty    2.31M writes/s  total 6.90M  vcpus 2".
+func (p progress) String() string {
+	s := fmt.Sprintf("%6.1fs  %-7s  %s %s/s", p.elapsed.Seconds(), p.workload, si(p.rate), opName(p.workload))
+	if p.workload == testvm.Counter {
+		s += "  counters"
+		for _, c := range p.counters {
+			s += " " + si(float64(c))
+		}
+		return s
+	}
+	return s + fmt.Sprintf("  total %s  vcpus %d", si(float64(p.total)), p.vcpus)
+}
+
+// opName names the workload's operations.
+func opName(w testvm.Workload) string {
+	switch w {
+	case testvm.Dirty:
+		return "writes"
+	case testvm.Counter:
+		return "steps"
+	}
+	return "ticks"
+}
+
+// si formats x with three significant digits and a decimal prefix: 999, 1.00k,
+// 23.1M.
+func si(x float64) string {
+	const prefixes = "kMGTPE"
+	if x < 999.5 {
+		return fmt.Sprintf("%.0f", x)
+	}
+	i := -1
+	for x >= 999.5 && i < len(prefixes)-1 {
+		x /= 1000
+		i++
+	}
+	switch {
+	case x < 9.995:
+		return fmt.Sprintf("%.2f%c", x, prefixes[i])
+	case x < 99.95:
+		return fmt.Sprintf("%.1f%c", x, prefixes[i])
+	}
+	return fmt.Sprintf("%.0f%c", x, prefixes[i])
+}
+
+// summarize prints what the paused machine did since first, and verifies it:
+// every vCPU's pages for the dirty workload, every counter's hash chain for
+// the counter workload.
+func summarize(w io.Writer, m *testvm.Machine, first snapshot, d time.Duration) error {
+	c := m.Config()
+	last := totals(m)
+	op := opName(c.Workload)
+	fmt.Fprintf(w, "ran %.1fs: %s\n", d.Seconds(), describe(c))
+	for i, n := range last.perVCPU {
+		run := n - first.perVCPU[i]
+		fmt.Fprintf(w, "  vcpu %d: %d %s (%d this run, %s/s)\n", i, n, op, run, si(float64(run)/d.Seconds()))
+	}
+	fmt.Fprintf(w, "  total: %d %s this run, %s/s\n", last.ops-first.ops, op, si(float64(last.ops-first.ops)/d.Seconds()))
+	switch c.Workload {
+	case testvm.Dirty:
+		for i := 0; i < m.NumVCPUs(); i++ {
+			rep, err := m.VerifyPages(i)
+			if err != nil {
+				fmt.Fprintf(w, "  vcpu %d: pages NOT verified: %v\n", i, err)
+				return fmt.Errorf("verify pages: %w", err)
+			}
+			fmt.Fprintf(w, "  vcpu %d: pages verified: %d written, newest version %d\n", i, rep.Written, rep.MaxVersion)
+		}
+	case testvm.Counter:
+		return verifyCounters(w, m)
+	}
+	return nil
+}
+
+// verifyCounters re-hashes each vCPU's counter chain from 0 (in parallel) and
+// checks it against the hash the guest reports.
+func verifyCounters(w io.Writer, m *testvm.Machine) error {
+	n := m.NumVCPUs()
+	want := make([]uint64, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		if c := m.Status(i).Counter; c <= maxRehash {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				want[i] = testvm.CounterHash(testvm.CounterStart, 0, c)
+			}()
+		}
+	}
+	wg.Wait()
+	var bad []int
+	for i := 0; i < n; i++ {
+		st := m.Status(i)
+		line := fmt.Sprintf("  vcpu %d: counter %d hash %#016x", i, st.Counter, st.Hash)
+		switch {
+		case st.Counter > maxRehash:
+			line += " (not re-hashed: too long)"
+		case st.Hash == want[i]:
+			line += " (verified)"
+		default:
+			line += fmt.Sprintf(" (NOT verified: re-hashing gives %#016x)", want[i])
+			bad = append(bad, i)
+		}
+		fmt.Fprintln(w, line)
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("verify counters: vCPUs %v report hashes their counters do not give", bad)
+	}
+	return nil
+}
+
+// syncWriter serialises writes to w: the guest console writes from the vCPU
+// threads while the command writes its own errors.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
+}

@@ -1,0 +1,236 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/repagent/repagent/testvm"
+)
+
+func TestParseSize(t *testing.T) {
+	good := []struct {
+		in   string
+		want uint64
+	}{
+		{"256MiB", 256 << 20},
+		{"256M", 256 << 20},
+		{"256mib", 256 << 20},
+		{"256m", 256 << 20},
+		{"1GiB", 1 << 30},
+		{"1G", 1 << 30},
+		{"4096KiB", 4096 << 10},
+		{"4096K", 4096 << 10},
+		{"2TiB", 2 << 40},
+		{"268435456", 256 << 20},
+		{"268435456B", 256 << 20},
+		{"64 MiB", 64 << 20},
+		{"0", 0},
+		{"16777215TiB", 16777215 << 40},
+	}
+	for _, tc := range good {
+		got, err := parseSize(tc.in)
+		if err != nil || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
+		}
+	}
+	bad := []struct{ in, why string }{
+		{"", "no number"},
+		{"MiB", "no number"},
+		{"100X", `unknown unit "X"`},
+		{"1MB", `unknown unit "MB"`},
+		{"1.5G", "not a whole number"},
+		{"-1M", "not a whole number"},
+		{"0x100", "not a whole number"},
+		{"1 2M", "not a whole number"},
+		{"16777216TiB", "too large"},
+		{"18446744073709551616", "too large"},
+	}
+	for _, tc := range bad {
+		got, err := parseSize(tc.in)
+		if err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", tc.in, got)
+			continue
+		}
+		if !strings.Contains(err.Error(), `"`+tc.in+`"`) || !strings.Contains(err.Error(), tc.why) {
+			t.Errorf("parseSize(%q) error %q: want it to name the input and say %q", tc.in, err, tc.why)
+		}
+	}
+}
+
+func TestParseVMArgsDefaults(t *testing.T) {
+	o, err := parseVMArgs(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := testvm.Config{MemSize: testvm.DefaultMemSize, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, Seed: 1}
+	if !sameConfig(o.cfg, want) || o.duration != 10*time.Second || o.save != "" || o.restore != "" || o.quiet {
+		t.Errorf("defaults: %+v", o)
+	}
+	for name, ch := range o.changed {
+		if ch {
+			t.Errorf("flag --%s counted as changed", name)
+		}
+	}
+
+	o, err = parseVMArgs([]string{"--mem", "1G", "--vcpus=4", "--workload", "counter", "--pattern", "hotcold",
+		"--working-set", "10", "--rate", "1000", "--seed", "7", "--duration", "0", "--quiet", "--save", "snap"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = testvm.Config{MemSize: 1 << 30, VCPUs: 4, Workload: testvm.Counter, Pattern: testvm.HotCold,
+		WorkingSet: 10, Rate: 1000, Seed: 7}
+	if !sameConfig(o.cfg, want) || o.duration != 0 || !o.quiet || o.save != "snap" {
+		t.Errorf("parsed: %+v", o)
+	}
+	if !o.changed["mem"] || !o.changed["seed"] || len(o.changed) != 7 {
+		t.Errorf("changed: %v", o.changed)
+	}
+
+	if _, err := parseVMArgs([]string{"--help"}); !errors.Is(err, pflag.ErrHelp) {
+		t.Errorf("--help: %v, want pflag.ErrHelp", err)
+	}
+}
+
+// TestVMUsageErrors checks that bad flags are one line on stderr and exit
+// code 2. None of these gets as far as building a VM, so the test needs no
+// /dev/kvm.
+func TestVMUsageErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--vcpus", "0"}, "--vcpus 0: want 1 to 4"},
+		{[]string{"--vcpus", "5"}, "--vcpus 5: want 1 to 4"},
+		{[]string{"--mem", "101MiB"}, "not a multiple of 2 MiB"},
+		{[]string{"--mem", "100000000"}, "not a multiple of 2 MiB"},
+		{[]string{"--mem", "4MiB"}, "outside 8MiB..64GiB"},
+		{[]string{"--mem", "0"}, "--mem: size must not be 0"},
+		{[]string{"--mem", "12X"}, `size "12X": unknown unit`},
+		{[]string{"--workload", "bogus"}, `unknown workload "bogus" (want idle, dirty or counter)`},
+		{[]string{"--pattern", "zigzag"}, `unknown pattern "zigzag" (want seq, random or hotcold)`},
+		{[]string{"--mem", "8MiB", "--vcpus", "4", "--working-set", "100000"}, "working set of 100000 pages exceeds"},
+		{[]string{"--duration", "-1s"}, "--duration -1s: must not be negative"},
+		{[]string{"--duration", "soon"}, `invalid argument "soon"`},
+		{[]string{"--bogus"}, "unknown flag: --bogus"},
+		{[]string{"extra"}, `unexpected argument "extra"`},
+		{[]string{"--save", "/nonexistent/dir/snap"}, "directory /nonexistent/dir does not exist"},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := runVM(tc.args, &stdout, &stderr)
+		msg := stderr.String()
+		if code != 2 || !strings.HasPrefix(msg, "repagent vm: ") || !strings.Contains(msg, tc.want) ||
+			strings.Count(msg, "\n") != 1 || stdout.Len() != 0 {
+			t.Errorf("vm %v: exit %d, stdout %q, stderr %q; want exit 2 and one line saying %q",
+				tc.args, code, stdout.String(), msg, tc.want)
+		}
+	}
+}
+
+func TestVMHelp(t *testing.T) {
+	for _, args := range [][]string{{"vm", "--help"}, {"vm", "-h"}, {"help", "vm"}} {
+		var stdout, stderr bytes.Buffer
+		if code := run(args, &stdout, &stderr); code != 0 {
+			t.Errorf("%v: exit %d, stderr %q", args, code, stderr.String())
+		}
+		out := stdout.String()
+		for _, want := range []string{"Usage: repagent vm", "--mem size", `(default "256MiB")`, "--duration duration", "(default 10s)", "--restore file"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("%v: usage lacks %q:\n%s", args, want, out)
+			}
+		}
+	}
+}
+
+func TestDispatch(t *testing.T) {
+	for _, tc := range []struct {
+		args         []string
+		code         int
+		stdout, errs string
+	}{
+		{nil, 2, "", "replication job is not built yet"},
+		{[]string{"--interval", "100ms"}, 2, "", "replication job is not built yet"},
+		{[]string{"help"}, 0, "Usage: repagent <command>", ""},
+		{[]string{"--help"}, 0, "Usage: repagent <command>", ""},
+		{[]string{"frobnicate"}, 2, "", `unknown command "frobnicate"`},
+		{[]string{"help", "frobnicate"}, 2, "", `unknown command "frobnicate"`},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := run(tc.args, &stdout, &stderr)
+		if code != tc.code || !strings.Contains(stdout.String(), tc.stdout) || !strings.Contains(stderr.String(), tc.errs) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit %d, %q, %q",
+				tc.args, code, stdout.String(), stderr.String(), tc.code, tc.stdout, tc.errs)
+		}
+	}
+}
+
+func TestCheckSnapshot(t *testing.T) {
+	snap := testvm.Config{MemSize: 256 << 20, VCPUs: 2, Workload: testvm.Counter, Pattern: testvm.Random, Seed: 1}
+	o, err := parseVMArgs([]string{"--mem", "256MiB", "--vcpus", "2", "--workload", "counter"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := o.checkSnapshot(snap); err != nil {
+		t.Errorf("matching flags: %v", err)
+	}
+	// Flags left at their defaults do not count, even when they differ.
+	if o, _ := parseVMArgs(nil); o.checkSnapshot(snap) != nil {
+		t.Errorf("default flags: %v", o.checkSnapshot(snap))
+	}
+	o, err = parseVMArgs([]string{"--mem", "128MiB", "--workload", "dirty", "--seed", "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = o.checkSnapshot(snap)
+	if !errors.As(err, new(usageError)) {
+		t.Fatalf("mismatch: %v, want a usage error", err)
+	}
+	want := "--mem 128MiB does not match the snapshot's 256MiB guest; --workload dirty does not match the snapshot's counter workload"
+	if err.Error() != want {
+		t.Errorf("mismatch: %q\nwant %q", err, want)
+	}
+}
+
+func TestProgressString(t *testing.T) {
+	for _, tc := range []struct {
+		p    progress
+		want string
+	}{
+		{progress{elapsed: 3 * time.Second, workload: testvm.Dirty, vcpus: 2, rate: 2.31e6, total: 6.9e6},
+			"   3.0s  dirty    2.31M writes/s  total 6.90M  vcpus 2"},
+		{progress{elapsed: 12500 * time.Millisecond, workload: testvm.Counter, vcpus: 2, rate: 9.6e8, total: 2e9,
+			counters: []uint64{1_020_000_000, 968_000_000}},
+			"  12.5s  counter  960M steps/s  counters 1.02G 968M"},
+		{progress{elapsed: time.Second, workload: testvm.Idle, vcpus: 1, rate: 999, total: 999},
+			"   1.0s  idle     999 ticks/s  total 999  vcpus 1"},
+	} {
+		if got := tc.p.String(); got != tc.want {
+			t.Errorf("got  %q\nwant %q", got, tc.want)
+		}
+	}
+}
+
+func TestSI(t *testing.T) {
+	for _, tc := range []struct {
+		x    float64
+		want string
+	}{
+		{0, "0"}, {999.4, "999"}, {999.6, "1.00k"}, {1000, "1.00k"}, {9994, "9.99k"}, {9996, "10.0k"},
+		{23_100_000, "23.1M"}, {999_400_000, "999M"}, {999_600_000, "1.00G"}, {4.2e18, "4.20E"}, {4.2e21, "4200E"},
+	} {
+		if got := si(tc.x); got != tc.want {
+			t.Errorf("si(%g) = %q, want %q", tc.x, got, tc.want)
+		}
+	}
+}
+
+// sameConfig compares the fields the vm flags set (Config holds a func, so it
+// is not comparable with ==).
+func sameConfig(a, b testvm.Config) bool {
+	return a.MemSize == b.MemSize && a.VCPUs == b.VCPUs && a.Workload == b.Workload && a.Pattern == b.Pattern &&
+		a.WorkingSet == b.WorkingSet && a.Rate == b.Rate && a.Seed == b.Seed
+}
