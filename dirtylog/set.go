@@ -208,3 +208,5 @@ func (s *Set) Ranges(dst []Range) []Range {
 	})
 	return dst
 }
+
+func popcount(v uint64) int { return bits.OnesCount64(v) }

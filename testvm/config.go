@@ -115,7 +115,7 @@ type Config struct {
 	Console io.Writer
 	// DirtyRingFull is called on a vCPU's thread when KVM exits with
 	// KVM_EXIT_DIRTY_RING_FULL; it must harvest and reset the rings before it
-	// returns. nil makes such an exit an error.
+	// returns. nil hands the exit to the tracker from DirtyTracker, if any.
 	DirtyRingFull func(vcpu int) error
 }
 

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/kvm"
 )
 
@@ -76,6 +77,7 @@ type Machine struct {
 	saved SavedState // reused by Save, so a checkpoint does not reallocate
 
 	recorder atomic.Pointer[func(gpa, length uint64)]
+	tracker  atomic.Pointer[dirtylog.Tracker] // set by DirtyTracker
 	console  io.Writer
 }
 

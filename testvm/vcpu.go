@@ -177,13 +177,18 @@ func (v *vcpu) handleExit() error {
 			return v.control(io.Value())
 		}
 	case kvm.KVM_EXIT_DIRTY_RING_FULL:
+		var err error
 		if f := v.m.cfg.DirtyRingFull; f != nil {
-			if err := f(v.id); err != nil {
-				return fmt.Errorf("vCPU %d: dirty ring full: %w", v.id, err)
-			}
-			return nil
+			err = f(v.id)
+		} else if t := v.m.tracker.Load(); t != nil {
+			err = t.RingFull(v.id)
+		} else {
+			err = errors.New("no dirty tracker to empty it")
 		}
-		return fmt.Errorf("vCPU %d: dirty ring full and no handler set", v.id)
+		if err != nil {
+			return fmt.Errorf("vCPU %d: dirty ring full: %w", v.id, err)
+		}
+		return nil
 	case kvm.KVM_EXIT_INTR:
 		return nil
 	}

@@ -1,0 +1,335 @@
+package dirtylog_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/testvm"
+)
+
+const wait = 20 * time.Second
+
+// mechanisms under test, and the ring size a machine needs for each.
+var mechanisms = []struct {
+	mech dirtylog.Mechanism
+	ring uint32
+}{
+	{dirtylog.Bitmap, 0},
+	{dirtylog.Manual, 0},
+	{dirtylog.Ring, 4096},
+}
+
+// setup boots a machine and starts a tracker of mechanism mech on it.
+func setup(t *testing.T, cfg testvm.Config, mech dirtylog.Mechanism) (*testvm.Machine, *dirtylog.Tracker) {
+	t.Helper()
+	privileged.Require(t, privileged.KVM)
+	if testing.Verbose() {
+		cfg.Console = os.Stderr
+	}
+	m, err := testvm.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	tr, err := m.DirtyTracker(mech, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr.Mechanism() != mech {
+		t.Fatalf("tracker uses %s, want %s", tr.Mechanism(), mech)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Stop() })
+	if err := m.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := m.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return m, tr
+}
+
+// versions reads the stamp version of every working-set page, by GPA.
+func versions(m *testvm.Machine) map[uint64]uint64 {
+	out := map[uint64]uint64{}
+	for i := 0; i < m.NumVCPUs(); i++ {
+		for idx := uint64(0); idx < m.WorkingSet(); idx++ {
+			out[m.GPA(m.RegionBase(i)+idx*4096)] = m.ReadStamp(i, idx).Version
+		}
+	}
+	return out
+}
+
+// bookkeeping reports whether gpa is a page written for the test's own
+// purposes: a status or stack page the guest writes, or the params page, which
+// the VMM writes in Machine.Go (and reports through MarkWritten).
+func bookkeeping(m *testvm.Machine, gpa uint64) bool {
+	if gpa == m.GPA(testvm.ParamsOffset) {
+		return true
+	}
+	for i := 0; i < m.NumVCPUs(); i++ {
+		if gpa == m.GPA(testvm.StatusOffset(i)) {
+			return true
+		}
+		lo, hi := testvm.StackRange(i)
+		if gpa >= m.GPA(lo) && gpa < m.GPA(hi) {
+			return true
+		}
+	}
+	return false
+}
+
+func harvest(t *testing.T, tr *dirtylog.Tracker) *dirtylog.Set {
+	t.Helper()
+	s := tr.NewSet()
+	if _, err := tr.Harvest(s); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// checkExact: every page whose version changed is in got (nothing missed), and
+// everything else in got is guest bookkeeping (no undocumented false positive).
+func checkExact(t *testing.T, m *testvm.Machine, got *dirtylog.Set, prev, cur map[uint64]uint64, what string) int {
+	t.Helper()
+	written := 0
+	for gpa, v := range cur {
+		if v != prev[gpa] {
+			written++
+			if !got.Has(gpa) {
+				t.Errorf("%s: page %#x (version %d -> %d) written but not harvested", what, gpa, prev[gpa], v)
+			}
+		}
+	}
+	got.ForEachRun(func(gpa, pages uint64) bool {
+		for p := gpa; p < gpa+pages*4096; p += 4096 {
+			if v, ok := cur[p]; (!ok || v == prev[p]) && !bookkeeping(m, p) {
+				t.Errorf("%s: page %#x harvested but the guest did not write it", what, p)
+			}
+		}
+		return true
+	})
+	return written
+}
+
+// Phases of known writes: each harvest returns exactly the pages written in
+// its phase, for every mechanism.
+func TestHarvestIsExact(t *testing.T) {
+	workloads := []struct {
+		name string
+		cfg  testvm.Config
+	}{
+		// 1 vCPU over 32 MiB: its region crosses the slot boundary at 16 MiB.
+		{"seq/slot-boundary", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Pattern: testvm.Seq, WorkingSet: 7000, PhaseOps: 3000}},
+		{"random/2vcpus", testvm.Config{MemSize: 64 << 20, VCPUs: 2, Pattern: testvm.Random, WorkingSet: 5000, PhaseOps: 3000, Seed: 9}},
+		// Each page written about ten times per phase.
+		{"rewrites", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Pattern: testvm.Random, WorkingSet: 300, PhaseOps: 3000}},
+	}
+	for _, mc := range mechanisms {
+		for _, wl := range workloads {
+			t.Run(mc.mech.String()+"/"+wl.name, func(t *testing.T) {
+				cfg := wl.cfg
+				cfg.Workload = testvm.Dirty
+				cfg.DirtyRingEntries = mc.ring
+				m, tr := setup(t, cfg, mc.mech)
+				harvest(t, tr) // the boot
+				prev := versions(m)
+				for phase := uint64(1); phase <= 4; phase++ {
+					m.Go(phase)
+					ctx, cancel := context.WithTimeout(context.Background(), wait)
+					err := m.WaitPhase(ctx, phase)
+					cancel()
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := harvest(t, tr)
+					cur := versions(m)
+					if n := checkExact(t, m, got, prev, cur, fmt.Sprintf("phase %d", phase)); n == 0 {
+						t.Fatalf("phase %d: the guest wrote nothing", phase)
+					}
+					prev = cur
+				}
+			})
+		}
+	}
+}
+
+// The guest writes at full speed while harvests run: a page changed between
+// two harvests is in the second; a page changed while a harvest ran is in it
+// or the next. Nothing is ever missed.
+func TestHarvestWhileGuestRuns(t *testing.T) {
+	for _, mc := range mechanisms {
+		t.Run(mc.mech.String(), func(t *testing.T) {
+			cfg := testvm.Config{MemSize: 64 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Random,
+				WorkingSet: 4000, Rate: 200000, DirtyRingEntries: mc.ring}
+			m, tr := setup(t, cfg, mc.mech)
+			harvest(t, tr)
+			end := versions(m) // E_0
+			var during map[uint64]bool
+			for k := 1; k <= 40; k++ {
+				time.Sleep(2 * time.Millisecond)
+				start := versions(m) // S_k
+				got := harvest(t, tr)
+				after := versions(m) // E_k
+				for gpa, v := range start {
+					if v != end[gpa] && !got.Has(gpa) {
+						t.Fatalf("harvest %d: page %#x changed before the harvest started but is not in it", k, gpa)
+					}
+				}
+				for gpa := range during {
+					if !got.Has(gpa) {
+						t.Fatalf("harvest %d: page %#x changed during harvest %d, in neither it nor this one", k, gpa, k-1)
+					}
+				}
+				during = map[uint64]bool{}
+				for gpa, v := range after {
+					if v != start[gpa] && !got.Has(gpa) {
+						during[gpa] = true
+					}
+				}
+				end = after
+			}
+		})
+	}
+}
+
+// A page the VMM writes between harvests is reported, on every mechanism.
+func TestVMMWriteIsHarvested(t *testing.T) {
+	for _, mc := range mechanisms {
+		t.Run(mc.mech.String(), func(t *testing.T) {
+			m, tr := setup(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle, DirtyRingEntries: mc.ring}, mc.mech)
+			if err := m.Pause(); err != nil {
+				t.Fatal(err)
+			}
+			harvest(t, tr)
+			off := m.Slots()[1].Offset - 100 // straddles the slot boundary
+			if err := m.WriteGuest(off, make([]byte, 200)); err != nil {
+				t.Fatal(err)
+			}
+			got := harvest(t, tr)
+			for _, gpa := range []uint64{m.GPA(off &^ 4095), m.Slots()[1].GPA} {
+				if !got.Has(gpa) {
+					t.Errorf("VMM write to page %#x not harvested", gpa)
+				}
+			}
+			if got.Count() != 2 {
+				t.Errorf("harvested %d pages, want the 2 the VMM wrote (%v)", got.Count(), got.Ranges(nil))
+			}
+			if again := harvest(t, tr); again.Count() != 0 {
+				t.Errorf("the next harvest has %d pages, want none", again.Count())
+			}
+		})
+	}
+}
+
+// A ring far smaller than one phase's writes fills many times; the exits are
+// handled in the run loop and no entry is lost.
+func TestRingFullLosesNothing(t *testing.T) {
+	cfg := testvm.Config{MemSize: 64 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Seq,
+		WorkingSet: 6000, PhaseOps: 6000, DirtyRingEntries: 256}
+	m, tr := setup(t, cfg, dirtylog.Ring)
+	harvest(t, tr)
+	prev := versions(m)
+	for phase := uint64(1); phase <= 2; phase++ {
+		m.Go(phase)
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		err := m.WaitPhase(ctx, phase)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := harvest(t, tr)
+		cur := versions(m)
+		if n := checkExact(t, m, got, prev, cur, fmt.Sprintf("phase %d", phase)); n != 12000 {
+			t.Fatalf("phase %d: %d pages written, want 12000", phase, n)
+		}
+		prev = cur
+	}
+	if tr.RingFullExits() == 0 {
+		t.Fatal("no ring-full exit happened: the test did not fill the ring")
+	}
+	t.Logf("%d ring-full exits", tr.RingFullExits())
+}
+
+// Manual protect with initially-set: the first harvest is all of memory.
+func TestInitiallySet(t *testing.T) {
+	privileged.Require(t, privileged.KVM)
+	m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	tr, err := m.DirtyTracker(dirtylog.Manual, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	got := harvest(t, tr)
+	if got.Count() != 32<<20/4096 {
+		t.Fatalf("first harvest: %d pages, want all %d", got.Count(), 32<<20/4096)
+	}
+	if again := harvest(t, tr); again.Count() != 0 {
+		t.Fatalf("second harvest of an idle, unstarted machine: %d pages", again.Count())
+	}
+}
+
+// The bitmap cannot be used on a VM with a dirty ring: KVM answers ENXIO, and
+// the harvest says so instead of returning an empty set.
+func TestBitmapOnRingVMIsAClearError(t *testing.T) {
+	m, tr := setup(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle, DirtyRingEntries: 1024}, dirtylog.Bitmap)
+	_ = m
+	_, err := tr.Harvest(tr.NewSet())
+	if err == nil || !strings.Contains(err.Error(), "dirty ring") {
+		t.Fatalf("Harvest = %v, want an error that names the dirty ring", err)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	if _, err := dirtylog.ParseMechanism("magic"); err == nil || !strings.Contains(err.Error(), "magic") {
+		t.Errorf("ParseMechanism(magic) = %v", err)
+	}
+	for _, s := range []string{"auto", "bitmap", "manual", "ring"} {
+		if m, err := dirtylog.ParseMechanism(s); err != nil || m.String() != s {
+			t.Errorf("ParseMechanism(%s) = %v, %v", s, m, err)
+		}
+	}
+	privileged.Require(t, privileged.KVM)
+	m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if _, err := m.DirtyTracker(dirtylog.Ring, false); err == nil {
+		t.Error("a ring tracker on a machine without a ring was accepted")
+	}
+	tr, err := m.DirtyTracker(dirtylog.Bitmap, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tr.Harvest(tr.NewSet()); err == nil {
+		t.Error("harvest before Start succeeded")
+	}
+	if err := tr.MarkWritten(1<<40, 4096); err == nil {
+		t.Error("MarkWritten outside every slot succeeded")
+	}
+	if err := tr.RingFull(0); err == nil {
+		t.Error("RingFull on a bitmap tracker succeeded")
+	}
+	var ns = dirtylog.ErrNotSupported
+	if !errors.Is(fmt.Errorf("x: %w", ns), dirtylog.ErrNotSupported) {
+		t.Error("ErrNotSupported does not match itself")
+	}
+}

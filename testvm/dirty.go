@@ -1,0 +1,44 @@
+package testvm
+
+import (
+	"fmt"
+
+	"github.com/repagent/repagent/dirtylog"
+)
+
+// DirtySlots returns the machine's memory slots as dirty tracking sees them,
+// with their host mappings.
+func (m *Machine) DirtySlots() []dirtylog.Slot {
+	out := make([]dirtylog.Slot, len(m.slots))
+	for i, s := range m.slots {
+		out[i] = dirtylog.Slot{ID: s.ID, GPA: s.GPA, Size: s.Size, Host: m.mem[s.Offset : s.Offset+s.Size]}
+	}
+	return out
+}
+
+// DirtyTracker builds a dirty tracker for the machine with the given mechanism
+// (Auto picks Ring when the machine has a dirty ring, else Manual or Bitmap),
+// routes the VMM's own writes (WriteGuest, Go) into it, and hands ring-full
+// exits to it unless Config.DirtyRingFull is set. The tracker is not started.
+func (m *Machine) DirtyTracker(mech dirtylog.Mechanism, initiallySet bool) (*dirtylog.Tracker, error) {
+	cfg := dirtylog.Config{VM: m.vm, Slots: m.DirtySlots(), Mechanism: mech, InitiallySet: initiallySet}
+	if m.cfg.DirtyRingEntries != 0 {
+		cfg.RingEntries = m.cfg.DirtyRingEntries
+		for _, v := range m.vcpus {
+			cfg.VCPUs = append(cfg.VCPUs, v.cpu)
+		}
+	}
+	t, err := dirtylog.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	m.tracker.Store(t)
+	m.SetWriteRecorder(func(gpa, n uint64) {
+		if err := t.MarkWritten(gpa, n); err != nil {
+			// recordWrite only passes ranges inside the slots; anything else is
+			// a VMM bug that would make the replica miss a write.
+			m.fail(fmt.Errorf("record VMM write: %w", err))
+		}
+	})
+	return t, nil
+}
