@@ -59,7 +59,7 @@ func (c *VCPU) ptr(name string, req uintptr, arg unsafe.Pointer) error {
 // or immediate_exit kicked it out; any other errno is returned as is. Run does
 // not allocate.
 func (c *VCPU) Run() error {
-	_, errno := ioctlVal(c.fd, KVM_RUN, 0)
+	errno := ioctlRun(c.fd)
 	runtime.KeepAlive(c.f)
 	if errno != 0 {
 		return errno
