@@ -11,6 +11,7 @@ import (
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -331,5 +332,52 @@ func TestConfigErrors(t *testing.T) {
 	var ns = dirtylog.ErrNotSupported
 	if !errors.Is(fmt.Errorf("x: %w", ns), dirtylog.ErrNotSupported) {
 		t.Error("ErrNotSupported does not match itself")
+	}
+}
+
+// Stop turns dirty logging off: KVM no longer keeps a log for the slots.
+func TestStopTurnsLoggingOff(t *testing.T) {
+	m, tr := setup(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle}, dirtylog.Bitmap)
+	bm := make([]uint64, m.Slots()[0].Size/4096/64)
+	if err := m.VM().GetDirtyLog(0, bm); err != nil {
+		t.Fatalf("while tracking: %v", err)
+	}
+	if err := tr.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.VM().GetDirtyLog(0, bm); err == nil {
+		t.Fatal("KVM still keeps a dirty log after Stop")
+	}
+	if _, err := tr.Harvest(tr.NewSet()); err == nil {
+		t.Fatal("Harvest after Stop succeeded")
+	}
+}
+
+func TestRecommend(t *testing.T) {
+	privileged.Require(t, privileged.KVM)
+	sys, err := kvm.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Close()
+	tests := []struct {
+		name       string
+		mem, dirty uint64
+		vcpus      int
+		want       dirtylog.Mechanism
+	}{
+		{"unknown rate", 1 << 30, 0, 1, dirtylog.Manual},
+		{"dense writes", 1 << 30, 100000, 2, dirtylog.Manual},
+		{"sparse writes over 64 GiB", 64 << 30, 1000, 2, dirtylog.Ring},
+		{"too many for a ring", 64 << 30, 1 << 20, 1, dirtylog.Manual},
+	}
+	for _, tt := range tests {
+		mech, entries := dirtylog.Recommend(sys, tt.mem, tt.dirty, tt.vcpus)
+		if mech != tt.want {
+			t.Errorf("%s: Recommend = %s, want %s", tt.name, mech, tt.want)
+		}
+		if mech == dirtylog.Ring && (entries < 256 || entries&(entries-1) != 0 || uint64(entries) < 2*tt.dirty/uint64(tt.vcpus)) {
+			t.Errorf("%s: ring of %d entries for %d pages over %d vCPUs", tt.name, entries, tt.dirty, tt.vcpus)
+		}
 	}
 }
