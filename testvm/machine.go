@@ -132,9 +132,9 @@ func New(cfg Config) (*Machine, error) {
 
 // build creates the KVM side of a machine: memory (a new memfd, or memF when
 // restoring), slots, irqchip, PIT and vCPUs with CPUID set.
-func build(cfg Config, memF *os.File) (m *Machine, err error) {
+func build(cfg Config, memF *os.File) (_ *Machine, err error) {
 	callerMem := memF
-	m = &Machine{cfg: cfg, layout: newLayout(cfg.MemSize, cfg.VCPUs), changed: make(chan struct{}),
+	m := &Machine{cfg: cfg, layout: newLayout(cfg.MemSize, cfg.VCPUs), changed: make(chan struct{}),
 		done: make(chan struct{}), console: cfg.Console}
 	if m.console == nil {
 		m.console = io.Discard

@@ -255,3 +255,27 @@ func TestRestoreRejectsOtherMemorySize(t *testing.T) {
 		}
 	}
 }
+
+// A restore that fails while building the VM (here: KVM refuses an absurd
+// dirty ring) returns an error, cleans up, and leaves the memory file open and
+// the caller's.
+func TestRestoreErrorPathCleansUp(t *testing.T) {
+	state, mem, err := testvm.ReadSnapshot(snapshot(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	m, err := testvm.Restore(state, mem, testvm.RestoreOptions{DirtyRingEntries: 1 << 30})
+	if err == nil {
+		m.Close()
+		t.Fatal("Restore with a 1G-entry dirty ring succeeded")
+	}
+	if _, err := mem.Stat(); err != nil {
+		t.Fatalf("the memory file was closed by a failed restore: %v", err)
+	}
+	m, err = testvm.Restore(state, mem, testvm.RestoreOptions{})
+	if err != nil {
+		t.Fatalf("restoring the same state and memory after the failure: %v", err)
+	}
+	m.Close()
+}
