@@ -17,7 +17,7 @@ GUEST := testvm/guest/guest.bin
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 BENCH_FLAGS ?= -benchtime 2s
 
-.PHONY: all build run test unit bench guest guest-check lint deps clean
+.PHONY: all build run test bench bench-smoke guest guest-check lint deps clean
 
 all: build
 
@@ -28,8 +28,14 @@ build:
 run: deps build
 	./$(BIN) vm --duration 10s
 
-test: deps lint guest-check
+test: deps lint guest-check bench-smoke
 	$(GO) test $(GOTEST_FLAGS) ./...
+
+# Every benchmark once, so benchmark code cannot rot; figures need `make bench`.
+bench-smoke:
+	@log=$$(mktemp) && trap 'rm -f $$log' EXIT && \
+	if $(GO) test -run '^$$' -bench . -benchtime 1x ./... >$$log 2>&1; then echo "bench-smoke: every benchmark ran once"; \
+	else cat $$log; exit 1; fi
 
 bench: deps
 	$(GO) test -run '^$$' -bench . $(BENCH_FLAGS) ./...

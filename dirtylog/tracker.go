@@ -100,7 +100,7 @@ type Tracker struct {
 	ringMu  sync.Mutex // rings, fetch indices and pending
 	rings   [][]kvm.DirtyGFN
 	fetch   []uint64
-	pending *Set // ring entries collected by RingFull, for the next harvest
+	pending *Set // pages owed to the next harvest: ring entries RingFull took, or what a failed harvest had fetched
 
 	vmmAny    atomic.Bool   // some page was marked since the last harvest
 	ringFulls atomic.Uint64 // KVM_EXIT_DIRTY_RING_FULL exits handled
@@ -165,10 +165,10 @@ func New(cfg Config) (*Tracker, error) {
 		if cfg.RingEntries == 0 || len(cfg.VCPUs) == 0 {
 			return nil, errors.New("dirty tracker: the ring mechanism needs the VM's vCPUs and the ring size it was created with")
 		}
-		t.pending = NewSet(cfg.Slots)
 	default:
 		return nil, fmt.Errorf("dirty tracker: unknown mechanism %d", cfg.Mechanism)
 	}
+	t.pending = NewSet(cfg.Slots)
 	if cfg.InitiallySet && t.mech != Manual {
 		return nil, fmt.Errorf("dirty tracker: initially-set needs the manual mechanism, not %s", t.mech)
 	}
@@ -207,6 +207,13 @@ func (t *Tracker) Start() error {
 				t.rings = append(t.rings, r)
 			}
 			t.fetch = make([]uint64, len(t.rings))
+		}
+	}
+	if t.cfg.InitiallySet {
+		// KVM sets every bit only when a slot's logging goes from off to on;
+		// the VMM may have built the slots with logging on already.
+		if err := t.setLogging(false); err != nil {
+			return err
 		}
 	}
 	if err := t.setLogging(true); err != nil {
@@ -298,7 +305,7 @@ func (t *Tracker) Harvest(into *Set) (Stats, error) {
 	if !t.started {
 		return st, errors.New("dirty tracker: harvest before Start")
 	}
-	if len(into.slots) != len(t.slots) {
+	if !into.sameShape(t.pending) {
 		return st, errors.New("dirty tracker: harvest into a set over other slots")
 	}
 	before := into.Count()
@@ -313,12 +320,31 @@ func (t *Tracker) Harvest(into *Set) (Stats, error) {
 		err = t.harvestRings(into, &st)
 	}
 	if err != nil {
+		// KVM may already have re-protected some of what into now holds; keep
+		// it for the next harvest so no page is lost with the caller's set.
+		t.ringMu.Lock()
+		t.pending.Union(into)
+		t.ringMu.Unlock()
 		return st, err
+	}
+	if t.mech != Ring {
+		t.takePending(into, &st)
 	}
 	t.harvestVMM(into, &st)
 	st.Total = time.Since(start)
 	st.Pages = into.Count() - before
 	return st, nil
+}
+
+// takePending moves pages owed from a failed harvest into into.
+func (t *Tracker) takePending(into *Set, st *Stats) {
+	t.ringMu.Lock()
+	defer t.ringMu.Unlock()
+	if n := t.pending.Count(); n > 0 {
+		st.KVMPages += n
+		into.Union(t.pending)
+		t.pending.Clear()
+	}
 }
 
 func (t *Tracker) harvestBitmap(into *Set, st *Stats) error {
@@ -350,6 +376,8 @@ func (t *Tracker) harvestManual(into *Set, st *Stats) error {
 	words := t.cfg.ClearChunk / 64
 	for i := range t.slots {
 		s := &t.slots[i]
+		// Merge before clearing: once cleared, the pages exist only in into.
+		st.KVMPages += orInto(into.slots[i].bits, s.scratch)
 		for w := uint64(0); w < uint64(len(s.scratch)); w += words {
 			chunk := s.scratch[w:min(w+words, uint64(len(s.scratch)))]
 			if allZero(chunk) {
@@ -361,7 +389,6 @@ func (t *Tracker) harvestManual(into *Set, st *Stats) error {
 				return fmt.Errorf("dirty tracker: %w", err)
 			}
 		}
-		st.KVMPages += orInto(into.slots[i].bits, s.scratch)
 	}
 	st.Protect = time.Since(t1)
 	return nil
@@ -378,6 +405,7 @@ func (t *Tracker) harvestRings(into *Set, st *Stats) error {
 	if err != nil {
 		return err
 	}
+	st.KVMPages += t.pending.Count() // entries RingFull took since the last harvest
 	if err := into.Union(t.pending); err != nil {
 		return err
 	}
@@ -438,6 +466,11 @@ func (t *Tracker) RingFull(vcpu int) error {
 	t.ringFulls.Add(1)
 	t.ringMu.Lock()
 	defer t.ringMu.Unlock()
+	if t.rings == nil {
+		// Nothing to empty: returning nil would send the vCPU straight back
+		// into a full ring, forever.
+		return fmt.Errorf("dirty tracker: vCPU %d: dirty ring full before tracking started (start the tracker before running a guest with dirty logging on)", vcpu)
+	}
 	if _, err := t.collectRings(t.pending); err != nil {
 		return err
 	}

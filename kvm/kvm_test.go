@@ -213,6 +213,25 @@ func TestVCPUStateRoundTrip(t *testing.T) {
 	if got.MPState != st.MPState || got.Events != st.Events || got.XCRs != st.XCRs || got.DebugRegs != st.DebugRegs {
 		t.Error("mp state, events, xcrs or debug regs differ after restore")
 	}
+	// MSRs: all equal but the TSC, which ran on between save and read-back.
+	for i, e := range got.MSRs {
+		if want := st.MSRs[i]; e.Index != want.Index || e.Data != want.Data && e.Index != 0x10 {
+			t.Errorf("MSR %#x after restore = %#x, saved %#x", want.Index, e.Data, want.Data)
+		}
+	}
+	var vgot kvm.VMState
+	if err := vm2.SaveState(&vgot); err != nil {
+		t.Fatal(err)
+	}
+	if vgot.PICMaster != vst.PICMaster || vgot.PICSlave != vst.PICSlave || vgot.IOAPIC != vst.IOAPIC {
+		t.Error("irqchip state differs after restore")
+	}
+	if vgot.PIT.Channels[0].Count != vst.PIT.Channels[0].Count || vgot.PIT.Flags != vst.PIT.Flags {
+		t.Error("PIT state differs after restore")
+	}
+	if vgot.Clock.Clock < vst.Clock.Clock {
+		t.Errorf("kvmclock went back across restore: %d -> %d", vst.Clock.Clock, vgot.Clock.Clock)
+	}
 }
 
 func TestDecodeRejectsTruncated(t *testing.T) {

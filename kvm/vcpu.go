@@ -142,10 +142,20 @@ func (c *VCPU) GetXSave(buf []byte) error {
 }
 
 // SetXSave writes an XSAVE area read by GetXSave (KVM_SET_XSAVE accepts the
-// larger XSAVE2 layout too).
+// larger XSAVE2 layout too). KVM reads XSaveSize bytes whatever the buffer's
+// length, so a shorter area (saved where XSAVE was smaller) is passed
+// zero-padded, and a longer one than this host's is refused.
 func (c *VCPU) SetXSave(buf []byte) error {
-	if len(buf) < sizeofXSave {
-		return fmt.Errorf("KVM_SET_XSAVE: buffer of %d bytes, need %d", len(buf), sizeofXSave)
+	n := c.XSaveSize()
+	switch {
+	case len(buf) < sizeofXSave:
+		return fmt.Errorf("KVM_SET_XSAVE: buffer of %d bytes, need at least %d", len(buf), sizeofXSave)
+	case len(buf) > n:
+		return fmt.Errorf("KVM_SET_XSAVE: XSAVE area of %d bytes, this host's is %d (saved on a CPU with more state components)", len(buf), n)
+	case len(buf) < n:
+		padded := make([]byte, n)
+		copy(padded, buf)
+		buf = padded
 	}
 	return c.ptr("KVM_SET_XSAVE", KVM_SET_XSAVE, unsafe.Pointer(&buf[0]))
 }

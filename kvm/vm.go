@@ -153,6 +153,9 @@ func (vm *VM) GetDirtyLog(slot uint32, bitmap []uint64) error {
 	if len(bitmap) == 0 {
 		return fmt.Errorf("KVM_GET_DIRTY_LOG slot %d: empty bitmap", slot)
 	}
+	// The bitmap's address travels inside the struct as an integer. That is
+	// sound because Go's heap does not move objects, and KeepAlive below keeps
+	// the bitmap alive until the ioctl returned.
 	d := dirtyLog{Slot: slot, DirtyBitmap: uint64(uintptr(unsafe.Pointer(&bitmap[0])))}
 	_, errno := ioctlPtr(vm.fd, KVM_GET_DIRTY_LOG, unsafe.Pointer(&d))
 	runtime.KeepAlive(vm.f)

@@ -2,6 +2,8 @@ package testvm
 
 import (
 	"bytes"
+	"encoding/binary"
+	"hash/crc32"
 	"testing"
 
 	"github.com/repagent/repagent/kvm"
@@ -40,6 +42,32 @@ func FuzzDecodeState(f *testing.F) {
 		}
 		if again := s.encode(); !bytes.Equal(again, b) {
 			t.Fatalf("decode+encode changed the state:\n%x\n%x", b, again)
+		}
+	})
+}
+
+// FuzzDecodeStateBody fuzzes the body behind a valid header and checksum, so
+// the decoders past the CRC (config, layout, kvm state, limits) are reached.
+func FuzzDecodeStateBody(f *testing.F) {
+	for _, seed := range [][]byte{seedState(1), seedState(2)} {
+		f.Add(seed[16 : len(seed)-4]) // a valid body
+	}
+	f.Add([]byte{})             // empty body
+	f.Add(seedState(1)[16:200]) // cut short
+	f.Fuzz(func(t *testing.T, body []byte) {
+		b := append([]byte(stateMagic), 1, 0, 0, 0)
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(body)))
+		b = append(b, body...)
+		b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+		s, err := DecodeState(b)
+		if err != nil {
+			if s != nil {
+				t.Fatal("DecodeState returned a state with an error")
+			}
+			return
+		}
+		if again := s.encode(); !bytes.Equal(again, b) {
+			t.Fatalf("decode+encode changed the state")
 		}
 	})
 }

@@ -59,6 +59,7 @@ type Machine struct {
 	sys    *kvm.System
 	vm     *kvm.VM
 	memF   *os.File
+	memMu  sync.RWMutex // guards mem against Close while a reader (Status, ...) runs
 	mem    []byte
 	slots  []Slot
 	vcpus  []*vcpu
@@ -251,7 +252,7 @@ func (m *Machine) VCPU(i int) *kvm.VCPU { return m.vcpus[i].cpu }
 func (m *Machine) NumVCPUs() int { return len(m.vcpus) }
 
 // Memory returns the host mapping of all guest memory; byte V is guest-virtual
-// address V.
+// address V. It is valid until Close.
 func (m *Machine) Memory() []byte { return m.mem }
 
 // MemFile returns the memfd that backs guest memory.
@@ -384,7 +385,9 @@ func (m *Machine) Pause() error {
 			return m.stoppedErr("pause")
 		}
 	}
-	m.state.Store(int32(Paused))
+	if !m.state.CompareAndSwap(int32(Running), int32(Paused)) {
+		return m.stoppedErr("pause")
+	}
 	return nil
 }
 
@@ -399,16 +402,23 @@ func (m *Machine) Resume() error {
 	default:
 		return m.stoppedErr("resume")
 	}
-	m.state.Store(int32(Running))
+	if !m.state.CompareAndSwap(int32(Paused), int32(Running)) {
+		return m.stoppedErr("resume")
+	}
 	for _, v := range m.vcpus {
 		v.requestRun()
 	}
 	return nil
 }
 
+// stoppedErr explains why op cannot run: ErrStopped (with the cause, if the
+// machine failed), or the state the machine is in.
 func (m *Machine) stoppedErr(op string) error {
 	if err := m.Err(); err != nil {
 		return fmt.Errorf("%s: %w: %w", op, ErrStopped, err)
+	}
+	if m.State() == Stopped {
+		return fmt.Errorf("%s: %w", op, ErrStopped)
 	}
 	return fmt.Errorf("%s: machine is %s", op, m.State())
 }
@@ -492,7 +502,10 @@ func (m *Machine) WaitPhase(ctx context.Context, p uint64) error {
 func (m *Machine) Close() error {
 	m.ctl.Lock()
 	defer m.ctl.Unlock()
-	if m.State() == Running || m.State() == Paused {
+	if m.State() == Stopped && m.vm == nil {
+		return nil // closed already
+	}
+	if m.State() != Created {
 		for _, v := range m.vcpus {
 			v.requestStop()
 		}
@@ -502,7 +515,6 @@ func (m *Machine) Close() error {
 	for _, v := range m.vcpus {
 		v.cpu.Close()
 	}
-	m.vcpus = nil
 	if m.vm != nil {
 		m.vm.Close()
 		m.vm = nil
@@ -511,10 +523,12 @@ func (m *Machine) Close() error {
 		m.sys.Close()
 		m.sys = nil
 	}
+	m.memMu.Lock()
 	if m.mem != nil {
 		unmapMem(m.mem)
 		m.mem = nil
 	}
+	m.memMu.Unlock()
 	if m.memF != nil {
 		m.memF.Close()
 		m.memF = nil

@@ -395,3 +395,47 @@ func TestVMMWritesAreRecorded(t *testing.T) {
 		t.Fatalf("after unregistering: err %v, recorded %v", err, got)
 	}
 }
+
+// After Close, Pause, Resume and Save report ErrStopped, reads of guest state
+// are safe, and waiters racing Close return instead of touching freed memory.
+func TestUseAfterClose(t *testing.T) {
+	m := boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, WorkingSet: 100, PhaseOps: 1 << 40})
+	errc := make(chan error, 2)
+	go func() { errc <- m.WaitPhase(context.Background(), 1) }()
+	go func() {
+		for m.State() != testvm.Stopped {
+			m.Status(0)
+			m.ReadStamp(1, 5)
+		}
+		errc <- nil
+	}()
+	time.Sleep(5 * time.Millisecond)
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err == nil {
+		// Either goroutine may finish first; the waiter must fail, the reader not.
+		if err = <-errc; !errors.Is(err, testvm.ErrStopped) {
+			t.Fatalf("WaitPhase across Close = %v, want ErrStopped", err)
+		}
+	} else if !errors.Is(err, testvm.ErrStopped) {
+		t.Fatalf("WaitPhase across Close = %v, want ErrStopped", err)
+	} else {
+		<-errc
+	}
+	if err := m.Pause(); !errors.Is(err, testvm.ErrStopped) {
+		t.Errorf("Pause after Close = %v, want ErrStopped", err)
+	}
+	if err := m.Resume(); !errors.Is(err, testvm.ErrStopped) {
+		t.Errorf("Resume after Close = %v, want ErrStopped", err)
+	}
+	if _, err := m.Save(); !errors.Is(err, testvm.ErrStopped) {
+		t.Errorf("Save after Close = %v, want ErrStopped", err)
+	}
+	if st := m.Status(0); st.Started {
+		t.Errorf("Status after Close = %+v, want the zero Status", st)
+	}
+	if err := m.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}

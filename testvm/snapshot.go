@@ -7,6 +7,8 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+
+	"golang.org/x/sys/unix"
 )
 
 // Snapshot file: a machine state and its guest memory in one file, for saving a
@@ -28,18 +30,29 @@ const (
 var ErrBadSnapshot = errors.New("bad snapshot file")
 
 // WriteSnapshot saves the paused machine's state and memory to path. Zero pages
-// are left as holes, so the file is as sparse as the guest's memory.
-func (m *Machine) WriteSnapshot(path string) error {
-	state, err := m.Save()
+// are left as holes, so the file is as sparse as the guest's memory. The
+// machine stays locked against Resume until the memory is written, so state and
+// memory are from one moment; the file appears at path only when complete
+// (written beside it, then renamed).
+func (m *Machine) WriteSnapshot(path string) (err error) {
+	m.ctl.Lock()
+	defer m.ctl.Unlock()
+	state, err := m.saveLocked()
 	if err != nil {
 		return err
 	}
 	memOff := (uint64(snapHeaderSize+len(state)) + pageSize - 1) / pageSize * pageSize
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return fmt.Errorf("write snapshot: %w", err)
 	}
-	defer f.Close()
+	defer func() {
+		f.Close()
+		if err != nil {
+			os.Remove(tmp)
+		}
+	}()
 	crc := uint32(0)
 	for off := uint64(0); off < uint64(len(m.mem)); off += pageSize {
 		page := m.mem[off : off+pageSize]
@@ -68,7 +81,10 @@ func (m *Machine) WriteSnapshot(path string) error {
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("write snapshot: %w", err)
 	}
-	return f.Close()
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write snapshot: %w", err)
+	}
+	return nil
 }
 
 func isZero(b []byte) bool {
@@ -177,13 +193,60 @@ func ReadSnapshot(path string) (state []byte, mem *os.File, err error) {
 		return nil, nil, err
 	}
 	defer unmapMem(dst)
-	if _, err := f.ReadAt(dst, int64(h.memOff)); err != nil {
+	crc, err := readExtents(f, h.memOff, dst)
+	if err != nil {
 		mem.Close()
 		return nil, nil, fmt.Errorf("read snapshot %s: %w: memory: %v", path, ErrBadSnapshot, err)
 	}
-	if got := crc32.Checksum(dst, castagnoli); got != h.memCRC {
+	if crc != h.memCRC {
 		mem.Close()
-		return nil, nil, fmt.Errorf("read snapshot %s: %w: memory checksum %#08x, computed %#08x (corrupted)", path, ErrBadSnapshot, h.memCRC, got)
+		return nil, nil, fmt.Errorf("read snapshot %s: %w: memory checksum %#08x, computed %#08x (corrupted)", path, ErrBadSnapshot, h.memCRC, crc)
 	}
 	return h.state, mem, nil
+}
+
+// readExtents copies the memory image at off in f into dst, reading only the
+// file's data extents: holes stay unwritten in dst, so a sparse image (or a
+// forged one that claims a large guest) allocates only what the file really
+// holds. It returns the CRC32C of the whole image, holes counted as zeros.
+func readExtents(f *os.File, off uint64, dst []byte) (uint32, error) {
+	fd := int(f.Fd())
+	n := uint64(len(dst))
+	crc := uint32(0)
+	for pos := uint64(0); pos < n; {
+		data, err := unix.Seek(fd, int64(off+pos), unix.SEEK_DATA)
+		if err == unix.ENXIO {
+			data = int64(off + n) // no data after pos: the rest is a hole
+		} else if err != nil {
+			return 0, fmt.Errorf("seek data: %w", err)
+		}
+		dataPos := min(uint64(data)-off, n)
+		crc = crcZeros(crc, dataPos-pos)
+		if pos = dataPos; pos >= n {
+			break
+		}
+		hole, err := unix.Seek(fd, int64(off+pos), unix.SEEK_HOLE)
+		if err != nil {
+			return 0, fmt.Errorf("seek hole: %w", err)
+		}
+		end := min(uint64(hole)-off, n)
+		if _, err := f.ReadAt(dst[pos:end], int64(off+pos)); err != nil {
+			return 0, err
+		}
+		crc = crc32.Update(crc, castagnoli, dst[pos:end])
+		pos = end
+	}
+	return crc, nil
+}
+
+var zeroChunk = make([]byte, 1<<20)
+
+// crcZeros extends crc over n zero bytes.
+func crcZeros(crc uint32, n uint64) uint32 {
+	for n > 0 {
+		k := min(n, uint64(len(zeroChunk)))
+		crc = crc32.Update(crc, castagnoli, zeroChunk[:k])
+		n -= k
+	}
+	return crc
 }

@@ -49,8 +49,17 @@ var ErrBadState = errors.New("bad machine state")
 func (m *Machine) Save() ([]byte, error) {
 	m.ctl.Lock()
 	defer m.ctl.Unlock()
-	if s := m.State(); s != Paused && s != Created {
-		return nil, fmt.Errorf("save: machine is %s, pause it first", s)
+	return m.saveLocked()
+}
+
+// saveLocked is Save with m.ctl held.
+func (m *Machine) saveLocked() ([]byte, error) {
+	switch st := m.State(); st {
+	case Paused, Created:
+	case Stopped:
+		return nil, m.stoppedErr("save")
+	default:
+		return nil, fmt.Errorf("save: machine is %s, pause it first", st)
 	}
 	s := &m.saved
 	s.Config = m.cfg

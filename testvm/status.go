@@ -45,8 +45,14 @@ type Status struct {
 
 // Status reads vCPU i's status page. While the machine runs, each field is an
 // atomic read of a value the guest may be changing; the counter pair is read
-// consistently. While it is paused, the status is exact.
+// consistently. While it is paused, the status is exact. After Close it is
+// the zero Status.
 func (m *Machine) Status(i int) Status {
+	m.memMu.RLock()
+	defer m.memMu.RUnlock()
+	if m.mem == nil {
+		return Status{}
+	}
 	return readStatus(m.mem, i)
 }
 
@@ -91,6 +97,11 @@ type PageStamp struct {
 
 // ReadStamp reads the stamp of working-set page index of vCPU i.
 func (m *Machine) ReadStamp(i int, index uint64) PageStamp {
+	m.memMu.RLock()
+	defer m.memMu.RUnlock()
+	if m.mem == nil {
+		return PageStamp{}
+	}
 	off := m.layout.regionBase(i) + index*pageSize
 	w0 := load64(m.mem, off)
 	return PageStamp{VCPU: int(w0 >> 56), Index: w0 & (1<<48 - 1), Version: load64(m.mem, off+8)}
@@ -110,6 +121,11 @@ type PageReport struct {
 // page being written when the guest was paused (CurPage) may be torn and is
 // only checked for its index.
 func (m *Machine) VerifyPages(i int) (PageReport, error) {
+	m.memMu.RLock()
+	defer m.memMu.RUnlock()
+	if m.mem == nil {
+		return PageReport{}, fmt.Errorf("verify pages: %w", ErrStopped)
+	}
 	return verifyPages(m.mem, m.layout, m.cfg, i)
 }
 

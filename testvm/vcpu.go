@@ -45,14 +45,16 @@ func (v *vcpu) loop(started chan<- struct{}) {
 	v.mu.Unlock()
 	started <- struct{}{}
 	err := v.run()
+	if err != nil {
+		// Record the error before anyone can see this vCPU exited, so a Pause
+		// that finds it gone reports why.
+		v.m.fail(err)
+	}
 	v.mu.Lock()
 	v.exited = true
 	v.parked = false
 	v.cond.Broadcast()
 	v.mu.Unlock()
-	if err != nil {
-		v.m.fail(err)
-	}
 	v.m.wg.Done()
 }
 
