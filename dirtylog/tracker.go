@@ -77,9 +77,9 @@ type Config struct {
 
 // Stats describe one harvest.
 type Stats struct {
-	KVMPages int           // pages KVM reported (bitmap bits or ring entries, before merging)
+	KVMPages int           // pages KVM reported (bitmap bits or ring entries, before merging), with any owed from RingFull or a failed harvest
 	VMMPages int           // pages the VMM marked written
-	Pages    int           // distinct pages added to the set
+	Pages    int           // pages added to the set that it did not hold before
 	Fetch    time.Duration // getting the log: GET_DIRTY_LOG, or reading the rings
 	Protect  time.Duration // re-protecting: CLEAR_DIRTY_LOG or RESET_DIRTY_RINGS (in Fetch for Bitmap)
 	Total    time.Duration
@@ -101,6 +101,7 @@ type Tracker struct {
 	rings   [][]kvm.DirtyGFN
 	fetch   []uint64
 	pending *Set // pages owed to the next harvest: ring entries RingFull took, or what a failed harvest had fetched
+	owed    bool // pending may hold pages (so harvests skip it when it cannot)
 
 	vmmAny    atomic.Bool   // some page was marked since the last harvest
 	ringFulls atomic.Uint64 // KVM_EXIT_DIRTY_RING_FULL exits handled
@@ -199,14 +200,22 @@ func (t *Tracker) Start() error {
 		}
 	case Ring:
 		if t.rings == nil {
-			for _, c := range t.cfg.VCPUs {
+			// All or nothing: a tracker with some rings unmapped would miss
+			// their pages.
+			rings := make([][]kvm.DirtyGFN, 0, len(t.cfg.VCPUs))
+			for i, c := range t.cfg.VCPUs {
 				r, err := c.MapDirtyRing(int(t.cfg.RingEntries))
 				if err != nil {
+					for _, done := range t.cfg.VCPUs[:i] {
+						done.UnmapDirtyRing()
+					}
 					return fmt.Errorf("dirty tracker: %w", err)
 				}
-				t.rings = append(t.rings, r)
+				rings = append(rings, r)
 			}
-			t.fetch = make([]uint64, len(t.rings))
+			t.ringMu.Lock()
+			t.rings, t.fetch = rings, make([]uint64, len(rings))
+			t.ringMu.Unlock()
 		}
 	}
 	if t.cfg.InitiallySet {
@@ -308,7 +317,6 @@ func (t *Tracker) Harvest(into *Set) (Stats, error) {
 	if !into.sameShape(t.pending) {
 		return st, errors.New("dirty tracker: harvest into a set over other slots")
 	}
-	before := into.Count()
 	start := time.Now()
 	var err error
 	switch t.mech {
@@ -324,6 +332,7 @@ func (t *Tracker) Harvest(into *Set) (Stats, error) {
 		// it for the next harvest so no page is lost with the caller's set.
 		t.ringMu.Lock()
 		t.pending.Union(into)
+		t.owed = true
 		t.ringMu.Unlock()
 		return st, err
 	}
@@ -332,19 +341,31 @@ func (t *Tracker) Harvest(into *Set) (Stats, error) {
 	}
 	t.harvestVMM(into, &st)
 	st.Total = time.Since(start)
-	st.Pages = into.Count() - before
 	return st, nil
 }
 
-// takePending moves pages owed from a failed harvest into into.
+// takePending moves pages owed (from RingFull or a failed harvest) into
+// into. Caller holds ringMu, or takePendingLocked does.
+func (t *Tracker) takePendingLocked(into *Set, st *Stats) {
+	if !t.owed {
+		return
+	}
+	for i := range t.pending.slots {
+		src := t.pending.slots[i].bits
+		set, added := orInto(into.slots[i].bits, src)
+		st.KVMPages += set
+		st.Pages += added
+		if set > 0 {
+			clear(src)
+		}
+	}
+	t.owed = false
+}
+
 func (t *Tracker) takePending(into *Set, st *Stats) {
 	t.ringMu.Lock()
 	defer t.ringMu.Unlock()
-	if n := t.pending.Count(); n > 0 {
-		st.KVMPages += n
-		into.Union(t.pending)
-		t.pending.Clear()
-	}
+	t.takePendingLocked(into, st)
 }
 
 func (t *Tracker) harvestBitmap(into *Set, st *Stats) error {
@@ -354,7 +375,9 @@ func (t *Tracker) harvestBitmap(into *Set, st *Stats) error {
 		if err := t.cfg.VM.GetDirtyLog(s.ID, s.scratch); err != nil {
 			return fmt.Errorf("dirty tracker: %w", err)
 		}
-		st.KVMPages += orInto(into.slots[i].bits, s.scratch)
+		set, added := orInto(into.slots[i].bits, s.scratch)
+		st.KVMPages += set
+		st.Pages += added
 	}
 	st.Fetch = time.Since(t0)
 	return nil
@@ -376,16 +399,19 @@ func (t *Tracker) harvestManual(into *Set, st *Stats) error {
 	words := t.cfg.ClearChunk / 64
 	for i := range t.slots {
 		s := &t.slots[i]
-		// Merge before clearing: once cleared, the pages exist only in into.
-		st.KVMPages += orInto(into.slots[i].bits, s.scratch)
+		dst := into.slots[i].bits
 		for w := uint64(0); w < uint64(len(s.scratch)); w += words {
-			chunk := s.scratch[w:min(w+words, uint64(len(s.scratch)))]
-			if allZero(chunk) {
+			end := min(w+words, uint64(len(s.scratch)))
+			// Merge before clearing: once cleared, the pages exist only in into.
+			set, added := orInto(dst[w:end], s.scratch[w:end])
+			if set == 0 {
 				continue
 			}
+			st.KVMPages += set
+			st.Pages += added
 			first := w * 64
-			num := min(uint64(len(chunk))*64, s.pages-first)
-			if err := t.cfg.VM.ClearDirtyLog(s.ID, first, uint32(num), chunk); err != nil {
+			num := min((end-w)*64, s.pages-first)
+			if err := t.cfg.VM.ClearDirtyLog(s.ID, first, uint32(num), s.scratch[w:end]); err != nil {
 				return fmt.Errorf("dirty tracker: %w", err)
 			}
 		}
@@ -400,16 +426,12 @@ func (t *Tracker) harvestRings(into *Set, st *Stats) error {
 	t.ringMu.Lock()
 	defer t.ringMu.Unlock()
 	t0 := time.Now()
-	n, err := t.collectRings(into)
-	st.KVMPages = n
+	n, added, err := t.collectRings(into)
+	st.KVMPages, st.Pages = n, added
 	if err != nil {
 		return err
 	}
-	st.KVMPages += t.pending.Count() // entries RingFull took since the last harvest
-	if err := into.Union(t.pending); err != nil {
-		return err
-	}
-	t.pending.Clear()
+	t.takePendingLocked(into, st) // entries RingFull took since the last harvest
 	t1 := time.Now()
 	st.Fetch = t1.Sub(t0)
 	if _, err := t.cfg.VM.ResetDirtyRings(); err != nil {
@@ -420,9 +442,9 @@ func (t *Tracker) harvestRings(into *Set, st *Stats) error {
 }
 
 // collectRings reads every vCPU's ring from its fetch index, adds each entry's
-// page to into and marks the entry harvested. Caller holds ringMu.
-func (t *Tracker) collectRings(into *Set) (int, error) {
-	count := 0
+// page to into and marks the entry harvested. It returns the entries read and
+// the pages new to into. Caller holds ringMu.
+func (t *Tracker) collectRings(into *Set) (count, added int, err error) {
 	for v, ring := range t.rings {
 		size := uint64(len(ring))
 		for {
@@ -430,29 +452,36 @@ func (t *Tracker) collectRings(into *Set) (int, error) {
 			if kvm.LoadDirtyGFNFlags(e)&kvm.KVM_DIRTY_GFN_F_DIRTY == 0 {
 				break
 			}
-			if err := t.addRingEntry(into, e); err != nil {
-				return count, fmt.Errorf("dirty tracker: vCPU %d ring entry %d: %w", v, t.fetch[v], err)
+			isNew, err := t.addRingEntry(into, e)
+			if err != nil {
+				return count, added, fmt.Errorf("dirty tracker: vCPU %d ring entry %d: %w", v, t.fetch[v], err)
+			}
+			if isNew {
+				added++
 			}
 			kvm.StoreDirtyGFNFlags(e, kvm.KVM_DIRTY_GFN_F_RESET)
 			t.fetch[v]++
 			count++
 		}
 	}
-	return count, nil
+	return count, added, nil
 }
 
-func (t *Tracker) addRingEntry(into *Set, e *kvm.DirtyGFN) error {
+// addRingEntry sets the entry's page in into and reports whether it was new.
+func (t *Tracker) addRingEntry(into *Set, e *kvm.DirtyGFN) (bool, error) {
 	id := e.Slot & 0xffff // low 16 bits: slot id; high: address space
 	for i := range t.slots {
 		if t.slots[i].ID == id && e.Slot>>16 == 0 {
 			if e.Offset >= t.slots[i].pages {
-				return fmt.Errorf("page %d is beyond slot %d's %d pages", e.Offset, id, t.slots[i].pages)
+				return false, fmt.Errorf("page %d is beyond slot %d's %d pages", e.Offset, id, t.slots[i].pages)
 			}
-			into.slots[i].bits[e.Offset/64] |= 1 << (e.Offset % 64)
-			return nil
+			w, bit := &into.slots[i].bits[e.Offset/64], uint64(1)<<(e.Offset%64)
+			isNew := *w&bit == 0
+			*w |= bit
+			return isNew, nil
 		}
 	}
-	return fmt.Errorf("slot %#x is not tracked", e.Slot)
+	return false, fmt.Errorf("slot %#x is not tracked", e.Slot)
 }
 
 // RingFull empties every ring into the tracker's pending set and has KVM
@@ -471,9 +500,10 @@ func (t *Tracker) RingFull(vcpu int) error {
 		// into a full ring, forever.
 		return fmt.Errorf("dirty tracker: vCPU %d: dirty ring full before tracking started (start the tracker before running a guest with dirty logging on)", vcpu)
 	}
-	if _, err := t.collectRings(t.pending); err != nil {
+	if _, _, err := t.collectRings(t.pending); err != nil {
 		return err
 	}
+	t.owed = true
 	if _, err := t.cfg.VM.ResetDirtyRings(); err != nil {
 		return fmt.Errorf("dirty tracker: %w", err)
 	}
@@ -495,28 +525,21 @@ func (t *Tracker) harvestVMM(into *Set, st *Stats) {
 			}
 			v := a.Swap(0)
 			st.VMMPages += popcount(v)
+			st.Pages += popcount(v &^ dst[w])
 			dst[w] |= v
 		}
 	}
 }
 
-// orInto ORs src into dst and returns the number of bits set in src.
-func orInto(dst, src []uint64) int {
-	n := 0
+// orInto ORs src into dst and returns the bits set in src and how many of
+// them were new to dst.
+func orInto(dst, src []uint64) (set, added int) {
 	for w, v := range src {
 		if v != 0 {
+			set += popcount(v)
+			added += popcount(v &^ dst[w])
 			dst[w] |= v
-			n += popcount(v)
 		}
 	}
-	return n
-}
-
-func allZero(b []uint64) bool {
-	for _, v := range b {
-		if v != 0 {
-			return false
-		}
-	}
-	return true
+	return set, added
 }

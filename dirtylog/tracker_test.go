@@ -457,3 +457,40 @@ func TestRecommend(t *testing.T) {
 		}
 	}
 }
+
+// If mapping one vCPU's ring fails, Start fails and maps nothing, so a retry
+// cannot leave a tracker that misses a ring or indexes empty state.
+func TestRingStartIsAllOrNothing(t *testing.T) {
+	privileged.Require(t, privileged.KVM)
+	m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Idle, DirtyRingEntries: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if _, err := m.VCPU(1).MapDirtyRing(1024); err != nil { // someone else holds vCPU 1's ring
+		t.Fatal(err)
+	}
+	tr, err := m.DirtyTracker(dirtylog.Ring, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for try := 1; try <= 2; try++ {
+		err := tr.Start()
+		if err == nil || !strings.Contains(err.Error(), "vCPU 1") {
+			t.Fatalf("Start %d = %v, want a failure naming vCPU 1", try, err)
+		}
+	}
+	if _, err := tr.Harvest(tr.NewSet()); err == nil {
+		t.Fatal("Harvest on a tracker that never started succeeded")
+	}
+	// Once the ring is free, Start maps every ring and harvests work.
+	if err := m.VCPU(1).UnmapDirtyRing(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tr.Harvest(tr.NewSet()); err != nil {
+		t.Fatal(err)
+	}
+}

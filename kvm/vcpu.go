@@ -309,6 +309,20 @@ func (c *VCPU) MapDirtyRing(n int) ([]DirtyGFN, error) {
 	return unsafe.Slice((*DirtyGFN)(unsafe.Pointer(&mem[0])), n), nil
 }
 
+// UnmapDirtyRing unmaps the ring MapDirtyRing mapped; slices of it must no
+// longer be used. It does nothing if no ring is mapped.
+func (c *VCPU) UnmapDirtyRing() error {
+	if c.ring == nil {
+		return nil
+	}
+	err := unix.Munmap(c.ring)
+	c.ring = nil
+	if err != nil {
+		return fmt.Errorf("unmap dirty ring of vCPU %d: %w", c.id, err)
+	}
+	return nil
+}
+
 // LoadDirtyGFNFlags reads a ring entry's flags with acquire ordering, as
 // KVM_CAP_DIRTY_LOG_RING_ACQ_REL requires.
 func LoadDirtyGFNFlags(e *DirtyGFN) uint32 { return atomic.LoadUint32(&e.Flags) }
