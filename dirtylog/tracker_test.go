@@ -124,6 +124,29 @@ func checkExact(t *testing.T, m *testvm.Machine, got *dirtylog.Set, prev, cur ma
 	return written
 }
 
+// checkPhases lets the guest run phases 1..n and checks after each that the
+// harvest is exact; it returns the pages written in each phase.
+func checkPhases(t *testing.T, m *testvm.Machine, tr *dirtylog.Tracker, n uint64) []int {
+	t.Helper()
+	harvest(t, tr) // everything before the first phase
+	prev := versions(m)
+	var written []int
+	for phase := uint64(1); phase <= n; phase++ {
+		m.Go(phase)
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		err := m.WaitPhase(ctx, phase)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := harvest(t, tr)
+		cur := versions(m)
+		written = append(written, checkExact(t, m, got, prev, cur, fmt.Sprintf("phase %d", phase)))
+		prev = cur
+	}
+	return written
+}
+
 // Phases of known writes: each harvest returns exactly the pages written in
 // its phase, for every mechanism.
 func TestHarvestIsExact(t *testing.T) {
@@ -144,22 +167,10 @@ func TestHarvestIsExact(t *testing.T) {
 				cfg.Workload = testvm.Dirty
 				cfg.DirtyRingEntries = mc.ring
 				m, tr := setup(t, cfg, mc.mech)
-				harvest(t, tr) // the boot
-				prev := versions(m)
-				for phase := uint64(1); phase <= 4; phase++ {
-					m.Go(phase)
-					ctx, cancel := context.WithTimeout(context.Background(), wait)
-					err := m.WaitPhase(ctx, phase)
-					cancel()
-					if err != nil {
-						t.Fatal(err)
+				for i, n := range checkPhases(t, m, tr, 4) {
+					if n == 0 {
+						t.Fatalf("phase %d: the guest wrote nothing", i+1)
 					}
-					got := harvest(t, tr)
-					cur := versions(m)
-					if n := checkExact(t, m, got, prev, cur, fmt.Sprintf("phase %d", phase)); n == 0 {
-						t.Fatalf("phase %d: the guest wrote nothing", phase)
-					}
-					prev = cur
 				}
 			})
 		}
@@ -240,22 +251,10 @@ func TestRingFullLosesNothing(t *testing.T) {
 	cfg := testvm.Config{MemSize: 64 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Seq,
 		WorkingSet: 6000, PhaseOps: 6000, DirtyRingEntries: 256}
 	m, tr := setup(t, cfg, dirtylog.Ring)
-	harvest(t, tr)
-	prev := versions(m)
-	for phase := uint64(1); phase <= 2; phase++ {
-		m.Go(phase)
-		ctx, cancel := context.WithTimeout(context.Background(), wait)
-		err := m.WaitPhase(ctx, phase)
-		cancel()
-		if err != nil {
-			t.Fatal(err)
+	for i, n := range checkPhases(t, m, tr, 2) {
+		if n != 12000 {
+			t.Fatalf("phase %d: %d pages written, want 12000", i+1, n)
 		}
-		got := harvest(t, tr)
-		cur := versions(m)
-		if n := checkExact(t, m, got, prev, cur, fmt.Sprintf("phase %d", phase)); n != 12000 {
-			t.Fatalf("phase %d: %d pages written, want 12000", phase, n)
-		}
-		prev = cur
 	}
 	if tr.RingFullExits() == 0 {
 		t.Fatal("no ring-full exit happened: the test did not fill the ring")
@@ -318,23 +317,9 @@ func TestManualSmallClearChunks(t *testing.T) {
 	if err := m.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	harvest(t, tr)
-	prev := versions(m)
-	for phase := uint64(1); phase <= 3; phase++ {
-		m.Go(phase)
-		ctx, cancel := context.WithTimeout(context.Background(), wait)
-		err := m.WaitPhase(ctx, phase)
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
-		got := harvest(t, tr)
-		// Go's write of the params page is not marked here (no recorder), so
-		// only guest writes are expected.
-		cur := versions(m)
-		checkExact(t, m, got, prev, cur, fmt.Sprintf("phase %d", phase))
-		prev = cur
-	}
+	// Go's write of the params page is not marked here (no recorder), so only
+	// guest writes are expected.
+	checkPhases(t, m, tr, 3)
 }
 
 // A dirty ring that fills before its tracker started stops the machine with a
