@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/dirtylog"
-	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/testvm"
 )
@@ -20,38 +20,6 @@ import (
 // run, and the cost of walking a dirty set. See docs/BENCHMARKS.md. No
 // benchmark asserts a speed; they fail only when they would measure the wrong
 // thing (a harvest that does not return the pages the guest wrote).
-
-// benchWait bounds waits that normally take milliseconds (a 100k-page phase
-// takes about a second).
-const benchWait = 60 * time.Second
-
-func benchCtx(b *testing.B) context.Context {
-	c, cancel := context.WithTimeout(context.Background(), benchWait)
-	b.Cleanup(cancel)
-	return c
-}
-
-// benchBoot builds a machine, lets before (if not nil) set it up before its
-// vCPUs run, then starts it and waits for the guest to be ready.
-func benchBoot(b *testing.B, cfg testvm.Config, before func(m *testvm.Machine)) *testvm.Machine {
-	b.Helper()
-	privileged.Require(b, privileged.KVM)
-	m, err := testvm.New(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { m.Close() })
-	if before != nil {
-		before(m)
-	}
-	if err := m.Start(); err != nil {
-		b.Fatal(err)
-	}
-	if err := m.WaitReady(benchCtx(b)); err != nil {
-		b.Fatal(err)
-	}
-	return m
-}
 
 // phaser runs a phased guest one phase at a time and leaves it paused, as an
 // epoch checkpoint harvests: the vCPU is parked outside KVM_RUN instead of
@@ -244,7 +212,7 @@ func bootRawRing(b *testing.B, cfg testvm.Config) (*testvm.Machine, *rawRing) {
 	r := &rawRing{}
 	cfg.DirtyLog = true
 	cfg.DirtyRingFull = r.full
-	m := benchBoot(b, cfg, func(m *testvm.Machine) {
+	m := vmtest.Boot(b, cfg, func(m *testvm.Machine) {
 		r.vm = m.VM()
 		for _, s := range m.Slots() {
 			for int(s.ID) >= len(r.bms) {
@@ -270,7 +238,7 @@ func bootRawRing(b *testing.B, cfg testvm.Config) (*testvm.Machine, *rawRing) {
 // mech harvests.
 func bootTracked(b *testing.B, cfg testvm.Config, mech dirtylog.Mechanism) (*testvm.Machine, *dirtylog.Tracker) {
 	var tr *dirtylog.Tracker
-	m := benchBoot(b, cfg, func(m *testvm.Machine) {
+	m := vmtest.Boot(b, cfg, func(m *testvm.Machine) {
 		var err error
 		if tr, err = m.DirtyTracker(mech, false); err != nil {
 			b.Fatal(err)
@@ -348,7 +316,7 @@ func benchHarvest(b *testing.B, mech dirtylog.Mechanism, mem, n uint64) {
 	if mech == dirtylog.Ring {
 		cfg.DirtyRingEntries = ringEntries
 	}
-	ctx := benchCtx(b)
+	ctx := vmtest.Context(b)
 	m, tr := bootTracked(b, cfg, mech)
 	trPh := &phaser{b: b, m: m, n: n, ctx: ctx}
 	rawPh := trPh

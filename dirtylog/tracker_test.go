@@ -1,21 +1,18 @@
 package dirtylog_test
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/testvm"
 )
-
-const wait = 20 * time.Second
 
 // mechanisms under test, and the ring size a machine needs for each.
 var mechanisms = []struct {
@@ -27,68 +24,31 @@ var mechanisms = []struct {
 	{dirtylog.Ring, 4096},
 }
 
-// setup boots a machine and starts a tracker of mechanism mech on it.
+// setup boots a machine with a started tracker of mechanism mech on it.
 func setup(t *testing.T, cfg testvm.Config, mech dirtylog.Mechanism) (*testvm.Machine, *dirtylog.Tracker) {
 	t.Helper()
-	privileged.Require(t, privileged.KVM)
-	if testing.Verbose() {
-		cfg.Console = os.Stderr
-	}
-	m, err := testvm.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	tr, err := m.DirtyTracker(mech, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if tr.Mechanism() != mech {
-		t.Fatalf("tracker uses %s, want %s", tr.Mechanism(), mech)
-	}
-	if err := tr.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tr.Stop() })
-	if err := m.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	defer cancel()
-	if err := m.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return m, tr
-}
-
-// versions reads the stamp version of every working-set page, by GPA.
-func versions(m *testvm.Machine) map[uint64]uint64 {
-	out := map[uint64]uint64{}
-	for i := 0; i < m.NumVCPUs(); i++ {
-		for idx := uint64(0); idx < m.WorkingSet(); idx++ {
-			out[m.GPA(m.RegionBase(i)+idx*4096)] = m.ReadStamp(i, idx).Version
+	var tr *dirtylog.Tracker
+	m := vmtest.Boot(t, cfg, func(m *testvm.Machine) {
+		var err error
+		if tr, err = m.DirtyTracker(mech, false); err != nil {
+			t.Fatal(err)
 		}
-	}
-	return out
+		if tr.Mechanism() != mech {
+			t.Fatalf("tracker uses %s, want %s", tr.Mechanism(), mech)
+		}
+		if err := tr.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tr.Stop() })
+	})
+	return m, tr
 }
 
 // bookkeeping reports whether gpa is a page written for the test's own
 // purposes: a status or stack page the guest writes, or the params page, which
 // the VMM writes in Machine.Go (and reports through MarkWritten).
 func bookkeeping(m *testvm.Machine, gpa uint64) bool {
-	if gpa == m.GPA(testvm.ParamsOffset) {
-		return true
-	}
-	for i := 0; i < m.NumVCPUs(); i++ {
-		if gpa == m.GPA(testvm.StatusOffset(i)) {
-			return true
-		}
-		lo, hi := testvm.StackRange(i)
-		if gpa >= m.GPA(lo) && gpa < m.GPA(hi) {
-			return true
-		}
-	}
-	return false
+	return gpa == m.GPA(testvm.ParamsOffset) || vmtest.GuestBookkeeping(m, gpa)
 }
 
 func harvest(t *testing.T, tr *dirtylog.Tracker) *dirtylog.Set {
@@ -129,18 +89,12 @@ func checkExact(t *testing.T, m *testvm.Machine, got *dirtylog.Set, prev, cur ma
 func checkPhases(t *testing.T, m *testvm.Machine, tr *dirtylog.Tracker, n uint64) []int {
 	t.Helper()
 	harvest(t, tr) // everything before the first phase
-	prev := versions(m)
+	prev := vmtest.Versions(m)
 	var written []int
 	for phase := uint64(1); phase <= n; phase++ {
-		m.Go(phase)
-		ctx, cancel := context.WithTimeout(context.Background(), wait)
-		err := m.WaitPhase(ctx, phase)
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
+		vmtest.Phase(t, m, phase)
 		got := harvest(t, tr)
-		cur := versions(m)
+		cur := vmtest.Versions(m)
 		written = append(written, checkExact(t, m, got, prev, cur, fmt.Sprintf("phase %d", phase)))
 		prev = cur
 	}
@@ -187,13 +141,13 @@ func TestHarvestWhileGuestRuns(t *testing.T) {
 				WorkingSet: 4000, Rate: 200000, DirtyRingEntries: mc.ring}
 			m, tr := setup(t, cfg, mc.mech)
 			harvest(t, tr)
-			end := versions(m) // E_0
+			end := vmtest.Versions(m) // E_0
 			var during map[uint64]bool
 			for k := 1; k <= 40; k++ {
 				time.Sleep(2 * time.Millisecond)
-				start := versions(m) // S_k
+				start := vmtest.Versions(m) // S_k
 				got := harvest(t, tr)
-				after := versions(m) // E_k
+				after := vmtest.Versions(m) // E_k
 				for gpa, v := range start {
 					if v != end[gpa] && !got.Has(gpa) {
 						t.Fatalf("harvest %d: page %#x changed before the harvest started but is not in it", k, gpa)
@@ -268,11 +222,7 @@ func TestInitiallySet(t *testing.T) {
 	privileged.Require(t, privileged.KVM)
 	for _, logOn := range []bool{false, true} {
 		t.Run(fmt.Sprintf("slots-logging=%v", logOn), func(t *testing.T) {
-			m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle, DirtyLog: logOn})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer m.Close()
+			m := vmtest.Build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle, DirtyLog: logOn})
 			tr, err := m.DirtyTracker(dirtylog.Manual, true)
 			if err != nil {
 				t.Fatal(err)
@@ -294,29 +244,21 @@ func TestInitiallySet(t *testing.T) {
 // Manual protect with a clear chunk of one bitmap word: many
 // KVM_CLEAR_DIRTY_LOG calls per slot, and still exact.
 func TestManualSmallClearChunks(t *testing.T) {
-	privileged.Require(t, privileged.KVM)
-	m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 6000, PhaseOps: 2500})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	tr, err := dirtylog.New(dirtylog.Config{VM: m.VM(), Slots: m.DirtySlots(), Mechanism: dirtylog.Manual, ClearChunk: 64})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := tr.Start(); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Start(); err != nil {
-		t.Fatal(err)
-	}
-	// During boot KVM reports a few pages the guest only reads (its code and
-	// params pages, once); the exact checks start after it.
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	defer cancel()
-	if err := m.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
+	var tr *dirtylog.Tracker
+	// Boot waits for the guest to be ready: during boot KVM reports a few pages
+	// the guest only reads (its code and params pages, once), and the exact
+	// checks start after it.
+	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 6000, PhaseOps: 2500},
+		func(m *testvm.Machine) {
+			var err error
+			tr, err = dirtylog.New(dirtylog.Config{VM: m.VM(), Slots: m.DirtySlots(), Mechanism: dirtylog.Manual, ClearChunk: 64})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := tr.Start(); err != nil {
+				t.Fatal(err)
+			}
+		})
 	// Go's write of the params page is not marked here (no recorder), so only
 	// guest writes are expected.
 	checkPhases(t, m, tr, 3)
@@ -325,13 +267,8 @@ func TestManualSmallClearChunks(t *testing.T) {
 // A dirty ring that fills before its tracker started stops the machine with a
 // clear error instead of spinning on ring-full exits.
 func TestRingFullBeforeStartIsAnError(t *testing.T) {
-	privileged.Require(t, privileged.KVM)
-	m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Seq,
+	m := vmtest.Build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Seq,
 		WorkingSet: 2000, DirtyLog: true, DirtyRingEntries: 256})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
 	if _, err := m.DirtyTracker(dirtylog.Ring, false); err != nil {
 		t.Fatal(err)
 	}
@@ -340,7 +277,7 @@ func TestRingFullBeforeStartIsAnError(t *testing.T) {
 	}
 	select {
 	case <-m.Done():
-	case <-time.After(wait):
+	case <-time.After(vmtest.Wait):
 		t.Fatal("the machine kept running with a full ring and no started tracker")
 	}
 	if err := m.Err(); err == nil || !strings.Contains(err.Error(), "before tracking started") {
@@ -351,8 +288,7 @@ func TestRingFullBeforeStartIsAnError(t *testing.T) {
 // The bitmap cannot be used on a VM with a dirty ring: KVM answers ENXIO, and
 // the harvest says so instead of returning an empty set.
 func TestBitmapOnRingVMIsAClearError(t *testing.T) {
-	m, tr := setup(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle, DirtyRingEntries: 1024}, dirtylog.Bitmap)
-	_ = m
+	_, tr := setup(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle, DirtyRingEntries: 1024}, dirtylog.Bitmap)
 	_, err := tr.Harvest(tr.NewSet())
 	if err == nil || !strings.Contains(err.Error(), "dirty ring") {
 		t.Fatalf("Harvest = %v, want an error that names the dirty ring", err)
@@ -368,12 +304,7 @@ func TestConfigErrors(t *testing.T) {
 			t.Errorf("ParseMechanism(%s) = %v, %v", s, m, err)
 		}
 	}
-	privileged.Require(t, privileged.KVM)
-	m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := vmtest.Build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1})
 	if _, err := m.DirtyTracker(dirtylog.Ring, false); err == nil {
 		t.Error("a ring tracker on a machine without a ring was accepted")
 	}
@@ -390,9 +321,9 @@ func TestConfigErrors(t *testing.T) {
 	if err := tr.RingFull(0); err == nil {
 		t.Error("RingFull on a bitmap tracker succeeded")
 	}
-	var ns = dirtylog.ErrNotSupported
-	if !errors.Is(fmt.Errorf("x: %w", ns), dirtylog.ErrNotSupported) {
-		t.Error("ErrNotSupported does not match itself")
+	// The package doc promises that kvm's not-supported errors match too.
+	if !errors.Is(fmt.Errorf("x: %w", kvm.ErrNotSupported), dirtylog.ErrNotSupported) {
+		t.Error("a kvm.ErrNotSupported error does not match dirtylog.ErrNotSupported")
 	}
 }
 
@@ -446,12 +377,7 @@ func TestRecommend(t *testing.T) {
 // If mapping one vCPU's ring fails, Start fails and maps nothing, so a retry
 // cannot leave a tracker that misses a ring or indexes empty state.
 func TestRingStartIsAllOrNothing(t *testing.T) {
-	privileged.Require(t, privileged.KVM)
-	m, err := testvm.New(testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Idle, DirtyRingEntries: 1024})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := vmtest.Build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Idle, DirtyRingEntries: 1024})
 	if _, err := m.VCPU(1).MapDirtyRing(1024); err != nil { // someone else holds vCPU 1's ring
 		t.Fatal(err)
 	}

@@ -1,17 +1,15 @@
 package testvm_test
 
 import (
-	"context"
 	"fmt"
 	"math/bits"
 	"os"
-	"runtime"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/testvm"
 )
@@ -22,34 +20,8 @@ import (
 // No benchmark asserts a speed; they fail only when they would measure the
 // wrong thing.
 
-// benchWait bounds waits that normally take milliseconds.
-const benchWait = 60 * time.Second
-
-func benchCtx(b *testing.B) context.Context {
-	c, cancel := context.WithTimeout(context.Background(), benchWait)
-	b.Cleanup(cancel)
-	return c
-}
-
-// benchBoot builds and starts a machine and waits for its guest to be ready.
-func benchBoot(b *testing.B, cfg testvm.Config) *testvm.Machine {
-	b.Helper()
-	privileged.Require(b, privileged.KVM)
-	m, err := testvm.New(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { m.Close() })
-	if err := m.Start(); err != nil {
-		b.Fatal(err)
-	}
-	if err := m.WaitReady(benchCtx(b)); err != nil {
-		b.Fatal(err)
-	}
-	return m
-}
-
-// writesOf returns every vCPU's Dirty-workload write count.
+// writesOf returns every vCPU's Dirty-workload write count, reusing into so
+// the timed loop does not allocate.
 func writesOf(m *testvm.Machine, into []uint64) []uint64 {
 	into = into[:0]
 	for i := 0; i < m.NumVCPUs(); i++ {
@@ -58,30 +30,14 @@ func writesOf(m *testvm.Machine, into []uint64) []uint64 {
 	return into
 }
 
-// awaitWrites spins until every vCPU's write count exceeds min[i]. It yields
-// but does not sleep: a sleep's granularity would dwarf what is measured.
-func awaitWrites(b *testing.B, m *testvm.Machine, min []uint64) {
-	deadline := time.Now().Add(benchWait)
-	for i := range min {
-		for n := 0; m.Status(i).Writes <= min[i]; n++ {
-			if n%1024 == 1023 {
-				if err := m.Err(); err != nil {
-					b.Fatalf("machine stopped: %v", err)
-				}
-				if time.Now().After(deadline) {
-					b.Fatalf("vCPU %d wrote nothing past %d pages in %v", i, min[i], benchWait)
-				}
-			}
-			runtime.Gosched()
-		}
-	}
-}
+// stateMem is the memory of the machine the save and restore benchmarks use.
+const stateMem = 32 << 20
 
-// BenchmarkMachineSave is Machine.Save of a paused 2-vCPU machine: the VM-wide
-// state, both vCPUs' states and the encoding with its checksum.
-func BenchmarkMachineSave(b *testing.B) {
-	m := benchBoot(b, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, WorkingSet: 1000})
-	awaitWrites(b, m, []uint64{100, 100})
+// pausedMachine boots a 2-vCPU machine of stateMem, lets the guest write, pauses
+// it and returns it with its saved state.
+func pausedMachine(b *testing.B) (*testvm.Machine, []byte) {
+	m := vmtest.Boot(b, testvm.Config{MemSize: stateMem, VCPUs: 2, Workload: testvm.Dirty, WorkingSet: 1000}, nil)
+	vmtest.WaitProgress(b, m, []uint64{100, 100})
 	if err := m.Pause(); err != nil {
 		b.Fatal(err)
 	}
@@ -89,6 +45,13 @@ func BenchmarkMachineSave(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	return m, st
+}
+
+// BenchmarkMachineSave is Machine.Save of a paused 2-vCPU machine: the VM-wide
+// state, both vCPUs' states and the encoding with its checksum.
+func BenchmarkMachineSave(b *testing.B) {
+	m, st := pausedMachine(b)
 	b.SetBytes(int64(len(st)))
 	for b.Loop() {
 		if _, err := m.Save(); err != nil {
@@ -117,21 +80,12 @@ func newMemfd(b *testing.B, size uint64) *os.File {
 // memfd, not copied, so the figure is the state's, not the memory's. Making
 // the memfd and closing the restored machine are outside the timer.
 func BenchmarkMachineRestore(b *testing.B) {
-	const mem = 32 << 20
-	m := benchBoot(b, testvm.Config{MemSize: mem, VCPUs: 2, Workload: testvm.Dirty, WorkingSet: 1000})
-	awaitWrites(b, m, []uint64{100, 100})
-	if err := m.Pause(); err != nil {
-		b.Fatal(err)
-	}
-	st, err := m.Save()
-	if err != nil {
-		b.Fatal(err)
-	}
+	m, st := pausedMachine(b)
 	m.Close()
 	b.SetBytes(int64(len(st)))
 	for b.Loop() {
 		b.StopTimer()
-		f := newMemfd(b, mem)
+		f := newMemfd(b, stateMem)
 		b.StartTimer()
 		r, err := testvm.Restore(st, f, testvm.RestoreOptions{})
 		b.StopTimer()
@@ -153,9 +107,9 @@ func BenchmarkMachineRestore(b *testing.B) {
 func BenchmarkPauseResume(b *testing.B) {
 	for _, n := range []int{1, 2} {
 		b.Run(fmt.Sprintf("vcpus=%d", n), func(b *testing.B) {
-			m := benchBoot(b, testvm.Config{MemSize: 64 << 20, VCPUs: n, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 2000})
+			m := vmtest.Boot(b, testvm.Config{MemSize: 64 << 20, VCPUs: n, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 2000}, nil)
 			w := writesOf(m, nil)
-			awaitWrites(b, m, w)
+			vmtest.WaitProgress(b, m, w)
 			var pause, resume time.Duration
 			ops := 0
 			for b.Loop() {
@@ -172,7 +126,7 @@ func BenchmarkPauseResume(b *testing.B) {
 				resume += t2.Sub(t1)
 				ops++
 				w = writesOf(m, w)
-				awaitWrites(b, m, w)
+				vmtest.WaitProgress(b, m, w)
 			}
 			b.ReportMetric(float64(pause.Nanoseconds())/1e3/float64(ops), "pause-µs/op")
 			b.ReportMetric(float64(resume.Nanoseconds())/1e3/float64(ops), "resume-µs/op")
@@ -271,9 +225,9 @@ func BenchmarkGuestWriteRate(b *testing.B) {
 		ws     = 16384
 		window = 200 * time.Millisecond
 	)
-	m := benchBoot(b, testvm.Config{MemSize: 128 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: ws, Seed: 1})
+	m := vmtest.Boot(b, testvm.Config{MemSize: 128 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: ws, Seed: 1}, nil)
 	// Warm up: about 12 passes' worth of random writes touch every page.
-	awaitWrites(b, m, []uint64{12 * ws})
+	vmtest.WaitProgress(b, m, []uint64{12 * ws})
 
 	// run measures logging off for three windows, then calls setup and
 	// measures one window per op. The baseline is taken right before, on the
@@ -313,7 +267,7 @@ func BenchmarkGuestWriteRate(b *testing.B) {
 			setFlags(b, kvm.KVM_MEM_LOG_DIRTY_PAGES)
 			// Let the first pass after turning logging on (one write fault per
 			// page) finish, so the windows see only the steady state.
-			awaitWrites(b, m, []uint64{m.Status(0).Writes + 12*ws})
+			vmtest.WaitProgress(b, m, []uint64{m.Status(0).Writes + 12*ws})
 			return func() { setFlags(b, 0) }
 		})
 	})
@@ -363,8 +317,8 @@ func BenchmarkGetDirtyLog(b *testing.B) {
 				// The guest waits for phase 1, which never comes: it writes nothing.
 				cfg.WorkingSet, cfg.PhaseOps = 1, 1
 			}
-			m := benchBoot(b, cfg)
-			ctx := benchCtx(b)
+			m := vmtest.Boot(b, cfg, nil)
+			ctx := vmtest.Context(b)
 			h := newHarvester(m)
 			phase := uint64(0)
 			next := func() {

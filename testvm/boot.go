@@ -59,11 +59,6 @@ func writeBootTables(mem []byte, l layout) {
 	}
 }
 
-// ptEnd is the end of the page tables for a memory size.
-func ptEnd(memSize uint64) uint64 {
-	return ptAddr + 2*pageSize + ((memSize+(1<<30-1))>>30)*pageSize
-}
-
 // How CPL3 code may do port I/O. PLATFORM.md suggests RFLAGS.IOPL=3, but PVM
 // enters the guest with IOPL masked out of the hardware flags and copies them
 // back on exit, so after the first exit the guest's IOPL reads 0, and PVM's

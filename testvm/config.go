@@ -198,7 +198,6 @@ type layout struct {
 	memSize     uint64
 	lowSize     uint64 // bytes of slot 0, mapped at GPA 0
 	regionPages uint64 // pages each vCPU owns from its base
-	vcpus       int
 }
 
 // highGPA is where slot 1 starts in guest-physical space: above a hole that
@@ -219,7 +218,7 @@ func newLayout(mem uint64, vcpus int) layout {
 	if low > 3<<30 {
 		low = 3 << 30
 	}
-	l := layout{memSize: mem, lowSize: low, vcpus: vcpus}
+	l := layout{memSize: mem, lowSize: low}
 	if mem > DataAddr && vcpus > 0 {
 		l.regionPages = (mem - DataAddr) / pageSize / uint64(vcpus)
 	}

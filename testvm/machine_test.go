@@ -5,75 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"os"
+	"strings"
 	"testing"
 	"time"
 
-	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/testvm"
 )
-
-// wait is a liveness bound for things that normally take milliseconds. It
-// only turns a hang into a failure; no test asserts a duration.
-const wait = 20 * time.Second
-
-func ctx(t *testing.T) context.Context {
-	c, cancel := context.WithTimeout(context.Background(), wait)
-	t.Cleanup(cancel)
-	return c
-}
-
-// boot builds and starts a machine and waits for its guest to be ready.
-func boot(t *testing.T, cfg testvm.Config) *testvm.Machine {
-	t.Helper()
-	m := build(t, cfg)
-	if err := m.Start(); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.WaitReady(ctx(t)); err != nil {
-		t.Fatal(err)
-	}
-	return m
-}
-
-func build(t *testing.T, cfg testvm.Config) *testvm.Machine {
-	t.Helper()
-	privileged.Require(t, privileged.KVM)
-	if testing.Verbose() {
-		cfg.Console = os.Stderr
-	}
-	m, err := testvm.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-// waitProgress waits until every vCPU's iteration count passes min[i].
-func waitProgress(t *testing.T, m *testvm.Machine, min []uint64) {
-	t.Helper()
-	deadline := time.Now().Add(wait)
-	for i := range min {
-		for m.Status(i).Iterations <= min[i] {
-			if err := m.Err(); err != nil {
-				t.Fatalf("machine stopped: %v", err)
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("vCPU %d made no progress past %d iterations in %v", i, min[i], wait)
-			}
-			time.Sleep(100 * time.Microsecond)
-		}
-	}
-}
-
-func iterations(m *testvm.Machine) []uint64 {
-	out := make([]uint64, m.NumVCPUs())
-	for i := range out {
-		out[i] = m.Status(i).Iterations
-	}
-	return out
-}
 
 func TestWorkloadsMakeProgress(t *testing.T) {
 	tests := []struct {
@@ -90,10 +28,10 @@ func TestWorkloadsMakeProgress(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			m := boot(t, tt.cfg)
-			waitProgress(t, m, make([]uint64, tt.cfg.VCPUs))
-			before := iterations(m)
-			waitProgress(t, m, before)
+			m := vmtest.Boot(t, tt.cfg, nil)
+			vmtest.WaitProgress(t, m, make([]uint64, tt.cfg.VCPUs))
+			before := vmtest.Iterations(m)
+			vmtest.WaitProgress(t, m, before)
 			if err := m.Pause(); err != nil {
 				t.Fatal(err)
 			}
@@ -124,8 +62,8 @@ func TestWorkloadsMakeProgress(t *testing.T) {
 // The Seq pattern's versions are fully determined by the write count; a wrong
 // page is caught by VerifyPages. Corrupt one page and check that it is.
 func TestVerifyPagesCatchesCorruption(t *testing.T) {
-	m := boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 64})
-	waitProgress(t, m, []uint64{200})
+	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 64}, nil)
+	vmtest.WaitProgress(t, m, []uint64{200})
 	if err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +81,8 @@ func TestVerifyPagesCatchesCorruption(t *testing.T) {
 	}
 }
 
-// slotOf maps a memory offset to a (slot index, page) pair.
+// harvest runs KVM_GET_DIRTY_LOG on every slot and returns the dirty pages by
+// guest-physical address.
 func harvest(t *testing.T, m *testvm.Machine) map[uint64]bool {
 	t.Helper()
 	dirty := map[uint64]bool{}
@@ -157,39 +96,11 @@ func harvest(t *testing.T, m *testvm.Machine) map[uint64]bool {
 			for word != 0 {
 				b := uint64(bits.TrailingZeros64(word))
 				word &= word - 1
-				dirty[s.Offset/4096+uint64(w)*64+b] = true
+				dirty[s.GPA+(uint64(w)*64+b)*4096] = true
 			}
 		}
 	}
 	return dirty
-}
-
-// stampVersions reads the version of every working-set page of every vCPU,
-// keyed by memory page number.
-func stampVersions(m *testvm.Machine) map[uint64]uint64 {
-	out := map[uint64]uint64{}
-	for i := 0; i < m.NumVCPUs(); i++ {
-		base := m.RegionBase(i) / 4096
-		for idx := uint64(0); idx < m.WorkingSet(); idx++ {
-			out[base+idx] = m.ReadStamp(i, idx).Version
-		}
-	}
-	return out
-}
-
-// bookkeeping reports whether memory page p is one the guest writes for its
-// own purposes: a status page or a stack page.
-func bookkeeping(m *testvm.Machine, p uint64) bool {
-	for i := 0; i < m.NumVCPUs(); i++ {
-		if p == testvm.StatusOffset(i)/4096 {
-			return true
-		}
-		lo, hi := testvm.StackRange(i)
-		if p >= lo/4096 && p < hi/4096 {
-			return true
-		}
-	}
-	return false
 }
 
 // With dirty logging on, KVM_GET_DIRTY_LOG reports exactly the pages the guest
@@ -208,28 +119,25 @@ func TestDirtyLogMatchesGuestRecord(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.cfg.DirtyLog = true
-			m := boot(t, tt.cfg)
+			m := vmtest.Boot(t, tt.cfg, nil)
 			harvest(t, m) // everything the boot wrote
-			prev := stampVersions(m)
+			prev := vmtest.Versions(m)
 			for phase := uint64(1); phase <= 4; phase++ {
-				m.Go(phase)
-				if err := m.WaitPhase(ctx(t), phase); err != nil {
-					t.Fatal(err)
-				}
+				vmtest.Phase(t, m, phase)
 				dirty := harvest(t, m)
-				cur := stampVersions(m)
+				cur := vmtest.Versions(m)
 				written := 0
 				for p, v := range cur {
 					if v != prev[p] {
 						written++
 						if !dirty[p] {
-							t.Errorf("phase %d: page %d (version %d -> %d) written but not reported dirty", phase, p, prev[p], v)
+							t.Errorf("phase %d: page %#x (version %d -> %d) written but not reported dirty", phase, p, prev[p], v)
 						}
 					}
 				}
 				for p := range dirty {
-					if cur[p] == prev[p] && !bookkeeping(m, p) {
-						t.Errorf("phase %d: page %d reported dirty but the guest did not write it", phase, p)
+					if cur[p] == prev[p] && !vmtest.GuestBookkeeping(m, p) {
+						t.Errorf("phase %d: page %#x reported dirty but the guest did not write it", phase, p)
 					}
 				}
 				if written == 0 {
@@ -246,8 +154,8 @@ func TestDirtyLogMatchesGuestRecord(t *testing.T) {
 // vCPUs (no progress while paused), every resume lets both go on, and the
 // guest's pages verify at the end.
 func TestPauseResumeCycles(t *testing.T) {
-	m := boot(t, testvm.Config{MemSize: 64 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 2000})
-	last := iterations(m)
+	m := vmtest.Boot(t, testvm.Config{MemSize: 64 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.Random, WorkingSet: 2000}, nil)
+	last := vmtest.Iterations(m)
 	for cycle := 0; cycle < 1000; cycle++ {
 		if err := m.Pause(); err != nil {
 			t.Fatalf("cycle %d: %v", cycle, err)
@@ -255,7 +163,7 @@ func TestPauseResumeCycles(t *testing.T) {
 		if s := m.State(); s != testvm.Paused {
 			t.Fatalf("cycle %d: state %s after Pause", cycle, s)
 		}
-		a := iterations(m)
+		a := vmtest.Iterations(m)
 		for i := range a {
 			if a[i] < last[i] {
 				t.Fatalf("cycle %d: vCPU %d went back from %d to %d iterations", cycle, i, last[i], a[i])
@@ -263,7 +171,7 @@ func TestPauseResumeCycles(t *testing.T) {
 		}
 		if cycle%100 == 0 {
 			time.Sleep(2 * time.Millisecond)
-			if b := iterations(m); fmt.Sprint(a) != fmt.Sprint(b) {
+			if b := vmtest.Iterations(m); fmt.Sprint(a) != fmt.Sprint(b) {
 				t.Fatalf("cycle %d: progress while paused: %v -> %v", cycle, a, b)
 			}
 			for i := 0; i < 2; i++ {
@@ -275,7 +183,7 @@ func TestPauseResumeCycles(t *testing.T) {
 		if err := m.Resume(); err != nil {
 			t.Fatalf("cycle %d: %v", cycle, err)
 		}
-		waitProgress(t, m, a)
+		vmtest.WaitProgress(t, m, a)
 		last = a
 	}
 	if err := m.Pause(); err != nil {
@@ -293,8 +201,8 @@ func TestLargeMemory(t *testing.T) {
 		t.Skip("4 GiB guest in -short mode")
 	}
 	// 4 vCPUs over 4 GiB: vCPU 3's region lies in slot 1, above the 4 GiB GPA.
-	m := boot(t, testvm.Config{MemSize: 4 << 30, VCPUs: 4, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 256})
-	waitProgress(t, m, []uint64{1000, 1000, 1000, 1000})
+	m := vmtest.Boot(t, testvm.Config{MemSize: 4 << 30, VCPUs: 4, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 256}, nil)
+	vmtest.WaitProgress(t, m, []uint64{1000, 1000, 1000, 1000})
 	if err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -331,34 +239,30 @@ func TestBadConfig(t *testing.T) {
 				m.Close()
 				t.Fatal("New succeeded")
 			}
-			if !contains(err.Error(), tt.wantErr) {
+			if !strings.Contains(err.Error(), tt.wantErr) {
 				t.Fatalf("error %q does not mention %q", err, tt.wantErr)
 			}
 		})
 	}
-	if _, err := testvm.ParseWorkload("bogus"); err == nil || !contains(err.Error(), "bogus") {
+	if _, err := testvm.ParseWorkload("bogus"); err == nil || !strings.Contains(err.Error(), "bogus") {
 		t.Errorf("ParseWorkload(bogus) = %v", err)
 	}
-	if _, err := testvm.ParsePattern("zigzag"); err == nil || !contains(err.Error(), "zigzag") {
+	if _, err := testvm.ParsePattern("zigzag"); err == nil || !strings.Contains(err.Error(), "zigzag") {
 		t.Errorf("ParsePattern(zigzag) = %v", err)
 	}
-}
-
-func contains(s, sub string) bool {
-	return len(sub) == 0 || len(s) >= len(sub) && (s[:len(sub)] == sub || contains(s[1:], sub))
 }
 
 // A guest that finds its params page wrong reports an error through the
 // control port, and the machine stops with it.
 func TestGuestReportsBadParams(t *testing.T) {
-	m := build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Counter})
+	m := vmtest.Build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Counter})
 	m.Memory()[testvm.ParamsOffset] ^= 0xff // break the magic
 	if err := m.Start(); err != nil {
 		t.Fatal(err)
 	}
 	select {
 	case <-m.Done():
-	case <-time.After(wait):
+	case <-time.After(vmtest.Wait):
 		t.Fatal("machine did not stop")
 	}
 	var ge *testvm.GuestError
@@ -373,7 +277,7 @@ func TestGuestReportsBadParams(t *testing.T) {
 // Every write the VMM makes into guest memory reaches the recorder as
 // guest-physical ranges, split where the slots split.
 func TestVMMWritesAreRecorded(t *testing.T) {
-	m := build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle})
+	m := vmtest.Build(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Idle})
 	type rng struct{ gpa, n uint64 }
 	var got []rng
 	m.SetWriteRecorder(func(gpa, n uint64) { got = append(got, rng{gpa, n}) })
@@ -399,7 +303,7 @@ func TestVMMWritesAreRecorded(t *testing.T) {
 // After Close, Pause, Resume and Save report ErrStopped, reads of guest state
 // are safe, and waiters racing Close return instead of touching freed memory.
 func TestUseAfterClose(t *testing.T) {
-	m := boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, WorkingSet: 100, PhaseOps: 1 << 40})
+	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, WorkingSet: 100, PhaseOps: 1 << 40}, nil)
 	errc := make(chan error, 2)
 	go func() { errc <- m.WaitPhase(context.Background(), 1) }()
 	go func() {

@@ -2,6 +2,7 @@ package testvm_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -15,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -70,7 +72,7 @@ func restoreChild(path, want string) error {
 	if err := m.Start(); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(wait)
+	deadline := time.Now().Add(vmtest.Wait)
 	for i := range saved {
 		for m.Status(i).Iterations < saved[i].Iterations+1000 {
 			if m.Err() != nil {
@@ -119,8 +121,8 @@ func TestSaveRestoreAcrossProcesses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			m := boot(t, tt.cfg)
-			waitProgress(t, m, []uint64{10000, 10000})
+			m := vmtest.Boot(t, tt.cfg, nil)
+			vmtest.WaitProgress(t, m, []uint64{10000, 10000})
 			if err := m.Pause(); err != nil {
 				t.Fatal(err)
 			}
@@ -148,8 +150,8 @@ func TestSaveRestoreAcrossProcesses(t *testing.T) {
 
 // snapshot boots a small counter VM, saves it and returns the file.
 func snapshot(t *testing.T) string {
-	m := boot(t, testvm.Config{MemSize: 16 << 20, VCPUs: 1, Workload: testvm.Counter})
-	waitProgress(t, m, []uint64{1000})
+	m := vmtest.Boot(t, testvm.Config{MemSize: 16 << 20, VCPUs: 1, Workload: testvm.Counter}, nil)
+	vmtest.WaitProgress(t, m, []uint64{1000})
 	if err := m.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -171,8 +173,8 @@ func TestBadSnapshotFiles(t *testing.T) {
 	} else {
 		mem.Close()
 	}
-	stateLen := int(le64(good[16:]))
-	memOff := int(le64(good[24:]))
+	stateLen := int(binary.LittleEndian.Uint64(good[16:]))
+	memOff := int(binary.LittleEndian.Uint64(good[24:]))
 	tests := []struct {
 		name   string
 		mutate func([]byte) []byte
@@ -203,14 +205,6 @@ func TestBadSnapshotFiles(t *testing.T) {
 			t.Log(err)
 		})
 	}
-}
-
-func le64(b []byte) uint64 {
-	var v uint64
-	for i := 7; i >= 0; i-- {
-		v = v<<8 | uint64(b[i])
-	}
-	return v
 }
 
 // A state restored onto memory of another size is refused, and the memory
