@@ -62,8 +62,11 @@ func pageWords(mem []byte, off uint64) *[512]uint64 {
 // already uses SIGURG for goroutine preemption and ignores spurious ones, so
 // no handler is needed; its only effect is that KVM_RUN returns EINTR.
 func kick(tid int) error {
-	return unix.Tgkill(unix.Getpid(), tid, unix.SIGURG)
+	return unix.Tgkill(pid, tid, unix.SIGURG)
 }
+
+// pid is this process's id, read once: kick runs on every pause.
+var pid = unix.Getpid()
 
 // pageWordsOf views a page-sized byte slice as words.
 func pageWordsOf(b []byte) []uint64 {
