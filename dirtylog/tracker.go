@@ -543,3 +543,21 @@ func orInto(dst, src []uint64) (set, added int) {
 	}
 	return set, added
 }
+
+// Source harvests the pages of a VM's memory dirtied since the last harvest.
+// Tracker is the KVM implementation; a VMM that tracks writes its own way (or
+// a test double with no KVM at all) can supply another. replicate's VM
+// contract asks for a Source.
+type Source interface {
+	// Start turns tracking on; pages written from then on are reported.
+	Start() error
+	// Stop turns tracking off.
+	Stop() error
+	// Harvest adds to into every page written since the last harvest (or
+	// Start) and starts a new interval, with Tracker's exactness guarantee.
+	Harvest(into *Set) (Stats, error)
+	// Mechanism names how pages are tracked, for reports.
+	Mechanism() Mechanism
+}
+
+var _ Source = (*Tracker)(nil)

@@ -42,3 +42,13 @@ func (m *Machine) DirtyTracker(mech dirtylog.Mechanism, initiallySet bool) (*dir
 	})
 	return t, nil
 }
+
+// DirtySource is DirtyTracker(mech, false) as a dirtylog.Source: the form
+// replicate's VM contract asks for.
+func (m *Machine) DirtySource(mech dirtylog.Mechanism) (dirtylog.Source, error) {
+	t, err := m.DirtyTracker(mech, false)
+	if err != nil {
+		return nil, err
+	}
+	return t, nil
+}

@@ -1,0 +1,615 @@
+package replicate
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pierrec/lz4/v4"
+)
+
+// Errors a Backup returns.
+var (
+	// ErrPrimaryStopped: the primary ended the session on purpose (it said
+	// bye, or that its VM stopped). There is nothing to fail over.
+	ErrPrimaryStopped = errors.New("primary stopped replication")
+	// ErrNoCheckpoint: the primary was lost before the first checkpoint of its
+	// session completed, so there is no VM state to resume.
+	ErrNoCheckpoint = errors.New("primary lost before its first checkpoint: nothing to resume")
+	// ErrReplicaCorrupt: at failover the replica's memory does not match the
+	// digest of its checkpoint; it is not resumed.
+	ErrReplicaCorrupt = errors.New("replica memory does not match its checkpoint")
+)
+
+// errPrimaryLost marks a session that ended because the primary went away.
+var errPrimaryLost = errors.New("primary lost")
+
+// HookApply is the backup's hook point: half of an epoch's pages are applied.
+const HookApply = "apply"
+
+// BackupConfig configures a Backup.
+type BackupConfig struct {
+	// NewMemory returns a zero-filled file of size bytes for a replica
+	// (testvm.NewMemFile makes a memfd). Required.
+	NewMemory func(size uint64) (*os.File, error)
+	// Resume restores the VM from a checkpoint and runs it: the failover.
+	// It owns cp.Memory from the call on. Required.
+	Resume func(cp *Checkpoint) error
+	// Expect, when set, is the only VM shape accepted.
+	Expect *Shape
+	// HeartbeatTimeout is how long silence from the primary means it is gone;
+	// 0 means 5 of its intervals, at least MinHeartbeatTimeout.
+	HeartbeatTimeout time.Duration
+	// SkipVerify skips digesting the whole replica before resuming it.
+	SkipVerify bool
+	// OnEpoch is told of every checkpoint applied.
+	OnEpoch func(epoch uint64, pages int, digest uint64)
+	// Hook, when set, is called at HookApply (fault injection for tests).
+	Hook func(point string, epoch uint64)
+	// Log receives the backup's messages; nil means slog.Default().
+	Log *slog.Logger
+}
+
+// Failover describes a failover the backup carried out.
+type Failover struct {
+	Epoch    uint64        // the checkpoint resumed
+	Digest   uint64        // its memory digest
+	Verified bool          // the replica was digested and matched
+	Cause    error         // why the primary was deemed lost
+	Verify   time.Duration // digesting the replica
+	Restore  time.Duration // the Resume call
+	Took     time.Duration // from detecting the loss to Resume returning
+}
+
+// Backup receives a primary's epochs into a replica and, when the primary is
+// lost, resumes the VM from the last complete checkpoint.
+type Backup struct {
+	cfg BackupConfig
+	log *slog.Logger
+
+	mu  sync.Mutex
+	rep *replica // the current session's replica
+}
+
+// replica is guest memory on the backup and the checkpoint it holds.
+type replica struct {
+	shape  Shape
+	lay    layout
+	mem    *os.File
+	table  *digestTable
+	epoch  uint64 // last checkpoint applied (0: none)
+	state  []byte
+	digest uint64
+}
+
+// NewBackup checks cfg and makes a backup.
+func NewBackup(cfg BackupConfig) (*Backup, error) {
+	if cfg.NewMemory == nil || cfg.Resume == nil {
+		return nil, errors.New("replicate: backup config needs NewMemory and Resume")
+	}
+	if cfg.Expect != nil {
+		if err := cfg.Expect.check(); err != nil {
+			return nil, fmt.Errorf("expected shape: %w", err)
+		}
+	}
+	log := cfg.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Backup{cfg: cfg, log: log}, nil
+}
+
+// LastCheckpoint returns the epoch and digest of the checkpoint the replica
+// holds (epoch 0: none).
+func (b *Backup) LastCheckpoint() (epoch, digest uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.rep == nil {
+		return 0, 0
+	}
+	return b.rep.epoch, b.rep.digest
+}
+
+// ReplicaDigest digests the replica's memory as it is now.
+func (b *Backup) ReplicaDigest() (uint64, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.rep == nil {
+		return 0, errors.New("no replica")
+	}
+	return DigestMemory(b.rep.mem, b.rep.shape.MemSize)
+}
+
+// Close frees the replica, unless a failover handed it on.
+func (b *Backup) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.rep == nil {
+		return nil
+	}
+	err := b.rep.mem.Close()
+	b.rep = nil
+	return err
+}
+
+// Serve accepts primaries on ln, one session at a time. A session the backup
+// refuses (a protocol error: corrupt, truncated, reordered or foreign data, a
+// wrong version or shape) is logged and the next primary awaited; the replica
+// keeps its last good checkpoint. When a primary is lost after its first
+// checkpoint, Serve fails over and returns what it did. It returns
+// ErrPrimaryStopped when the primary stopped on purpose, an error wrapping
+// ErrNoCheckpoint when it was lost too early, and ctx's error when ctx ends.
+func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, fmt.Errorf("accept primary: %w", err)
+		}
+		fo, err := b.Handle(ctx, conn)
+		if errors.Is(err, ErrProtocol) {
+			epoch, _ := b.LastCheckpoint()
+			b.log.Error("refused primary", "from", conn.RemoteAddr(), "err", err, "replica-epoch", epoch)
+			continue
+		}
+		return fo, err
+	}
+}
+
+// Handle runs one session with a primary over conn, which it closes, and
+// fails over if the primary is lost. Errors are as for Serve; a protocol
+// error wraps ErrProtocol.
+func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*Failover, error) {
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	s := &session{b: b, conn: conn, bw: bufio.NewWriter(conn), done: make(chan struct{})}
+	err := s.run()
+	close(s.done)
+	stop()
+	conn.Close()
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	if !errors.Is(err, errPrimaryLost) {
+		return nil, err
+	}
+	return b.failover(err)
+}
+
+// failover resumes the session's last checkpoint.
+func (b *Backup) failover(cause error) (*Failover, error) {
+	t0 := time.Now()
+	b.mu.Lock()
+	rep := b.rep
+	b.mu.Unlock()
+	if rep == nil || rep.epoch == 0 {
+		return nil, fmt.Errorf("%w (%v)", ErrNoCheckpoint, cause)
+	}
+	fo := &Failover{Epoch: rep.epoch, Digest: rep.digest, Cause: cause}
+	b.log.Warn("PRIMARY LOST: failing over", "cause", cause, "epoch", rep.epoch)
+	if !b.cfg.SkipVerify {
+		d, err := DigestMemory(rep.mem, rep.shape.MemSize)
+		if err != nil {
+			return nil, fmt.Errorf("verify replica: %w", err)
+		}
+		if d != rep.digest {
+			return nil, fmt.Errorf("%w: epoch %d digest %s, memory digests to %s", ErrReplicaCorrupt, rep.epoch, formatDigest(rep.digest), formatDigest(d))
+		}
+		fo.Verified = true
+	}
+	t := time.Now()
+	fo.Verify = t.Sub(t0)
+	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape}
+	b.mu.Lock()
+	b.rep = nil // the memory is Resume's now
+	b.mu.Unlock()
+	if err := b.cfg.Resume(cp); err != nil {
+		return fo, fmt.Errorf("resume epoch %d: %w", rep.epoch, err)
+	}
+	fo.Restore = time.Since(t)
+	fo.Took = time.Since(t0)
+	b.log.Info("failed over", "epoch", fo.Epoch, "digest", formatDigest(fo.Digest), "verified", fo.Verified, "took", fo.Took)
+	return fo, nil
+}
+
+// session is one primary's connection.
+type session struct {
+	b       *Backup
+	conn    net.Conn
+	wmu     sync.Mutex
+	bw      *bufio.Writer
+	done    chan struct{}
+	timeout time.Duration
+	acked   atomic.Uint64
+
+	rep       *replica
+	precopy   bool   // still in the initial sync
+	round     uint32 // next pre-copy round expected
+	epoch     uint64 // next checkpoint epoch expected
+	crc       uint32
+	pages     uint64
+	staged    []byte // a checkpoint epoch's Pages messages, payloads back to back
+	state     []byte
+	hasState  bool
+	seen      []uint64 // bitmap of pages sent in this epoch
+	seenList  []uint64
+	maxStaged int
+	pageBuf   []byte
+	idxs      []uint64
+	crcs      []uint32
+}
+
+func (s *session) write(t MsgType, epoch uint64, payload []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.conn.SetWriteDeadline(time.Now().Add(s.timeout))
+	if _, err := s.bw.Write(encodeMsg(nil, t, epoch, payload)); err != nil {
+		return err
+	}
+	return s.bw.Flush()
+}
+
+// reject tells the primary why the session ends and returns err.
+func (s *session) reject(err error) error {
+	s.write(MsgReject, 0, appendReject(nil, err.Error()))
+	return err
+}
+
+// run handles the session until it ends.
+func (s *session) run() error {
+	s.timeout = max(s.b.cfg.HeartbeatTimeout, 5*time.Second)
+	s.conn.SetReadDeadline(time.Now().Add(s.timeout))
+	rd := newMsgReader(s.conn)
+	h, payload, err := rd.ReadMsg()
+	if err != nil {
+		return s.reject(protoErr("read hello: %v", err))
+	}
+	if h.Type != MsgHello {
+		return s.reject(protoErr("first message is %v, want hello", h.Type))
+	}
+	hello, err := decodeHello(payload)
+	if err != nil {
+		return s.reject(err)
+	}
+	v, err := negotiate(hello)
+	if err != nil {
+		return s.reject(err)
+	}
+	if e := s.b.cfg.Expect; e != nil && !e.Equal(hello.Shape) {
+		return s.reject(protoErr("VM shape mismatch: primary has %v (regions %v), this backup expects %v (regions %v)",
+			hello.Shape, hello.Shape.Regions, *e, e.Regions))
+	}
+	if err := s.newReplica(hello.Shape); err != nil {
+		s.reject(fmt.Errorf("backup cannot hold the replica: %v", err))
+		return err
+	}
+	s.timeout = s.b.cfg.HeartbeatTimeout
+	if s.timeout == 0 {
+		s.timeout = max(5*hello.Interval, MinHeartbeatTimeout, 4*hello.Heartbeat)
+	}
+	if err := s.write(MsgWelcome, 0, appendWelcome(nil, v)); err != nil {
+		return fmt.Errorf("%w: send welcome: %v", errPrimaryLost, err)
+	}
+	s.b.log.Info("primary connected", "from", s.conn.RemoteAddr(), "vmm", hello.VMM, "shape", hello.Shape,
+		"interval", hello.Interval, "version", v, "heartbeat-timeout", s.timeout)
+	go s.heartbeats(min(hello.Heartbeat, s.timeout/4))
+	s.precopy, s.epoch = true, 1
+	s.maxStaged = int(hello.Shape.MemSize + hello.Shape.MemSize/8 + MaxPayload)
+	for {
+		s.conn.SetReadDeadline(time.Now().Add(s.timeout))
+		h, payload, err := rd.ReadMsg()
+		if err != nil {
+			if errors.Is(err, ErrProtocol) {
+				return s.reject(err)
+			}
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				err = fmt.Errorf("no word from the primary for %v", s.timeout)
+			}
+			if err == io.ErrUnexpectedEOF {
+				err = errors.New("stream ended inside a message")
+			}
+			return fmt.Errorf("%w: %v (epoch %d in progress dropped)", errPrimaryLost, err, s.current())
+		}
+		if err := s.handle(h, rd.rawHeader(), payload); err != nil {
+			if errors.Is(err, ErrProtocol) {
+				return s.reject(err)
+			}
+			return err
+		}
+	}
+}
+
+func (s *session) current() uint64 {
+	if s.precopy {
+		return 0
+	}
+	return s.epoch
+}
+
+func (s *session) heartbeats(every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		if s.write(MsgHeartbeat, 0, appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: s.acked.Load()})) != nil {
+			return
+		}
+	}
+}
+
+func (b *Backup) setReplica(r *replica) {
+	b.mu.Lock()
+	old := b.rep
+	b.rep = r
+	b.mu.Unlock()
+	if old != nil {
+		old.mem.Close()
+	}
+}
+
+// newReplica makes the session's replica memory. It replaces any replica of
+// an earlier session: that session's primary went on unprotected, so its
+// checkpoint may be older than what the outside world has seen, and resuming
+// it could step back.
+func (s *session) newReplica(shape Shape) error {
+	if shape.MemSize > 1<<40 {
+		return fmt.Errorf("memory of %d bytes is too large", shape.MemSize)
+	}
+	mem, err := s.b.cfg.NewMemory(shape.MemSize)
+	if err != nil {
+		return fmt.Errorf("replica memory: %w", err)
+	}
+	s.rep = &replica{shape: shape, lay: layoutFor(shape), mem: mem, table: newDigestTable(shape.Pages())}
+	s.seen = make([]uint64, (shape.Pages()+63)/64)
+	s.b.setReplica(s.rep)
+	return nil
+}
+
+// handle takes one message of the stream.
+func (s *session) handle(h Header, hdr, payload []byte) error {
+	switch h.Type {
+	case MsgHeartbeat:
+		_, err := decodeHeartbeat(payload)
+		return err
+	case MsgBye:
+		if s.precopy || h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState {
+			return protoErr("bye at epoch %d while epoch %d is in progress", h.Epoch, s.current())
+		}
+		return fmt.Errorf("%w after epoch %d", ErrPrimaryStopped, h.Epoch)
+	case MsgReject:
+		reason, err := decodeReject(payload)
+		if err != nil {
+			return err
+		}
+		return fmt.Errorf("%w: %s", ErrPrimaryStopped, reason)
+	case MsgPages, MsgState, MsgEnd:
+	default:
+		return protoErr("primary sent %v in the middle of the stream", h.Type)
+	}
+	if s.precopy && h.Epoch == 1 && s.pages == 0 {
+		s.precopy = false // the first checkpoint follows the last pre-copy round
+	}
+	if want := s.current(); h.Epoch != want {
+		return protoErr("%v message of epoch %d while epoch %d is in progress (reordered or foreign stream)", h.Type, h.Epoch, want)
+	}
+	switch h.Type {
+	case MsgPages:
+		s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
+		if s.precopy {
+			return s.applyBatch(payload)
+		}
+		if len(s.staged)+len(payload) > s.maxStaged {
+			return protoErr("epoch %d exceeds the staging limit of %d bytes", s.epoch, s.maxStaged)
+		}
+		if _, err := checkPages(payload); err != nil {
+			return err
+		}
+		s.staged = append(s.staged, hdr[4:8]...) // the payload length, to split them again
+		s.staged = append(s.staged, payload...)
+		return nil
+	case MsgState:
+		if s.precopy || s.hasState {
+			return protoErr("unexpected state message in epoch %d", s.current())
+		}
+		s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
+		s.state, s.hasState = append([]byte(nil), payload...), true
+		return nil
+	}
+	end, err := decodeEnd(payload)
+	if err != nil {
+		return err
+	}
+	return s.end(end)
+}
+
+// end closes an epoch: verify, ack, apply.
+func (s *session) end(e End) error {
+	defer s.resetEpoch()
+	switch {
+	case s.precopy && e.Kind != kindPrecopy:
+		return protoErr("checkpoint end record in the initial sync, with no checkpoint data")
+	case s.precopy && e.Round != s.round:
+		return protoErr("end of pre-copy round %d, expected round %d", e.Round, s.round)
+	case !s.precopy && e.Kind != kindCheckpoint:
+		return protoErr("pre-copy round after the first checkpoint")
+	case e.Checksum != s.crc:
+		return protoErr("epoch %d: checksum %08x, the stream sums to %08x (corrupted)", s.current(), e.Checksum, s.crc)
+	case !s.precopy && !s.hasState:
+		return protoErr("checkpoint epoch %d has no machine state", s.epoch)
+	}
+	if s.precopy {
+		if e.Pages != s.pages {
+			return protoErr("pre-copy round %d: end says %d pages, %d arrived", s.round, e.Pages, s.pages)
+		}
+		if e.Digest != s.rep.table.digest {
+			return protoErr("pre-copy round %d: digest %s, replica digests to %s", s.round, formatDigest(e.Digest), formatDigest(s.rep.table.digest))
+		}
+		s.round++
+		return nil
+	}
+	// Decode the staged epoch completely before touching the replica.
+	if err := s.decodeStaged(); err != nil {
+		return err
+	}
+	if uint64(len(s.idxs)) != e.Pages {
+		return protoErr("epoch %d: end says %d pages, %d arrived", s.epoch, e.Pages, len(s.idxs))
+	}
+	d := s.rep.table.digest
+	for k, idx := range s.idxs {
+		d += s.rep.table.delta(idx, s.crcs[k])
+	}
+	if d != e.Digest {
+		return protoErr("epoch %d: digest %s, the replica would digest to %s", s.epoch, formatDigest(e.Digest), formatDigest(d))
+	}
+	if err := s.write(MsgAck, s.epoch, appendAck(nil, d)); err != nil {
+		// The epoch is verified and complete: apply it anyway, so the replica
+		// is the newest complete checkpoint; the read that follows notices.
+		s.b.log.Warn("send ack", "epoch", s.epoch, "err", err)
+	}
+	if err := s.apply(); err != nil {
+		return err
+	}
+	s.b.mu.Lock()
+	s.rep.state, s.rep.epoch, s.rep.digest = s.state, s.epoch, d
+	s.b.mu.Unlock()
+	s.acked.Store(s.epoch)
+	if s.b.cfg.OnEpoch != nil {
+		s.b.cfg.OnEpoch(s.epoch, len(s.idxs), d)
+	}
+	s.epoch++
+	return nil
+}
+
+func (s *session) resetEpoch() {
+	s.crc, s.pages, s.staged, s.state, s.hasState = 0, 0, s.staged[:0], nil, false
+	for _, i := range s.seenList {
+		s.seen[i/64] = 0
+	}
+	s.seenList = s.seenList[:0]
+}
+
+// markSeen checks that a page appears once per epoch and lies in memory.
+func (s *session) markSeen(gpa uint64) (uint64, error) {
+	idx, ok := s.rep.lay.index(gpa)
+	if !ok {
+		return 0, protoErr("page at GPA %#x is outside guest memory", gpa)
+	}
+	if s.seen[idx/64]&(1<<(idx%64)) != 0 {
+		return 0, protoErr("page at GPA %#x sent twice in epoch %d", gpa, s.current())
+	}
+	s.seen[idx/64] |= 1 << (idx % 64)
+	s.seenList = append(s.seenList, idx)
+	return idx, nil
+}
+
+// decodePage decodes one entry into dst (a page).
+func decodePage(e pageEntry, dst []byte) error {
+	switch e.Enc {
+	case encZero:
+		clear(dst)
+	case encRaw:
+		copy(dst, e.Data)
+	case encLZ4:
+		n, err := lz4.UncompressBlock(e.Data, dst)
+		if err != nil || n != PageSize {
+			return protoErr("page at GPA %#x: LZ4 data does not decode to a page", e.GPA)
+		}
+	}
+	return nil
+}
+
+// applyBatch writes a pre-copy batch straight into the replica: until the
+// first checkpoint, the replica is no checkpoint, so nothing is lost by it.
+func (s *session) applyBatch(payload []byte) error {
+	page := s.page(0)
+	return decodePages(payload, func(e pageEntry) error {
+		idx, err := s.markSeen(e.GPA)
+		if err != nil {
+			return err
+		}
+		if err := decodePage(e, page); err != nil {
+			return err
+		}
+		if _, err := s.rep.mem.WriteAt(page, int64(idx*PageSize)); err != nil {
+			return fmt.Errorf("write replica: %w", err)
+		}
+		s.rep.table.set(idx, pageCRC(page))
+		s.pages++
+		return nil
+	})
+}
+
+// page returns page k of the session's decode buffer, growing it.
+func (s *session) page(k int) []byte {
+	if need := (k + 1) * PageSize; need > len(s.pageBuf) {
+		s.pageBuf = append(s.pageBuf, make([]byte, max(need, 2*len(s.pageBuf))-len(s.pageBuf))...)
+	}
+	return s.pageBuf[k*PageSize : (k+1)*PageSize]
+}
+
+// decodeStaged decodes every staged page into the page buffer, with its
+// replica index and CRC.
+func (s *session) decodeStaged() error {
+	s.idxs, s.crcs = s.idxs[:0], s.crcs[:0]
+	for st := s.staged; len(st) > 0; {
+		n := int(uint32(st[0]) | uint32(st[1])<<8 | uint32(st[2])<<16 | uint32(st[3])<<24)
+		payload := st[4 : 4+n]
+		st = st[4+n:]
+		err := decodePages(payload, func(e pageEntry) error {
+			idx, err := s.markSeen(e.GPA)
+			if err != nil {
+				return err
+			}
+			p := s.page(len(s.idxs))
+			if err := decodePage(e, p); err != nil {
+				return err
+			}
+			s.idxs = append(s.idxs, idx)
+			s.crcs = append(s.crcs, pageCRC(p))
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// apply writes a verified epoch's pages into the replica, coalescing runs of
+// consecutive replica pages into one write.
+func (s *session) apply() error {
+	n := len(s.idxs)
+	for i := 0; i < n; {
+		j := i + 1
+		for j < n && s.idxs[j] == s.idxs[j-1]+1 {
+			j++
+		}
+		if _, err := s.rep.mem.WriteAt(s.pageBuf[i*PageSize:j*PageSize], int64(s.idxs[i]*PageSize)); err != nil {
+			return fmt.Errorf("apply epoch %d: write replica: %w", s.epoch, err)
+		}
+		for k := i; k < j; k++ {
+			s.rep.table.set(s.idxs[k], s.crcs[k])
+		}
+		if i <= n/2 && n/2 < j && s.b.cfg.Hook != nil {
+			s.b.cfg.Hook(HookApply, s.epoch)
+		}
+		i = j
+	}
+	return nil
+}

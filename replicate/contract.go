@@ -1,0 +1,70 @@
+package replicate
+
+import (
+	"os"
+
+	"github.com/repagent/repagent/dirtylog"
+)
+
+// PageSize is the unit of replication: the guest page KVM tracks.
+const PageSize = 4096
+
+// VM is what the primary's engine needs from a VMM: the VM contract.
+// testvm.Machine implements it; so can a user's own VMM (see the package
+// example). The engine calls Pause, Save and Resume from one goroutine.
+type VM interface {
+	// DirtySlots returns the guest memory regions with their host mappings,
+	// in the order the replica lays them out back to back.
+	DirtySlots() []dirtylog.Slot
+	// DirtySource returns a source of dirty pages over those regions with the
+	// given mechanism: KVM's log plus the pages the VMM itself writes. It is
+	// not started.
+	DirtySource(mech dirtylog.Mechanism) (dirtylog.Source, error)
+	// NumVCPUs is the number of vCPUs, for the VM's shape.
+	NumVCPUs() int
+	// Pause stops every vCPU and returns once none runs guest code.
+	Pause() error
+	// Resume lets them run again.
+	Resume() error
+	// Save returns the complete machine state (every vCPU, in-kernel irqchip,
+	// clock, every device) of the paused VM, in a form Restore-side code
+	// checks fully before it builds anything.
+	Save() ([]byte, error)
+}
+
+// Checkpoint is what the backup resumes on failover: a complete machine
+// state and the replica memory at the same epoch boundary.
+type Checkpoint struct {
+	// Epoch is the checkpoint's epoch number.
+	Epoch uint64
+	// State is the machine state the primary saved during the epoch's pause.
+	State []byte
+	// Memory is the replica: the guest memory regions back to back, in the
+	// order of the primary's VM.DirtySlots, in a file of Shape.MemSize bytes.
+	// Resume takes ownership of it (a VMM maps it directly: no copy).
+	Memory *os.File
+	// Digest is the memory digest (see Digest) the primary computed for this
+	// epoch; the backup checked the replica against it.
+	Digest uint64
+	// Shape is the VM's shape as the primary declared it.
+	Shape Shape
+}
+
+// OutputGate holds a VM's externally visible output (network frames, disk
+// writes) until the epoch that produced it is safe on the backup. The engine
+// drives it; ebpf and diskmirror implement it. Calls come from the engine's
+// goroutines, one at a time, in epoch order.
+type OutputGate interface {
+	// Open starts epoch n: output produced from now on belongs to n. The engine
+	// calls it during the pause that ends epoch n-1, with the vCPUs stopped.
+	Open(n uint64) error
+	// Commit releases the output of every epoch up to and including n: the
+	// backup acknowledged n.
+	Commit(n uint64) error
+	// Discard drops the output of every epoch after n: those epochs will never
+	// be committed (this side lost the VM, or failed over to n).
+	Discard(n uint64) error
+	// Release stops holding: the backup is lost and the VM runs unprotected,
+	// so everything held is released and output passes from now on.
+	Release() error
+}

@@ -1,0 +1,123 @@
+package replicate_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/repagent/repagent/internal/vmtest"
+	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/testvm"
+)
+
+var _ replicate.VM = (*testvm.Machine)(nil)
+
+func testLog(t *testing.T) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// TestKVMReplicateAndFailover replicates a running test VM over loopback
+// TCP, cuts the primary off, and resumes the guest on the backup.
+func TestKVMReplicateAndFailover(t *testing.T) {
+	for _, wl := range []testvm.Workload{testvm.Dirty, testvm.Counter} {
+		t.Run(wl.String(), func(t *testing.T) {
+			m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: wl, Pattern: testvm.Seq, WorkingSet: 2000, Rate: 20000}, nil)
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			resumed := make(chan *testvm.Machine, 1)
+			b, err := replicate.NewBackup(replicate.BackupConfig{
+				NewMemory: testvm.NewMemFile,
+				Resume: func(cp *replicate.Checkpoint) error {
+					rm, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
+					if err != nil {
+						return err
+					}
+					resumed <- rm
+					return nil
+				},
+				Log: testLog(t),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			type result struct {
+				fo  *replicate.Failover
+				err error
+			}
+			bres := make(chan result, 1)
+			go func() {
+				fo, err := b.Serve(context.Background(), ln)
+				bres <- result{fo, err}
+			}()
+			conn, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var epochs []*replicate.EpochStats
+			p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t),
+				OnEpoch: func(s *replicate.EpochStats) { epochs = append(epochs, s) }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			perr := make(chan error, 1)
+			go func() { perr <- p.Run(ctx, &cutConn{Conn: conn}) }()
+			deadline := time.Now().Add(vmtest.Wait)
+			for p.LastAcked() < 20 {
+				if time.Now().After(deadline) {
+					t.Fatalf("only %d epochs acknowledged", p.LastAcked())
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			// Kill the link as a dead host would: the backup sees the stream end.
+			conn.Close()
+			err = <-perr
+			cancel()
+			if !errors.Is(err, replicate.ErrBackupLost) {
+				t.Fatalf("primary: %v, want ErrBackupLost", err)
+			}
+			r := <-bres
+			if r.err != nil {
+				t.Fatalf("backup: %v", r.err)
+			}
+			t.Logf("failover to epoch %d (primary acked %d) in %v", r.fo.Epoch, p.LastAcked(), r.fo.Took)
+			if r.fo.Epoch < p.LastAcked() || !r.fo.Verified {
+				t.Fatalf("failover to epoch %d (verified %v), primary had %d acknowledged", r.fo.Epoch, r.fo.Verified, p.LastAcked())
+			}
+			rm := <-resumed
+			defer rm.Close()
+			if err := m.Pause(); err != nil {
+				t.Fatal(err)
+			}
+			if err := rm.Start(); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(200 * time.Millisecond)
+			if err := rm.Pause(); err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < rm.NumVCPUs(); i++ {
+				st := rm.Status(i)
+				t.Logf("vCPU %d after failover: %+v", i, st)
+				if wl == testvm.Dirty {
+					if _, err := rm.VerifyPages(i); err != nil {
+						t.Fatal(err)
+					}
+				} else if testvm.CounterHash(testvm.CounterStart, 0, st.Counter) != st.Hash {
+					t.Fatalf("vCPU %d: counter %d hash %x breaks the chain", i, st.Counter, st.Hash)
+				}
+			}
+		})
+	}
+}
+
+type cutConn struct{ net.Conn }

@@ -1,0 +1,786 @@
+package replicate
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"log/slog"
+	"net"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/repagent/repagent/dirtylog"
+)
+
+// Interval limits and defaults.
+const (
+	MinInterval     = 5 * time.Millisecond
+	MaxInterval     = 10 * time.Second
+	DefaultInterval = 100 * time.Millisecond
+	// MinHeartbeatTimeout is the floor of the default heartbeat timeout.
+	MinHeartbeatTimeout = 500 * time.Millisecond
+)
+
+// ErrBackupLost is returned (wrapped with the cause) by Primary.Run when the
+// backup stopped answering, closed the connection or refused the session.
+// The guest keeps running, unprotected; the output gates were released.
+var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
+
+// Hook points for Config.Hook.
+const (
+	HookSync  = "sync"  // a pre-copy round's first batch is on the wire
+	HookPause = "pause" // inside a pause: harvested, state saved, pages not yet staged
+	HookSend  = "send"  // half of an epoch's batches are on the wire
+	HookSent  = "sent"  // an epoch's end record is on the wire, not yet acknowledged
+)
+
+// Config configures a Primary.
+type Config struct {
+	// VM is the VM to protect.
+	VM VM
+	// Interval is the epoch length, MinInterval to MaxInterval; 0 means
+	// DefaultInterval.
+	Interval time.Duration
+	// DirtyTrack is the dirty tracking mechanism asked of VM.DirtySource.
+	DirtyTrack dirtylog.Mechanism
+	// Workers is the number of compression goroutines; 0 means up to 4, one
+	// per CPU.
+	Workers int
+	// StagingBytes bounds the memory holding captured pages not yet sent.
+	// 0 means the guest memory size, capped at 1 GiB. An epoch whose pages do
+	// not fit even with nothing else in flight is sent from guest memory
+	// during its pause (stop-and-copy; EpochStats.Oversize).
+	StagingBytes uint64
+	// MaxInFlight bounds the epochs captured and not yet sent (default 2):
+	// the next pause waits for room.
+	MaxInFlight int
+	// Heartbeat is how often each side says it is alive (default: the
+	// interval, at most 100 ms). HeartbeatTimeout is how long silence means
+	// the other side is gone (default 5 intervals, at least
+	// MinHeartbeatTimeout). Each write must also complete within it.
+	Heartbeat, HeartbeatTimeout time.Duration
+	// PrecopyThreshold ends the initial sync once a round leaves at most this
+	// many dirty pages (default 1024); so does a round that does not shrink
+	// the dirty set, or MaxPrecopyRounds (default 30).
+	PrecopyThreshold int
+	MaxPrecopyRounds int
+	// Gates hold output until its epoch is acknowledged.
+	Gates []OutputGate
+	// AuditEvery, when not 0, digests all of guest memory in the pause of
+	// every AuditEvery-th epoch and checks it against the incremental digest
+	// sent to the backup: proof that dirty tracking missed no page, at the
+	// price of a longer pause. A mismatch stops replication with an error.
+	AuditEvery uint64
+	// Note, when set, is called in each pause; its result goes into
+	// EpochStats.Note (the CLI records guest counters there).
+	Note func() any
+	// OnEpoch receives each epoch's stats when the backup acknowledges it.
+	OnEpoch func(*EpochStats)
+	// OnSync receives the initial sync's progress after each round.
+	OnSync func(SyncProgress)
+	// Hook, when set, is called at the Hook* points: fault injection for
+	// tests (the CLI's REPAGENT_FAULT). It runs on the engine's goroutines.
+	Hook func(point string, epoch uint64)
+	// VMM names the VMM to the backup, for its messages.
+	VMM string
+	// Log receives the engine's messages; nil means slog.Default().
+	Log *slog.Logger
+}
+
+// withDefaults fills defaults and checks the config.
+func (c Config) withDefaults() (Config, error) {
+	if c.VM == nil {
+		return c, errors.New("replicate: config has no VM")
+	}
+	if c.Interval == 0 {
+		c.Interval = DefaultInterval
+	}
+	if c.Interval < MinInterval || c.Interval > MaxInterval {
+		return c, fmt.Errorf("interval %v out of range (%v to %v)", c.Interval, MinInterval, MaxInterval)
+	}
+	if c.Workers <= 0 {
+		c.Workers = min(4, runtime.NumCPU())
+	}
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = 2
+	}
+	if c.Heartbeat <= 0 {
+		c.Heartbeat = min(c.Interval, 100*time.Millisecond)
+	}
+	if c.HeartbeatTimeout <= 0 {
+		c.HeartbeatTimeout = max(5*c.Interval, MinHeartbeatTimeout)
+	}
+	if c.HeartbeatTimeout < 2*c.Heartbeat {
+		return c, fmt.Errorf("heartbeat timeout %v must be at least twice the heartbeat period %v", c.HeartbeatTimeout, c.Heartbeat)
+	}
+	if c.PrecopyThreshold <= 0 {
+		c.PrecopyThreshold = 1024
+	}
+	if c.MaxPrecopyRounds <= 0 {
+		c.MaxPrecopyRounds = 30
+	}
+	if c.Log == nil {
+		c.Log = slog.Default()
+	}
+	return c, nil
+}
+
+// Primary is the engine on the VM's host: it syncs the VM to a backup, then
+// checkpoints it every interval and ships each epoch while the guest runs.
+type Primary struct {
+	cfg    Config
+	lay    layout
+	src    dirtylog.Source
+	set    *dirtylog.Set
+	stage  *arena
+	digest *digestTable
+
+	conn net.Conn
+	wmu  sync.Mutex // serialises writes to bw
+	bw   *bufio.Writer
+
+	work     chan *batch
+	jobs     chan *epochJob
+	inflight chan struct{} // a token per epoch captured and not yet sent
+	gmu      sync.Mutex    // serialises gate calls
+
+	amu  sync.Mutex // guards sent
+	sent []*EpochStats
+
+	lastSent, lastAcked atomic.Uint64
+	protected           atomic.Bool
+
+	lost     chan struct{}
+	lostOnce sync.Once
+	lostErr  error
+}
+
+// NewPrimary checks cfg and prepares a primary for Run.
+func NewPrimary(cfg Config) (*Primary, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	p := &Primary{cfg: cfg, lay: layoutOf(cfg.VM.DirtySlots(), cfg.VM.NumVCPUs()), lost: make(chan struct{})}
+	if err := p.lay.shape.check(); err != nil {
+		return nil, fmt.Errorf("VM shape: %w", err)
+	}
+	if cfg.StagingBytes == 0 {
+		cfg.StagingBytes = min(p.lay.shape.MemSize, 1<<30)
+	}
+	if cfg.StagingBytes < 64*PageSize {
+		return nil, fmt.Errorf("staging of %d bytes is too small (at least %d)", cfg.StagingBytes, 64*PageSize)
+	}
+	p.cfg = cfg
+	p.stage = newArena(cfg.StagingBytes / PageSize)
+	p.digest = newDigestTable(p.lay.shape.Pages())
+	p.set = dirtylog.NewSet(cfg.VM.DirtySlots())
+	return p, nil
+}
+
+// Shape is the VM's shape as the backup will see it.
+func (p *Primary) Shape() Shape { return p.lay.shape }
+
+// Protected reports whether the backup holds an acknowledged checkpoint and
+// is still reachable.
+func (p *Primary) Protected() bool { return p.protected.Load() }
+
+// LastAcked is the latest epoch the backup acknowledged (0: none yet).
+func (p *Primary) LastAcked() uint64 { return p.lastAcked.Load() }
+
+// LastSent is the latest epoch whose end record was sent.
+func (p *Primary) LastSent() uint64 { return p.lastSent.Load() }
+
+// Interval is the epoch interval in use.
+func (p *Primary) Interval() time.Duration { return p.cfg.Interval }
+
+// Run replicates the VM over conn (to a Backup) until ctx is done, the VM
+// stops, or the backup is lost. It takes ownership of conn. The VM must be
+// running. On ctx's end it waits (up to the heartbeat timeout) for the epochs
+// in flight to be acknowledged, tells the backup it stops on purpose, and
+// returns nil. On losing the backup it leaves the guest running, releases the
+// gates and returns an error wrapping ErrBackupLost.
+func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
+	p.conn, p.bw = conn, bufio.NewWriterSize(conn, 256<<10)
+	log := p.cfg.Log
+	defer conn.Close()
+	if err := p.handshake(); err != nil {
+		return err
+	}
+	src, err := p.cfg.VM.DirtySource(p.cfg.DirtyTrack)
+	if err != nil {
+		return fmt.Errorf("dirty tracking: %w", err)
+	}
+	p.src = src
+	if err := src.Start(); err != nil {
+		return fmt.Errorf("start dirty tracking (%v): %w", p.cfg.DirtyTrack, err)
+	}
+	defer func() {
+		if serr := src.Stop(); serr != nil && err == nil {
+			err = fmt.Errorf("stop dirty tracking: %w", serr)
+		}
+	}()
+	log.Info("replicating", "backup", conn.RemoteAddr(), "shape", p.lay.shape, "interval", p.cfg.Interval,
+		"dirty-track", src.Mechanism(), "heartbeat-timeout", p.cfg.HeartbeatTimeout)
+
+	p.work = make(chan *batch, 2*p.cfg.Workers)
+	p.jobs = make(chan *epochJob, p.cfg.MaxInFlight)
+	p.inflight = make(chan struct{}, p.cfg.MaxInFlight)
+	var wg sync.WaitGroup
+	for range p.cfg.Workers {
+		wg.Go(p.compressWorker)
+	}
+	senderDone := make(chan struct{})
+	go func() { defer close(senderDone); p.sendLoop() }()
+	go p.readLoop()
+	go p.heartbeatLoop()
+	defer func() {
+		close(p.jobs)
+		<-senderDone
+		close(p.work)
+		wg.Wait()
+	}()
+
+	if err := p.gateCall(func(g OutputGate) error { return g.Open(1) }); err != nil {
+		return p.unprotected(err)
+	}
+	if err := p.initialSync(ctx); err != nil {
+		return p.unprotected(err)
+	}
+	if err := p.epochLoop(ctx); err != nil {
+		return p.unprotected(err)
+	}
+	if ctx.Err() == nil {
+		return p.unprotected(p.lostErr)
+	}
+	return p.finish()
+}
+
+// handshake sends Hello and waits for Welcome or Reject.
+func (p *Primary) handshake() error {
+	hello := Hello{Version: Version, MinVersion: MinVersion, Shape: p.lay.shape, Interval: p.cfg.Interval,
+		Heartbeat: p.cfg.Heartbeat, VMM: p.cfg.VMM}
+	if err := p.writeMsg(encodeMsg(nil, MsgHello, 0, appendHello(nil, hello)), true); err != nil {
+		return fmt.Errorf("send hello: %w", err)
+	}
+	p.conn.SetReadDeadline(time.Now().Add(max(p.cfg.HeartbeatTimeout, 5*time.Second)))
+	h, payload, err := newMsgReader(p.conn).ReadMsg()
+	if err != nil {
+		return fmt.Errorf("wait for the backup's welcome: %w", err)
+	}
+	switch h.Type {
+	case MsgWelcome:
+		_, err := decodeWelcome(payload)
+		return err
+	case MsgReject:
+		reason, err := decodeReject(payload)
+		if err != nil {
+			return err
+		}
+		return fmt.Errorf("backup refused the session: %s", reason)
+	default:
+		return protoErr("backup answered hello with %v", h.Type)
+	}
+}
+
+// writeMsg writes one encoded message; flush sends it at once.
+func (p *Primary) writeMsg(b []byte, flush bool) error {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	p.conn.SetWriteDeadline(time.Now().Add(p.cfg.HeartbeatTimeout))
+	if _, err := p.bw.Write(b); err != nil {
+		return err
+	}
+	if flush {
+		return p.bw.Flush()
+	}
+	return nil
+}
+
+// fail records the first reason the backup is lost and wakes everyone.
+func (p *Primary) fail(err error) {
+	p.lostOnce.Do(func() {
+		p.lostErr = err
+		p.protected.Store(false)
+		close(p.lost)
+		p.conn.Close()
+	})
+}
+
+func (p *Primary) isLost() bool {
+	select {
+	case <-p.lost:
+		return true
+	default:
+		return false
+	}
+}
+
+// unprotected handles the loss of the backup (or any error that ends
+// replication): the guest runs on, the gates let output through.
+func (p *Primary) unprotected(cause error) error {
+	p.fail(cause)
+	if err := p.gateCall(OutputGate.Release); err != nil {
+		p.cfg.Log.Error("release output gates", "err", err)
+	}
+	p.cfg.Log.Error("REPLICATION STOPPED: the VM runs UNPROTECTED", "cause", p.lostErr, "last-acked-epoch", p.lastAcked.Load())
+	return fmt.Errorf("%w: %w", ErrBackupLost, p.lostErr)
+}
+
+// finish ends a session on purpose: wait for acks, say bye.
+func (p *Primary) finish() error {
+	deadline := time.After(p.cfg.HeartbeatTimeout)
+	for p.lastAcked.Load() < p.lastSent.Load() || len(p.inflight) > 0 {
+		select {
+		case <-p.lost:
+			return p.unprotected(p.lostErr)
+		case <-deadline:
+			return p.unprotected(fmt.Errorf("epochs %d..%d not acknowledged within %v of stopping",
+				p.lastAcked.Load()+1, p.lastSent.Load(), p.cfg.HeartbeatTimeout))
+		case <-time.After(time.Millisecond):
+		}
+	}
+	err := p.writeMsg(encodeMsg(nil, MsgBye, p.lastSent.Load(), nil), true)
+	p.fail(errors.New("primary stopped replication"))
+	if gerr := p.gateCall(OutputGate.Release); gerr != nil && err == nil {
+		err = gerr
+	}
+	if err != nil {
+		return fmt.Errorf("say bye to the backup: %w", err)
+	}
+	p.cfg.Log.Info("replication stopped", "last-acked-epoch", p.lastAcked.Load())
+	return nil
+}
+
+func (p *Primary) gateCall(f func(OutputGate) error) error {
+	p.gmu.Lock()
+	defer p.gmu.Unlock()
+	for _, g := range p.cfg.Gates {
+		if err := f(g); err != nil {
+			return fmt.Errorf("output gate: %w", err)
+		}
+	}
+	return nil
+}
+
+func (p *Primary) hook(point string, epoch uint64) {
+	if p.cfg.Hook != nil {
+		p.cfg.Hook(point, epoch)
+	}
+}
+
+// readLoop reads acks and heartbeats from the backup.
+func (p *Primary) readLoop() {
+	rd := newMsgReader(p.conn)
+	for {
+		p.conn.SetReadDeadline(time.Now().Add(p.cfg.HeartbeatTimeout))
+		h, payload, err := rd.ReadMsg()
+		if err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				err = fmt.Errorf("no word from the backup for %v", p.cfg.HeartbeatTimeout)
+			}
+			p.fail(fmt.Errorf("read from backup: %w", err))
+			return
+		}
+		switch h.Type {
+		case MsgAck:
+			d, err := decodeAck(payload)
+			if err == nil {
+				err = p.acked(h.Epoch, d)
+			}
+			if err != nil {
+				p.fail(err)
+				return
+			}
+		case MsgHeartbeat:
+			if _, err := decodeHeartbeat(payload); err != nil {
+				p.fail(err)
+				return
+			}
+		case MsgReject:
+			reason, err := decodeReject(payload)
+			if err == nil {
+				err = fmt.Errorf("backup ended the session: %s", reason)
+			}
+			p.fail(err)
+			return
+		default:
+			p.fail(protoErr("backup sent %v", h.Type))
+			return
+		}
+	}
+}
+
+// acked handles the ack of epoch n.
+func (p *Primary) acked(n, digest uint64) error {
+	now := time.Now()
+	p.amu.Lock()
+	if len(p.sent) == 0 || p.sent[0].Epoch != n {
+		p.amu.Unlock()
+		return protoErr("backup acknowledged epoch %d, which is not the oldest unacknowledged one", n)
+	}
+	st := p.sent[0]
+	p.sent = p.sent[1:]
+	p.amu.Unlock()
+	if digest != st.Digest {
+		return fmt.Errorf("backup's replica diverged: epoch %d digest %s, primary's %s", n, formatDigest(digest), formatDigest(st.Digest))
+	}
+	st.AckLatency = now.Sub(st.Start.Add(st.Pause + st.Transfer))
+	p.lastAcked.Store(n)
+	p.protected.Store(!p.isLost())
+	if err := p.gateCall(func(g OutputGate) error { return g.Commit(n) }); err != nil {
+		return err
+	}
+	if p.cfg.OnEpoch != nil {
+		p.cfg.OnEpoch(st)
+	}
+	return nil
+}
+
+func (p *Primary) heartbeatLoop() {
+	t := time.NewTicker(p.cfg.Heartbeat)
+	defer t.Stop()
+	var buf []byte
+	for {
+		select {
+		case <-p.lost:
+			return
+		case <-t.C:
+		}
+		buf = encodeMsg(buf[:0], MsgHeartbeat, 0, appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: p.lastSent.Load()}))
+		if err := p.writeMsg(buf, true); err != nil {
+			p.fail(fmt.Errorf("send heartbeat: %w", err))
+			return
+		}
+	}
+}
+
+// initialSync copies all of memory while the guest runs, then pre-copy
+// rounds of what it dirtied meanwhile, until the dirty set is small or stops
+// shrinking. The pages dirty after the last round stay in p.set for the first
+// checkpoint.
+func (p *Primary) initialSync(ctx context.Context) error {
+	start := time.Now()
+	var all []uint64
+	for _, r := range p.lay.regions {
+		for off := uint64(0); off < r.size; off += PageSize {
+			all = append(all, r.gpa+off)
+		}
+	}
+	pages := all
+	prev := len(all) + 1
+	for round := 0; ; round++ {
+		t0 := time.Now()
+		job := &epochJob{kind: kindPrecopy, round: uint32(round), gpas: pages, live: true, done: make(chan struct{}), stats: &EpochStats{}}
+		job.stats.DirtyPages = len(pages)
+		if err := p.submit(ctx, job); err != nil {
+			return err
+		}
+		if round == 0 {
+			all = nil
+		}
+		p.set.Clear()
+		if _, err := p.src.Harvest(p.set); err != nil {
+			return fmt.Errorf("harvest during initial sync: %w", err)
+		}
+		n := p.set.Count()
+		done := n <= p.cfg.PrecopyThreshold || n >= prev || round+1 >= p.cfg.MaxPrecopyRounds
+		if p.cfg.OnSync != nil {
+			p.cfg.OnSync(SyncProgress{Round: round, Pages: len(pages), WireBytes: job.stats.WireBytes, Took: time.Since(t0),
+				Elapsed: time.Since(start), Remaining: n, Done: done})
+		}
+		if done {
+			return nil
+		}
+		prev = n
+		pages = p.gpasOf(make([]uint64, 0, n))
+	}
+}
+
+// submit hands a synchronous job to the sender and waits until it is sent.
+func (p *Primary) submit(ctx context.Context, job *epochJob) error {
+	select {
+	case p.inflight <- struct{}{}:
+	case <-p.lost:
+		return p.lostErr
+	case <-ctx.Done():
+		return nil
+	}
+	p.jobs <- job
+	select {
+	case <-job.done:
+		return nil
+	case <-p.lost:
+		return p.lostErr
+	}
+}
+
+// gpasOf appends the addresses of p.set's pages to dst.
+func (p *Primary) gpasOf(dst []uint64) []uint64 {
+	p.set.ForEachRun(func(gpa, n uint64) bool {
+		for i := range n {
+			dst = append(dst, gpa+i*PageSize)
+		}
+		return true
+	})
+	return dst
+}
+
+// epochLoop takes a checkpoint every interval until ctx ends or the backup
+// is lost.
+func (p *Primary) epochLoop(ctx context.Context) error {
+	timer := time.NewTimer(0) // the first checkpoint follows the sync at once
+	defer timer.Stop()
+	for epoch := uint64(1); ; epoch++ {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-p.lost:
+			return p.lostErr
+		case <-timer.C:
+		}
+		st := &EpochStats{Epoch: epoch}
+		t0 := time.Now()
+		select {
+		case p.inflight <- struct{}{}:
+		case <-ctx.Done():
+			return nil
+		case <-p.lost:
+			return p.lostErr
+		}
+		st.Wait = time.Since(t0)
+		if err := p.checkpoint(epoch, st); err != nil {
+			return err
+		}
+		timer.Reset(max(0, p.cfg.Interval-time.Since(st.Start)))
+	}
+}
+
+// checkpoint is one pause: stop the vCPUs, harvest, save, stage, open the
+// next epoch on the gates, resume. The epoch then goes to the sender.
+func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
+	vm := p.cfg.VM
+	st.Start = time.Now()
+	if err := vm.Pause(); err != nil {
+		<-p.inflight
+		return fmt.Errorf("pause VM: %w", err)
+	}
+	paused := true
+	defer func() {
+		if paused {
+			if rerr := vm.Resume(); rerr != nil && err == nil {
+				err = fmt.Errorf("resume VM: %w", rerr)
+			}
+		}
+	}()
+	t := time.Now()
+	st.Kick = t.Sub(st.Start)
+	if _, err := p.src.Harvest(p.set); err != nil {
+		<-p.inflight
+		return fmt.Errorf("harvest dirty pages: %w", err)
+	}
+	st.Harvest, t = lap(t)
+	state, err := vm.Save()
+	if err != nil {
+		<-p.inflight
+		return fmt.Errorf("save VM state: %w", err)
+	}
+	st.Save, t = lap(t)
+	if p.cfg.Note != nil {
+		st.Note = p.cfg.Note()
+	}
+	job := &epochJob{epoch: epoch, kind: kindCheckpoint, state: state}
+	if p.cfg.AuditEvery > 0 && epoch%p.cfg.AuditEvery == 0 {
+		job.audit, job.audited = digestSlots(p.lay.hosts()), true
+		st.Audit, t = lap(t)
+	}
+	p.hook(HookPause, epoch)
+	job.gpas = p.gpasOf(make([]uint64, 0, p.set.Count()))
+	n := uint64(len(job.gpas))
+	if n <= p.stage.size {
+		// Wait, paused, for room: the link is slower than the guest dirties.
+		if err := p.stage.wait(n, p.lost); err != nil {
+			<-p.inflight
+			return p.lostErr
+		}
+		st.Stall, t = lap(t)
+		job.start = p.stage.alloc(n)
+		job.staged = true
+		for k, gpa := range job.gpas {
+			copy(p.stage.page(job.start, uint64(k)), p.lay.page(gpa))
+		}
+	} else {
+		// Stop-and-copy: send from guest memory while paused.
+		st.Oversize = true
+		job.live, job.done = true, make(chan struct{})
+	}
+	p.set.Clear()
+	job.stats = st
+	if job.live {
+		p.jobs <- job
+		select {
+		case <-job.done:
+		case <-p.lost:
+			return p.lostErr
+		}
+	}
+	st.DirtyPages = int(n)
+	st.Copy, t = lap(t)
+	if err := p.gateCall(func(g OutputGate) error { return g.Open(epoch + 1) }); err != nil {
+		if !job.live {
+			p.jobs <- job // the sender owns the staging and the token now
+		}
+		return err
+	}
+	st.Gates, t = lap(t)
+	paused = false
+	if err := vm.Resume(); err != nil {
+		return fmt.Errorf("resume VM: %w", err)
+	}
+	st.Resume, t = lap(t)
+	st.Pause = t.Sub(st.Start)
+	if !job.live {
+		p.jobs <- job
+	}
+	return nil
+}
+
+func lap(t time.Time) (time.Duration, time.Time) {
+	now := time.Now()
+	return now.Sub(t), now
+}
+
+// epochJob is a checkpoint epoch or pre-copy round for the sender.
+type epochJob struct {
+	epoch       uint64
+	kind, round uint32
+	gpas        []uint64
+	live        bool   // pages are read from guest memory, not staging
+	staged      bool   // pages are in staging from start
+	start       uint64 // first staging page
+	state       []byte
+	audit       uint64
+	audited     bool
+	stats       *EpochStats
+	done        chan struct{} // closed once sent, for synchronous jobs
+}
+
+// data returns page k of the job.
+func (p *Primary) data(j *epochJob, k int) []byte {
+	if j.staged {
+		return p.stage.page(j.start, uint64(k))
+	}
+	return p.lay.page(j.gpas[k])
+}
+
+// sendLoop sends jobs in order, one at a time.
+func (p *Primary) sendLoop() {
+	for job := range p.jobs {
+		if !p.isLost() {
+			if err := p.send(job); err != nil {
+				p.fail(err)
+			}
+		}
+		if job.staged {
+			p.stage.free(uint64(len(job.gpas)))
+		}
+		if job.done != nil {
+			close(job.done)
+		}
+		<-p.inflight
+	}
+}
+
+// send compresses a job's pages in parallel and writes them in order, then
+// the state and the end record.
+func (p *Primary) send(job *epochJob) error {
+	t0 := time.Now()
+	st := job.stats
+	if st == nil {
+		st = &EpochStats{}
+		job.stats = st
+	}
+	hdrEpoch := job.epoch
+	crc := uint32(0)
+	var wire uint64
+	nb := (len(job.gpas) + MaxBatchPages - 1) / MaxBatchPages
+	depth := cap(p.work)
+	window := make([]*batch, 0, depth)
+	next := 0
+	dispatch := func() {
+		from := next * MaxBatchPages
+		b := getBatch(p, job, from, min(from+MaxBatchPages, len(job.gpas)))
+		window = append(window, b)
+		p.work <- b
+		next++
+	}
+	for i := 0; i < nb; i++ {
+		for next < nb && len(window) < depth {
+			dispatch()
+		}
+		b := window[0]
+		window = window[1:]
+		<-b.done
+		if b.err != nil {
+			return b.err
+		}
+		if err := p.writeMsg(b.msg, false); err != nil {
+			return fmt.Errorf("send epoch %d: %w", hdrEpoch, err)
+		}
+		crc = crc32.Update(crc, castagnoli, b.msg)
+		wire += uint64(len(b.msg))
+		for k, idx := range b.idx {
+			p.digest.set(idx, b.crc[k])
+		}
+		st.ZeroPages += b.zeros
+		putBatch(b)
+		if i == 0 && job.kind == kindPrecopy {
+			p.hook(HookSync, uint64(job.round))
+		}
+		if i == nb/2 && job.kind == kindCheckpoint {
+			p.hook(HookSend, job.epoch)
+		}
+	}
+	if job.kind == kindCheckpoint {
+		msg := encodeMsg(nil, MsgState, hdrEpoch, job.state)
+		if err := p.writeMsg(msg, false); err != nil {
+			return fmt.Errorf("send epoch %d state: %w", hdrEpoch, err)
+		}
+		crc = crc32.Update(crc, castagnoli, msg)
+		wire += uint64(len(msg))
+		st.StateBytes = uint64(len(job.state))
+	}
+	if job.audited && job.audit != p.digest.digest {
+		return fmt.Errorf("audit of epoch %d: guest memory digests to %s, the replicated pages to %s: dirty tracking missed a page",
+			job.epoch, formatDigest(job.audit), formatDigest(p.digest.digest))
+	}
+	st.Digest, st.Audited = p.digest.digest, job.audited
+	st.RawBytes = uint64(len(job.gpas)) * PageSize
+	end := End{Pages: uint64(len(job.gpas)), Digest: p.digest.digest, Checksum: crc, Kind: job.kind, Round: job.round}
+	msg := encodeMsg(nil, MsgEnd, hdrEpoch, appendEnd(nil, end))
+	st.WireBytes = wire + uint64(len(msg))
+	if job.kind == kindCheckpoint {
+		st.Transfer = time.Since(st.Start.Add(st.Pause))
+		if job.live {
+			st.Transfer = 0
+		}
+		p.amu.Lock()
+		p.sent = append(p.sent, st)
+		p.amu.Unlock()
+	}
+	if err := p.writeMsg(msg, true); err != nil {
+		return fmt.Errorf("send end of epoch %d: %w", hdrEpoch, err)
+	}
+	if job.kind == kindCheckpoint {
+		p.lastSent.Store(job.epoch)
+		p.hook(HookSent, job.epoch)
+	}
+	_ = t0
+	return nil
+}
+
+var errLost = errors.New("backup lost")

@@ -1,0 +1,121 @@
+package replicate
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// EpochStats describes one checkpoint epoch on the primary. The pause the
+// guest saw is Pause = Kick + Harvest + Save + Stall + Copy + Gates + Resume
+// (plus the Note and Audit hooks when set).
+type EpochStats struct {
+	Epoch uint64
+	// Start is when the pause began.
+	Start time.Time
+	// Wait is the back-pressure wait before the pause: the previous epochs
+	// were still being sent and staging was at its limit. The guest ran on.
+	Wait time.Duration
+	// Pause is how long the vCPUs were stopped, and the parts of it:
+	Pause   time.Duration
+	Kick    time.Duration // stopping every vCPU (VM.Pause)
+	Harvest time.Duration // the dirty log
+	Save    time.Duration // machine state (VM.Save)
+	Stall   time.Duration // waiting, paused, for staging room (back-pressure on the guest)
+	Copy    time.Duration // dirty pages into staging (or, for an oversized epoch, sending them)
+	Gates   time.Duration // opening the next epoch on the output gates
+	Resume  time.Duration // VM.Resume
+	Audit   time.Duration // Config.AuditEvery: digesting all of memory
+	// Oversize is set when the epoch's pages did not fit in staging, so they
+	// were sent from guest memory during the pause (stop-and-copy).
+	Oversize bool
+	// DirtyPages is the pages captured; ZeroPages of them were zero.
+	DirtyPages, ZeroPages int
+	// RawBytes is the pages' size; WireBytes what the epoch took on the wire
+	// (pages, state, headers); StateBytes the machine state's size.
+	RawBytes, WireBytes, StateBytes uint64
+	// Transfer is from the end of the pause to the epoch's end record written.
+	Transfer time.Duration
+	// AckLatency is from the end record written to the backup's ack.
+	AckLatency time.Duration
+	// Digest is the memory digest at the epoch boundary. With Audited, it was
+	// checked against a digest of all of guest memory taken in the pause.
+	Digest  uint64
+	Audited bool
+	// Note is what Config.Note returned during the pause.
+	Note any
+}
+
+// Ratio is the compression ratio, wire bytes over raw bytes.
+func (s *EpochStats) Ratio() float64 {
+	if s.RawBytes == 0 {
+		return 1
+	}
+	return float64(s.WireBytes) / float64(s.RawBytes)
+}
+
+func us(d time.Duration) float64 { return float64(d) / 1e3 }
+
+// MarshalJSON writes the stats as one flat object, durations in microseconds.
+func (s *EpochStats) MarshalJSON() ([]byte, error) {
+	return json.Marshal(struct {
+		Epoch      uint64  `json:"epoch"`
+		Start      string  `json:"start"`
+		WaitUS     float64 `json:"wait_us"`
+		PauseUS    float64 `json:"pause_us"`
+		KickUS     float64 `json:"kick_us"`
+		HarvestUS  float64 `json:"harvest_us"`
+		SaveUS     float64 `json:"save_us"`
+		StallUS    float64 `json:"stall_us"`
+		CopyUS     float64 `json:"copy_us"`
+		GatesUS    float64 `json:"gates_us"`
+		ResumeUS   float64 `json:"resume_us"`
+		AuditUS    float64 `json:"audit_us,omitempty"`
+		Oversize   bool    `json:"oversize,omitempty"`
+		Dirty      int     `json:"dirty_pages"`
+		Zero       int     `json:"zero_pages"`
+		Raw        uint64  `json:"raw_bytes"`
+		Wire       uint64  `json:"wire_bytes"`
+		State      uint64  `json:"state_bytes"`
+		TransferUS float64 `json:"transfer_us"`
+		AckUS      float64 `json:"ack_us"`
+		Digest     string  `json:"digest"`
+		Audited    bool    `json:"audited,omitempty"`
+		Note       any     `json:"note,omitempty"`
+	}{
+		s.Epoch, s.Start.UTC().Format(time.RFC3339Nano), us(s.Wait), us(s.Pause), us(s.Kick), us(s.Harvest), us(s.Save),
+		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.DirtyPages, s.ZeroPages,
+		s.RawBytes, s.WireBytes, s.StateBytes, us(s.Transfer), us(s.AckLatency), formatDigest(s.Digest), s.Audited, s.Note,
+	})
+}
+
+// formatDigest prints a digest as 16 hex digits, as logs and stats files do.
+func formatDigest(d uint64) string {
+	const hex = "0123456789abcdef"
+	var b [16]byte
+	for i := range b {
+		b[15-i] = hex[d>>(4*i)&0xf]
+	}
+	return string(b[:])
+}
+
+// FormatDigest prints a memory digest the way stats files and logs do.
+func FormatDigest(d uint64) string { return formatDigest(d) }
+
+// SyncProgress reports one round of the initial sync.
+type SyncProgress struct {
+	Round     int           // 0 copies all of memory; later rounds what the guest dirtied meanwhile
+	Pages     int           // pages sent in the round
+	WireBytes uint64        // bytes the round took on the wire
+	Took      time.Duration // the round's time
+	Elapsed   time.Duration // since the sync began
+	Remaining int           // pages dirty when the round ended
+	Done      bool          // the last report: the first checkpoint follows
+}
+
+// Rate is the round's replication rate in bytes of guest memory per second.
+func (s SyncProgress) Rate() float64 {
+	if s.Took <= 0 {
+		return 0
+	}
+	return float64(s.Pages) * PageSize / s.Took.Seconds()
+}
