@@ -87,10 +87,10 @@ func (v *toyVM) DirtySlots() []dirtylog.Slot {
 	}
 }
 func (v *toyVM) DirtySource(dirtylog.Mechanism) (dirtylog.Source, error) { return toySource{v}, nil }
-func (v *toyVM) NumVCPUs() int                                            { return 1 }
-func (v *toyVM) Pause() error                                             { v.run.Lock(); return nil }
-func (v *toyVM) Resume() error                                            { v.run.Unlock(); return nil }
-func (v *toyVM) Save() ([]byte, error)                                    { return binary.LittleEndian.AppendUint64(nil, v.count), nil }
+func (v *toyVM) NumVCPUs() int                                           { return 1 }
+func (v *toyVM) Pause() error                                            { v.run.Lock(); return nil }
+func (v *toyVM) Resume() error                                           { v.run.Unlock(); return nil }
+func (v *toyVM) Save() ([]byte, error)                                   { return binary.LittleEndian.AppendUint64(nil, v.count), nil }
 
 // toySource is the toy's dirty tracking: the pages its vCPU wrote.
 type toySource struct{ v *toyVM }
