@@ -203,7 +203,10 @@ func (p *Primary) Interval() time.Duration { return p.cfg.Interval }
 // running. On ctx's end it waits (up to the heartbeat timeout) for the epochs
 // in flight to be acknowledged, tells the backup it stops on purpose, and
 // returns nil. On losing the backup it leaves the guest running, releases the
-// gates and returns an error wrapping ErrBackupLost.
+// gates and returns an error wrapping ErrBackupLost. When the VM itself fails
+// (pause, harvest, save or resume), it tells the backup it stops, so the
+// backup does not resume a checkpoint that would likely fail the same way,
+// and returns the VM's error.
 func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	p.conn, p.bw = conn, bufio.NewWriterSize(conn, 256<<10)
 	log := p.cfg.Log
@@ -252,6 +255,10 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		return p.unprotected(err)
 	}
 	if err := p.epochLoop(ctx); err != nil {
+		var vf *vmError
+		if errors.As(err, &vf) {
+			return p.vmStopped(vf)
+		}
 		return p.unprotected(err)
 	}
 	if ctx.Err() == nil {
@@ -567,13 +574,13 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Start = time.Now()
 	if err := vm.Pause(); err != nil {
 		<-p.inflight
-		return fmt.Errorf("pause VM: %w", err)
+		return vmFailed(fmt.Errorf("pause VM: %w", err))
 	}
 	paused := true
 	defer func() {
 		if paused {
 			if rerr := vm.Resume(); rerr != nil && err == nil {
-				err = fmt.Errorf("resume VM: %w", rerr)
+				err = vmFailed(fmt.Errorf("resume VM: %w", rerr))
 			}
 		}
 	}()
@@ -581,13 +588,13 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Kick = t.Sub(st.Start)
 	if _, err := p.src.Harvest(p.set); err != nil {
 		<-p.inflight
-		return fmt.Errorf("harvest dirty pages: %w", err)
+		return vmFailed(fmt.Errorf("harvest dirty pages: %w", err))
 	}
 	st.Harvest, t = lap(t)
 	state, err := vm.Save()
 	if err != nil {
 		<-p.inflight
-		return fmt.Errorf("save VM state: %w", err)
+		return vmFailed(fmt.Errorf("save VM state: %w", err))
 	}
 	st.Save, t = lap(t)
 	if p.cfg.Note != nil {
@@ -639,7 +646,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Gates, t = lap(t)
 	paused = false
 	if err := vm.Resume(); err != nil {
-		return fmt.Errorf("resume VM: %w", err)
+		return vmFailed(fmt.Errorf("resume VM: %w", err))
 	}
 	st.Resume, t = lap(t)
 	st.Pause = t.Sub(st.Start)
@@ -784,3 +791,27 @@ func (p *Primary) send(job *epochJob) error {
 }
 
 var errLost = errors.New("backup lost")
+
+// vmError is a failure of the VM itself (pause, harvest, save, resume), as
+// opposed to the link: the backup is told not to fail over.
+type vmError struct{ err error }
+
+func (e *vmError) Error() string { return e.err.Error() }
+func (e *vmError) Unwrap() error { return e.err }
+
+func vmFailed(err error) error { return &vmError{err} }
+
+// vmStopped ends a session because the VM failed: the backup is told the
+// primary stops (resuming the last checkpoint would most likely replay the
+// failure), and the gates let go of what they hold.
+func (p *Primary) vmStopped(e *vmError) error {
+	if !p.isLost() {
+		p.writeMsg(encodeMsg(nil, MsgReject, 0, appendReject(nil, "primary's VM failed: "+e.Error())), true)
+	}
+	p.fail(e)
+	if err := p.gateCall(OutputGate.Release); err != nil {
+		p.cfg.Log.Error("release output gates", "err", err)
+	}
+	p.cfg.Log.Error("replication stopped: the VM failed", "err", e.err)
+	return e.err
+}

@@ -1,0 +1,133 @@
+// Package replicate is repagent's checkpoint engine: it keeps an exact copy of
+// a running VM on a backup host, taken many times a second, and resumes the VM
+// there when the primary host dies (Remus-style continuous checkpointing).
+//
+// It knows VMs only through interfaces it defines: a VMM implements VM on
+// the primary (testvm.Machine does; so does the toy VMM of the package
+// example, with no KVM at all), gives the backup a way to make replica memory
+// and to resume a Checkpoint, and output devices implement OutputGate.
+//
+// # Epochs
+//
+// A Primary first syncs memory while the guest runs: round 0 sends every page,
+// each later round the pages dirtied during the one before, until a round
+// leaves at most Config.PrecopyThreshold pages or stops shrinking the set.
+// Then, every Config.Interval, one epoch:
+//
+//  1. Pause every vCPU (VM.Pause).
+//  2. Harvest the dirty set (dirtylog.Source: KVM's log plus the VMM's own
+//     writes; the pages left over from the sync join the first one).
+//  3. Save the machine state (VM.Save).
+//  4. Copy the dirty pages into staging (eager snapshot).
+//  5. Open epoch N+1 on every OutputGate: output from now on is N+1's.
+//  6. Resume the vCPUs. Steps 1-6 are the pause the guest sees.
+//  7. While the guest runs: compress each page (LZ4, or a flag for a zero
+//     page, or raw when LZ4 does not help) in Config.Workers goroutines, and
+//     send the batches in order, then the state, then an end record with a
+//     checksum of the epoch's bytes and the memory digest after the epoch.
+//  8. On the backup's ack of N: commit N on every gate (its output is
+//     released) and report the epoch's EpochStats.
+//
+// Epochs pipeline: the guest runs N+1 while N is on the wire. Staging is a
+// ring of Config.StagingBytes, freed as epochs are sent; at most
+// Config.MaxInFlight epochs are captured and unsent. When the link is slower
+// than the guest dirties memory, the next pause waits for an in-flight slot
+// (EpochStats.Wait; the guest runs on and the epoch grows), and a pause whose
+// pages do not fit waits, paused, for staging room (EpochStats.Stall: the
+// guest is held back). An epoch larger than all of staging is sent from guest
+// memory during its pause (stop-and-copy, EpochStats.Oversize). Nothing grows
+// without bound.
+//
+// # The memory digest
+//
+// Both sides keep a CRC32C per page and a 64-bit digest of all of memory that
+// an epoch updates in time proportional to its pages (see digest.go). The
+// primary puts the digest in each end record; the backup checks it before it
+// acks and returns its own in the ack, which the primary checks too. With
+// Config.AuditEvery, the primary also digests all of guest memory in the pause
+// and stops if the two differ: dirty tracking missed a page. The backup
+// digests its whole replica before resuming it. A replica is therefore known
+// to equal, bit for bit, the primary's memory at the checkpoint's epoch
+// boundary.
+//
+// # The wire protocol
+//
+// One TCP connection per session. Every message starts with a 16-byte
+// little-endian header: type uint16, flags uint16 (0), payload length uint32
+// (at most MaxPayload), epoch uint64. Type 0 is invalid, so a zeroed header
+// means nothing. The payloads (wire.go documents each byte):
+//
+//	hello      P→B  "REPAGENT", versions max and min, page size, vCPUs,
+//	                memory size, interval, heartbeat period, regions, VMM name
+//	welcome    B→P  the version chosen (the highest both speak)
+//	reject     both the reason a session is refused or ended, as text
+//	pages      P→B  up to MaxBatchPages pages: GPA, encoding (raw, lz4,
+//	                zero), length, data
+//	state      P→B  the machine state of a checkpoint epoch
+//	end        P→B  pages in the epoch, memory digest, CRC32C of the epoch's
+//	                pages and state messages (headers included, in order),
+//	                kind (pre-copy round or checkpoint), pre-copy round
+//	ack        B→P  the epoch in the header is safe; the backup's digest
+//	heartbeat  both the sender's clock and its latest epoch
+//	bye        P→B  the primary stops on purpose: do not fail over
+//
+// Pre-copy rounds travel as epoch 0; checkpoints are epochs 1, 2, 3, ... A
+// session:
+//
+//	primary                                   backup
+//	   |---- hello (v1..1, shape) -------------->|  check magic, version, shape
+//	   |<--- welcome (v1) -----------------------|  fresh replica memory
+//	   |---- pages(0) ... end(0, round 0) ------>|  applied as they come: no
+//	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
+//	   |       (pause 1: harvest, save, stage)   |
+//	   |---- pages(1) ... state(1) end(1) ------>|  staged; verified at end:
+//	   |       (pause 2)                         |  checksum, page count,
+//	   |---- pages(2) ...                        |  digest; then
+//	   |<--- ack(1, digest) ---------------------|  ack, then apply to replica
+//	   |  gates commit 1                         |
+//	   |---- ... state(2) end(2) --------------->|
+//	   |<--- heartbeat --------------------------|  (both ways, every period)
+//	   |<--- ack(2, digest) ---------------------|
+//	   X  primary dies                           |
+//	                                             |  EOF, reset or timeout:
+//	                                             |  drop the partial epoch,
+//	                                             |  digest the replica, resume
+//
+// A backup accepts a primary whose [min, max] version range overlaps its
+// own; this is version 1. Any message that does not decode, breaks the order
+// (a message of another epoch, a second state, a pre-copy round after a
+// checkpoint), exceeds a limit, repeats a page within an epoch, names a page
+// outside memory, or fails its checksum or digest is a protocol error
+// (ErrProtocol): the backup sends reject with the reason, ends the session,
+// and keeps its last good checkpoint; it never applies part of an epoch.
+//
+// # Failover
+//
+// The backup deems the primary lost when the connection ends (EOF, reset,
+// a stream cut inside a message) or nothing arrives for the heartbeat timeout
+// (BackupConfig.HeartbeatTimeout; by default 5 intervals, at least
+// MinHeartbeatTimeout). It then drops the epoch in progress (complete epochs
+// are applied as soon as they are verified, so none is pending), digests the
+// replica against its checkpoint (ErrReplicaCorrupt if they differ), and calls
+// BackupConfig.Resume with the Checkpoint: the state and the replica file,
+// which the VMM maps directly (testvm.Restore does), without a copy. A primary
+// lost before its first checkpoint leaves nothing to resume (ErrNoCheckpoint);
+// one that said bye, nothing to fail over (ErrPrimaryStopped).
+//
+// The replica is always the last checkpoint the backup acknowledged, or one
+// past the last ack the primary received (the ack was lost with the primary).
+// Either way no output was released for a later epoch, so what the outside
+// world saw never runs ahead of the resumed guest.
+//
+// Only the current session's checkpoint is ever resumed. When the backup
+// refuses a session, the primary goes on unprotected and releases its output,
+// so an older replica may be behind what the world has seen; a new session
+// starts a new replica.
+//
+// The primary deems the backup lost on the same signs (and on a write that
+// does not complete within the heartbeat timeout). It keeps the guest
+// running, releases the gates (OutputGate.Release: output flows, unprotected),
+// logs it loudly, and Run returns an error wrapping ErrBackupLost. When the
+// VM itself fails on the primary, the primary sends reject: the backup does
+// not fail over to a checkpoint that would most likely fail the same way.
+package replicate
