@@ -178,6 +178,9 @@ func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*Failover, error) {
 	err := s.run()
 	close(s.done)
 	stop()
+	if errors.Is(err, ErrProtocol) {
+		lingerClose(conn)
+	}
 	conn.Close()
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
@@ -612,4 +615,16 @@ func (s *session) apply() error {
 		i = j
 	}
 	return nil
+}
+
+// lingerClose lets a reject reach the primary: closing a socket with unread
+// data in it resets the connection, and a reset can overtake the reject. So
+// half-close, and drain what the primary still sends until it closes too (it
+// does on reading the reject) or a second passes.
+func lingerClose(conn net.Conn) {
+	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	conn.SetReadDeadline(time.Now().Add(time.Second))
+	io.Copy(io.Discard, conn)
 }

@@ -30,11 +30,11 @@
 //
 // Epochs pipeline: the guest runs N+1 while N is on the wire. Staging is a
 // ring of Config.StagingBytes, freed as epochs are sent; at most
-// Config.MaxInFlight epochs are captured and unsent. When the link is slower
-// than the guest dirties memory, the next pause waits for an in-flight slot
-// (EpochStats.Wait; the guest runs on and the epoch grows), and a pause whose
-// pages do not fit waits, paused, for staging room (EpochStats.Stall: the
-// guest is held back). An epoch larger than all of staging is sent from guest
+// Config.MaxInFlight epochs are captured and not yet acknowledged. When the
+// link (or the backup) is slower than the guest dirties memory, the next
+// pause waits for the oldest ack (EpochStats.Wait; the guest runs on and the
+// epoch grows), and a pause whose pages do not fit waits, paused, for staging
+// room (EpochStats.Stall: the guest is held back). An epoch larger than all of staging is sent from guest
 // memory during its pause (stop-and-copy, EpochStats.Oversize). Nothing grows
 // without bound.
 //

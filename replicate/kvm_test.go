@@ -3,6 +3,7 @@ package replicate_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -121,3 +122,85 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 }
 
 type cutConn struct{ net.Conn }
+
+// Killing the backup leaves the primary's guest running, reported unprotected.
+func TestKVMBackupLost(t *testing.T) {
+	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Rate: 20000}, nil)
+	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: testvm.NewMemFile, Log: testLog(t),
+		Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	pc, bc := tcpPair(t)
+	bctx, killBackup := context.WithCancel(context.Background())
+	bdone := make(chan error, 1)
+	go func() { _, err := b.Handle(bctx, bc); bdone <- err }()
+	gate := &recordingGate{}
+	p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{gate}, Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	perr := make(chan error, 1)
+	go func() { perr <- p.Run(context.Background(), pc) }()
+	deadline := time.Now().Add(vmtest.Wait)
+	for p.LastAcked() < 5 {
+		if time.Now().After(deadline) {
+			t.Fatal("no epochs acknowledged")
+		}
+		select {
+		case err := <-perr:
+			t.Fatalf("primary stopped: %v", err)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	if !p.Protected() {
+		t.Fatal("primary not protected after 5 acks")
+	}
+	killBackup() // the backup's session ends as if its host died
+	<-bdone
+	select {
+	case err := <-perr:
+		if !errors.Is(err, replicate.ErrBackupLost) {
+			t.Fatalf("primary: %v, want ErrBackupLost", err)
+		}
+	case <-time.After(vmtest.Wait):
+		t.Fatal("primary did not notice the backup's loss")
+	}
+	if p.Protected() {
+		t.Fatal("primary reports itself protected without a backup")
+	}
+	if m.State() != testvm.Running {
+		t.Fatalf("guest is %v after the backup's loss, want running", m.State())
+	}
+	vmtest.WaitProgress(t, m, vmtest.Iterations(m))
+	if !gate.released || gate.committed < 5 || gate.opened < gate.committed+1 {
+		t.Fatalf("gates: opened %d, committed %d, released %v; want every acked epoch committed, then released", gate.opened, gate.committed, gate.released)
+	}
+}
+
+// recordingGate records what the engine told it, checking the order.
+type recordingGate struct {
+	opened, committed uint64
+	released          bool
+	err               error
+}
+
+func (g *recordingGate) Open(n uint64) error {
+	if n != g.opened+1 {
+		return fmt.Errorf("open %d after %d", n, g.opened)
+	}
+	g.opened = n
+	return nil
+}
+
+func (g *recordingGate) Commit(n uint64) error {
+	if n != g.committed+1 || n >= g.opened {
+		return fmt.Errorf("commit %d after %d with %d open", n, g.committed, g.opened)
+	}
+	g.committed = n
+	return nil
+}
+
+func (g *recordingGate) Discard(n uint64) error { return nil }
+func (g *recordingGate) Release() error         { g.released = true; return nil }

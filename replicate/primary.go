@@ -55,8 +55,9 @@ type Config struct {
 	// not fit even with nothing else in flight is sent from guest memory
 	// during its pause (stop-and-copy; EpochStats.Oversize).
 	StagingBytes uint64
-	// MaxInFlight bounds the epochs captured and not yet sent (default 2):
-	// the next pause waits for room.
+	// MaxInFlight bounds the epochs captured and not yet acknowledged
+	// (default 4): the next pause waits for the oldest ack. It bounds how far
+	// the backup, and so the release of held output, may lag behind.
 	MaxInFlight int
 	// Heartbeat is how often each side says it is alive (default: the
 	// interval, at most 100 ms). HeartbeatTimeout is how long silence means
@@ -106,7 +107,7 @@ func (c Config) withDefaults() (Config, error) {
 		c.Workers = min(4, runtime.NumCPU())
 	}
 	if c.MaxInFlight <= 0 {
-		c.MaxInFlight = 2
+		c.MaxInFlight = 4
 	}
 	if c.Heartbeat <= 0 {
 		c.Heartbeat = min(c.Interval, 100*time.Millisecond)
@@ -145,7 +146,7 @@ type Primary struct {
 
 	work     chan *batch
 	jobs     chan *epochJob
-	inflight chan struct{} // a token per epoch captured and not yet sent
+	inflight chan struct{} // a token per epoch captured and not yet acknowledged
 	gmu      sync.Mutex    // serialises gate calls
 
 	amu  sync.Mutex // guards sent
@@ -438,6 +439,7 @@ func (p *Primary) acked(n, digest uint64) error {
 	}
 	st.AckLatency = now.Sub(st.Start.Add(st.Pause + st.Transfer))
 	p.lastAcked.Store(n)
+	<-p.inflight
 	p.protected.Store(!p.isLost())
 	if err := p.gateCall(func(g OutputGate) error { return g.Commit(n) }); err != nil {
 		return err
@@ -698,7 +700,9 @@ func (p *Primary) sendLoop() {
 		if job.done != nil {
 			close(job.done)
 		}
-		<-p.inflight
+		if job.kind == kindPrecopy {
+			<-p.inflight // a checkpoint's token goes with its ack
+		}
 	}
 }
 

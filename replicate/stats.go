@@ -12,8 +12,8 @@ type EpochStats struct {
 	Epoch uint64
 	// Start is when the pause began.
 	Start time.Time
-	// Wait is the back-pressure wait before the pause: the previous epochs
-	// were still being sent and staging was at its limit. The guest ran on.
+	// Wait is the back-pressure wait before the pause: Config.MaxInFlight
+	// epochs were captured and not yet acknowledged. The guest ran on.
 	Wait time.Duration
 	// Pause is how long the vCPUs were stopped, and the parts of it:
 	Pause   time.Duration

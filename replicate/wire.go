@@ -90,6 +90,9 @@ func (h Header) put(b []byte) {
 
 // parseHeader decodes and checks a header.
 func parseHeader(b []byte) (Header, error) {
+	if len(b) != HeaderSize {
+		return Header{}, protoErr("header: %d bytes, want %d", len(b), HeaderSize)
+	}
 	h := Header{
 		Type:   MsgType(binary.LittleEndian.Uint16(b[0:])),
 		Flags:  binary.LittleEndian.Uint16(b[2:]),
@@ -97,13 +100,13 @@ func parseHeader(b []byte) (Header, error) {
 		Epoch:  binary.LittleEndian.Uint64(b[8:]),
 	}
 	if h.Type == 0 || h.Type >= msgTypes {
-		return h, protoErr("unknown message type %d", uint16(h.Type))
+		return Header{}, protoErr("unknown message type %d", uint16(h.Type))
 	}
 	if h.Flags != 0 {
-		return h, protoErr("%v message with unknown flags %#x", h.Type, h.Flags)
+		return Header{}, protoErr("%v message with unknown flags %#x", h.Type, h.Flags)
 	}
 	if h.Length > MaxPayload {
-		return h, protoErr("%v message of %d bytes exceeds the %d-byte limit", h.Type, h.Length, MaxPayload)
+		return Header{}, protoErr("%v message of %d bytes exceeds the %d-byte limit", h.Type, h.Length, MaxPayload)
 	}
 	return h, nil
 }
@@ -221,46 +224,49 @@ func appendHello(dst []byte, h Hello) []byte {
 func decodeHello(b []byte) (Hello, error) {
 	var h Hello
 	if len(b) < helloFixed {
-		return h, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
+		return Hello{}, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
 	}
 	if [8]byte(b[:8]) != magic {
-		return h, protoErr("hello: bad magic %q (not a repagent primary)", b[:8])
+		return Hello{}, protoErr("hello: bad magic %q (not a repagent primary)", b[:8])
 	}
 	le := binary.LittleEndian
 	h.Version, h.MinVersion = le.Uint32(b[8:]), le.Uint32(b[12:])
 	if ps := le.Uint32(b[16:]); ps != PageSize {
-		return h, protoErr("hello: page size %d, want %d", ps, PageSize)
+		return Hello{}, protoErr("hello: page size %d, want %d", ps, PageSize)
 	}
 	h.Shape.VCPUs, h.Shape.MemSize = le.Uint32(b[20:]), le.Uint64(b[24:])
 	h.Interval, h.Heartbeat = time.Duration(le.Uint64(b[32:])), time.Duration(le.Uint64(b[40:]))
 	n, vl := le.Uint32(b[48:]), le.Uint32(b[52:])
 	if n == 0 || n > MaxRegions {
-		return h, protoErr("hello: %d memory regions (want 1 to %d)", n, MaxRegions)
+		return Hello{}, protoErr("hello: %d memory regions (want 1 to %d)", n, MaxRegions)
 	}
 	if vl > maxVMM {
-		return h, protoErr("hello: VMM name of %d bytes (limit %d)", vl, maxVMM)
+		return Hello{}, protoErr("hello: VMM name of %d bytes (limit %d)", vl, maxVMM)
 	}
 	if want := helloFixed + int(n)*24 + int(vl); len(b) != want {
-		return h, protoErr("hello: %d bytes, want %d for %d regions", len(b), want, n)
+		return Hello{}, protoErr("hello: %d bytes, want %d for %d regions", len(b), want, n)
 	}
 	if h.MinVersion > h.Version {
-		return h, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
+		return Hello{}, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
 	}
 	if h.Interval <= 0 || h.Heartbeat <= 0 {
-		return h, protoErr("hello: interval %v and heartbeat %v must be positive", h.Interval, h.Heartbeat)
+		return Hello{}, protoErr("hello: interval %v and heartbeat %v must be positive", h.Interval, h.Heartbeat)
 	}
 	p := b[helloFixed:]
 	h.Shape.Regions = make([]Region, n)
 	for i := range h.Shape.Regions {
+		if le.Uint32(p[4:]) != 0 {
+			return Hello{}, protoErr("hello: region %d has nonzero padding", i)
+		}
 		h.Shape.Regions[i] = Region{Slot: le.Uint32(p), GPA: le.Uint64(p[8:]), Size: le.Uint64(p[16:])}
 		p = p[24:]
 	}
 	if !utf8.Valid(p) {
-		return h, protoErr("hello: VMM name is not UTF-8")
+		return Hello{}, protoErr("hello: VMM name is not UTF-8")
 	}
 	h.VMM = string(p)
 	if err := h.Shape.check(); err != nil {
-		return h, err
+		return Hello{}, err
 	}
 	return h, nil
 }
@@ -283,6 +289,9 @@ func appendWelcome(dst []byte, version uint32) []byte {
 func decodeWelcome(b []byte) (uint32, error) {
 	if len(b) != 8 {
 		return 0, protoErr("welcome: %d bytes, want 8", len(b))
+	}
+	if binary.LittleEndian.Uint32(b[4:]) != 0 {
+		return 0, protoErr("welcome: nonzero padding")
 	}
 	v := binary.LittleEndian.Uint32(b)
 	if v < MinVersion || v > Version {
@@ -373,8 +382,11 @@ func checkPages(b []byte) (int, error) {
 		return 0, protoErr("pages: %d bytes, too short", len(b))
 	}
 	n := binary.LittleEndian.Uint32(b)
-	if n == 0 || n > MaxBatchPages || binary.LittleEndian.Uint32(b[4:]) != 0 {
+	if n == 0 || n > MaxBatchPages {
 		return 0, protoErr("pages: count %d (want 1 to %d)", n, MaxBatchPages)
+	}
+	if binary.LittleEndian.Uint32(b[4:]) != 0 {
+		return 0, protoErr("pages: nonzero padding after the count")
 	}
 	p := b[8:]
 	for i := range n {
@@ -384,8 +396,11 @@ func checkPages(b []byte) (int, error) {
 		gpa := binary.LittleEndian.Uint64(p)
 		enc := binary.LittleEndian.Uint16(p[8:])
 		l := binary.LittleEndian.Uint32(p[12:])
-		if gpa%PageSize != 0 || binary.LittleEndian.Uint16(p[10:]) != 0 {
+		if gpa%PageSize != 0 {
 			return 0, protoErr("pages: entry %d: GPA %#x not page-aligned", i, gpa)
+		}
+		if binary.LittleEndian.Uint16(p[10:]) != 0 {
+			return 0, protoErr("pages: entry %d (GPA %#x): nonzero padding", i, gpa)
 		}
 		switch {
 		case enc == encRaw && l == PageSize, enc == encLZ4 && l > 0 && l < PageSize, enc == encZero && l == 0:
@@ -442,8 +457,11 @@ func decodeEnd(b []byte) (End, error) {
 	}
 	le := binary.LittleEndian
 	e := End{Pages: le.Uint64(b), Digest: le.Uint64(b[8:]), Checksum: le.Uint32(b[16:]), Kind: le.Uint32(b[20:]), Round: le.Uint32(b[24:])}
-	if e.Kind != kindPrecopy && e.Kind != kindCheckpoint || le.Uint32(b[28:]) != 0 {
+	if e.Kind != kindPrecopy && e.Kind != kindCheckpoint {
 		return End{}, protoErr("end: unknown epoch kind %d", e.Kind)
+	}
+	if le.Uint32(b[28:]) != 0 {
+		return End{}, protoErr("end: nonzero padding")
 	}
 	if e.Kind == kindCheckpoint && e.Round != 0 {
 		return End{}, protoErr("end: checkpoint with pre-copy round %d", e.Round)
@@ -506,7 +524,7 @@ func (m *msgReader) ReadMsg() (Header, []byte, error) {
 	}
 	h, err := parseHeader(m.hdr[:])
 	if err != nil {
-		return h, nil, err
+		return Header{}, nil, err
 	}
 	if cap(m.buf) < int(h.Length) {
 		m.buf = make([]byte, h.Length, max(int(h.Length), 2*cap(m.buf)))
@@ -516,7 +534,7 @@ func (m *msgReader) ReadMsg() (Header, []byte, error) {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
-		return h, nil, err
+		return Header{}, nil, err
 	}
 	return h, m.buf, nil
 }

@@ -1,0 +1,110 @@
+package replicate_test
+
+import (
+	"context"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/repagent/repagent/replicate"
+)
+
+// P6: staging is bounded. A link slower than the guest's dirty rate makes
+// the next pause wait (reported), an epoch larger than all of staging is sent
+// in its pause (reported), and replication stays exact through both.
+func TestStagingBounded(t *testing.T) {
+	for _, tt := range []struct {
+		name         string
+		stagingPages uint64
+		wantOversize bool
+	}{
+		{"slow link", 1024, false},
+		{"epochs larger than staging", 128, true}, // the toy dirties all its 256 pages each epoch
+	} {
+		t.Run(tt.name, func(t *testing.T) { testStagingBounded(t, tt.stagingPages, tt.wantOversize) })
+	}
+}
+
+func testStagingBounded(t *testing.T, stagingPages uint64, wantOversize bool) {
+	vm := newToyVM(1 << 20)
+	vm.start()
+	defer vm.close()
+	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t),
+		Resume: func(cp *replicate.Checkpoint) error { defer cp.Memory.Close(); return checkToyReplica(cp) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	bln, pln := listen(t), listen(t)
+	var fo *replicate.Failover
+	var ferr error
+	bdone := make(chan struct{})
+	go func() {
+		defer close(bdone)
+		conn, err := bln.Accept()
+		if err != nil {
+			ferr = err
+			return
+		}
+		fo, ferr = b.Handle(context.Background(), conn)
+	}()
+	// A slow link: each page batch takes 20 ms, longer than the interval.
+	go proxy(t, pln, bln.Addr().String(), func(f frame) ([]frame, bool) {
+		if f.typ() == tPages {
+			time.Sleep(20 * time.Millisecond)
+		}
+		return []frame{f}, false
+	})
+	conn, err := net.Dial("tcp", pln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var stats []*replicate.EpochStats
+	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, StagingBytes: stagingPages * replicate.PageSize,
+		HeartbeatTimeout: 5 * time.Second, Log: testLog(t), AuditEvery: 1,
+		OnEpoch: func(s *replicate.EpochStats) { mu.Lock(); stats = append(stats, s); mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	perr := make(chan error, 1)
+	go func() { perr <- p.Run(context.Background(), conn) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for p.LastAcked() < 20 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	conn.Close()
+	<-perr
+	<-bdone
+	if ferr != nil {
+		t.Fatalf("failover: %v", ferr)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(stats) < 20 {
+		t.Fatalf("%d epochs acknowledged in 30 s", len(stats))
+	}
+	var waited, oversize int
+	for _, s := range stats {
+		if uint64(s.DirtyPages) > stagingPages && !s.Oversize {
+			t.Fatalf("epoch %d staged %d pages in a %d-page staging", s.Epoch, s.DirtyPages, stagingPages)
+		}
+		if s.Oversize {
+			oversize++
+		}
+		if s.Wait+s.Stall > 5*time.Millisecond {
+			waited++
+		}
+		if !s.Audited {
+			t.Fatalf("epoch %d not audited", s.Epoch)
+		}
+	}
+	t.Logf("%d epochs: %d oversize, %d waited; failover to epoch %d", len(stats), oversize, waited, fo.Epoch)
+	if (oversize > 0) != wantOversize || waited == 0 {
+		t.Fatalf("%d oversize epochs and %d that waited for the link", oversize, waited)
+	}
+	if fo.Epoch < stats[len(stats)-1].Epoch {
+		t.Fatalf("failover to epoch %d, but %d was acknowledged", fo.Epoch, stats[len(stats)-1].Epoch)
+	}
+}

@@ -1,0 +1,1063 @@
+package replicate
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+)
+
+// Fixtures. Every test builds its inputs from these, so a seed or a table row
+// differs from a valid message in exactly the way its name says.
+
+// testShape is a valid two-region VM: 16 pages at 0, 4 pages at 1 MiB.
+func testShape() Shape {
+	return Shape{
+		MemSize: 20 * PageSize,
+		VCPUs:   2,
+		Regions: []Region{
+			{Slot: 0, GPA: 0, Size: 16 * PageSize},
+			{Slot: 3, GPA: 0x100000, Size: 4 * PageSize},
+		},
+	}
+}
+
+func testHello() Hello {
+	return Hello{
+		Version:    Version,
+		MinVersion: MinVersion,
+		Shape:      testShape(),
+		Interval:   30 * time.Millisecond,
+		Heartbeat:  100 * time.Millisecond,
+		VMM:        "testvm ✓", // multi-byte UTF-8 on purpose
+	}
+}
+
+// helloWith returns the encoding of testHello after mod.
+func helloWith(mod func(*Hello)) []byte {
+	h := testHello()
+	if mod != nil {
+		mod(&h)
+	}
+	return appendHello(nil, h)
+}
+
+// patched returns a copy of b with v written little-endian at off; v's type
+// picks the width.
+func patched(b []byte, off int, v any) []byte {
+	b = bytes.Clone(b)
+	switch v := v.(type) {
+	case uint16:
+		binary.LittleEndian.PutUint16(b[off:], v)
+	case uint32:
+		binary.LittleEndian.PutUint32(b[off:], v)
+	case uint64:
+		binary.LittleEndian.PutUint64(b[off:], v)
+	case []byte:
+		copy(b[off:], v)
+	default:
+		panic("patched: bad type")
+	}
+	return b
+}
+
+// Offsets of Hello's fixed fields, from the layout comment in wire.go.
+const (
+	helloOffVersion  = 8
+	helloOffMin      = 12
+	helloOffPageSize = 16
+	helloOffVCPUs    = 20
+	helloOffMemSize  = 24
+	helloOffInterval = 32
+	helloOffHeart    = 40
+	helloOffRegions  = 48
+	helloOffVMMLen   = 52
+)
+
+func pageOf(fill byte) []byte { return bytes.Repeat([]byte{fill}, PageSize) }
+
+type testEntry struct {
+	gpa  uint64
+	enc  uint16
+	data []byte
+}
+
+// pagesPayload builds a Pages payload of entries the way the sender does.
+func pagesPayload(entries ...testEntry) []byte {
+	b := pagesHeader(nil)
+	for _, e := range entries {
+		b = appendPageEntry(b, e.gpa, e.enc, e.data)
+	}
+	setPagesCount(b, len(entries))
+	return b
+}
+
+func headerBytes(h Header) []byte {
+	b := make([]byte, HeaderSize)
+	h.put(b)
+	return b
+}
+
+// checkProto fails unless err is a protocol error naming want.
+func checkProto(t *testing.T, err error, want string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("got no error, want one containing %q", want)
+	}
+	if !errors.Is(err, ErrProtocol) {
+		t.Errorf("error %q is not ErrProtocol", err)
+	}
+	if !strings.Contains(err.Error(), want) {
+		t.Errorf("error %q does not contain %q", err, want)
+	}
+}
+
+// --- Hello -----------------------------------------------------------------
+
+func FuzzDecodeHello(f *testing.F) {
+	valid := helloWith(nil)
+	// A valid hello, as the primary sends it.
+	f.Add(valid)
+	// A valid hello with no VMM name and one region.
+	f.Add(helloWith(func(h *Hello) {
+		h.VMM = ""
+		h.Shape = Shape{MemSize: PageSize, VCPUs: 1, Regions: []Region{{GPA: 0, Size: PageSize}}}
+	}))
+	// A valid hello speaking a version range that includes ours.
+	f.Add(helloWith(func(h *Hello) { h.MinVersion, h.Version = 1, 7 }))
+	// Nothing at all.
+	f.Add([]byte{})
+	// Only the fixed part: truncated before the regions.
+	f.Add(valid[:helloFixed])
+	// Truncated by one byte, inside the VMM name.
+	f.Add(valid[:len(valid)-1])
+	// One byte too many.
+	f.Add(append(bytes.Clone(valid), 'x'))
+	// Bad magic: not a repagent primary.
+	f.Add(patched(valid, 0, []byte("HTTP/1.1")))
+	// Page size 8192.
+	f.Add(patched(valid, helloOffPageSize, uint32(8192)))
+	// Zero regions.
+	f.Add(patched(valid, helloOffRegions, uint32(0)))
+	// An oversize region count.
+	f.Add(patched(valid, helloOffRegions, uint32(MaxRegions+1)))
+	// A huge region count that would overflow a naive length computation.
+	f.Add(patched(valid, helloOffRegions, uint32(0xffffffff)))
+	// An oversize VMM name length.
+	f.Add(patched(valid, helloOffVMMLen, uint32(maxVMM+1)))
+	// Nonzero padding in region 0.
+	f.Add(patched(valid, helloFixed+4, uint32(1)))
+	// Empty version range.
+	f.Add(patched(valid, helloOffMin, uint32(2)))
+	// Zero interval; negative heartbeat.
+	f.Add(patched(valid, helloOffInterval, uint64(0)))
+	f.Add(patched(valid, helloOffHeart, uint64(1<<63)))
+	// A VMM name that is not UTF-8.
+	f.Add(helloWith(func(h *Hello) { h.VMM = "vm\xff" }))
+	// Overlapping regions.
+	f.Add(helloWith(func(h *Hello) { h.Shape.Regions[1].GPA = 15 * PageSize }))
+	// Memory size that the regions don't add up to.
+	f.Add(patched(valid, helloOffMemSize, uint64(21*PageSize)))
+	// A region that wraps the address space.
+	f.Add(helloWith(func(h *Hello) { h.Shape.Regions[1].GPA = 1<<64 - 2*PageSize }))
+	// Zero vCPUs.
+	f.Add(patched(valid, helloOffVCPUs, uint32(0)))
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := decodeHello(b)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if !reflect.DeepEqual(h, Hello{}) {
+				t.Fatalf("error %q with a result: %+v", err, h)
+			}
+			return
+		}
+		if err := h.Shape.check(); err != nil {
+			t.Fatalf("decoded an invalid shape: %v", err)
+		}
+		if h.MinVersion > h.Version || h.Interval <= 0 || h.Heartbeat <= 0 || !utf8.ValidString(h.VMM) {
+			t.Fatalf("decoded an invalid hello: %+v", h)
+		}
+		if got := appendHello(nil, h); !bytes.Equal(got, b) {
+			t.Fatalf("round trip:\n in  %x\n out %x", b, got)
+		}
+	})
+}
+
+func TestDecodeHello(t *testing.T) {
+	want := testHello()
+	got, err := decodeHello(appendHello(nil, want))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v, want %+v", got, want)
+	}
+	if !got.Shape.Equal(want.Shape) {
+		t.Fatal("shape not Equal to itself after a round trip")
+	}
+}
+
+func TestDecodeHelloRejects(t *testing.T) {
+	valid := helloWith(nil)
+	manyRegions := func(n int) func(*Hello) {
+		return func(h *Hello) {
+			h.Shape.Regions = nil
+			for i := range n {
+				h.Shape.Regions = append(h.Shape.Regions, Region{Slot: uint32(i), GPA: uint64(i) * PageSize, Size: PageSize})
+			}
+			h.Shape.MemSize = uint64(n) * PageSize
+		}
+	}
+	tests := []struct {
+		name    string
+		in      []byte
+		wantErr string
+	}{
+		{"empty", nil, "0 bytes, want at least 56"},
+		{"short", valid[:helloFixed-1], "want at least 56"},
+		{"wrong magic", patched(valid, 0, []byte("REPAGENX")), "bad magic"},
+		{"page size 8192", patched(valid, helloOffPageSize, uint32(8192)), "page size 8192, want 4096"},
+		{"page size 0", patched(valid, helloOffPageSize, uint32(0)), "page size 0"},
+		{"zero regions", helloWith(manyRegions(0)), "0 memory regions"},
+		{"too many regions", helloWith(manyRegions(MaxRegions + 1)), "65 memory regions (want 1 to 64)"},
+		{"VMM name too long", helloWith(func(h *Hello) { h.VMM = strings.Repeat("v", maxVMM+1) }), "VMM name of 257 bytes"},
+		{"truncated", valid[:len(valid)-1], "113 bytes, want 114 for 2 regions"},
+		{"trailing byte", append(bytes.Clone(valid), 0), "115 bytes, want 114 for 2 regions"},
+		{"min > max version", patched(valid, helloOffMin, uint32(3)), "version range 3..1 is empty"},
+		{"zero interval", helloWith(func(h *Hello) { h.Interval = 0 }), "interval 0s"},
+		{"negative interval", helloWith(func(h *Hello) { h.Interval = -time.Second }), "must be positive"},
+		{"zero heartbeat", helloWith(func(h *Hello) { h.Heartbeat = 0 }), "heartbeat 0s must be positive"},
+		{"region padding", patched(valid, helloFixed+24+4, uint32(7)), "region 1 has nonzero padding"},
+		{"non-UTF-8 VMM name", helloWith(func(h *Hello) { h.VMM = "qemu\xc3" }), "VMM name is not UTF-8"},
+		{"zero vCPUs", helloWith(func(h *Hello) { h.Shape.VCPUs = 0 }), "0 vCPUs"},
+		{"too many vCPUs", helloWith(func(h *Hello) { h.Shape.VCPUs = MaxVCPUs + 1 }), "1025 vCPUs"},
+		{"overlapping regions", helloWith(func(h *Hello) { h.Shape.Regions[1].GPA = 8 * PageSize }), "region 1 (GPA 0x8000) overlaps"},
+		{"identical regions", helloWith(func(h *Hello) {
+			h.Shape.Regions[1] = h.Shape.Regions[0]
+			h.Shape.MemSize = 32 * PageSize
+		}), "overlaps"},
+		{"sizes don't sum to memSize", patched(valid, helloOffMemSize, uint64(24*PageSize)), "regions hold 81920 bytes, memory size says 98304"},
+		{"unaligned region GPA", helloWith(func(h *Hello) { h.Shape.Regions[1].GPA = 0x100800 }), "region 1 (GPA 0x100800, 16384 bytes) is empty, unaligned or wraps"},
+		{"unaligned region size", helloWith(func(h *Hello) {
+			h.Shape.Regions[1].Size = 4*PageSize + 1
+			h.Shape.MemSize += 1
+		}), "unaligned"},
+		{"empty region", helloWith(func(h *Hello) {
+			h.Shape.Regions[1].Size = 0
+			h.Shape.MemSize = 16 * PageSize
+		}), "region 1 (GPA 0x100000, 0 bytes) is empty"},
+		{"region wraps", helloWith(func(h *Hello) { h.Shape.Regions[1].GPA = 1<<64 - 2*PageSize }), "wraps"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h, err := decodeHello(tt.in)
+			checkProto(t, err, tt.wantErr)
+			if !reflect.DeepEqual(h, Hello{}) {
+				t.Errorf("error with a result: %+v", h)
+			}
+		})
+	}
+}
+
+func TestHelloNegotiate(t *testing.T) {
+	tests := []struct {
+		name    string
+		lo, hi  uint32
+		want    uint32
+		wantErr string
+	}{
+		{"exactly ours", 1, 1, 1, ""},
+		{"newer primary that still speaks 1", 1, 5, 1, ""},
+		{"primary claiming version 0 too", 0, 1, 1, ""},
+		{"only newer versions", 2, 3, 0, "primary speaks 2..3, this backup 1..1"},
+		{"only version 0", 0, 0, 0, "primary speaks 0..0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := testHello()
+			h.MinVersion, h.Version = tt.lo, tt.hi
+			v, err := negotiate(h)
+			if tt.wantErr != "" {
+				checkProto(t, err, tt.wantErr)
+				if v != 0 {
+					t.Errorf("error with version %d", v)
+				}
+				return
+			}
+			if err != nil || v != tt.want {
+				t.Fatalf("negotiate(%d..%d) = %d, %v; want %d", tt.lo, tt.hi, v, err, tt.want)
+			}
+		})
+	}
+}
+
+// --- Welcome ---------------------------------------------------------------
+
+func FuzzDecodeWelcome(f *testing.F) {
+	// A valid welcome choosing version 1.
+	f.Add(appendWelcome(nil, Version))
+	// Version 0, never valid.
+	f.Add(appendWelcome(nil, 0))
+	// A version newer than this primary speaks.
+	f.Add(appendWelcome(nil, Version+1))
+	// Nonzero padding.
+	f.Add(patched(appendWelcome(nil, Version), 4, uint32(1)))
+	// Truncated; and one byte too long.
+	f.Add(appendWelcome(nil, Version)[:7])
+	f.Add(append(appendWelcome(nil, Version), 0))
+	// Nothing.
+	f.Add([]byte{})
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		v, err := decodeWelcome(b)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if v != 0 {
+				t.Fatalf("error %q with version %d", err, v)
+			}
+			return
+		}
+		if v < MinVersion || v > Version {
+			t.Fatalf("accepted version %d", v)
+		}
+		if got := appendWelcome(nil, v); !bytes.Equal(got, b) {
+			t.Fatalf("round trip: in %x, out %x", b, got)
+		}
+	})
+}
+
+func TestDecodeWelcomeRejects(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      []byte
+		wantErr string
+	}{
+		{"empty", nil, "welcome: 0 bytes, want 8"},
+		{"long", make([]byte, 9), "welcome: 9 bytes, want 8"},
+		{"version 0", appendWelcome(nil, 0), "backup chose version 0"},
+		{"version too new", appendWelcome(nil, 2), "backup chose version 2"},
+		{"padding", patched(appendWelcome(nil, 1), 4, uint32(1)), "nonzero padding"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v, err := decodeWelcome(tt.in)
+			checkProto(t, err, tt.wantErr)
+			if v != 0 {
+				t.Errorf("error with version %d", v)
+			}
+		})
+	}
+}
+
+// --- Reject ----------------------------------------------------------------
+
+func FuzzDecodeReject(f *testing.F) {
+	// A typical reason.
+	f.Add([]byte("VM shape mismatch: primary has 2 vCPUs"))
+	// The empty reason.
+	f.Add([]byte{})
+	// Exactly at the length limit.
+	f.Add(bytes.Repeat([]byte("x"), maxReason))
+	// One byte over the limit.
+	f.Add(bytes.Repeat([]byte("x"), maxReason+1))
+	// Multi-byte UTF-8 straddling the limit (appendReject must trim it).
+	f.Add([]byte(strings.Repeat("x", maxReason-1) + "é"))
+	// Not UTF-8: a lone continuation byte; a truncated sequence.
+	f.Add([]byte("bad \x80 reason"))
+	f.Add([]byte("ends in \xe2\x82"))
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, err := decodeReject(b)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if s != "" {
+				t.Fatalf("error %q with reason %q", err, s)
+			}
+		} else if got := appendReject(nil, s); !bytes.Equal(got, b) {
+			t.Fatalf("round trip: in %q, out %q", b, got)
+		}
+		// Whatever UTF-8 reason a side sends, the other side must accept it.
+		// The long reason is b repeated past the limit, so the fuzzer
+		// reaches appendReject's trimming without growing inputs past 1 KiB
+		// (which makes Go's input minimizer crawl, golang/go#48820).
+		if utf8.Valid(b) {
+			checkRejectReason(t, string(b))
+			if len(b) > 0 && len(b) <= maxReason {
+				checkRejectReason(t, strings.Repeat(string(b), maxReason/len(b)+1))
+			}
+		}
+	})
+}
+
+// checkRejectReason checks that appendReject encodes a UTF-8 reason as a
+// prefix of it that decodeReject accepts, cut only if over the limit and then
+// by less than one rune.
+func checkRejectReason(t *testing.T, reason string) {
+	t.Helper()
+	enc := appendReject(nil, reason)
+	if len(enc) > maxReason || !strings.HasPrefix(reason, string(enc)) {
+		t.Fatalf("appendReject(%d bytes) = %d bytes, not a short enough prefix", len(reason), len(enc))
+	}
+	if len(reason) <= maxReason && len(enc) != len(reason) {
+		t.Fatalf("appendReject trimmed a %d-byte reason to %d", len(reason), len(enc))
+	}
+	if len(reason) > maxReason && len(enc) <= maxReason-utf8.UTFMax {
+		t.Fatalf("appendReject trimmed a %d-byte reason to %d, more than a rune past the limit", len(reason), len(enc))
+	}
+	if got, err := decodeReject(enc); err != nil || got != string(enc) {
+		t.Fatalf("decodeReject(appendReject(%q)) = %q, %v", reason, got, err)
+	}
+}
+
+func TestDecodeReject(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      []byte
+		wantErr string
+	}{
+		{"too long", bytes.Repeat([]byte("x"), maxReason+1), "at most 1024 bytes"},
+		{"not UTF-8", []byte("\xff"), "not UTF-8"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := decodeReject(tt.in)
+			checkProto(t, err, tt.wantErr)
+			if s != "" {
+				t.Errorf("error with reason %q", s)
+			}
+		})
+	}
+	// A long multi-byte reason is cut at a rune boundary within the limit.
+	long := strings.Repeat("é", maxReason) // 2048 bytes
+	enc := appendReject(nil, long)
+	if len(enc) != maxReason {
+		t.Fatalf("appendReject of %d bytes = %d bytes, want %d", len(long), len(enc), maxReason)
+	}
+	if s, err := decodeReject(enc); err != nil || s != long[:maxReason] {
+		t.Fatalf("decodeReject(appendReject(long)) = %q, %v", s, err)
+	}
+}
+
+// --- Pages -----------------------------------------------------------------
+
+func FuzzDecodePages(f *testing.F) {
+	raw := testEntry{0x2000, encRaw, pageOf(0xab)}
+	zero := testEntry{0x100000, encZero, nil}
+	lz4 := testEntry{0x3000, encLZ4, []byte{0x1f, 0x00, 0x01, 0x00, 0x00}}
+	valid := pagesPayload(raw, zero, lz4)
+	// A valid batch of one page of each encoding.
+	f.Add(valid)
+	// A valid batch of one zero page, the smallest possible.
+	f.Add(pagesPayload(zero))
+	// A valid batch of one raw page at a high GPA.
+	f.Add(pagesPayload(testEntry{1<<64 - PageSize, encRaw, pageOf(1)}))
+	// Nothing; just the count.
+	f.Add([]byte{})
+	f.Add(valid[:4])
+	// Count 0.
+	f.Add(pagesHeader(nil))
+	// Count over MaxBatchPages.
+	f.Add(patched(valid, 0, uint32(MaxBatchPages+1)))
+	// Count 0xffffffff: must not loop or allocate that much.
+	f.Add(patched(valid, 0, uint32(0xffffffff)))
+	// Count says 4, three entries follow; count says 2, three follow.
+	f.Add(patched(valid, 0, uint32(4)))
+	f.Add(patched(valid, 0, uint32(2)))
+	// Nonzero padding after the count, and in an entry.
+	f.Add(patched(valid, 4, uint32(1)))
+	f.Add(patched(valid, 8+10, uint16(1)))
+	// An unaligned GPA.
+	f.Add(pagesPayload(testEntry{0x2001, encZero, nil}))
+	// Raw with the wrong length.
+	f.Add(pagesPayload(testEntry{0, encRaw, make([]byte, PageSize-1)}))
+	// LZ4 with 0 and with 4096 bytes.
+	f.Add(pagesPayload(testEntry{0, encLZ4, nil}))
+	f.Add(pagesPayload(testEntry{0, encLZ4, make([]byte, PageSize)}))
+	// Zero with data.
+	f.Add(pagesPayload(testEntry{0, encZero, []byte{0}}))
+	// Unknown encodings 0 and 4.
+	f.Add(pagesPayload(testEntry{0, 0, nil}))
+	f.Add(pagesPayload(testEntry{0, 4, nil}))
+	// Trailing bytes after the last entry.
+	f.Add(append(bytes.Clone(valid), 0))
+	// Truncated inside an entry header, and inside a raw page's data.
+	f.Add(valid[:8+pageEntrySize-1])
+	f.Add(valid[:8+pageEntrySize+100])
+	// An entry whose length is huge (would overflow int32 arithmetic).
+	f.Add(patched(pagesPayload(testEntry{0, encLZ4, []byte{1}}), 8+12, uint32(0xffffffff)))
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var got []testEntry
+		err := decodePages(b, func(e pageEntry) error {
+			got = append(got, testEntry{e.GPA, e.Enc, bytes.Clone(e.Data)})
+			return nil
+		})
+		n, cerr := checkPages(b)
+		if (err == nil) != (cerr == nil) {
+			t.Fatalf("decodePages: %v, but checkPages: %v", err, cerr)
+		}
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if len(got) != 0 {
+				t.Fatalf("error %q after delivering %d entries", err, len(got))
+			}
+			if n != 0 {
+				t.Fatalf("checkPages: error %q with count %d", cerr, n)
+			}
+			return
+		}
+		if n != len(got) || n < 1 || n > MaxBatchPages {
+			t.Fatalf("checkPages says %d entries, decodePages delivered %d", n, len(got))
+		}
+		for i, e := range got {
+			ok := e.enc == encRaw && len(e.data) == PageSize ||
+				e.enc == encLZ4 && len(e.data) > 0 && len(e.data) < PageSize ||
+				e.enc == encZero && len(e.data) == 0
+			if e.gpa%PageSize != 0 || !ok {
+				t.Fatalf("entry %d invalid: GPA %#x encoding %d, %d bytes", i, e.gpa, e.enc, len(e.data))
+			}
+		}
+		if out := pagesPayload(got...); !bytes.Equal(out, b) {
+			t.Fatalf("round trip:\n in  %x\n out %x", b, out)
+		}
+	})
+}
+
+func TestDecodePages(t *testing.T) {
+	want := []testEntry{
+		{0x2000, encRaw, pageOf(0xab)},
+		{0x100000, encZero, nil},
+		{0x3000, encLZ4, []byte{9, 8, 7}},
+	}
+	b := pagesPayload(want...)
+	var got []testEntry
+	err := decodePages(b, func(e pageEntry) error {
+		got = append(got, testEntry{e.GPA, e.Enc, e.Data})
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %d entries, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if got[i].gpa != want[i].gpa || got[i].enc != want[i].enc || !bytes.Equal(got[i].data, want[i].data) {
+			t.Errorf("entry %d: got GPA %#x enc %d %d bytes, want GPA %#x enc %d %d bytes",
+				i, got[i].gpa, got[i].enc, len(got[i].data), want[i].gpa, want[i].enc, len(want[i].data))
+		}
+	}
+
+	// A full batch of MaxBatchPages entries is fine.
+	full := make([]testEntry, MaxBatchPages)
+	for i := range full {
+		full[i] = testEntry{uint64(i) * PageSize, encZero, nil}
+	}
+	if n, err := checkPages(pagesPayload(full...)); err != nil || n != MaxBatchPages {
+		t.Fatalf("checkPages(%d zero pages) = %d, %v", MaxBatchPages, n, err)
+	}
+
+	// The callback's error stops decoding and is returned as it is.
+	stop := errors.New("stop")
+	calls := 0
+	err = decodePages(b, func(pageEntry) error {
+		calls++
+		if calls == 2 {
+			return stop
+		}
+		return nil
+	})
+	if err != stop || calls != 2 {
+		t.Fatalf("decodePages with a failing callback: %v after %d calls, want %v after 2", err, calls, stop)
+	}
+}
+
+func TestDecodePagesRejects(t *testing.T) {
+	raw := testEntry{0x2000, encRaw, pageOf(0xab)}
+	zero := testEntry{0x5000, encZero, nil}
+	valid := pagesPayload(raw, zero)
+	tests := []struct {
+		name    string
+		in      []byte
+		wantErr string
+	}{
+		{"empty", nil, "0 bytes, too short"},
+		{"short", valid[:7], "7 bytes, too short"},
+		{"count 0", pagesHeader(nil), "count 0 (want 1 to 512)"},
+		{"count 0 with entries", patched(valid, 0, uint32(0)), "count 0"},
+		{"count > MaxBatchPages", patched(valid, 0, uint32(MaxBatchPages+1)), "count 513 (want 1 to 512)"},
+		{"count padding", patched(valid, 4, uint32(1)), "nonzero padding after the count"},
+		{"unaligned GPA", pagesPayload(raw, testEntry{0x5008, encZero, nil}), "entry 1: GPA 0x5008 not page-aligned"},
+		{"entry padding", patched(valid, 8+10, uint16(2)), "entry 0 (GPA 0x2000): nonzero padding"},
+		{"raw too short", pagesPayload(testEntry{0, encRaw, make([]byte, PageSize-1)}), "encoding 1 with 4095 bytes"},
+		{"raw too long", pagesPayload(testEntry{0, encRaw, make([]byte, PageSize+1)}), "encoding 1 with 4097 bytes"},
+		{"raw empty", pagesPayload(testEntry{0, encRaw, nil}), "encoding 1 with 0 bytes"},
+		{"lz4 with 0 bytes", pagesPayload(testEntry{0x1000, encLZ4, nil}), "entry 0 (GPA 0x1000): encoding 2 with 0 bytes"},
+		{"lz4 with 4096 bytes", pagesPayload(testEntry{0, encLZ4, make([]byte, PageSize)}), "encoding 2 with 4096 bytes"},
+		{"zero with data", pagesPayload(zero, testEntry{0, encZero, []byte{0}}), "entry 1 (GPA 0x0): encoding 3 with 1 bytes"},
+		{"unknown encoding 0", pagesPayload(testEntry{0, 0, nil}), "encoding 0 with 0 bytes"},
+		{"unknown encoding 4", pagesPayload(testEntry{0, 4, []byte{1}}), "encoding 4 with 1 bytes"},
+		{"trailing bytes", append(bytes.Clone(valid), 1, 2, 3), "3 bytes after the last entry"},
+		{"count too small", patched(valid, 0, uint32(1)), "16 bytes after the last entry"},
+		{"truncated entry header", valid[:len(valid)-1], "entry 1 truncated"},
+		{"count too large", patched(valid, 0, uint32(3)), "entry 2 truncated"},
+		{"truncated entry data", valid[:8+pageEntrySize+PageSize-1], "entry 0 (GPA 0x2000) truncated"},
+		{"huge entry length", patched(pagesPayload(testEntry{0, encLZ4, []byte{1}}), 8+12, uint32(PageSize-1)), "entry 0 (GPA 0x0) truncated"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			calls := 0
+			err := decodePages(tt.in, func(pageEntry) error { calls++; return nil })
+			checkProto(t, err, tt.wantErr)
+			if calls != 0 {
+				t.Errorf("callback called %d times for a malformed batch", calls)
+			}
+			n, err := checkPages(tt.in)
+			checkProto(t, err, tt.wantErr)
+			if n != 0 {
+				t.Errorf("checkPages: error with count %d", n)
+			}
+		})
+	}
+}
+
+// --- End -------------------------------------------------------------------
+
+func FuzzDecodeEnd(f *testing.F) {
+	pre := appendEnd(nil, End{Pages: 1234, Digest: 0xdeadbeefcafe, Checksum: 0x1234567, Kind: kindPrecopy, Round: 3})
+	ckpt := appendEnd(nil, End{Pages: 7, Digest: 1, Checksum: 2, Kind: kindCheckpoint})
+	// A valid pre-copy round end.
+	f.Add(pre)
+	// A valid checkpoint end.
+	f.Add(ckpt)
+	// An all-zero end: kind 0.
+	f.Add(make([]byte, endSize))
+	// Unknown kind 3.
+	f.Add(patched(ckpt, 20, uint32(3)))
+	// A checkpoint with a pre-copy round.
+	f.Add(patched(ckpt, 24, uint32(1)))
+	// Nonzero padding.
+	f.Add(patched(pre, 28, uint32(1)))
+	// Truncated; one byte too long; nothing.
+	f.Add(pre[:endSize-1])
+	f.Add(append(bytes.Clone(pre), 0))
+	f.Add([]byte{})
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		e, err := decodeEnd(b)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if e != (End{}) {
+				t.Fatalf("error %q with a result: %+v", err, e)
+			}
+			return
+		}
+		if e.Kind != kindPrecopy && e.Kind != kindCheckpoint || e.Kind == kindCheckpoint && e.Round != 0 {
+			t.Fatalf("decoded an invalid end: %+v", e)
+		}
+		if got := appendEnd(nil, e); !bytes.Equal(got, b) {
+			t.Fatalf("round trip: in %x, out %x", b, got)
+		}
+	})
+}
+
+func TestDecodeEndRejects(t *testing.T) {
+	ckpt := appendEnd(nil, End{Pages: 7, Digest: 1, Checksum: 2, Kind: kindCheckpoint})
+	tests := []struct {
+		name    string
+		in      []byte
+		wantErr string
+	}{
+		{"short", ckpt[:31], "end: 31 bytes, want 32"},
+		{"long", append(bytes.Clone(ckpt), 0), "end: 33 bytes, want 32"},
+		{"kind 0", patched(ckpt, 20, uint32(0)), "unknown epoch kind 0"},
+		{"unknown kind", patched(ckpt, 20, uint32(99)), "unknown epoch kind 99"},
+		{"checkpoint with round", patched(ckpt, 24, uint32(5)), "checkpoint with pre-copy round 5"},
+		{"padding", patched(ckpt, 28, uint32(1)), "end: nonzero padding"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e, err := decodeEnd(tt.in)
+			checkProto(t, err, tt.wantErr)
+			if e != (End{}) {
+				t.Errorf("error with a result: %+v", e)
+			}
+		})
+	}
+}
+
+// --- Ack, Heartbeat --------------------------------------------------------
+
+func FuzzDecodeAck(f *testing.F) {
+	// A valid ack.
+	f.Add(appendAck(nil, 0x0123456789abcdef))
+	// A valid ack of digest 0.
+	f.Add(appendAck(nil, 0))
+	// Truncated; one byte too long; nothing.
+	f.Add(appendAck(nil, 1)[:7])
+	f.Add(append(appendAck(nil, 1), 0))
+	f.Add([]byte{})
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		d, err := decodeAck(b)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if d != 0 {
+				t.Fatalf("error %q with digest %#x", err, d)
+			}
+			return
+		}
+		if got := appendAck(nil, d); !bytes.Equal(got, b) {
+			t.Fatalf("round trip: in %x, out %x", b, got)
+		}
+	})
+}
+
+func FuzzDecodeHeartbeat(f *testing.F) {
+	// A valid heartbeat.
+	f.Add(appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: 42}))
+	// A valid heartbeat with a negative clock (before 1970).
+	f.Add(appendHeartbeat(nil, Heartbeat{Sent: -1, Epoch: 0}))
+	// Truncated; one byte too long; nothing.
+	f.Add(appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2})[:15])
+	f.Add(append(appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2}), 0))
+	f.Add([]byte{})
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := decodeHeartbeat(b)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if h != (Heartbeat{}) {
+				t.Fatalf("error %q with a result: %+v", err, h)
+			}
+			return
+		}
+		if got := appendHeartbeat(nil, h); !bytes.Equal(got, b) {
+			t.Fatalf("round trip: in %x, out %x", b, got)
+		}
+	})
+}
+
+func TestDecodeAckHeartbeatRejects(t *testing.T) {
+	d, err := decodeAck(make([]byte, 9))
+	checkProto(t, err, "ack: 9 bytes, want 8")
+	if d != 0 {
+		t.Errorf("ack error with digest %#x", d)
+	}
+	h, err := decodeHeartbeat(make([]byte, 8))
+	checkProto(t, err, "heartbeat: 8 bytes, want 16")
+	if h != (Heartbeat{}) {
+		t.Errorf("heartbeat error with a result %+v", h)
+	}
+}
+
+// --- Header and framing ----------------------------------------------------
+
+func FuzzParseHeader(f *testing.F) {
+	// A valid header of each message type.
+	for typ := MsgHello; typ < msgTypes; typ++ {
+		f.Add(headerBytes(Header{Type: typ, Length: 100, Epoch: uint64(typ) * 1000}))
+	}
+	// A valid header at the payload limit.
+	f.Add(headerBytes(Header{Type: MsgPages, Length: MaxPayload, Epoch: 1}))
+	// Type 0: a zeroed header.
+	f.Add(make([]byte, HeaderSize))
+	// Type msgTypes, the first unknown one; and 0xffff.
+	f.Add(headerBytes(Header{Type: msgTypes}))
+	f.Add(headerBytes(Header{Type: 0xffff}))
+	// Nonzero (reserved) flags.
+	f.Add(headerBytes(Header{Type: MsgAck, Flags: 0x8000}))
+	// An oversize length.
+	f.Add(headerBytes(Header{Type: MsgState, Length: MaxPayload + 1}))
+	f.Add(headerBytes(Header{Type: MsgState, Length: 0xffffffff}))
+	// Truncated; one byte too long; nothing.
+	f.Add(headerBytes(Header{Type: MsgBye})[:HeaderSize-1])
+	f.Add(append(headerBytes(Header{Type: MsgBye}), 0))
+	f.Add([]byte{})
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := parseHeader(b)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("error %q is not ErrProtocol", err)
+			}
+			if h != (Header{}) {
+				t.Fatalf("error %q with a result: %+v", err, h)
+			}
+			return
+		}
+		if h.Type == 0 || h.Type >= msgTypes || h.Flags != 0 || h.Length > MaxPayload {
+			t.Fatalf("accepted an invalid header: %+v", h)
+		}
+		if got := headerBytes(h); !bytes.Equal(got, b) {
+			t.Fatalf("round trip: in %x, out %x", b, got)
+		}
+	})
+}
+
+func TestParseHeaderRejects(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      []byte
+		wantErr string
+	}{
+		{"type 0", headerBytes(Header{Type: 0, Length: 8}), "unknown message type 0"},
+		{"type msgTypes", headerBytes(Header{Type: msgTypes}), "unknown message type 10"},
+		{"type 0xffff", headerBytes(Header{Type: 0xffff}), "unknown message type 65535"},
+		{"nonzero flags", headerBytes(Header{Type: MsgPages, Flags: 1}), "pages message with unknown flags 0x1"},
+		{"length > MaxPayload", headerBytes(Header{Type: MsgState, Length: MaxPayload + 1}), "state message of 8388609 bytes exceeds the 8388608-byte limit"},
+		{"short", make([]byte, HeaderSize-1), "header: 15 bytes, want 16"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h, err := parseHeader(tt.in)
+			checkProto(t, err, tt.wantErr)
+			if h != (Header{}) {
+				t.Errorf("error with a result: %+v", h)
+			}
+		})
+	}
+}
+
+func FuzzReadMsg(f *testing.F) {
+	hello := encodeMsg(nil, MsgHello, 0, appendHello(nil, testHello()))
+	stream := encodeMsg(nil, MsgHeartbeat, 3, appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2}))
+	stream = encodeMsg(stream, MsgAck, 3, appendAck(nil, 99))
+	stream = encodeMsg(stream, MsgBye, 4, nil)
+	// One valid message.
+	f.Add(hello)
+	// Three valid messages, the last with an empty payload.
+	f.Add(stream)
+	// An empty stream: a clean io.EOF.
+	f.Add([]byte{})
+	// A stream ending inside a header, and inside a payload.
+	f.Add(hello[:10])
+	f.Add(hello[:HeaderSize+5])
+	// A stream ending right after a header that announces a payload.
+	f.Add(hello[:HeaderSize])
+	// A valid message followed by a partial header.
+	f.Add(append(bytes.Clone(stream), 1, 0))
+	// A valid message followed by a bad header (type 0).
+	f.Add(append(bytes.Clone(hello), make([]byte, HeaderSize)...))
+	// A header announcing more than MaxPayload.
+	f.Add(headerBytes(Header{Type: MsgPages, Length: MaxPayload + 1}))
+	// A header with nonzero flags.
+	f.Add(headerBytes(Header{Type: MsgBye, Flags: 4}))
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		rd := newMsgReader(bytes.NewReader(b))
+		off := 0
+		for {
+			h, p, err := rd.ReadMsg()
+			rest := b[off:]
+			if err != nil {
+				if h != (Header{}) || p != nil {
+					t.Fatalf("error %q with a result: %+v, %d bytes", err, h, len(p))
+				}
+				switch {
+				case err == io.EOF:
+					if len(rest) != 0 {
+						t.Fatalf("io.EOF with %d bytes unread", len(rest))
+					}
+				case err == io.ErrUnexpectedEOF:
+					if len(rest) == 0 {
+						t.Fatal("io.ErrUnexpectedEOF between messages")
+					}
+					if len(rest) >= HeaderSize {
+						want, perr := parseHeader(rest[:HeaderSize])
+						if perr != nil || uint64(len(rest)-HeaderSize) >= uint64(want.Length) {
+							t.Fatalf("io.ErrUnexpectedEOF with a whole message (or a bad header) left: %x", rest)
+						}
+					}
+				case errors.Is(err, ErrProtocol):
+					if len(rest) < HeaderSize {
+						t.Fatalf("protocol error %q on a partial header", err)
+					}
+					if _, perr := parseHeader(rest[:HeaderSize]); perr == nil {
+						t.Fatalf("protocol error %q on a valid header", err)
+					}
+				default:
+					t.Fatalf("error %q is neither ErrProtocol, io.EOF nor io.ErrUnexpectedEOF", err)
+				}
+				return
+			}
+			n := HeaderSize + int(h.Length)
+			if len(rest) < n {
+				t.Fatalf("read a %d-byte message from %d bytes", n, len(rest))
+			}
+			if !bytes.Equal(rd.rawHeader(), rest[:HeaderSize]) {
+				t.Fatalf("rawHeader %x, stream has %x", rd.rawHeader(), rest[:HeaderSize])
+			}
+			if got := encodeMsg(nil, h.Type, h.Epoch, p); !bytes.Equal(got, rest[:n]) {
+				t.Fatalf("round trip: in %x, out %x", rest[:n], got)
+			}
+			off += n
+		}
+	})
+}
+
+func TestWireReadMsg(t *testing.T) {
+	var stream []byte
+	want := []struct {
+		t       MsgType
+		epoch   uint64
+		payload []byte
+	}{
+		{MsgHello, 0, appendHello(nil, testHello())},
+		{MsgPages, 1, pagesPayload(testEntry{0, encRaw, pageOf(7)})},
+		{MsgBye, 2, nil},
+		{MsgAck, 1, appendAck(nil, 5)},
+	}
+	for _, m := range want {
+		stream = encodeMsg(stream, m.t, m.epoch, m.payload)
+	}
+	rd := newMsgReader(bytes.NewReader(stream))
+	for i, m := range want {
+		h, p, err := rd.ReadMsg()
+		if err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+		if h.Type != m.t || h.Epoch != m.epoch || int(h.Length) != len(m.payload) || !bytes.Equal(p, m.payload) {
+			t.Fatalf("message %d: got %v epoch %d %d bytes, want %v epoch %d %d bytes", i, h.Type, h.Epoch, len(p), m.t, m.epoch, len(m.payload))
+		}
+	}
+	if _, _, err := rd.ReadMsg(); err != io.EOF {
+		t.Fatalf("at the end: %v, want io.EOF", err)
+	}
+
+	tests := []struct {
+		name    string
+		in      []byte
+		wantErr error
+		errText string
+	}{
+		{"partial header", stream[:3], io.ErrUnexpectedEOF, ""},
+		{"header only", stream[:HeaderSize], io.ErrUnexpectedEOF, ""},
+		{"partial payload", stream[:HeaderSize+1], io.ErrUnexpectedEOF, ""},
+		{"bad type", headerBytes(Header{Type: 0}), ErrProtocol, "unknown message type 0"},
+		{"oversize", headerBytes(Header{Type: MsgState, Length: MaxPayload + 1}), ErrProtocol, "exceeds"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h, p, err := newMsgReader(bytes.NewReader(tt.in)).ReadMsg()
+			if !errors.Is(err, tt.wantErr) || !strings.Contains(err.Error(), tt.errText) {
+				t.Fatalf("got %v, want %v containing %q", err, tt.wantErr, tt.errText)
+			}
+			if h != (Header{}) || p != nil {
+				t.Fatalf("error with a result: %+v, %d bytes", h, len(p))
+			}
+		})
+	}
+}
+
+// --- Digest ----------------------------------------------------------------
+
+func TestDigestIncremental(t *testing.T) {
+	for _, pages := range []uint64{1, 5, 1<<20/PageSize + 3} { // the last spans DigestMemory's 1 MiB buffer
+		rng := rand.New(rand.NewPCG(1, pages))
+		size := pages * PageSize
+		mem := make([]byte, size)
+		for i := range mem {
+			mem[i] = byte(rng.Uint32())
+		}
+		if pages >= 2 {
+			clear(mem[PageSize : 2*PageSize]) // a zero page among the random ones
+		}
+
+		digestMem := func() uint64 {
+			t.Helper()
+			d, err := DigestMemory(bytes.NewReader(mem), size)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return d
+		}
+		// The same memory as two regions back to back (one if it has one page).
+		split := pages / 2 * PageSize
+		slots := func() uint64 { return digestSlots([][]byte{mem[:split], mem[split:]}) }
+
+		// A fresh table is the digest of zero memory.
+		tab := newDigestTable(pages)
+		zeroDigest, err := DigestMemory(bytes.NewReader(make([]byte, size)), size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tab.digest != zeroDigest {
+			t.Fatalf("%d pages: new table digest %#x, zero memory %#x", pages, tab.digest, zeroDigest)
+		}
+
+		for i := range pages {
+			tab.set(i, pageCRC(mem[i*PageSize:(i+1)*PageSize]))
+		}
+		want := digestMem()
+		if tab.digest != want || slots() != want {
+			t.Fatalf("%d pages: table %#x, DigestMemory %#x, digestSlots %#x", pages, tab.digest, want, slots())
+		}
+
+		// Filling the table in another order gives the same digest.
+		rev := newDigestTable(pages)
+		for i := pages; i > 0; i-- {
+			rev.set(i-1, pageCRC(mem[(i-1)*PageSize:i*PageSize]))
+		}
+		if rev.digest != want {
+			t.Fatalf("%d pages: digest depends on update order: %#x vs %#x", pages, rev.digest, want)
+		}
+
+		// One changed byte changes the digest, and updating just that page
+		// brings the table along.
+		pg := pages - 1
+		old := tab.crcs[pg]
+		mem[pg*PageSize+123] ^= 0x40
+		changed := digestMem()
+		if changed == want {
+			t.Fatalf("%d pages: flipping a bit did not change the digest", pages)
+		}
+		newCRC := pageCRC(mem[pg*PageSize : (pg+1)*PageSize])
+		if d := tab.delta(pg, newCRC); tab.digest+d != changed {
+			t.Fatalf("%d pages: delta %#x does not lead to %#x", pages, d, changed)
+		}
+		tab.set(pg, newCRC)
+		if tab.digest != changed || slots() != changed {
+			t.Fatalf("%d pages: after one page changed: table %#x, DigestMemory %#x, digestSlots %#x", pages, tab.digest, changed, slots())
+		}
+
+		// Setting the page back restores the digest.
+		mem[pg*PageSize+123] ^= 0x40
+		tab.set(pg, old)
+		if tab.digest != want || digestMem() != want {
+			t.Fatalf("%d pages: setting the page back: table %#x, want %#x", pages, tab.digest, want)
+		}
+
+		// Swapping two different pages' contents changes the digest: it
+		// depends on where each page is, not just on the set of pages.
+		if pages >= 2 {
+			a, b := bytes.Clone(mem[:PageSize]), bytes.Clone(mem[PageSize:2*PageSize])
+			copy(mem[:PageSize], b)
+			copy(mem[PageSize:], a)
+			if !bytes.Equal(a, b) && digestMem() == want {
+				t.Fatalf("%d pages: swapping pages 0 and 1 did not change the digest", pages)
+			}
+		}
+	}
+}
