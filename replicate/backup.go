@@ -391,7 +391,7 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		_, err := decodeHeartbeat(payload)
 		return err
 	case MsgBye:
-		if s.precopy || h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState {
+		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.staged) != 0 {
 			return protoErr("bye at epoch %d while epoch %d is in progress", h.Epoch, s.current())
 		}
 		return fmt.Errorf("%w after epoch %d", ErrPrimaryStopped, h.Epoch)

@@ -21,8 +21,12 @@ const (
 	MinInterval     = 5 * time.Millisecond
 	MaxInterval     = 10 * time.Second
 	DefaultInterval = 100 * time.Millisecond
-	// MinHeartbeatTimeout is the floor of the default heartbeat timeout.
-	MinHeartbeatTimeout = 500 * time.Millisecond
+	// MinHeartbeatTimeout is the floor of the default heartbeat timeout. A
+	// dead process closes its connections, which both sides notice at once;
+	// the timeout only catches a host that froze or a link that went silent,
+	// so it errs long: on a loaded 2-core machine a side was seen silent for
+	// over 500 ms, and a false alarm means a failover while the primary lives.
+	MinHeartbeatTimeout = 2 * time.Second
 )
 
 // ErrBackupLost is returned (wrapped with the cause) by Primary.Run when the
@@ -249,12 +253,20 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		wg.Wait()
 	}()
 
+	// Touch staging while the sync runs, so the first checkpoints copy into
+	// resident memory instead of faulting in a page per page copied.
+	prefaulted := make(chan struct{})
+	go func() { defer close(prefaulted); p.stage.prefault() }()
 	if err := p.gateCall(func(g OutputGate) error { return g.Open(1) }); err != nil {
 		return p.unprotected(err)
 	}
 	if err := p.initialSync(ctx); err != nil {
+		if ctx.Err() != nil {
+			return p.finish() // stopped during the sync: nothing in flight
+		}
 		return p.unprotected(err)
 	}
+	<-prefaulted
 	if err := p.epochLoop(ctx); err != nil {
 		var vf *vmError
 		if errors.As(err, &vf) {
@@ -517,7 +529,7 @@ func (p *Primary) submit(ctx context.Context, job *epochJob) error {
 	case <-p.lost:
 		return p.lostErr
 	case <-ctx.Done():
-		return nil
+		return ctx.Err()
 	}
 	p.jobs <- job
 	select {

@@ -23,6 +23,14 @@ func newArena(pages uint64) *arena {
 	return &arena{buf: make([]byte, pages*PageSize), size: pages, freed: make(chan struct{}, 1)}
 }
 
+// prefault writes to every page of the arena, so that copies into it do not
+// fault. Call it before the first alloc.
+func (a *arena) prefault() {
+	for i := 0; i < len(a.buf); i += PageSize {
+		a.buf[i] = 0
+	}
+}
+
 // wait blocks until n pages are free (n <= size) or lost is closed.
 func (a *arena) wait(n uint64, lost <-chan struct{}) error {
 	for {

@@ -1,8 +1,10 @@
 // Command repagent replicates a running KVM guest to a backup host.
 //
-// For now it has one subcommand, vm, which runs the built-in test VM; the
-// replication job itself (primary, backup, bench and the default job) comes
-// later.
+// With no command (`repagent --interval 100ms`) it runs the main job: the
+// built-in test VM replicated to a backup in the same process over loopback
+// TCP, with a status line per second and a summary (job.go). The primary and
+// backup commands run the two sides as separate processes (primary.go,
+// backup.go); vm runs the test VM alone (vm.go).
 package main
 
 import (
@@ -23,6 +25,8 @@ type command struct {
 // commands returns the subcommands, in the order usage lists them.
 func commands() []command {
 	return []command{
+		{"primary", "run a test VM and replicate it to a backup", runPrimary},
+		{"backup", "receive a primary's checkpoints; resume the VM if the primary is lost", runBackup},
 		{"vm", "run the test VM, optionally saving or restoring a snapshot", runVM},
 	}
 }
@@ -60,14 +64,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// runJob is the default job, `repagent [flags]`, which replicates a VM. It is
-// not built yet.
-func runJob(args []string, stdout, stderr io.Writer) int {
-	usage(stderr)
-	fmt.Fprintln(stderr, "\nrepagent: the replication job is not built yet; use a command")
-	return 2
-}
-
 func findCommand(name string) (command, bool) {
 	for _, c := range commands() {
 		if c.name == name {
@@ -77,10 +73,26 @@ func findCommand(name string) (command, bool) {
 	return command{}, false
 }
 
+const jobUsage = `Usage: repagent [flags]
+       repagent <command> [flags]
+
+With no command, repagent runs the main job: a test VM (by default the dirty
+workload, 256MiB, 1 vCPU) replicated to a backup in the same process over
+loopback TCP. It prints one line per round of the initial sync, then a status
+line per second (epochs acknowledged per second, pause p50/p99, dirty pages per
+epoch, MB/s on the wire, compression ratio wire/raw, lag in epochs with the
+latest ack latency, the guest's own rate, and UNPROTECTED when the backup holds
+no current checkpoint), and at Ctrl-C or after --duration stops replication,
+prints a summary and verifies the guest's memory. Exit code 0 on success, 1 on
+a runtime error, 2 on a usage error.
+`
+
+// usage prints the program's usage: the main job, its flags and the commands.
 func usage(w io.Writer) {
-	fmt.Fprint(w, "Usage: repagent <command> [flags]\n\nCommands:\n")
+	fmt.Fprint(w, jobUsage+"\nCommands:\n")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
 	}
 	fmt.Fprint(w, "  help     show this help, or a command's: repagent help <command>\n")
+	fmt.Fprint(w, "\nFlags of the main job:\n"+newJobFlags().fs.FlagUsages())
 }

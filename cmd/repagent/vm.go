@@ -61,31 +61,96 @@ func usagef(format string, args ...any) error {
 	return usageError{fmt.Errorf(format, args...)}
 }
 
-// vmFlags holds the vm command's flag set and the values it parses into.
-type vmFlags struct {
-	fs                     *pflag.FlagSet
+// guestFlags are the flags that describe the test VM. The vm command, the
+// main job and the primary command share them.
+type guestFlags struct {
 	mem, workload, pattern string
 	vcpus                  int
 	workingSet, rate, seed uint64
-	duration               time.Duration
-	save, restore          string
-	quiet                  bool
 }
 
-func newVMFlags() *vmFlags {
-	f := &vmFlags{fs: pflag.NewFlagSet("vm", pflag.ContinueOnError)}
-	fs := f.fs
+// guestFlagNames are the guest flags' names, in the order usage lists them.
+var guestFlagNames = []string{"mem", "vcpus", "workload", "pattern", "working-set", "rate", "seed"}
+
+// register adds the guest flags to fs.
+func (g *guestFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&g.mem, "mem", testvm.FormatSize(testvm.DefaultMemSize),
+		"guest memory `size`: a multiple of 2MiB with a unit (256MiB, 256M, 1GiB, 4096KiB) or plain bytes")
+	fs.IntVar(&g.vcpus, "vcpus", 1, fmt.Sprintf("number of vCPUs, 1 to %d", testvm.MaxVCPUs))
+	fs.StringVar(&g.workload, "workload", "dirty", "what each vCPU runs: idle, dirty or counter")
+	fs.StringVar(&g.pattern, "pattern", "random", "the dirty workload's page order: seq, random or hotcold")
+	fs.Uint64Var(&g.workingSet, "working-set", 0, "4KiB `pages` each vCPU's dirty workload writes (default 0: its whole region)")
+	fs.Uint64Var(&g.rate, "rate", 0, "page writes per second per vCPU for the dirty workload (default 0: full speed)")
+	fs.Uint64Var(&g.seed, "seed", 1, "seed of the random and hotcold patterns")
+}
+
+// config checks the guest flags and returns the VM config they describe; any
+// error is a usage error.
+func (g *guestFlags) config() (testvm.Config, error) {
+	mem, err := parseSize(g.mem)
+	if err != nil {
+		return testvm.Config{}, usagef("--mem: %w", err)
+	}
+	if mem == 0 {
+		return testvm.Config{}, usagef("--mem: size must not be 0")
+	}
+	if g.vcpus < 1 || g.vcpus > testvm.MaxVCPUs {
+		return testvm.Config{}, usagef("--vcpus %d: want 1 to %d", g.vcpus, testvm.MaxVCPUs)
+	}
+	wl, err := testvm.ParseWorkload(g.workload)
+	if err != nil {
+		return testvm.Config{}, usagef("--workload: %w", err)
+	}
+	pat, err := testvm.ParsePattern(g.pattern)
+	if err != nil {
+		return testvm.Config{}, usagef("--pattern: %w", err)
+	}
+	cfg := testvm.Config{MemSize: mem, VCPUs: g.vcpus, Workload: wl, Pattern: pat,
+		WorkingSet: g.workingSet, Rate: g.rate, Seed: g.seed}
+	if err := cfg.Validate(); err != nil {
+		return testvm.Config{}, usageError{err}
+	}
+	return cfg, nil
+}
+
+// newFlagSet returns a flag set that reports errors instead of printing them
+// and lists flags in the order they were added.
+func newFlagSet(name string) *pflag.FlagSet {
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
 	fs.SortFlags = false
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	fs.StringVar(&f.mem, "mem", testvm.FormatSize(testvm.DefaultMemSize),
-		"guest memory `size`: a multiple of 2MiB with a unit (256MiB, 256M, 1GiB, 4096KiB) or plain bytes")
-	fs.IntVar(&f.vcpus, "vcpus", 1, fmt.Sprintf("number of vCPUs, 1 to %d", testvm.MaxVCPUs))
-	fs.StringVar(&f.workload, "workload", "dirty", "what each vCPU runs: idle, dirty or counter")
-	fs.StringVar(&f.pattern, "pattern", "random", "the dirty workload's page order: seq, random or hotcold")
-	fs.Uint64Var(&f.workingSet, "working-set", 0, "4KiB `pages` each vCPU's dirty workload writes (default 0: its whole region)")
-	fs.Uint64Var(&f.rate, "rate", 0, "page writes per second per vCPU for the dirty workload (default 0: full speed)")
-	fs.Uint64Var(&f.seed, "seed", 1, "seed of the random and hotcold patterns")
+	return fs
+}
+
+// parseFlags parses args into fs and refuses positional arguments. It returns
+// pflag.ErrHelp for --help, and otherwise any error is a usage error.
+func parseFlags(fs *pflag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return err
+		}
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	return nil
+}
+
+// vmFlags holds the vm command's flag set and the values it parses into.
+type vmFlags struct {
+	fs *pflag.FlagSet
+	guestFlags
+	duration      time.Duration
+	save, restore string
+	quiet         bool
+}
+
+func newVMFlags() *vmFlags {
+	f := &vmFlags{fs: newFlagSet("vm")}
+	fs := f.fs
+	f.guestFlags.register(fs)
 	fs.DurationVar(&f.duration, "duration", 10*time.Second, "how long to run; 0 runs until Ctrl-C")
 	fs.StringVar(&f.save, "save", "", "at the end, pause, verify and write a snapshot to `file`")
 	fs.StringVar(&f.restore, "restore", "", "continue the machine saved in snapshot `file` instead of booting a new one")
@@ -97,53 +162,38 @@ func newVMFlags() *vmFlags {
 // pflag.ErrHelp for --help, and otherwise any error is a usage error.
 func parseVMArgs(args []string) (*vmOptions, error) {
 	f := newVMFlags()
-	if err := f.fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return nil, err
-		}
-		return nil, usageError{err}
-	}
-	if f.fs.NArg() > 0 {
-		return nil, usagef("unexpected argument %q", f.fs.Arg(0))
+	if err := parseFlags(f.fs, args); err != nil {
+		return nil, err
 	}
 	o := &vmOptions{duration: f.duration, save: f.save, restore: f.restore, quiet: f.quiet, changed: map[string]bool{}}
 	// The flags that describe the guest; with --restore they must match the snapshot.
-	for _, name := range []string{"mem", "vcpus", "workload", "pattern", "working-set", "rate", "seed"} {
+	for _, name := range guestFlagNames {
 		o.changed[name] = f.fs.Changed(name)
 	}
-	mem, err := parseSize(f.mem)
+	cfg, err := f.guestFlags.config()
 	if err != nil {
-		return nil, usagef("--mem: %w", err)
-	}
-	if mem == 0 {
-		return nil, usagef("--mem: size must not be 0")
-	}
-	if f.vcpus < 1 || f.vcpus > testvm.MaxVCPUs {
-		return nil, usagef("--vcpus %d: want 1 to %d", f.vcpus, testvm.MaxVCPUs)
-	}
-	wl, err := testvm.ParseWorkload(f.workload)
-	if err != nil {
-		return nil, usagef("--workload: %w", err)
-	}
-	pat, err := testvm.ParsePattern(f.pattern)
-	if err != nil {
-		return nil, usagef("--pattern: %w", err)
+		return nil, err
 	}
 	if f.duration < 0 {
 		return nil, usagef("--duration %v: must not be negative", f.duration)
 	}
 	if f.save != "" {
-		dir := filepath.Dir(f.save)
-		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-			return nil, usagef("--save %s: directory %s does not exist", f.save, dir)
+		if err := checkDir("--save", f.save); err != nil {
+			return nil, err
 		}
 	}
-	o.cfg = testvm.Config{MemSize: mem, VCPUs: f.vcpus, Workload: wl, Pattern: pat,
-		WorkingSet: f.workingSet, Rate: f.rate, Seed: f.seed}
-	if err := o.cfg.Validate(); err != nil {
-		return nil, usageError{err}
-	}
+	o.cfg = cfg
 	return o, nil
+}
+
+// checkDir reports, as a usage error, that the directory of the file a flag
+// names does not exist.
+func checkDir(flag, file string) error {
+	dir := filepath.Dir(file)
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		return usagef("%s %s: directory %s does not exist", flag, file, dir)
+	}
+	return nil
 }
 
 // parseSize parses a byte count: a whole number with an optional binary unit,

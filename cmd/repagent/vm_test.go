@@ -152,10 +152,14 @@ func TestDispatch(t *testing.T) {
 		code         int
 		stdout, errs string
 	}{
-		{nil, 2, "", "replication job is not built yet"},
-		{[]string{"--interval", "100ms"}, 2, "", "replication job is not built yet"},
-		{[]string{"help"}, 0, "Usage: repagent <command>", ""},
-		{[]string{"--help"}, 0, "Usage: repagent <command>", ""},
+		{[]string{"--interval", "1ms"}, 2, "", "repagent: --interval 1ms: want 5ms to 10s"},
+		{[]string{"--mem", "64M", "extra"}, 2, "", `repagent: unexpected argument "extra"`},
+		{[]string{"help"}, 0, "Usage: repagent [flags]", ""},
+		{[]string{"--help"}, 0, "Usage: repagent [flags]", ""},
+		{[]string{"-h"}, 0, "repagent <command> [flags]", ""},
+		{[]string{"--interval", "100ms", "--help"}, 0, "Usage: repagent [flags]", ""},
+		{[]string{"help", "primary"}, 0, "Usage: repagent primary --backup HOST:PORT", ""},
+		{[]string{"backup", "--help"}, 0, "Usage: repagent backup --listen ADDR", ""},
 		{[]string{"frobnicate"}, 2, "", `unknown command "frobnicate"`},
 		{[]string{"help", "frobnicate"}, 2, "", `unknown command "frobnicate"`},
 	} {

@@ -1,0 +1,376 @@
+package main
+
+// The backup command's output is read by tests and scripts (a randomized
+// kill test among them), so these lines are stable. On stdout, in order:
+//
+//	listening on ADDR
+//
+// once, first: the address actually bound (so --listen 127.0.0.1:0 works).
+// While epochs arrive, unless --quiet, a line per second:
+//
+//	  3.0s  epoch 42  10.0 epochs/s  5.12k pages/epoch
+//
+// On failover, after restoring the VM and before starting it:
+//
+//	failover: epoch=N digest=DIGEST verified=true|false
+//	resumed vcpu=I iterations=N writes=N counter=N hash=HASH
+//
+// one resumed line per vCPU, I from 0: the guest's status at the checkpoint,
+// exact because the vCPUs have not run yet; DIGEST and HASH are 16 lower-case
+// hex digits (DIGEST as in the primary's --stats file, HASH as in its note).
+// verified=true means the replica's memory was digested and matched DIGEST.
+// Then, once the VM runs:
+//
+//	failover took X ms (verify Y ms, restore Z ms)
+//
+// then progress lines as `repagent vm` prints them, and after
+// --run-after-failover (or at Ctrl-C) the summary of `repagent vm`, which
+// checks the guest (its pages, or its counters' hash chains), and last:
+//
+//	verification passed
+//
+// or, on stderr, "repagent backup: verify ...: ..." and exit code 1.
+//
+// Without a failover the last line is one of:
+//
+//	primary stopped replication; nothing to fail over    (exit code 0)
+//	stopped before any failover                          (Ctrl-C; exit code 0)
+//
+// and a primary lost before its first checkpoint completed gives, on stderr,
+// "repagent backup: primary lost before its first checkpoint: ..." and exit
+// code 3. Other errors exit with 1, usage errors with 2. Messages of the
+// replication engine go to stderr (log/slog text).
+//
+// What a test compares these lines with comes from the primary (primary.go):
+// its --stats file has one JSON object per line for each acknowledged epoch,
+// in epoch order, written and flushed when the ack arrives (see
+// replicate.EpochStats.MarshalJSON), among them "epoch", "digest" (16 hex
+// digits, as DIGEST above) and "note": one object per vCPU with "vcpu",
+// "iterations", "writes", "counter" and "hash" (16 hex digits), read in the
+// epoch's pause, so equal to the resumed lines of a failover to that epoch.
+// A failover resumes an epoch no older than the last line. Losing the backup
+// makes the primary print "repagent primary: backup lost: VM running
+// UNPROTECTED: CAUSE" on stderr and go on (exit code 0). REPAGENT_FAULT, which
+// kills either side at an exact point, is described in options.go.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/testvm"
+)
+
+const backupUsage = `Usage: repagent backup --listen ADDR [flags]
+
+Receive a primary's checkpoints (repagent primary --backup ADDR) into a
+replica of its memory. When the primary is lost (its connection drops or it
+is silent for --heartbeat-timeout) after its first checkpoint, resume the VM
+from the last complete checkpoint, run it for --run-after-failover, then pause
+it and verify the guest. Exit code 0 when the primary stopped on purpose or the
+resumed guest verified, 1 when it did not or on a runtime error, 2 on a usage
+error, 3 when the primary was lost before its first checkpoint (nothing to
+resume).
+
+Flags:
+`
+
+// exitNoCheckpoint is the backup's exit code when the primary was lost
+// before its first checkpoint.
+const exitNoCheckpoint = 3
+
+// backupOptions is what the backup command was asked to do.
+type backupOptions struct {
+	listen           string
+	expectMem        uint64
+	expectVCPUs      int
+	heartbeatTimeout time.Duration
+	runAfter         time.Duration
+	skipVerify       bool
+	quiet            bool
+	fault            *fault
+}
+
+type backupFlags struct {
+	fs               *pflag.FlagSet
+	listen           string
+	expectMem        string
+	expectVCPUs      int
+	heartbeatTimeout time.Duration
+	runAfter         time.Duration
+	skipVerify       bool
+	quiet            bool
+}
+
+func newBackupFlags() *backupFlags {
+	f := &backupFlags{fs: newFlagSet("backup")}
+	fs := f.fs
+	fs.StringVar(&f.listen, "listen", "", "`address` to accept the primary on, host:port (port 0 picks one); required")
+	fs.StringVar(&f.expectMem, "expect-mem", "", "accept only a primary whose test VM has this memory `size` (with --expect-vcpus)")
+	fs.IntVar(&f.expectVCPUs, "expect-vcpus", 0, "accept only a primary whose test VM has this many vCPUs (with --expect-mem)")
+	fs.DurationVar(&f.heartbeatTimeout, "heartbeat-timeout", 0,
+		"silence from the primary that means it is lost (default 0: 5 of its intervals, at least 2s)")
+	fs.DurationVar(&f.runAfter, "run-after-failover", 0, "how long to run the resumed VM before verifying it (default 0: until Ctrl-C or SIGTERM)")
+	fs.BoolVar(&f.skipVerify, "skip-verify", false, "resume without digesting the replica first (faster failover, unchecked)")
+	fs.BoolVar(&f.quiet, "quiet", false, "print no per-second lines, and log only warnings")
+	return f
+}
+
+// parseBackupArgs parses and checks the backup command's arguments and the
+// values of REPAGENT_FAULT and REPAGENT_FAULT_KILL_PID. It returns
+// pflag.ErrHelp for --help, and otherwise any error is a usage error.
+func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, error) {
+	f := newBackupFlags()
+	if err := parseFlags(f.fs, args); err != nil {
+		return nil, err
+	}
+	o := &backupOptions{listen: f.listen, expectVCPUs: f.expectVCPUs, heartbeatTimeout: f.heartbeatTimeout,
+		runAfter: f.runAfter, skipVerify: f.skipVerify, quiet: f.quiet}
+	if f.listen == "" {
+		return nil, usagef("--listen is required: the address to accept the primary on, e.g. --listen :7070")
+	}
+	if _, _, err := net.SplitHostPort(f.listen); err != nil {
+		return nil, usagef("--listen %s: %w", f.listen, err)
+	}
+	if f.fs.Changed("expect-mem") != f.fs.Changed("expect-vcpus") {
+		return nil, usagef("--expect-mem and --expect-vcpus go together: the VM's shape is its memory layout and its vCPUs")
+	}
+	if f.fs.Changed("expect-mem") {
+		mem, err := parseSize(f.expectMem)
+		if err != nil {
+			return nil, usagef("--expect-mem: %w", err)
+		}
+		if f.expectVCPUs < 1 || f.expectVCPUs > testvm.MaxVCPUs {
+			return nil, usagef("--expect-vcpus %d: want 1 to %d", f.expectVCPUs, testvm.MaxVCPUs)
+		}
+		if err := (testvm.Config{MemSize: mem, VCPUs: f.expectVCPUs}).Validate(); err != nil {
+			return nil, usagef("--expect-mem: %w", err)
+		}
+		o.expectMem = mem
+	}
+	if f.heartbeatTimeout < 0 {
+		return nil, usagef("--heartbeat-timeout %v: must not be negative", f.heartbeatTimeout)
+	}
+	if f.runAfter < 0 {
+		return nil, usagef("--run-after-failover %v: must not be negative", f.runAfter)
+	}
+	flt, err := parseFault(faultEnv, killPID, backupFaultPoints)
+	if err != nil {
+		return nil, err
+	}
+	o.fault = flt
+	return o, nil
+}
+
+// runBackup is the backup command.
+func runBackup(args []string, stdout, stderr io.Writer) int {
+	o, err := parseBackupArgs(args, os.Getenv(envFault), os.Getenv(envFaultKillPID))
+	if errors.Is(err, pflag.ErrHelp) {
+		fmt.Fprint(stdout, backupUsage+newBackupFlags().fs.FlagUsages())
+		return 0
+	}
+	if err == nil {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "repagent backup: %v\n", err)
+		switch {
+		case errors.As(err, new(usageError)):
+			return 2
+		case errors.Is(err, replicate.ErrNoCheckpoint):
+			return exitNoCheckpoint
+		}
+		return 1
+	}
+	return 0
+}
+
+// testVMShape is the shape a primary running the test VM with mem bytes and
+// vcpus vCPUs declares: the test VM's memory slots, as its DirtySlots lists
+// them (the engine's VM contract). It builds such a VM, without running it, to
+// read them: the slot layout is testvm's to decide.
+func testVMShape(mem uint64, vcpus int) (replicate.Shape, error) {
+	m, err := testvm.New(testvm.Config{MemSize: mem, VCPUs: vcpus, Workload: testvm.Idle})
+	if err != nil {
+		return replicate.Shape{}, fmt.Errorf("expected shape: %w", err)
+	}
+	defer m.Close()
+	s := replicate.Shape{VCPUs: uint32(m.NumVCPUs())}
+	for _, slot := range m.DirtySlots() {
+		s.Regions = append(s.Regions, replicate.Region{Slot: slot.ID, GPA: slot.GPA, Size: slot.Size})
+		s.MemSize += slot.Size
+	}
+	return s, nil
+}
+
+// backupProgress counts the checkpoints applied, for the per-second lines.
+type backupProgress struct {
+	mu     sync.Mutex
+	epochs uint64 // applied in the current second
+	pages  uint64
+	last   uint64 // the latest epoch applied
+	any    bool
+}
+
+func (p *backupProgress) onEpoch(epoch uint64, pages int, _ uint64) {
+	p.mu.Lock()
+	p.epochs++
+	p.pages += uint64(pages)
+	p.last = epoch
+	p.any = true
+	p.mu.Unlock()
+}
+
+// line returns the second's line (nil before the first checkpoint) and
+// starts the next second.
+func (p *backupProgress) line(elapsed time.Duration, secs float64) *string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.any {
+		return nil
+	}
+	dirty := "-"
+	if p.epochs > 0 {
+		dirty = si(float64(p.pages) / float64(p.epochs))
+	}
+	s := fmt.Sprintf("%6.1fs  epoch %d  %.1f epochs/s  %s pages/epoch", elapsed.Seconds(), p.last, float64(p.epochs)/secs, dirty)
+	p.epochs, p.pages = 0, 0
+	return &s
+}
+
+// run serves primaries until one stops on purpose or is lost; on a loss it
+// resumes the VM, runs it and verifies it.
+func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) error {
+	log := newLogger(stderr, o.quiet)
+	cfg := replicate.BackupConfig{
+		NewMemory:        testvm.NewMemFile,
+		HeartbeatTimeout: o.heartbeatTimeout,
+		SkipVerify:       o.skipVerify,
+		Log:              log,
+	}
+	if o.expectMem != 0 {
+		shape, err := testVMShape(o.expectMem, o.expectVCPUs)
+		if err != nil {
+			return err
+		}
+		cfg.Expect = &shape
+	}
+	if f := o.fault; f != nil {
+		cfg.Hook = func(point string, epoch uint64) {
+			if point == f.point && epoch == f.n {
+				log.Warn("fault injection: killing the primary mid-apply", "pid", f.killPID, "epoch", epoch)
+				if err := syscall.Kill(f.killPID, syscall.SIGKILL); err != nil {
+					log.Error("fault injection: kill", "pid", f.killPID, "err", err)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	}
+	var (
+		resumed *testvm.Machine
+		first   snapshot
+	)
+	cfg.Resume = func(cp *replicate.Checkpoint) error {
+		m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{Console: stderr})
+		if err != nil {
+			cp.Memory.Close() // Restore leaves it ours on error
+			return err
+		}
+		fmt.Fprintf(stdout, "failover: epoch=%d digest=%s verified=%s\n", cp.Epoch, replicate.FormatDigest(cp.Digest), strconv.FormatBool(!o.skipVerify))
+		for i := 0; i < m.NumVCPUs(); i++ {
+			st := m.Status(i)
+			fmt.Fprintf(stdout, "resumed vcpu=%d iterations=%d writes=%d counter=%d hash=%016x\n", i, st.Iterations, st.Writes, st.Counter, st.Hash)
+		}
+		first = totals(m)
+		if err := m.Start(); err != nil {
+			m.Close()
+			return err
+		}
+		resumed = m
+		return nil
+	}
+	progress := &backupProgress{}
+	cfg.OnEpoch = progress.onEpoch
+	b, err := replicate.NewBackup(cfg)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+
+	ln, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	fmt.Fprintf(stdout, "listening on %s\n", ln.Addr())
+	type result struct {
+		fo  *replicate.Failover
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		fo, err := b.Serve(ctx, ln)
+		done <- result{fo, err}
+	}()
+	var res result
+	t0 := time.Now()
+	prevT := t0
+	tick := time.NewTicker(time.Second)
+	for waiting := true; waiting; {
+		select {
+		case res = <-done:
+			waiting = false
+		case now := <-tick.C:
+			if line := progress.line(now.Sub(t0), now.Sub(prevT).Seconds()); line != nil && !o.quiet {
+				fmt.Fprintln(stdout, *line)
+			}
+			prevT = now
+		}
+	}
+	tick.Stop()
+	if resumed != nil {
+		defer resumed.Close()
+	}
+	switch fo, err := res.fo, res.err; {
+	case errors.Is(err, replicate.ErrPrimaryStopped):
+		fmt.Fprintln(stdout, "primary stopped replication; nothing to fail over")
+		return nil
+	case err != nil && ctx.Err() != nil && resumed == nil:
+		fmt.Fprintln(stdout, "stopped before any failover")
+		return nil
+	case err != nil:
+		return err
+	default:
+		fmt.Fprintf(stdout, "failover took %s (verify %s, restore %s)\n", ms(fo.Took), ms(fo.Verify), ms(fo.Restore))
+	}
+
+	vo := &vmOptions{duration: o.runAfter, quiet: o.quiet}
+	t1 := time.Now()
+	if err := vo.watch(ctx, resumed, t1, stdout); err != nil {
+		return err
+	}
+	stopSignals()
+	if err := resumed.Pause(); err != nil {
+		return err
+	}
+	if err := summarize(stdout, resumed, first, time.Since(t1)); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "verification passed")
+	return nil
+}
+
+// ms formats a duration in milliseconds with one decimal: "12.3 ms".
+func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/1e6) }

@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/testvm"
+)
+
+// runJob is the main job, `repagent [flags]`: a test VM replicated to a
+// backup in the same process over loopback TCP.
+func runJob(args []string, stdout, stderr io.Writer) int {
+	o, err := parseJobArgs(args)
+	if errors.Is(err, pflag.ErrHelp) {
+		usage(stdout)
+		return 0
+	}
+	if err == nil {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "repagent: %v\n", err)
+		if errors.As(err, new(usageError)) {
+			return 2
+		}
+		return 1
+	}
+	return 0
+}
+
+// backupResult is what an in-process backup's Serve returned.
+type backupResult struct {
+	fo  *replicate.Failover
+	err error
+}
+
+// run runs the main job. It calls stopSignals once replication is over, so
+// that a second Ctrl-C during the verification kills the process.
+func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) (err error) {
+	r, err := newReplicator("repagent", o.repl, o.cfg, stdout, stderr, nil)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := r.close(); cerr != nil && err == nil {
+			err = cerr
+		}
+	}()
+	if err := r.start(ctx); err != nil {
+		return err
+	}
+
+	// The backup, in this process. It fails over only if the primary side
+	// breaks; the job then checks that the checkpoint restores, but does not
+	// run a second copy of the guest beside the first.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return fmt.Errorf("listen for the in-process backup: %w", err)
+	}
+	b, err := replicate.NewBackup(replicate.BackupConfig{
+		NewMemory: testvm.NewMemFile,
+		Resume: func(cp *replicate.Checkpoint) error {
+			m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
+			if err != nil {
+				cp.Memory.Close()
+				return err
+			}
+			return m.Close()
+		},
+		HeartbeatTimeout: o.repl.heartbeatTimeout,
+		Log:              r.log.With("side", "backup"),
+	})
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer b.Close()
+	bctx, bcancel := context.WithCancel(context.Background())
+	defer bcancel()
+	bdone := make(chan backupResult, 1)
+	go func() {
+		fo, err := b.Serve(bctx, ln)
+		bdone <- backupResult{fo, err}
+	}()
+
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		return fmt.Errorf("connect to the in-process backup: %w", err)
+	}
+	if err := r.newPrimary(); err != nil {
+		conn.Close()
+		return err
+	}
+	lost, rerr := r.replicate(ctx, conn)
+
+	// The primary said bye (or broke): the backup's Serve returns soon.
+	var br backupResult
+	wait := r.backupWait()
+	select {
+	case br = <-bdone:
+	case <-time.After(wait):
+		bcancel()
+		br = <-bdone
+	}
+	stopSignals()
+	if rerr != nil {
+		return rerr
+	}
+	if err := r.finish(stdout, lost); err != nil {
+		return err
+	}
+	if lost != nil {
+		return fmt.Errorf("replication failed: %w", lostCause(lost))
+	}
+	if err := checkBackup(stdout, b, br, r); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "verification passed")
+	return nil
+}
+
+// backupWait is how long the in-process backup may take to notice the end of
+// the session once the primary stopped.
+func (r *replicator) backupWait() time.Duration {
+	return max(r.o.heartbeatTimeout, 5*r.o.interval, replicate.MinHeartbeatTimeout) + 5*time.Second
+}
+
+// checkBackup checks that the in-process backup saw the primary stop on
+// purpose and holds exactly the last acknowledged checkpoint: the same epoch,
+// and replica memory that digests to that epoch's digest.
+func checkBackup(w io.Writer, b *replicate.Backup, br backupResult, r *replicator) error {
+	r.mu.Lock()
+	last := r.total.last
+	r.mu.Unlock()
+	epoch, digest := b.LastCheckpoint()
+	switch {
+	case br.fo != nil:
+		return fmt.Errorf("the in-process backup failed over to epoch %d: %v", br.fo.Epoch, br.fo.Cause)
+	case last == nil && epoch == 0 && (errors.Is(br.err, replicate.ErrPrimaryStopped) || errors.Is(br.err, context.Canceled)):
+		fmt.Fprintln(w, "  backup: no checkpoint (stopped before the first epoch was acknowledged)")
+		return nil
+	case !errors.Is(br.err, replicate.ErrPrimaryStopped):
+		return fmt.Errorf("in-process backup: %w", br.err)
+	case last == nil:
+		return fmt.Errorf("backup: holds epoch %d, but the primary saw no epoch acknowledged", epoch)
+	}
+	if epoch != last.Epoch || digest != last.Digest {
+		return fmt.Errorf("backup: holds epoch %d digest %s, the primary's last acknowledged epoch is %d digest %s",
+			epoch, replicate.FormatDigest(digest), last.Epoch, replicate.FormatDigest(last.Digest))
+	}
+	d, err := b.ReplicaDigest()
+	if err != nil {
+		return fmt.Errorf("backup: digest replica: %w", err)
+	}
+	if d != digest {
+		fmt.Fprintf(w, "  backup: replica at epoch %d NOT verified: memory digests to %s, the checkpoint's digest is %s\n",
+			epoch, replicate.FormatDigest(d), replicate.FormatDigest(digest))
+		return fmt.Errorf("backup: replica memory does not match epoch %d", epoch)
+	}
+	fmt.Fprintf(w, "  backup: replica at epoch %d, digest %s (verified: its memory digests to the primary's)\n", epoch, replicate.FormatDigest(digest))
+	return nil
+}

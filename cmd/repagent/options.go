@@ -1,0 +1,257 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/testvm"
+)
+
+// replFlags are the replication flags the main job and the primary command
+// share.
+type replFlags struct {
+	interval, heartbeatTimeout, duration time.Duration
+	dirtyTrack, stats, staging           string
+	workers                              int
+	auditEvery                           uint64
+	quiet                                bool
+}
+
+func (r *replFlags) register(fs *pflag.FlagSet) {
+	fs.DurationVar(&r.interval, "interval", replicate.DefaultInterval,
+		fmt.Sprintf("checkpoint interval (epoch length), %v to %v", replicate.MinInterval, replicate.MaxInterval))
+	fs.StringVar(&r.dirtyTrack, "dirty-track", "auto",
+		"dirty page tracking: auto, bitmap, manual or ring (auto picks from the workload's expected dirty rate)")
+	fs.StringVar(&r.stats, "stats", "", "write one JSON line per acknowledged epoch to `file`")
+	fs.DurationVar(&r.heartbeatTimeout, "heartbeat-timeout", 0,
+		"silence from the backup that means it is lost (default 0: 5 intervals, at least 2s)")
+	fs.IntVar(&r.workers, "workers", 0, "compression goroutines (default 0: one per CPU, at most 4)")
+	fs.StringVar(&r.staging, "staging", "",
+		"memory `size` for captured pages not yet sent (default 0: the guest memory size, at most 1GiB)")
+	fs.Uint64Var(&r.auditEvery, "audit-every", 0,
+		"digest all of guest memory in every `N`th pause and check it against the replicated pages (default 0: never)")
+	fs.DurationVar(&r.duration, "duration", 0, "how long to run (default 0: until Ctrl-C or SIGTERM)")
+	fs.BoolVar(&r.quiet, "quiet", false, "print no sync or per-second status lines, and log only warnings")
+}
+
+// replOptions is what the replication flags ask for.
+type replOptions struct {
+	interval         time.Duration
+	mech             dirtylog.Mechanism
+	heartbeatTimeout time.Duration
+	workers          int
+	staging          uint64
+	auditEvery       uint64
+	stats            string
+	duration         time.Duration
+	quiet            bool
+}
+
+// options checks the replication flags; any error is a usage error.
+func (r *replFlags) options() (replOptions, error) {
+	o := replOptions{interval: r.interval, heartbeatTimeout: r.heartbeatTimeout, workers: r.workers,
+		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet}
+	if r.interval < replicate.MinInterval || r.interval > replicate.MaxInterval {
+		return o, usagef("--interval %v: want %v to %v", r.interval, replicate.MinInterval, replicate.MaxInterval)
+	}
+	mech, err := dirtylog.ParseMechanism(r.dirtyTrack)
+	if err != nil {
+		return o, usagef("--dirty-track: %w", err)
+	}
+	o.mech = mech
+	// The engine's heartbeat period is the interval, at most 100ms; the
+	// timeout must cover two of them.
+	if hb := min(r.interval, 100*time.Millisecond); r.heartbeatTimeout != 0 && r.heartbeatTimeout < 2*hb {
+		return o, usagef("--heartbeat-timeout %v: want 0 (the default) or at least %v (two heartbeats at this interval)", r.heartbeatTimeout, 2*hb)
+	}
+	if r.workers < 0 {
+		return o, usagef("--workers %d: must not be negative", r.workers)
+	}
+	if r.staging != "" {
+		if o.staging, err = parseSize(r.staging); err != nil {
+			return o, usagef("--staging: %w", err)
+		}
+	}
+	if least := uint64(64 * replicate.PageSize); o.staging != 0 && o.staging < least {
+		return o, usagef("--staging %s: want 0 (the default) or at least %s", r.staging, testvm.FormatSize(least))
+	}
+	if r.duration < 0 {
+		return o, usagef("--duration %v: must not be negative", r.duration)
+	}
+	if r.stats != "" {
+		if err := checkDir("--stats", r.stats); err != nil {
+			return o, err
+		}
+	}
+	return o, nil
+}
+
+// jobOptions is what the main job was asked to do.
+type jobOptions struct {
+	cfg  testvm.Config
+	repl replOptions
+}
+
+// jobFlags is the main job's flag set: the guest and replication flags.
+type jobFlags struct {
+	fs *pflag.FlagSet
+	guestFlags
+	replFlags
+}
+
+func newJobFlags() *jobFlags {
+	f := &jobFlags{fs: newFlagSet("repagent")}
+	f.guestFlags.register(f.fs)
+	f.replFlags.register(f.fs)
+	return f
+}
+
+// parseJobArgs parses and checks the main job's arguments. It returns
+// pflag.ErrHelp for --help, and otherwise any error is a usage error.
+func parseJobArgs(args []string) (*jobOptions, error) {
+	f := newJobFlags()
+	if err := parseFlags(f.fs, args); err != nil {
+		return nil, err
+	}
+	cfg, err := f.guestFlags.config()
+	if err != nil {
+		return nil, err
+	}
+	repl, err := f.replFlags.options()
+	if err != nil {
+		return nil, err
+	}
+	return &jobOptions{cfg: cfg, repl: repl}, nil
+}
+
+// primaryOptions is what the primary command was asked to do.
+type primaryOptions struct {
+	cfg            testvm.Config
+	repl           replOptions
+	backup         string
+	connectTimeout time.Duration
+	fault          *fault
+}
+
+type primaryFlags struct {
+	fs *pflag.FlagSet
+	guestFlags
+	replFlags
+	backup         string
+	connectTimeout time.Duration
+}
+
+func newPrimaryFlags() *primaryFlags {
+	f := &primaryFlags{fs: newFlagSet("primary")}
+	f.fs.StringVar(&f.backup, "backup", "", "the backup's `host:port` (repagent backup --listen); required")
+	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach the backup")
+	f.guestFlags.register(f.fs)
+	f.replFlags.register(f.fs)
+	return f
+}
+
+// parsePrimaryArgs parses and checks the primary command's arguments, and
+// faultEnv, the value of REPAGENT_FAULT. It returns pflag.ErrHelp for
+// --help, and otherwise any error is a usage error.
+func parsePrimaryArgs(args []string, faultEnv string) (*primaryOptions, error) {
+	f := newPrimaryFlags()
+	if err := parseFlags(f.fs, args); err != nil {
+		return nil, err
+	}
+	if f.backup == "" {
+		return nil, usagef("--backup is required: the address a backup listens on (repagent backup --listen ADDR)")
+	}
+	if _, _, err := net.SplitHostPort(f.backup); err != nil {
+		return nil, usagef("--backup %s: %w", f.backup, err)
+	}
+	if f.connectTimeout <= 0 {
+		return nil, usagef("--connect-timeout %v: must be positive", f.connectTimeout)
+	}
+	cfg, err := f.guestFlags.config()
+	if err != nil {
+		return nil, err
+	}
+	repl, err := f.replFlags.options()
+	if err != nil {
+		return nil, err
+	}
+	flt, err := parseFault(faultEnv, "", primaryFaultPoints)
+	if err != nil {
+		return nil, err
+	}
+	return &primaryOptions{cfg: cfg, repl: repl, backup: f.backup, connectTimeout: f.connectTimeout, fault: flt}, nil
+}
+
+// Fault injection for tests. The environment variable REPAGENT_FAULT, when
+// set, makes a process die (or, on the backup, kill another) at an exact
+// point of replication, as a host that loses power would:
+//
+//   - primary: REPAGENT_FAULT=POINT:N with POINT one of sync, pause, send,
+//     sent (replicate.HookSync, HookPause, HookSend, HookSent) and N the
+//     epoch (for sync: the pre-copy round). When the engine reaches POINT in
+//     epoch N, the primary flushes its --stats file and sends itself SIGKILL.
+//   - backup: REPAGENT_FAULT=apply:N with REPAGENT_FAULT_KILL_PID=PID. When
+//     half of epoch N's pages are applied to the replica, the backup sends
+//     SIGKILL to PID (the primary), sleeps 100ms and goes on applying: the
+//     primary dies while the backup is mid-apply.
+//
+// It is deliberately not in --help: it exists for tests.
+const (
+	envFault        = "REPAGENT_FAULT"
+	envFaultKillPID = "REPAGENT_FAULT_KILL_PID"
+)
+
+var (
+	primaryFaultPoints = []string{replicate.HookSync, replicate.HookPause, replicate.HookSend, replicate.HookSent}
+	backupFaultPoints  = []string{replicate.HookApply}
+)
+
+// fault is a parsed REPAGENT_FAULT: die, or kill killPID, at point in epoch
+// (or round) n.
+type fault struct {
+	point   string
+	n       uint64
+	killPID int
+}
+
+// parseFault parses REPAGENT_FAULT's value env (and, when needed,
+// REPAGENT_FAULT_KILL_PID's value pid) for a side whose hook points are
+// points. An empty env means no fault. Any error is a usage error.
+func parseFault(env, pid string, points []string) (*fault, error) {
+	if env == "" {
+		return nil, nil
+	}
+	point, num, ok := strings.Cut(env, ":")
+	want := fmt.Sprintf("want POINT:N with POINT one of %s", strings.Join(points, ", "))
+	if !ok {
+		return nil, usagef("%s=%q: %s", envFault, env, want)
+	}
+	known := false
+	for _, p := range points {
+		known = known || p == point
+	}
+	if !known {
+		return nil, usagef("%s=%q: unknown point %q here (%s)", envFault, env, point, want)
+	}
+	n, err := strconv.ParseUint(num, 10, 64)
+	if err != nil {
+		return nil, usagef("%s=%q: %q is not an epoch number (%s)", envFault, env, num, want)
+	}
+	f := &fault{point: point, n: n}
+	if point == replicate.HookApply {
+		if pid == "" {
+			return nil, usagef("%s=%q needs %s, the process to kill", envFault, env, envFaultKillPID)
+		}
+		if f.killPID, err = strconv.Atoi(pid); err != nil || f.killPID <= 0 {
+			return nil, usagef("%s=%q: want a process id", envFaultKillPID, pid)
+		}
+	}
+	return f, nil
+}

@@ -1,0 +1,265 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/testvm"
+)
+
+func TestParseJobArgsDefaults(t *testing.T) {
+	o, err := parseJobArgs(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCfg := testvm.Config{MemSize: testvm.DefaultMemSize, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, Seed: 1}
+	if !sameConfig(o.cfg, wantCfg) {
+		t.Errorf("config: %+v, want %+v", o.cfg, wantCfg)
+	}
+	wantRepl := replOptions{interval: 100 * time.Millisecond, mech: dirtylog.Auto}
+	if o.repl != wantRepl {
+		t.Errorf("replication options: %+v, want %+v", o.repl, wantRepl)
+	}
+
+	o, err = parseJobArgs([]string{"--interval", "5ms", "--dirty-track", "ring", "--stats", t.TempDir() + "/s.jsonl",
+		"--heartbeat-timeout", "2s", "--workers", "3", "--staging", "64M", "--audit-every", "10", "--duration", "3s",
+		"--quiet", "--mem", "64M", "--vcpus", "2", "--workload", "counter"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := o.repl
+	if r.interval != 5*time.Millisecond || r.mech != dirtylog.Ring || !strings.HasSuffix(r.stats, "/s.jsonl") ||
+		r.heartbeatTimeout != 2*time.Second || r.workers != 3 || r.staging != 64<<20 || r.auditEvery != 10 ||
+		r.duration != 3*time.Second || !r.quiet {
+		t.Errorf("parsed: %+v", r)
+	}
+	if o.cfg.MemSize != 64<<20 || o.cfg.VCPUs != 2 || o.cfg.Workload != testvm.Counter {
+		t.Errorf("parsed config: %+v", o.cfg)
+	}
+	for _, mech := range []string{"auto", "bitmap", "manual", "ring"} {
+		o, err := parseJobArgs([]string{"--dirty-track", mech})
+		if err != nil || o.repl.mech.String() != mech {
+			t.Errorf("--dirty-track %s: %v, %v", mech, o.repl.mech, err)
+		}
+	}
+	for _, iv := range []string{"5ms", "10s"} {
+		if _, err := parseJobArgs([]string{"--interval", iv}); err != nil {
+			t.Errorf("--interval %s: %v", iv, err)
+		}
+	}
+	if _, err := parseJobArgs([]string{"--help"}); !errors.Is(err, pflag.ErrHelp) {
+		t.Errorf("--help: %v, want pflag.ErrHelp", err)
+	}
+}
+
+// TestJobUsageErrors checks that bad flags of the main job are one line on
+// stderr and exit code 2; none gets as far as building a VM.
+func TestJobUsageErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"interval too short", []string{"--interval", "4ms"}, "--interval 4ms: want 5ms to 10s"},
+		{"interval too long", []string{"--interval", "11s"}, "--interval 11s: want 5ms to 10s"},
+		{"interval zero", []string{"--interval", "0"}, "--interval 0s: want 5ms to 10s"},
+		{"interval not a duration", []string{"--interval", "fast"}, `invalid argument "fast"`},
+		{"bad dirty-track", []string{"--dirty-track", "magic"}, `--dirty-track: unknown dirty tracking mechanism "magic" (want auto, bitmap, manual or ring)`},
+		{"heartbeat too short", []string{"--heartbeat-timeout", "150ms"}, "--heartbeat-timeout 150ms: want 0 (the default) or at least 200ms"},
+		{"heartbeat short at 5ms", []string{"--interval", "5ms", "--heartbeat-timeout", "9ms"}, "at least 10ms"},
+		{"negative workers", []string{"--workers", "-1"}, "--workers -1: must not be negative"},
+		{"staging too small", []string{"--staging", "4K"}, "--staging 4K: want 0 (the default) or at least 256KiB"},
+		{"staging bad unit", []string{"--staging", "4X"}, `--staging: size "4X": unknown unit`},
+		{"negative duration", []string{"--duration", "-1s"}, "--duration -1s: must not be negative"},
+		{"stats dir missing", []string{"--stats", "/nonexistent/dir/s.jsonl"}, "--stats /nonexistent/dir/s.jsonl: directory /nonexistent/dir does not exist"},
+		{"bad vcpus", []string{"--vcpus", "9"}, "--vcpus 9: want 1 to 4"},
+		{"bad mem", []string{"--mem", "4M"}, "outside 8MiB..64GiB"},
+		{"unknown flag", []string{"--backup", "x:1"}, "unknown flag: --backup"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := run(tc.args, &stdout, &stderr)
+			msg := stderr.String()
+			if code != 2 || !strings.HasPrefix(msg, "repagent: ") || !strings.Contains(msg, tc.want) ||
+				strings.Count(msg, "\n") != 1 || stdout.Len() != 0 {
+				t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 2 and one line saying %q",
+					tc.args, code, stdout.String(), msg, tc.want)
+			}
+		})
+	}
+}
+
+func TestPrimaryArgs(t *testing.T) {
+	o, err := parsePrimaryArgs([]string{"--backup", "10.0.0.2:7070", "--mem", "64M"}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.backup != "10.0.0.2:7070" || o.connectTimeout != 10*time.Second || o.fault != nil || o.cfg.MemSize != 64<<20 ||
+		o.repl.interval != replicate.DefaultInterval {
+		t.Errorf("parsed: %+v", o)
+	}
+	o, err = parsePrimaryArgs([]string{"--backup", "[::1]:7070", "--connect-timeout", "1s"}, "sent:12")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.connectTimeout != time.Second || o.fault == nil || *o.fault != (fault{point: replicate.HookSent, n: 12}) {
+		t.Errorf("parsed: %+v, fault %+v", o, o.fault)
+	}
+	for _, tc := range []struct {
+		name  string
+		args  []string
+		fault string
+		want  string
+	}{
+		{"no backup", nil, "", "--backup is required"},
+		{"backup without port", []string{"--backup", "host"}, "", "--backup host: address host: missing port in address"},
+		{"zero connect timeout", []string{"--backup", "h:1", "--connect-timeout", "0"}, "", "--connect-timeout 0s: must be positive"},
+		{"bad interval", []string{"--backup", "h:1", "--interval", "1ms"}, "", "--interval 1ms: want 5ms to 10s"},
+		{"bad dirty-track", []string{"--backup", "h:1", "--dirty-track", "log"}, "", `unknown dirty tracking mechanism "log"`},
+		{"fault without epoch", []string{"--backup", "h:1"}, "sent", `REPAGENT_FAULT="sent": want POINT:N with POINT one of sync, pause, send, sent`},
+		{"fault unknown point", []string{"--backup", "h:1"}, "boom:3", `REPAGENT_FAULT="boom:3": unknown point "boom" here`},
+		{"fault backup point", []string{"--backup", "h:1"}, "apply:3", `unknown point "apply" here`},
+		{"fault bad epoch", []string{"--backup", "h:1"}, "pause:x", `REPAGENT_FAULT="pause:x": "x" is not an epoch number`},
+		{"fault negative epoch", []string{"--backup", "h:1"}, "send:-1", `"-1" is not an epoch number`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parsePrimaryArgs(tc.args, tc.fault)
+			if !errors.As(err, new(usageError)) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%v with REPAGENT_FAULT=%q: %v; want a usage error saying %q", tc.args, tc.fault, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestPrimaryBadFaultExit checks that a bad REPAGENT_FAULT stops the primary
+// command before it builds anything, with exit code 2.
+func TestPrimaryBadFaultExit(t *testing.T) {
+	t.Setenv(envFault, "sent:soon")
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"primary", "--backup", "127.0.0.1:1"}, &stdout, &stderr)
+	if code != 2 || !strings.Contains(stderr.String(), `repagent primary: REPAGENT_FAULT="sent:soon"`) {
+		t.Errorf("exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+func TestParseFault(t *testing.T) {
+	for _, tc := range []struct {
+		name, env, pid string
+		points         []string
+		want           *fault
+	}{
+		{"unset", "", "", primaryFaultPoints, nil},
+		{"sync round", "sync:0", "", primaryFaultPoints, &fault{point: "sync", n: 0}},
+		{"pause", "pause:7", "", primaryFaultPoints, &fault{point: "pause", n: 7}},
+		{"send", "send:1", "", primaryFaultPoints, &fault{point: "send", n: 1}},
+		{"apply", "apply:4", "1234", backupFaultPoints, &fault{point: "apply", n: 4, killPID: 1234}},
+	} {
+		got, err := parseFault(tc.env, tc.pid, tc.points)
+		if err != nil || (got == nil) != (tc.want == nil) || (got != nil && *got != *tc.want) {
+			t.Errorf("%s: %+v, %v; want %+v", tc.name, got, err, tc.want)
+		}
+	}
+}
+
+func TestBackupArgs(t *testing.T) {
+	o, err := parseBackupArgs([]string{"--listen", "127.0.0.1:0"}, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.listen != "127.0.0.1:0" || o.expectMem != 0 || o.runAfter != 0 || o.heartbeatTimeout != 0 || o.fault != nil {
+		t.Errorf("defaults: %+v", o)
+	}
+	o, err = parseBackupArgs([]string{"--listen", ":7070", "--expect-mem", "64M", "--expect-vcpus", "2",
+		"--heartbeat-timeout", "2s", "--run-after-failover", "1s", "--skip-verify", "--quiet"}, "apply:3", "99")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.expectMem != 64<<20 || o.expectVCPUs != 2 || o.heartbeatTimeout != 2*time.Second || o.runAfter != time.Second ||
+		!o.skipVerify || !o.quiet || o.fault == nil || *o.fault != (fault{point: "apply", n: 3, killPID: 99}) {
+		t.Errorf("parsed: %+v", o)
+	}
+	for _, tc := range []struct {
+		name      string
+		args      []string
+		fault, pi string
+		want      string
+	}{
+		{"no listen", nil, "", "", "--listen is required"},
+		{"listen without port", []string{"--listen", "localhost"}, "", "", "--listen localhost: address localhost: missing port"},
+		{"mem without vcpus", []string{"--listen", ":1", "--expect-mem", "64M"}, "", "", "--expect-mem and --expect-vcpus go together"},
+		{"vcpus without mem", []string{"--listen", ":1", "--expect-vcpus", "2"}, "", "", "--expect-mem and --expect-vcpus go together"},
+		{"bad expect-mem", []string{"--listen", ":1", "--expect-mem", "4M", "--expect-vcpus", "1"}, "", "", "--expect-mem: "},
+		{"bad expect-vcpus", []string{"--listen", ":1", "--expect-mem", "64M", "--expect-vcpus", "0"}, "", "", "--expect-vcpus 0: want 1 to 4"},
+		{"negative run-after", []string{"--listen", ":1", "--run-after-failover", "-1s"}, "", "", "--run-after-failover -1s: must not be negative"},
+		{"fault without pid", []string{"--listen", ":1"}, "apply:3", "", `REPAGENT_FAULT="apply:3" needs REPAGENT_FAULT_KILL_PID`},
+		{"fault bad pid", []string{"--listen", ":1"}, "apply:3", "me", `REPAGENT_FAULT_KILL_PID="me": want a process id`},
+		{"fault primary point", []string{"--listen", ":1"}, "sent:3", "", `unknown point "sent" here (want POINT:N with POINT one of apply)`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseBackupArgs(tc.args, tc.fault, tc.pi)
+			if !errors.As(err, new(usageError)) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%v: %v; want a usage error saying %q", tc.args, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestHelp checks that every flag and command is documented where it belongs.
+func TestHelp(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		fs   *pflag.FlagSet
+		want []string
+	}{
+		{[]string{"--help"}, newJobFlags().fs, []string{"Usage: repagent [flags]", "Commands:", "  primary ", "  backup ",
+			"  vm ", "  help ", "(default 100ms)", `(default "auto")`, "UNPROTECTED"}},
+		{[]string{"help", "primary"}, newPrimaryFlags().fs, []string{"Usage: repagent primary", "(default 10s)", "backup lost: VM running UNPROTECTED"}},
+		{[]string{"help", "backup"}, newBackupFlags().fs, []string{"Usage: repagent backup", "--expect-mem size", "3 when the primary was lost"}},
+	} {
+		var stdout, stderr bytes.Buffer
+		if code := run(tc.args, &stdout, &stderr); code != 0 {
+			t.Errorf("%v: exit %d, stderr %q", tc.args, code, stderr.String())
+		}
+		out := stdout.String()
+		tc.fs.VisitAll(func(f *pflag.Flag) {
+			if !strings.Contains(out, "--"+f.Name+" ") || f.Usage == "" {
+				t.Errorf("%v: flag --%s is not documented", tc.args, f.Name)
+			}
+		})
+		for _, w := range tc.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%v: usage lacks %q:\n%s", tc.args, w, out)
+			}
+		}
+		if strings.Contains(out, envFault) {
+			t.Errorf("%v: usage mentions %s, which is for tests only", tc.args, envFault)
+		}
+	}
+}
+
+func TestExpectedDirty(t *testing.T) {
+	const iv = 100 * time.Millisecond
+	region := (uint64(256<<20) - testvm.DataAddr) / 4096
+	for _, tc := range []struct {
+		name string
+		cfg  testvm.Config
+		want uint64
+	}{
+		{"idle", testvm.Config{MemSize: 256 << 20, VCPUs: 2, Workload: testvm.Idle}, 8},
+		{"counter", testvm.Config{MemSize: 256 << 20, VCPUs: 1, Workload: testvm.Counter}, 4},
+		{"dirty full speed", testvm.Config{MemSize: 256 << 20, VCPUs: 1, Workload: testvm.Dirty}, region + 4},
+		{"dirty working set", testvm.Config{MemSize: 256 << 20, VCPUs: 2, Workload: testvm.Dirty, WorkingSet: 1000}, 2000 + 8},
+		{"dirty rate", testvm.Config{MemSize: 256 << 20, VCPUs: 2, Workload: testvm.Dirty, Rate: 1000}, 200 + 1 + 8},
+	} {
+		if got := expectedDirty(tc.cfg, iv); got != tc.want {
+			t.Errorf("%s: %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/pflag"
+)
+
+const primaryUsage = `Usage: repagent primary --backup HOST:PORT [flags]
+
+Run a test VM and replicate it to a backup (repagent backup --listen ADDR):
+an initial sync while the guest runs, then a checkpoint every --interval,
+acknowledged by the backup. It prints the sync rounds, a status line per
+second (as the main job: see repagent --help) and, at Ctrl-C or after
+--duration, stops replication on purpose (the backup does not fail over),
+prints a summary and verifies the guest's memory.
+
+If the backup is lost, it says "backup lost: VM running UNPROTECTED" on
+stderr and keeps the guest running, its status lines marked UNPROTECTED, until
+the end; that is reported, not a failure. Exit code 0 on success, 1 on a
+runtime error, 2 on a usage error.
+
+Flags:
+`
+
+// runPrimary is the primary command.
+func runPrimary(args []string, stdout, stderr io.Writer) int {
+	o, err := parsePrimaryArgs(args, os.Getenv(envFault))
+	if errors.Is(err, pflag.ErrHelp) {
+		fmt.Fprint(stdout, primaryUsage+newPrimaryFlags().fs.FlagUsages())
+		return 0
+	}
+	if err == nil {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "repagent primary: %v\n", err)
+		if errors.As(err, new(usageError)) {
+			return 2
+		}
+		return 1
+	}
+	return 0
+}
+
+// run builds and starts the VM, connects to the backup and replicates until
+// the duration is over or ctx ends, then summarizes. A lost backup is not an
+// error: the guest survived.
+func (o *primaryOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) (err error) {
+	r, err := newReplicator("repagent primary", o.repl, o.cfg, stdout, stderr, o.fault)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := r.close(); cerr != nil && err == nil {
+			err = cerr
+		}
+	}()
+	if err := r.start(ctx); err != nil {
+		return err
+	}
+	conn, err := dialBackup(ctx, o.backup, o.connectTimeout)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped before there was anything to replicate
+		}
+		return err
+	}
+	if err := r.newPrimary(); err != nil {
+		conn.Close()
+		return err
+	}
+	lost, err := r.replicate(ctx, conn)
+	stopSignals()
+	if err != nil {
+		return err
+	}
+	if err := r.finish(stdout, lost); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "verification passed")
+	return nil
+}

@@ -1,0 +1,556 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/kvm"
+	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/testvm"
+)
+
+// vmmName is how the primary names its VMM to the backup.
+const vmmName = "repagent testvm"
+
+// ringEntries is the dirty ring size (entries per vCPU) for --dirty-track ring.
+const ringEntries = 4096
+
+// newLogger returns the engine's logger: text on stderr, info level, or warn
+// with --quiet.
+func newLogger(stderr io.Writer, quiet bool) *slog.Logger {
+	level := slog.LevelInfo
+	if quiet {
+		level = slog.LevelWarn
+	}
+	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// replicator is the primary side of the main job and of the primary command:
+// a test VM protected by a replicate.Primary, with the sync and status lines,
+// the stats file and the summary.
+type replicator struct {
+	o      replOptions
+	cfg    testvm.Config
+	mech   dirtylog.Mechanism // what is asked of the engine (Auto resolved)
+	auto   bool               // mech was picked by --dirty-track auto
+	stdout io.Writer
+	stderr io.Writer
+	log    *slog.Logger
+	fault  *fault
+	name   string // the command, for messages on stderr: "repagent", "repagent primary"
+
+	m     *testvm.Machine
+	p     *replicate.Primary
+	first snapshot // the guest's counts when replication began
+	t0    time.Time
+
+	mu        sync.Mutex // guards what follows: the engine reports from its goroutines
+	window    epochAgg   // acknowledged this second
+	total     epochAgg   // acknowledged this run
+	initSync  syncAgg
+	synced    bool
+	syncDone  time.Time // when the initial sync ended
+	stats     *os.File
+	statsBuf  *bufio.Writer
+	statsErr  error
+	lastAcked *replicate.EpochStats
+}
+
+// syncAgg sums up the initial sync.
+type syncAgg struct {
+	rounds    int
+	pages     uint64
+	wire      uint64
+	elapsed   time.Duration
+	remaining int
+}
+
+// newReplicator resolves the dirty tracking mechanism (it fixes how the VM is
+// built) and creates the stats file.
+func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr io.Writer, flt *fault) (*replicator, error) {
+	r := &replicator{name: name, o: o, cfg: cfg, stdout: stdout, stderr: stderr, log: newLogger(stderr, o.quiet), fault: flt}
+	r.mech, r.cfg.DirtyRingEntries = o.mech, 0
+	switch o.mech {
+	case dirtylog.Ring:
+		r.cfg.DirtyRingEntries = ringEntries
+	case dirtylog.Auto:
+		mech, entries, err := recommend(cfg, o.interval)
+		if err != nil {
+			return nil, err
+		}
+		r.mech, r.cfg.DirtyRingEntries, r.auto = mech, entries, true
+	}
+	if o.stats != "" {
+		f, err := os.Create(o.stats)
+		if err != nil {
+			return nil, fmt.Errorf("create stats file: %w", err)
+		}
+		r.stats, r.statsBuf = f, bufio.NewWriter(f)
+	}
+	return r, nil
+}
+
+// recommend picks a dirty tracking mechanism for a VM about to be built with
+// cfg from the pages its workload is expected to dirty per interval, with
+// dirtylog.Recommend (which weighs the ring's per-page cost against the
+// bitmap's scan of all memory).
+func recommend(cfg testvm.Config, interval time.Duration) (dirtylog.Mechanism, uint32, error) {
+	sys, err := kvm.Open()
+	if err != nil {
+		return 0, 0, err
+	}
+	defer sys.Close()
+	mech, entries := dirtylog.Recommend(sys, cfg.MemSize, expectedDirty(cfg, interval), cfg.VCPUs)
+	return mech, entries, nil
+}
+
+// expectedDirty estimates the distinct pages cfg's guest dirties in one
+// interval: its working set at full speed, fewer at a set rate, and a few
+// (status and stack pages) for the idle and counter workloads.
+func expectedDirty(cfg testvm.Config, interval time.Duration) uint64 {
+	vcpus := uint64(cfg.VCPUs)
+	fixed := 4 * vcpus
+	if cfg.Workload != testvm.Dirty {
+		return fixed
+	}
+	ws := cfg.WorkingSet
+	if ws == 0 && cfg.MemSize > testvm.DataAddr {
+		ws = (cfg.MemSize - testvm.DataAddr) / replicate.PageSize / vcpus
+	}
+	pages := ws * vcpus
+	if cfg.Rate > 0 {
+		pages = min(pages, uint64(float64(cfg.Rate*vcpus)*interval.Seconds())+1)
+	}
+	return pages + fixed
+}
+
+// start builds the VM, starts it and waits for its guest to be ready.
+func (r *replicator) start(ctx context.Context) error {
+	cfg := r.cfg
+	cfg.Console = r.stderr
+	m, err := testvm.New(cfg)
+	if err != nil {
+		return err
+	}
+	r.m = m
+	if err := m.Start(); err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	if err := m.WaitReady(rctx); err != nil {
+		return err
+	}
+	how := ""
+	if r.auto {
+		how = " (auto)"
+	}
+	if !r.o.quiet {
+		fmt.Fprintf(r.stdout, "guest ready: %s, interval %v, dirty tracking %v%s\n", describe(m.Config()), r.o.interval, r.mech, how)
+	}
+	return nil
+}
+
+// close closes the VM and the stats file.
+func (r *replicator) close() error {
+	var err error
+	if r.m != nil {
+		err = r.m.Close()
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.stats != nil {
+		if ferr := r.statsBuf.Flush(); ferr != nil && r.statsErr == nil {
+			r.statsErr = ferr
+		}
+		if cerr := r.stats.Close(); cerr != nil && r.statsErr == nil {
+			r.statsErr = cerr
+		}
+		r.stats = nil
+		if r.statsErr != nil && err == nil {
+			err = fmt.Errorf("write stats file %s: %w", r.o.stats, r.statsErr)
+		}
+	}
+	return err
+}
+
+// vcpuNote is what the guest of one vCPU had done at an epoch boundary: the
+// primary's Config.Note, recorded in the stats file.
+type vcpuNote struct {
+	VCPU       int    `json:"vcpu"`
+	Iterations uint64 `json:"iterations"`
+	Writes     uint64 `json:"writes"`
+	Counter    uint64 `json:"counter"`
+	Hash       string `json:"hash"`
+}
+
+// note reads every vCPU's status; the engine calls it in each pause, when the
+// status is exact.
+func (r *replicator) note() any {
+	out := make([]vcpuNote, r.m.NumVCPUs())
+	for i := range out {
+		st := r.m.Status(i)
+		out[i] = vcpuNote{VCPU: i, Iterations: st.Iterations, Writes: st.Writes, Counter: st.Counter, Hash: fmt.Sprintf("%016x", st.Hash)}
+	}
+	return out
+}
+
+// newPrimary makes the engine for the started VM.
+func (r *replicator) newPrimary() error {
+	cfg := replicate.Config{
+		VM:               r.m,
+		Interval:         r.o.interval,
+		DirtyTrack:       r.mech,
+		Workers:          r.o.workers,
+		StagingBytes:     r.o.staging,
+		HeartbeatTimeout: r.o.heartbeatTimeout,
+		AuditEvery:       r.o.auditEvery,
+		Note:             r.note,
+		OnEpoch:          r.onEpoch,
+		OnSync:           r.onSync,
+		VMM:              vmmName,
+		Log:              r.log,
+	}
+	if r.fault != nil {
+		cfg.Hook = r.hook
+	}
+	p, err := replicate.NewPrimary(cfg)
+	if err != nil {
+		return err
+	}
+	r.p = p
+	return nil
+}
+
+// hook is the fault injection of REPAGENT_FAULT: at its point and epoch the
+// process dies at once, as if its host lost power, with the stats file
+// flushed so that a test knows what was acknowledged.
+func (r *replicator) hook(point string, epoch uint64) {
+	if point != r.fault.point || epoch != r.fault.n {
+		return
+	}
+	r.mu.Lock()
+	if r.statsBuf != nil {
+		r.statsBuf.Flush()
+	}
+	syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	select {} // SIGKILL is on its way; nothing else may happen
+}
+
+func (r *replicator) onEpoch(s *replicate.EpochStats) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.window.add(s)
+	r.total.add(s)
+	r.lastAcked = s
+	if r.statsBuf == nil || r.statsErr != nil {
+		return
+	}
+	b, err := json.Marshal(s)
+	if err == nil {
+		b = append(b, '\n')
+		if _, err = r.statsBuf.Write(b); err == nil {
+			err = r.statsBuf.Flush()
+		}
+	}
+	if err != nil {
+		r.statsErr = err
+		r.log.Error("write stats file: no more epochs are recorded", "file", r.o.stats, "err", err)
+	}
+}
+
+func (r *replicator) onSync(s replicate.SyncProgress) {
+	r.mu.Lock()
+	r.initSync.rounds++
+	r.initSync.pages += uint64(s.Pages)
+	r.initSync.wire += s.WireBytes
+	r.initSync.elapsed = s.Elapsed
+	r.initSync.remaining = s.Remaining
+	r.synced = s.Done
+	if s.Done {
+		r.syncDone = time.Now()
+	}
+	r.mu.Unlock()
+	if r.o.quiet {
+		return
+	}
+	line := fmt.Sprintf("sync round %d: %d pages, %.1f MB (wire %.1f MB), %.1f MB/s, %d dirty remaining",
+		s.Round, s.Pages, float64(s.Pages)*replicate.PageSize/1e6, float64(s.WireBytes)/1e6, s.Rate()/1e6, s.Remaining)
+	if s.Done {
+		line += fmt.Sprintf("; synced in %v, first checkpoint follows", s.Elapsed.Round(time.Millisecond))
+	}
+	fmt.Fprintln(r.stdout, line)
+}
+
+// replicate runs the engine over conn until the duration is over or ctx
+// ends, printing a status line every second, then stops replication (the
+// engine waits for the acks and says bye). If the backup was lost, it says so
+// loudly on stderr, keeps the guest running, unprotected, to the end, and
+// returns the loss as lost. err is anything else that went wrong.
+func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err error) {
+	runCtx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	r.t0 = time.Now()
+	r.first = totals(r.m)
+	go func() { done <- r.p.Run(runCtx, conn) }()
+
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	var end <-chan time.Time
+	if r.o.duration > 0 {
+		t := time.NewTimer(r.o.duration)
+		defer t.Stop()
+		end = t.C
+	}
+	prev, prevT := r.first, r.t0
+	// runEnded handles Run's return: a lost backup is reported and lived with.
+	runEnded := func(rerr error) error {
+		done = nil
+		if r.machineStopped() != nil {
+			return r.machineStopped()
+		}
+		if errors.Is(rerr, replicate.ErrBackupLost) {
+			lost = rerr
+			fmt.Fprintf(r.stderr, "%s: backup lost: VM running UNPROTECTED: %v\n", r.name, lostCause(rerr))
+			return nil
+		}
+		return rerr
+	}
+	for running := true; running; {
+		select {
+		case <-ctx.Done():
+			running = false
+		case <-end:
+			running = false
+		case rerr := <-done:
+			if err := runEnded(rerr); err != nil {
+				return lost, err
+			}
+			if lost == nil {
+				// Run returns nil only once runCtx ends, which it has not.
+				return nil, errors.New("replication stopped unexpectedly")
+			}
+		case <-r.m.Done():
+			cancel()
+			if done != nil {
+				<-done
+			}
+			return lost, r.machineStopped()
+		case now := <-tick.C:
+			cur := totals(r.m)
+			secs := now.Sub(prevT).Seconds()
+			line := r.statusLine(now, secs, float64(cur.ops-prev.ops)/secs, lost != nil)
+			if !r.o.quiet && line != nil {
+				fmt.Fprintln(r.stdout, line)
+			}
+			prev, prevT = cur, now
+		}
+	}
+	cancel()
+	if done != nil {
+		if err := runEnded(<-done); err != nil {
+			return lost, err
+		}
+	}
+	return lost, nil
+}
+
+// machineStopped returns why the VM stopped, or nil if it runs.
+func (r *replicator) machineStopped() error {
+	select {
+	case <-r.m.Done():
+	default:
+		return nil
+	}
+	if err := r.m.Err(); err != nil {
+		return fmt.Errorf("machine stopped: %w", err)
+	}
+	return errors.New("machine stopped unexpectedly")
+}
+
+// lostCause strips ErrBackupLost from the error Primary.Run returned, leaving
+// why the backup was lost.
+func lostCause(err error) error {
+	if u, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range u.Unwrap() {
+			if !errors.Is(e, replicate.ErrBackupLost) {
+				return e
+			}
+		}
+	}
+	return err
+}
+
+// statusLine makes the status line of the second that ends at now, and
+// starts the next second. It returns nil during the initial sync, which
+// reports itself round by round.
+func (r *replicator) statusLine(now time.Time, secs, guestRate float64, lost bool) *statusLine {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	w := &r.window
+	defer w.reset()
+	if !r.synced && !lost {
+		return nil
+	}
+	s := &statusLine{
+		elapsed:     now.Sub(r.t0),
+		epochs:      float64(w.epochs) / secs,
+		n:           w.epochs,
+		p50:         w.pause.quantile(0.5),
+		p99:         w.pause.quantile(0.99),
+		dirty:       w.meanDirty(),
+		wireRate:    float64(w.wire) / secs,
+		ratio:       w.ratio(),
+		guest:       guestRate,
+		op:          opName(r.cfg.Workload),
+		unprotected: lost || (r.lastAcked != nil && !r.p.Protected()),
+	}
+	sent, acked := r.p.LastSent(), r.p.LastAcked()
+	if sent > acked {
+		s.lag = sent - acked
+	}
+	if r.lastAcked != nil {
+		s.ack = r.lastAcked.AckLatency
+	}
+	return s
+}
+
+// statusLine is one per-second status line of a primary.
+type statusLine struct {
+	elapsed     time.Duration
+	epochs      float64       // epochs acknowledged per second
+	n           uint64        // epochs acknowledged in the second
+	p50, p99    time.Duration // their pauses
+	dirty       float64       // their mean dirty pages
+	wireRate    float64       // bytes per second they took on the wire
+	ratio       float64       // wire bytes over raw bytes
+	lag         uint64        // epochs sent and not yet acknowledged
+	ack         time.Duration // the latest ack's latency
+	guest       float64       // the guest's operations per second
+	op          string        // what the guest's operations are
+	unprotected bool
+}
+
+// String formats the line, e.g.
+//
+//	"   3.0s  10.0 epochs/s  pause p50 1.23ms p99 2.34ms  dirty 5.12k/epoch  wire 23.4MB/s  ratio 0.412  lag 1 ack 1.20ms  guest 2.31M writes/s"
+//
+// with "  UNPROTECTED" at the end while the backup holds no current
+// checkpoint. With no epoch in the second, the pause, dirty and ratio fields
+// are "-".
+func (s statusLine) String() string {
+	pause, dirty, ratio := "p50 - p99 -", "-", "-"
+	if s.n > 0 {
+		pause = fmt.Sprintf("p50 %s p99 %s", dur(s.p50), dur(s.p99))
+		dirty = si(s.dirty)
+		ratio = fmt.Sprintf("%.3f", s.ratio)
+	}
+	line := fmt.Sprintf("%6.1fs  %.1f epochs/s  pause %s  dirty %s/epoch  wire %s/s  ratio %s  lag %d ack %s  guest %s %s/s",
+		s.elapsed.Seconds(), s.epochs, pause, dirty, bytesSI(s.wireRate), ratio, s.lag, dur(s.ack), si(s.guest), s.op)
+	if s.unprotected {
+		line += "  UNPROTECTED"
+	}
+	return line
+}
+
+// summary prints what replication did over d.
+func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	t := &r.total
+	// Rates are over the checkpointing that followed the initial sync.
+	secs := d.Seconds()
+	if !r.syncDone.IsZero() {
+		secs = r.t0.Add(d).Sub(r.syncDone).Seconds()
+	}
+	fmt.Fprintf(w, "replicated %.1fs: %s, interval %v, dirty tracking %v\n", d.Seconds(), describe(r.m.Config()), r.o.interval, r.mech)
+	fmt.Fprintf(w, "  sync: %d rounds, %d pages, wire %s in %s\n", r.initSync.rounds, r.initSync.pages, bytesSI(float64(r.initSync.wire)), dur(r.initSync.elapsed))
+	last := uint64(0)
+	if t.last != nil {
+		last = t.last.Epoch
+	}
+	fmt.Fprintf(w, "  epochs: %d acknowledged (%.1f/s after the sync), last %d, %d oversize, back-pressure wait %s total\n",
+		t.epochs, float64(t.epochs)/secs, last, t.oversize, dur(t.wait))
+	fmt.Fprintf(w, "  pause: p50 %s p90 %s p99 %s max %s mean %s\n", dur(t.pause.quantile(0.5)), dur(t.pause.quantile(0.9)),
+		dur(t.pause.quantile(0.99)), dur(time.Duration(t.pause.max)), dur(t.pause.mean()))
+	fmt.Fprint(w, "  pause parts (mean):")
+	for i, name := range partNames {
+		if i == partAudit && t.audited == 0 {
+			continue
+		}
+		fmt.Fprintf(w, " %s %s", name, dur(t.meanPart(i)))
+	}
+	fmt.Fprintln(w)
+	zero := 0.0
+	if t.dirty > 0 {
+		zero = 100 * float64(t.zero) / float64(t.dirty)
+	}
+	fmt.Fprintf(w, "  dirty: %.0f pages/epoch (mean), %.1f%% zero\n", t.meanDirty(), zero)
+	fmt.Fprintf(w, "  shipped: raw %s, wire %s, ratio %.3f, %s/s on the wire\n", bytesSI(float64(t.raw)), bytesSI(float64(t.wire)),
+		t.ratio(), bytesSI(float64(t.wire)/secs))
+	fmt.Fprintf(w, "  ack latency: p50 %s p99 %s\n", dur(t.ack.quantile(0.5)), dur(t.ack.quantile(0.99)))
+	if r.o.auditEvery > 0 {
+		fmt.Fprintf(w, "  audits: %d passed (every %d epochs)\n", t.audited, r.o.auditEvery)
+	}
+	if r.stats != nil {
+		fmt.Fprintf(w, "  stats: %d lines in %s\n", t.epochs, r.o.stats)
+	}
+	if lost != nil {
+		fmt.Fprintf(w, "  UNPROTECTED: the backup was lost after epoch %d: %v\n", r.p.LastAcked(), lostCause(lost))
+	}
+}
+
+// finish pauses the VM, prints the replication summary and the guest's, and
+// verifies the guest's memory or counters.
+func (r *replicator) finish(w io.Writer, lost error) error {
+	d := time.Since(r.t0)
+	if err := r.m.Pause(); err != nil {
+		return err
+	}
+	r.summary(w, d, lost)
+	return summarize(w, r.m, r.first, d)
+}
+
+// dialBackup connects to the backup at addr, trying again until timeout.
+func dialBackup(ctx context.Context, addr string, timeout time.Duration) (net.Conn, error) {
+	deadline := time.Now().Add(timeout)
+	var (
+		d    net.Dialer
+		last error // the last failure that was not the deadline's
+	)
+	for {
+		dctx, cancel := context.WithDeadline(ctx, deadline)
+		conn, err := d.DialContext(dctx, "tcp", addr)
+		cut := dctx.Err() != nil
+		cancel()
+		if err == nil {
+			return conn, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if !cut || last == nil {
+			last = err
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("connect to backup %s: %w (gave up after %v; is `repagent backup --listen %s` running?)", addr, last, timeout, addr)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
