@@ -598,6 +598,9 @@ func (s *session) decodeStaged() error {
 // consecutive replica pages into one write.
 func (s *session) apply() error {
 	n := len(s.idxs)
+	if n == 0 && s.b.cfg.Hook != nil {
+		s.b.cfg.Hook(HookApply, s.epoch) // an empty epoch is half applied at once
+	}
 	for i := 0; i < n; {
 		j := i + 1
 		for j < n && s.idxs[j] == s.idxs[j-1]+1 {

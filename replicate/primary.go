@@ -769,6 +769,9 @@ func (p *Primary) send(job *epochJob) error {
 		}
 	}
 	if job.kind == kindCheckpoint {
+		if nb == 0 {
+			p.hook(HookSend, job.epoch) // no pages: half sent is nothing sent
+		}
 		msg := encodeMsg(nil, MsgState, hdrEpoch, job.state)
 		if err := p.writeMsg(msg, false); err != nil {
 			return fmt.Errorf("send epoch %d state: %w", hdrEpoch, err)
