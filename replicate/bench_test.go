@@ -30,18 +30,24 @@ func pageKinds(kind string, n int) []byte {
 	return buf
 }
 
+// batchOf returns a memory of MaxBatchPages pages of a kind and a batch of
+// all of them, read live, as a pre-copy round reads guest memory.
+func batchOf(kind string) ([]byte, *batch) {
+	mem := pageKinds(kind, MaxBatchPages)
+	p := &Primary{lay: layout{regions: []layoutRegion{{gpa: 0, size: uint64(len(mem)), host: mem}}}}
+	job := &epochJob{live: true}
+	for k := range MaxBatchPages {
+		job.gpas = append(job.gpas, uint64(k)*PageSize)
+	}
+	return mem, &batch{p: p, job: job, to: MaxBatchPages}
+}
+
 // BenchmarkBatch is one worker building a full Pages message: copy, CRC,
 // zero check, LZ4. SetBytes counts guest memory in.
 func BenchmarkBatch(b *testing.B) {
 	for _, kind := range []string{"zero", "random", "text"} {
 		b.Run("pages="+kind, func(b *testing.B) {
-			mem := pageKinds(kind, MaxBatchPages)
-			p := &Primary{lay: layout{regions: []layoutRegion{{gpa: 0, size: uint64(len(mem)), host: mem}}}}
-			job := &epochJob{live: true}
-			for k := range MaxBatchPages {
-				job.gpas = append(job.gpas, uint64(k)*PageSize)
-			}
-			bt := &batch{p: p, job: job, to: MaxBatchPages}
+			mem, bt := batchOf(kind)
 			var c lz4.Compressor
 			page, dst := make([]byte, PageSize), make([]byte, lz4.CompressBlockBound(PageSize))
 			b.SetBytes(int64(len(mem)))
@@ -58,13 +64,7 @@ func BenchmarkBatch(b *testing.B) {
 func BenchmarkDecode(b *testing.B) {
 	for _, kind := range []string{"zero", "random", "text"} {
 		b.Run("pages="+kind, func(b *testing.B) {
-			mem := pageKinds(kind, MaxBatchPages)
-			p := &Primary{lay: layout{regions: []layoutRegion{{gpa: 0, size: uint64(len(mem)), host: mem}}}}
-			job := &epochJob{live: true}
-			for k := range MaxBatchPages {
-				job.gpas = append(job.gpas, uint64(k)*PageSize)
-			}
-			bt := &batch{p: p, job: job, to: MaxBatchPages}
+			mem, bt := batchOf(kind)
 			var c lz4.Compressor
 			bt.build(&c, make([]byte, PageSize), make([]byte, lz4.CompressBlockBound(PageSize)))
 			payload := bt.msg[HeaderSize:]

@@ -60,7 +60,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/signal"
 	"strconv"
 	"sync"
 	"syscall"
@@ -176,26 +175,14 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 // runBackup is the backup command.
 func runBackup(args []string, stdout, stderr io.Writer) int {
 	o, err := parseBackupArgs(args, os.Getenv(envFault), os.Getenv(envFaultKillPID))
-	if errors.Is(err, pflag.ErrHelp) {
-		fmt.Fprint(stdout, backupUsage+newBackupFlags().fs.FlagUsages())
-		return 0
-	}
-	if err == nil {
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		defer stop()
-		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "repagent backup: %v\n", err)
-		switch {
-		case errors.As(err, new(usageError)):
-			return 2
-		case errors.Is(err, replicate.ErrNoCheckpoint):
+	help := func(w io.Writer) { fmt.Fprint(w, backupUsage+newBackupFlags().fs.FlagUsages()) }
+	code := func(err error) int {
+		if errors.Is(err, replicate.ErrNoCheckpoint) {
 			return exitNoCheckpoint
 		}
 		return 1
 	}
-	return 0
+	return execute("repagent backup", o, err, help, code, stdout, stderr)
 }
 
 // testVMShape is the shape a primary running the test VM with mem bytes and

@@ -6,12 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"os/signal"
-	"syscall"
 	"time"
-
-	"github.com/spf13/pflag"
 
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -21,23 +16,7 @@ import (
 // backup in the same process over loopback TCP.
 func runJob(args []string, stdout, stderr io.Writer) int {
 	o, err := parseJobArgs(args)
-	if errors.Is(err, pflag.ErrHelp) {
-		usage(stdout)
-		return 0
-	}
-	if err == nil {
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		defer stop()
-		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "repagent: %v\n", err)
-		if errors.As(err, new(usageError)) {
-			return 2
-		}
-		return 1
-	}
-	return 0
+	return execute("repagent", o, err, usage, nil, stdout, stderr)
 }
 
 // backupResult is what an in-process backup's Serve returned.

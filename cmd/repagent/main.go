@@ -8,10 +8,16 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
+
+	"github.com/spf13/pflag"
 )
 
 // command is a subcommand: its name, a one-line summary and the function that
@@ -62,6 +68,40 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "repagent: unknown command %q (run 'repagent help')\n", name)
 		return 2
 	}
+}
+
+// runner is a parsed command, ready to run until ctx ends. It calls
+// stopSignals once its run is over, so that a second Ctrl-C during a long
+// verification kills the process.
+type runner interface {
+	run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) error
+}
+
+// execute runs a command whose flags parsed to o (or err) the way every
+// command runs: help on pflag.ErrHelp, Ctrl-C and SIGTERM end its context,
+// errors are printed after prefix, and the exit code is 2 for usage errors,
+// code(err) for others when code is not nil, and 1 otherwise.
+func execute(prefix string, o runner, err error, help func(io.Writer), code func(error) int, stdout, stderr io.Writer) int {
+	if errors.Is(err, pflag.ErrHelp) {
+		help(stdout)
+		return 0
+	}
+	if err == nil {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
+	}
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintf(stderr, "%s: %v\n", prefix, err)
+	switch {
+	case errors.As(err, new(usageError)):
+		return 2
+	case code != nil:
+		return code(err)
+	}
+	return 1
 }
 
 func findCommand(name string) (command, bool) {

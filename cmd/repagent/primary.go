@@ -2,14 +2,9 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
-	"syscall"
-
-	"github.com/spf13/pflag"
 )
 
 const primaryUsage = `Usage: repagent primary --backup HOST:PORT [flags]
@@ -32,23 +27,8 @@ Flags:
 // runPrimary is the primary command.
 func runPrimary(args []string, stdout, stderr io.Writer) int {
 	o, err := parsePrimaryArgs(args, os.Getenv(envFault))
-	if errors.Is(err, pflag.ErrHelp) {
-		fmt.Fprint(stdout, primaryUsage+newPrimaryFlags().fs.FlagUsages())
-		return 0
-	}
-	if err == nil {
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		defer stop()
-		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "repagent primary: %v\n", err)
-		if errors.As(err, new(usageError)) {
-			return 2
-		}
-		return 1
-	}
-	return 0
+	help := func(w io.Writer) { fmt.Fprint(w, primaryUsage+newPrimaryFlags().fs.FlagUsages()) }
+	return execute("repagent primary", o, err, help, nil, stdout, stderr)
 }
 
 // run builds and starts the VM, connects to the backup and replicates until

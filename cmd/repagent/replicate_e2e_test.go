@@ -128,6 +128,36 @@ type lineReader struct {
 	done  chan struct{}
 }
 
+// startBackup starts `repagent backup --listen 127.0.0.1:0 args...`, killed
+// when the test ends, and returns it, its stdout lines, its stderr and the
+// address it says it listens on.
+func startBackup(ctx context.Context, t *testing.T, bin string, args ...string) (*exec.Cmd, *lineReader, *bytes.Buffer, string) {
+	t.Helper()
+	backup := exec.CommandContext(ctx, bin, append([]string{"backup", "--listen", "127.0.0.1:0"}, args...)...)
+	bout, err := backup.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	berr := &bytes.Buffer{}
+	backup.Stderr = berr
+	if err := backup.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { backup.Process.Kill(); backup.Wait() })
+	bl := newLineReader(bout)
+	select {
+	case line := <-bl.lines:
+		m := listeningRE.FindStringSubmatch(line)
+		if m == nil {
+			t.Fatalf("backup's first line is %q, want listening on ADDR", line)
+		}
+		return backup, bl, berr, m[1]
+	case <-time.After(10 * time.Second):
+		t.Fatalf("backup did not say where it listens; stderr:\n%s", berr.String())
+		return nil, nil, nil, ""
+	}
+}
+
 func newLineReader(r io.Reader) *lineReader {
 	lr := &lineReader{lines: make(chan string, 1024), done: make(chan struct{})}
 	go func() {
@@ -164,28 +194,7 @@ func TestPrimaryBackupFailoverE2E(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	backup := exec.CommandContext(ctx, bin, "backup", "--listen", "127.0.0.1:0", "--run-after-failover", "1s", "--heartbeat-timeout", "5s")
-	bout, err := backup.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var berr bytes.Buffer
-	backup.Stderr = &berr
-	if err := backup.Start(); err != nil {
-		t.Fatal(err)
-	}
-	bl := newLineReader(bout)
-	var addr string
-	select {
-	case line := <-bl.lines:
-		m := listeningRE.FindStringSubmatch(line)
-		if m == nil {
-			t.Fatalf("backup's first line is %q, want listening on ADDR", line)
-		}
-		addr = m[1]
-	case <-time.After(10 * time.Second):
-		t.Fatalf("backup did not say where it listens; stderr:\n%s", berr.String())
-	}
+	backup, bl, berr, addr := startBackup(ctx, t, bin, "--run-after-failover", "1s", "--heartbeat-timeout", "5s")
 
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	var pout bytes.Buffer
@@ -210,6 +219,7 @@ func TestPrimaryBackupFailoverE2E(t *testing.T) {
 	lines := readStats(t, stats)
 	last := lines[len(lines)-1]
 
+	var err error
 	werr := make(chan error, 1)
 	go func() { <-bl.done; werr <- backup.Wait() }()
 	select {
@@ -290,23 +300,7 @@ func TestBackupRejectsOtherShape(t *testing.T) {
 	bin := buildRepagent(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	backup := exec.CommandContext(ctx, bin, "backup", "--listen", "127.0.0.1:0", "--expect-mem", "32M", "--expect-vcpus", "1")
-	bout, err := backup.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := backup.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { backup.Process.Kill(); backup.Wait() }()
-	bl := newLineReader(bout)
-	var addr string
-	select {
-	case line := <-bl.lines:
-		addr = strings.TrimPrefix(line, "listening on ")
-	case <-time.After(10 * time.Second):
-		t.Fatal("backup did not say where it listens")
-	}
+	_, _, _, addr := startBackup(ctx, t, bin, "--expect-mem", "32M", "--expect-vcpus", "1")
 	out, code := runBin(t, bin, "primary", "--backup", addr, "--mem", "64M", "--duration", "1s")
 	if code != 1 || !strings.Contains(out, "backup refused the session") || !strings.Contains(out, "VM shape mismatch") {
 		t.Errorf("primary with 64MiB against a backup expecting 32MiB: exit %d, want 1 and a shape mismatch:\n%s", code, out)
@@ -321,23 +315,7 @@ func TestPrimaryBackupLostE2E(t *testing.T) {
 	bin := buildRepagent(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	backup := exec.CommandContext(ctx, bin, "backup", "--listen", "127.0.0.1:0", "--heartbeat-timeout", "5s")
-	bout, err := backup.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := backup.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { backup.Process.Kill(); backup.Wait() }()
-	bl := newLineReader(bout)
-	var addr string
-	select {
-	case line := <-bl.lines:
-		addr = strings.TrimPrefix(line, "listening on ")
-	case <-time.After(10 * time.Second):
-		t.Fatal("backup did not say where it listens")
-	}
+	backup, _, _, addr := startBackup(ctx, t, bin, "--heartbeat-timeout", "5s")
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	var pout, perr bytes.Buffer
 	primary := exec.CommandContext(ctx, bin, "primary", "--backup", addr, "--mem", "64M", "--stats", stats,
@@ -354,7 +332,7 @@ func TestPrimaryBackupLostE2E(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	backup.Process.Signal(syscall.SIGKILL)
-	err = primary.Wait()
+	err := primary.Wait()
 	out := pout.String()
 	if err != nil {
 		t.Fatalf("primary: %v, want exit 0\n%s%s", err, out, perr.String())

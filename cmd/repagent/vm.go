@@ -7,12 +7,10 @@ import (
 	"io"
 	"math"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 	"unicode"
 
@@ -233,23 +231,8 @@ func parseSize(s string) (uint64, error) {
 // runVM is the vm command.
 func runVM(args []string, stdout, stderr io.Writer) int {
 	o, err := parseVMArgs(args)
-	if errors.Is(err, pflag.ErrHelp) {
-		fmt.Fprint(stdout, vmUsage+newVMFlags().fs.FlagUsages())
-		return 0
-	}
-	if err == nil {
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		defer stop()
-		err = o.run(ctx, stop, stdout, &syncWriter{w: stderr})
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "repagent vm: %v\n", err)
-		if errors.As(err, new(usageError)) {
-			return 2
-		}
-		return 1
-	}
-	return 0
+	help := func(w io.Writer) { fmt.Fprint(w, vmUsage+newVMFlags().fs.FlagUsages()) }
+	return execute("repagent vm", o, err, help, nil, stdout, stderr)
 }
 
 // run builds or restores the machine, runs it, and prints the summary. It
