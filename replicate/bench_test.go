@@ -52,7 +52,7 @@ func BenchmarkBatch(b *testing.B) {
 			page, dst := make([]byte, PageSize), make([]byte, lz4.CompressBlockBound(PageSize))
 			b.SetBytes(int64(len(mem)))
 			for b.Loop() {
-				bt.build(&c, page, dst)
+				bt.build(&c, page, dst, nil)
 			}
 			b.ReportMetric(float64(len(bt.msg))/float64(len(mem)), "wire/raw")
 		})
@@ -66,7 +66,7 @@ func BenchmarkDecode(b *testing.B) {
 		b.Run("pages="+kind, func(b *testing.B) {
 			mem, bt := batchOf(kind)
 			var c lz4.Compressor
-			bt.build(&c, make([]byte, PageSize), make([]byte, lz4.CompressBlockBound(PageSize)))
+			bt.build(&c, make([]byte, PageSize), make([]byte, lz4.CompressBlockBound(PageSize)), nil)
 			payload := bt.msg[HeaderSize:]
 			out := make([]byte, PageSize)
 			b.SetBytes(int64(len(mem)))

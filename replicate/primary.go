@@ -51,8 +51,8 @@ type Config struct {
 	Interval time.Duration
 	// DirtyTrack is the dirty tracking mechanism asked of VM.DirtySource.
 	DirtyTrack dirtylog.Mechanism
-	// Workers is the number of compression goroutines; 0 means up to 4, one
-	// per CPU.
+	// Workers is the number of compression goroutines; 0 means one per CPU
+	// but one (left to the vCPUs and the pause), at least 1, at most 4.
 	Workers int
 	// StagingBytes bounds the memory holding captured pages not yet sent.
 	// 0 means the guest memory size, capped at 1 GiB. An epoch whose pages do
@@ -108,7 +108,7 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("interval %v out of range (%v to %v)", c.Interval, MinInterval, MaxInterval)
 	}
 	if c.Workers <= 0 {
-		c.Workers = min(4, runtime.NumCPU())
+		c.Workers = max(1, min(4, runtime.NumCPU()-1))
 	}
 	if c.MaxInFlight <= 0 {
 		c.MaxInFlight = 4
@@ -151,10 +151,11 @@ type Primary struct {
 	work     chan *batch
 	jobs     chan *epochJob
 	inflight chan struct{} // a token per epoch captured and not yet acknowledged
+	hold     workerHold    // set during pauses: workers wait
 	gmu      sync.Mutex    // serialises gate calls
 
 	amu  sync.Mutex // guards sent
-	sent []*EpochStats
+	sent []pendingEpoch
 
 	lastSent, lastAcked atomic.Uint64
 	protected           atomic.Bool
@@ -439,19 +440,20 @@ func (p *Primary) readLoop() {
 func (p *Primary) acked(n, digest uint64) error {
 	now := time.Now()
 	p.amu.Lock()
-	if len(p.sent) == 0 || p.sent[0].Epoch != n {
+	if len(p.sent) == 0 || p.sent[0].st.Epoch != n {
 		p.amu.Unlock()
 		return protoErr("backup acknowledged epoch %d, which is not the oldest unacknowledged one", n)
 	}
-	st := p.sent[0]
+	pe := p.sent[0]
 	p.sent = p.sent[1:]
 	p.amu.Unlock()
+	<-pe.ready // the pause that made the epoch has finished writing its stats
+	st := pe.st
 	if digest != st.Digest {
 		return fmt.Errorf("backup's replica diverged: epoch %d digest %s, primary's %s", n, formatDigest(digest), formatDigest(st.Digest))
 	}
 	st.AckLatency = now.Sub(st.Start.Add(st.Pause + st.Transfer))
 	p.lastAcked.Store(n)
-	<-p.inflight
 	p.protected.Store(!p.isLost())
 	if err := p.gateCall(func(g OutputGate) error { return g.Commit(n) }); err != nil {
 		return err
@@ -459,6 +461,7 @@ func (p *Primary) acked(n, digest uint64) error {
 	if p.cfg.OnEpoch != nil {
 		p.cfg.OnEpoch(st)
 	}
+	<-p.inflight // last: finish waits for the tokens, so OnEpoch never runs after Run
 	return nil
 }
 
@@ -585,6 +588,12 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 // next epoch on the gates, resume. The epoch then goes to the sender.
 func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	vm := p.cfg.VM
+	ready := make(chan struct{})
+	defer close(ready)
+	// The compression workers yield while the VM is paused: on a small host
+	// they would otherwise hold every CPU the pause needs.
+	p.hold.set(true)
+	defer p.hold.set(false)
 	st.Start = time.Now()
 	if err := vm.Pause(); err != nil {
 		<-p.inflight
@@ -614,7 +623,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	if p.cfg.Note != nil {
 		st.Note = p.cfg.Note()
 	}
-	job := &epochJob{epoch: epoch, kind: kindCheckpoint, state: state}
+	job := &epochJob{epoch: epoch, kind: kindCheckpoint, state: state, ready: ready}
 	if p.cfg.AuditEvery > 0 && epoch%p.cfg.AuditEvery == 0 {
 		job.audit, job.audited = digestSlots(p.lay.hosts()), true
 		st.Audit, t = lap(t)
@@ -624,6 +633,9 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	n := uint64(len(job.gpas))
 	if n <= p.stage.size {
 		// Wait, paused, for room: the link is slower than the guest dirties.
+		if !p.stage.has(n) {
+			p.hold.set(false) // the sender needs the workers to make room
+		}
 		if err := p.stage.wait(n, p.lost); err != nil {
 			<-p.inflight
 			return p.lostErr
@@ -637,6 +649,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	} else {
 		// Stop-and-copy: send from guest memory while paused.
 		st.Oversize = true
+		p.hold.set(false)
 		job.live, job.done = true, make(chan struct{})
 	}
 	p.set.Clear()
@@ -688,6 +701,7 @@ type epochJob struct {
 	audited     bool
 	stats       *EpochStats
 	done        chan struct{} // closed once sent, for synchronous jobs
+	ready       chan struct{} // closed once the capturing pause wrote its stats
 }
 
 // data returns page k of the job.
@@ -721,7 +735,6 @@ func (p *Primary) sendLoop() {
 // send compresses a job's pages in parallel and writes them in order, then
 // the state and the end record.
 func (p *Primary) send(job *epochJob) error {
-	t0 := time.Now()
 	st := job.stats
 	if st == nil {
 		st = &EpochStats{}
@@ -795,21 +808,30 @@ func (p *Primary) send(job *epochJob) error {
 			st.Transfer = 0
 		}
 		p.amu.Lock()
-		p.sent = append(p.sent, st)
+		p.sent = append(p.sent, pendingEpoch{st, job.ready})
 		p.amu.Unlock()
+		// Before the write: its ack may be handled before the write returns,
+		// and finish must never see an ack newer than lastSent.
+		p.lastSent.Store(job.epoch)
 	}
 	if err := p.writeMsg(msg, true); err != nil {
 		return fmt.Errorf("send end of epoch %d: %w", hdrEpoch, err)
 	}
 	if job.kind == kindCheckpoint {
-		p.lastSent.Store(job.epoch)
 		p.hook(HookSent, job.epoch)
 	}
-	_ = t0
 	return nil
 }
 
 var errLost = errors.New("backup lost")
+
+// pendingEpoch is an epoch sent and not yet acknowledged. ready is closed
+// when the pause that captured it has written its part of the stats: an
+// oversized epoch is sent, and may be acknowledged, before its pause ends.
+type pendingEpoch struct {
+	st    *EpochStats
+	ready chan struct{}
+}
 
 // vmError is a failure of the VM itself (pause, harvest, save, resume), as
 // opposed to the link: the backup is told not to fail over.

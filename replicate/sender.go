@@ -3,6 +3,7 @@ package replicate
 import (
 	"bytes"
 	"sync"
+	"sync/atomic"
 
 	"github.com/pierrec/lz4/v4"
 )
@@ -29,6 +30,13 @@ func (a *arena) prefault() {
 	for i := 0; i < len(a.buf); i += PageSize {
 		a.buf[i] = 0
 	}
+}
+
+// has reports whether n pages are free now.
+func (a *arena) has(n uint64) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.size-a.used >= n
 }
 
 // wait blocks until n pages are free (n <= size) or lost is closed.
@@ -112,16 +120,17 @@ func (p *Primary) compressWorker() {
 	page := make([]byte, PageSize)
 	dst := make([]byte, lz4.CompressBlockBound(PageSize))
 	for b := range p.work {
-		b.build(&c, page, dst)
+		b.build(&c, page, dst, &p.hold)
 		b.done <- struct{}{}
 	}
 }
 
-func (b *batch) build(c *lz4.Compressor, page, dst []byte) {
+func (b *batch) build(c *lz4.Compressor, page, dst []byte, hold *workerHold) {
 	j := b.job
 	b.msg = pagesHeader(append(b.msg[:0], make([]byte, HeaderSize)...))
 	b.idx, b.crc = b.idx[:0], b.crc[:0]
 	for k := b.from; k < b.to; k++ {
+		hold.wait()
 		src := b.p.data(j, k)
 		if !j.staged {
 			copy(page, src)
@@ -145,4 +154,36 @@ func (b *batch) build(c *lz4.Compressor, page, dst []byte) {
 	}
 	setPagesCount(b.msg[HeaderSize:], b.to-b.from)
 	Header{Type: MsgPages, Length: uint32(len(b.msg) - HeaderSize), Epoch: j.epoch}.put(b.msg)
+}
+
+// workerHold makes the compression workers wait, between pages, while it is
+// set: during a pause, when the pause needs the CPUs more than the pipeline.
+type workerHold struct {
+	on   atomic.Bool
+	mu   sync.Mutex
+	cond *sync.Cond
+}
+
+func (h *workerHold) set(on bool) {
+	h.mu.Lock()
+	if h.cond == nil {
+		h.cond = sync.NewCond(&h.mu)
+	}
+	h.on.Store(on)
+	h.mu.Unlock()
+	if !on {
+		h.cond.Broadcast()
+	}
+}
+
+// wait returns at once unless the hold is set; then it waits until it is not.
+func (h *workerHold) wait() {
+	if h == nil || !h.on.Load() {
+		return
+	}
+	h.mu.Lock()
+	for h.on.Load() {
+		h.cond.Wait()
+	}
+	h.mu.Unlock()
 }
