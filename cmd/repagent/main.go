@@ -33,6 +33,7 @@ func commands() []command {
 	return []command{
 		{"primary", "run a test VM and replicate it to a backup", runPrimary},
 		{"backup", "receive a primary's checkpoints; resume the VM if the primary is lost", runBackup},
+		{"bench", "measure replication: guest throughput, pauses, bytes, failover time", runBench},
 		{"vm", "run the test VM, optionally saving or restoring a snapshot", runVM},
 	}
 }
