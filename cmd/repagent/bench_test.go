@@ -130,7 +130,7 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^\| none +\| +off \| +\S+ \| +[\d.]+ \| +1\.00 \|`,
 		`(?m)^\| floor +\| +\w+ \| +\S+ \| +1\.00 \| +[\d.]+ \|`,
 		`(?m)^\| replicated 20ms +\| +\w+ \| +\S+ \| +[\d.]+ \| +[\d.]+ \| +\d+ \|`,
-		`(?m)^10k check: seq over 10000 pages, full speed, 100ms, 64MiB, 1 vCPU, \d+ epochs:$`,
+		`(?m)^10k check: seq over 10000 pages, full speed, 300ms, 64MiB, 1 vCPU, \d+ epochs:$`,
 		`(?m)^\| dirty pages/epoch \| +pause p50 \| +pause p99 \| harvest\+save\+copy p50 \|`,
 		`(?m)^Failover: primary process at rate 20000/s, interval 100ms, backup heartbeat timeout \S+:$`,
 		`(?m)^\| 1 +\| +SIGKILL \| +\d+ \|`,
