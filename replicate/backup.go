@@ -46,6 +46,10 @@ type BackupConfig struct {
 	Resume func(cp *Checkpoint) error
 	// Expect, when set, is the only VM shape accepted.
 	Expect *Shape
+	// MaxMemory is the largest guest memory a primary may declare (default
+	// DefaultMaxMemory): the backup's allocations follow it (the replica, a
+	// 4-byte CRC and a bit per page, staging up to about its size).
+	MaxMemory uint64
 	// HeartbeatTimeout is how long silence from the primary means it is gone;
 	// 0 means 5 of its intervals, at least MinHeartbeatTimeout.
 	HeartbeatTimeout time.Duration
@@ -91,10 +95,23 @@ type replica struct {
 	digest uint64
 }
 
+// DefaultMaxMemory is BackupConfig.MaxMemory's default.
+const DefaultMaxMemory = 64 << 30
+
+func (b *Backup) maxMemory() uint64 {
+	if b.cfg.MaxMemory != 0 {
+		return b.cfg.MaxMemory
+	}
+	return DefaultMaxMemory
+}
+
 // NewBackup checks cfg and makes a backup.
 func NewBackup(cfg BackupConfig) (*Backup, error) {
 	if cfg.NewMemory == nil || cfg.Resume == nil {
 		return nil, errors.New("replicate: backup config needs NewMemory and Resume")
+	}
+	if cfg.HeartbeatTimeout != 0 && cfg.HeartbeatTimeout < 10*time.Millisecond {
+		return nil, fmt.Errorf("backup heartbeat timeout %v is too short (at least 10ms)", cfg.HeartbeatTimeout)
 	}
 	if cfg.Expect != nil {
 		if err := cfg.Expect.check(); err != nil {
@@ -174,7 +191,8 @@ func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) 
 // error wraps ErrProtocol.
 func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*Failover, error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	s := &session{b: b, conn: conn, bw: bufio.NewWriter(conn), done: make(chan struct{})}
+	ic := &idleConn{Conn: conn, timeout: max(b.cfg.HeartbeatTimeout, 5*time.Second)}
+	s := &session{b: b, conn: ic, bw: bufio.NewWriter(ic), done: make(chan struct{})}
 	err := s.run()
 	close(s.done)
 	stop()
@@ -188,14 +206,16 @@ func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*Failover, error) {
 	if !errors.Is(err, errPrimaryLost) {
 		return nil, err
 	}
-	return b.failover(err)
+	return b.failover(s.rep, err)
 }
 
 // failover resumes the session's last checkpoint.
-func (b *Backup) failover(cause error) (*Failover, error) {
+func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	t0 := time.Now()
 	b.mu.Lock()
-	rep := b.rep
+	if b.rep != rep {
+		rep = nil // closed or replaced meanwhile
+	}
 	b.mu.Unlock()
 	if rep == nil || rep.epoch == 0 {
 		return nil, fmt.Errorf("%w (%v)", ErrNoCheckpoint, cause)
@@ -230,7 +250,7 @@ func (b *Backup) failover(cause error) (*Failover, error) {
 // session is one primary's connection.
 type session struct {
 	b       *Backup
-	conn    net.Conn
+	conn    *idleConn
 	wmu     sync.Mutex
 	bw      *bufio.Writer
 	done    chan struct{}
@@ -257,7 +277,6 @@ type session struct {
 func (s *session) write(t MsgType, epoch uint64, payload []byte) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	s.conn.SetWriteDeadline(time.Now().Add(s.timeout))
 	if _, err := s.bw.Write(encodeMsg(nil, t, epoch, payload)); err != nil {
 		return err
 	}
@@ -272,8 +291,7 @@ func (s *session) reject(err error) error {
 
 // run handles the session until it ends.
 func (s *session) run() error {
-	s.timeout = max(s.b.cfg.HeartbeatTimeout, 5*time.Second)
-	s.conn.SetReadDeadline(time.Now().Add(s.timeout))
+	s.timeout = s.conn.timeout
 	rd := newMsgReader(s.conn)
 	h, payload, err := rd.ReadMsg()
 	if err != nil {
@@ -295,13 +313,14 @@ func (s *session) run() error {
 			hello.Shape, hello.Shape.Regions, *e, e.Regions))
 	}
 	if err := s.newReplica(hello.Shape); err != nil {
-		s.reject(fmt.Errorf("backup cannot hold the replica: %v", err))
-		return err
+		return s.reject(protoErr("backup cannot hold a replica of %v: %v", hello.Shape, err))
 	}
 	s.timeout = s.b.cfg.HeartbeatTimeout
 	if s.timeout == 0 {
+		// hello's timing is bounded by decodeHello, so this cannot overflow.
 		s.timeout = max(5*hello.Interval, MinHeartbeatTimeout, 4*hello.Heartbeat)
 	}
+	s.conn.timeout = s.timeout
 	if err := s.write(MsgWelcome, 0, appendWelcome(nil, v)); err != nil {
 		return fmt.Errorf("%w: send welcome: %v", errPrimaryLost, err)
 	}
@@ -311,13 +330,12 @@ func (s *session) run() error {
 	s.precopy, s.epoch = true, 1
 	s.maxStaged = int(hello.Shape.MemSize + hello.Shape.MemSize/8 + MaxPayload)
 	for {
-		s.conn.SetReadDeadline(time.Now().Add(s.timeout))
 		h, payload, err := rd.ReadMsg()
 		if err != nil {
 			if errors.Is(err, ErrProtocol) {
 				return s.reject(err)
 			}
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			if isTimeout(err) {
 				err = fmt.Errorf("no word from the primary for %v", s.timeout)
 			}
 			if err == io.ErrUnexpectedEOF {
@@ -371,8 +389,8 @@ func (b *Backup) setReplica(r *replica) {
 // checkpoint may be older than what the outside world has seen, and resuming
 // it could step back.
 func (s *session) newReplica(shape Shape) error {
-	if shape.MemSize > 1<<40 {
-		return fmt.Errorf("memory of %d bytes is too large", shape.MemSize)
+	if limit := s.b.maxMemory(); shape.MemSize > limit {
+		return fmt.Errorf("its %d MiB exceed this backup's limit of %d MiB (BackupConfig.MaxMemory)", shape.MemSize>>20, limit>>20)
 	}
 	mem, err := s.b.cfg.NewMemory(shape.MemSize)
 	if err != nil {
@@ -420,7 +438,9 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		if len(s.staged)+len(payload) > s.maxStaged {
 			return protoErr("epoch %d exceeds the staging limit of %d bytes", s.epoch, s.maxStaged)
 		}
-		if _, err := checkPages(payload); err != nil {
+		// Check every entry now, so a stream repeating pages or naming pages
+		// outside memory is refused before it fills staging.
+		if err := decodePages(payload, func(e pageEntry) error { _, err := s.markSeen(e.GPA); return err }); err != nil {
 			return err
 		}
 		s.staged = append(s.staged, hdr[4:8]...) // the payload length, to split them again
@@ -575,10 +595,7 @@ func (s *session) decodeStaged() error {
 		payload := st[4 : 4+n]
 		st = st[4+n:]
 		err := decodePages(payload, func(e pageEntry) error {
-			idx, err := s.markSeen(e.GPA)
-			if err != nil {
-				return err
-			}
+			idx, _ := s.rep.lay.index(e.GPA) // checked and marked seen on arrival
 			p := s.page(len(s.idxs))
 			if err := decodePage(e, p); err != nil {
 				return err

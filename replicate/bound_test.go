@@ -2,7 +2,10 @@ package replicate_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -106,5 +109,62 @@ func testStagingBounded(t *testing.T, stagingPages uint64, wantOversize bool) {
 	}
 	if fo.Epoch < stats[len(stats)-1].Epoch {
 		t.Fatalf("failover to epoch %d, but %d was acknowledged", fo.Epoch, stats[len(stats)-1].Epoch)
+	}
+}
+
+// failingGate fails to open epoch failAt.
+type failingGate struct{ failAt uint64 }
+
+func (g *failingGate) Open(n uint64) error {
+	if n == g.failAt {
+		return fmt.Errorf("gate cannot open epoch %d", n)
+	}
+	return nil
+}
+func (g *failingGate) Commit(uint64) error  { return nil }
+func (g *failingGate) Discard(uint64) error { return nil }
+func (g *failingGate) Release() error       { return nil }
+
+// When the primary stops replication itself while the link works (here a
+// gate fails), it tells the backup, which must not fail over: the VM goes on
+// running on the primary, and resuming it on the backup would make two.
+func TestPrimaryAbortIsNotFailover(t *testing.T) {
+	vm := newToyVM(1 << 20)
+	vm.start()
+	defer vm.close()
+	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t),
+		Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	pc, bc := tcpPair(t)
+	berr := make(chan error, 1)
+	go func() {
+		fo, err := b.Handle(context.Background(), bc)
+		if fo != nil {
+			err = fmt.Errorf("failed over to epoch %d", fo.Epoch)
+		}
+		berr <- err
+	}()
+	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t),
+		Gates: []replicate.OutputGate{&failingGate{failAt: 8}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	perr := p.Run(context.Background(), pc)
+	if perr == nil || errors.Is(perr, replicate.ErrBackupLost) || !strings.Contains(perr.Error(), "gate cannot open epoch 8") {
+		t.Fatalf("primary: %v, want the gate's error, not a lost backup", perr)
+	}
+	select {
+	case err := <-berr:
+		if !errors.Is(err, replicate.ErrPrimaryStopped) || !strings.Contains(err.Error(), "gate cannot open epoch 8") {
+			t.Fatalf("backup: %v, want ErrPrimaryStopped with the primary's reason", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("backup's session did not end")
+	}
+	if p.Protected() {
+		t.Fatal("primary reports itself protected after stopping replication")
 	}
 }

@@ -124,10 +124,16 @@
 // so an older replica may be behind what the world has seen; a new session
 // starts a new replica.
 //
-// The primary deems the backup lost on the same signs (and on a write that
-// does not complete within the heartbeat timeout). It keeps the guest
-// running, releases the gates (OutputGate.Release: output flows, unprotected),
-// logs it loudly, and Run returns an error wrapping ErrBackupLost. When the
-// VM itself fails on the primary, the primary sends reject: the backup does
-// not fail over to a checkpoint that would most likely fail the same way.
+// The primary deems the backup lost on the same signs. It keeps the guest
+// running, releases the gates (OutputGate.Release: output flows,
+// unprotected), logs it loudly, and Run returns an error wrapping
+// ErrBackupLost. When replication fails on the primary while the link works
+// (its VM, a gate, an audit, a replica whose digest diverged), the primary
+// sends reject and half-closes: the backup ends the session without failing
+// over, since the VM goes on (or failed) on the primary. Only silence or a
+// dead connection makes a failover.
+//
+// Both sides measure silence, not transfer time: every read, and every 64 KiB
+// written, pushes the deadline out, so a slow link that keeps moving bytes is
+// alive.
 package replicate

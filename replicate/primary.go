@@ -30,8 +30,9 @@ const (
 )
 
 // ErrBackupLost is returned (wrapped with the cause) by Primary.Run when the
-// backup stopped answering, closed the connection or refused the session.
-// The guest keeps running, unprotected; the output gates were released.
+// backup stopped answering, closed the connection or ended the session after
+// it began. The guest keeps running, unprotected; the output gates were
+// released. A session the backup refuses at hello is a plain error.
 var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
 
 // Hook points for Config.Hook.
@@ -144,7 +145,8 @@ type Primary struct {
 	stage  *arena
 	digest *digestTable
 
-	conn net.Conn
+	conn *idleConn
+	rd   *msgReader
 	wmu  sync.Mutex // serialises writes to bw
 	bw   *bufio.Writer
 
@@ -163,6 +165,12 @@ type Primary struct {
 	lost     chan struct{}
 	lostOnce sync.Once
 	lostErr  error
+	// abortErr is set when the primary ends the session itself (a failed VM,
+	// gate or audit, a diverged replica): the backup is told not to fail
+	// over, and the error is not a lost backup.
+	abortErr  atomic.Pointer[error]
+	abortOnce sync.Once
+	released  bool // the gates were released (guarded by gmu)
 }
 
 // NewPrimary checks cfg and prepares a primary for Run.
@@ -193,7 +201,7 @@ func (p *Primary) Shape() Shape { return p.lay.shape }
 
 // Protected reports whether the backup holds an acknowledged checkpoint and
 // is still reachable.
-func (p *Primary) Protected() bool { return p.protected.Load() }
+func (p *Primary) Protected() bool { return p.protected.Load() && !p.isLost() }
 
 // LastAcked is the latest epoch the backup acknowledged (0: none yet).
 func (p *Primary) LastAcked() uint64 { return p.lastAcked.Load() }
@@ -209,15 +217,23 @@ func (p *Primary) Interval() time.Duration { return p.cfg.Interval }
 // running. On ctx's end it waits (up to the heartbeat timeout) for the epochs
 // in flight to be acknowledged, tells the backup it stops on purpose, and
 // returns nil. On losing the backup it leaves the guest running, releases the
-// gates and returns an error wrapping ErrBackupLost. When the VM itself fails
-// (pause, harvest, save or resume), it tells the backup it stops, so the
-// backup does not resume a checkpoint that would likely fail the same way,
-// and returns the VM's error.
+// gates and returns an error wrapping ErrBackupLost. When replication fails
+// here while the link works (the VM's pause, harvest, save or resume, a gate,
+// an audit, a replica that diverged), it tells the backup it stops, so the
+// backup does not resume a VM that goes on running (or failed) here, releases
+// the gates and returns that error. Run is for one session: make a new
+// Primary for the next.
 func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
-	p.conn, p.bw = conn, bufio.NewWriterSize(conn, 256<<10)
+	p.conn = &idleConn{Conn: conn, timeout: p.cfg.HeartbeatTimeout}
+	p.bw, p.rd = bufio.NewWriterSize(p.conn, 256<<10), newMsgReader(p.conn)
 	log := p.cfg.Log
 	defer conn.Close()
-	if err := p.handshake(); err != nil {
+	stopCtx := context.AfterFunc(ctx, func() { conn.Close() })
+	err = p.handshake()
+	if !stopCtx() || ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err != nil {
 		return err
 	}
 	src, err := p.cfg.VM.DirtySource(p.cfg.DirtyTrack)
@@ -239,19 +255,21 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	p.work = make(chan *batch, 2*p.cfg.Workers)
 	p.jobs = make(chan *epochJob, p.cfg.MaxInFlight)
 	p.inflight = make(chan struct{}, p.cfg.MaxInFlight)
-	var wg sync.WaitGroup
+	var workers, loops sync.WaitGroup
 	for range p.cfg.Workers {
-		wg.Go(p.compressWorker)
+		workers.Go(p.compressWorker)
 	}
 	senderDone := make(chan struct{})
 	go func() { defer close(senderDone); p.sendLoop() }()
-	go p.readLoop()
-	go p.heartbeatLoop()
+	loops.Go(p.readLoop)
+	loops.Go(p.heartbeatLoop)
 	defer func() {
+		p.fail(errors.New("replication ended")) // if nothing else ended it
+		loops.Wait()                             // no OnEpoch or gate call after Run
 		close(p.jobs)
 		<-senderDone
 		close(p.work)
-		wg.Wait()
+		workers.Wait()
 	}()
 
 	// Touch staging while the sync runs, so the first checkpoints copy into
@@ -262,21 +280,21 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		return p.unprotected(err)
 	}
 	if err := p.initialSync(ctx); err != nil {
+		if ctx.Err() != nil && len(p.inflight) == 0 {
+			return p.finish() // stopped between rounds: say bye
+		}
 		if ctx.Err() != nil {
-			return p.finish() // stopped during the sync: nothing in flight
+			// Stopped inside a round: cut it off. The backup has no
+			// checkpoint, so it has nothing to fail over to.
+			p.fail(fmt.Errorf("stopped during the initial sync: %w", ctx.Err()))
+			p.releaseGates()
+			return nil
 		}
 		return p.unprotected(err)
 	}
 	<-prefaulted
 	if err := p.epochLoop(ctx); err != nil {
-		var vf *vmError
-		if errors.As(err, &vf) {
-			return p.vmStopped(vf)
-		}
 		return p.unprotected(err)
-	}
-	if ctx.Err() == nil {
-		return p.unprotected(p.lostErr)
 	}
 	return p.finish()
 }
@@ -288,9 +306,11 @@ func (p *Primary) handshake() error {
 	if err := p.writeMsg(encodeMsg(nil, MsgHello, 0, appendHello(nil, hello)), true); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
-	p.conn.SetReadDeadline(time.Now().Add(max(p.cfg.HeartbeatTimeout, 5*time.Second)))
-	h, payload, err := newMsgReader(p.conn).ReadMsg()
+	h, payload, err := p.rd.ReadMsg()
 	if err != nil {
+		if isTimeout(err) {
+			err = fmt.Errorf("no answer in %v", p.cfg.HeartbeatTimeout)
+		}
 		return fmt.Errorf("wait for the backup's welcome: %w", err)
 	}
 	switch h.Type {
@@ -308,26 +328,37 @@ func (p *Primary) handshake() error {
 	}
 }
 
+// linkError is a failure to write to the backup: the link, not the data.
+type linkError struct{ err error }
+
+func (e *linkError) Error() string { return e.err.Error() }
+func (e *linkError) Unwrap() error { return e.err }
+
 // writeMsg writes one encoded message; flush sends it at once.
 func (p *Primary) writeMsg(b []byte, flush bool) error {
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	p.conn.SetWriteDeadline(time.Now().Add(p.cfg.HeartbeatTimeout))
 	if _, err := p.bw.Write(b); err != nil {
-		return err
+		return &linkError{err}
 	}
 	if flush {
-		return p.bw.Flush()
+		if err := p.bw.Flush(); err != nil {
+			return &linkError{err}
+		}
 	}
 	return nil
 }
 
-// fail records the first reason the backup is lost and wakes everyone.
+// fail records the first reason the session ended and wakes everyone. When
+// the primary aborted the session itself, that is the reason.
 func (p *Primary) fail(err error) {
 	p.lostOnce.Do(func() {
+		if a := p.abortErr.Load(); a != nil {
+			err = *a
+		}
 		p.lostErr = err
-		p.protected.Store(false)
 		close(p.lost)
+		p.protected.Store(false)
 		p.conn.Close()
 	})
 }
@@ -341,14 +372,61 @@ func (p *Primary) isLost() bool {
 	}
 }
 
-// unprotected handles the loss of the backup (or any error that ends
-// replication): the guest runs on, the gates let output through.
-func (p *Primary) unprotected(cause error) error {
-	p.fail(cause)
-	if err := p.gateCall(OutputGate.Release); err != nil {
-		p.cfg.Log.Error("release output gates", "err", err)
+// abort ends the session from this side while the link still works: it tells
+// the backup why with a reject, so that the backup does not fail over to a
+// VM that goes on running here, and half-closes the connection so the reject
+// is not overtaken by a reset. The readers notice the backup closing in turn.
+func (p *Primary) abort(reason error) {
+	p.abortOnce.Do(func() {
+		p.abortErr.Store(&reason)
+		if !p.isLost() {
+			p.writeMsg(encodeMsg(nil, MsgReject, 0, appendReject(nil, "primary stopped replication: "+reason.Error())), true)
+			p.conn.closeWrite()
+		}
+	})
+}
+
+// stop aborts the session with reason and waits (a second at most) for the
+// backup to hang up, then ends it.
+func (p *Primary) stop(reason error) {
+	p.abort(reason)
+	select {
+	case <-p.lost:
+	case <-time.After(time.Second):
 	}
-	p.cfg.Log.Error("REPLICATION STOPPED: the VM runs UNPROTECTED", "cause", p.lostErr, "last-acked-epoch", p.lastAcked.Load())
+	p.fail(reason)
+}
+
+func (p *Primary) releaseGates() {
+	p.gmu.Lock()
+	defer p.gmu.Unlock()
+	if p.released {
+		return
+	}
+	p.released = true
+	for _, g := range p.cfg.Gates {
+		if err := g.Release(); err != nil {
+			p.cfg.Log.Error("release output gate", "err", err)
+		}
+	}
+}
+
+// unprotected ends replication on an error: the guest runs on, the gates let
+// output through. A lost link returns an error wrapping ErrBackupLost; any
+// other cause (a failed VM, gate or audit, a diverged replica) is told to the
+// backup first, so it does not fail over, and is returned as it is.
+func (p *Primary) unprotected(cause error) error {
+	var le *linkError
+	if !p.isLost() && !errors.As(cause, &le) {
+		p.stop(cause)
+	}
+	p.fail(cause)
+	p.releaseGates()
+	if a := p.abortErr.Load(); a != nil {
+		p.cfg.Log.Error("REPLICATION STOPPED: the VM runs UNPROTECTED", "cause", *a, "last-acked-epoch", p.lastAcked.Load())
+		return fmt.Errorf("replication stopped: %w", *a)
+	}
+	p.cfg.Log.Error("BACKUP LOST: the VM runs UNPROTECTED", "cause", p.lostErr, "last-acked-epoch", p.lastAcked.Load())
 	return fmt.Errorf("%w: %w", ErrBackupLost, p.lostErr)
 }
 
@@ -366,10 +444,15 @@ func (p *Primary) finish() error {
 		}
 	}
 	err := p.writeMsg(encodeMsg(nil, MsgBye, p.lastSent.Load(), nil), true)
-	p.fail(errors.New("primary stopped replication"))
-	if gerr := p.gateCall(OutputGate.Release); gerr != nil && err == nil {
-		err = gerr
+	if err == nil {
+		p.conn.closeWrite()
+		select { // the backup hangs up once it has the bye
+		case <-p.lost:
+		case <-time.After(time.Second):
+		}
 	}
+	p.fail(errors.New("primary stopped replication"))
+	p.releaseGates()
 	if err != nil {
 		return fmt.Errorf("say bye to the backup: %w", err)
 	}
@@ -377,9 +460,13 @@ func (p *Primary) finish() error {
 	return nil
 }
 
+// gateCall calls f on every gate, in order, unless they were released.
 func (p *Primary) gateCall(f func(OutputGate) error) error {
 	p.gmu.Lock()
 	defer p.gmu.Unlock()
+	if p.released {
+		return nil
+	}
 	for _, g := range p.cfg.Gates {
 		if err := f(g); err != nil {
 			return fmt.Errorf("output gate: %w", err)
@@ -396,13 +483,14 @@ func (p *Primary) hook(point string, epoch uint64) {
 
 // readLoop reads acks and heartbeats from the backup.
 func (p *Primary) readLoop() {
-	rd := newMsgReader(p.conn)
 	for {
-		p.conn.SetReadDeadline(time.Now().Add(p.cfg.HeartbeatTimeout))
-		h, payload, err := rd.ReadMsg()
+		h, payload, err := p.rd.ReadMsg()
 		if err != nil {
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			if isTimeout(err) {
 				err = fmt.Errorf("no word from the backup for %v", p.cfg.HeartbeatTimeout)
+			}
+			if errors.Is(err, ErrProtocol) {
+				p.abort(err)
 			}
 			p.fail(fmt.Errorf("read from backup: %w", err))
 			return
@@ -414,13 +502,11 @@ func (p *Primary) readLoop() {
 				err = p.acked(h.Epoch, d)
 			}
 			if err != nil {
-				p.fail(err)
-				return
+				p.abort(err) // then read on until the backup hangs up
 			}
 		case MsgHeartbeat:
 			if _, err := decodeHeartbeat(payload); err != nil {
-				p.fail(err)
-				return
+				p.abort(err)
 			}
 		case MsgReject:
 			reason, err := decodeReject(payload)
@@ -430,8 +516,7 @@ func (p *Primary) readLoop() {
 			p.fail(err)
 			return
 		default:
-			p.fail(protoErr("backup sent %v", h.Type))
-			return
+			p.abort(protoErr("backup sent %v", h.Type))
 		}
 	}
 }
@@ -454,14 +539,14 @@ func (p *Primary) acked(n, digest uint64) error {
 	}
 	st.AckLatency = now.Sub(st.Start.Add(st.Pause + st.Transfer))
 	p.lastAcked.Store(n)
-	p.protected.Store(!p.isLost())
+	p.protected.Store(true) // Protected also checks the link
 	if err := p.gateCall(func(g OutputGate) error { return g.Commit(n) }); err != nil {
 		return err
 	}
 	if p.cfg.OnEpoch != nil {
 		p.cfg.OnEpoch(st)
 	}
-	<-p.inflight // last: finish waits for the tokens, so OnEpoch never runs after Run
+	<-p.inflight // last: finish waits for the tokens
 	return nil
 }
 
@@ -540,6 +625,8 @@ func (p *Primary) submit(ctx context.Context, job *epochJob) error {
 		return nil
 	case <-p.lost:
 		return p.lostErr
+	case <-ctx.Done():
+		return ctx.Err() // the round is cut off, not waited for
 	}
 }
 
@@ -566,6 +653,9 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		case <-p.lost:
 			return p.lostErr
 		case <-timer.C:
+		}
+		if ctx.Err() != nil {
+			return nil // the timer and ctx were both ready: stop, take no more
 		}
 		st := &EpochStats{Epoch: epoch}
 		t0 := time.Now()
@@ -715,8 +805,12 @@ func (p *Primary) data(j *epochJob, k int) []byte {
 // sendLoop sends jobs in order, one at a time.
 func (p *Primary) sendLoop() {
 	for job := range p.jobs {
-		if !p.isLost() {
+		if !p.isLost() && p.abortErr.Load() == nil {
 			if err := p.send(job); err != nil {
+				var le *linkError
+				if !errors.As(err, &le) {
+					p.abort(err) // an audit mismatch: the link is fine
+				}
 				p.fail(err)
 			}
 		}
@@ -842,17 +936,3 @@ func (e *vmError) Unwrap() error { return e.err }
 
 func vmFailed(err error) error { return &vmError{err} }
 
-// vmStopped ends a session because the VM failed: the backup is told the
-// primary stops (resuming the last checkpoint would most likely replay the
-// failure), and the gates let go of what they hold.
-func (p *Primary) vmStopped(e *vmError) error {
-	if !p.isLost() {
-		p.writeMsg(encodeMsg(nil, MsgReject, 0, appendReject(nil, "primary's VM failed: "+e.Error())), true)
-	}
-	p.fail(e)
-	if err := p.gateCall(OutputGate.Release); err != nil {
-		p.cfg.Log.Error("release output gates", "err", err)
-	}
-	p.cfg.Log.Error("replication stopped: the VM failed", "err", e.err)
-	return e.err
-}

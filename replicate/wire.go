@@ -249,8 +249,9 @@ func decodeHello(b []byte) (Hello, error) {
 	if h.MinVersion > h.Version {
 		return Hello{}, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
 	}
-	if h.Interval <= 0 || h.Heartbeat <= 0 {
-		return Hello{}, protoErr("hello: interval %v and heartbeat %v must be positive", h.Interval, h.Heartbeat)
+	if h.Interval < MinInterval || h.Interval > MaxInterval || h.Heartbeat < time.Millisecond || h.Heartbeat > MaxInterval {
+		return Hello{}, protoErr("hello: interval %v (want %v to %v) or heartbeat %v (want 1ms to %v) out of range",
+			h.Interval, MinInterval, MaxInterval, h.Heartbeat, MaxInterval)
 	}
 	p := b[helloFixed:]
 	h.Shape.Regions = make([]Region, n)
