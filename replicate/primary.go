@@ -265,7 +265,7 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	loops.Go(p.heartbeatLoop)
 	defer func() {
 		p.fail(errors.New("replication ended")) // if nothing else ended it
-		loops.Wait()                             // no OnEpoch or gate call after Run
+		loops.Wait()                            // no OnEpoch or gate call after Run
 		close(p.jobs)
 		<-senderDone
 		close(p.work)
@@ -935,4 +935,3 @@ func (e *vmError) Error() string { return e.err.Error() }
 func (e *vmError) Unwrap() error { return e.err }
 
 func vmFailed(err error) error { return &vmError{err} }
-
