@@ -132,12 +132,7 @@ func TestPrimaryAbortIsNotFailover(t *testing.T) {
 	vm := newToyVM(1 << 20)
 	vm.start()
 	defer vm.close()
-	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t),
-		Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := noResumeBackup(t, tempMemory)
 	pc, bc := tcpPair(t)
 	berr := make(chan error, 1)
 	go func() {

@@ -126,12 +126,7 @@ type cutConn struct{ net.Conn }
 // Killing the backup leaves the primary's guest running, reported unprotected.
 func TestKVMBackupLost(t *testing.T) {
 	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Rate: 20000}, nil)
-	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: testvm.NewMemFile, Log: testLog(t),
-		Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := noResumeBackup(t, testvm.NewMemFile)
 	pc, bc := tcpPair(t)
 	bctx, killBackup := context.WithCancel(context.Background())
 	bdone := make(chan error, 1)

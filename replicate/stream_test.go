@@ -466,12 +466,7 @@ func TestStreamCraftedContent(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t),
-				Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
+			b := noResumeBackup(t, tempMemory)
 			pc, bc := tcpPair(t)
 			errc := make(chan error, 1)
 			go func() { _, err := b.Handle(context.Background(), bc); errc <- err }()
@@ -509,6 +504,19 @@ func TestStreamCraftedContent(t *testing.T) {
 			}
 		})
 	}
+}
+
+// noResumeBackup is a backup, closed with the test, for sessions that must
+// not end in a failover.
+func noResumeBackup(t *testing.T, newMemory func(uint64) (*os.File, error)) *replicate.Backup {
+	t.Helper()
+	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: newMemory, Log: testLog(t),
+		Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b
 }
 
 func tcpPair(t *testing.T) (net.Conn, net.Conn) {
