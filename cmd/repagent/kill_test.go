@@ -36,11 +36,12 @@ import (
 //     it sends. So an epoch's digest is the primary's real memory.
 //   - The backup digests its whole replica before resuming
 //     (verified=true): the resumed memory is the epoch's, bit for bit.
-//   - The epoch resumed is the one the kill point implies, never older than
-//     the last one the primary recorded as acknowledged (its --stats file),
-//     and where the primary recorded it, the digest and every vCPU's
-//     counters and hash (recorded in that epoch's pause) equal what the
-//     backup resumed.
+//   - The epoch resumed lies within what the kill point allows (no newer
+//     than the epoch being captured or sent, no older than the one being
+//     applied) and is never older than the last one the primary recorded as
+//     acknowledged (its --stats file). Where the primary recorded it, the
+//     digest and every vCPU's counters and hash (recorded in that epoch's
+//     pause) equal what the backup resumed.
 //   - The resumed guest runs on and verifies itself: dirty pages carry stamps
 //     consistent with its status page, the counter's hash chain re-hashes
 //     from zero to the value it reached.
@@ -76,11 +77,14 @@ func TestKillPrimary(t *testing.T) {
 		}
 		for range 3 {
 			n := epoch()
-			cases = append(cases, killCase{workload: wl, fault: fmt.Sprintf("send:%d", n), want: n - 1})
+			cases = append(cases, killCase{workload: wl, fault: fmt.Sprintf("send:%d", n), atMost: n - 1})
 		}
 		for range 2 {
 			n := epoch()
-			cases = append(cases, killCase{workload: wl, fault: fmt.Sprintf("sent:%d", n), want: n})
+			// Written is not delivered: what sat in the dead primary's socket
+			// buffers is lost with it (a reset discards it), so the backup
+			// may lack even epoch n, as after a real host's death.
+			cases = append(cases, killCase{workload: wl, fault: fmt.Sprintf("sent:%d", n), atMost: n})
 		}
 		for range 2 {
 			n := epoch()
@@ -116,7 +120,6 @@ type killCase struct {
 	fault       string        // REPAGENT_FAULT, for the primary or (backupFault) the backup
 	backupFault bool          // the backup kills the primary, in its apply
 	after       time.Duration // no fault: kill the primary after this long
-	want        uint64        // the epoch the backup must resume (0: only bounds known)
 	atMost      uint64        // the newest epoch the backup may resume (0: no bound but the primary's)
 	atLeast     uint64        // the oldest epoch the backup may resume (0: no bound but the primary's)
 }
@@ -191,7 +194,7 @@ func (c killCase) run(t *testing.T, bin string) bool {
 		}
 		return false
 	}
-	if exitCode(berr) == 3 && len(acked) == 0 && c.atLeast == 0 && c.want == 0 {
+	if exitCode(berr) == 3 && len(acked) == 0 && c.atLeast == 0 {
 		// Killed before any checkpoint was complete on the backup (the first
 		// epochs were still in flight): nothing was acknowledged, so nothing
 		// may be resumed, and the backup says so.
@@ -224,9 +227,6 @@ func (c killCase) run(t *testing.T, bin string) bool {
 	}
 	if c.atMost != 0 && got > c.atMost {
 		t.Fatalf("backup resumed epoch %d, newer than %d, for a kill at %s", got, c.atMost, c.fault)
-	}
-	if c.want != 0 && got != c.want {
-		t.Fatalf("backup resumed epoch %d, want %d for a kill at %s", got, c.want, c.fault)
 	}
 	resumed := resumedVCPUs(t, out)
 	for _, l := range acked {
