@@ -197,7 +197,7 @@ func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*Failover, error) {
 	close(s.done)
 	stop()
 	if errors.Is(err, ErrProtocol) {
-		lingerClose(conn)
+		lingerClose(ic)
 	}
 	conn.Close()
 	if ctx.Err() != nil {
@@ -228,7 +228,7 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 			return nil, fmt.Errorf("verify replica: %w", err)
 		}
 		if d != rep.digest {
-			return nil, fmt.Errorf("%w: epoch %d digest %s, memory digests to %s", ErrReplicaCorrupt, rep.epoch, formatDigest(rep.digest), formatDigest(d))
+			return nil, fmt.Errorf("%w: epoch %d digest %s, memory digests to %s", ErrReplicaCorrupt, rep.epoch, FormatDigest(rep.digest), FormatDigest(d))
 		}
 		fo.Verified = true
 	}
@@ -243,7 +243,7 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	}
 	fo.Restore = time.Since(t)
 	fo.Took = time.Since(t0)
-	b.log.Info("failed over", "epoch", fo.Epoch, "digest", formatDigest(fo.Digest), "verified", fo.Verified, "took", fo.Took)
+	b.log.Info("failed over", "epoch", fo.Epoch, "digest", FormatDigest(fo.Digest), "verified", fo.Verified, "took", fo.Took)
 	return fo, nil
 }
 
@@ -432,16 +432,23 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 	switch h.Type {
 	case MsgPages:
 		s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
-		if s.precopy {
-			return s.applyBatch(payload)
-		}
-		if len(s.staged)+len(payload) > s.maxStaged {
+		if !s.precopy && len(s.staged)+len(payload) > s.maxStaged {
 			return protoErr("epoch %d exceeds the staging limit of %d bytes", s.epoch, s.maxStaged)
 		}
 		// Check every entry now, so a stream repeating pages or naming pages
 		// outside memory is refused before it fills staging.
 		if err := decodePages(payload, func(e pageEntry) error { _, err := s.markSeen(e.GPA); return err }); err != nil {
 			return err
+		}
+		if s.precopy {
+			// Until the first checkpoint the replica is no checkpoint, so a
+			// pre-copy batch goes straight in.
+			s.idxs, s.crcs = s.idxs[:0], s.crcs[:0]
+			if err := s.decode(payload); err != nil {
+				return err
+			}
+			s.pages += uint64(len(s.idxs))
+			return s.writeRuns(false)
 		}
 		s.staged = append(s.staged, hdr[4:8]...) // the payload length, to split them again
 		s.staged = append(s.staged, payload...)
@@ -481,7 +488,7 @@ func (s *session) end(e End) error {
 			return protoErr("pre-copy round %d: end says %d pages, %d arrived", s.round, e.Pages, s.pages)
 		}
 		if e.Digest != s.rep.table.digest {
-			return protoErr("pre-copy round %d: digest %s, replica digests to %s", s.round, formatDigest(e.Digest), formatDigest(s.rep.table.digest))
+			return protoErr("pre-copy round %d: digest %s, replica digests to %s", s.round, FormatDigest(e.Digest), FormatDigest(s.rep.table.digest))
 		}
 		s.round++
 		return nil
@@ -498,14 +505,14 @@ func (s *session) end(e End) error {
 		d += s.rep.table.delta(idx, s.crcs[k])
 	}
 	if d != e.Digest {
-		return protoErr("epoch %d: digest %s, the replica would digest to %s", s.epoch, formatDigest(e.Digest), formatDigest(d))
+		return protoErr("epoch %d: digest %s, the replica would digest to %s", s.epoch, FormatDigest(e.Digest), FormatDigest(d))
 	}
 	if err := s.write(MsgAck, s.epoch, appendAck(nil, d)); err != nil {
 		// The epoch is verified and complete: apply it anyway, so the replica
 		// is the newest complete checkpoint; the read that follows notices.
 		s.b.log.Warn("send ack", "epoch", s.epoch, "err", err)
 	}
-	if err := s.apply(); err != nil {
+	if err := s.writeRuns(true); err != nil {
 		return err
 	}
 	s.b.mu.Lock()
@@ -557,27 +564,6 @@ func decodePage(e pageEntry, dst []byte) error {
 	return nil
 }
 
-// applyBatch writes a pre-copy batch straight into the replica: until the
-// first checkpoint, the replica is no checkpoint, so nothing is lost by it.
-func (s *session) applyBatch(payload []byte) error {
-	page := s.page(0)
-	return decodePages(payload, func(e pageEntry) error {
-		idx, err := s.markSeen(e.GPA)
-		if err != nil {
-			return err
-		}
-		if err := decodePage(e, page); err != nil {
-			return err
-		}
-		if _, err := s.rep.mem.WriteAt(page, int64(idx*PageSize)); err != nil {
-			return fmt.Errorf("write replica: %w", err)
-		}
-		s.rep.table.set(idx, pageCRC(page))
-		s.pages++
-		return nil
-	})
-}
-
 // page returns page k of the session's decode buffer, growing it.
 func (s *session) page(k int) []byte {
 	if need := (k + 1) * PageSize; need > len(s.pageBuf) {
@@ -592,30 +578,36 @@ func (s *session) decodeStaged() error {
 	s.idxs, s.crcs = s.idxs[:0], s.crcs[:0]
 	for st := s.staged; len(st) > 0; {
 		n := int(uint32(st[0]) | uint32(st[1])<<8 | uint32(st[2])<<16 | uint32(st[3])<<24)
-		payload := st[4 : 4+n]
-		st = st[4+n:]
-		err := decodePages(payload, func(e pageEntry) error {
-			idx, _ := s.rep.lay.index(e.GPA) // checked and marked seen on arrival
-			p := s.page(len(s.idxs))
-			if err := decodePage(e, p); err != nil {
-				return err
-			}
-			s.idxs = append(s.idxs, idx)
-			s.crcs = append(s.crcs, pageCRC(p))
-			return nil
-		})
-		if err != nil {
+		if err := s.decode(st[4 : 4+n]); err != nil {
 			return err
 		}
+		st = st[4+n:]
 	}
 	return nil
 }
 
-// apply writes a verified epoch's pages into the replica, coalescing runs of
-// consecutive replica pages into one write.
-func (s *session) apply() error {
+// decode appends a Pages payload's pages, checked on arrival, to the decode
+// buffer, with their replica indexes and CRCs.
+func (s *session) decode(payload []byte) error {
+	return decodePages(payload, func(e pageEntry) error {
+		idx, _ := s.rep.lay.index(e.GPA)
+		p := s.page(len(s.idxs))
+		if err := decodePage(e, p); err != nil {
+			return err
+		}
+		s.idxs = append(s.idxs, idx)
+		s.crcs = append(s.crcs, pageCRC(p))
+		return nil
+	})
+}
+
+// writeRuns writes the decode buffer's pages into the replica, a run of
+// consecutive replica pages per write, and records their CRCs. For a
+// checkpoint (hook) it calls Hook at HookApply halfway.
+func (s *session) writeRuns(hook bool) error {
 	n := len(s.idxs)
-	if n == 0 && s.b.cfg.Hook != nil {
+	hook = hook && s.b.cfg.Hook != nil
+	if n == 0 && hook {
 		s.b.cfg.Hook(HookApply, s.epoch) // an empty epoch is half applied at once
 	}
 	for i := 0; i < n; {
@@ -624,12 +616,12 @@ func (s *session) apply() error {
 			j++
 		}
 		if _, err := s.rep.mem.WriteAt(s.pageBuf[i*PageSize:j*PageSize], int64(s.idxs[i]*PageSize)); err != nil {
-			return fmt.Errorf("apply epoch %d: write replica: %w", s.epoch, err)
+			return fmt.Errorf("epoch %d: write replica: %w", s.current(), err)
 		}
 		for k := i; k < j; k++ {
 			s.rep.table.set(s.idxs[k], s.crcs[k])
 		}
-		if i <= n/2 && n/2 < j && s.b.cfg.Hook != nil {
+		if i <= n/2 && n/2 < j && hook {
 			s.b.cfg.Hook(HookApply, s.epoch)
 		}
 		i = j
@@ -637,14 +629,11 @@ func (s *session) apply() error {
 	return nil
 }
 
-// lingerClose lets a reject reach the primary: closing a socket with unread
-// data in it resets the connection, and a reset can overtake the reject. So
-// half-close, and drain what the primary still sends until it closes too (it
-// does on reading the reject) or a second passes.
-func lingerClose(conn net.Conn) {
-	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	}
-	conn.SetReadDeadline(time.Now().Add(time.Second))
-	io.Copy(io.Discard, conn)
+// lingerClose lets a reject reach the primary: half-close (closeWrite), and
+// drain what the primary still sends until it closes too (it does on reading
+// the reject) or a second has passed, however much it sends.
+func lingerClose(c *idleConn) {
+	c.closeWrite()
+	c.Conn.SetReadDeadline(time.Now().Add(time.Second))
+	io.Copy(io.Discard, c.Conn)
 }

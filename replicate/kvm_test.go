@@ -63,15 +63,13 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var epochs []*replicate.EpochStats
-			p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t),
-				OnEpoch: func(s *replicate.EpochStats) { epochs = append(epochs, s) }})
+			p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t)})
 			if err != nil {
 				t.Fatal(err)
 			}
 			ctx, cancel := context.WithCancel(context.Background())
 			perr := make(chan error, 1)
-			go func() { perr <- p.Run(ctx, &cutConn{Conn: conn}) }()
+			go func() { perr <- p.Run(ctx, conn) }()
 			deadline := time.Now().Add(vmtest.Wait)
 			for p.LastAcked() < 20 {
 				if time.Now().After(deadline) {
@@ -120,8 +118,6 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 		})
 	}
 }
-
-type cutConn struct{ net.Conn }
 
 // Killing the backup leaves the primary's guest running, reported unprotected.
 func TestKVMBackupLost(t *testing.T) {

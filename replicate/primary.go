@@ -154,6 +154,7 @@ type Primary struct {
 	jobs     chan *epochJob
 	inflight chan struct{} // a token per epoch captured and not yet acknowledged
 	hold     workerHold    // set during pauses: workers wait
+	gpaLists chan []uint64 // page lists of sent epochs, for reuse
 	gmu      sync.Mutex    // serialises gate calls
 
 	amu  sync.Mutex // guards sent
@@ -255,6 +256,7 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	p.work = make(chan *batch, 2*p.cfg.Workers)
 	p.jobs = make(chan *epochJob, p.cfg.MaxInFlight)
 	p.inflight = make(chan struct{}, p.cfg.MaxInFlight)
+	p.gpaLists = make(chan []uint64, p.cfg.MaxInFlight+1)
 	var workers, loops sync.WaitGroup
 	for range p.cfg.Workers {
 		workers.Go(p.compressWorker)
@@ -535,7 +537,7 @@ func (p *Primary) acked(n, digest uint64) error {
 	<-pe.ready // the pause that made the epoch has finished writing its stats
 	st := pe.st
 	if digest != st.Digest {
-		return fmt.Errorf("backup's replica diverged: epoch %d digest %s, primary's %s", n, formatDigest(digest), formatDigest(st.Digest))
+		return fmt.Errorf("backup's replica diverged: epoch %d digest %s, primary's %s", n, FormatDigest(digest), FormatDigest(st.Digest))
 	}
 	st.AckLatency = now.Sub(st.Start.Add(st.Pause + st.Transfer))
 	p.lastAcked.Store(n)
@@ -630,6 +632,24 @@ func (p *Primary) submit(ctx context.Context, job *epochJob) error {
 	}
 }
 
+// gpaList returns an empty page list for a checkpoint, reusing one a sent
+// epoch gave back, so a pause does not allocate one.
+func (p *Primary) gpaList() []uint64 {
+	select {
+	case l := <-p.gpaLists:
+		return l[:0]
+	default:
+		return make([]uint64, 0, p.set.Count())
+	}
+}
+
+func (p *Primary) putGPAList(l []uint64) {
+	select {
+	case p.gpaLists <- l:
+	default:
+	}
+}
+
 // gpasOf appends the addresses of p.set's pages to dst.
 func (p *Primary) gpasOf(dst []uint64) []uint64 {
 	p.set.ForEachRun(func(gpa, n uint64) bool {
@@ -687,13 +707,13 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Start = time.Now()
 	if err := vm.Pause(); err != nil {
 		<-p.inflight
-		return vmFailed(fmt.Errorf("pause VM: %w", err))
+		return fmt.Errorf("pause VM: %w", err)
 	}
 	paused := true
 	defer func() {
 		if paused {
 			if rerr := vm.Resume(); rerr != nil && err == nil {
-				err = vmFailed(fmt.Errorf("resume VM: %w", rerr))
+				err = fmt.Errorf("resume VM: %w", rerr)
 			}
 		}
 	}()
@@ -701,32 +721,31 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Kick = t.Sub(st.Start)
 	if _, err := p.src.Harvest(p.set); err != nil {
 		<-p.inflight
-		return vmFailed(fmt.Errorf("harvest dirty pages: %w", err))
+		return fmt.Errorf("harvest dirty pages: %w", err)
 	}
+	job := &epochJob{epoch: epoch, kind: kindCheckpoint, ready: ready}
+	job.gpas = p.gpasOf(p.gpaList())
 	st.Harvest, t = lap(t)
-	state, err := vm.Save()
-	if err != nil {
+	if job.state, err = vm.Save(); err != nil {
 		<-p.inflight
-		return vmFailed(fmt.Errorf("save VM state: %w", err))
+		return fmt.Errorf("save VM state: %w", err)
+	}
+	if p.cfg.Note != nil {
+		st.Note = p.cfg.Note() // guest state, beside the machine state
 	}
 	st.Save, t = lap(t)
-	if p.cfg.Note != nil {
-		st.Note = p.cfg.Note()
-	}
-	job := &epochJob{epoch: epoch, kind: kindCheckpoint, state: state, ready: ready}
 	if p.cfg.AuditEvery > 0 && epoch%p.cfg.AuditEvery == 0 {
 		job.audit, job.audited = digestSlots(p.lay.hosts()), true
 		st.Audit, t = lap(t)
 	}
 	p.hook(HookPause, epoch)
-	job.gpas = p.gpasOf(make([]uint64, 0, p.set.Count()))
 	n := uint64(len(job.gpas))
 	if n <= p.stage.size {
 		// Wait, paused, for room: the link is slower than the guest dirties.
 		if !p.stage.has(n) {
 			p.hold.set(false) // the sender needs the workers to make room
 		}
-		if err := p.stage.wait(n, p.lost); err != nil {
+		if !p.stage.wait(n, p.lost) {
 			<-p.inflight
 			return p.lostErr
 		}
@@ -763,7 +782,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Gates, t = lap(t)
 	paused = false
 	if err := vm.Resume(); err != nil {
-		return vmFailed(fmt.Errorf("resume VM: %w", err))
+		return fmt.Errorf("resume VM: %w", err)
 	}
 	st.Resume, t = lap(t)
 	st.Pause = t.Sub(st.Start)
@@ -822,6 +841,8 @@ func (p *Primary) sendLoop() {
 		}
 		if job.kind == kindPrecopy {
 			<-p.inflight // a checkpoint's token goes with its ack
+		} else {
+			p.putGPAList(job.gpas)
 		}
 	}
 }
@@ -855,9 +876,6 @@ func (p *Primary) send(job *epochJob) error {
 		b := window[0]
 		window = window[1:]
 		<-b.done
-		if b.err != nil {
-			return b.err
-		}
 		if err := p.writeMsg(b.msg, false); err != nil {
 			return fmt.Errorf("send epoch %d: %w", hdrEpoch, err)
 		}
@@ -889,7 +907,7 @@ func (p *Primary) send(job *epochJob) error {
 	}
 	if job.audited && job.audit != p.digest.digest {
 		return fmt.Errorf("audit of epoch %d: guest memory digests to %s, the replicated pages to %s: dirty tracking missed a page",
-			job.epoch, formatDigest(job.audit), formatDigest(p.digest.digest))
+			job.epoch, FormatDigest(job.audit), FormatDigest(p.digest.digest))
 	}
 	st.Digest, st.Audited = p.digest.digest, job.audited
 	st.RawBytes = uint64(len(job.gpas)) * PageSize
@@ -917,8 +935,6 @@ func (p *Primary) send(job *epochJob) error {
 	return nil
 }
 
-var errLost = errors.New("backup lost")
-
 // pendingEpoch is an epoch sent and not yet acknowledged. ready is closed
 // when the pause that captured it has written its part of the stats: an
 // oversized epoch is sent, and may be acknowledged, before its pause ends.
@@ -926,12 +942,3 @@ type pendingEpoch struct {
 	st    *EpochStats
 	ready chan struct{}
 }
-
-// vmError is a failure of the VM itself (pause, harvest, save, resume), as
-// opposed to the link: the backup is told not to fail over.
-type vmError struct{ err error }
-
-func (e *vmError) Error() string { return e.err.Error() }
-func (e *vmError) Unwrap() error { return e.err }
-
-func vmFailed(err error) error { return &vmError{err} }

@@ -39,21 +39,17 @@ func (a *arena) has(n uint64) bool {
 	return a.size-a.used >= n
 }
 
-// wait blocks until n pages are free (n <= size) or lost is closed.
-func (a *arena) wait(n uint64, lost <-chan struct{}) error {
-	for {
-		a.mu.Lock()
-		ok := a.size-a.used >= n
-		a.mu.Unlock()
-		if ok {
-			return nil
-		}
+// wait blocks until n pages are free (n <= size), and reports true, or until
+// lost is closed, and reports false.
+func (a *arena) wait(n uint64, lost <-chan struct{}) bool {
+	for !a.has(n) {
 		select {
 		case <-a.freed:
 		case <-lost:
-			return errLost
+			return false
 		}
 	}
+	return true
 }
 
 // alloc takes n pages at the head; the caller waited for them.
@@ -93,7 +89,6 @@ type batch struct {
 	idx      []uint64 // replica page index of each page
 	crc      []uint32 // and its CRC
 	zeros    int
-	err      error
 	done     chan struct{}
 }
 
@@ -101,7 +96,7 @@ var batchPool = sync.Pool{New: func() any { return &batch{done: make(chan struct
 
 func getBatch(p *Primary, job *epochJob, from, to int) *batch {
 	b := batchPool.Get().(*batch)
-	b.p, b.job, b.from, b.to, b.zeros, b.err = p, job, from, to, 0, nil
+	b.p, b.job, b.from, b.to, b.zeros = p, job, from, to, 0
 	return b
 }
 

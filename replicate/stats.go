@@ -2,12 +2,13 @@ package replicate
 
 import (
 	"encoding/json"
+	"fmt"
 	"time"
 )
 
 // EpochStats describes one checkpoint epoch on the primary. The pause the
-// guest saw is Pause = Kick + Harvest + Save + Stall + Copy + Gates + Resume
-// (plus the Note and Audit hooks when set).
+// guest saw is Pause = Kick + Harvest + Save + Audit + Stall + Copy + Gates +
+// Resume.
 type EpochStats struct {
 	Epoch uint64
 	// Start is when the pause began.
@@ -18,8 +19,8 @@ type EpochStats struct {
 	// Pause is how long the vCPUs were stopped, and the parts of it:
 	Pause   time.Duration
 	Kick    time.Duration // stopping every vCPU (VM.Pause)
-	Harvest time.Duration // the dirty log
-	Save    time.Duration // machine state (VM.Save)
+	Harvest time.Duration // the dirty log, and listing its pages
+	Save    time.Duration // machine state (VM.Save) and Config.Note
 	Stall   time.Duration // waiting, paused, for staging room (back-pressure on the guest)
 	Copy    time.Duration // dirty pages into staging (or, for an oversized epoch, sending them)
 	Gates   time.Duration // opening the next epoch on the output gates
@@ -84,22 +85,13 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 	}{
 		s.Epoch, s.Start.UTC().Format(time.RFC3339Nano), us(s.Wait), us(s.Pause), us(s.Kick), us(s.Harvest), us(s.Save),
 		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.DirtyPages, s.ZeroPages,
-		s.RawBytes, s.WireBytes, s.StateBytes, us(s.Transfer), us(s.AckLatency), formatDigest(s.Digest), s.Audited, s.Note,
+		s.RawBytes, s.WireBytes, s.StateBytes, us(s.Transfer), us(s.AckLatency), FormatDigest(s.Digest), s.Audited, s.Note,
 	})
 }
 
-// formatDigest prints a digest as 16 hex digits, as logs and stats files do.
-func formatDigest(d uint64) string {
-	const hex = "0123456789abcdef"
-	var b [16]byte
-	for i := range b {
-		b[15-i] = hex[d>>(4*i)&0xf]
-	}
-	return string(b[:])
-}
-
-// FormatDigest prints a memory digest the way stats files and logs do.
-func FormatDigest(d uint64) string { return formatDigest(d) }
+// FormatDigest prints a memory digest the way stats files and logs do: 16
+// lower-case hex digits.
+func FormatDigest(d uint64) string { return fmt.Sprintf("%016x", d) }
 
 // SyncProgress reports one round of the initial sync.
 type SyncProgress struct {

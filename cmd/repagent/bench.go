@@ -943,14 +943,14 @@ func (b *benchRun) benchFailover(ctx context.Context) (*benchFailoverResult, err
 	return fo, nil
 }
 
-// benchOutput keeps the first 64 KiB written to it: a child's output, for
-// an error message.
-type benchOutput struct {
+// outputBuffer keeps the first 64 KiB written to it, safe to read while a
+// child process writes it: a child's output, for messages and tests.
+type outputBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (l *benchOutput) Write(p []byte) (int, error) {
+func (l *outputBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if room := 64<<10 - l.buf.Len(); room > 0 {
@@ -959,7 +959,7 @@ func (l *benchOutput) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (l *benchOutput) String() string {
+func (l *outputBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return strings.TrimSpace(l.buf.String())
@@ -1050,7 +1050,7 @@ func (b *benchRun) failoverOnce(ctx context.Context, exe string, sig syscall.Sig
 		args = append(args, "--heartbeat-timeout", b.heartbeatTimeout.String())
 	}
 	cmd := exec.Command(exe, args...)
-	var out benchOutput
+	var out outputBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		return run, fmt.Errorf("start the primary: %w", err)

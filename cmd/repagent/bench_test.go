@@ -62,14 +62,7 @@ func TestBenchUsageErrors(t *testing.T) {
 		{[]string{"--bogus"}, "unknown flag: --bogus"},
 		{[]string{"extra"}, `unexpected argument "extra"`},
 	} {
-		var stdout, stderr bytes.Buffer
-		code := runBench(tc.args, &stdout, &stderr)
-		if code != 2 || !strings.HasPrefix(stderr.String(), "repagent bench: ") || !strings.Contains(stderr.String(), tc.want) {
-			t.Errorf("%q: exit %d, stderr %q; want 2 and %q", tc.args, code, stderr.String(), tc.want)
-		}
-		if stdout.Len() != 0 {
-			t.Errorf("%q: stdout %q, want nothing", tc.args, stdout.String())
-		}
+		checkUsageError(t, runBench, "repagent bench: ", tc.args, tc.want)
 	}
 }
 

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -10,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -145,8 +143,8 @@ func (c killCase) run(t *testing.T, bin string) bool {
 		primaryArgs = append(primaryArgs, "--rate", "100000")
 	}
 	primary := exec.Command(bin, primaryArgs...)
-	var pout bytes.Buffer
-	primary.Stdout, primary.Stderr = &pout, &pout
+	pout := &outputBuffer{}
+	primary.Stdout, primary.Stderr = pout, pout
 	primary.Env = os.Environ()
 	if c.fault != "" && !c.backupFault {
 		primary.Env = append(primary.Env, "REPAGENT_FAULT="+c.fault)
@@ -161,7 +159,7 @@ func (c killCase) run(t *testing.T, bin string) bool {
 	if c.backupFault {
 		backup.Env = append(backup.Env, "REPAGENT_FAULT="+c.fault, fmt.Sprintf("REPAGENT_FAULT_KILL_PID=%d", primary.Process.Pid))
 	}
-	bout := &lockedBuffer{}
+	bout := &outputBuffer{}
 	backup.Stdout, backup.Stderr = bout, bout
 	if err := backup.Start(); err != nil {
 		t.Fatal(err)
@@ -328,22 +326,4 @@ func exitCode(err error) int {
 		return -1
 	}
 	return 0
-}
-
-// lockedBuffer is a bytes.Buffer a process writes while the test reads.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

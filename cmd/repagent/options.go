@@ -120,15 +120,21 @@ func parseJobArgs(args []string) (*jobOptions, error) {
 	if err := parseFlags(f.fs, args); err != nil {
 		return nil, err
 	}
-	cfg, err := f.guestFlags.config()
-	if err != nil {
-		return nil, err
-	}
-	repl, err := f.replFlags.options()
+	cfg, repl, err := f.configs()
 	if err != nil {
 		return nil, err
 	}
 	return &jobOptions{cfg: cfg, repl: repl}, nil
+}
+
+// configs checks the guest and replication flags, once parsed.
+func (f *jobFlags) configs() (testvm.Config, replOptions, error) {
+	cfg, err := f.guestFlags.config()
+	if err != nil {
+		return cfg, replOptions{}, err
+	}
+	repl, err := f.replFlags.options()
+	return cfg, repl, err
 }
 
 // primaryOptions is what the primary command was asked to do.
@@ -141,15 +147,13 @@ type primaryOptions struct {
 }
 
 type primaryFlags struct {
-	fs *pflag.FlagSet
-	guestFlags
-	replFlags
+	jobFlags
 	backup         string
 	connectTimeout time.Duration
 }
 
 func newPrimaryFlags() *primaryFlags {
-	f := &primaryFlags{fs: newFlagSet("primary")}
+	f := &primaryFlags{jobFlags: jobFlags{fs: newFlagSet("primary")}}
 	f.fs.StringVar(&f.backup, "backup", "", "the backup's `host:port` (repagent backup --listen); required")
 	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach the backup")
 	f.guestFlags.register(f.fs)
@@ -174,11 +178,7 @@ func parsePrimaryArgs(args []string, faultEnv string) (*primaryOptions, error) {
 	if f.connectTimeout <= 0 {
 		return nil, usagef("--connect-timeout %v: must be positive", f.connectTimeout)
 	}
-	cfg, err := f.guestFlags.config()
-	if err != nil {
-		return nil, err
-	}
-	repl, err := f.replFlags.options()
+	cfg, repl, err := f.configs()
 	if err != nil {
 		return nil, err
 	}

@@ -84,14 +84,7 @@ func TestJobUsageErrors(t *testing.T) {
 		{"unknown flag", []string{"--backup", "x:1"}, "unknown flag: --backup"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var stdout, stderr bytes.Buffer
-			code := run(tc.args, &stdout, &stderr)
-			msg := stderr.String()
-			if code != 2 || !strings.HasPrefix(msg, "repagent: ") || !strings.Contains(msg, tc.want) ||
-				strings.Count(msg, "\n") != 1 || stdout.Len() != 0 {
-				t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit 2 and one line saying %q",
-					tc.args, code, stdout.String(), msg, tc.want)
-			}
+			checkUsageError(t, run, "repagent: ", tc.args, tc.want)
 		})
 	}
 }

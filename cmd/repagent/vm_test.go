@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"errors"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -120,14 +121,22 @@ func TestVMUsageErrors(t *testing.T) {
 		{[]string{"extra"}, `unexpected argument "extra"`},
 		{[]string{"--save", "/nonexistent/dir/snap"}, "directory /nonexistent/dir does not exist"},
 	} {
-		var stdout, stderr bytes.Buffer
-		code := runVM(tc.args, &stdout, &stderr)
-		msg := stderr.String()
-		if code != 2 || !strings.HasPrefix(msg, "repagent vm: ") || !strings.Contains(msg, tc.want) ||
-			strings.Count(msg, "\n") != 1 || stdout.Len() != 0 {
-			t.Errorf("vm %v: exit %d, stdout %q, stderr %q; want exit 2 and one line saying %q",
-				tc.args, code, stdout.String(), msg, tc.want)
-		}
+		checkUsageError(t, runVM, "repagent vm: ", tc.args, tc.want)
+	}
+}
+
+// checkUsageError runs a command with args and checks that it fails as a
+// usage error: exit 2, nothing on stdout, and one line on stderr, after
+// prefix, saying want.
+func checkUsageError(t *testing.T, cmd func([]string, io.Writer, io.Writer) int, prefix string, args []string, want string) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	code := cmd(args, &stdout, &stderr)
+	msg := stderr.String()
+	if code != 2 || !strings.HasPrefix(msg, prefix) || !strings.Contains(msg, want) ||
+		strings.Count(msg, "\n") != 1 || stdout.Len() != 0 {
+		t.Errorf("%s%v: exit %d, stdout %q, stderr %q; want exit 2 and one line saying %q",
+			prefix, args, code, stdout.String(), msg, want)
 	}
 }
 
