@@ -1,0 +1,238 @@
+// Package nettest makes the real network parts that repagent's tests use:
+// network namespaces, taps, veths and bridges, made with iproute2 and removed
+// when the test ends. A test that uses it needs root (internal/privileged).
+//
+// Devices live in namespaces the test made, never in the host's own, so a
+// failed or killed test leaves nothing on the host's network; Namespace.Close
+// (run by t.Cleanup) deletes the namespace and every device in it.
+package nettest
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/repagent/repagent/internal/privileged"
+)
+
+// Namespace is a network namespace made for one test.
+type Namespace struct {
+	Name string
+}
+
+var seq atomic.Uint32
+
+// New makes a network namespace with a unique name (prefix "rpa"), its
+// loopback up, deleted when the test ends. It needs root and iproute2.
+func New(tb testing.TB) *Namespace {
+	tb.Helper()
+	privileged.Require(tb, privileged.Root, privileged.NetAdmin)
+	if _, err := exec.LookPath("ip"); err != nil {
+		tb.Fatalf("nettest: iproute2's ip is missing (make deps installs it): %v", err)
+	}
+	name := fmt.Sprintf("rpa%d-%d", os.Getpid(), seq.Add(1))
+	ns := &Namespace{Name: name}
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		tb.Fatalf("nettest: ip netns add %s: %v: %s", name, err, out)
+	}
+	tb.Cleanup(func() {
+		if err := ns.Close(); err != nil {
+			tb.Errorf("nettest: %v", err)
+		}
+	})
+	ns.MustIP(tb, "link", "set", "lo", "up")
+	return ns
+}
+
+// Close deletes the namespace and every device in it.
+func (ns *Namespace) Close() error {
+	out, err := exec.Command("ip", "netns", "del", ns.Name).CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "No such file") {
+		return fmt.Errorf("ip netns del %s: %v: %s", ns.Name, err, out)
+	}
+	return nil
+}
+
+// IP runs `ip -n NAME args...` and returns its output.
+func (ns *Namespace) IP(args ...string) (string, error) {
+	out, err := exec.Command("ip", append([]string{"-n", ns.Name}, args...)...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("ip -n %s %s: %v: %s", ns.Name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+// MustIP is IP that fails the test on an error.
+func (ns *Namespace) MustIP(tb testing.TB, args ...string) string {
+	tb.Helper()
+	out, err := ns.IP(args...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return out
+}
+
+// Command returns a command that runs inside the namespace
+// (`ip netns exec NAME name args...`).
+func (ns *Namespace) Command(name string, args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
+}
+
+// Path is the namespace's file, for setns.
+func (ns *Namespace) Path() string { return "/run/netns/" + ns.Name }
+
+// Do runs f on an OS thread that has entered the namespace, then moves the
+// thread back. Sockets and taps made in f belong to the namespace and may be
+// used from any goroutine afterwards.
+func (ns *Namespace) Do(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		// A thread whose namespace could not be restored is not unlocked, so
+		// the runtime retires it instead of reusing it.
+		runtime.LockOSThread()
+		self, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open own netns: %w", err)
+			return
+		}
+		defer self.Close()
+		target, err := os.Open(ns.Path())
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open netns %s: %w", ns.Name, err)
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter netns %s: %w", ns.Name, err)
+			return
+		}
+		ferr := f()
+		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("leave netns %s: %w", ns.Name, err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// AddTap makes a persistent tap device named name in the namespace, up, with
+// the given address (CIDR, e.g. "10.0.0.1/24") on it if addr is not empty.
+// It lives until the namespace is deleted; a VMM opens it by name from inside
+// the namespace (see OpenTap).
+func (ns *Namespace) AddTap(tb testing.TB, name, addr string) {
+	tb.Helper()
+	ns.MustIP(tb, "tuntap", "add", "dev", name, "mode", "tap")
+	if addr != "" {
+		ns.MustIP(tb, "addr", "add", addr, "dev", name)
+	}
+	ns.MustIP(tb, "link", "set", name, "up")
+}
+
+// OpenTap opens the tap called name in the namespace (creating it if it does
+// not exist) as a VMM does: IFF_TAP|IFF_NO_PI, non-blocking, so reads and
+// writes go through Go's poller.
+func (ns *Namespace) OpenTap(name string) (*os.File, error) {
+	var f *os.File
+	err := ns.Do(func() error {
+		var err error
+		f, err = OpenTap(name)
+		return err
+	})
+	return f, err
+}
+
+// OpenTap opens (or creates) the tap called name in the calling thread's
+// network namespace: IFF_TAP|IFF_NO_PI, non-blocking.
+func OpenTap(name string) (*os.File, error) {
+	if len(name) == 0 || len(name) >= unix.IFNAMSIZ {
+		return nil, fmt.Errorf("tap name %q: want 1 to %d bytes", name, unix.IFNAMSIZ-1)
+	}
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open /dev/net/tun: %w", err)
+	}
+	var req [unix.IFNAMSIZ + 24]byte
+	copy(req[:], name)
+	*(*uint16)(unsafe.Pointer(&req[unix.IFNAMSIZ])) = unix.IFF_TAP | unix.IFF_NO_PI
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.TUNSETIFF, uintptr(unsafe.Pointer(&req[0]))); e != 0 {
+		unix.Close(fd)
+		return nil, fmt.Errorf("TUNSETIFF %s: %w", name, e)
+	}
+	return os.NewFile(uintptr(fd), "tap:"+name), nil
+}
+
+// Link is one end of a veth pair: its name and namespace.
+type Link struct {
+	NS   *Namespace
+	Name string
+}
+
+// AddVeth makes a veth pair: a in ns, b in peer, both up. Addresses (CIDR)
+// are set where not empty.
+func AddVeth(tb testing.TB, ns *Namespace, a, addrA string, peer *Namespace, b, addrB string) (Link, Link) {
+	tb.Helper()
+	ns.MustIP(tb, "link", "add", a, "type", "veth", "peer", "name", b, "netns", peer.Name)
+	for _, l := range []struct {
+		ns         *Namespace
+		name, addr string
+	}{{ns, a, addrA}, {peer, b, addrB}} {
+		if l.addr != "" {
+			l.ns.MustIP(tb, "addr", "add", l.addr, "dev", l.name)
+		}
+		l.ns.MustIP(tb, "link", "set", l.name, "up")
+	}
+	return Link{ns, a}, Link{peer, b}
+}
+
+// AddBridge makes a bridge named name in the namespace, up, with addr (CIDR)
+// on it if not empty, and enslaves the given devices of the namespace.
+func (ns *Namespace) AddBridge(tb testing.TB, name, addr string, ports ...string) {
+	tb.Helper()
+	ns.MustIP(tb, "link", "add", name, "type", "bridge")
+	// Forward at once: the default 15 s forward delay would swallow the start
+	// of every test.
+	ns.MustIP(tb, "link", "set", name, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+	if addr != "" {
+		ns.MustIP(tb, "addr", "add", addr, "dev", name)
+	}
+	ns.MustIP(tb, "link", "set", name, "up")
+	for _, p := range ports {
+		ns.MustIP(tb, "link", "set", p, "master", name)
+	}
+}
+
+// Neigh adds a permanent neighbour entry (ip -> mac) on dev, so a test need
+// not depend on ARP.
+func (ns *Namespace) Neigh(tb testing.TB, ip netip.Addr, mac, dev string) {
+	tb.Helper()
+	ns.MustIP(tb, "neigh", "replace", ip.String(), "lladdr", mac, "dev", dev, "nud", "permanent")
+}
+
+// Ifindex returns the index of the device called name in the namespace.
+func (ns *Namespace) Ifindex(name string) (int, error) {
+	var idx int
+	err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName(name)
+		if err != nil {
+			return err
+		}
+		idx = ifi.Index
+		return nil
+	})
+	return idx, err
+}
