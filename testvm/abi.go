@@ -3,7 +3,7 @@ package testvm
 // Constants of the guest ABI, mirrored from guest/abi.h. TestABIMatchesHeader
 // parses the header and checks every one of them.
 const (
-	abiVersion = 1
+	abiVersion = 2
 
 	pageSize = 4096
 	// MaxVCPUs is the most vCPUs the test VM supports.
@@ -19,12 +19,16 @@ const (
 	codeMax      = 0x80000
 	stackAddr    = 0x180000
 	stackSize    = 0x10000
+	netAddr      = 0x200000
+	netTxAddr    = 0x201000
+	netRxAddr    = 0x281000
 	// DataAddr is the first byte of workload memory (guest-virtual, which is
 	// also the offset into the memory file).
-	DataAddr = 0x200000
+	DataAddr = 0x400000
 
 	portConsole = 0x510
 	portControl = 0x511
+	portNetKick = 0x512
 
 	consoleOffset = 2048
 	consoleMax    = 2048
@@ -38,6 +42,7 @@ const (
 	gerrBadPattern  = 3
 	gerrBadRegion   = 4
 	gerrBadVCPU     = 5
+	gerrBadNet      = 6
 
 	paramsMagic = 0x5041524d47504552
 	statusMagic = 0x5354415447504552
@@ -45,6 +50,8 @@ const (
 	wlIdle     = 1
 	wlDirty    = 2
 	wlCounter  = 3
+	wlUDPEcho  = 4
+	wlUDPStrm  = 5
 	patSeq     = 1
 	patRandom  = 2
 	patHotcold = 3
@@ -71,6 +78,12 @@ const (
 	pHotWritePct = 60
 	pGo          = 64
 	pIdleTickUs  = 72
+	pNetMAC      = 80
+	pNetIP       = 88
+	pNetPort     = 92
+	pStreamRate  = 96
+	pStreamBytes = 104
+	pNetFlags    = 108
 	pVCPU        = 128
 	pVCPUStride  = 32
 	pvBase       = 0
@@ -86,6 +99,25 @@ const (
 	sCounterSeq  = 48
 	sCounterSlot = 64
 	sTSC         = 96
+	sNetRx       = 104
+	sNetTx       = 112
+	sNetSeq      = 120
+	sNetIgnored  = 128
+	sNetPeerIP   = 136
+	sNetPeerPort = 140
+
+	netSlots    = 256
+	netSlotSize = 2048
+	netSlotData = 8
+	// NetFrameMax is the largest Ethernet frame (no FCS) the network device
+	// carries: a 1500-byte MTU.
+	NetFrameMax = 1514
+	nTxProd     = 0
+	nTxCons     = 64
+	nTxKick     = 68
+	nRxProd     = 128
+	nRxCons     = 192
+	netPresent  = 1
 )
 
 // mix64 is abi.h's mix64 (the murmur3 finalizer).

@@ -130,6 +130,17 @@ func writeParams(mem []byte, c Config, l layout, tscKHz uint32) {
 	le.PutUint32(p[pHotPct:], c.HotPercent)
 	le.PutUint32(p[pHotWritePct:], c.HotWritePercent)
 	le.PutUint64(p[pIdleTickUs:], c.IdleTickMicros)
+	if n := c.Net; n != nil {
+		var mac [8]byte
+		copy(mac[:], n.MAC)
+		copy(p[pNetMAC:pNetMAC+8], mac[:])
+		ip := n.IP.As4()
+		copy(p[pNetIP:pNetIP+4], ip[:])
+		le.PutUint32(p[pNetPort:], uint32(n.Port))
+		le.PutUint64(p[pStreamRate:], n.StreamRate)
+		le.PutUint32(p[pStreamBytes:], n.StreamBytes)
+		le.PutUint32(p[pNetFlags:], netPresent)
+	}
 	ws := c.WorkingSet
 	if ws == 0 {
 		ws = l.regionPages

@@ -3,6 +3,7 @@ package testvm
 import (
 	"fmt"
 	"io"
+	"os"
 	"strings"
 )
 
@@ -16,6 +17,14 @@ const (
 	Dirty Workload = wlDirty
 	// Counter runs a monotonic counter with a running hash of its history.
 	Counter Workload = wlCounter
+	// UDPEcho answers each UDP datagram sent to Net.Port with an 8-byte
+	// big-endian sequence number (1, 2, ...) followed by the datagram's payload,
+	// and answers ARP requests for Net.IP. It runs on vCPU 0; other vCPUs idle.
+	UDPEcho Workload = wlUDPEcho
+	// UDPStream sends numbered datagrams (8-byte big-endian sequence number,
+	// 8-byte guest TSC, fill) at Net.StreamRate to whoever last sent a datagram
+	// to Net.Port, and answers ARP. It runs on vCPU 0; other vCPUs idle.
+	UDPStream Workload = wlUDPStrm
 )
 
 // Pattern is how the Dirty workload picks the next page.
@@ -30,7 +39,8 @@ const (
 	HotCold Pattern = patHotcold
 )
 
-var workloadNames = map[Workload]string{Idle: "idle", Dirty: "dirty", Counter: "counter"}
+var workloadNames = map[Workload]string{Idle: "idle", Dirty: "dirty", Counter: "counter",
+	UDPEcho: "udp-echo", UDPStream: "udp-stream"}
 var patternNames = map[Pattern]string{Seq: "seq", Random: "random", HotCold: "hotcold"}
 
 func (w Workload) String() string {
@@ -47,14 +57,17 @@ func (p Pattern) String() string {
 	return fmt.Sprintf("pattern(%d)", uint32(p))
 }
 
-// ParseWorkload parses "idle", "dirty" or "counter".
+// IsNet reports whether w is a network workload, which needs Config.Net.
+func (w Workload) IsNet() bool { return w == UDPEcho || w == UDPStream }
+
+// ParseWorkload parses "idle", "dirty", "counter", "udp-echo" or "udp-stream".
 func ParseWorkload(s string) (Workload, error) {
 	for w, n := range workloadNames {
 		if n == s {
 			return w, nil
 		}
 	}
-	return 0, fmt.Errorf("unknown workload %q (want idle, dirty or counter)", s)
+	return 0, fmt.Errorf("unknown workload %q (want idle, dirty, counter, udp-echo or udp-stream)", s)
 }
 
 // ParsePattern parses "seq", "random" or "hotcold".
@@ -105,6 +118,13 @@ type Config struct {
 	PhaseOps uint64
 	// IdleTickMicros is the Idle workload's status-update period (default 1000).
 	IdleTickMicros uint64
+	// Net, when not nil, gives the machine a paravirtual network device (see
+	// net.go) and the guest its MAC and IP. The network workloads need it.
+	Net *NetConfig
+	// Tap is the tap device the network device sends to and receives from
+	// (see OpenTap); the caller keeps ownership and closes it after the
+	// machine. nil with Net set: the guest's frames are dropped and counted.
+	Tap *os.File
 	// DirtyLog turns KVM_MEM_LOG_DIRTY_PAGES on for every memory slot at start.
 	DirtyLog bool
 	// DirtyRingEntries, when not 0, enables KVM's dirty ring with this many
@@ -139,6 +159,10 @@ func (c Config) withDefaults() Config {
 	if c.IdleTickMicros == 0 {
 		c.IdleTickMicros = 1000
 	}
+	if c.Net != nil {
+		n := c.Net.withDefaults()
+		c.Net = &n
+	}
 	return c
 }
 
@@ -162,6 +186,17 @@ func (c Config) Validate() error {
 	}
 	if c.HotPercent > 100 || c.HotWritePercent > 100 {
 		errs = append(errs, fmt.Sprintf("hot set %d%% / hot writes %d%%: percentages must be at most 100", c.HotPercent, c.HotWritePercent))
+	}
+	if c.Workload.IsNet() && c.Net == nil {
+		errs = append(errs, fmt.Sprintf("workload %s needs a network device (Config.Net)", c.Workload))
+	}
+	if c.Net != nil {
+		if err := c.Net.validate(); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+	if c.Tap != nil && c.Net == nil {
+		errs = append(errs, "a tap without a network device (Config.Net)")
 	}
 	if c.DirtyRingEntries != 0 && c.DirtyRingEntries&(c.DirtyRingEntries-1) != 0 {
 		errs = append(errs, fmt.Sprintf("dirty ring of %d entries is not a power of two", c.DirtyRingEntries))

@@ -35,6 +35,26 @@
 //     status page.
 //   - Counter counts with a running hash of its history (CounterHash), so a
 //     restored guest proves it continued from exactly the saved value.
+//   - UDPEcho and UDPStream (on vCPU 0) use the network device: echo answers
+//     each UDP datagram with a sequence number and its payload, stream sends
+//     numbered datagrams at a set rate to whoever subscribed with a datagram.
+//     Both answer ARP for the guest's IP. Sequence numbers live in guest
+//     memory, so a client can check that a restored guest went on from its
+//     checkpoint: no number repeats, none goes back.
+//
+// # The network device
+//
+// With Config.Net the machine has a paravirtual NIC on a tap (OpenTap): a TX
+// and an RX ring of 256 slots of 2 KiB in guest memory (guest/abi.h). The
+// guest polls its RX ring; it kicks the TX side through an ioeventfd (a port
+// write that KVM turns into an eventfd signal without leaving the kernel)
+// only when the device said it sleeps, so a busy device takes frames without
+// any exit. The device's writes into guest memory (RX frames, ring indices)
+// are reported like all VMM writes (below). Pause waits for the device to
+// finish the batch it is on and holds it until Resume, so a saved state
+// never splits a frame from its ring update: every frame on the tap before
+// a checkpoint is recorded as sent in it, and none after. Save and Restore
+// carry the ring positions and check them against the memory image.
 //
 // With Config.PhaseOps the guest stops after every PhaseOps operations until
 // Machine.Go lets it go on; tests use phases to know exactly what the guest

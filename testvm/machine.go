@@ -77,6 +77,10 @@ type Machine struct {
 
 	saved SavedState // reused by Save, so a checkpoint does not reallocate
 
+	started bool    // Start ran (guarded by ctl)
+	net     *netDev // nil without Config.Net
+	netHeld bool    // Pause holds net.mu (guarded by ctl)
+
 	recorder atomic.Pointer[func(gpa, length uint64)]
 	tracker  atomic.Pointer[dirtylog.Tracker] // set by DirtyTracker
 	console  io.Writer
@@ -214,6 +218,11 @@ func build(cfg Config, memF *os.File) (_ *Machine, err error) {
 	if m.msrs, err = m.vcpus[0].cpu.ReadableMSRs(msrList); err != nil {
 		return nil, err
 	}
+	if cfg.Net != nil {
+		if m.net, err = newNetDev(m, cfg.Tap); err != nil {
+			return nil, err
+		}
+	}
 	return m, nil
 }
 
@@ -344,6 +353,7 @@ func (m *Machine) Start() error {
 		return fmt.Errorf("start: machine is %s", m.State())
 	}
 	started := make(chan struct{}, len(m.vcpus))
+	m.started = true
 	m.state.Store(int32(Running))
 	m.wg.Add(len(m.vcpus))
 	for _, v := range m.vcpus {
@@ -351,6 +361,9 @@ func (m *Machine) Start() error {
 	}
 	for range m.vcpus {
 		<-started
+	}
+	if m.net != nil {
+		m.net.start()
 	}
 	go func() {
 		m.wg.Wait()
@@ -362,7 +375,8 @@ func (m *Machine) Start() error {
 }
 
 // Pause kicks every vCPU out of KVM_RUN and returns once all of them are out
-// and parked; they stay out until Resume. It returns an error, and leaves
+// and parked, and the network device finished the batch it was processing;
+// vCPUs and devices stay still until Resume. It returns an error, and leaves
 // nothing paused, only if the machine stopped.
 func (m *Machine) Pause() error {
 	m.ctl.Lock()
@@ -388,7 +402,19 @@ func (m *Machine) Pause() error {
 	if !m.state.CompareAndSwap(int32(Running), int32(Paused)) {
 		return m.stoppedErr("pause")
 	}
+	if m.net != nil {
+		m.net.mu.Lock()
+		m.netHeld = true
+	}
 	return nil
+}
+
+// releaseNet lets the network device run again after a pause. With ctl held.
+func (m *Machine) releaseNet() {
+	if m.netHeld {
+		m.netHeld = false
+		m.net.mu.Unlock()
+	}
 }
 
 // Resume lets paused vCPUs run again.
@@ -405,6 +431,7 @@ func (m *Machine) Resume() error {
 	if !m.state.CompareAndSwap(int32(Paused), int32(Running)) {
 		return m.stoppedErr("resume")
 	}
+	m.releaseNet()
 	for _, v := range m.vcpus {
 		v.requestRun()
 	}
@@ -510,6 +537,15 @@ func (m *Machine) Close() error {
 			v.requestStop()
 		}
 		<-m.done
+	}
+	if m.net != nil {
+		m.releaseNet()
+		if m.started {
+			m.net.stop()
+		} else {
+			m.net.closeDoorbell()
+		}
+		m.net = nil
 	}
 	m.state.Store(int32(Stopped))
 	for _, v := range m.vcpus {

@@ -72,3 +72,10 @@ var pid = unix.Getpid()
 func pageWordsOf(b []byte) []uint64 {
 	return unsafe.Slice((*uint64)(unsafe.Pointer(&b[0])), len(b)/8)
 }
+
+// store32 writes an aligned 32-bit word of guest memory atomically. On amd64
+// the store is an XCHG: a full fence, which the network device's kick
+// protocol relies on (see net.go).
+func store32(mem []byte, off uint64, v uint32) {
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&mem[off])), v)
+}

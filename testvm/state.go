@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"net"
+	"net/netip"
 	"os"
 
 	"github.com/repagent/repagent/kvm"
@@ -21,6 +23,8 @@ import (
 //	           hotWrites u32, reserved u32, workingSet u64, rate u64, seed u64,
 //	           phaseOps u64, idleTick u64
 //	  layout   lowSize u64, regionPages u64 (derived; checked on restore)
+//	  net      present u32; if 1: mac [8]byte (6 used), ip [4]byte, port u32,
+//	           streamRate u64, streamBytes u32, txCons u32, rxProd u32
 //	  devices  ready u32 (guest vCPUs that reported READY)
 //	  vm       kvm.VMState encoding
 //	  vcpus    vcpus x kvm.VCPUState encoding
@@ -31,7 +35,7 @@ import (
 
 const (
 	stateMagic   = "RPAGVMST"
-	stateVersion = 1
+	stateVersion = 2
 	// maxStateSize bounds what Restore accepts, so a hostile length cannot
 	// make it allocate without limit. Real states are about 10 KiB per vCPU.
 	maxStateSize = 1 << 20
@@ -63,6 +67,13 @@ func (m *Machine) saveLocked() ([]byte, error) {
 	}
 	s := &m.saved
 	s.Config = m.cfg
+	s.Config.Tap = nil
+	s.netTxCons, s.netRxProd = 0, 0
+	if m.net != nil {
+		// Pause holds the device still (or it never ran): these are the
+		// values in guest memory too.
+		s.netTxCons, s.netRxProd = m.net.txCons, m.net.rxProd
+	}
 	m.evMu.Lock()
 	s.ready = m.ready
 	m.evMu.Unlock()
@@ -92,6 +103,19 @@ func (s *SavedState) encode() []byte {
 	b = appendU32(b, uint32(c.VCPUs), uint32(c.Workload), uint32(c.Pattern), c.HotPercent, c.HotWritePercent, 0)
 	b = appendU64(b, c.WorkingSet, c.Rate, c.Seed, c.PhaseOps, c.IdleTickMicros)
 	b = appendU64(b, l.lowSize, l.regionPages)
+	if n := c.Net; n != nil {
+		var mac [8]byte
+		copy(mac[:], n.MAC)
+		ip := n.IP.As4()
+		b = appendU32(b, 1)
+		b = append(b, mac[:]...)
+		b = append(b, ip[:]...)
+		b = appendU32(b, uint32(n.Port))
+		b = appendU64(b, n.StreamRate)
+		b = appendU32(b, n.StreamBytes, s.netTxCons, s.netRxProd)
+	} else {
+		b = appendU32(b, 0)
+	}
 	b = appendU32(b, uint32(s.ready))
 	b, _ = s.vm.AppendBinary(b)
 	for i := range s.vcpus {
@@ -119,8 +143,10 @@ func appendU32(b []byte, vs ...uint32) []byte {
 type SavedState struct {
 	Config Config // the guest configuration (no runtime fields)
 	ready  int
-	vm     kvm.VMState
-	vcpus  []kvm.VCPUState
+	// The network device's ring positions (with Config.Net).
+	netTxCons, netRxProd uint32
+	vm                   kvm.VMState
+	vcpus                []kvm.VCPUState
 }
 
 // DecodeState checks and decodes a state made by Save. It returns an error
@@ -160,6 +186,26 @@ func DecodeState(b []byte) (*SavedState, error) {
 	d.u32()
 	c.WorkingSet, c.Rate, c.Seed, c.PhaseOps, c.IdleTickMicros = d.u64(), d.u64(), d.u64(), d.u64(), d.u64()
 	lowSize, regionPages := d.u64(), d.u64()
+	switch present := d.u32(); present {
+	case 0:
+	case 1:
+		n := &NetConfig{}
+		mac := d.bytes(8)
+		ip := d.bytes(4)
+		n.MAC = net.HardwareAddr(mac[:6])
+		n.IP = netip.AddrFrom4([4]byte(ip))
+		port := d.u32()
+		n.StreamRate = d.u64()
+		n.StreamBytes = d.u32()
+		s.netTxCons, s.netRxProd = d.u32(), d.u32()
+		if port > 0xffff {
+			return nil, bad("network port %d", port)
+		}
+		n.Port = uint16(port)
+		c.Net = n
+	default:
+		return nil, bad("network device flag %d, want 0 or 1", present)
+	}
 	s.ready = int(d.u32())
 	if d.short {
 		return nil, bad("body ends inside the config")
@@ -205,6 +251,18 @@ func (d *rd) u64() uint64 {
 	return v
 }
 
+// bytes returns the next n bytes (zeros once the body is short).
+func (d *rd) bytes(n int) []byte {
+	if len(d.b) < n {
+		d.short = true
+		d.b = nil
+		return make([]byte, n)
+	}
+	v := d.b[:n:n]
+	d.b = d.b[n:]
+	return v
+}
+
 func (d *rd) u32() uint32 {
 	if len(d.b) < 4 {
 		d.short = true
@@ -219,7 +277,9 @@ func (d *rd) u32() uint32 {
 // RestoreOptions are the runtime settings of a restored machine; everything
 // else comes from the saved state.
 type RestoreOptions struct {
-	Console          io.Writer
+	Console io.Writer
+	// Tap is the restored network device's tap (see Config.Tap).
+	Tap              *os.File
 	DirtyLog         bool
 	DirtyRingEntries uint32
 	DirtyRingFull    func(vcpu int) error
@@ -245,12 +305,25 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 	}
 	cfg := s.Config.withDefaults()
 	cfg.Console, cfg.DirtyLog, cfg.DirtyRingEntries, cfg.DirtyRingFull = opt.Console, opt.DirtyLog, opt.DirtyRingEntries, opt.DirtyRingFull
+	cfg.Tap = opt.Tap
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
 	}
 	m, err := build(cfg, mem)
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
+	}
+	if m.net != nil {
+		// The ring positions live in guest memory too; a state and a memory
+		// image that disagree are not from the same checkpoint.
+		tx, rx := load32(m.mem, netAddr+nTxCons), load32(m.mem, netAddr+nRxProd)
+		if tx != s.netTxCons || rx != s.netRxProd {
+			m.memF = nil
+			m.Close()
+			return nil, fmt.Errorf("restore: %w: network rings at tx %d rx %d in the state, %d and %d in memory (not the same checkpoint)",
+				ErrBadState, s.netTxCons, s.netRxProd, tx, rx)
+		}
+		m.net.txCons, m.net.rxProd = s.netTxCons, s.netRxProd
 	}
 	for i, v := range m.vcpus {
 		if err := v.cpu.RestoreState(&s.vcpus[i]); err != nil {

@@ -1,7 +1,9 @@
 package testvm
 
 import (
+	"encoding/binary"
 	"fmt"
+	"net/netip"
 )
 
 // GuestState is a vCPU's guest-side state, from its status page.
@@ -41,6 +43,13 @@ type Status struct {
 	Counter    uint64     // Counter: the latest published count c
 	Hash       uint64     // Counter: the running hash at c
 	TSC        uint64     // guest TSC at its last status update
+
+	// Network workloads (vCPU 0).
+	NetRx      uint64         // frames the guest took from its RX ring
+	NetTx      uint64         // frames the guest put on its TX ring (ARP replies included)
+	NetSeq     uint64         // the last sequence number sent (echo replies or stream datagrams)
+	NetIgnored uint64         // frames received that were not for the guest, or malformed
+	StreamPeer netip.AddrPort // UDPStream: the subscriber, invalid while there is none
 }
 
 // Status reads vCPU i's status page. While the machine runs, each field is an
@@ -67,6 +76,15 @@ func readStatus(mem []byte, i int) Status {
 		Phase:      load64(mem, b+sPhase),
 		CurPage:    load64(mem, b+sCurPage),
 		TSC:        load64(mem, b+sTSC),
+		NetRx:      load64(mem, b+sNetRx),
+		NetTx:      load64(mem, b+sNetTx),
+		NetSeq:     load64(mem, b+sNetSeq),
+		NetIgnored: load64(mem, b+sNetIgnored),
+	}
+	if ip := load32(mem, b+sNetPeerIP); ip != 0 {
+		var a [4]byte
+		binary.LittleEndian.PutUint32(a[:], ip)
+		st.StreamPeer = netip.AddrPortFrom(netip.AddrFrom4(a), uint16(load32(mem, b+sNetPeerPort)))
 	}
 	// The guest writes slot[c&1] = {c, h} and then counter_seq = c, so slot
 	// [seq&1] is complete unless the guest has since gone two steps on and is

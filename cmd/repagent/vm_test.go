@@ -112,7 +112,7 @@ func TestVMUsageErrors(t *testing.T) {
 		{[]string{"--mem", "4MiB"}, "outside 8MiB..64GiB"},
 		{[]string{"--mem", "0"}, "--mem: size must not be 0"},
 		{[]string{"--mem", "12X"}, `size "12X": unknown unit`},
-		{[]string{"--workload", "bogus"}, `unknown workload "bogus" (want idle, dirty or counter)`},
+		{[]string{"--workload", "bogus"}, `unknown workload "bogus" (want idle, dirty, counter, udp-echo or udp-stream)`},
 		{[]string{"--pattern", "zigzag"}, `unknown pattern "zigzag" (want seq, random or hotcold)`},
 		{[]string{"--mem", "8MiB", "--vcpus", "4", "--working-set", "100000"}, "working set of 100000 pages exceeds"},
 		{[]string{"--duration", "-1s"}, "--duration -1s: must not be negative"},

@@ -16,7 +16,7 @@
 #ifndef REPAGENT_GUEST_ABI_H
 #define REPAGENT_GUEST_ABI_H
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 #define PAGE_SIZE 4096
 #define MAX_VCPUS 4
@@ -32,11 +32,17 @@
 #define CODE_MAX 0x80000
 #define STACK_ADDR 0x180000
 #define STACK_SIZE 0x10000
-#define DATA_ADDR 0x200000
+#define NET_ADDR 0x200000
+#define NET_TX_ADDR 0x201000
+#define NET_RX_ADDR 0x281000
+#define DATA_ADDR 0x400000
 
 /* Ports. OUT only; IN is never used. */
 #define PORT_CONSOLE 0x510
 #define PORT_CONTROL 0x511
+/* PORT_NET_KICK: the VMM's network device wakes up (an ioeventfd: no exit to
+ * userspace). The guest writes it only when the device asked for a kick. */
+#define PORT_NET_KICK 0x512
 
 /* PORT_CONSOLE: the 32-bit value written is the length of the line the vCPU
  * put at the start of its status page's console buffer (no newline). */
@@ -54,6 +60,7 @@
 #define GERR_BAD_PATTERN 3
 #define GERR_BAD_REGION 4
 #define GERR_BAD_VCPU 5
+#define GERR_BAD_NET 6
 
 /* Magic numbers. */
 #define PARAMS_MAGIC 0x5041524d47504552
@@ -63,6 +70,8 @@
 #define WL_IDLE 1
 #define WL_DIRTY 2
 #define WL_COUNTER 3
+#define WL_UDP_ECHO 4
+#define WL_UDP_STREAM 5
 #define PAT_SEQ 1
 #define PAT_RANDOM 2
 #define PAT_HOTCOLD 3
@@ -92,6 +101,12 @@
 #define P_HOT_WRITE_PCT 60
 #define P_GO 64
 #define P_IDLE_TICK_US 72
+#define P_NET_MAC 80
+#define P_NET_IP 88
+#define P_NET_PORT 92
+#define P_STREAM_RATE 96
+#define P_STREAM_BYTES 104
+#define P_NET_FLAGS 108
 #define P_VCPU 128
 #define P_VCPU_STRIDE 32
 #define PV_BASE 0
@@ -109,6 +124,38 @@
 #define S_COUNTER_SEQ 48
 #define S_COUNTER_SLOT 64
 #define S_TSC 96
+#define S_NET_RX 104
+#define S_NET_TX 112
+#define S_NET_SEQ 120
+#define S_NET_IGNORED 128
+#define S_NET_PEER_IP 136
+#define S_NET_PEER_PORT 140
+
+/*
+ * The network device. A header page at NET_ADDR and two rings of NET_SLOTS
+ * slots of NET_SLOT_SIZE bytes: TX (guest to VMM) at NET_TX_ADDR, RX (VMM to
+ * guest) at NET_RX_ADDR. A slot holds a u32 frame length at offset 0 and the
+ * Ethernet frame (no FCS, at most NET_FRAME_MAX bytes) at NET_SLOT_DATA.
+ * Indices are free-running u32; slot = index % NET_SLOTS.
+ *   TX: the guest fills slot tx_prod, then increments tx_prod; the VMM sends
+ *       slots tx_cons..tx_prod-1 to the tap and advances tx_cons. Before it
+ *       sleeps the VMM sets tx_kick = 1 and looks at tx_prod once more; a guest
+ *       that sees tx_kick after publishing tx_prod clears it and writes
+ *       PORT_NET_KICK. A busy device is never kicked: no exit per frame.
+ *   RX: the VMM fills slot rx_prod and increments rx_prod (dropping frames
+ *       while the ring is full); the guest consumes up to rx_prod and advances
+ *       rx_cons. The guest polls: there are no interrupts.
+ */
+#define NET_SLOTS 256
+#define NET_SLOT_SIZE 2048
+#define NET_SLOT_DATA 8
+#define NET_FRAME_MAX 1514
+#define N_TX_PROD 0
+#define N_TX_CONS 64
+#define N_TX_KICK 68
+#define N_RX_PROD 128
+#define N_RX_CONS 192
+#define NET_PRESENT 1
 
 #ifndef __ASSEMBLER__
 #ifndef ABI_NO_STRUCTS
@@ -138,7 +185,13 @@ struct guest_params {
 	u32 hot_write_pct;   /* hotcold: this percent of writes go to the hot set */
 	volatile u64 go;     /* phases: the guest runs phase p (1-based) only while go >= p */
 	u64 idle_tick_us;    /* idle: microseconds between status updates */
-	u64 reserved[6];
+	u64 net_mac;         /* the guest's MAC, bytes 0..5 in wire order */
+	u32 net_ip;          /* the guest's IPv4 address, bytes in wire order */
+	u32 net_port;        /* the UDP port the network workloads serve */
+	u64 stream_rate;     /* udp-stream: datagrams per second, 0 = as fast as the ring goes */
+	u32 stream_bytes;    /* udp-stream: UDP payload bytes per datagram (16..1472) */
+	u32 net_flags;       /* NET_PRESENT when the VM has a network device */
+	u64 reserved[2];
 	struct guest_vcpu_params vcpu[MAX_VCPUS];
 };
 
@@ -156,6 +209,12 @@ struct guest_status {
 	u64 reserved0;
 	u64 counter_slot[2][2]; /* counter: {c, h} pairs, double buffered */
 	u64 tsc;             /* rdtsc at the last status update */
+	u64 net_rx;          /* network workloads: frames taken from the RX ring */
+	u64 net_tx;          /* frames put on the TX ring (ARP replies included) */
+	u64 net_seq;         /* the last sequence number sent (echo replies, stream datagrams) */
+	u64 net_ignored;     /* frames received that were not for this guest or malformed */
+	u32 net_peer_ip;     /* udp-stream: the subscriber's IPv4 address (wire order), 0 = none */
+	u32 net_peer_port;   /* udp-stream: the subscriber's UDP port (host order) */
 };
 
 /*

@@ -15,11 +15,17 @@
 #ifndef GUEST_STATUS_ADDR
 #define GUEST_STATUS_ADDR STATUS_ADDR
 #endif
+#ifndef GUEST_NET_ADDR
+#define GUEST_NET_ADDR NET_ADDR
+#define GUEST_NET_TX_ADDR NET_TX_ADDR
+#define GUEST_NET_RX_ADDR NET_RX_ADDR
+#endif
 #ifndef GUEST_OUTL
 #define GUEST_OUTL(port, val) outl(port, val)
 #endif
 
 typedef unsigned char u8;
+typedef unsigned short u16;
 typedef long s64;
 typedef unsigned __int128 u128;
 typedef volatile struct guest_status vstatus;
@@ -38,6 +44,12 @@ _Static_assert(__builtin_offsetof(struct guest_params, hot_pct) == P_HOT_PCT, "P
 _Static_assert(__builtin_offsetof(struct guest_params, hot_write_pct) == P_HOT_WRITE_PCT, "P_HOT_WRITE_PCT");
 _Static_assert(__builtin_offsetof(struct guest_params, go) == P_GO, "P_GO");
 _Static_assert(__builtin_offsetof(struct guest_params, idle_tick_us) == P_IDLE_TICK_US, "P_IDLE_TICK_US");
+_Static_assert(__builtin_offsetof(struct guest_params, net_mac) == P_NET_MAC, "P_NET_MAC");
+_Static_assert(__builtin_offsetof(struct guest_params, net_ip) == P_NET_IP, "P_NET_IP");
+_Static_assert(__builtin_offsetof(struct guest_params, net_port) == P_NET_PORT, "P_NET_PORT");
+_Static_assert(__builtin_offsetof(struct guest_params, stream_rate) == P_STREAM_RATE, "P_STREAM_RATE");
+_Static_assert(__builtin_offsetof(struct guest_params, stream_bytes) == P_STREAM_BYTES, "P_STREAM_BYTES");
+_Static_assert(__builtin_offsetof(struct guest_params, net_flags) == P_NET_FLAGS, "P_NET_FLAGS");
 _Static_assert(__builtin_offsetof(struct guest_params, vcpu) == P_VCPU, "P_VCPU");
 _Static_assert(sizeof(struct guest_vcpu_params) == P_VCPU_STRIDE, "P_VCPU_STRIDE");
 _Static_assert(__builtin_offsetof(struct guest_vcpu_params, base) == PV_BASE, "PV_BASE");
@@ -54,7 +66,17 @@ _Static_assert(__builtin_offsetof(struct guest_status, cur_page) == S_CUR_PAGE, 
 _Static_assert(__builtin_offsetof(struct guest_status, counter_seq) == S_COUNTER_SEQ, "S_COUNTER_SEQ");
 _Static_assert(__builtin_offsetof(struct guest_status, counter_slot) == S_COUNTER_SLOT, "S_COUNTER_SLOT");
 _Static_assert(__builtin_offsetof(struct guest_status, tsc) == S_TSC, "S_TSC");
+_Static_assert(__builtin_offsetof(struct guest_status, net_rx) == S_NET_RX, "S_NET_RX");
+_Static_assert(__builtin_offsetof(struct guest_status, net_tx) == S_NET_TX, "S_NET_TX");
+_Static_assert(__builtin_offsetof(struct guest_status, net_seq) == S_NET_SEQ, "S_NET_SEQ");
+_Static_assert(__builtin_offsetof(struct guest_status, net_ignored) == S_NET_IGNORED, "S_NET_IGNORED");
+_Static_assert(__builtin_offsetof(struct guest_status, net_peer_ip) == S_NET_PEER_IP, "S_NET_PEER_IP");
+_Static_assert(__builtin_offsetof(struct guest_status, net_peer_port) == S_NET_PEER_PORT, "S_NET_PEER_PORT");
 _Static_assert(sizeof(struct guest_status) <= CONSOLE_OFFSET, "status overlaps console");
+_Static_assert(NET_TX_ADDR >= NET_ADDR + PAGE_SIZE, "net header page");
+_Static_assert(NET_RX_ADDR >= NET_TX_ADDR + NET_SLOTS * NET_SLOT_SIZE, "net TX ring overlaps RX");
+_Static_assert(DATA_ADDR >= NET_RX_ADDR + NET_SLOTS * NET_SLOT_SIZE, "net RX ring overlaps data");
+_Static_assert(NET_SLOT_DATA + NET_FRAME_MAX <= NET_SLOT_SIZE, "net slot");
 _Static_assert(CONSOLE_OFFSET + CONSOLE_MAX <= STATUS_STRIDE, "console exceeds status page");
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
@@ -176,6 +198,22 @@ static COLD void announce(vstatus *st, u64 vcpu, const struct guest_params *p)
 			con_str(&c, "% hot_writes=");
 			con_u64(&c, p->hot_write_pct);
 			con_str(&c, "%");
+		}
+		break;
+	case WL_UDP_ECHO:
+	case WL_UDP_STREAM:
+		if (vcpu != 0) {
+			con_str(&c, "idle (the network workload runs on vcpu 0)");
+			break;
+		}
+		con_str(&c, p->workload == WL_UDP_ECHO ? "udp-echo" : "udp-stream");
+		con_str(&c, " port=");
+		con_u64(&c, p->net_port);
+		if (p->workload == WL_UDP_STREAM) {
+			con_str(&c, " rate=");
+			con_u64(&c, p->stream_rate);
+			con_str(&c, " bytes=");
+			con_u64(&c, p->stream_bytes);
 		}
 		break;
 	default:
@@ -326,6 +364,311 @@ static NORETURN void run_counter(vstatus *st, const struct guest_params *p)
 	}
 }
 
+
+/* ---- network (vCPU 0 of udp-echo and udp-stream) ---- */
+
+#define ETH_HLEN 14
+#define IP_HLEN 20
+#define UDP_HLEN 8
+#define UDP_MAX_PAYLOAD (NET_FRAME_MAX - ETH_HLEN - IP_HLEN - UDP_HLEN)
+
+/* Everything the network loop keeps lives here, on the stack: it travels with
+ * the checkpoint like the rest of guest memory. */
+struct net {
+	u8 mac[6];
+	u8 ip[4];
+	u32 port;
+	int stream;
+	int subscribed;
+	u8 peer_mac[6];
+	u8 peer_ip[4];
+	u32 peer_port;
+	u64 seq;
+};
+
+static inline volatile u32 *net_reg(u64 off)
+{
+	return (volatile u32 *)(GUEST_NET_ADDR + off);
+}
+
+static inline u32 get16(const u8 *b)
+{
+	return (u32)b[0] << 8 | b[1];
+}
+
+static inline void put16(u8 *b, u32 v)
+{
+	b[0] = (u8)(v >> 8);
+	b[1] = (u8)v;
+}
+
+static inline void put64(u8 *b, u64 v)
+{
+	int i;
+
+	for (i = 7; i >= 0; i--) {
+		b[i] = (u8)v;
+		v >>= 8;
+	}
+}
+
+static inline void copy(u8 *d, const u8 *s, u32 n)
+{
+	while (n--)
+		*d++ = *s++;
+}
+
+static inline int same(const u8 *a, const u8 *b, u32 n)
+{
+	while (n--)
+		if (*a++ != *b++)
+			return 0;
+	return 1;
+}
+
+/* The Internet checksum of n bytes (n even). */
+static u32 csum(const u8 *b, u32 n)
+{
+	u32 sum = 0;
+
+	for (; n > 1; n -= 2, b += 2)
+		sum += get16(b);
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum & 0xffff;
+}
+
+/* The next free TX slot's frame buffer; waits while the ring is full (the
+ * device drains it: a full ring back-pressures the guest, it never drops). */
+static u8 *tx_slot(void)
+{
+	u32 prod = *net_reg(N_TX_PROD);
+
+	while (prod - *net_reg(N_TX_CONS) >= NET_SLOTS)
+		;
+	return (u8 *)(GUEST_NET_TX_ADDR + (u64)(prod % NET_SLOTS) * NET_SLOT_SIZE + NET_SLOT_DATA);
+}
+
+/* Publish the frame in the slot tx_slot returned, and kick the device only if
+ * it went to sleep. The fence orders the tx_prod store before the tx_kick
+ * load; the device does the mirror image (see abi.h). */
+static void tx_push(vstatus *st, u32 len)
+{
+	volatile u32 *prod = net_reg(N_TX_PROD), *kick = net_reg(N_TX_KICK);
+	u32 p = *prod;
+
+	*(volatile u32 *)(GUEST_NET_TX_ADDR + (u64)(p % NET_SLOTS) * NET_SLOT_SIZE) = len;
+	barrier();
+	*prod = p + 1;
+	__sync_synchronize();
+	if (*kick) {
+		*kick = 0;
+		GUEST_OUTL(PORT_NET_KICK, 0);
+	}
+	st->net_tx++;
+}
+
+/* Ethernet + IPv4 + UDP headers from this guest to dst, for `payload` bytes;
+ * returns the frame length. The UDP checksum is 0 (none), as IPv4 allows. */
+static u32 udp_header(u8 *f, const struct net *n, const u8 *dmac, const u8 *dip, u32 dport, u32 payload, u64 id)
+{
+	u8 *ip = f + ETH_HLEN, *udp = ip + IP_HLEN;
+	u32 i;
+
+	copy(f, dmac, 6);
+	copy(f + 6, n->mac, 6);
+	put16(f + 12, 0x0800);
+	ip[0] = 0x45;
+	ip[1] = 0;
+	put16(ip + 2, IP_HLEN + UDP_HLEN + payload);
+	put16(ip + 4, (u32)id);
+	put16(ip + 6, 0x4000); /* don't fragment */
+	ip[8] = 64;
+	ip[9] = 17;
+	put16(ip + 10, 0);
+	copy(ip + 12, n->ip, 4);
+	copy(ip + 16, dip, 4);
+	put16(ip + 10, csum(ip, IP_HLEN));
+	put16(udp, n->port);
+	put16(udp + 2, dport);
+	put16(udp + 4, UDP_HLEN + payload);
+	put16(udp + 6, 0);
+	i = ETH_HLEN + IP_HLEN + UDP_HLEN + payload;
+	return i;
+}
+
+static void arp_reply(const struct net *n, vstatus *st, const u8 *req)
+{
+	u8 *f = tx_slot(), *a = f + ETH_HLEN;
+	u32 i;
+
+	copy(f, req + 6, 6);
+	copy(f + 6, n->mac, 6);
+	put16(f + 12, 0x0806);
+	put16(a, 1);
+	put16(a + 2, 0x0800);
+	a[4] = 6;
+	a[5] = 4;
+	put16(a + 6, 2);
+	copy(a + 8, n->mac, 6);
+	copy(a + 14, n->ip, 4);
+	copy(a + 18, req + ETH_HLEN + 8, 10); /* the requester's MAC and IP */
+	for (i = ETH_HLEN + 28; i < 60; i++) /* pad to the Ethernet minimum */
+		f[i] = 0;
+	tx_push(st, 60);
+}
+
+/* One datagram to port n->port: echo answers it, stream (re)subscribes its
+ * sender. Returns 1 if it sent a datagram (an operation, for phases). */
+static int udp_in(struct net *n, vstatus *st, const u8 *f, const u8 *ip, const u8 *udp, u32 plen)
+{
+	if (n->stream) {
+		copy(n->peer_mac, f + 6, 6);
+		copy(n->peer_ip, ip + 12, 4);
+		n->peer_port = get16(udp);
+		n->subscribed = 1;
+		st->net_peer_ip = (u32)n->peer_ip[0] | (u32)n->peer_ip[1] << 8 |
+				  (u32)n->peer_ip[2] << 16 | (u32)n->peer_ip[3] << 24;
+		st->net_peer_port = n->peer_port;
+		return 0;
+	}
+	{
+		u8 *o = tx_slot();
+		u32 len;
+
+		if (plen > UDP_MAX_PAYLOAD - 8)
+			plen = UDP_MAX_PAYLOAD - 8;
+		n->seq++;
+		len = udp_header(o, n, f + 6, ip + 12, get16(udp), 8 + plen, n->seq);
+		put64(o + len - 8 - plen, n->seq);
+		copy(o + len - plen, udp + UDP_HLEN, plen);
+		tx_push(st, len);
+		st->net_seq = n->seq;
+		return 1;
+	}
+}
+
+/* One received frame; returns operations done (datagrams sent). */
+static int frame_in(struct net *n, vstatus *st, const u8 *f, u32 len)
+{
+	static const u8 bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+	u32 type, ihl, tot, ulen;
+	const u8 *ip, *udp;
+
+	if (len < ETH_HLEN || len > NET_FRAME_MAX ||
+	    (!same(f, n->mac, 6) && !same(f, bcast, 6)))
+		goto ignore;
+	type = get16(f + 12);
+	if (type == 0x0806) {
+		const u8 *a = f + ETH_HLEN;
+
+		if (len < ETH_HLEN + 28 || get16(a) != 1 || get16(a + 2) != 0x0800 ||
+		    a[4] != 6 || a[5] != 4 || get16(a + 6) != 1 || !same(a + 24, n->ip, 4))
+			goto ignore;
+		arp_reply(n, st, f);
+		return 0;
+	}
+	if (type != 0x0800 || len < ETH_HLEN + IP_HLEN + UDP_HLEN)
+		goto ignore;
+	ip = f + ETH_HLEN;
+	ihl = (u32)(ip[0] & 0xf) * 4;
+	tot = get16(ip + 2);
+	if ((ip[0] >> 4) != 4 || ihl < IP_HLEN || tot < ihl + UDP_HLEN || tot > len - ETH_HLEN ||
+	    (get16(ip + 6) & 0x3fff) != 0 || ip[9] != 17 || !same(ip + 16, n->ip, 4) ||
+	    csum(ip, ihl) != 0)
+		goto ignore;
+	udp = ip + ihl;
+	ulen = get16(udp + 4);
+	if (get16(udp + 2) != n->port || ulen < UDP_HLEN || ulen > tot - ihl)
+		goto ignore;
+	return udp_in(n, st, f, ip, udp, ulen - UDP_HLEN);
+ignore:
+	st->net_ignored++;
+	return 0;
+}
+
+/* Take every frame the device has put on the RX ring. */
+static int rx_poll(struct net *n, vstatus *st)
+{
+	volatile u32 *prod = net_reg(N_RX_PROD), *cons = net_reg(N_RX_CONS);
+	u32 c = *cons;
+	int ops = 0;
+
+	while (c != *prod) {
+		const u8 *slot = (const u8 *)(GUEST_NET_RX_ADDR + (u64)(c % NET_SLOTS) * NET_SLOT_SIZE);
+
+		barrier();
+		ops += frame_in(n, st, slot + NET_SLOT_DATA, *(const volatile u32 *)slot);
+		barrier();
+		*cons = ++c;
+		st->net_rx++;
+	}
+	return ops;
+}
+
+static void stream_send(struct net *n, vstatus *st, u32 bytes)
+{
+	u8 *o = tx_slot(), *d;
+	u32 len, i;
+
+	n->seq++;
+	len = udp_header(o, n, n->peer_mac, n->peer_ip, n->peer_port, bytes, n->seq);
+	d = o + len - bytes;
+	put64(d, n->seq);
+	put64(d + 8, rdtsc());
+	for (i = 16; i < bytes; i++)
+		d[i] = (u8)(n->seq + i);
+	tx_push(st, len);
+	st->net_seq = n->seq;
+}
+
+static NORETURN void run_net(vstatus *st, const struct guest_params *p)
+{
+	const u64 interval = p->stream_rate ? p->tsc_khz * 1000 / p->stream_rate : 0;
+	const u64 slack = p->tsc_khz * 100; /* 100 ms */
+	const u64 phase_ops = p->phase_ops;
+	const u32 bytes = p->stream_bytes;
+	u64 left = phase_ops, ph = 0, next = rdtsc(), polls = 0;
+	struct net n;
+	int i, ops;
+
+	for (i = 0; i < 6; i++)
+		n.mac[i] = (u8)(p->net_mac >> (8 * i));
+	for (i = 0; i < 4; i++)
+		n.ip[i] = (u8)(p->net_ip >> (8 * i));
+	n.port = p->net_port;
+	n.stream = p->workload == WL_UDP_STREAM;
+	n.subscribed = 0;
+	n.peer_port = 0;
+	n.seq = 0;
+	for (;;) {
+		ops = rx_poll(&n, st);
+		if (n.stream && n.subscribed) {
+			u64 now = rdtsc();
+
+			if (!interval || (s64)(now - next) >= 0) {
+				next = now - next > slack ? now : next;
+				next += interval;
+				stream_send(&n, st, bytes);
+				ops++;
+			}
+		}
+		if (ops) {
+			st->iterations = n.seq;
+			st->tsc = rdtsc();
+		} else if ((++polls & 0xfff) == 0) {
+			st->tsc = rdtsc();
+		}
+		for (; ops > 0 && left; ops--) {
+			if (--left == 0) {
+				phase_done(st, p, ++ph);
+				left = phase_ops;
+				next = rdtsc();
+			}
+		}
+	}
+}
+
 /* ---- entry ---- */
 
 void guest_main(u64 vcpu)
@@ -348,8 +691,12 @@ void guest_main(u64 vcpu)
 	    vp->pages > (0 - vp->base) / PAGE_SIZE || /* base + pages*4K must not wrap */
 	    vp->working_set < 1 || vp->working_set > vp->pages)
 		fail(st, GERR_BAD_REGION);
-	if (p->workload != WL_IDLE && p->workload != WL_DIRTY && p->workload != WL_COUNTER)
+	if (p->workload < WL_IDLE || p->workload > WL_UDP_STREAM)
 		fail(st, GERR_BAD_WORKLOAD);
+	if ((p->workload == WL_UDP_ECHO || p->workload == WL_UDP_STREAM) &&
+	    (!(p->net_flags & NET_PRESENT) || p->net_port == 0 || p->net_port > 0xffff ||
+	     (p->workload == WL_UDP_STREAM && (p->stream_bytes < 16 || p->stream_bytes > UDP_MAX_PAYLOAD))))
+		fail(st, GERR_BAD_NET);
 	if (p->workload == WL_DIRTY && p->pattern != PAT_SEQ &&
 	    p->pattern != PAT_RANDOM && p->pattern != PAT_HOTCOLD)
 		fail(st, GERR_BAD_PATTERN);
@@ -365,6 +712,12 @@ void guest_main(u64 vcpu)
 	st->counter_slot[0][1] = 0;
 	st->counter_slot[1][0] = 0;
 	st->counter_slot[1][1] = 0;
+	st->net_rx = 0;
+	st->net_tx = 0;
+	st->net_seq = 0;
+	st->net_ignored = 0;
+	st->net_peer_ip = 0;
+	st->net_peer_port = 0;
 	st->tsc = rdtsc();
 	st->magic = STATUS_MAGIC;
 	st->state = GS_RUNNING;
@@ -379,6 +732,11 @@ void guest_main(u64 vcpu)
 		run_idle(st, p);
 	case WL_DIRTY:
 		run_dirty(st, p, vcpu);
+	case WL_UDP_ECHO:
+	case WL_UDP_STREAM:
+		if (vcpu == 0)
+			run_net(st, p);
+		run_idle(st, p);
 	default:
 		run_counter(st, p);
 	}

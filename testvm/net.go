@@ -1,0 +1,328 @@
+package testvm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/repagent/repagent/kvm"
+)
+
+// NetConfig is the guest's network identity and the network workloads'
+// settings. It is part of the guest configuration (saved with the state); the
+// tap the device uses is not (Config.Tap, RestoreOptions.Tap).
+type NetConfig struct {
+	// MAC is the guest's Ethernet address: 6 bytes, unicast.
+	MAC net.HardwareAddr
+	// IP is the guest's IPv4 address.
+	IP netip.Addr
+	// Port is the UDP port UDPEcho and UDPStream serve. 0 means DefaultNetPort.
+	Port uint16
+	// StreamRate is UDPStream's datagrams per second. 0 means
+	// DefaultStreamRate.
+	StreamRate uint64
+	// StreamBytes is the UDP payload of each UDPStream datagram, 16 to
+	// MaxStreamBytes. 0 means DefaultStreamBytes.
+	StreamBytes uint32
+}
+
+// Network defaults and limits.
+const (
+	DefaultNetPort     = 7777
+	DefaultStreamRate  = 1000
+	DefaultStreamBytes = 64
+	// MaxStreamBytes is the largest UDP payload of one frame.
+	MaxStreamBytes = NetFrameMax - 14 - 20 - 8
+)
+
+func (n NetConfig) withDefaults() NetConfig {
+	if n.Port == 0 {
+		n.Port = DefaultNetPort
+	}
+	if n.StreamRate == 0 {
+		n.StreamRate = DefaultStreamRate
+	}
+	if n.StreamBytes == 0 {
+		n.StreamBytes = DefaultStreamBytes
+	}
+	return n
+}
+
+func (n NetConfig) validate() error {
+	n = n.withDefaults()
+	switch {
+	case len(n.MAC) != 6:
+		return fmt.Errorf("guest MAC %q is not a 6-byte Ethernet address", n.MAC)
+	case n.MAC[0]&1 != 0:
+		return fmt.Errorf("guest MAC %s is a multicast address", n.MAC)
+	case !n.IP.Is4():
+		return fmt.Errorf("guest IP %q is not an IPv4 address", n.IP)
+	case n.IP.IsUnspecified() || n.IP.IsMulticast() || n.IP == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return fmt.Errorf("guest IP %s is not a unicast address", n.IP)
+	case n.StreamBytes < 16 || n.StreamBytes > MaxStreamBytes:
+		return fmt.Errorf("stream datagrams of %d bytes: want 16 to %d", n.StreamBytes, MaxStreamBytes)
+	}
+	return nil
+}
+
+// NetStats counts what the VMM's network device did.
+type NetStats struct {
+	TxFrames, TxBytes uint64 // frames taken from the TX ring and written to the tap
+	TxErrors          uint64 // TX slots with an impossible length, or tap write errors
+	TxNoTap           uint64 // frames dropped because the machine has no tap
+	RxFrames, RxBytes uint64 // frames read from the tap and put on the RX ring
+	RxDropped         uint64 // frames dropped because the RX ring was full
+	RxTooBig          uint64 // frames longer than NetFrameMax
+	Kicks             uint64 // doorbells (PORT_NET_KICK) the device woke for
+}
+
+// netDev is the VMM side of the paravirtual network device: a TX goroutine
+// that sends the guest's frames to the tap, woken by an ioeventfd doorbell
+// only when it went idle, and an RX goroutine that puts the tap's frames on
+// the guest's RX ring, where the guest polls for them.
+//
+// Every batch the device processes runs under mu, and Machine.Pause takes mu
+// after the vCPUs are parked, so a checkpoint never splits a frame from its
+// ring update: a frame is on the tap if and only if the saved tx_cons says it
+// was sent, and an RX frame is in the saved ring if and only if rx_prod says
+// so. That is what lets an output gate tag frames by epoch exactly.
+type netDev struct {
+	m   *Machine
+	tap *os.File // nil: frames the guest sends are dropped (counted)
+	kfd int      // the ioeventfd behind PORT_NET_KICK
+
+	mu      sync.Mutex // held per batch; held by Pause for the whole pause
+	stopped bool       // guarded by mu
+	txCons  uint32     // guarded by mu: the device's copy of tx_cons
+	rxProd  uint32     // guarded by mu: the device's copy of rx_prod
+	stats   struct {
+		txFrames, txBytes, txErrors, txNoTap   atomic.Uint64
+		rxFrames, rxBytes, rxDropped, rxTooBig atomic.Uint64
+		kicks                                  atomic.Uint64
+	}
+	wg sync.WaitGroup
+}
+
+// newNetDev registers the doorbell with KVM. It does not start the
+// goroutines (start does).
+func newNetDev(m *Machine, tap *os.File) (*netDev, error) {
+	kfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("network device: eventfd: %w", err)
+	}
+	e := kvm.IOEventFD{Addr: portNetKick, Len: 4, FD: int32(kfd), Flags: kvm.KVM_IOEVENTFD_FLAG_PIO}
+	if err := m.vm.IOEventFD(e); err != nil {
+		unix.Close(kfd)
+		return nil, fmt.Errorf("network device: register doorbell port %#x: %w", portNetKick, err)
+	}
+	return &netDev{m: m, tap: tap, kfd: kfd}, nil
+}
+
+func (d *netDev) start() {
+	d.wg.Add(1)
+	go d.txLoop()
+	if d.tap != nil {
+		d.wg.Add(1)
+		go d.rxLoop()
+	}
+}
+
+// stop ends the goroutines and closes the doorbell. The tap stays open: it
+// belongs to the caller.
+func (d *netDev) stop() {
+	d.mu.Lock()
+	d.stopped = true
+	d.mu.Unlock()
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1)
+	unix.Write(d.kfd, one[:]) // wake the TX loop
+	if d.tap != nil {
+		d.tap.SetReadDeadline(time.Unix(1, 0)) // wake the RX loop
+	}
+	d.wg.Wait()
+	if d.tap != nil {
+		d.tap.SetReadDeadline(time.Time{})
+	}
+	d.closeDoorbell()
+}
+
+// closeDoorbell closes the ioeventfd (KVM drops its registration with the VM).
+func (d *netDev) closeDoorbell() {
+	if d.kfd >= 0 {
+		unix.Close(d.kfd)
+		d.kfd = -1
+	}
+}
+
+// txLoop drains the TX ring, then announces that it sleeps (tx_kick = 1),
+// looks at tx_prod once more, and waits for the doorbell. The XCHG of the
+// tx_kick store orders it before the tx_prod load, the mirror of the guest's
+// fence, so a frame is never left on the ring with the device asleep.
+func (d *netDev) txLoop() {
+	defer d.wg.Done()
+	mem := d.m.mem
+	var buf [8]byte
+	for {
+		d.mu.Lock()
+		if d.stopped {
+			d.mu.Unlock()
+			return
+		}
+		d.drainTX(mem)
+		store32(mem, netAddr+nTxKick, 1)
+		d.m.recordWrite(netAddr+nTxKick, 4)
+		busy := load32(mem, netAddr+nTxProd) != d.txCons
+		if busy {
+			store32(mem, netAddr+nTxKick, 0)
+		}
+		d.mu.Unlock()
+		if busy {
+			continue
+		}
+		if _, err := unix.Read(d.kfd, buf[:]); err != nil && err != unix.EINTR {
+			d.m.fail(fmt.Errorf("network device: read doorbell: %w", err))
+			return
+		}
+		d.stats.kicks.Add(1)
+	}
+}
+
+// drainTX sends every frame the guest published. With mu held.
+func (d *netDev) drainTX(mem []byte) {
+	prod := load32(mem, netAddr+nTxProd)
+	if prod == d.txCons {
+		return
+	}
+	if prod-d.txCons > netSlots {
+		// The guest claims more frames than the ring holds: a guest bug. Take
+		// what the ring can hold, once.
+		d.stats.txErrors.Add(1)
+		d.txCons = prod - netSlots
+	}
+	for c := d.txCons; c != prod; c++ {
+		slot := netTxAddr + uint64(c%netSlots)*netSlotSize
+		n := load32(mem, slot)
+		switch {
+		case n < 14 || n > NetFrameMax:
+			d.stats.txErrors.Add(1)
+		case d.tap == nil:
+			d.stats.txNoTap.Add(1)
+		default:
+			frame := mem[slot+netSlotData : slot+netSlotData+uint64(n)]
+			if _, err := d.tap.Write(frame); err != nil {
+				d.stats.txErrors.Add(1)
+			} else {
+				d.stats.txFrames.Add(1)
+				d.stats.txBytes.Add(uint64(n))
+			}
+		}
+	}
+	d.txCons = prod
+	store32(mem, netAddr+nTxCons, prod)
+	d.m.recordWrite(netAddr+nTxCons, 4)
+}
+
+// rxLoop puts each frame read from the tap on the RX ring, or drops it
+// (counted) when the ring is full or the frame is too long.
+func (d *netDev) rxLoop() {
+	defer d.wg.Done()
+	mem := d.m.mem
+	buf := make([]byte, 65536)
+	for {
+		n, err := d.tap.Read(buf)
+		if err != nil {
+			d.mu.Lock()
+			stopped := d.stopped
+			d.mu.Unlock()
+			if stopped {
+				return
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+				continue
+			}
+			// A tap whose link went down returns EIO until it is up again;
+			// wait rather than spin.
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if n > NetFrameMax {
+			d.stats.rxTooBig.Add(1)
+			continue
+		}
+		d.mu.Lock()
+		if d.stopped {
+			d.mu.Unlock()
+			return
+		}
+		if d.rxProd-load32(mem, netAddr+nRxCons) >= netSlots {
+			d.stats.rxDropped.Add(1)
+		} else {
+			slot := netRxAddr + uint64(d.rxProd%netSlots)*netSlotSize
+			copy(mem[slot+netSlotData:], buf[:n])
+			store32(mem, slot, uint32(n))
+			d.m.recordWrite(slot, netSlotData+uint64(n))
+			d.rxProd++
+			store32(mem, netAddr+nRxProd, d.rxProd)
+			d.m.recordWrite(netAddr+nRxProd, 4)
+			d.stats.rxFrames.Add(1)
+			d.stats.rxBytes.Add(uint64(n))
+		}
+		d.mu.Unlock()
+	}
+}
+
+func (d *netDev) snapshot() NetStats {
+	s := &d.stats
+	return NetStats{
+		TxFrames: s.txFrames.Load(), TxBytes: s.txBytes.Load(), TxErrors: s.txErrors.Load(), TxNoTap: s.txNoTap.Load(),
+		RxFrames: s.rxFrames.Load(), RxBytes: s.rxBytes.Load(), RxDropped: s.rxDropped.Load(), RxTooBig: s.rxTooBig.Load(),
+		Kicks: s.kicks.Load(),
+	}
+}
+
+// NetStats returns the network device's counters; zero without a device.
+func (m *Machine) NetStats() NetStats {
+	if m.net == nil {
+		return NetStats{}
+	}
+	return m.net.snapshot()
+}
+
+// HasNet reports whether the machine has a network device.
+func (m *Machine) HasNet() bool { return m.net != nil }
+
+// OpenTap opens the tap device called name in the calling thread's network
+// namespace, creating it if it does not exist, as a VMM does: IFF_TAP |
+// IFF_NO_PI, non-blocking (reads and writes go through Go's poller). The
+// caller owns the file and closes it after the machine.
+func OpenTap(name string) (*os.File, error) {
+	if len(name) == 0 || len(name) >= unix.IFNAMSIZ {
+		return nil, fmt.Errorf("tap name %q: want 1 to %d bytes", name, unix.IFNAMSIZ-1)
+	}
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open tap %s: /dev/net/tun: %w", name, err)
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("open tap %s: %w", name, err)
+	}
+	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		unix.Close(fd)
+		if errors.Is(err, unix.EBUSY) {
+			return nil, fmt.Errorf("open tap %s: it is in use by another process (or is not a tap): %w", name, err)
+		}
+		return nil, fmt.Errorf("open tap %s: TUNSETIFF: %w", name, err)
+	}
+	return os.NewFile(uintptr(fd), "tap:"+name), nil
+}
