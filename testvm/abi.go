@@ -84,6 +84,7 @@ const (
 	pStreamRate  = 96
 	pStreamBytes = 104
 	pNetFlags    = 108
+	pNetService  = 112
 	pVCPU        = 128
 	pVCPUStride  = 32
 	pvBase       = 0

@@ -33,7 +33,7 @@ func TestABIMatchesHeader(t *testing.T) {
 		"P_HOT_PCT": pHotPct, "P_HOT_WRITE_PCT": pHotWritePct, "P_GO": pGo, "P_IDLE_TICK_US": pIdleTickUs,
 		"P_VCPU": pVCPU, "P_VCPU_STRIDE": pVCPUStride, "PV_BASE": pvBase, "PV_PAGES": pvPages,
 		"PV_WORKING_SET": pvWorkingSet, "P_NET_MAC": pNetMAC, "P_NET_IP": pNetIP, "P_NET_PORT": pNetPort,
-		"P_STREAM_RATE": pStreamRate, "P_STREAM_BYTES": pStreamBytes, "P_NET_FLAGS": pNetFlags,
+		"P_STREAM_RATE": pStreamRate, "P_STREAM_BYTES": pStreamBytes, "P_NET_FLAGS": pNetFlags, "P_NET_SERVICE": pNetService,
 		"S_MAGIC": sMagic, "S_STATE": sState, "S_ERROR": sError, "S_ITERATIONS": sIterations,
 		"S_WRITES": sWrites, "S_PHASE": sPhase, "S_CUR_PAGE": sCurPage, "S_COUNTER_SEQ": sCounterSeq,
 		"S_COUNTER_SLOT": sCounterSlot, "S_TSC": sTSC, "S_NET_RX": sNetRx, "S_NET_TX": sNetTx,

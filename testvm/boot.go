@@ -140,6 +140,7 @@ func writeParams(mem []byte, c Config, l layout, tscKHz uint32) {
 		le.PutUint64(p[pStreamRate:], n.StreamRate)
 		le.PutUint32(p[pStreamBytes:], n.StreamBytes)
 		le.PutUint32(p[pNetFlags:], netPresent)
+		le.PutUint32(p[pNetService:], uint32(n.Service))
 	}
 	ws := c.WorkingSet
 	if ws == 0 {

@@ -161,6 +161,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Net != nil {
 		n := c.Net.withDefaults()
+		if c.Workload.IsNet() {
+			n.Service = c.Workload
+		}
 		c.Net = &n
 	}
 	return c

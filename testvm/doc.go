@@ -38,7 +38,9 @@
 //   - UDPEcho and UDPStream (on vCPU 0) use the network device: echo answers
 //     each UDP datagram with a sequence number and its payload, stream sends
 //     numbered datagrams at a set rate to whoever subscribed with a datagram.
-//     Both answer ARP for the guest's IP. Sequence numbers live in guest
+//     Both answer ARP for the guest's IP. With Net.Service, vCPU 0 runs one
+//     of them between the operations of another workload (a guest that
+//     dirties memory and serves clients). Sequence numbers live in guest
 //     memory, so a client can check that a restored guest went on from its
 //     checkpoint: no number repeats, none goes back.
 //

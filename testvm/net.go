@@ -32,6 +32,11 @@ type NetConfig struct {
 	// StreamBytes is the UDP payload of each UDPStream datagram, 16 to
 	// MaxStreamBytes. 0 means DefaultStreamBytes.
 	StreamBytes uint32
+	// Service, UDPEcho or UDPStream, makes vCPU 0 serve the network between
+	// the operations of Config.Workload, so one guest both dirties memory and
+	// talks to clients. 0: no service, unless Config.Workload is itself
+	// UDPEcho or UDPStream (then vCPU 0 runs only that, the others idle).
+	Service Workload
 }
 
 // Network defaults and limits.
@@ -67,6 +72,8 @@ func (n NetConfig) validate() error {
 		return fmt.Errorf("guest IP %q is not an IPv4 address", n.IP)
 	case n.IP.IsUnspecified() || n.IP.IsMulticast() || n.IP == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 		return fmt.Errorf("guest IP %s is not a unicast address", n.IP)
+	case n.Service != 0 && !n.Service.IsNet():
+		return fmt.Errorf("network service %s: want udp-echo or udp-stream", n.Service)
 	case n.StreamBytes < 16 || n.StreamBytes > MaxStreamBytes:
 		return fmt.Errorf("stream datagrams of %d bytes: want 16 to %d", n.StreamBytes, MaxStreamBytes)
 	}

@@ -24,7 +24,8 @@ import (
 //	           phaseOps u64, idleTick u64
 //	  layout   lowSize u64, regionPages u64 (derived; checked on restore)
 //	  net      present u32; if 1: mac [8]byte (6 used), ip [4]byte, port u32,
-//	           streamRate u64, streamBytes u32, txCons u32, rxProd u32
+//	           streamRate u64, streamBytes u32, service u32, txCons u32,
+//	           rxProd u32
 //	  devices  ready u32 (guest vCPUs that reported READY)
 //	  vm       kvm.VMState encoding
 //	  vcpus    vcpus x kvm.VCPUState encoding
@@ -112,7 +113,7 @@ func (s *SavedState) encode() []byte {
 		b = append(b, ip[:]...)
 		b = appendU32(b, uint32(n.Port))
 		b = appendU64(b, n.StreamRate)
-		b = appendU32(b, n.StreamBytes, s.netTxCons, s.netRxProd)
+		b = appendU32(b, n.StreamBytes, uint32(n.Service), s.netTxCons, s.netRxProd)
 	} else {
 		b = appendU32(b, 0)
 	}
@@ -197,6 +198,7 @@ func DecodeState(b []byte) (*SavedState, error) {
 		port := d.u32()
 		n.StreamRate = d.u64()
 		n.StreamBytes = d.u32()
+		n.Service = Workload(d.u32())
 		s.netTxCons, s.netRxProd = d.u32(), d.u32()
 		if port > 0xffff {
 			return nil, bad("network port %d", port)

@@ -107,6 +107,7 @@
 #define P_STREAM_RATE 96
 #define P_STREAM_BYTES 104
 #define P_NET_FLAGS 108
+#define P_NET_SERVICE 112
 #define P_VCPU 128
 #define P_VCPU_STRIDE 32
 #define PV_BASE 0
@@ -191,7 +192,10 @@ struct guest_params {
 	u64 stream_rate;     /* udp-stream: datagrams per second, 0 = as fast as the ring goes */
 	u32 stream_bytes;    /* udp-stream: UDP payload bytes per datagram (16..1472) */
 	u32 net_flags;       /* NET_PRESENT when the VM has a network device */
-	u64 reserved[2];
+	u32 net_service;     /* WL_UDP_ECHO or WL_UDP_STREAM: vCPU 0 also serves the
+	                      * network between its workload's operations; 0 = none */
+	u32 reserved1;
+	u64 reserved[1];
 	struct guest_vcpu_params vcpu[MAX_VCPUS];
 };
 

@@ -50,6 +50,7 @@ _Static_assert(__builtin_offsetof(struct guest_params, net_port) == P_NET_PORT, 
 _Static_assert(__builtin_offsetof(struct guest_params, stream_rate) == P_STREAM_RATE, "P_STREAM_RATE");
 _Static_assert(__builtin_offsetof(struct guest_params, stream_bytes) == P_STREAM_BYTES, "P_STREAM_BYTES");
 _Static_assert(__builtin_offsetof(struct guest_params, net_flags) == P_NET_FLAGS, "P_NET_FLAGS");
+_Static_assert(__builtin_offsetof(struct guest_params, net_service) == P_NET_SERVICE, "P_NET_SERVICE");
 _Static_assert(__builtin_offsetof(struct guest_params, vcpu) == P_VCPU, "P_VCPU");
 _Static_assert(sizeof(struct guest_vcpu_params) == P_VCPU_STRIDE, "P_VCPU_STRIDE");
 _Static_assert(__builtin_offsetof(struct guest_vcpu_params, base) == PV_BASE, "PV_BASE");
@@ -220,6 +221,11 @@ static COLD void announce(vstatus *st, u64 vcpu, const struct guest_params *p)
 		con_str(&c, "counter");
 		break;
 	}
+	if (vcpu == 0 && p->net_service && p->workload != WL_UDP_ECHO && p->workload != WL_UDP_STREAM) {
+		con_str(&c, p->net_service == WL_UDP_ECHO ? " + udp-echo" : " + udp-stream");
+		con_str(&c, " port=");
+		con_u64(&c, p->net_port);
+	}
 	if (p->phase_ops) {
 		con_str(&c, " phase_ops=");
 		con_u64(&c, p->phase_ops);
@@ -247,125 +253,7 @@ static COLD void phase_done(vstatus *st, const struct guest_params *p, u64 ph)
 	st->state = GS_RUNNING;
 }
 
-/* ---- workloads ---- */
-
-static NORETURN void run_idle(vstatus *st, const struct guest_params *p)
-{
-	u64 khz = p->tsc_khz, us = p->idle_tick_us ? p->idle_tick_us : 1000;
-	u64 ticks = khz * (us / 1000) + khz * (us % 1000) / 1000;
-	u64 phase_ops = p->phase_ops, left = phase_ops, ph = 0, it = 0;
-	u64 t0 = rdtsc(), now;
-
-	for (;;) {
-		while ((now = rdtsc()) - t0 < ticks)
-			;
-		t0 = now;
-		st->iterations = ++it;
-		st->tsc = now;
-		if (left && --left == 0) {
-			phase_done(st, p, ++ph);
-			left = phase_ops;
-			t0 = rdtsc();
-		}
-	}
-}
-
-static NORETURN void run_dirty(vstatus *st, const struct guest_params *p, u64 vcpu)
-{
-	const u64 base = p->vcpu[vcpu].base, W = p->vcpu[vcpu].working_set;
-	const u64 w0_hi = vcpu << 56;
-	const u32 pattern = p->pattern;
-	const u64 hot_pct = p->hot_pct > 100 ? 100 : p->hot_pct;
-	const u64 hot_w = p->hot_write_pct;
-	const u64 H0 = W * hot_pct / 100, H = H0 ? H0 : 1, C = W - H;
-	const u64 interval = p->rate ? p->tsc_khz * 1000 / p->rate : 0;
-	const u64 slack = p->tsc_khz * 100; /* 100 ms */
-	const u64 phase_ops = p->phase_ops;
-	u64 left = phase_ops, ph = 0, v = 0, seq = 0;
-	u64 rs = mix64(p->seed ^ ((vcpu + 1) * FILL_K));
-	u64 next = rdtsc();
-
-	if (!rs)
-		rs = FILL_K;
-	for (;;) {
-		u64 idx, now;
-
-		if (interval) {
-			while ((s64)((now = rdtsc()) - next) < 0)
-				;
-			next = now - next > slack ? now : next;
-			next += interval;
-		}
-		if (pattern == PAT_SEQ) {
-			idx = seq;
-			if (++seq == W)
-				seq = 0;
-		} else if (pattern == PAT_RANDOM) {
-			idx = scale(xs_next(&rs), W);
-		} else { /* PAT_HOTCOLD */
-			u64 hot = scale(xs_next(&rs), 100) < hot_w;
-
-			if (hot || !C)
-				idx = scale(xs_next(&rs), H);
-			else
-				idx = H + scale(xs_next(&rs), C);
-		}
-
-		v++;
-		st->cur_page = idx + 1;
-		barrier();
-		{
-			u64 *w = (u64 *)(base + (idx << 12));
-			const u64 w0 = w0_hi | idx;
-			u64 f = fill_base(w0, v) + 2 * FILL_K;
-			int k;
-
-			for (k = 2; k < PAGE_SIZE / 8; k++) {
-				w[k] = f;
-				f += FILL_K;
-			}
-			barrier();
-			w[1] = v;
-			barrier();
-			w[0] = w0;
-			barrier();
-		}
-		st->writes = v;
-		st->iterations = v;
-		st->tsc = rdtsc();
-		st->cur_page = 0;
-
-		if (left && --left == 0) {
-			phase_done(st, p, ++ph);
-			left = phase_ops;
-			next = rdtsc();
-		}
-	}
-}
-
-static NORETURN void run_counter(vstatus *st, const struct guest_params *p)
-{
-	const u64 phase_ops = p->phase_ops;
-	u64 left = phase_ops, ph = 0, c = 0, h = COUNTER_H0;
-
-	for (;;) {
-		c++;
-		h = counter_step(h, c);
-		st->counter_slot[c & 1][0] = c;
-		st->counter_slot[c & 1][1] = h;
-		st->counter_seq = c;
-		st->iterations = c;
-		if ((c & 0xffff) == 0)
-			st->tsc = rdtsc();
-		if (left && --left == 0) {
-			phase_done(st, p, ++ph);
-			left = phase_ops;
-		}
-	}
-}
-
-
-/* ---- network (vCPU 0 of udp-echo and udp-stream) ---- */
+/* ---- network service (vCPU 0, with any workload) ---- */
 
 #define ETH_HLEN 14
 #define IP_HLEN 20
@@ -375,6 +263,7 @@ static NORETURN void run_counter(vstatus *st, const struct guest_params *p)
 /* Everything the network loop keeps lives here, on the stack: it travels with
  * the checkpoint like the rest of guest memory. */
 struct net {
+	int on;          /* this vCPU serves the network */
 	u8 mac[6];
 	u8 ip[4];
 	u32 port;
@@ -384,6 +273,10 @@ struct net {
 	u8 peer_ip[4];
 	u32 peer_port;
 	u64 seq;
+	u64 interval;    /* stream: TSC ticks between datagrams, 0 = no pacing */
+	u64 slack;
+	u64 next;
+	u32 bytes;       /* stream: payload bytes */
 };
 
 static inline volatile u32 *net_reg(u64 off)
@@ -622,39 +515,62 @@ static void stream_send(struct net *n, vstatus *st, u32 bytes)
 	st->net_seq = n->seq;
 }
 
-static NORETURN void run_net(vstatus *st, const struct guest_params *p)
+
+static void net_init(struct net *n, const struct guest_params *p, u32 service)
 {
-	const u64 interval = p->stream_rate ? p->tsc_khz * 1000 / p->stream_rate : 0;
-	const u64 slack = p->tsc_khz * 100; /* 100 ms */
-	const u64 phase_ops = p->phase_ops;
-	const u32 bytes = p->stream_bytes;
-	u64 left = phase_ops, ph = 0, next = rdtsc(), polls = 0;
-	struct net n;
-	int i, ops;
+	int i;
 
+	n->on = service != 0;
 	for (i = 0; i < 6; i++)
-		n.mac[i] = (u8)(p->net_mac >> (8 * i));
+		n->mac[i] = (u8)(p->net_mac >> (8 * i));
 	for (i = 0; i < 4; i++)
-		n.ip[i] = (u8)(p->net_ip >> (8 * i));
-	n.port = p->net_port;
-	n.stream = p->workload == WL_UDP_STREAM;
-	n.subscribed = 0;
-	n.peer_port = 0;
-	n.seq = 0;
-	for (;;) {
-		ops = rx_poll(&n, st);
-		if (n.stream && n.subscribed) {
-			u64 now = rdtsc();
+		n->ip[i] = (u8)(p->net_ip >> (8 * i));
+	n->port = p->net_port;
+	n->stream = service == WL_UDP_STREAM;
+	n->subscribed = 0;
+	n->peer_port = 0;
+	n->seq = 0;
+	n->interval = p->stream_rate ? p->tsc_khz * 1000 / p->stream_rate : 0;
+	n->slack = p->tsc_khz * 100; /* 100 ms */
+	n->next = rdtsc();
+	n->bytes = p->stream_bytes;
+}
 
-			if (!interval || (s64)(now - next) >= 0) {
-				next = now - next > slack ? now : next;
-				next += interval;
-				stream_send(&n, st, bytes);
-				ops++;
-			}
+/* One turn of the network service: take received frames, send the stream's
+ * next datagram when it is due. Returns the datagrams sent. Workloads call
+ * it between their own operations; it costs one load when nothing came. */
+static int net_tick(struct net *n, vstatus *st)
+{
+	int ops;
+
+	if (!n->on)
+		return 0;
+	ops = rx_poll(n, st);
+	if (n->stream && n->subscribed) {
+		u64 now = rdtsc();
+
+		if (!n->interval || (s64)(now - n->next) >= 0) {
+			n->next = now - n->next > n->slack ? now : n->next;
+			n->next += n->interval;
+			stream_send(n, st, n->bytes);
+			ops++;
 		}
+	}
+	return ops;
+}
+
+/* The udp-echo and udp-stream workloads: the service alone; its datagrams are
+ * the operations (iterations, phases). */
+static NORETURN void run_net(vstatus *st, const struct guest_params *p, struct net *n)
+{
+	const u64 phase_ops = p->phase_ops;
+	u64 left = phase_ops, ph = 0, polls = 0;
+	int ops;
+
+	for (;;) {
+		ops = net_tick(n, st);
 		if (ops) {
-			st->iterations = n.seq;
+			st->iterations = n->seq;
 			st->tsc = rdtsc();
 		} else if ((++polls & 0xfff) == 0) {
 			st->tsc = rdtsc();
@@ -663,11 +579,133 @@ static NORETURN void run_net(vstatus *st, const struct guest_params *p)
 			if (--left == 0) {
 				phase_done(st, p, ++ph);
 				left = phase_ops;
-				next = rdtsc();
+				n->next = rdtsc();
 			}
 		}
 	}
 }
+
+/* ---- workloads ---- */
+
+static NORETURN void run_idle(vstatus *st, const struct guest_params *p, struct net *n)
+{
+	u64 khz = p->tsc_khz, us = p->idle_tick_us ? p->idle_tick_us : 1000;
+	u64 ticks = khz * (us / 1000) + khz * (us % 1000) / 1000;
+	u64 phase_ops = p->phase_ops, left = phase_ops, ph = 0, it = 0;
+	u64 t0 = rdtsc(), now;
+
+	for (;;) {
+		while ((now = rdtsc()) - t0 < ticks)
+			net_tick(n, st);
+		t0 = now;
+		st->iterations = ++it;
+		st->tsc = now;
+		if (left && --left == 0) {
+			phase_done(st, p, ++ph);
+			left = phase_ops;
+			t0 = rdtsc();
+		}
+	}
+}
+
+static NORETURN void run_dirty(vstatus *st, const struct guest_params *p, u64 vcpu, struct net *n)
+{
+	const u64 base = p->vcpu[vcpu].base, W = p->vcpu[vcpu].working_set;
+	const u64 w0_hi = vcpu << 56;
+	const u32 pattern = p->pattern;
+	const u64 hot_pct = p->hot_pct > 100 ? 100 : p->hot_pct;
+	const u64 hot_w = p->hot_write_pct;
+	const u64 H0 = W * hot_pct / 100, H = H0 ? H0 : 1, C = W - H;
+	const u64 interval = p->rate ? p->tsc_khz * 1000 / p->rate : 0;
+	const u64 slack = p->tsc_khz * 100; /* 100 ms */
+	const u64 phase_ops = p->phase_ops;
+	u64 left = phase_ops, ph = 0, v = 0, seq = 0;
+	u64 rs = mix64(p->seed ^ ((vcpu + 1) * FILL_K));
+	u64 next = rdtsc();
+
+	if (!rs)
+		rs = FILL_K;
+	for (;;) {
+		u64 idx, now;
+
+		if (interval) {
+			while ((s64)((now = rdtsc()) - next) < 0)
+				net_tick(n, st);
+			next = now - next > slack ? now : next;
+			next += interval;
+		}
+		if (pattern == PAT_SEQ) {
+			idx = seq;
+			if (++seq == W)
+				seq = 0;
+		} else if (pattern == PAT_RANDOM) {
+			idx = scale(xs_next(&rs), W);
+		} else { /* PAT_HOTCOLD */
+			u64 hot = scale(xs_next(&rs), 100) < hot_w;
+
+			if (hot || !C)
+				idx = scale(xs_next(&rs), H);
+			else
+				idx = H + scale(xs_next(&rs), C);
+		}
+
+		v++;
+		st->cur_page = idx + 1;
+		barrier();
+		{
+			u64 *w = (u64 *)(base + (idx << 12));
+			const u64 w0 = w0_hi | idx;
+			u64 f = fill_base(w0, v) + 2 * FILL_K;
+			int k;
+
+			for (k = 2; k < PAGE_SIZE / 8; k++) {
+				w[k] = f;
+				f += FILL_K;
+			}
+			barrier();
+			w[1] = v;
+			barrier();
+			w[0] = w0;
+			barrier();
+		}
+		st->writes = v;
+		st->iterations = v;
+		st->tsc = rdtsc();
+		st->cur_page = 0;
+		if ((v & 15) == 0)
+			net_tick(n, st);
+
+		if (left && --left == 0) {
+			phase_done(st, p, ++ph);
+			left = phase_ops;
+			next = rdtsc();
+		}
+	}
+}
+
+static NORETURN void run_counter(vstatus *st, const struct guest_params *p, struct net *n)
+{
+	const u64 phase_ops = p->phase_ops;
+	u64 left = phase_ops, ph = 0, c = 0, h = COUNTER_H0;
+
+	for (;;) {
+		c++;
+		h = counter_step(h, c);
+		st->counter_slot[c & 1][0] = c;
+		st->counter_slot[c & 1][1] = h;
+		st->counter_seq = c;
+		st->iterations = c;
+		if ((c & 0xffff) == 0)
+			st->tsc = rdtsc();
+		if ((c & 0x3ff) == 0)
+			net_tick(n, st);
+		if (left && --left == 0) {
+			phase_done(st, p, ++ph);
+			left = phase_ops;
+		}
+	}
+}
+
 
 /* ---- entry ---- */
 
@@ -675,6 +713,8 @@ void guest_main(u64 vcpu)
 {
 	const struct guest_params *p = params();
 	const struct guest_vcpu_params *vp;
+	struct net net;
+	u32 service;
 	vstatus *st;
 
 	if (vcpu >= MAX_VCPUS)
@@ -693,9 +733,11 @@ void guest_main(u64 vcpu)
 		fail(st, GERR_BAD_REGION);
 	if (p->workload < WL_IDLE || p->workload > WL_UDP_STREAM)
 		fail(st, GERR_BAD_WORKLOAD);
-	if ((p->workload == WL_UDP_ECHO || p->workload == WL_UDP_STREAM) &&
-	    (!(p->net_flags & NET_PRESENT) || p->net_port == 0 || p->net_port > 0xffff ||
-	     (p->workload == WL_UDP_STREAM && (p->stream_bytes < 16 || p->stream_bytes > UDP_MAX_PAYLOAD))))
+	service = p->workload == WL_UDP_ECHO || p->workload == WL_UDP_STREAM ? p->workload : p->net_service;
+	if (service != 0 && service != WL_UDP_ECHO && service != WL_UDP_STREAM)
+		fail(st, GERR_BAD_NET);
+	if (service && (!(p->net_flags & NET_PRESENT) || p->net_port == 0 || p->net_port > 0xffff ||
+			(service == WL_UDP_STREAM && (p->stream_bytes < 16 || p->stream_bytes > UDP_MAX_PAYLOAD))))
 		fail(st, GERR_BAD_NET);
 	if (p->workload == WL_DIRTY && p->pattern != PAT_SEQ &&
 	    p->pattern != PAT_RANDOM && p->pattern != PAT_HOTCOLD)
@@ -722,6 +764,7 @@ void guest_main(u64 vcpu)
 	st->magic = STATUS_MAGIC;
 	st->state = GS_RUNNING;
 
+	net_init(&net, p, vcpu == 0 ? service : 0);
 	announce(st, vcpu, p);
 	GUEST_OUTL(PORT_CONTROL, CTRL_READY);
 	if (p->phase_ops)
@@ -729,15 +772,15 @@ void guest_main(u64 vcpu)
 
 	switch (p->workload) {
 	case WL_IDLE:
-		run_idle(st, p);
+		run_idle(st, p, &net);
 	case WL_DIRTY:
-		run_dirty(st, p, vcpu);
+		run_dirty(st, p, vcpu, &net);
 	case WL_UDP_ECHO:
 	case WL_UDP_STREAM:
 		if (vcpu == 0)
-			run_net(st, p);
-		run_idle(st, p);
+			run_net(st, p, &net);
+		run_idle(st, p, &net);
 	default:
-		run_counter(st, p);
+		run_counter(st, p, &net);
 	}
 }
