@@ -163,3 +163,58 @@ func TestPrimaryAbortIsNotFailover(t *testing.T) {
 		t.Fatal("primary reports itself protected after stopping replication")
 	}
 }
+
+// failingVM is the toy VM whose Save fails from the failAt-th call on.
+type failingVM struct {
+	*toyVM
+	saves, failAt int
+}
+
+func (v *failingVM) Save() ([]byte, error) {
+	if v.saves++; v.saves >= v.failAt {
+		return nil, errors.New("the VMM lost its vCPU")
+	}
+	return v.toyVM.Save()
+}
+
+// A VM that fails is not failed over to (the backup hears why), and its
+// output since the last acknowledged epoch is discarded, never released.
+func TestVMFailureDiscardsOutput(t *testing.T) {
+	vm := &failingVM{toyVM: newToyVM(1 << 20), failAt: 8}
+	vm.start()
+	defer vm.close()
+	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t),
+		Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	pc, bc := tcpPair(t)
+	bdone := make(chan error, 1)
+	go func() {
+		fo, err := b.Handle(context.Background(), bc)
+		if fo != nil {
+			err = fmt.Errorf("failed over to epoch %d", fo.Epoch)
+		}
+		bdone <- err
+	}()
+	gate := &recordingGate{}
+	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Gates: []replicate.OutputGate{gate}, Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Run(context.Background(), pc)
+	if err == nil || errors.Is(err, replicate.ErrBackupLost) || !strings.Contains(err.Error(), "lost its vCPU") {
+		t.Fatalf("primary: %v, want the VM's failure", err)
+	}
+	if berr := <-bdone; berr == nil || !strings.Contains(berr.Error(), "lost its vCPU") {
+		t.Fatalf("backup: %v, want the primary's reason and no failover", berr)
+	}
+	if gate.err != nil {
+		t.Fatal(gate.err)
+	}
+	if len(gate.discarded) != 1 || gate.discarded[0] != p.LastAcked() || !gate.released {
+		t.Fatalf("gate: discarded %v, released %v, last ack %d; want one discard after the last ack, then release",
+			gate.discarded, gate.released, p.LastAcked())
+	}
+}

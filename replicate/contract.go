@@ -62,7 +62,10 @@ type OutputGate interface {
 	// backup acknowledged n.
 	Commit(n uint64) error
 	// Discard drops the output of every epoch after n: those epochs will never
-	// be committed (this side lost the VM, or failed over to n).
+	// be committed. The engine calls it when the VM itself fails (its pause,
+	// save or resume): the backup is told not to resume, and the output of
+	// the failed state since the last acknowledged epoch n is not shown to
+	// anyone. Release follows.
 	Discard(n uint64) error
 	// Release stops holding: the backup is lost and the VM runs unprotected,
 	// so everything held is released and output passes from now on.

@@ -173,6 +173,7 @@ func TestKVMBackupLost(t *testing.T) {
 // recordingGate records what the engine told it, checking the order.
 type recordingGate struct {
 	opened, committed uint64
+	discarded         []uint64
 	released          bool
 	err               error
 }
@@ -193,5 +194,12 @@ func (g *recordingGate) Commit(n uint64) error {
 	return nil
 }
 
-func (g *recordingGate) Discard(n uint64) error { return nil }
-func (g *recordingGate) Release() error         { g.released = true; return nil }
+func (g *recordingGate) Discard(n uint64) error {
+	if g.released || n != g.committed {
+		return fmt.Errorf("discard after %d with %d committed, released %v", n, g.committed, g.released)
+	}
+	g.discarded = append(g.discarded, n)
+	return nil
+}
+
+func (g *recordingGate) Release() error { g.released = true; return nil }

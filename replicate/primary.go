@@ -399,6 +399,27 @@ func (p *Primary) stop(reason error) {
 	p.fail(reason)
 }
 
+// vmFailure marks an error of the VM itself (pause, save, resume). Its output
+// since the last acknowledged epoch comes from a state that neither side
+// will run on, so the gates discard it instead of releasing it.
+type vmFailure struct{ error }
+
+func (e vmFailure) Unwrap() error { return e.error }
+
+// discardGates drops the output of every epoch after n on every gate.
+func (p *Primary) discardGates(n uint64) {
+	p.gmu.Lock()
+	defer p.gmu.Unlock()
+	if p.released {
+		return
+	}
+	for _, g := range p.cfg.Gates {
+		if err := g.Discard(n); err != nil {
+			p.cfg.Log.Error("discard output", "after-epoch", n, "err", err)
+		}
+	}
+}
+
 func (p *Primary) releaseGates() {
 	p.gmu.Lock()
 	defer p.gmu.Unlock()
@@ -423,6 +444,9 @@ func (p *Primary) unprotected(cause error) error {
 		p.stop(cause)
 	}
 	p.fail(cause)
+	if errors.As(cause, new(vmFailure)) {
+		p.discardGates(p.lastAcked.Load())
+	}
 	p.releaseGates()
 	if a := p.abortErr.Load(); a != nil {
 		p.cfg.Log.Error("REPLICATION STOPPED: the VM runs UNPROTECTED", "cause", *a, "last-acked-epoch", p.lastAcked.Load())
@@ -707,13 +731,13 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Start = time.Now()
 	if err := vm.Pause(); err != nil {
 		<-p.inflight
-		return fmt.Errorf("pause VM: %w", err)
+		return vmFailure{fmt.Errorf("pause VM: %w", err)}
 	}
 	paused := true
 	defer func() {
 		if paused {
 			if rerr := vm.Resume(); rerr != nil && err == nil {
-				err = fmt.Errorf("resume VM: %w", rerr)
+				err = vmFailure{fmt.Errorf("resume VM: %w", rerr)}
 			}
 		}
 	}()
@@ -728,7 +752,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Harvest, t = lap(t)
 	if job.state, err = vm.Save(); err != nil {
 		<-p.inflight
-		return fmt.Errorf("save VM state: %w", err)
+		return vmFailure{fmt.Errorf("save VM state: %w", err)}
 	}
 	if p.cfg.Note != nil {
 		st.Note = p.cfg.Note() // guest state, beside the machine state
@@ -782,7 +806,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	st.Gates, t = lap(t)
 	paused = false
 	if err := vm.Resume(); err != nil {
-		return fmt.Errorf("resume VM: %w", err)
+		return vmFailure{fmt.Errorf("resume VM: %w", err)}
 	}
 	st.Resume, t = lap(t)
 	st.Pause = t.Sub(st.Start)
