@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -65,21 +67,72 @@ type guestFlags struct {
 	mem, workload, pattern string
 	vcpus                  int
 	workingSet, rate, seed uint64
+
+	// The network device.
+	tap, mac, ip, service string
+	port                  uint16
+	streamRate            uint64
+	streamBytes           uint32
 }
 
 // guestFlagNames are the guest flags' names, in the order usage lists them.
-var guestFlagNames = []string{"mem", "vcpus", "workload", "pattern", "working-set", "rate", "seed"}
+var guestFlagNames = []string{"mem", "vcpus", "workload", "pattern", "working-set", "rate", "seed",
+	"tap", "mac", "ip", "port", "net-service", "stream-rate", "stream-bytes"}
+
+// Guest network defaults.
+const (
+	defaultGuestMAC = "52:54:00:00:00:02"
+	defaultGuestIP  = "10.77.0.2"
+)
 
 // register adds the guest flags to fs.
 func (g *guestFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&g.mem, "mem", testvm.FormatSize(testvm.DefaultMemSize),
 		"guest memory `size`: a multiple of 2MiB with a unit (256MiB, 256M, 1GiB, 4096KiB) or plain bytes")
 	fs.IntVar(&g.vcpus, "vcpus", 1, fmt.Sprintf("number of vCPUs, 1 to %d", testvm.MaxVCPUs))
-	fs.StringVar(&g.workload, "workload", "dirty", "what each vCPU runs: idle, dirty or counter")
+	fs.StringVar(&g.workload, "workload", "dirty", "what each vCPU runs: idle, dirty, counter, udp-echo or udp-stream (the network ones on vCPU 0, the others idle)")
 	fs.StringVar(&g.pattern, "pattern", "random", "the dirty workload's page order: seq, random or hotcold")
 	fs.Uint64Var(&g.workingSet, "working-set", 0, "4KiB `pages` each vCPU's dirty workload writes (default 0: its whole region)")
 	fs.Uint64Var(&g.rate, "rate", 0, "page writes per second per vCPU for the dirty workload (default 0: full speed)")
 	fs.Uint64Var(&g.seed, "seed", 1, "seed of the random and hotcold patterns")
+	fs.StringVar(&g.tap, "tap", "", "give the guest a network device on the tap called `name` (opened in this process's network namespace, created if missing)")
+	fs.StringVar(&g.mac, "mac", defaultGuestMAC, "the guest's MAC address")
+	fs.StringVar(&g.ip, "ip", defaultGuestIP, "the guest's IPv4 address")
+	fs.Uint16Var(&g.port, "port", testvm.DefaultNetPort, "the UDP port the guest's network service listens on")
+	fs.StringVar(&g.service, "net-service", "", "udp-echo or udp-stream: vCPU 0 also serves the network between its workload's operations")
+	fs.Uint64Var(&g.streamRate, "stream-rate", testvm.DefaultStreamRate, "udp-stream: datagrams per second")
+	fs.Uint32Var(&g.streamBytes, "stream-bytes", testvm.DefaultStreamBytes, fmt.Sprintf("udp-stream: UDP payload `bytes` per datagram, 16 to %d", testvm.MaxStreamBytes))
+}
+
+// netConfig returns the guest's network settings, or nil when the guest has
+// no network device (no --tap, no network workload or service).
+func (g *guestFlags) netConfig(wl testvm.Workload) (*testvm.NetConfig, error) {
+	var svc testvm.Workload
+	if g.service != "" {
+		w, err := testvm.ParseWorkload(g.service)
+		if err != nil || !w.IsNet() {
+			return nil, usagef("--net-service %q: want udp-echo or udp-stream", g.service)
+		}
+		svc = w
+	}
+	if g.tap == "" && svc == 0 && !wl.IsNet() {
+		return nil, nil
+	}
+	mac, err := net.ParseMAC(g.mac)
+	if err != nil {
+		return nil, usagef("--mac: %w", err)
+	}
+	ip, err := netip.ParseAddr(g.ip)
+	if err != nil {
+		return nil, usagef("--ip: %w", err)
+	}
+	if g.port == 0 {
+		return nil, usagef("--port 0: want 1 to 65535")
+	}
+	if g.streamRate == 0 {
+		return nil, usagef("--stream-rate 0: want at least 1 datagram per second")
+	}
+	return &testvm.NetConfig{MAC: mac, IP: ip, Port: g.port, StreamRate: g.streamRate, StreamBytes: g.streamBytes, Service: svc}, nil
 }
 
 // config checks the guest flags and returns the VM config they describe; any
@@ -105,6 +158,9 @@ func (g *guestFlags) config() (testvm.Config, error) {
 	}
 	cfg := testvm.Config{MemSize: mem, VCPUs: g.vcpus, Workload: wl, Pattern: pat,
 		WorkingSet: g.workingSet, Rate: g.rate, Seed: g.seed}
+	if cfg.Net, err = g.netConfig(wl); err != nil {
+		return testvm.Config{}, err
+	}
 	if err := cfg.Validate(); err != nil {
 		return testvm.Config{}, usageError{err}
 	}
@@ -429,6 +485,10 @@ func opName(w testvm.Workload) string {
 		return "writes"
 	case testvm.Counter:
 		return "steps"
+	case testvm.UDPEcho:
+		return "echoes"
+	case testvm.UDPStream:
+		return "datagrams"
 	}
 	return "ticks"
 }

@@ -8,21 +8,17 @@
 package nettest
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
-	"strings"
 	"sync/atomic"
 	"testing"
-	"unsafe"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/testvm"
 )
 
 // Namespace is a network namespace made for one test.
@@ -40,37 +36,29 @@ func New(tb testing.TB) *Namespace {
 	if _, err := exec.LookPath("ip"); err != nil {
 		tb.Fatalf("nettest: iproute2's ip is missing (make deps installs it): %v", err)
 	}
-	name := fmt.Sprintf("rpa%d-%d", os.Getpid(), seq.Add(1))
+	netns.SweepStale(Prefix)
+	name := fmt.Sprintf("%s%d-%d", Prefix, os.Getpid(), seq.Add(1))
 	ns := &Namespace{Name: name}
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		tb.Fatalf("nettest: ip netns add %s: %v: %s", name, err, out)
+	if err := netns.Add(name); err != nil {
+		tb.Fatalf("nettest: %v", err)
 	}
 	tb.Cleanup(func() {
 		if err := ns.Close(); err != nil {
 			tb.Errorf("nettest: %v", err)
 		}
 	})
-	ns.MustIP(tb, "link", "set", "lo", "up")
 	return ns
 }
 
+// Prefix starts the name of every namespace the tests make; a namespace
+// left by a killed test run is removed by the next one.
+const Prefix = "rpatest-"
+
 // Close deletes the namespace and every device in it.
-func (ns *Namespace) Close() error {
-	out, err := exec.Command("ip", "netns", "del", ns.Name).CombinedOutput()
-	if err != nil && !strings.Contains(string(out), "No such file") {
-		return fmt.Errorf("ip netns del %s: %v: %s", ns.Name, err, out)
-	}
-	return nil
-}
+func (ns *Namespace) Close() error { return netns.Delete(ns.Name) }
 
 // IP runs `ip -n NAME args...` and returns its output.
-func (ns *Namespace) IP(args ...string) (string, error) {
-	out, err := exec.Command("ip", append([]string{"-n", ns.Name}, args...)...).CombinedOutput()
-	if err != nil {
-		return string(out), fmt.Errorf("ip -n %s %s: %v: %s", ns.Name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
-	}
-	return string(out), nil
-}
+func (ns *Namespace) IP(args ...string) (string, error) { return netns.IP(ns.Name, args...) }
 
 // MustIP is IP that fails the test on an error.
 func (ns *Namespace) MustIP(tb testing.TB, args ...string) string {
@@ -89,46 +77,12 @@ func (ns *Namespace) Command(name string, args ...string) *exec.Cmd {
 }
 
 // Path is the namespace's file, for setns.
-func (ns *Namespace) Path() string { return "/run/netns/" + ns.Name }
+func (ns *Namespace) Path() string { return netns.Path(ns.Name) }
 
 // Do runs f on an OS thread that has entered the namespace, then moves the
 // thread back. Sockets and taps made in f belong to the namespace and may be
 // used from any goroutine afterwards.
-func (ns *Namespace) Do(f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		// A thread whose namespace could not be restored is not unlocked, so
-		// the runtime retires it instead of reusing it.
-		runtime.LockOSThread()
-		self, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open own netns: %w", err)
-			return
-		}
-		defer self.Close()
-		target, err := os.Open(ns.Path())
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open netns %s: %w", ns.Name, err)
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", ns.Name, err)
-			return
-		}
-		ferr := f()
-		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("leave netns %s: %w", ns.Name, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func (ns *Namespace) Do(f func() error) error { return netns.Do(ns.Name, f) }
 
 // AddTap makes a persistent tap device named name in the namespace, up, with
 // the given address (CIDR, e.g. "10.0.0.1/24") on it if addr is not empty.
@@ -157,24 +111,8 @@ func (ns *Namespace) OpenTap(name string) (*os.File, error) {
 }
 
 // OpenTap opens (or creates) the tap called name in the calling thread's
-// network namespace: IFF_TAP|IFF_NO_PI, non-blocking.
-func OpenTap(name string) (*os.File, error) {
-	if len(name) == 0 || len(name) >= unix.IFNAMSIZ {
-		return nil, fmt.Errorf("tap name %q: want 1 to %d bytes", name, unix.IFNAMSIZ-1)
-	}
-	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open /dev/net/tun: %w", err)
-	}
-	var req [unix.IFNAMSIZ + 24]byte
-	copy(req[:], name)
-	*(*uint16)(unsafe.Pointer(&req[unix.IFNAMSIZ])) = unix.IFF_TAP | unix.IFF_NO_PI
-	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.TUNSETIFF, uintptr(unsafe.Pointer(&req[0]))); e != 0 {
-		unix.Close(fd)
-		return nil, fmt.Errorf("TUNSETIFF %s: %w", name, e)
-	}
-	return os.NewFile(uintptr(fd), "tap:"+name), nil
-}
+// network namespace, as testvm.OpenTap does.
+func OpenTap(name string) (*os.File, error) { return testvm.OpenTap(name) }
 
 // Link is one end of a veth pair: its name and namespace.
 type Link struct {
