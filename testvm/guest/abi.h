@@ -215,7 +215,8 @@ struct guest_status {
 	u64 tsc;             /* rdtsc at the last status update */
 	u64 net_rx;          /* network workloads: frames taken from the RX ring */
 	u64 net_tx;          /* frames put on the TX ring (ARP replies included) */
-	u64 net_seq;         /* the last sequence number sent (echo replies, stream datagrams) */
+	u64 net_seq;         /* the last sequence number sent (echo replies, stream datagrams),
+	                      * written just before its frame goes on the TX ring */
 	u64 net_ignored;     /* frames received that were not for this guest or malformed */
 	u32 net_peer_ip;     /* udp-stream: the subscriber's IPv4 address (wire order), 0 = none */
 	u32 net_peer_port;   /* udp-stream: the subscriber's UDP port (host order) */

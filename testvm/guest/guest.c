@@ -435,8 +435,8 @@ static int udp_in(struct net *n, vstatus *st, const u8 *f, const u8 *ip, const u
 		len = udp_header(o, n, f + 6, ip + 12, get16(udp), 8 + plen, n->seq);
 		put64(o + len - 8 - plen, n->seq);
 		copy(o + len - plen, udp + UDP_HLEN, plen);
+		st->net_seq = n->seq; /* before the frame exists: see stream_send */
 		tx_push(st, len);
-		st->net_seq = n->seq;
 		return 1;
 	}
 }
@@ -511,8 +511,11 @@ static void stream_send(struct net *n, vstatus *st, u32 bytes)
 	put64(d + 8, rdtsc());
 	for (i = 16; i < bytes; i++)
 		d[i] = (u8)(n->seq + i);
-	tx_push(st, len);
+	/* Published before the frame goes on the ring, so a host that reads the
+	 * status in a pause knows every datagram numbered above it was not
+	 * produced yet. */
 	st->net_seq = n->seq;
+	tx_push(st, len);
 }
 
 
