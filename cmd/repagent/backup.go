@@ -61,12 +61,14 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
 
+	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -77,7 +79,8 @@ Receive a primary's checkpoints (repagent primary --backup ADDR) into a
 replica of its memory. When the primary is lost (its connection drops or it
 is silent for --heartbeat-timeout) after its first checkpoint, resume the VM
 from the last complete checkpoint, run it for --run-after-failover, then pause
-it and verify the guest. Exit code 0 when the primary stopped on purpose or the
+it and verify the guest. With --tap, the resumed guest's network device uses
+that tap, and a gratuitous ARP announces the guest's MAC and IP there. Exit code 0 when the primary stopped on purpose or the
 resumed guest verified, 1 when it did not or on a runtime error, 2 on a usage
 error, 3 when the primary was lost before its first checkpoint (nothing to
 resume).
@@ -98,6 +101,7 @@ type backupOptions struct {
 	runAfter         time.Duration
 	skipVerify       bool
 	quiet            bool
+	tap              string
 	fault            *fault
 }
 
@@ -110,6 +114,7 @@ type backupFlags struct {
 	runAfter         time.Duration
 	skipVerify       bool
 	quiet            bool
+	tap              string
 }
 
 func newBackupFlags() *backupFlags {
@@ -123,6 +128,7 @@ func newBackupFlags() *backupFlags {
 	fs.DurationVar(&f.runAfter, "run-after-failover", 0, "how long to run the resumed VM before verifying it (default 0: until Ctrl-C or SIGTERM)")
 	fs.BoolVar(&f.skipVerify, "skip-verify", false, "resume without digesting the replica first (faster failover, unchecked)")
 	fs.BoolVar(&f.quiet, "quiet", false, "print no per-second lines, and log only warnings")
+	fs.StringVar(&f.tap, "tap", "", "at failover, give the resumed guest's network device the tap called `name` (opened in this process's network namespace) and announce its MAC and IP there")
 	return f
 }
 
@@ -135,7 +141,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 		return nil, err
 	}
 	o := &backupOptions{listen: f.listen, expectVCPUs: f.expectVCPUs, heartbeatTimeout: f.heartbeatTimeout,
-		runAfter: f.runAfter, skipVerify: f.skipVerify, quiet: f.quiet}
+		runAfter: f.runAfter, skipVerify: f.skipVerify, quiet: f.quiet, tap: f.tap}
 	if f.listen == "" {
 		return nil, usagef("--listen is required: the address to accept the primary on, e.g. --listen :7070")
 	}
@@ -163,6 +169,9 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 	}
 	if f.runAfter < 0 {
 		return nil, usagef("--run-after-failover %v: must not be negative", f.runAfter)
+	}
+	if f.fs.Changed("tap") && (f.tap == "" || len(f.tap) >= 16 || strings.ContainsAny(f.tap, "/ \t\n:")) {
+		return nil, usagef("--tap %q: not a network interface name (1 to 15 bytes, no '/', ':' or spaces)", f.tap)
 	}
 	flt, err := parseFault(faultEnv, killPID, backupFaultPoints)
 	if err != nil {
@@ -270,8 +279,27 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		resumed *testvm.Machine
 		first   snapshot
 	)
+	var tap *os.File
+	defer func() {
+		if tap != nil {
+			tap.Close() // after the machine: its deferred Close runs first
+		}
+	}()
 	cfg.Resume = func(cp *replicate.Checkpoint) error {
-		m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{Console: stderr})
+		st, err := testvm.DecodeState(cp.State)
+		if err != nil {
+			cp.Memory.Close()
+			return err
+		}
+		if st.Config.Net != nil && o.tap != "" {
+			if tap, err = testvm.OpenTap(o.tap); err != nil {
+				cp.Memory.Close()
+				return fmt.Errorf("the resumed guest's network: %w", err)
+			}
+		} else if st.Config.Net != nil {
+			log.Warn("the guest has a network device but no --tap was given: it resumes with its cable unplugged")
+		}
+		m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{Console: stderr, Tap: tap})
 		if err != nil {
 			cp.Memory.Close() // Restore leaves it ours on error
 			return err
@@ -287,6 +315,16 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 			return err
 		}
 		resumed = m
+		if tap != nil {
+			// The network learns where the VM is now: switches move its MAC
+			// to this port, neighbours refresh their entries.
+			n := st.Config.Net
+			if err := ebpf.Announce(o.tap, n.MAC, n.IP); err != nil {
+				log.Error("announce the resumed guest", "tap", o.tap, "err", err)
+			} else {
+				fmt.Fprintf(stdout, "announced mac=%s ip=%s on %s\n", n.MAC, n.IP, o.tap)
+			}
+		}
 		return nil
 	}
 	progress := &backupProgress{}

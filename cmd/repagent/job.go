@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"time"
 
+	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -28,6 +30,18 @@ type backupResult struct {
 // run runs the main job. It calls stopSignals once replication is over, so
 // that a second Ctrl-C during the verification kills the process.
 func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) (err error) {
+	var l *lab
+	if o.net {
+		if l, err = newLab(); err != nil {
+			return err
+		}
+		defer func() {
+			if cerr := l.close(); cerr != nil && err == nil {
+				err = cerr
+			}
+		}()
+		o.repl.tap = l.tap
+	}
 	r, err := newReplicator("repagent", o.repl, o.cfg, stdout, stderr, nil)
 	if err != nil {
 		return err
@@ -37,8 +51,18 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 			err = cerr
 		}
 	}()
+	if l != nil {
+		r.netDo = func(f func() error) error { return netns.Do(l.lan, f) }
+	}
 	if err := r.start(ctx); err != nil {
 		return err
+	}
+	if l != nil {
+		stop, err := o.startClient(l, r, stdout)
+		if err != nil {
+			return err
+		}
+		defer stop()
 	}
 
 	// The backup, in this process. It fails over only if the primary side
@@ -108,6 +132,29 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	}
 	fmt.Fprintln(stdout, "verification passed")
 	return nil
+}
+
+// startClient starts the job's client: a baseline of round trips before
+// replication, then echo requests at --client-rate until stop.
+func (o *jobOptions) startClient(l *lab, r *replicator, stdout io.Writer) (stop func(), err error) {
+	c, err := l.newEchoClient(netip.AddrPortFrom(o.cfg.Net.IP, o.cfg.Net.Port), o.clientRate)
+	if err != nil {
+		return nil, err
+	}
+	base, err := c.ping(20)
+	if err != nil {
+		c.close()
+		return nil, err
+	}
+	if !o.repl.quiet {
+		fmt.Fprintf(stdout, "network: guest %s on %s (namespace %s), client %s in %s; round trip before replication %s\n",
+			o.cfg.Net.IP, l.tap, l.lan, l.clientIP, l.cli, dur(base))
+	}
+	cctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); c.run(cctx) }()
+	r.client = c
+	return func() { cancel(); <-done; c.close() }, nil
 }
 
 // backupWait is how long the in-process backup may take to notice the end of

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -22,6 +23,7 @@ type replFlags struct {
 	workers                              int
 	auditEvery                           uint64
 	quiet                                bool
+	holdLimit, pcap                      string
 }
 
 func (r *replFlags) register(fs *pflag.FlagSet) {
@@ -39,6 +41,8 @@ func (r *replFlags) register(fs *pflag.FlagSet) {
 		"digest all of guest memory in every `N`th pause and check it against the replicated pages (default 0: never)")
 	fs.DurationVar(&r.duration, "duration", 0, "how long to run (default 0: until Ctrl-C or SIGTERM)")
 	fs.BoolVar(&r.quiet, "quiet", false, "print no sync or per-second status lines, and log only warnings")
+	fs.StringVar(&r.holdLimit, "hold-limit", "", fmt.Sprintf("memory `size` for the guest's held network frames; past it frames are dropped, never released early (default %s)", testvm.FormatSize(ebpf.DefaultHoldLimit)))
+	fs.StringVar(&r.pcap, "pcap", "", "write the guest's released network frames to `file` (pcap)")
 }
 
 // replOptions is what the replication flags ask for.
@@ -52,12 +56,15 @@ type replOptions struct {
 	stats            string
 	duration         time.Duration
 	quiet            bool
+	holdLimit        uint64
+	pcap             string
+	tap              string // the guest's tap (--tap), from the guest flags
 }
 
 // options checks the replication flags; any error is a usage error.
 func (r *replFlags) options() (replOptions, error) {
 	o := replOptions{interval: r.interval, heartbeatTimeout: r.heartbeatTimeout, workers: r.workers,
-		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet}
+		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet, pcap: r.pcap}
 	if r.interval < replicate.MinInterval || r.interval > replicate.MaxInterval {
 		return o, usagef("--interval %v: want %v to %v", r.interval, replicate.MinInterval, replicate.MaxInterval)
 	}
@@ -90,13 +97,28 @@ func (r *replFlags) options() (replOptions, error) {
 			return o, err
 		}
 	}
+	if r.holdLimit != "" {
+		if o.holdLimit, err = parseSize(r.holdLimit); err != nil {
+			return o, usagef("--hold-limit: %w", err)
+		}
+		if o.holdLimit < ebpf.MinHoldLimit || o.holdLimit > ebpf.MaxHoldLimit {
+			return o, usagef("--hold-limit %s: want %s to %s", r.holdLimit, testvm.FormatSize(ebpf.MinHoldLimit), testvm.FormatSize(ebpf.MaxHoldLimit))
+		}
+	}
+	if r.pcap != "" {
+		if err := checkDir("--pcap", r.pcap); err != nil {
+			return o, err
+		}
+	}
 	return o, nil
 }
 
 // jobOptions is what the main job was asked to do.
 type jobOptions struct {
-	cfg  testvm.Config
-	repl replOptions
+	cfg        testvm.Config
+	repl       replOptions
+	net        bool // build the job's own network and client
+	clientRate int  // the client's echo requests per second
 }
 
 // jobFlags is the main job's flag set: the guest and replication flags.
@@ -104,13 +126,22 @@ type jobFlags struct {
 	fs *pflag.FlagSet
 	guestFlags
 	replFlags
+	noNet      bool
+	clientRate int
 }
 
 func newJobFlags() *jobFlags {
 	f := &jobFlags{fs: newFlagSet("repagent")}
 	f.guestFlags.register(f.fs)
 	f.replFlags.register(f.fs)
+	f.registerJob()
 	return f
+}
+
+// registerJob adds the flags only the main job has.
+func (f *jobFlags) registerJob() {
+	f.fs.BoolVar(&f.noNet, "no-net", false, "do not build the job's own network (namespaces, bridge, tap, client): no output commit")
+	f.fs.IntVar(&f.clientRate, "client-rate", 200, "the job's client: UDP echo requests per second to the guest")
 }
 
 // parseJobArgs parses and checks the main job's arguments. It returns
@@ -120,11 +151,27 @@ func parseJobArgs(args []string) (*jobOptions, error) {
 	if err := parseFlags(f.fs, args); err != nil {
 		return nil, err
 	}
+	if f.tap != "" {
+		return nil, usagef("--tap: the main job builds its own tap; run `repagent primary --tap` to use yours")
+	}
+	if f.clientRate < 1 || f.clientRate > 100000 {
+		return nil, usagef("--client-rate %d: want 1 to 100000 requests per second", f.clientRate)
+	}
+	wl, _ := testvm.ParseWorkload(f.workload)
+	if !f.noNet && f.service == "" && !wl.IsNet() {
+		f.service = "udp-echo" // vCPU 0 answers the job's client
+	}
 	cfg, repl, err := f.configs()
 	if err != nil {
 		return nil, err
 	}
-	return &jobOptions{cfg: cfg, repl: repl}, nil
+	if f.noNet && (repl.pcap != "" || repl.holdLimit != 0) {
+		return nil, usagef("--pcap and --hold-limit are about the job's network: drop --no-net")
+	}
+	if f.noNet && cfg.Net != nil {
+		return nil, usagef("--no-net: the guest's network workload or service needs the job's network")
+	}
+	return &jobOptions{cfg: cfg, repl: repl, net: !f.noNet, clientRate: f.clientRate}, nil
 }
 
 // configs checks the guest and replication flags, once parsed.
@@ -134,6 +181,7 @@ func (f *jobFlags) configs() (testvm.Config, replOptions, error) {
 		return cfg, replOptions{}, err
 	}
 	repl, err := f.replFlags.options()
+	repl.tap = f.guestFlags.tap
 	return cfg, repl, err
 }
 
@@ -181,6 +229,9 @@ func parsePrimaryArgs(args []string, faultEnv string) (*primaryOptions, error) {
 	cfg, repl, err := f.configs()
 	if err != nil {
 		return nil, err
+	}
+	if repl.tap == "" && (repl.pcap != "" || repl.holdLimit != 0) {
+		return nil, usagef("--pcap and --hold-limit are about the guest's network: they need --tap")
 	}
 	flt, err := parseFault(faultEnv, "", primaryFaultPoints)
 	if err != nil {

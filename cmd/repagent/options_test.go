@@ -27,6 +27,19 @@ func TestParseJobArgsDefaults(t *testing.T) {
 	if o.repl != wantRepl {
 		t.Errorf("replication options: %+v, want %+v", o.repl, wantRepl)
 	}
+	// The job builds its own network by default, and vCPU 0 answers its
+	// client between page writes.
+	if n := o.cfg.Net; !o.net || o.clientRate != 200 || n == nil || n.Service != testvm.UDPEcho ||
+		n.MAC.String() != defaultGuestMAC || n.IP.String() != defaultGuestIP || n.Port != testvm.DefaultNetPort {
+		t.Errorf("network: net %v, client rate %d, guest %+v", o.net, o.clientRate, n)
+	}
+	if o, err := parseJobArgs([]string{"--no-net"}); err != nil || o.net || o.cfg.Net != nil {
+		t.Errorf("--no-net: %v, net %v, guest %+v", err, o.net, o.cfg.Net)
+	}
+	if o, err := parseJobArgs([]string{"--workload", "udp-stream", "--stream-rate", "500", "--hold-limit", "1M", "--pcap", t.TempDir() + "/x.pcap"}); err != nil ||
+		o.cfg.Net.Service != testvm.UDPStream || o.cfg.Net.StreamRate != 500 || o.repl.holdLimit != 1<<20 || o.repl.pcap == "" {
+		t.Errorf("network flags: %v, %+v, %+v", err, o.cfg.Net, o.repl)
+	}
 
 	o, err = parseJobArgs([]string{"--interval", "5ms", "--dirty-track", "ring", "--stats", t.TempDir() + "/s.jsonl",
 		"--heartbeat-timeout", "2s", "--workers", "3", "--staging", "64M", "--audit-every", "10", "--duration", "3s",
@@ -82,6 +95,17 @@ func TestJobUsageErrors(t *testing.T) {
 		{"bad vcpus", []string{"--vcpus", "9"}, "--vcpus 9: want 1 to 4"},
 		{"bad mem", []string{"--mem", "4M"}, "outside 8MiB..64GiB"},
 		{"unknown flag", []string{"--backup", "x:1"}, "unknown flag: --backup"},
+		{"own tap", []string{"--tap", "tap0"}, "--tap: the main job builds its own tap"},
+		{"client rate", []string{"--client-rate", "0"}, "--client-rate 0: want 1 to 100000"},
+		{"pcap without net", []string{"--no-net", "--pcap", "/tmp/x.pcap"}, "--pcap and --hold-limit are about the job's network: drop --no-net"},
+		{"service without net", []string{"--no-net", "--net-service", "udp-echo"}, "--no-net: the guest's network workload or service needs the job's network"},
+		{"bad service", []string{"--net-service", "http"}, `--net-service "http": want udp-echo or udp-stream`},
+		{"bad mac", []string{"--mac", "zz"}, "--mac: address zz: invalid MAC address"},
+		{"multicast mac", []string{"--mac", "01:00:5e:00:00:01"}, "is a multicast address"},
+		{"bad ip", []string{"--ip", "10.0.0"}, `--ip: ParseAddr("10.0.0")`},
+		{"ipv6", []string{"--ip", "::1"}, "is not an IPv4 address"},
+		{"stream bytes", []string{"--workload", "udp-stream", "--stream-bytes", "4"}, "stream datagrams of 4 bytes: want 16 to 1472"},
+		{"hold limit", []string{"--hold-limit", "1K"}, "--hold-limit 1K: want 4KiB to 16GiB"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkUsageError(t, run, "repagent: ", tc.args, tc.want)
@@ -118,6 +142,7 @@ func TestPrimaryArgs(t *testing.T) {
 		{"bad dirty-track", []string{"--backup", "h:1", "--dirty-track", "log"}, "", `unknown dirty tracking mechanism "log"`},
 		{"fault without epoch", []string{"--backup", "h:1"}, "sent", `REPAGENT_FAULT="sent": want POINT:N with POINT one of sync, pause, send, sent`},
 		{"fault unknown point", []string{"--backup", "h:1"}, "boom:3", `REPAGENT_FAULT="boom:3": unknown point "boom" here`},
+		{"pcap without tap", []string{"--backup", "h:1", "--pcap", "/tmp/x.pcap"}, "", "--pcap and --hold-limit are about the guest's network: they need --tap"},
 		{"fault backup point", []string{"--backup", "h:1"}, "apply:3", `unknown point "apply" here`},
 		{"fault bad epoch", []string{"--backup", "h:1"}, "pause:x", `REPAGENT_FAULT="pause:x": "x" is not an epoch number`},
 		{"fault negative epoch", []string{"--backup", "h:1"}, "send:-1", `"-1" is not an epoch number`},
@@ -194,6 +219,9 @@ func TestBackupArgs(t *testing.T) {
 		{"fault without pid", []string{"--listen", ":1"}, "apply:3", "", `REPAGENT_FAULT="apply:3" needs REPAGENT_FAULT_KILL_PID`},
 		{"fault bad pid", []string{"--listen", ":1"}, "apply:3", "me", `REPAGENT_FAULT_KILL_PID="me": want a process id`},
 		{"fault primary point", []string{"--listen", ":1"}, "sent:3", "", `unknown point "sent" here (want POINT:N with POINT one of apply)`},
+		{"empty tap", []string{"--listen", ":1", "--tap", ""}, "", "", `--tap "": not a network interface name`},
+		{"long tap", []string{"--listen", ":1", "--tap", "abcdefghijklmnop"}, "", "", `--tap "abcdefghijklmnop": not a network interface name`},
+		{"tap with slash", []string{"--listen", ":1", "--tap", "a/b"}, "", "", `--tap "a/b": not a network interface name`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parseBackupArgs(tc.args, tc.fault, tc.pi)

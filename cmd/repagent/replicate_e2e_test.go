@@ -29,7 +29,7 @@ import (
 // output must not fail on a loss the load caused.
 
 var (
-	statusLineRE = regexp.MustCompile(`(?m)^ +\d+\.\ds  [\d.]+ epochs/s  pause p50 \S+ p99 \S+  dirty \S+/epoch  wire \S+/s  ratio \S+  lag \d+ ack \S+  guest \S+ writes/s$`)
+	statusLineRE = regexp.MustCompile(`(?m)^ +\d+\.\ds  [\d.]+ epochs/s  pause p50 \S+ p99 \S+  dirty \S+/epoch  wire \S+/s  ratio \S+  lag \d+ ack \S+  guest \S+ writes/s(  net held \S+/s rel \S+/s( DROPPED \S+/s)? hold p50 \S+ p99 \S+(  client rtt p50 \S+ p99 \S+)?)?$`)
 	summaryRE    = regexp.MustCompile(`(?m)^  epochs: (\d+) acknowledged .*, last (\d+),`)
 	failoverRE   = regexp.MustCompile(`(?m)^failover: epoch=(\d+) digest=([0-9a-f]{16}) verified=(true|false)$`)
 	resumedRE    = regexp.MustCompile(`(?m)^resumed vcpu=(\d+) iterations=(\d+) writes=(\d+) counter=(\d+) hash=([0-9a-f]{16})$`)
@@ -82,7 +82,7 @@ func readStats(t *testing.T, path string) []statsLine {
 // TestJobE2E runs the main job for a few seconds and checks its output, its
 // stats file and its verdict.
 func TestJobE2E(t *testing.T) {
-	privileged.Require(t, privileged.KVM)
+	privileged.Require(t, privileged.KVM, privileged.Root, privileged.NetAdmin) // the job builds its own network
 	bin := buildRepagent(t)
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	out, code := runBin(t, bin, "--interval", "100ms", "--duration", "3s", "--mem", "64M", "--heartbeat-timeout", "5s", "--stats", stats)
@@ -93,6 +93,7 @@ func TestJobE2E(t *testing.T) {
 		t.Errorf("no status line:\n%s", out)
 	}
 	for _, want := range []string{"sync round 0: 16384 pages", "replicated ", "  pause: p50 ", "  pause parts (mean): kick ",
+		"\nnetwork: guest 10.77.0.2 on rpa-tap0", "  output commit on rpa-tap0: held ", "  hold time (added latency): p50 ",
 		"  shipped: raw ", "  ack latency: p50 ", "  vcpu 0: pages verified: ", "  backup: replica at epoch ", "\nverification passed\n"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
@@ -100,6 +101,15 @@ func TestJobE2E(t *testing.T) {
 	}
 	if strings.Contains(out, "UNPROTECTED") {
 		t.Errorf("the in-process backup was lost:\n%s", out)
+	}
+	// The job's client got answers through output commit, each once, in order.
+	if m := regexp.MustCompile(`(?m)^  client: (\d+) echoes sent, (\d+) answered, (\d+) out of order`).FindStringSubmatch(out); m == nil {
+		t.Errorf("no client line:\n%s", out)
+	} else if answered, _ := strconv.Atoi(m[2]); answered < 100 || m[3] != "0" {
+		t.Errorf("client: %s; want at least 100 answered, none out of order", m[0])
+	}
+	if m := regexp.MustCompile(`(?m)^  output commit on rpa-tap0: held (\d+) frames \(\S+\), released (\d+), dropped 0 `).FindStringSubmatch(out); m == nil || m[1] == "0" {
+		t.Errorf("no output commit line with held frames and no drops:\n%s", out)
 	}
 	m := summaryRE.FindStringSubmatch(out)
 	if m == nil {
@@ -133,7 +143,13 @@ type lineReader struct {
 // address it says it listens on.
 func startBackup(ctx context.Context, t *testing.T, bin string, args ...string) (*exec.Cmd, *lineReader, *bytes.Buffer, string) {
 	t.Helper()
-	backup := exec.CommandContext(ctx, bin, append([]string{"backup", "--listen", "127.0.0.1:0"}, args...)...)
+	return startBackupCmd(t, exec.CommandContext(ctx, bin, append([]string{"backup", "--listen", "127.0.0.1:0"}, args...)...))
+}
+
+// startBackupCmd is startBackup for a backup command made by the caller (in a
+// network namespace, say).
+func startBackupCmd(t *testing.T, backup *exec.Cmd) (*exec.Cmd, *lineReader, *bytes.Buffer, string) {
+	t.Helper()
 	bout, err := backup.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

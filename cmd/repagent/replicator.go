@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -50,10 +51,22 @@ type replicator struct {
 	fault  *fault
 	name   string // the command, for messages on stderr: "repagent", "repagent primary"
 
-	m     *testvm.Machine
-	p     *replicate.Primary
-	first snapshot // the guest's counts when replication began
-	t0    time.Time
+	m *testvm.Machine
+	p *replicate.Primary
+
+	// The guest's network, with a tap: the tap, the output gate on it and
+	// where released frames go (--pcap). netDo runs code in the tap's
+	// network namespace (nil: this process's).
+	netDo   func(func() error) error
+	tap     *os.File
+	gate    *ebpf.Gate
+	pcap    *os.File
+	netMu   sync.Mutex
+	netWin  netAgg // gate epochs ended this second
+	netPrev ebpf.Stats
+	client  *echoClient // the main job's client, if it built its network
+	first   snapshot    // the guest's counts when replication began
+	t0      time.Time
 
 	mu        sync.Mutex // guards what follows: the engine reports from its goroutines
 	window    epochAgg   // acknowledged this second
@@ -135,10 +148,47 @@ func expectedDirty(cfg testvm.Config, interval time.Duration) uint64 {
 	return pages + fixed
 }
 
+// openNet opens the guest's tap and puts an output gate on it, in the tap's
+// network namespace. The gate passes frames until replication opens an epoch.
+func (r *replicator) openNet() error {
+	do := r.netDo
+	if do == nil {
+		do = func(f func() error) error { return f() }
+	}
+	var w io.Writer
+	if r.o.pcap != "" {
+		f, err := os.Create(r.o.pcap)
+		if err != nil {
+			return fmt.Errorf("create pcap file: %w", err)
+		}
+		r.pcap, w = f, f
+	}
+	return do(func() error {
+		tap, err := testvm.OpenTap(r.o.tap)
+		if err != nil {
+			return err
+		}
+		r.tap = tap
+		g, err := ebpf.New(ebpf.Config{Interface: r.o.tap, HoldLimit: int(r.o.holdLimit), ReleaseCPU: ebpf.AutoCPU,
+			Pcap: w, OnEpoch: r.onGateEpoch})
+		if err != nil {
+			return fmt.Errorf("output gate on %s: %w", r.o.tap, err)
+		}
+		r.gate = g
+		return nil
+	})
+}
+
 // start builds the VM, starts it and waits for its guest to be ready.
 func (r *replicator) start(ctx context.Context) error {
 	cfg := r.cfg
 	cfg.Console = r.stderr
+	if r.o.tap != "" {
+		if err := r.openNet(); err != nil {
+			return err
+		}
+		cfg.Tap = r.tap
+	}
 	m, err := testvm.New(cfg)
 	if err != nil {
 		return err
@@ -162,11 +212,22 @@ func (r *replicator) start(ctx context.Context) error {
 	return nil
 }
 
-// close closes the VM and the stats file.
+// close closes the VM, the network and the stats file.
 func (r *replicator) close() error {
 	var err error
 	if r.m != nil {
 		err = r.m.Close()
+	}
+	if r.gate != nil {
+		err = errors.Join(err, r.gate.Close())
+	}
+	if r.tap != nil {
+		r.tap.Close()
+	}
+	if r.pcap != nil {
+		if cerr := r.pcap.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("write pcap file %s: %w", r.o.pcap, cerr))
+		}
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -224,6 +285,9 @@ func (r *replicator) newPrimary() error {
 	}
 	if r.fault != nil {
 		cfg.Hook = r.hook
+	}
+	if r.gate != nil {
+		cfg.Gates = []replicate.OutputGate{r.gate}
 	}
 	p, err := replicate.NewPrimary(cfg)
 	if err != nil {
@@ -416,6 +480,7 @@ func (r *replicator) statusLine(now time.Time, secs, guestRate float64, lost boo
 		guest:       guestRate,
 		op:          opName(r.cfg.Workload),
 		unprotected: lost || (r.lastAcked != nil && !r.p.Protected()),
+		net:         r.netSecond(secs),
 	}
 	sent, acked := r.p.LastSent(), r.p.LastAcked()
 	if sent > acked {
@@ -440,6 +505,7 @@ type statusLine struct {
 	ack         time.Duration // the latest ack's latency
 	guest       float64       // the guest's operations per second
 	op          string        // what the guest's operations are
+	net         *netLine      // with an output gate
 	unprotected bool
 }
 
@@ -459,6 +525,9 @@ func (s statusLine) String() string {
 	}
 	line := fmt.Sprintf("%6.1fs  %.1f epochs/s  pause %s  dirty %s/epoch  wire %s/s  ratio %s  lag %d ack %s  guest %s %s/s",
 		s.elapsed.Seconds(), s.epochs, pause, dirty, bytesSI(s.wireRate), ratio, s.lag, dur(s.ack), si(s.guest), s.op)
+	if s.net != nil {
+		line += s.net.String()
+	}
 	if s.unprotected {
 		line += "  UNPROTECTED"
 	}
@@ -507,6 +576,7 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 	if r.stats != nil {
 		fmt.Fprintf(w, "  stats: %d lines in %s\n", t.epochs, r.o.stats)
 	}
+	r.netSummary(w)
 	if lost != nil {
 		fmt.Fprintf(w, "  UNPROTECTED: the backup was lost after epoch %d: %v\n", r.p.LastAcked(), lostCause(lost))
 	}

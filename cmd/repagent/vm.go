@@ -49,6 +49,8 @@ type vmOptions struct {
 	save     string
 	restore  string
 	quiet    bool
+	tap      string          // --tap: the network device's tap
+	tapFile  *os.File        // opened by machine, closed after the machine
 	changed  map[string]bool // config flags given on the command line
 }
 
@@ -117,6 +119,12 @@ func (g *guestFlags) netConfig(wl testvm.Workload) (*testvm.NetConfig, error) {
 	}
 	if g.tap == "" && svc == 0 && !wl.IsNet() {
 		return nil, nil
+	}
+	if wl.IsNet() {
+		if svc != 0 && svc != wl {
+			return nil, usagef("--net-service %s with --workload %s: the workload is the service already", svc, wl)
+		}
+		svc = wl
 	}
 	mac, err := net.ParseMAC(g.mac)
 	if err != nil {
@@ -237,6 +245,7 @@ func parseVMArgs(args []string) (*vmOptions, error) {
 		}
 	}
 	o.cfg = cfg
+	o.tap = f.guestFlags.tap
 	return o, nil
 }
 
@@ -295,6 +304,11 @@ func runVM(args []string, stdout, stderr io.Writer) int {
 // calls stopSignals once the run is over, so that a second Ctrl-C during a
 // long verification kills the process.
 func (o *vmOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) error {
+	defer func() {
+		if o.tapFile != nil {
+			o.tapFile.Close() // deferred first, so after the machine's Close
+		}
+	}()
 	m, err := o.machine(stdout, stderr)
 	if err != nil {
 		return err
@@ -334,9 +348,16 @@ func (o *vmOptions) run(ctx context.Context, stopSignals func(), stdout, stderr 
 // machine builds a new machine, or restores the one in o.restore after
 // checking that the config flags given match it.
 func (o *vmOptions) machine(stdout, stderr io.Writer) (*testvm.Machine, error) {
+	if o.tap != "" {
+		f, err := testvm.OpenTap(o.tap)
+		if err != nil {
+			return nil, err
+		}
+		o.tapFile = f
+	}
 	if o.restore == "" {
 		cfg := o.cfg
-		cfg.Console = stderr
+		cfg.Console, cfg.Tap = stderr, o.tapFile
 		return testvm.New(cfg)
 	}
 	// Check the flags against the snapshot's config before copying its memory.
@@ -351,7 +372,7 @@ func (o *vmOptions) machine(stdout, stderr io.Writer) (*testvm.Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := testvm.Restore(state, memf, testvm.RestoreOptions{Console: stderr})
+	m, err := testvm.Restore(state, memf, testvm.RestoreOptions{Console: stderr, Tap: o.tapFile})
 	if err != nil {
 		memf.Close()
 		return nil, err
@@ -385,6 +406,20 @@ func (o *vmOptions) checkSnapshot(c testvm.Config) error {
 	differs("working-set", o.cfg.WorkingSet, c.WorkingSet, "working set of %d pages (0: whole region)")
 	differs("rate", o.cfg.Rate, c.Rate, "rate of %d writes/s (0: full speed)")
 	differs("seed", o.cfg.Seed, c.Seed, "seed %d")
+	// The guest's network identity is in the snapshot; its tap is not.
+	var give, have testvm.NetConfig
+	if o.cfg.Net != nil {
+		give = *o.cfg.Net
+	}
+	if c.Net != nil {
+		have = *c.Net
+	}
+	differs("mac", give.MAC.String(), have.MAC.String(), "MAC %q")
+	differs("ip", give.IP, have.IP, "IP %v")
+	differs("port", give.Port, have.Port, "port %d")
+	differs("net-service", give.Service, have.Service, "network service %v")
+	differs("stream-rate", give.StreamRate, have.StreamRate, "stream rate %d")
+	differs("stream-bytes", give.StreamBytes, have.StreamBytes, "stream datagrams of %d bytes")
 	if len(bad) > 0 {
 		return usageError{errors.New(strings.Join(bad, "; "))}
 	}
@@ -527,6 +562,11 @@ func summarize(w io.Writer, m *testvm.Machine, first snapshot, d time.Duration) 
 		fmt.Fprintf(w, "  vcpu %d: %d %s (%d this run, %s/s)\n", i, n, op, run, si(float64(run)/d.Seconds()))
 	}
 	fmt.Fprintf(w, "  total: %d %s this run, %s/s\n", last.ops-first.ops, op, si(float64(last.ops-first.ops)/d.Seconds()))
+	if m.HasNet() {
+		st, ds := m.Status(0), m.NetStats()
+		fmt.Fprintf(w, "  network: guest sequence %d, %d frames sent, %d received, %d ignored; device tx %d rx %d, %d dropped (RX ring full), %d kicks\n",
+			st.NetSeq, st.NetTx, st.NetRx, st.NetIgnored, ds.TxFrames, ds.RxFrames, ds.RxDropped, ds.Kicks)
+	}
 	switch c.Workload {
 	case testvm.Dirty:
 		for i := 0; i < m.NumVCPUs(); i++ {

@@ -88,7 +88,7 @@ func TestParseVMArgsDefaults(t *testing.T) {
 	if !sameConfig(o.cfg, want) || o.duration != 0 || !o.quiet || o.save != "snap" {
 		t.Errorf("parsed: %+v", o)
 	}
-	if !o.changed["mem"] || !o.changed["seed"] || len(o.changed) != 7 {
+	if !o.changed["mem"] || !o.changed["seed"] || o.changed["tap"] || len(o.changed) != len(guestFlagNames) {
 		t.Errorf("changed: %v", o.changed)
 	}
 
