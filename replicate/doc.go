@@ -131,7 +131,15 @@
 // (its VM, a gate, an audit, a replica whose digest diverged), the primary
 // sends reject and half-closes: the backup ends the session without failing
 // over, since the VM goes on (or failed) on the primary. Only silence or a
-// dead connection makes a failover.
+// dead connection makes a failover. When it was the VM itself that failed
+// (its pause, save or resume), the gates first discard the output of the
+// epochs after the last ack (OutputGate.Discard): no one will run on from
+// the state that produced it.
+//
+// Output before replication is not held: the gates see their first Open when
+// Run starts, so what the guest sends before (while nothing protects it)
+// flows, and epoch 1 holds what it sends from then on, through the initial
+// sync, until the first checkpoint is acknowledged.
 //
 // Both sides measure silence, not transfer time: every read, and every 64 KiB
 // written, pushes the deadline out, so a slow link that keeps moving bytes is
