@@ -120,7 +120,18 @@ func TestOutputCommit(t *testing.T) {
 	go b.Handle(bctx, bc)
 	var nmu sync.Mutex
 	seqAt := map[uint64]uint64{} // epoch -> the guest's sequence number in its pause
-	p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{clock},
+	// The client keeps writing to the guest, so the device's writes into
+	// guest memory (RX frames, ring positions) go on during replication; the
+	// audit in every pause proves they are all replicated.
+	sctx, sstop := context.WithCancel(context.Background())
+	defer sstop()
+	go func() {
+		for sctx.Err() == nil {
+			conn.WriteToUDP([]byte("subscribe"), &net.UDPAddr{IP: guestIP.AsSlice(), Port: testvm.DefaultNetPort})
+			time.Sleep(3 * time.Millisecond)
+		}
+	}()
+	p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{clock}, AuditEvery: 1,
 		Note:    func() any { return m.Status(0).NetSeq },
 		OnEpoch: func(s *replicate.EpochStats) { nmu.Lock(); seqAt[s.Epoch] = s.Note.(uint64); nmu.Unlock() },
 		Log:     testLog(t)})
@@ -139,6 +150,7 @@ func TestOutputCommit(t *testing.T) {
 	// Check up to the last acknowledged epoch: stopping replication
 	// releases what is held.
 	last := p.LastAcked()
+	sstop()
 	stop()
 	if err := <-perr; err != nil {
 		t.Fatal(err)
@@ -179,6 +191,9 @@ func TestOutputCommit(t *testing.T) {
 	}
 	if checked < 1000 {
 		t.Fatalf("only %d datagrams checked against their epoch's ack (want at least 1000)", checked)
+	}
+	if rx := m.NetStats().RxFrames; rx < 100 {
+		t.Errorf("the device received only %d frames: the audit did not see it write much", rx)
 	}
 	st := gate.Stats()
 	t.Logf("%d datagrams checked over %d epochs; gate: held %d released %d, hold p50 %v p99 %v", checked, last,
