@@ -52,8 +52,27 @@ pages even when the guest shares two cores with the engine and the backup:
 pause p99 against harvest + save + copy of the same epochs), then failover: a primary run as a separate
 process (this program's primary command) is killed with SIGKILL --failovers
 times, and frozen with SIGSTOP once, and the time from the signal to the
-guest making progress on the backup is measured. Last, the goal lines, each
-MET or NOT MET. With the defaults it takes about 1 to 2 minutes.
+guest making progress on the backup is measured.
+
+Then the network (output commit; --no-net skips it). In a network of its
+own (two namespaces, a bridge and the guest's tap), each mode on a fresh
+1-vCPU test VM (--mem, at most 64MiB) with an output gate on its tap:
+
+  none       the gate attached but never opened (frames pass), no replication
+  INTERVAL   replicated at each of --intervals, the gate holding every frame
+             the guest sends until its epoch is acknowledged
+
+A client sends --echo-rate requests per second to the guest's udp-echo for
+--mode-time and times the answers: round trip p50 and p99, the p50 added
+over none, and the epochs' pause, transfer, ack and the gate's hold times.
+Then held-frame throughput: the guest's udp-stream (64-byte datagrams at up
+to --stream-rate per second; the device's TX ring back-pressures the guest,
+so the rate is what the device and the gate sustain) to a client, without
+replication and replicated at 20ms (every frame held, then released): the
+frames per second the client receives, and the ratio.
+
+Last, the goal lines, each MET or NOT MET. With the defaults it takes about
+2 minutes. The network needs root.
 
 Exit code 0 when every measurement ran (whatever the goals say), 1 on a
 runtime error, 2 on a usage error.
@@ -80,6 +99,7 @@ const (
 	// so that a descheduled process on a busy machine does not end a mode.
 	benchHeartbeatTimeout = 5 * time.Second
 	setupTimeout          = 60 * time.Second // readiness, sync, first epochs
+	maxEchoRate           = 10000            // --echo-rate's limit
 )
 
 // Goals the figures are compared with (not assertions).
@@ -100,6 +120,9 @@ type benchOptions struct {
 	failovers        int
 	mech             dirtylog.Mechanism
 	heartbeatTimeout time.Duration
+	net              bool   // measure the network section
+	echoRate         int    // the echo client's requests per second
+	streamRate       uint64 // the stream guest's datagrams per second
 	quiet            bool
 	json             string
 }
@@ -110,7 +133,9 @@ type benchFlags struct {
 	intervals, dirtyTrack, json string
 	vcpus, failovers            int
 	modeTime, heartbeatTimeout  time.Duration
-	quiet                       bool
+	echoRate                    int
+	streamRate                  uint64
+	quiet, noNet                bool
 }
 
 func newBenchFlags() *benchFlags {
@@ -128,6 +153,9 @@ func newBenchFlags() *benchFlags {
 		"dirty page tracking: auto, bitmap, manual or ring (auto picks per mode from the expected dirty pages per interval)")
 	fs.DurationVar(&f.heartbeatTimeout, "heartbeat-timeout", 0,
 		fmt.Sprintf("the failover backup's (and primary's) heartbeat timeout (default 0: the engine's, 5 intervals, at least %v)", replicate.MinHeartbeatTimeout))
+	fs.BoolVar(&f.noNet, "no-net", false, "skip the network section (it needs root)")
+	fs.IntVar(&f.echoRate, "echo-rate", 200, fmt.Sprintf("the network section's echo requests per second, 1 to %d", maxEchoRate))
+	fs.Uint64Var(&f.streamRate, "stream-rate", 100000, "the network section's stream: the guest's datagrams per second (at most; at least 1)")
 	fs.BoolVar(&f.quiet, "quiet", false, "print only the tables and goal lines, no progress on stderr")
 	fs.StringVar(&f.json, "json", "", "also write the results as JSON to `file`")
 	return f
@@ -141,7 +169,8 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 		return nil, err
 	}
 	o := &benchOptions{vcpus: f.vcpus, modeTime: f.modeTime, failovers: f.failovers,
-		heartbeatTimeout: f.heartbeatTimeout, quiet: f.quiet, json: f.json}
+		heartbeatTimeout: f.heartbeatTimeout, net: !f.noNet, echoRate: f.echoRate, streamRate: f.streamRate,
+		quiet: f.quiet, json: f.json}
 	var err error
 	if o.mem, err = parseSize(f.mem); err != nil {
 		return nil, usagef("--mem: %w", err)
@@ -166,6 +195,12 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 	}
 	if f.failovers < 0 {
 		return nil, usagef("--failovers %d: must not be negative", f.failovers)
+	}
+	if f.echoRate < 1 || f.echoRate > maxEchoRate {
+		return nil, usagef("--echo-rate %d: want 1 to %d requests per second", f.echoRate, maxEchoRate)
+	}
+	if f.streamRate == 0 {
+		return nil, usagef("--stream-rate 0: want at least 1 datagram per second")
 	}
 	if o.mech, err = dirtylog.ParseMechanism(f.dirtyTrack); err != nil {
 		return nil, usagef("--dirty-track: %w", err)
@@ -245,6 +280,7 @@ type benchResults struct {
 	Check10k *benchMode           `json:"check_10k"`
 	Check    benchCheck10k        `json:"check_10k_summary"`
 	Failover *benchFailoverResult `json:"failover,omitempty"`
+	Net      *benchNetResult      `json:"network,omitempty"`
 	Goals    []benchGoal          `json:"goals"`
 	TookSecs float64              `json:"took_s"`
 }
@@ -259,6 +295,9 @@ type benchConfigJSON struct {
 	Failovers   int       `json:"failovers"`
 	DirtyTrack  string    `json:"dirty_track"`
 	HeartbeatMS float64   `json:"heartbeat_timeout_ms"`
+	Net         bool      `json:"network"`
+	EchoRate    int       `json:"echo_rate"`
+	StreamRate  uint64    `json:"stream_rate"`
 }
 
 // benchRate is one rate's modes.
@@ -377,7 +416,8 @@ func (o *benchOptions) run(ctx context.Context, stdout, stderr io.Writer) error 
 	b := &benchRun{benchOptions: o, stdout: stdout, stderr: stderr, log: newLogger(stderr, true)}
 	res := &benchResults{Started: time.Now()}
 	res.Config = benchConfigJSON{Mem: o.mem, VCPUs: o.vcpus, Pattern: o.pattern.String(), Rates: o.rates,
-		ModeTimeS: o.modeTime.Seconds(), Failovers: o.failovers, DirtyTrack: o.mech.String(), HeartbeatMS: benchMS(b.failoverTimeout())}
+		ModeTimeS: o.modeTime.Seconds(), Failovers: o.failovers, DirtyTrack: o.mech.String(), HeartbeatMS: benchMS(b.failoverTimeout()),
+		Net: o.net, EchoRate: o.echoRate, StreamRate: o.streamRate}
 	for _, iv := range o.intervals {
 		res.Config.IntervalsMS = append(res.Config.IntervalsMS, benchMS(iv))
 	}
@@ -412,6 +452,16 @@ func (o *benchOptions) run(ctx context.Context, stdout, stderr io.Writer) error 
 		res.Failover = fo
 		fmt.Fprintln(stdout)
 		benchPrintFailover(stdout, fo)
+	}
+
+	if o.net {
+		nr, err := b.benchNet(ctx)
+		if err != nil {
+			return fmt.Errorf("network: %w", err)
+		}
+		res.Net = nr
+		fmt.Fprintln(stdout)
+		benchPrintNet(stdout, nr, o.modeTime)
 	}
 
 	res.Goals = b.goals(res)
@@ -675,10 +725,35 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 	}
 	defer m.Close()
 	r := &benchMode{Mode: interval.String(), IntervalMS: benchMS(interval), Track: mech.String()}
+	err = b.runReplicated(ctx, m, ready, benchRepl{interval: interval, mech: mech, warmup: b.warmup(),
+		measure: func(ctx context.Context) (time.Time, time.Time, error) { return b.window(ctx, m, r) }}, r)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
+}
 
+// benchRepl is how runReplicated replicates a running VM and what it measures.
+type benchRepl struct {
+	interval time.Duration
+	mech     dirtylog.Mechanism
+	gates    []replicate.OutputGate // the engine's Config.Gates
+	warmup   time.Duration          // the least time since the guest was ready before the window
+	// measure runs the window, once the warm-up is over, and returns its
+	// bounds: the epochs whose pause starts between them are measured.
+	measure func(ctx context.Context) (t0, t1 time.Time, err error)
+}
+
+// runReplicated replicates the running m at rp.interval to a backup in this
+// process over loopback TCP (the backup never resumes a VM), warms up (the
+// sync done, warmEpochs acknowledged, rp.warmup since ready), runs
+// rp.measure, stops replication and fills r's epoch figures with the epochs
+// that started in the window.
+func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready time.Time, rp benchRepl, r *benchMode) error {
+	interval, mech := rp.interval, rp.mech
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return nil, fmt.Errorf("listen for the backup: %w", err)
+		return fmt.Errorf("listen for the backup: %w", err)
 	}
 	defer ln.Close()
 	bk, err := replicate.NewBackup(replicate.BackupConfig{
@@ -689,7 +764,7 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 		Log:              b.log.With("side", "backup"),
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer bk.Close()
 	bctx, bcancel := context.WithCancel(context.Background())
@@ -726,6 +801,7 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 		Interval:         interval,
 		DirtyTrack:       mech,
 		HeartbeatTimeout: benchHeartbeatTimeout,
+		Gates:            rp.gates,
 		OnEpoch: func(s *replicate.EpochStats) {
 			mu.Lock()
 			epochs = append(epochs, *s)
@@ -743,11 +819,11 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 		Log: b.log.With("side", "primary"),
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	conn, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
-		return nil, fmt.Errorf("connect to the backup: %w", err)
+		return fmt.Errorf("connect to the backup: %w", err)
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -768,37 +844,37 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 		mu.Lock()
 		ok := !synced.IsZero()
 		mu.Unlock()
-		if ok && p.LastAcked() >= warmEpochs && time.Since(ready) >= b.warmup() {
+		if ok && p.LastAcked() >= warmEpochs && time.Since(ready) >= rp.warmup {
 			break
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("not warmed up in %v: sync done %v, %d epochs acknowledged", setupTimeout, ok, p.LastAcked())
+			return fmt.Errorf("not warmed up in %v: sync done %v, %d epochs acknowledged", setupTimeout, ok, p.LastAcked())
 		}
 		select {
 		case err := <-perr:
 			running = false
-			return nil, fmt.Errorf("replication stopped during the warm-up: %v", err)
+			return fmt.Errorf("replication stopped during the warm-up: %v", err)
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return ctx.Err()
 		case <-m.Done():
-			return nil, benchStopped(m)
+			return benchStopped(m)
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-	t0, t1, err := b.window(ctx, m, r)
+	t0, t1, err := rp.measure(ctx)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	select {
 	case err := <-perr:
 		running = false
-		return nil, fmt.Errorf("replication stopped while measuring: %v", err)
+		return fmt.Errorf("replication stopped while measuring: %v", err)
 	default:
 	}
 	cancel()
 	running = false
 	if err := <-perr; err != nil {
-		return nil, fmt.Errorf("replication: %w", err)
+		return fmt.Errorf("replication: %w", err)
 	}
 	// The engine may report the last acknowledged epoch just after Run
 	// returns (OnEpoch runs on its reader after the ack is counted).
@@ -816,7 +892,7 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 		served = true
 		switch {
 		case br.fo != nil:
-			return nil, fmt.Errorf("the backup failed over (cause: %v)", br.fo.Cause)
+			return fmt.Errorf("the backup failed over (cause: %v)", br.fo.Cause)
 		case errors.Is(br.err, replicate.ErrPrimaryStopped):
 		case errors.Is(br.err, replicate.ErrProtocol):
 			// Replication ended after every epoch was acknowledged, but the
@@ -825,10 +901,10 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 			// engine). The epochs measured are complete; say so and go on.
 			r.Warning = fmt.Sprintf("after the primary stopped, the backup refused the session: %v", br.err)
 		default:
-			return nil, fmt.Errorf("backup: %v", br.err)
+			return fmt.Errorf("backup: %v", br.err)
 		}
 	case <-time.After(benchHeartbeatTimeout + 5*time.Second):
-		return nil, errors.New("the backup did not see the primary stop")
+		return errors.New("the backup did not see the primary stop")
 	}
 
 	mu.Lock()
@@ -844,7 +920,7 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 	a := &r.agg
 	r.Epochs = a.epochs
 	if a.epochs == 0 {
-		return r, nil
+		return nil
 	}
 	r.PauseP50US, r.PauseP99US, r.PauseMaxUS = benchUS(a.pause.quantile(0.5)), benchUS(a.pause.quantile(0.99)), benchUS(time.Duration(a.pause.max))
 	r.KickUS, r.HarvestUS, r.SaveUS = benchUS(a.meanPart(partKick)), benchUS(a.meanPart(partHarvest)), benchUS(a.meanPart(partSave))
@@ -857,7 +933,7 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 	r.WireMBps = float64(a.wire) / r.Seconds / 1e6
 	r.AckP50US = benchUS(a.ack.quantile(0.5))
 	r.Oversize = a.oversize
-	return r, nil
+	return nil
 }
 
 // benchSummarize10k compares the 10k check's pause p99 with the median of
@@ -1171,6 +1247,11 @@ func (b *benchRun) goals(res *benchResults) []benchGoal {
 		}
 	} else {
 		out = append(out, benchGoal{Text: "failover: not measured (--failovers 0): NOT MET"})
+	}
+	if res.Net != nil {
+		out = append(out, netGoals(res.Net, verdict)...)
+	} else {
+		out = append(out, benchGoal{Text: "echo added latency: not measured (--no-net): NOT MET"})
 	}
 	return out
 }

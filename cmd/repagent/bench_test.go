@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -21,17 +22,20 @@ func TestParseBenchArgsDefaults(t *testing.T) {
 	if o.mem != 256<<20 || o.vcpus != 1 || len(o.rates) != 3 || o.rates[0] != 10000 || o.rates[1] != 50000 || o.rates[2] != 0 ||
 		o.pattern.String() != "random" || len(o.intervals) != 3 || o.intervals[0] != 100*time.Millisecond ||
 		o.intervals[1] != 20*time.Millisecond || o.intervals[2] != 10*time.Millisecond || o.modeTime != 3*time.Second ||
-		o.failovers != 5 || o.mech.String() != "auto" || o.heartbeatTimeout != 0 || o.quiet || o.json != "" {
+		o.failovers != 5 || o.mech.String() != "auto" || o.heartbeatTimeout != 0 || o.quiet || o.json != "" ||
+		!o.net || o.echoRate != 200 || o.streamRate != 100000 {
 		t.Errorf("defaults: %+v", o)
 	}
 	o, err = parseBenchArgs([]string{"--rates", " 5, 0 ", "--intervals", "5ms,10s", "--mem", "64M", "--vcpus", "2",
-		"--pattern", "seq", "--mode-time", "1s", "--failovers", "0", "--dirty-track", "ring", "--heartbeat-timeout", "2s", "--quiet"})
+		"--pattern", "seq", "--mode-time", "1s", "--failovers", "0", "--dirty-track", "ring", "--heartbeat-timeout", "2s", "--quiet",
+		"--no-net", "--echo-rate", "50", "--stream-rate", "1000"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(o.rates) != 2 || o.rates[0] != 5 || o.rates[1] != 0 || len(o.intervals) != 2 || o.intervals[0] != 5*time.Millisecond ||
 		o.intervals[1] != 10*time.Second || o.mem != 64<<20 || o.vcpus != 2 || o.pattern.String() != "seq" || o.modeTime != time.Second ||
-		o.failovers != 0 || o.mech.String() != "ring" || o.heartbeatTimeout != 2*time.Second || !o.quiet {
+		o.failovers != 0 || o.mech.String() != "ring" || o.heartbeatTimeout != 2*time.Second || !o.quiet ||
+		o.net || o.echoRate != 50 || o.streamRate != 1000 {
 		t.Errorf("parsed: %+v", o)
 	}
 }
@@ -58,6 +62,9 @@ func TestBenchUsageErrors(t *testing.T) {
 		{[]string{"--pattern", "zigzag"}, "--pattern"},
 		{[]string{"--dirty-track", "magic"}, "--dirty-track"},
 		{[]string{"--heartbeat-timeout", "100ms"}, "--heartbeat-timeout 100ms"},
+		{[]string{"--echo-rate", "0"}, "--echo-rate 0: want 1 to 10000 requests per second"},
+		{[]string{"--echo-rate", "10001"}, "--echo-rate 10001: want 1 to 10000"},
+		{[]string{"--stream-rate", "0"}, "--stream-rate 0: want at least 1 datagram per second"},
 		{[]string{"--json", "/no/such/dir/out.json"}, "--json /no/such/dir/out.json: directory /no/such/dir does not exist"},
 		{[]string{"--bogus"}, "unknown flag: --bogus"},
 		{[]string{"extra"}, `unexpected argument "extra"`},
@@ -72,7 +79,7 @@ func TestBenchHelp(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
 	for _, flag := range []string{"--mem", "--vcpus", "--rates", "--pattern", "--intervals", "--mode-time", "--failovers",
-		"--dirty-track", "--heartbeat-timeout", "--quiet", "--json"} {
+		"--dirty-track", "--heartbeat-timeout", "--no-net", "--echo-rate", "--stream-rate", "--quiet", "--json"} {
 		if !strings.Contains(stdout.String(), flag) {
 			t.Errorf("--help does not document %s:\n%s", flag, stdout.String())
 		}
@@ -102,10 +109,46 @@ func TestBenchMedian(t *testing.T) {
 	}
 }
 
+// The network goal: added p50 against interval/2 + pause p50 + transfer p50 +
+// 1 ms, with the numbers in the line.
+func TestBenchNetGoals(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		echo     benchEchoMode
+		wantMet  bool
+		wantText string
+	}{
+		{name: "under", echo: benchEchoMode{Mode: "20ms", AddedP50US: 10900, RTTP50US: 11000, BoundUS: 11300,
+			benchNetEpochs: benchNetEpochs{Epochs: 50, PauseP50US: 200, TransferP50US: 100}}, wantMet: true,
+			wantText: "echo added latency at 20ms: p50 10.90 ms (rtt p50 11.00 ms, 0.10 ms without replication) " +
+				"(goal <= 20ms/2 + pause p50 0.20 ms + transfer p50 0.10 ms + 1 ms = 11.30 ms): MET"},
+		{name: "over", echo: benchEchoMode{Mode: "10ms", AddedP50US: 7500, RTTP50US: 7600, BoundUS: 6200,
+			benchNetEpochs: benchNetEpochs{Epochs: 50, PauseP50US: 150, TransferP50US: 50}},
+			wantText: "echo added latency at 10ms: p50 7.50 ms (rtt p50 7.60 ms, 0.10 ms without replication) " +
+				"(goal <= 10ms/2 + pause p50 0.15 ms + transfer p50 0.05 ms + 1 ms = 6.20 ms): NOT MET"},
+		{name: "no epochs", echo: benchEchoMode{Mode: "10ms", AddedP50US: 100, RTTP50US: 200, BoundUS: 6000},
+			wantText: "echo added latency at 10ms: p50 0.10 ms (rtt p50 0.20 ms, 0.10 ms without replication) " +
+				"(goal <= 10ms/2 + pause p50 0.00 ms + transfer p50 0.00 ms + 1 ms = 6.00 ms): NOT MET"},
+	} {
+		nr := &benchNetResult{Echo: []*benchEchoMode{{Mode: "none", RTTP50US: 100}, &tc.echo}}
+		verdict := func(ok bool) string {
+			if ok {
+				return "MET"
+			}
+			return "NOT MET"
+		}
+		g := netGoals(nr, verdict)
+		if len(g) != 1 || g[0].Met != tc.wantMet || g[0].Text != tc.wantText {
+			t.Errorf("%s: got %+v\nwant met %v, %q", tc.name, g, tc.wantMet, tc.wantText)
+		}
+	}
+}
+
 // TestBenchSmoke runs the whole bench with tiny settings and checks that
-// every table, mode, failover and goal line is there. It asserts no timing.
+// every table, mode, failover, network row and goal line is there, and that
+// the network's figures are not empty. It asserts no timing.
 func TestBenchSmoke(t *testing.T) {
-	privileged.Require(t, privileged.KVM)
+	privileged.Require(t, privileged.KVM, privileged.Root, privileged.NetAdmin)
 	benchExecutable = buildRepagent(t)
 	defer func() { benchExecutable = "" }()
 	js := filepath.Join(t.TempDir(), "bench.json")
@@ -133,6 +176,17 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^  guest at 100 ms, rate 20000/s: not measured \(100ms is not in --intervals\): NOT MET$`,
 		`(?m)^  failover: \d+ ms p50 \(goal <= 500 ms \+ heartbeat timeout \S+ = \d+ ms\): (MET|NOT MET)$`,
 		`(?m)^  failover of a frozen primary: timeout \S+ \+ -?\d+ ms \(goal <= 500 ms \+ the timeout\): (MET|NOT MET)$`,
+		`(?m)^Output commit \(network\): udp-echo, 1 vCPU, 32MiB, 200 requests/s for 300ms per mode:$`,
+		`(?m)^\| mode +\| requests \| answered \| rtt p50 \| rtt p99 \| added p50 \| epochs \| pause p50 \| transfer p50 \| ack p50 \| held \| hold p50 \| hold p99 \| goal bound \|$`,
+		`(?m)^\| none +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +- \| +- \|`,
+		`(?m)^\| replicated 20ms +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +\S+ \| +\d+ \| +\S+ \| +\S+ \| +\S+ \| +\d+ \|`,
+		`(?m)^Held-frame throughput: udp-stream, 64-byte datagrams at up to 100000/s, 300ms per mode:$`,
+		`(?m)^\| mode +\| guest sent/s \| client frames/s \| vs none \| client lost \| +held \| released \| dropped \|`,
+		`(?m)^\| none +\| +\S+ \| +\S+ \| +1\.00 \| +\d+ \| +0 \|`,
+		`(?m)^\| replicated 20ms +\| +\S+ \| +\S+ \| +[\d.]+ \| +\d+ \| +\d+ \| +\d+ \| +\d+ \| +\d+ \|`,
+		`(?m)^held-frame throughput: \S+ frames/s replicated at 20ms, [\d.]+ of \S+ frames/s without replication$`,
+		`(?m)^  echo added latency at 20ms: p50 -?[\d.]+ ms \(rtt p50 [\d.]+ ms, [\d.]+ ms without replication\) ` +
+			`\(goal <= 20ms/2 \+ pause p50 [\d.]+ ms \+ transfer p50 [\d.]+ ms \+ 1 ms = [\d.]+ ms\): (MET|NOT MET)$`,
 	} {
 		if !regexp.MustCompile(re).MatchString(out) {
 			t.Errorf("output lacks %s", re)
@@ -146,12 +200,44 @@ func TestBenchSmoke(t *testing.T) {
 	if err := json.Unmarshal(b, &res); err != nil {
 		t.Fatalf("--json file: %v\n%s", err, b)
 	}
-	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 2 || len(res.Goals) != 4 {
+	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 2 || len(res.Goals) != 5 {
 		t.Errorf("--json file: %s", b)
 	}
 	for _, m := range res.Rates[0].Modes {
 		if m.Writes == 0 {
 			t.Errorf("mode %s: the guest wrote nothing", m.Mode)
+		}
+	}
+	nr := res.Net
+	if nr == nil || !res.Config.Net || nr.EchoRate != 200 || nr.StreamRate != 100000 || len(nr.Echo) != 2 || len(nr.Stream) != 2 {
+		t.Fatalf("--json file: network: %+v", nr)
+	}
+	for i, e := range nr.Echo {
+		if e.Mode != []string{"none", "20ms"}[i] || e.Sent == 0 || e.Answered == 0 || e.RTTP50US <= 0 || e.RTTP99US < e.RTTP50US {
+			t.Errorf("echo %s: %+v", e.Mode, e)
+		}
+	}
+	if e := nr.Echo[1]; e.Epochs == 0 || e.PauseP50US <= 0 || e.TransferP50US <= 0 || e.Held < e.Answered || e.HoldP50US <= 0 ||
+		e.BoundUS <= 10e3 || e.AddedP50US != e.RTTP50US-nr.Echo[0].RTTP50US {
+		t.Errorf("echo 20ms: %+v", e)
+	}
+	if e := nr.Echo[0]; e.Held != 0 || e.Epochs != 0 {
+		t.Errorf("echo none: the gate held %d frames, %d epochs", e.Held, e.Epochs)
+	}
+	for i, s := range nr.Stream {
+		if s.Mode != []string{"none", "20ms"}[i] || s.GuestSent == 0 || s.Received == 0 || s.ClientRate <= 0 {
+			t.Errorf("stream %s: %+v", s.Mode, s)
+		}
+	}
+	if s := nr.Stream[1]; s.Epochs == 0 || s.Held == 0 || s.Released == 0 || nr.StreamRatio <= 0 {
+		t.Errorf("stream 20ms: %+v, ratio %v", s, nr.StreamRatio)
+	}
+	// The bench's network is gone.
+	if ents, _ := os.ReadDir("/run/netns"); len(ents) > 0 {
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), fmt.Sprintf("%s%d-", labPrefix, os.Getpid())) {
+				t.Errorf("namespace %s left behind", e.Name())
+			}
 		}
 	}
 }

@@ -41,7 +41,7 @@ func newLab() (_ *lab, err error) {
 	l := &lab{lan: fmt.Sprintf("%s%d-lan", labPrefix, os.Getpid()), cli: fmt.Sprintf("%s%d-cli", labPrefix, os.Getpid()),
 		tap: "rpa-tap0", clientIP: netip.MustParseAddr("10.77.0.1")}
 	if err := netns.Add(l.lan); err != nil {
-		return nil, fmt.Errorf("build the job's network (run as root, or pass --no-net): %w", err)
+		return nil, fmt.Errorf("build a network of namespaces, a bridge and a tap (run as root, or pass --no-net): %w", err)
 	}
 	defer func() {
 		if err != nil {

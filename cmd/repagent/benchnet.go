@@ -1,0 +1,607 @@
+package main
+
+// The bench's network section: output commit as a client sees it. The
+// guest's answers are held by the output gate until their epoch is
+// acknowledged, so a client of a replicated guest waits, on top of the
+// network, for the rest of the epoch, the pause, the transfer and the ack.
+// Every mode runs on a fresh test VM on the lab's tap (netlab.go), with an
+// output gate on the tap, side by side with the same VM and gate without
+// replication (the gate in pass mode).
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/netns"
+	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/testvm"
+)
+
+// Fixed settings of the network section.
+const (
+	netMaxMem      = 64 << 20               // the network guests' memory: --mem, at most this
+	netWarmupMax   = 500 * time.Millisecond // the longest warm-up of a network mode
+	netPing        = 5                      // round trips one at a time before a mode: the guest answers
+	streamInterval = 20 * time.Millisecond  // the replicated throughput mode's interval
+	streamBytes    = 64                     // UDP payload of each stream datagram
+	streamRcvBuf   = 4 << 20                // the stream client's socket buffer
+	goalNetExtra   = time.Millisecond       // the goal's allowance beyond interval/2 + pause + transfer
+)
+
+// benchNetResult is the network section's figures.
+type benchNetResult struct {
+	EchoRate    int               `json:"echo_rate"`
+	MemSize     uint64            `json:"mem"`
+	Echo        []*benchEchoMode  `json:"echo"`
+	StreamRate  uint64            `json:"stream_rate"`
+	StreamBytes int               `json:"stream_bytes"`
+	Stream      []*benchNetStream `json:"stream"`
+	// StreamRatio is the replicated stream's client frames/s over the
+	// unreplicated one's.
+	StreamRatio float64 `json:"stream_ratio"`
+}
+
+// benchGateWindow is what the output gate did in a window: counts from its
+// Stats; hold times from the epochs measured (the stream) or from every frame
+// released (the echo, see measureEcho). Durations in microseconds.
+type benchGateWindow struct {
+	Held      uint64  `json:"gate_held"`
+	Released  uint64  `json:"gate_released"`
+	Dropped   uint64  `json:"gate_dropped"`
+	Lost      uint64  `json:"gate_lost"` // released, but not back at the tap's ingress within a second
+	HoldP50US float64 `json:"hold_p50_us,omitempty"`
+	HoldP99US float64 `json:"hold_p99_us,omitempty"`
+}
+
+// benchNetEpochs is the replication figures of a network mode's window, from
+// the epochs whose pause started in it. Durations in microseconds.
+type benchNetEpochs struct {
+	Track         string  `json:"dirty_track,omitempty"`
+	Epochs        uint64  `json:"epochs,omitempty"`
+	PauseP50US    float64 `json:"pause_p50_us,omitempty"`
+	TransferP50US float64 `json:"transfer_p50_us,omitempty"`
+	AckP50US      float64 `json:"ack_p50_us,omitempty"`
+	Warning       string  `json:"warning,omitempty"`
+}
+
+// benchEchoMode is one mode of the echo measurement. Durations in
+// microseconds.
+type benchEchoMode struct {
+	Mode       string  `json:"mode"` // none, or the interval
+	IntervalMS float64 `json:"interval_ms,omitempty"`
+	Seconds    float64 `json:"seconds"`
+	Sent       uint64  `json:"requests"`
+	Answered   uint64  `json:"answered"`
+	Bad        uint64  `json:"bad_answers"` // malformed, repeated or out of order
+	RTTP50US   float64 `json:"rtt_p50_us"`
+	RTTP99US   float64 `json:"rtt_p99_us"`
+	AddedP50US float64 `json:"added_p50_us"` // rtt p50 minus none's
+	// BoundUS is the goal: interval/2 + pause p50 + transfer p50 + 1 ms.
+	BoundUS float64 `json:"goal_bound_us,omitempty"`
+	benchNetEpochs
+	benchGateWindow
+}
+
+// benchNetStream is one mode of the held-frame throughput measurement.
+type benchNetStream struct {
+	Mode        string  `json:"mode"` // none, or the interval
+	IntervalMS  float64 `json:"interval_ms,omitempty"`
+	Seconds     float64 `json:"seconds"`
+	GuestSent   uint64  `json:"guest_sent"` // datagrams the guest numbered in the window
+	GuestRate   float64 `json:"guest_sent_per_s"`
+	Received    uint64  `json:"client_frames"`
+	ClientRate  float64 `json:"client_frames_per_s"`
+	ClientLost  uint64  `json:"client_lost"` // sequence numbers the client never saw
+	VsNone      float64 `json:"vs_none"`
+	ClientOrder uint64  `json:"client_out_of_order"` // malformed, or not above the last
+
+	benchNetEpochs
+	benchGateWindow
+}
+
+// netWarmup is how long a network mode's guest runs before its window opens
+// (a replicated one also waits for the first epochs acknowledged).
+func (b *benchRun) netWarmup() time.Duration { return min(b.warmup(), netWarmupMax) }
+
+// netMem is the network guests' memory size.
+func (b *benchRun) netMem() uint64 { return min(b.mem, netMaxMem) }
+
+// netGuestConfig is a 1-vCPU test VM running the network workload wl.
+func (b *benchRun) netGuestConfig(wl testvm.Workload) testvm.Config {
+	mac, _ := net.ParseMAC(defaultGuestMAC)
+	n := &testvm.NetConfig{MAC: mac, IP: netip.MustParseAddr(defaultGuestIP)}
+	if wl == testvm.UDPStream {
+		n.StreamRate, n.StreamBytes = b.streamRate, streamBytes
+	}
+	return testvm.Config{MemSize: b.netMem(), VCPUs: 1, Workload: wl, Net: n, Seed: 1}
+}
+
+// benchNet measures the network section in a lab made for it, removed
+// after it, also on an error or an interrupt.
+func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) {
+	l, err := newLab()
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if cerr := l.close(); cerr != nil && err == nil {
+			err = fmt.Errorf("remove the network: %w", cerr)
+		}
+	}()
+	res := &benchNetResult{EchoRate: b.echoRate, MemSize: b.netMem(), StreamRate: b.streamRate, StreamBytes: streamBytes}
+
+	b.progressf("network: udp-echo, no replication")
+	none, err := b.measureEcho(ctx, l, 0)
+	if err != nil {
+		return nil, fmt.Errorf("udp-echo, no replication: %w", err)
+	}
+	res.Echo = append(res.Echo, none)
+	for _, iv := range b.intervals {
+		b.progressf("network: udp-echo, replicated at %v", iv)
+		e, err := b.measureEcho(ctx, l, iv)
+		if err != nil {
+			return nil, fmt.Errorf("udp-echo, replicated at %v: %w", iv, err)
+		}
+		e.AddedP50US = e.RTTP50US - none.RTTP50US
+		res.Echo = append(res.Echo, e)
+	}
+
+	for _, iv := range []time.Duration{0, streamInterval} {
+		name := "no replication"
+		if iv != 0 {
+			name = "replicated at " + iv.String()
+		}
+		b.progressf("network: udp-stream at up to %d/s, %s", b.streamRate, name)
+		s, err := b.measureStream(ctx, l, iv)
+		if err != nil {
+			return nil, fmt.Errorf("udp-stream, %s: %w", name, err)
+		}
+		res.Stream = append(res.Stream, s)
+	}
+	for _, s := range res.Stream {
+		s.VsNone = benchRatio(s.ClientRate, res.Stream[0].ClientRate)
+	}
+	res.StreamRatio = res.Stream[1].VsNone
+	return res, nil
+}
+
+// benchNetVM is a test VM on the lab's tap, with an output gate on the tap.
+type benchNetVM struct {
+	m     *testvm.Machine
+	ready time.Time
+	tap   *os.File
+	gate  *ebpf.Gate
+
+	mu     sync.Mutex
+	epochs []ebpf.EpochStats // every epoch the gate ended
+}
+
+// netBoot opens the lab's tap and puts a gate on it (in the lab's lan
+// namespace), then builds and starts a VM on the tap and waits for its guest.
+func (b *benchRun) netBoot(ctx context.Context, l *lab, cfg testvm.Config) (_ *benchNetVM, err error) {
+	v := &benchNetVM{}
+	defer func() {
+		if err != nil {
+			v.close()
+		}
+	}()
+	if v.tap, err = l.openTap(); err != nil {
+		return nil, err
+	}
+	err = netns.Do(l.lan, func() error {
+		var err error
+		v.gate, err = ebpf.New(ebpf.Config{Interface: l.tap, ReleaseCPU: ebpf.AutoCPU, OnEpoch: v.onEpoch})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("output gate on %s: %w", l.tap, err)
+	}
+	cfg.Tap = v.tap
+	if v.m, v.ready, err = benchBoot(ctx, cfg); err != nil {
+		return nil, fmt.Errorf("start the %s guest: %w", cfg.Workload, err)
+	}
+	return v, nil
+}
+
+// onEpoch is the gate's per-epoch report (on the gate's goroutine).
+func (v *benchNetVM) onEpoch(s ebpf.EpochStats) {
+	v.mu.Lock()
+	v.epochs = append(v.epochs, s)
+	v.mu.Unlock()
+}
+
+// close closes the VM, then the gate, then the tap.
+func (v *benchNetVM) close() error {
+	var err error
+	if v.m != nil {
+		err = v.m.Close()
+	}
+	if v.gate != nil {
+		if cerr := v.gate.Close(); cerr != nil && !errors.Is(cerr, ebpf.ErrClosed) {
+			err = errors.Join(err, fmt.Errorf("close the output gate: %w", cerr))
+		}
+	}
+	if v.tap != nil {
+		v.tap.Close()
+	}
+	return err
+}
+
+// gateWindow is what the gate did between the snapshots s0 and s1, with the
+// hold times of the frames released in the epochs measured: the median of
+// the epochs' medians and the 99th percentile of their 99th percentiles.
+// Each epoch's own percentiles are good only when it releases many frames
+// (with two, its median is the smaller one): the stream's epochs do.
+func (v *benchNetVM) gateWindow(s0, s1 ebpf.Stats, measured []replicate.EpochStats) benchGateWindow {
+	w := benchGateWindow{
+		Held:     s1.Held.Frames - s0.Held.Frames,
+		Released: s1.Released.Frames - s0.Released.Frames,
+		Dropped:  dropped(s1) - dropped(s0),
+		Lost:     s1.Lost - s0.Lost,
+	}
+	in := make(map[uint64]bool, len(measured))
+	for _, s := range measured {
+		in[s.Epoch] = true
+	}
+	var p50, p99 hist
+	v.mu.Lock()
+	for _, s := range v.epochs {
+		if in[s.Epoch] && s.Released.Frames > 0 {
+			p50.add(s.LatencyP50)
+			p99.add(s.LatencyP99)
+		}
+	}
+	v.mu.Unlock()
+	w.HoldP50US, w.HoldP99US = benchUS(p50.quantile(0.5)), benchUS(p99.quantile(0.99))
+	return w
+}
+
+// netEpochs sums up the replication figures of the epochs r measured.
+func netEpochs(r *benchMode) benchNetEpochs {
+	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US, Warning: r.Warning}
+	var tr hist
+	for _, s := range r.epochs {
+		tr.add(s.Transfer)
+	}
+	e.TransferP50US = benchUS(tr.quantile(0.5))
+	return e
+}
+
+// netRun runs measure on v's guest: without replication after the warm-up
+// when interval is 0, else replicated at interval with the gate in
+// Config.Gates. It returns the replicated mode's epochs (nil without).
+func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Duration, mech dirtylog.Mechanism,
+	measure func(ctx context.Context) (t0, t1 time.Time, err error)) (*benchMode, error) {
+	if interval == 0 {
+		if err := benchSleep(ctx, v.m, max(0, b.netWarmup()-time.Since(v.ready))); err != nil {
+			return nil, err
+		}
+		_, _, err := measure(ctx)
+		return nil, err
+	}
+	r := &benchMode{Mode: interval.String(), IntervalMS: benchMS(interval), Track: mech.String()}
+	err := b.runReplicated(ctx, v.m, v.ready, benchRepl{interval: interval, mech: mech, gates: []replicate.OutputGate{v.gate},
+		warmup: b.netWarmup(), measure: func(ctx context.Context) (time.Time, time.Time, error) {
+			t0, t1, err := measure(ctx)
+			r.Seconds = t1.Sub(t0).Seconds()
+			return t0, t1, err
+		}}, r)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// netBootConfig resolves the dirty tracking of a guest to be replicated at
+// interval (which sizes its dirty ring) before it is built; none for 0.
+func (b *benchRun) netBootConfig(cfg testvm.Config, interval time.Duration) (testvm.Config, dirtylog.Mechanism, error) {
+	if interval == 0 {
+		return cfg, 0, nil
+	}
+	return b.resolveTrack(cfg, interval)
+}
+
+// measureEcho measures the round trips of a client of the udp-echo guest:
+// without replication when interval is 0, else replicated at interval.
+func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Duration) (*benchEchoMode, error) {
+	cfg, mech, err := b.netBootConfig(b.netGuestConfig(testvm.UDPEcho), interval)
+	if err != nil {
+		return nil, err
+	}
+	v, err := b.netBoot(ctx, l, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer v.close()
+	guest := netip.AddrPortFrom(cfg.Net.IP, testvm.DefaultNetPort)
+	c, err := l.newEchoClient(guest, b.echoRate)
+	if err != nil {
+		return nil, err
+	}
+	defer c.close()
+	// Before replication: the guest answers, and the client knows its MAC.
+	if _, err := c.ping(netPing); err != nil {
+		return nil, err
+	}
+
+	e := &benchEchoMode{Mode: "none"}
+	if interval != 0 {
+		e.Mode, e.IntervalMS = interval.String(), benchMS(interval)
+	}
+	var s0, s1 ebpf.Stats
+	measure := func(ctx context.Context) (t0, t1 time.Time, err error) {
+		s0, t0 = v.gate.Stats(), time.Now()
+		wctx, cancel := context.WithTimeout(ctx, b.modeTime)
+		c.run(wctx) // its reader runs until the client closes
+		cancel()
+		t1 = time.Now()
+		if err := ctx.Err(); err != nil {
+			return t0, t1, err
+		}
+		// The answers still held: the last requests' epoch ends within an
+		// interval, and its ack follows.
+		for limit := time.Now().Add(2*interval + 250*time.Millisecond); time.Now().Before(limit); {
+			c.mu.Lock()
+			done := c.answered+c.bad >= c.sent
+			c.mu.Unlock()
+			if done {
+				break
+			}
+			if err := benchSleep(ctx, v.m, time.Millisecond); err != nil {
+				return t0, t1, err
+			}
+		}
+		s1 = v.gate.Stats()
+		e.Seconds = t1.Sub(t0).Seconds()
+		return t0, t1, nil
+	}
+	r, err := b.netRun(ctx, v, interval, mech, measure)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	e.Sent, e.Answered, e.Bad = c.sent, c.answered, c.bad
+	e.RTTP50US, e.RTTP99US = benchUS(c.total.quantile(0.5)), benchUS(c.total.quantile(0.99))
+	c.mu.Unlock()
+	if e.Answered == 0 {
+		return nil, fmt.Errorf("no answer to %d requests in %v", e.Sent, b.modeTime)
+	}
+	if r != nil {
+		e.benchNetEpochs = netEpochs(r)
+		e.benchGateWindow = v.gateWindow(s0, s1, r.epochs)
+		// The echo guest sends only answers (and the odd ARP reply), and
+		// the client starts at the window: every frame the gate ever
+		// released is an answer of the window, and its hold-time
+		// percentiles are over those frames, not per epoch (an epoch holds
+		// only interval × --echo-rate of them).
+		e.HoldP50US, e.HoldP99US = benchUS(s1.Latency.P50), benchUS(s1.Latency.P99)
+		e.BoundUS = benchUS(interval/2+goalNetExtra) + e.PauseP50US + e.TransferP50US
+	} else {
+		e.benchGateWindow = v.gateWindow(s0, s1, nil)
+	}
+	return e, nil
+}
+
+// streamSink subscribes to the udp-stream guest and counts what it gets.
+type streamSink struct {
+	conn       *net.UDPConn
+	frames     atomic.Uint64
+	lost       atomic.Uint64 // sequence numbers skipped
+	outOfOrder atomic.Uint64 // malformed, or not above the last
+	done       chan struct{}
+}
+
+// newStreamSink opens the client's socket in the lab's client namespace.
+func (l *lab) newStreamSink() (*streamSink, error) {
+	c := &streamSink{done: make(chan struct{})}
+	err := netns.Do(l.cli, func() error {
+		var err error
+		c.conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: l.clientIP.AsSlice()})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open the stream client's socket: %w", err)
+	}
+	// Replicated, a whole epoch's datagrams arrive at once.
+	if err := c.conn.SetReadBuffer(streamRcvBuf); err != nil {
+		c.conn.Close()
+		return nil, fmt.Errorf("size the stream client's socket buffer: %w", err)
+	}
+	go c.read()
+	return c, nil
+}
+
+func (c *streamSink) read() {
+	defer close(c.done)
+	buf := make([]byte, 2048)
+	var last uint64
+	for {
+		n, err := c.conn.Read(buf)
+		if err != nil {
+			return // closed
+		}
+		c.frames.Add(1)
+		if n < 8 {
+			c.outOfOrder.Add(1)
+			continue
+		}
+		switch seq := binary.BigEndian.Uint64(buf); {
+		case seq <= last:
+			c.outOfOrder.Add(1)
+		default:
+			if last != 0 {
+				c.lost.Add(seq - last - 1)
+			}
+			last = seq
+		}
+	}
+}
+
+// subscribe sends datagrams to the guest until its stream flows.
+func (c *streamSink) subscribe(ctx context.Context, m *testvm.Machine, guest netip.AddrPort) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for c.frames.Load() == 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the guest's stream did not reach the client in 10s (guest peer %v)", m.Status(0).StreamPeer)
+		}
+		if _, err := c.conn.WriteToUDPAddrPort([]byte("subscribe"), guest); err != nil {
+			return fmt.Errorf("subscribe to the guest's stream: %w", err)
+		}
+		if err := benchSleep(ctx, m, 100*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *streamSink) close() {
+	c.conn.Close()
+	<-c.done
+}
+
+// measureStream measures the frames per second a client of the udp-stream
+// guest receives: without replication when interval is 0, else replicated
+// at interval, every frame held and then released.
+func (b *benchRun) measureStream(ctx context.Context, l *lab, interval time.Duration) (*benchNetStream, error) {
+	cfg, mech, err := b.netBootConfig(b.netGuestConfig(testvm.UDPStream), interval)
+	if err != nil {
+		return nil, err
+	}
+	v, err := b.netBoot(ctx, l, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer v.close()
+	c, err := l.newStreamSink()
+	if err != nil {
+		return nil, err
+	}
+	defer c.close()
+	if err := c.subscribe(ctx, v.m, netip.AddrPortFrom(cfg.Net.IP, testvm.DefaultNetPort)); err != nil {
+		return nil, err
+	}
+
+	s := &benchNetStream{Mode: "none"}
+	if interval != 0 {
+		s.Mode, s.IntervalMS = interval.String(), benchMS(interval)
+	}
+	var g0, g1 ebpf.Stats
+	measure := func(ctx context.Context) (t0, t1 time.Time, err error) {
+		g0, t0 = v.gate.Stats(), time.Now()
+		seq0, rx0, lost0, ooo0 := v.m.Status(0).NetSeq, c.frames.Load(), c.lost.Load(), c.outOfOrder.Load()
+		if err := benchSleep(ctx, v.m, b.modeTime); err != nil {
+			return t0, t0, err
+		}
+		g1, t1 = v.gate.Stats(), time.Now()
+		seq1, rx1, lost1, ooo1 := v.m.Status(0).NetSeq, c.frames.Load(), c.lost.Load(), c.outOfOrder.Load()
+		s.Seconds = t1.Sub(t0).Seconds()
+		s.GuestSent, s.Received, s.ClientLost, s.ClientOrder = seq1-seq0, rx1-rx0, lost1-lost0, ooo1-ooo0
+		s.GuestRate, s.ClientRate = float64(s.GuestSent)/s.Seconds, float64(s.Received)/s.Seconds
+		return t0, t1, nil
+	}
+	r, err := b.netRun(ctx, v, interval, mech, measure)
+	if err != nil {
+		return nil, err
+	}
+	if s.Received == 0 {
+		return nil, fmt.Errorf("the client received nothing in %v (the guest sent %d)", b.modeTime, s.GuestSent)
+	}
+	if r != nil {
+		s.benchNetEpochs = netEpochs(r)
+		s.benchGateWindow = v.gateWindow(g0, g1, r.epochs)
+	} else {
+		s.benchGateWindow = v.gateWindow(g0, g1, nil)
+	}
+	return s, nil
+}
+
+// netGoals compares each interval's added echo latency with its bound.
+func netGoals(nr *benchNetResult, verdict func(bool) string) []benchGoal {
+	var out []benchGoal
+	for _, e := range nr.Echo {
+		if e.Mode == "none" {
+			continue
+		}
+		ok := e.Epochs > 0 && e.AddedP50US <= e.BoundUS
+		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf(
+			"echo added latency at %s: p50 %.2f ms (rtt p50 %.2f ms, %.2f ms without replication) (goal <= %s/2 + pause p50 %.2f ms + transfer p50 %.2f ms + 1 ms = %.2f ms): %s",
+			e.Mode, e.AddedP50US/1e3, e.RTTP50US/1e3, nr.Echo[0].RTTP50US/1e3, e.Mode, e.PauseP50US/1e3, e.TransferP50US/1e3, e.BoundUS/1e3, verdict(ok))})
+	}
+	return out
+}
+
+// benchPrintNet prints the network section's tables.
+func benchPrintNet(w io.Writer, nr *benchNetResult, modeTime time.Duration) {
+	fmt.Fprintf(w, "Output commit (network): udp-echo, 1 vCPU, %s, %d requests/s for %v per mode:\n\n",
+		testvm.FormatSize(nr.MemSize), nr.EchoRate, modeTime)
+	var rows [][]string
+	for _, e := range nr.Echo {
+		row := []string{benchNetModeName(e.Mode), strconv.FormatUint(e.Sent, 10), strconv.FormatUint(e.Answered, 10),
+			benchDur(e.RTTP50US), benchDur(e.RTTP99US)}
+		if e.Mode == "none" {
+			rows = append(rows, append(row, "-", "-", "-", "-", "-", strconv.FormatUint(e.Held, 10), "-", "-", "-"))
+			continue
+		}
+		rows = append(rows, append(row, benchSignedDur(e.AddedP50US), strconv.FormatUint(e.Epochs, 10), benchDur(e.PauseP50US),
+			benchDur(e.TransferP50US), benchDur(e.AckP50US), strconv.FormatUint(e.Held, 10), benchDur(e.HoldP50US),
+			benchDur(e.HoldP99US), benchDur(e.BoundUS)))
+	}
+	benchTable(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "pause p50",
+		"transfer p50", "ack p50", "held", "hold p50", "hold p99", "goal bound"}, rows)
+	for _, e := range nr.Echo {
+		if e.Warning != "" {
+			fmt.Fprintf(w, "\nwarning: echo %s: %s\n", e.Mode, e.Warning)
+		}
+	}
+
+	fmt.Fprintf(w, "\nHeld-frame throughput: udp-stream, %d-byte datagrams at up to %d/s, %v per mode:\n\n",
+		nr.StreamBytes, nr.StreamRate, modeTime)
+	rows = nil
+	for _, s := range nr.Stream {
+		row := []string{benchNetModeName(s.Mode), si(s.GuestRate), si(s.ClientRate), fmt.Sprintf("%.2f", s.VsNone),
+			strconv.FormatUint(s.ClientLost, 10), strconv.FormatUint(s.Held, 10), strconv.FormatUint(s.Released, 10),
+			strconv.FormatUint(s.Dropped, 10)}
+		if s.Mode == "none" {
+			rows = append(rows, append(row, "-", "-", "-", "-"))
+			continue
+		}
+		rows = append(rows, append(row, strconv.FormatUint(s.Epochs, 10), benchDur(s.PauseP50US), benchDur(s.HoldP50US), benchDur(s.HoldP99US)))
+	}
+	benchTable(w, []string{"mode", "guest sent/s", "client frames/s", "vs none", "client lost", "held", "released",
+		"dropped", "epochs", "pause p50", "hold p50", "hold p99"}, rows)
+	for _, s := range nr.Stream {
+		if s.Warning != "" {
+			fmt.Fprintf(w, "\nwarning: stream %s: %s\n", s.Mode, s.Warning)
+		}
+	}
+	fmt.Fprintf(w, "\nheld-frame throughput: %s frames/s replicated at %v, %.2f of %s frames/s without replication\n",
+		si(nr.Stream[1].ClientRate), streamInterval, nr.StreamRatio, si(nr.Stream[0].ClientRate))
+}
+
+// benchNetModeName names a network mode in a table.
+func benchNetModeName(mode string) string {
+	if mode == "none" {
+		return "none"
+	}
+	return "replicated " + mode
+}
+
+// benchSignedDur formats a difference of durations in microseconds.
+func benchSignedDur(us float64) string {
+	if us < 0 {
+		return "-" + benchDur(-us)
+	}
+	return benchDur(us)
+}
