@@ -43,6 +43,28 @@
 // guest did not change only where it documents that: a write of the same value
 // still dirties the page.
 //
+// # Ring resets and signals
+//
+// Since Linux 6.17 (commit 49005a2a3d2a, "KVM: Bail from the dirty ring reset
+// flow if a signal is pending"), KVM_RESET_DIRTY_RINGS stops as soon as the
+// calling thread has a signal pending. The entries it already took off the
+// ring but had not yet re-protected (it batches up to 64 neighbouring pages)
+// are dropped: their pages stay writable, so the guest's next writes to them
+// are never logged, in this harvest or any later one. The ioctl still returns
+// success, with a count that includes the dropped entries. Go's runtime
+// signals threads on its own (SIGURG, to preempt goroutines and for the GC),
+// so an unprotected reset lost a page now and then: the engine's audit saw
+// the counter guest's status page missed in about one run in 30.
+//
+// Two defences: kvm.VM.ResetDirtyRings issues the ioctl with the thread's
+// asynchronous signals blocked, so a signal cannot stop it; and the tracker
+// counts the entries it marked, and if a reset takes fewer (or fails with
+// EINTR, which only an unblockable signal can cause) it repairs the damage:
+// it turns logging off and on, which re-protects every page, and owes every
+// page to the next harvest, since a write while logging was off is not logged
+// either (Tracker.ShortRingResets counts such repairs). The bitmap mechanisms
+// do not stop on signals.
+//
 // # Sets
 //
 // A Set holds one bitmap per slot. It counts, unions, and walks runs of dirty

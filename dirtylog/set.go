@@ -133,6 +133,15 @@ func (s *Set) Clear() {
 	}
 }
 
+// fill adds every page of every slot.
+func (s *Set) fill() {
+	for i := range s.slots {
+		sl := &s.slots[i]
+		clear(sl.bits)
+		setBits(sl.bits, 0, sl.pages)
+	}
+}
+
 // Union adds every page of o, which must be over the same slots.
 func (s *Set) Union(o *Set) error {
 	if !s.sameShape(o) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/repagent/repagent/kvm"
@@ -97,18 +98,25 @@ type Tracker struct {
 	slots   []trackedSlot
 	started bool
 
-	ringMu  sync.Mutex // rings, fetch indices and pending
+	ringMu  sync.Mutex // rings, fetch indices, unreset and pending
 	rings   [][]kvm.DirtyGFN
 	fetch   []uint64
-	pending *Set // pages owed to the next harvest: ring entries RingFull took, or what a failed harvest had fetched
-	owed    bool // pending may hold pages (so harvests skip it when it cannot)
+	unreset uint64 // ring entries marked for reset that no reset has taken yet
+	pending *Set   // pages owed to the next harvest: ring entries RingFull took, or what a failed harvest had fetched
+	owed    bool   // pending may hold pages (so harvests skip it when it cannot)
 
-	vmmAny    atomic.Bool   // some page was marked since the last harvest
-	ringFulls atomic.Uint64 // KVM_EXIT_DIRTY_RING_FULL exits handled
+	vmmAny     atomic.Bool   // some page was marked since the last harvest
+	ringFulls  atomic.Uint64 // KVM_EXIT_DIRTY_RING_FULL exits handled
+	shortReset atomic.Uint64 // ring resets that stopped early and were repaired
 }
 
 // RingFullExits returns how many ring-full exits RingFull has handled.
 func (t *Tracker) RingFullExits() uint64 { return t.ringFulls.Load() }
+
+// ShortRingResets returns how many times KVM_RESET_DIRTY_RINGS reset fewer
+// entries than the tracker had marked, so that the tracker re-protected all
+// of memory and owed every page to the next harvest (see the package doc).
+func (t *Tracker) ShortRingResets() uint64 { return t.shortReset.Load() }
 
 type trackedSlot struct {
 	Slot
@@ -431,13 +439,59 @@ func (t *Tracker) harvestRings(into *Set, st *Stats) error {
 	if err != nil {
 		return err
 	}
-	t.takePendingLocked(into, st) // entries RingFull took since the last harvest
 	t1 := time.Now()
 	st.Fetch = t1.Sub(t0)
-	if _, err := t.cfg.VM.ResetDirtyRings(); err != nil {
-		return fmt.Errorf("dirty tracker: %w", err)
+	if err := t.resetRings(); err != nil {
+		return err
 	}
+	// Entries RingFull took since the last harvest, and every page if this
+	// reset had to be repaired.
+	t.takePendingLocked(into, st)
 	st.Protect = time.Since(t1)
+	return nil
+}
+
+// resetDirtyRings is kvm.VM.ResetDirtyRings; tests replace it to make a reset
+// stop early.
+var resetDirtyRings = (*kvm.VM).ResetDirtyRings
+
+// resetRings has KVM re-protect the pages of the entries collected and
+// recycle them. A reset that takes fewer entries than were marked stopped
+// early, and may have left some of their pages writable, so that the guest's
+// next writes to them go unlogged (a pending signal does that on Linux 6.17
+// and later, see kvm.VM.ResetDirtyRings, which blocks signals to prevent it).
+// Such a reset is repaired: logging is turned off and on, which re-protects
+// every page, and every page is owed to the next harvest, since a write while
+// logging was off is not logged either. Caller holds ringMu.
+func (t *Tracker) resetRings() error {
+	short := false
+	for try := 0; t.unreset > 0 && try < 3; try++ {
+		n, err := resetDirtyRings(t.cfg.VM)
+		if errors.Is(err, syscall.EINTR) {
+			short = true
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("dirty tracker: %w", err)
+		}
+		if uint64(n) < t.unreset {
+			short = true
+		}
+		t.unreset -= min(uint64(max(n, 0)), t.unreset)
+	}
+	if !short && t.unreset == 0 {
+		return nil
+	}
+	t.shortReset.Add(1)
+	t.unreset = 0
+	if err := t.setLogging(false); err != nil {
+		return fmt.Errorf("repair a dirty ring reset that stopped early: %w", err)
+	}
+	if err := t.setLogging(true); err != nil {
+		return fmt.Errorf("repair a dirty ring reset that stopped early: %w", err)
+	}
+	t.pending.fill()
+	t.owed = true
 	return nil
 }
 
@@ -461,6 +515,7 @@ func (t *Tracker) collectRings(into *Set) (count, added int, err error) {
 			}
 			kvm.StoreDirtyGFNFlags(e, kvm.KVM_DIRTY_GFN_F_RESET)
 			t.fetch[v]++
+			t.unreset++
 			count++
 		}
 	}
@@ -504,10 +559,7 @@ func (t *Tracker) RingFull(vcpu int) error {
 		return err
 	}
 	t.owed = true
-	if _, err := t.cfg.VM.ResetDirtyRings(); err != nil {
-		return fmt.Errorf("dirty tracker: %w", err)
-	}
-	return nil
+	return t.resetRings()
 }
 
 // harvestVMM moves the pages the VMM marked into into. Each word is swapped

@@ -1,6 +1,7 @@
 package kvm
 
 import (
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -31,6 +32,41 @@ func ioctlVal(fd int, req, arg uintptr) (uintptr, unix.Errno) {
 		}
 	}
 }
+
+// ioctlValNoSignals issues an ioctl once, with every asynchronous signal
+// blocked on the calling thread (locked to it for the call), so that no
+// signal can interrupt it: for KVM_RESET_DIRTY_RINGS, which since Linux 6.17
+// stops early when a signal is pending and then leaves pages unprotected (see
+// VM.ResetDirtyRings). A signal sent meanwhile stays pending and is delivered
+// once the mask is restored. EINTR is returned, not retried: it can only mean
+// a signal that cannot be blocked (SIGKILL).
+func ioctlValNoSignals(fd int, req, arg uintptr) (uintptr, unix.Errno) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var old unix.Sigset_t
+	if err := unix.PthreadSigmask(unix.SIG_BLOCK, &asyncSignals, &old); err != nil {
+		return 0, err.(unix.Errno)
+	}
+	r, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
+	if err := unix.PthreadSigmask(unix.SIG_SETMASK, &old, nil); err != nil && e == 0 {
+		e = err.(unix.Errno)
+	}
+	return r, e
+}
+
+// asyncSignals is every signal but the synchronous ones (a fault in the
+// thread's own code), which must never be blocked.
+var asyncSignals = func() unix.Sigset_t {
+	var s unix.Sigset_t
+	for sig := 1; sig <= 64; sig++ {
+		switch unix.Signal(sig) {
+		case unix.SIGSEGV, unix.SIGBUS, unix.SIGFPE, unix.SIGILL, unix.SIGTRAP, unix.SIGSYS:
+			continue
+		}
+		s.Val[(sig-1)/64] |= 1 << ((sig - 1) % 64)
+	}
+	return s
+}()
 
 // ioctlRun issues KVM_RUN once: EINTR is returned, not retried.
 func ioctlRun(fd int) unix.Errno {

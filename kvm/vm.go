@@ -194,9 +194,26 @@ func dirtyLogError(name string, slot uint32, errno unix.Errno) error {
 // ResetDirtyRings runs KVM_RESET_DIRTY_RINGS: the kernel re-protects the
 // pages of every ring entry userspace marked reset and reclaims the entries. It
 // returns how many entries were reset.
+//
+// The ioctl runs with the thread's asynchronous signals blocked. Since Linux
+// 6.17 (commit 49005a2a3d2a, "KVM: Bail from the dirty ring reset flow if a
+// signal is pending") the kernel stops the reset when the thread has a
+// signal pending, and the entries it had already taken off the ring but not
+// yet re-protected (a batch of up to 64 pages) are dropped: their pages stay
+// writable, so the guest's next writes to them are never logged. The ioctl
+// still returns a count (of the entries taken, dropped ones included) rather
+// than an error, so the caller cannot see it happen, and a retry cannot repair
+// it. Go's runtime signals threads on its own (SIGURG, to preempt), so an
+// unprotected reset loses pages now and then. A count below the entries the
+// caller marked, or EINTR (only from a signal that cannot be blocked), means
+// the reset stopped early.
 func (vm *VM) ResetDirtyRings() (int, error) {
-	r, err := vm.val("KVM_RESET_DIRTY_RINGS", KVM_RESET_DIRTY_RINGS, 0)
-	return int(r), err
+	r, errno := ioctlValNoSignals(vm.fd, KVM_RESET_DIRTY_RINGS, 0)
+	runtime.KeepAlive(vm.f)
+	if errno != 0 {
+		return 0, ioctlError("KVM_RESET_DIRTY_RINGS", errno)
+	}
+	return int(r), nil
 }
 
 // CreateVCPU creates vCPU id and maps its kvm_run structure.
