@@ -105,7 +105,7 @@ func BenchmarkDigest(b *testing.B) {
 	b.Run("full/mem=64MiB", func(b *testing.B) {
 		b.SetBytes(int64(len(mem)))
 		for b.Loop() {
-			digestSlots([][]byte{mem})
+			digestSlots([][]byte{mem}, nil)
 		}
 	})
 }

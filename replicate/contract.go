@@ -32,6 +32,15 @@ type VM interface {
 	Save() ([]byte, error)
 }
 
+// PageNamer is implemented by a VM that can say what its guest keeps in a
+// page ("status page of vCPU 0", "stack of vCPU 1"). It is optional: the
+// engine uses it only to name the pages in an audit failure.
+type PageNamer interface {
+	// NamePage describes the page at guest-physical address gpa, or returns
+	// "" if it has nothing to say.
+	NamePage(gpa uint64) string
+}
+
 // Checkpoint is what the backup resumes on failover: a complete machine
 // state and the replica memory at the same epoch boundary.
 type Checkpoint struct {

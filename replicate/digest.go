@@ -75,13 +75,32 @@ func DigestMemory(r io.ReaderAt, size uint64) (uint64, error) {
 }
 
 // digestSlots computes the memory digest of mapped regions, back to back.
-func digestSlots(regions [][]byte) uint64 {
+// With crcs (one entry per page) it also records each page's CRC there.
+func digestSlots(regions [][]byte, crcs []uint32) uint64 {
 	var d, i uint64
 	for _, r := range regions {
 		for p := 0; p+PageSize <= len(r); p += PageSize {
-			d += mix(i, pageCRC(r[p:p+PageSize]))
+			c := pageCRC(r[p : p+PageSize])
+			if crcs != nil {
+				crcs[i] = c
+			}
+			d += mix(i, c)
 			i++
 		}
 	}
 	return d
+}
+
+// diffPages returns the indices of up to max pages whose CRC differs between
+// a and b (as long as each other), and how many differ in all.
+func diffPages(a, b []uint32, max int) (first []uint64, n int) {
+	for i := range a {
+		if a[i] != b[i] {
+			if len(first) < max {
+				first = append(first, uint64(i))
+			}
+			n++
+		}
+	}
+	return first, n
 }

@@ -15,7 +15,10 @@ import (
 	"github.com/repagent/repagent/testvm"
 )
 
-var _ replicate.VM = (*testvm.Machine)(nil)
+var (
+	_ replicate.VM        = (*testvm.Machine)(nil)
+	_ replicate.PageNamer = (*testvm.Machine)(nil)
+)
 
 func testLog(t *testing.T) *slog.Logger {
 	if testing.Verbose() {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -144,6 +145,11 @@ type Primary struct {
 	set    *dirtylog.Set
 	stage  *arena
 	digest *digestTable
+	// sentIn is the epoch in which each replica page was last sent (0: the
+	// initial sync), and auditCRCs holds page CRC tables for audits in
+	// flight: both only to name the pages an audit finds missed.
+	sentIn    []uint32
+	auditCRCs chan []uint32
 
 	conn *idleConn
 	rd   *msgReader
@@ -193,6 +199,10 @@ func NewPrimary(cfg Config) (*Primary, error) {
 	p.cfg = cfg
 	p.stage = newArena(cfg.StagingBytes / PageSize)
 	p.digest = newDigestTable(p.lay.shape.Pages())
+	if cfg.AuditEvery > 0 {
+		p.sentIn = make([]uint32, p.lay.shape.Pages())
+		p.auditCRCs = make(chan []uint32, cfg.MaxInFlight+1)
+	}
 	p.set = dirtylog.NewSet(cfg.VM.DirtySlots())
 	return p, nil
 }
@@ -759,7 +769,8 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	}
 	st.Save, t = lap(t)
 	if p.cfg.AuditEvery > 0 && epoch%p.cfg.AuditEvery == 0 {
-		job.audit, job.audited = digestSlots(p.lay.hosts()), true
+		job.auditCRCs = p.auditTable()
+		job.audit, job.audited = digestSlots(p.lay.hosts(), job.auditCRCs), true
 		st.Audit, t = lap(t)
 	}
 	p.hook(HookPause, epoch)
@@ -832,6 +843,7 @@ type epochJob struct {
 	state       []byte
 	audit       uint64
 	audited     bool
+	auditCRCs   []uint32 // each page's CRC when audited
 	stats       *EpochStats
 	done        chan struct{} // closed once sent, for synchronous jobs
 	ready       chan struct{} // closed once the capturing pause wrote its stats
@@ -859,6 +871,13 @@ func (p *Primary) sendLoop() {
 		}
 		if job.staged {
 			p.stage.free(uint64(len(job.gpas)))
+		}
+		if job.auditCRCs != nil {
+			select {
+			case p.auditCRCs <- job.auditCRCs:
+			default:
+			}
+			job.auditCRCs = nil
 		}
 		if job.done != nil {
 			close(job.done)
@@ -908,6 +927,11 @@ func (p *Primary) send(job *epochJob) error {
 		for k, idx := range b.idx {
 			p.digest.set(idx, b.crc[k])
 		}
+		if p.sentIn != nil {
+			for _, idx := range b.idx {
+				p.sentIn[idx] = uint32(job.epoch)
+			}
+		}
 		st.ZeroPages += b.zeros
 		putBatch(b)
 		if i == 0 && job.kind == kindPrecopy {
@@ -930,8 +954,7 @@ func (p *Primary) send(job *epochJob) error {
 		st.StateBytes = uint64(len(job.state))
 	}
 	if job.audited && job.audit != p.digest.digest {
-		return fmt.Errorf("audit of epoch %d: guest memory digests to %s, the replicated pages to %s: dirty tracking missed a page",
-			job.epoch, FormatDigest(job.audit), FormatDigest(p.digest.digest))
+		return p.auditError(job)
 	}
 	st.Digest, st.Audited = p.digest.digest, job.audited
 	st.RawBytes = uint64(len(job.gpas)) * PageSize
@@ -957,6 +980,55 @@ func (p *Primary) send(job *epochJob) error {
 		p.hook(HookSent, job.epoch)
 	}
 	return nil
+}
+
+// auditTable returns a page CRC table for an audit, reusing one a sent epoch
+// gave back.
+func (p *Primary) auditTable() []uint32 {
+	select {
+	case t := <-p.auditCRCs:
+		return t
+	default:
+		return make([]uint32, p.lay.shape.Pages())
+	}
+}
+
+// maxMissedNamed is how many missed pages an audit failure names.
+const maxMissedNamed = 8
+
+// auditError reports an audit that failed: the digests, and the pages whose
+// CRC in guest memory at the pause differs from what was replicated, with
+// their slot, offset and (if the VM is a PageNamer) what they hold.
+func (p *Primary) auditError(job *epochJob) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "audit of epoch %d: guest memory digests to %s, the replicated pages to %s: dirty tracking missed a page",
+		job.epoch, FormatDigest(job.audit), FormatDigest(p.digest.digest))
+	idxs, n := diffPages(job.auditCRCs, p.digest.crcs, maxMissedNamed)
+	fmt.Fprintf(&b, ": %d page(s) differ", n)
+	namer, _ := p.cfg.VM.(PageNamer)
+	for k, idx := range idxs {
+		sep := ", "
+		if k == 0 {
+			sep = ": "
+		}
+		gpa, slot, _ := p.lay.gpaAt(idx)
+		r := p.lay.find(gpa)
+		fmt.Fprintf(&b, "%sGPA %#x (slot %d +%#x", sep, gpa, slot, gpa-r.gpa)
+		if namer != nil {
+			if name := namer.NamePage(gpa); name != "" {
+				fmt.Fprintf(&b, ", %s", name)
+			}
+		}
+		fmt.Fprintf(&b, "; last sent in epoch %d", p.sentIn[idx])
+		if p.sentIn[idx] == 0 {
+			b.WriteString(" (the initial sync)")
+		}
+		b.WriteString(")")
+	}
+	if n > len(idxs) {
+		fmt.Fprintf(&b, ", and %d more", n-len(idxs))
+	}
+	return errors.New(b.String())
 }
 
 // pendingEpoch is an epoch sent and not yet acknowledged. ready is closed

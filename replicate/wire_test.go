@@ -995,7 +995,7 @@ func TestDigestIncremental(t *testing.T) {
 		}
 		// The same memory as two regions back to back (one if it has one page).
 		split := pages / 2 * PageSize
-		slots := func() uint64 { return digestSlots([][]byte{mem[:split], mem[split:]}) }
+		slots := func() uint64 { return digestSlots([][]byte{mem[:split], mem[split:]}, nil) }
 
 		// A fresh table is the digest of zero memory.
 		tab := newDigestTable(pages)
