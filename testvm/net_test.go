@@ -96,8 +96,9 @@ func TestNetEcho(t *testing.T) {
 	}
 	// The device counts a frame after its write to the tap returns, which
 	// may be after the client read it: give the counter a moment.
+	// Likewise the guest updates its iterations after the frame is out.
 	st, ds := m.Status(0), m.NetStats()
-	for deadline := time.Now().Add(vmtest.Wait); ds.TxFrames < st.NetTx && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(vmtest.Wait); (ds.TxFrames < st.NetTx || st.Iterations < n) && time.Now().Before(deadline); {
 		time.Sleep(time.Millisecond)
 		st, ds = m.Status(0), m.NetStats()
 	}
