@@ -106,9 +106,11 @@ func (c *Config) validate() error {
 // sends on its tap, per epoch, and releases an epoch's frames when the
 // epoch commits. It implements replicate.OutputGate.
 //
+// Open may run while a Commit runs (a Commit can take milliseconds to
+// release an epoch, and the engine's pause must not wait for it); otherwise
 // Open, Commit, Discard, Release, Inject and Close must be called one at a
-// time (the replication engine serialises them); Stats may be called from
-// any goroutine at any time, also after Close.
+// time, as the replication engine does. Stats may be called from any
+// goroutine at any time, also after Close.
 type Gate struct {
 	cfg Config
 	att *attachment
@@ -119,12 +121,13 @@ type Gate struct {
 	done chan struct{} // closed when the owner goroutine has returned
 
 	// openMu guards what Open shares with the owner and with Close.
-	openMu  sync.Mutex
-	opens   []uint64      // epochs opened, not yet seen by the owner
-	floor   uint64        // Open wants an epoch above it
-	closed  bool          // Close has begun
-	opensN  atomic.Uint64 // incremented by every Open: the owner's cheap check
-	nstates atomic.Int64  // epochs the owner tracks
+	openMu    sync.Mutex
+	opens     []uint64      // epochs opened, not yet seen by the owner
+	floor     uint64        // Open wants an epoch above it
+	closed    bool          // Close has begun
+	discarded bool          // Discard ran; Open waits for Release
+	opensN    atomic.Uint64 // incremented by every Open: the owner's cheap check
+	nstates   atomic.Int64  // epochs the owner tracks
 
 	// mu guards snap, snapRead and statsDone; statsDone, set under it,
 	// makes Stats stop reading the control block before Close unmaps it.
@@ -198,6 +201,9 @@ func (g *Gate) Open(n uint64) error {
 		return g.stopped() // nothing would read what is held
 	default:
 	}
+	if g.discarded {
+		return fmt.Errorf("open epoch %d: epochs were discarded: Release the gate first", n)
+	}
 	if n <= g.floor {
 		return fmt.Errorf("open epoch %d: want an epoch above %d", n, g.floor)
 	}
@@ -233,11 +239,18 @@ func (g *Gate) Commit(n uint64) error {
 }
 
 // Discard drops every held frame of the epochs after n: they will never be
-// released. The next Open may reuse the epoch numbers above n.
+// released. The VM's output after them has no epoch to belong to, so the
+// gate takes no Open until Release (as the engine does: a VM whose epochs
+// are discarded runs on unprotected, or not at all): what the VM sends
+// meanwhile is held and let out by Release, in order. Open after Release
+// may reuse the epoch numbers above n.
 func (g *Gate) Discard(n uint64) error {
 	g.openMu.Lock()
-	if !g.closed && g.floor > n {
-		g.floor = n
+	if !g.closed {
+		g.discarded = true
+		if g.floor > n {
+			g.floor = n
+		}
 	}
 	g.openMu.Unlock()
 	return g.call(func() error { g.own.discard(n); return nil })
@@ -249,7 +262,23 @@ func (g *Gate) Discard(n uint64) error {
 // overtakes an older frame; once the gate has caught up, frames pass
 // without a copy. The next Open holds again.
 func (g *Gate) Release() error {
-	return g.call(func() error { g.own.release(); return nil })
+	err := g.call(func() error { g.own.release(); return nil })
+	g.openMu.Lock()
+	defer g.openMu.Unlock()
+	if err == nil {
+		g.discarded = false
+	}
+	select {
+	case <-g.done:
+		// The gate's goroutine has died: nothing will release what is
+		// held, but the VM runs on unprotected and must not go dark. Let
+		// frames pass from now on; what was held is lost, never released.
+		if !g.closed {
+			atomic.StoreUint64(&g.att.ctl.Mode, modePass)
+		}
+	default:
+	}
+	return err
 }
 
 // Inject sends frame into the host's datapath as if the VM had sent it:
@@ -312,6 +341,11 @@ func (g *Gate) call(f func() error) error {
 		return g.stopped()
 	}
 	if err := g.rd.Flush(); err != nil {
+		// Take the request back, so it cannot run at some later flush.
+		select {
+		case <-g.reqs:
+		default:
+		}
 		return fmt.Errorf("flush ring buffer: %w", err)
 	}
 	select {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -252,9 +253,16 @@ func TestDiscard(t *testing.T) {
 		t.Fatalf("client got %v, want epoch 1's 11..15", got)
 	}
 	c.none(t, heldWait/2)
-	// Epoch numbers above the discarded point can be opened again.
+	// Epoch numbers above the discarded point can be opened again, once the
+	// gate was released.
+	if err := g.Open(2); err == nil {
+		t.Fatal("Open(2) right after Discard(1) was accepted; want Release first")
+	}
+	if err := g.Release(); err != nil {
+		t.Fatal(err)
+	}
 	if err := g.Open(2); err != nil {
-		t.Fatalf("reopen epoch 2 after Discard(1): %v", err)
+		t.Fatalf("reopen epoch 2 after Discard(1) and Release: %v", err)
 	}
 	n.sendSeqs(t, 41, 43)
 	if err := g.Commit(2); err != nil {
@@ -444,5 +452,36 @@ func TestOrderUnderLoad(t *testing.T) {
 	s := g.Stats()
 	if s.Released.Frames != epochs*perEpoch || s.Lost != 0 || s.Failed.Frames != 0 {
 		t.Errorf("released %d lost %d failed %d, want %d released", s.Released.Frames, s.Lost, s.Failed.Frames, epochs*perEpoch)
+	}
+}
+
+// After Discard the gate takes no Open until Release: frames the VM sends
+// meanwhile have no epoch, and Release lets them out in order.
+func TestDiscardThenRelease(t *testing.T) {
+	n := newTestNet(t)
+	g := n.newGate(t, Config{})
+	c := n.collect(t)
+	for e := uint64(1); e <= 3; e++ {
+		if err := g.Open(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n.sendSeqs(t, 1, 5)
+	if err := g.Discard(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Open(2); err == nil || !strings.Contains(err.Error(), "Release the gate first") {
+		t.Fatalf("Open after Discard: %v, want a refusal", err)
+	}
+	n.sendSeqs(t, 6, 8)
+	c.none(t, 100*time.Millisecond)
+	if err := g.Release(); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.take(t, 3, 5*time.Second); !slices.Equal(got, seqRange(6, 8)) {
+		t.Fatalf("released %v, want only the frames sent after Discard, %v", got, seqRange(6, 8))
+	}
+	if err := g.Open(2); err != nil {
+		t.Fatalf("Open after Release: %v", err)
 	}
 }

@@ -189,6 +189,11 @@ func (o *owner) take(raw []byte) {
 		return
 	}
 	st := o.stateFor(r.epoch)
+	if st == nil {
+		o.t.DroppedHoldLimit.add(n)
+		o.skip(1)
+		return
+	}
 	if o.q == nil {
 		o.q = newHoldQueue(o.holdLimit)
 	}
@@ -235,7 +240,7 @@ func (o *owner) syncOpens() {
 // the one after the last commit, and that of the newest frame queued. A
 // frame that raced with Open on another CPU, or one held for an epoch
 // already committed, is thus delayed to a later epoch, never released
-// early.
+// early. nil: MaxOpenEpochs are open and the frame must be dropped.
 func (o *owner) stateFor(e uint64) *epochState {
 	e = max(e, o.committed+1, o.tailEpoch)
 	i := len(o.states)
@@ -246,7 +251,7 @@ func (o *owner) stateFor(e uint64) *epochState {
 		return o.states[i]
 	}
 	if i >= MaxOpenEpochs {
-		return o.states[i-1]
+		return nil // never file a frame under an older epoch: drop it
 	}
 	return o.newState(e)
 }

@@ -61,8 +61,10 @@ type Checkpoint struct {
 
 // OutputGate holds a VM's externally visible output (network frames, disk
 // writes) until the epoch that produced it is safe on the backup. The engine
-// drives it; ebpf and diskmirror implement it. Calls come from the engine's
-// goroutines, one at a time, in epoch order.
+// drives it; ebpf and diskmirror implement it. Opens come from one goroutine
+// in epoch order, and so do Commits; an Open may run while a Commit of an
+// earlier epoch is still releasing (the pause must not wait for a release).
+// Discard and Release run alone.
 type OutputGate interface {
 	// Open starts epoch n: output produced from now on belongs to n. The engine
 	// calls it during the pause that ends epoch n-1, with the vCPUs stopped.

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -175,6 +176,7 @@ func TestKVMBackupLost(t *testing.T) {
 
 // recordingGate records what the engine told it, checking the order.
 type recordingGate struct {
+	mu                sync.Mutex // Open may run while a Commit does
 	opened, committed uint64
 	discarded         []uint64
 	released          bool
@@ -182,6 +184,8 @@ type recordingGate struct {
 }
 
 func (g *recordingGate) Open(n uint64) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	if n != g.opened+1 {
 		return fmt.Errorf("open %d after %d", n, g.opened)
 	}
@@ -190,6 +194,8 @@ func (g *recordingGate) Open(n uint64) error {
 }
 
 func (g *recordingGate) Commit(n uint64) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	if n != g.committed+1 || n >= g.opened {
 		return fmt.Errorf("commit %d after %d with %d open", n, g.committed, g.opened)
 	}
@@ -198,6 +204,8 @@ func (g *recordingGate) Commit(n uint64) error {
 }
 
 func (g *recordingGate) Discard(n uint64) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	if g.released || n != g.committed {
 		return fmt.Errorf("discard after %d with %d committed, released %v", n, g.committed, g.released)
 	}
@@ -205,4 +213,9 @@ func (g *recordingGate) Discard(n uint64) error {
 	return nil
 }
 
-func (g *recordingGate) Release() error { g.released = true; return nil }
+func (g *recordingGate) Release() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.released = true
+	return nil
+}

@@ -161,7 +161,7 @@ type Primary struct {
 	inflight chan struct{} // a token per epoch captured and not yet acknowledged
 	hold     workerHold    // set during pauses: workers wait
 	gpaLists chan []uint64 // page lists of sent epochs, for reuse
-	gmu      sync.Mutex    // serialises gate calls
+	gmu      sync.RWMutex  // Open and Commit share it; Discard and Release hold it alone
 
 	amu  sync.Mutex // guards sent
 	sent []pendingEpoch
@@ -496,10 +496,12 @@ func (p *Primary) finish() error {
 	return nil
 }
 
-// gateCall calls f on every gate, in order, unless they were released.
+// gateCall calls f (an Open or a Commit) on every gate, in order, unless
+// they were released. Opens and Commits share gmu: the Open in a pause does
+// not wait for a Commit that is releasing an earlier epoch's output.
 func (p *Primary) gateCall(f func(OutputGate) error) error {
-	p.gmu.Lock()
-	defer p.gmu.Unlock()
+	p.gmu.RLock()
+	defer p.gmu.RUnlock()
 	if p.released {
 		return nil
 	}

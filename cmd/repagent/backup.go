@@ -310,14 +310,10 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 			fmt.Fprintf(stdout, "resumed vcpu=%d iterations=%d writes=%d counter=%d hash=%016x\n", i, st.Iterations, st.Writes, st.Counter, st.Hash)
 		}
 		first = totals(m)
-		if err := m.Start(); err != nil {
-			m.Close()
-			return err
-		}
-		resumed = m
 		if tap != nil {
-			// The network learns where the VM is now: switches move its MAC
-			// to this port, neighbours refresh their entries.
+			// The network learns where the VM is now, before it speaks:
+			// switches move its MAC to this port, neighbours refresh their
+			// entries.
 			n := st.Config.Net
 			if err := ebpf.Announce(o.tap, n.MAC, n.IP); err != nil {
 				log.Error("announce the resumed guest", "tap", o.tap, "err", err)
@@ -325,6 +321,11 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 				fmt.Fprintf(stdout, "announced mac=%s ip=%s on %s\n", n.MAC, n.IP, o.tap)
 			}
 		}
+		if err := m.Start(); err != nil {
+			m.Close()
+			return err
+		}
+		resumed = m
 		return nil
 	}
 	progress := &backupProgress{}

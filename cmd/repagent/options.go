@@ -161,6 +161,9 @@ func parseJobArgs(args []string) (*jobOptions, error) {
 	if !f.noNet && f.service == "" && !wl.IsNet() {
 		f.service = "udp-echo" // vCPU 0 answers the job's client
 	}
+	if !f.noNet && (wl == testvm.UDPStream || f.service == "udp-stream") {
+		return nil, usagef("the main job's client speaks udp-echo; run udp-stream with `repagent primary --tap` and a client of your own")
+	}
 	cfg, repl, err := f.configs()
 	if err != nil {
 		return nil, err

@@ -36,8 +36,8 @@ func TestParseJobArgsDefaults(t *testing.T) {
 	if o, err := parseJobArgs([]string{"--no-net"}); err != nil || o.net || o.cfg.Net != nil {
 		t.Errorf("--no-net: %v, net %v, guest %+v", err, o.net, o.cfg.Net)
 	}
-	if o, err := parseJobArgs([]string{"--workload", "udp-stream", "--stream-rate", "500", "--hold-limit", "1M", "--pcap", t.TempDir() + "/x.pcap"}); err != nil ||
-		o.cfg.Net.Service != testvm.UDPStream || o.cfg.Net.StreamRate != 500 || o.repl.holdLimit != 1<<20 || o.repl.pcap == "" {
+	if o, err := parseJobArgs([]string{"--workload", "udp-echo", "--port", "9000", "--hold-limit", "1M", "--pcap", t.TempDir() + "/x.pcap"}); err != nil ||
+		o.cfg.Net.Service != testvm.UDPEcho || o.cfg.Net.Port != 9000 || o.repl.holdLimit != 1<<20 || o.repl.pcap == "" {
 		t.Errorf("network flags: %v, %+v, %+v", err, o.cfg.Net, o.repl)
 	}
 
@@ -104,7 +104,8 @@ func TestJobUsageErrors(t *testing.T) {
 		{"multicast mac", []string{"--mac", "01:00:5e:00:00:01"}, "is a multicast address"},
 		{"bad ip", []string{"--ip", "10.0.0"}, `--ip: ParseAddr("10.0.0")`},
 		{"ipv6", []string{"--ip", "::1"}, "is not an IPv4 address"},
-		{"stream bytes", []string{"--workload", "udp-stream", "--stream-bytes", "4"}, "stream datagrams of 4 bytes: want 16 to 1472"},
+		{"job stream", []string{"--workload", "udp-stream"}, "the main job's client speaks udp-echo"},
+		{"job stream service", []string{"--net-service", "udp-stream"}, "the main job's client speaks udp-echo"},
 		{"hold limit", []string{"--hold-limit", "1K"}, "--hold-limit 1K: want 4KiB to 16GiB"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -143,6 +144,7 @@ func TestPrimaryArgs(t *testing.T) {
 		{"fault without epoch", []string{"--backup", "h:1"}, "sent", `REPAGENT_FAULT="sent": want POINT:N with POINT one of sync, pause, send, sent`},
 		{"fault unknown point", []string{"--backup", "h:1"}, "boom:3", `REPAGENT_FAULT="boom:3": unknown point "boom" here`},
 		{"pcap without tap", []string{"--backup", "h:1", "--pcap", "/tmp/x.pcap"}, "", "--pcap and --hold-limit are about the guest's network: they need --tap"},
+		{"stream bytes", []string{"--backup", "h:1", "--tap", "t0", "--workload", "udp-stream", "--stream-bytes", "4"}, "", "stream datagrams of 4 bytes: want 16 to 1472"},
 		{"fault backup point", []string{"--backup", "h:1"}, "apply:3", `unknown point "apply" here`},
 		{"fault bad epoch", []string{"--backup", "h:1"}, "pause:x", `REPAGENT_FAULT="pause:x": "x" is not an epoch number`},
 		{"fault negative epoch", []string{"--backup", "h:1"}, "send:-1", `"-1" is not an epoch number`},
