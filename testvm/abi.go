@@ -3,7 +3,7 @@ package testvm
 // Constants of the guest ABI, mirrored from guest/abi.h. TestABIMatchesHeader
 // parses the header and checks every one of them.
 const (
-	abiVersion = 2
+	abiVersion = 3
 
 	pageSize = 4096
 	// MaxVCPUs is the most vCPUs the test VM supports.
@@ -22,13 +22,18 @@ const (
 	netAddr      = 0x200000
 	netTxAddr    = 0x201000
 	netRxAddr    = 0x281000
+	diskAddr     = 0x301000
+	diskRingAddr = 0x302000
+	diskBufAddr  = 0x380000
+	diskBufSize  = 0x80000
 	// DataAddr is the first byte of workload memory (guest-virtual, which is
 	// also the offset into the memory file).
 	DataAddr = 0x400000
 
-	portConsole = 0x510
-	portControl = 0x511
-	portNetKick = 0x512
+	portConsole  = 0x510
+	portControl  = 0x511
+	portNetKick  = 0x512
+	portDiskKick = 0x513
 
 	consoleOffset = 2048
 	consoleMax    = 2048
@@ -43,6 +48,9 @@ const (
 	gerrBadRegion   = 4
 	gerrBadVCPU     = 5
 	gerrBadNet      = 6
+	gerrBadDisk     = 7
+	gerrDiskIO      = 8
+	gerrDiskVerify  = 9
 
 	paramsMagic = 0x5041524d47504552
 	statusMagic = 0x5354415447504552
@@ -52,6 +60,7 @@ const (
 	wlCounter  = 3
 	wlUDPEcho  = 4
 	wlUDPStrm  = 5
+	wlDisk     = 6
 	patSeq     = 1
 	patRandom  = 2
 	patHotcold = 3
@@ -90,6 +99,10 @@ const (
 	pvBase       = 0
 	pvPages      = 8
 	pvWorkingSet = 16
+	pDiskBlocks  = 256
+	pDiskWS      = 264
+	pDiskFlush   = 272
+	pDiskFlags   = 280
 	sMagic       = 0
 	sState       = 8
 	sError       = 12
@@ -106,6 +119,14 @@ const (
 	sNetIgnored  = 128
 	sNetPeerIP   = 136
 	sNetPeerPort = 140
+	sDiskWrites  = 144
+	sDiskReads   = 152
+	sDiskFlushes = 160
+	sDiskErrors  = 168
+	sDiskBatch   = 176
+	sDiskBatchN  = 184
+	sDiskBadBlk  = 192
+	sDiskBadStat = 200
 
 	netSlots    = 256
 	netSlotSize = 2048
@@ -119,7 +140,36 @@ const (
 	nRxProd     = 128
 	nRxCons     = 192
 	netPresent  = 1
+
+	diskSlots    = 128
+	diskDescSize = 32
+	// DiskBlockSize is the block size of the block device: the unit of its
+	// requests, and of DiskConfig.Blocks.
+	DiskBlockSize = 4096
+	dkReqProd     = 0
+	dkReqCons     = 64
+	dkKick        = 68
+	dOp           = 0
+	dFlags        = 4
+	dBlock        = 8
+	dCount        = 16
+	dStatus       = 20
+	dBuf          = 24
+	diskOpRead    = 1
+	diskOpWrite   = 2
+	diskOpFlush   = 3
+	diskFFUA      = 1
+	diskSOK       = 1
+	diskSBadOp    = 2
+	diskSBadRange = 3
+	diskSBadBuf   = 4
+	diskSIOError  = 5
+	diskPresent   = 1
+	diskStampTag  = 0xd15c000000000000
 )
+
+// diskMaxCount is the most blocks one request may move: the buffer area.
+const diskMaxCount = diskBufSize / DiskBlockSize
 
 // mix64 is abi.h's mix64 (the murmur3 finalizer).
 func mix64(x uint64) uint64 {

@@ -41,6 +41,17 @@ func TestABIMatchesHeader(t *testing.T) {
 		"NET_SLOTS": netSlots, "NET_SLOT_SIZE": netSlotSize, "NET_SLOT_DATA": netSlotData, "NET_FRAME_MAX": NetFrameMax,
 		"N_TX_PROD": nTxProd, "N_TX_CONS": nTxCons, "N_TX_KICK": nTxKick, "N_RX_PROD": nRxProd, "N_RX_CONS": nRxCons,
 		"NET_PRESENT": netPresent,
+		"DISK_ADDR":   diskAddr, "DISK_RING_ADDR": diskRingAddr, "DISK_BUF_ADDR": diskBufAddr, "DISK_BUF_SIZE": diskBufSize,
+		"PORT_DISK_KICK": portDiskKick, "GERR_BAD_DISK": gerrBadDisk, "GERR_DISK_IO": gerrDiskIO, "GERR_DISK_VERIFY": gerrDiskVerify,
+		"WL_DISK": wlDisk, "P_DISK_BLOCKS": pDiskBlocks, "P_DISK_WS": pDiskWS, "P_DISK_FLUSH_EVERY": pDiskFlush, "P_DISK_FLAGS": pDiskFlags,
+		"S_DISK_WRITES": sDiskWrites, "S_DISK_READS": sDiskReads, "S_DISK_FLUSHES": sDiskFlushes, "S_DISK_ERRORS": sDiskErrors,
+		"S_DISK_BATCH": sDiskBatch, "S_DISK_BATCH_N": sDiskBatchN, "S_DISK_BAD_BLOCK": sDiskBadBlk, "S_DISK_BAD_STATUS": sDiskBadStat,
+		"DISK_SLOTS": diskSlots, "DISK_DESC_SIZE": diskDescSize, "DISK_BLOCK_SIZE": DiskBlockSize,
+		"DK_REQ_PROD": dkReqProd, "DK_REQ_CONS": dkReqCons, "DK_KICK": dkKick,
+		"D_OP": dOp, "D_FLAGS": dFlags, "D_BLOCK": dBlock, "D_COUNT": dCount, "D_STATUS": dStatus, "D_BUF": dBuf,
+		"DISK_OP_READ": diskOpRead, "DISK_OP_WRITE": diskOpWrite, "DISK_OP_FLUSH": diskOpFlush, "DISK_F_FUA": diskFFUA,
+		"DISK_S_OK": diskSOK, "DISK_S_BAD_OP": diskSBadOp, "DISK_S_BAD_RANGE": diskSBadRange, "DISK_S_BAD_BUF": diskSBadBuf,
+		"DISK_S_IO_ERROR": diskSIOError, "DISK_PRESENT": diskPresent, "DISK_STAMP_TAG": diskStampTag,
 	}
 	f, err := os.Open("guest/abi.h")
 	if err != nil {

@@ -142,6 +142,12 @@ func writeParams(mem []byte, c Config, l layout, tscKHz uint32) {
 		le.PutUint32(p[pNetFlags:], netPresent)
 		le.PutUint32(p[pNetService:], uint32(n.Service))
 	}
+	if d := c.Disk; d != nil {
+		le.PutUint64(p[pDiskBlocks:], d.Blocks)
+		le.PutUint64(p[pDiskWS:], d.WorkingSet)
+		le.PutUint64(p[pDiskFlush:], d.FlushEvery)
+		le.PutUint32(p[pDiskFlags:], diskPresent)
+	}
 	ws := c.WorkingSet
 	if ws == 0 {
 		ws = l.regionPages

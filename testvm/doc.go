@@ -43,6 +43,13 @@
 //     dirties memory and serves clients). Sequence numbers live in guest
 //     memory, so a client can check that a restored guest went on from its
 //     checkpoint: no number repeats, none goes back.
+//   - Disk (on vCPU 0) uses the block device: batches of block writes (a
+//     sequential sweep of its working set, then as Pattern says), each block
+//     stamped with its number and a version, each batch followed by reads
+//     of random earlier blocks that it checks, and a flush now and then.
+//     The version of every block lives in a table in guest memory, so
+//     VerifyDisk and VerifyDiskImage check a disk image block by block
+//     against a memory image of the same checkpoint.
 //
 // # The network device
 //
@@ -57,6 +64,26 @@
 // never splits a frame from its ring update: every frame on the tap before
 // a checkpoint is recorded as sent in it, and none after. Save and Restore
 // carry the ring positions and check them against the memory image.
+//
+// # The block device
+//
+// With Config.Disk the machine has a paravirtual block device of 4 KiB
+// blocks on a DiskBackend (Config.DiskIO: an image file, or a writer that
+// mirrors it): a ring of 128 request descriptors (read, write with optional
+// FUA, flush) and a 512 KiB buffer area in guest memory (guest/abi.h), and
+// the same doorbell as the NIC's TX side on its own port. After a burst the
+// device polls its ring for a while (Config.DiskPoll) before it sleeps, as
+// waking its thread costs far more than the doorbell. It executes requests
+// in order and completes each with a status; a request the device cannot
+// execute (unknown op, blocks outside the disk, buffer outside the area) or
+// that the backend fails completes with an error status and changes
+// nothing else. Reads into guest memory are reported like all VMM writes.
+// Every batch, and so every call into the backend, runs under the device's
+// lock, which Pause takes and holds until Resume: a write is on the image if
+// and only if the saved ring position says it completed, and no write
+// reaches the backend during a pause. Save and Restore carry the ring
+// position and check it against the memory image; the restored device
+// executes the requests the guest had published after it.
 //
 // With Config.PhaseOps the guest stops after every PhaseOps operations until
 // Machine.Go lets it go on; tests use phases to know exactly what the guest
@@ -77,7 +104,7 @@
 // # Writes the VMM makes
 //
 // KVM's dirty log only sees guest writes. Every write the VMM itself makes into
-// guest memory goes through WriteGuest (or Go), which reports the guest-physical
-// range to the recorder set with SetWriteRecorder; dirty tracking merges those
-// ranges into its harvest.
+// guest memory (WriteGuest, Go, and the devices' DMA: received frames, blocks
+// read, ring updates) reports the guest-physical range to the recorder set
+// with SetWriteRecorder; dirty tracking merges those ranges into its harvest.
 package testvm

@@ -77,9 +77,10 @@ type Machine struct {
 
 	saved SavedState // reused by Save, so a checkpoint does not reallocate
 
-	started bool    // Start ran (guarded by ctl)
-	net     *netDev // nil without Config.Net
-	netHeld bool    // Pause holds net.mu (guarded by ctl)
+	started bool     // Start ran (guarded by ctl)
+	net     *netDev  // nil without Config.Net
+	disk    *diskDev // nil without Config.Disk
+	devHeld bool     // Pause holds the devices' locks (guarded by ctl)
 
 	recorder atomic.Pointer[func(gpa, length uint64)]
 	tracker  atomic.Pointer[dirtylog.Tracker] // set by DirtyTracker
@@ -220,6 +221,14 @@ func build(cfg Config, memF *os.File) (_ *Machine, err error) {
 	}
 	if cfg.Net != nil {
 		if m.net, err = newNetDev(m, cfg.Tap); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.Disk != nil {
+		if cfg.DiskIO == nil {
+			return nil, fmt.Errorf("block device of %d blocks without a backend (set Config.DiskIO or RestoreOptions.DiskIO, e.g. to an image file)", cfg.Disk.Blocks)
+		}
+		if m.disk, err = newDiskDev(m, cfg.DiskIO, cfg.Disk.Blocks, cfg.DiskPoll); err != nil {
 			return nil, err
 		}
 	}
@@ -365,6 +374,9 @@ func (m *Machine) Start() error {
 	if m.net != nil {
 		m.net.start()
 	}
+	if m.disk != nil {
+		m.disk.start()
+	}
 	go func() {
 		m.wg.Wait()
 		m.state.Store(int32(Stopped))
@@ -375,9 +387,9 @@ func (m *Machine) Start() error {
 }
 
 // Pause kicks every vCPU out of KVM_RUN and returns once all of them are out
-// and parked, and the network device finished the batch it was processing;
-// vCPUs and devices stay still until Resume. It returns an error, and leaves
-// nothing paused, only if the machine stopped.
+// and parked, and the network and block devices finished the batch they were
+// processing; vCPUs and devices stay still until Resume. It returns an error,
+// and leaves nothing paused, only if the machine stopped.
 func (m *Machine) Pause() error {
 	m.ctl.Lock()
 	defer m.ctl.Unlock()
@@ -404,15 +416,24 @@ func (m *Machine) Pause() error {
 	}
 	if m.net != nil {
 		m.net.mu.Lock()
-		m.netHeld = true
 	}
+	if m.disk != nil {
+		m.disk.mu.Lock()
+	}
+	m.devHeld = true
 	return nil
 }
 
-// releaseNet lets the network device run again after a pause. With ctl held.
-func (m *Machine) releaseNet() {
-	if m.netHeld {
-		m.netHeld = false
+// releaseDevices lets the devices run again after a pause. With ctl held.
+func (m *Machine) releaseDevices() {
+	if !m.devHeld {
+		return
+	}
+	m.devHeld = false
+	if m.disk != nil {
+		m.disk.mu.Unlock()
+	}
+	if m.net != nil {
 		m.net.mu.Unlock()
 	}
 }
@@ -431,7 +452,7 @@ func (m *Machine) Resume() error {
 	if !m.state.CompareAndSwap(int32(Paused), int32(Running)) {
 		return m.stoppedErr("resume")
 	}
-	m.releaseNet()
+	m.releaseDevices()
 	for _, v := range m.vcpus {
 		v.requestRun()
 	}
@@ -538,14 +559,22 @@ func (m *Machine) Close() error {
 		}
 		<-m.done
 	}
+	m.releaseDevices()
 	if m.net != nil {
-		m.releaseNet()
 		if m.started {
 			m.net.stop()
 		} else {
-			m.net.closeDoorbell()
+			m.net.bell.close()
 		}
 		m.net = nil
+	}
+	if m.disk != nil {
+		if m.started {
+			m.disk.stop()
+		} else {
+			m.disk.bell.close()
+		}
+		m.disk = nil
 	}
 	m.state.Store(int32(Stopped))
 	for _, v := range m.vcpus {

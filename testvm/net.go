@@ -1,7 +1,6 @@
 package testvm
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -12,8 +11,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/repagent/repagent/kvm"
 )
 
 // NetConfig is the guest's network identity and the network workloads'
@@ -102,9 +99,9 @@ type NetStats struct {
 // was sent, and an RX frame is in the saved ring if and only if rx_prod says
 // so. That is what lets an output gate tag frames by epoch exactly.
 type netDev struct {
-	m   *Machine
-	tap *os.File // nil: frames the guest sends are dropped (counted)
-	kfd int      // the ioeventfd behind PORT_NET_KICK
+	m    *Machine
+	tap  *os.File  // nil: frames the guest sends are dropped (counted)
+	bell *doorbell // PORT_NET_KICK
 
 	mu      sync.Mutex // held per batch; held by Pause for the whole pause
 	stopped bool       // guarded by mu
@@ -121,16 +118,11 @@ type netDev struct {
 // newNetDev registers the doorbell with KVM. It does not start the
 // goroutines (start does).
 func newNetDev(m *Machine, tap *os.File) (*netDev, error) {
-	kfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	bell, err := newDoorbell(m.vm, portNetKick, "network device")
 	if err != nil {
-		return nil, fmt.Errorf("network device: eventfd: %w", err)
+		return nil, err
 	}
-	e := kvm.IOEventFD{Addr: portNetKick, Len: 4, FD: int32(kfd), Flags: kvm.KVM_IOEVENTFD_FLAG_PIO}
-	if err := m.vm.IOEventFD(e); err != nil {
-		unix.Close(kfd)
-		return nil, fmt.Errorf("network device: register doorbell port %#x: %w", portNetKick, err)
-	}
-	return &netDev{m: m, tap: tap, kfd: kfd}, nil
+	return &netDev{m: m, tap: tap, bell: bell}, nil
 }
 
 func (d *netDev) start() {
@@ -148,9 +140,7 @@ func (d *netDev) stop() {
 	d.mu.Lock()
 	d.stopped = true
 	d.mu.Unlock()
-	var one [8]byte
-	binary.NativeEndian.PutUint64(one[:], 1)
-	unix.Write(d.kfd, one[:]) // wake the TX loop
+	d.bell.ring() // wake the TX loop
 	if d.tap != nil {
 		d.tap.SetReadDeadline(time.Unix(1, 0)) // wake the RX loop
 	}
@@ -158,25 +148,14 @@ func (d *netDev) stop() {
 	if d.tap != nil {
 		d.tap.SetReadDeadline(time.Time{})
 	}
-	d.closeDoorbell()
+	d.bell.close()
 }
 
-// closeDoorbell closes the ioeventfd (KVM drops its registration with the VM).
-func (d *netDev) closeDoorbell() {
-	if d.kfd >= 0 {
-		unix.Close(d.kfd)
-		d.kfd = -1
-	}
-}
-
-// txLoop drains the TX ring, then announces that it sleeps (tx_kick = 1),
-// looks at tx_prod once more, and waits for the doorbell. The XCHG of the
-// tx_kick store orders it before the tx_prod load, the mirror of the guest's
-// fence, so a frame is never left on the ring with the device asleep.
+// txLoop drains the TX ring, then announces that it sleeps (tx_kick = 1,
+// see announceSleep) and waits for the doorbell.
 func (d *netDev) txLoop() {
 	defer d.wg.Done()
 	mem := d.m.mem
-	var buf [8]byte
 	for {
 		d.mu.Lock()
 		if d.stopped {
@@ -184,17 +163,12 @@ func (d *netDev) txLoop() {
 			return
 		}
 		d.drainTX(mem)
-		store32(mem, netAddr+nTxKick, 1)
-		d.m.recordWrite(netAddr+nTxKick, 4)
-		busy := load32(mem, netAddr+nTxProd) != d.txCons
-		if busy {
-			store32(mem, netAddr+nTxKick, 0)
-		}
+		busy := d.m.announceSleep(netAddr+nTxKick, netAddr+nTxProd, d.txCons)
 		d.mu.Unlock()
 		if busy {
 			continue
 		}
-		if _, err := unix.Read(d.kfd, buf[:]); err != nil && err != unix.EINTR {
+		if err := d.bell.wait(); err != nil {
 			d.m.fail(fmt.Errorf("network device: read doorbell: %w", err))
 			return
 		}

@@ -62,6 +62,12 @@ func (l layout) namePage(off uint64, vcpus int) string {
 		return fmt.Sprintf("network TX ring +%#x", page-netTxAddr)
 	case in(netRxAddr, netSlots*netSlotSize):
 		return fmt.Sprintf("network RX ring +%#x", page-netRxAddr)
+	case page == diskAddr:
+		return "block device header"
+	case page == diskRingAddr:
+		return "block device ring"
+	case in(diskBufAddr, diskBufSize):
+		return fmt.Sprintf("block device buffer %d", (page-diskBufAddr)/pageSize)
 	case off >= DataAddr && l.regionPages > 0:
 		i := (off - DataAddr) / pageSize / l.regionPages
 		if int(i) >= vcpus {

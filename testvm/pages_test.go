@@ -17,6 +17,9 @@ func TestNamePage(t *testing.T) {
 		{name: "stack 0", gpa: stackAddr + 0xf000, want: "stack of vCPU 0 +0xf000"},
 		{name: "stack 1", gpa: stackAddr + stackSize, want: "stack of vCPU 1 +0x0"},
 		{name: "tx ring", gpa: netTxAddr + 0x1000, want: "network TX ring +0x1000"},
+		{name: "disk header", gpa: diskAddr + 64, want: "block device header"},
+		{name: "disk ring", gpa: diskRingAddr + 0x40, want: "block device ring"},
+		{name: "disk buffer", gpa: diskBufAddr + 3*pageSize + 5, want: "block device buffer 3"},
 		{name: "low data", gpa: DataAddr, want: "workload region of vCPU 0, page 0"},
 		// Slot 1 starts at 4 GiB and holds memory from offset 16 MiB; each
 		// region is (32 MiB - 4 MiB) / 2 = 3584 pages.

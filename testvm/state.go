@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"time"
 
 	"github.com/repagent/repagent/kvm"
 )
@@ -26,6 +27,8 @@ import (
 //	  net      present u32; if 1: mac [8]byte (6 used), ip [4]byte, port u32,
 //	           streamRate u64, streamBytes u32, service u32, txCons u32,
 //	           rxProd u32
+//	  disk     present u32; if 1: blocks u64, workingSet u64, flushEvery u64,
+//	           reqCons u32, reserved u32
 //	  devices  ready u32 (guest vCPUs that reported READY)
 //	  vm       kvm.VMState encoding
 //	  vcpus    vcpus x kvm.VCPUState encoding
@@ -36,7 +39,7 @@ import (
 
 const (
 	stateMagic   = "RPAGVMST"
-	stateVersion = 2
+	stateVersion = 3
 	// maxStateSize bounds what Restore accepts, so a hostile length cannot
 	// make it allocate without limit. Real states are about 10 KiB per vCPU.
 	maxStateSize = 1 << 20
@@ -69,11 +72,15 @@ func (m *Machine) saveLocked() ([]byte, error) {
 	s := &m.saved
 	s.Config = m.cfg
 	s.Config.Tap = nil
-	s.netTxCons, s.netRxProd = 0, 0
+	s.Config.DiskIO, s.Config.DiskPoll = nil, 0
+	s.netTxCons, s.netRxProd, s.diskReqCons = 0, 0, 0
 	if m.net != nil {
 		// Pause holds the device still (or it never ran): these are the
 		// values in guest memory too.
 		s.netTxCons, s.netRxProd = m.net.txCons, m.net.rxProd
+	}
+	if m.disk != nil {
+		s.diskReqCons = m.disk.reqCons
 	}
 	m.evMu.Lock()
 	s.ready = m.ready
@@ -117,6 +124,13 @@ func (s *SavedState) encode() []byte {
 	} else {
 		b = appendU32(b, 0)
 	}
+	if d := c.Disk; d != nil {
+		b = appendU32(b, 1)
+		b = appendU64(b, d.Blocks, d.WorkingSet, d.FlushEvery)
+		b = appendU32(b, s.diskReqCons, 0)
+	} else {
+		b = appendU32(b, 0)
+	}
 	b = appendU32(b, uint32(s.ready))
 	b, _ = s.vm.AppendBinary(b)
 	for i := range s.vcpus {
@@ -146,8 +160,10 @@ type SavedState struct {
 	ready  int
 	// The network device's ring positions (with Config.Net).
 	netTxCons, netRxProd uint32
-	vm                   kvm.VMState
-	vcpus                []kvm.VCPUState
+	// The block device's req_cons (with Config.Disk).
+	diskReqCons uint32
+	vm          kvm.VMState
+	vcpus       []kvm.VCPUState
 }
 
 // DecodeState checks and decodes a state made by Save. It returns an error
@@ -207,6 +223,23 @@ func DecodeState(b []byte) (*SavedState, error) {
 		c.Net = n
 	default:
 		return nil, bad("network device flag %d, want 0 or 1", present)
+	}
+	switch present := d.u32(); present {
+	case 0:
+	case 1:
+		dc := &DiskConfig{}
+		dc.Blocks, dc.WorkingSet, dc.FlushEvery = d.u64(), d.u64(), d.u64()
+		s.diskReqCons = d.u32()
+		if r := d.u32(); r != 0 {
+			return nil, bad("block device reserved field %d", r)
+		}
+		// Saved configurations have their defaults filled in.
+		if dc.WorkingSet == 0 || dc.FlushEvery == 0 {
+			return nil, bad("block device working set %d, flush every %d: want both set", dc.WorkingSet, dc.FlushEvery)
+		}
+		c.Disk = dc
+	default:
+		return nil, bad("block device flag %d, want 0 or 1", present)
 	}
 	s.ready = int(d.u32())
 	if d.short {
@@ -281,7 +314,14 @@ func (d *rd) u32() uint32 {
 type RestoreOptions struct {
 	Console io.Writer
 	// Tap is the restored network device's tap (see Config.Tap).
-	Tap              *os.File
+	Tap *os.File
+	// DiskIO is the restored block device's backend (see Config.DiskIO),
+	// required when the state has a block device. It must hold the disk as
+	// it was at the checkpoint: the image the saved machine wrote, or a
+	// replica of it at the same epoch.
+	DiskIO DiskBackend
+	// DiskPoll is the restored block device's polling (see Config.DiskPoll).
+	DiskPoll         time.Duration
 	DirtyLog         bool
 	DirtyRingEntries uint32
 	DirtyRingFull    func(vcpu int) error
@@ -308,6 +348,10 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 	cfg := s.Config.withDefaults()
 	cfg.Console, cfg.DirtyLog, cfg.DirtyRingEntries, cfg.DirtyRingFull = opt.Console, opt.DirtyLog, opt.DirtyRingEntries, opt.DirtyRingFull
 	cfg.Tap = opt.Tap
+	cfg.DiskIO = opt.DiskIO
+	if cfg.Disk != nil && opt.DiskPoll != 0 {
+		cfg.DiskPoll = opt.DiskPoll
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
 	}
@@ -326,6 +370,18 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 				ErrBadState, s.netTxCons, s.netRxProd, tx, rx)
 		}
 		m.net.txCons, m.net.rxProd = s.netTxCons, s.netRxProd
+	}
+	if m.disk != nil {
+		// Likewise req_cons. The requests after it (up to req_prod) were not
+		// started when the state was saved: the restored device executes them.
+		c, p := load32(m.mem, diskAddr+dkReqCons), load32(m.mem, diskAddr+dkReqProd)
+		if c != s.diskReqCons || p-c > diskSlots {
+			m.memF = nil
+			m.Close()
+			return nil, fmt.Errorf("restore: %w: block device ring at req_cons %d in the state, req_cons %d and req_prod %d in memory (not the same checkpoint)",
+				ErrBadState, s.diskReqCons, c, p)
+		}
+		m.disk.reqCons = s.diskReqCons
 	}
 	for i, v := range m.vcpus {
 		if err := v.cpu.RestoreState(&s.vcpus[i]); err != nil {

@@ -36,7 +36,7 @@ type Status struct {
 	Started    bool       // the guest initialised its status page
 	State      GuestState // boot, running, waiting (between phases), error
 	Error      uint32     // the guest's error code in state error
-	Iterations uint64     // operations done: page writes, counter steps or idle ticks
+	Iterations uint64     // operations done: page writes, counter steps, idle ticks or block writes
 	Writes     uint64     // Dirty: page writes completed (= the last version used)
 	Phase      uint64     // the last phase completed
 	CurPage    uint64     // Dirty: 1 + the index of the page being written, 0 = none
@@ -50,6 +50,15 @@ type Status struct {
 	NetSeq     uint64         // the last sequence number sent (echo replies or stream datagrams)
 	NetIgnored uint64         // frames received that were not for the guest, or malformed
 	StreamPeer netip.AddrPort // UDPStream: the subscriber, invalid while there is none
+
+	// Disk workload (vCPU 0).
+	DiskWrites    uint64 // block writes completed and in the version table (= the last version used)
+	DiskReads     uint64 // blocks read back and verified against the version table
+	DiskFlushes   uint64 // flush requests completed
+	DiskErrors    uint64 // failed requests and reads that did not verify (the guest stops at the first)
+	DiskInFlight  uint64 // descriptors of the write batch in flight, 0 = none
+	DiskBadBlock  uint64 // 1 + the block of the last error, 0 = none
+	DiskBadStatus uint32 // the DISK_S_* status of the last failed request, 0 for a verify mismatch
 }
 
 // Status reads vCPU i's status page. While the machine runs, each field is an
@@ -80,6 +89,14 @@ func readStatus(mem []byte, i int) Status {
 		NetTx:      load64(mem, b+sNetTx),
 		NetSeq:     load64(mem, b+sNetSeq),
 		NetIgnored: load64(mem, b+sNetIgnored),
+
+		DiskWrites:    load64(mem, b+sDiskWrites),
+		DiskReads:     load64(mem, b+sDiskReads),
+		DiskFlushes:   load64(mem, b+sDiskFlushes),
+		DiskErrors:    load64(mem, b+sDiskErrors),
+		DiskInFlight:  load64(mem, b+sDiskBatchN),
+		DiskBadBlock:  load64(mem, b+sDiskBadBlk),
+		DiskBadStatus: uint32(load64(mem, b+sDiskBadStat)),
 	}
 	if ip := load32(mem, b+sNetPeerIP); ip != 0 {
 		var a [4]byte

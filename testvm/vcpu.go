@@ -151,7 +151,9 @@ type GuestError struct {
 
 func (e *GuestError) Error() string {
 	names := map[uint32]string{gerrBadParams: "bad params page", gerrBadWorkload: "unknown workload",
-		gerrBadPattern: "unknown pattern", gerrBadRegion: "bad memory region", gerrBadVCPU: "bad vCPU index"}
+		gerrBadPattern: "unknown pattern", gerrBadRegion: "bad memory region", gerrBadVCPU: "bad vCPU index",
+		gerrBadNet: "bad network settings", gerrBadDisk: "bad disk settings",
+		gerrDiskIO: "a disk request failed", gerrDiskVerify: "a block read back does not hold the version written"}
 	n, ok := names[e.Code]
 	if !ok {
 		n = "unknown error"

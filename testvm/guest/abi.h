@@ -16,7 +16,7 @@
 #ifndef REPAGENT_GUEST_ABI_H
 #define REPAGENT_GUEST_ABI_H
 
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 
 #define PAGE_SIZE 4096
 #define MAX_VCPUS 4
@@ -35,6 +35,10 @@
 #define NET_ADDR 0x200000
 #define NET_TX_ADDR 0x201000
 #define NET_RX_ADDR 0x281000
+#define DISK_ADDR 0x301000
+#define DISK_RING_ADDR 0x302000
+#define DISK_BUF_ADDR 0x380000
+#define DISK_BUF_SIZE 0x80000
 #define DATA_ADDR 0x400000
 
 /* Ports. OUT only; IN is never used. */
@@ -43,6 +47,8 @@
 /* PORT_NET_KICK: the VMM's network device wakes up (an ioeventfd: no exit to
  * userspace). The guest writes it only when the device asked for a kick. */
 #define PORT_NET_KICK 0x512
+/* PORT_DISK_KICK: the same for the block device (see the disk ring below). */
+#define PORT_DISK_KICK 0x513
 
 /* PORT_CONSOLE: the 32-bit value written is the length of the line the vCPU
  * put at the start of its status page's console buffer (no newline). */
@@ -61,6 +67,13 @@
 #define GERR_BAD_REGION 4
 #define GERR_BAD_VCPU 5
 #define GERR_BAD_NET 6
+/* The disk workload without a disk, or a working set the version table
+ * cannot hold. */
+#define GERR_BAD_DISK 7
+/* A disk request completed with an error status (status.disk_bad_*). */
+#define GERR_DISK_IO 8
+/* A block read back does not hold the version the table records. */
+#define GERR_DISK_VERIFY 9
 
 /* Magic numbers. */
 #define PARAMS_MAGIC 0x5041524d47504552
@@ -72,6 +85,7 @@
 #define WL_COUNTER 3
 #define WL_UDP_ECHO 4
 #define WL_UDP_STREAM 5
+#define WL_DISK 6
 #define PAT_SEQ 1
 #define PAT_RANDOM 2
 #define PAT_HOTCOLD 3
@@ -113,6 +127,10 @@
 #define PV_BASE 0
 #define PV_PAGES 8
 #define PV_WORKING_SET 16
+#define P_DISK_BLOCKS 256
+#define P_DISK_WS 264
+#define P_DISK_FLUSH_EVERY 272
+#define P_DISK_FLAGS 280
 
 /* Byte offsets inside struct guest_status (checked against Go). */
 #define S_MAGIC 0
@@ -131,6 +149,14 @@
 #define S_NET_IGNORED 128
 #define S_NET_PEER_IP 136
 #define S_NET_PEER_PORT 140
+#define S_DISK_WRITES 144
+#define S_DISK_READS 152
+#define S_DISK_FLUSHES 160
+#define S_DISK_ERRORS 168
+#define S_DISK_BATCH 176
+#define S_DISK_BATCH_N 184
+#define S_DISK_BAD_BLOCK 192
+#define S_DISK_BAD_STATUS 200
 
 /*
  * The network device. A header page at NET_ADDR and two rings of NET_SLOTS
@@ -157,6 +183,53 @@
 #define N_RX_PROD 128
 #define N_RX_CONS 192
 #define NET_PRESENT 1
+
+/*
+ * The block device. A header page at DISK_ADDR, a ring of DISK_SLOTS request
+ * descriptors of DISK_DESC_SIZE bytes at DISK_RING_ADDR, and a buffer area of
+ * DISK_BUF_SIZE bytes at DISK_BUF_ADDR that every request's data must lie in.
+ * Blocks are DISK_BLOCK_SIZE bytes; the disk has params.disk_blocks of them.
+ * Indices are free-running u32; slot = index % DISK_SLOTS.
+ *   The guest fills descriptor req_prod (status = 0), then increments
+ *   req_prod; the VMM executes descriptors req_cons..req_prod-1 in order,
+ *   writes each one's status, and then advances req_cons past all of them.
+ *   A descriptor's status is final once req_cons has passed it; the guest
+ *   may reuse it (and its buffer) from then on. Doorbell: as the network TX
+ *   ring (req_kick, PORT_DISK_KICK): a busy device is never kicked.
+ *   The guest polls req_cons for completions: there are no interrupts.
+ * Ops: DISK_OP_READ copies `count` blocks from block `block` into buf;
+ * DISK_OP_WRITE writes them from buf, and with DISK_F_FUA is durable
+ * (synced) before it completes; DISK_OP_FLUSH makes every write completed
+ * before it durable (block, count and buf are ignored).
+ * A request is executed whole or not at all as seen by a checkpoint: a write
+ * is on the disk image if and only if req_cons in the same checkpoint has
+ * passed its descriptor.
+ */
+#define DISK_SLOTS 128
+#define DISK_DESC_SIZE 32
+#define DISK_BLOCK_SIZE 4096
+#define DK_REQ_PROD 0
+#define DK_REQ_CONS 64
+#define DK_KICK 68
+#define D_OP 0
+#define D_FLAGS 4
+#define D_BLOCK 8
+#define D_COUNT 16
+#define D_STATUS 20
+#define D_BUF 24
+#define DISK_OP_READ 1
+#define DISK_OP_WRITE 2
+#define DISK_OP_FLUSH 3
+#define DISK_F_FUA 1
+/* Status: 0 until the VMM completed the request. */
+#define DISK_S_OK 1
+#define DISK_S_BAD_OP 2
+#define DISK_S_BAD_RANGE 3
+#define DISK_S_BAD_BUF 4
+#define DISK_S_IO_ERROR 5
+#define DISK_PRESENT 1
+/* Word 0 of a disk block stamp: DISK_STAMP_TAG | block number. */
+#define DISK_STAMP_TAG 0xd15c000000000000
 
 #ifndef __ASSEMBLER__
 #ifndef ABI_NO_STRUCTS
@@ -197,6 +270,11 @@ struct guest_params {
 	u32 reserved1;
 	u64 reserved[1];
 	struct guest_vcpu_params vcpu[MAX_VCPUS];
+	u64 disk_blocks;     /* the disk's size in DISK_BLOCK_SIZE blocks (0: no disk) */
+	u64 disk_ws;         /* disk: blocks of the working set, from block 0 */
+	u64 disk_flush_every; /* disk: a flush request after this many block writes */
+	u32 disk_flags;      /* DISK_PRESENT when the VM has a block device */
+	u32 reserved2;
 };
 
 /* One per vCPU, at STATUS_ADDR + i*STATUS_STRIDE, written only by the guest.
@@ -220,6 +298,25 @@ struct guest_status {
 	u64 net_ignored;     /* frames received that were not for this guest or malformed */
 	u32 net_peer_ip;     /* udp-stream: the subscriber's IPv4 address (wire order), 0 = none */
 	u32 net_peer_port;   /* udp-stream: the subscriber's UDP port (host order) */
+	u64 disk_writes;     /* disk: block writes completed and in the version table;
+	                      * also the last version used (versions are 1, 2, ...) */
+	u64 disk_reads;      /* disk: blocks read back and verified */
+	u64 disk_flushes;    /* disk: flush requests completed */
+	u64 disk_errors;     /* disk: requests that failed, reads that did not verify */
+	u64 disk_batch;      /* disk: ring index of the first descriptor of the batch in flight */
+	u64 disk_batch_n;    /* disk: descriptors in that batch, 0 = none in flight */
+	u64 disk_bad_block;  /* disk: 1 + the block of the last error, 0 = none */
+	u64 disk_bad_status; /* disk: DISK_S_* of the last failed request, 0 for a mismatch */
+};
+
+/* One block request; DISK_SLOTS of them at DISK_RING_ADDR. */
+struct disk_desc {
+	u32 op;              /* DISK_OP_* */
+	u32 flags;           /* DISK_F_FUA (writes only) */
+	u64 block;           /* first block */
+	u32 count;           /* blocks, 1 .. DISK_BUF_SIZE / DISK_BLOCK_SIZE */
+	u32 status;          /* written by the VMM: DISK_S_* */
+	u64 buf;             /* guest address of the data, inside the buffer area */
 };
 
 /*
@@ -246,6 +343,18 @@ static inline u64 fill_base(u64 w0, u64 version)
 {
 	return mix64(w0 ^ (version * FILL_K));
 }
+
+/*
+ * Disk block stamps (disk workload). Write number v (v = 1, 2, ...; unique,
+ * increasing) of block b fills its 512 words as a page stamp does:
+ *   w[0] = DISK_STAMP_TAG | b
+ *   w[1] = v
+ *   w[k] = fill_base(w[0], v) + k * FILL_K, for k = 2..511
+ * The guest records v in its version table: u64 table[b] at the start of
+ * vCPU 0's region, for every block b of the working set (0 = never written),
+ * once the device completed the write. A host verifies a disk image against
+ * the table, the ring and status.disk_batch* (see testvm.VerifyDiskImage).
+ */
 
 /* Counter workload: h_0 = COUNTER_H0; for c = 1, 2, ...: h_c = counter_step(h_{c-1}, c). */
 static inline u64 counter_step(u64 h, u64 c)

@@ -20,6 +20,11 @@
 #define GUEST_NET_TX_ADDR NET_TX_ADDR
 #define GUEST_NET_RX_ADDR NET_RX_ADDR
 #endif
+#ifndef GUEST_DISK_ADDR
+#define GUEST_DISK_ADDR DISK_ADDR
+#define GUEST_DISK_RING_ADDR DISK_RING_ADDR
+#define GUEST_DISK_BUF_ADDR DISK_BUF_ADDR
+#endif
 #ifndef GUEST_OUTL
 #define GUEST_OUTL(port, val) outl(port, val)
 #endif
@@ -56,6 +61,10 @@ _Static_assert(sizeof(struct guest_vcpu_params) == P_VCPU_STRIDE, "P_VCPU_STRIDE
 _Static_assert(__builtin_offsetof(struct guest_vcpu_params, base) == PV_BASE, "PV_BASE");
 _Static_assert(__builtin_offsetof(struct guest_vcpu_params, pages) == PV_PAGES, "PV_PAGES");
 _Static_assert(__builtin_offsetof(struct guest_vcpu_params, working_set) == PV_WORKING_SET, "PV_WORKING_SET");
+_Static_assert(__builtin_offsetof(struct guest_params, disk_blocks) == P_DISK_BLOCKS, "P_DISK_BLOCKS");
+_Static_assert(__builtin_offsetof(struct guest_params, disk_ws) == P_DISK_WS, "P_DISK_WS");
+_Static_assert(__builtin_offsetof(struct guest_params, disk_flush_every) == P_DISK_FLUSH_EVERY, "P_DISK_FLUSH_EVERY");
+_Static_assert(__builtin_offsetof(struct guest_params, disk_flags) == P_DISK_FLAGS, "P_DISK_FLAGS");
 _Static_assert(sizeof(struct guest_params) <= PAGE_SIZE, "params page");
 _Static_assert(__builtin_offsetof(struct guest_status, magic) == S_MAGIC, "S_MAGIC");
 _Static_assert(__builtin_offsetof(struct guest_status, state) == S_STATE, "S_STATE");
@@ -73,10 +82,29 @@ _Static_assert(__builtin_offsetof(struct guest_status, net_seq) == S_NET_SEQ, "S
 _Static_assert(__builtin_offsetof(struct guest_status, net_ignored) == S_NET_IGNORED, "S_NET_IGNORED");
 _Static_assert(__builtin_offsetof(struct guest_status, net_peer_ip) == S_NET_PEER_IP, "S_NET_PEER_IP");
 _Static_assert(__builtin_offsetof(struct guest_status, net_peer_port) == S_NET_PEER_PORT, "S_NET_PEER_PORT");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_writes) == S_DISK_WRITES, "S_DISK_WRITES");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_reads) == S_DISK_READS, "S_DISK_READS");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_flushes) == S_DISK_FLUSHES, "S_DISK_FLUSHES");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_errors) == S_DISK_ERRORS, "S_DISK_ERRORS");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_batch) == S_DISK_BATCH, "S_DISK_BATCH");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_batch_n) == S_DISK_BATCH_N, "S_DISK_BATCH_N");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_bad_block) == S_DISK_BAD_BLOCK, "S_DISK_BAD_BLOCK");
+_Static_assert(__builtin_offsetof(struct guest_status, disk_bad_status) == S_DISK_BAD_STATUS, "S_DISK_BAD_STATUS");
 _Static_assert(sizeof(struct guest_status) <= CONSOLE_OFFSET, "status overlaps console");
+_Static_assert(sizeof(struct disk_desc) == DISK_DESC_SIZE, "DISK_DESC_SIZE");
+_Static_assert(__builtin_offsetof(struct disk_desc, op) == D_OP, "D_OP");
+_Static_assert(__builtin_offsetof(struct disk_desc, flags) == D_FLAGS, "D_FLAGS");
+_Static_assert(__builtin_offsetof(struct disk_desc, block) == D_BLOCK, "D_BLOCK");
+_Static_assert(__builtin_offsetof(struct disk_desc, count) == D_COUNT, "D_COUNT");
+_Static_assert(__builtin_offsetof(struct disk_desc, status) == D_STATUS, "D_STATUS");
+_Static_assert(__builtin_offsetof(struct disk_desc, buf) == D_BUF, "D_BUF");
+_Static_assert(DISK_ADDR >= NET_RX_ADDR + NET_SLOTS * NET_SLOT_SIZE, "net RX ring overlaps disk header");
+_Static_assert(DISK_RING_ADDR >= DISK_ADDR + PAGE_SIZE, "disk header page");
+_Static_assert(DISK_BUF_ADDR >= DISK_RING_ADDR + DISK_SLOTS * DISK_DESC_SIZE, "disk ring overlaps buffers");
+_Static_assert(DATA_ADDR >= DISK_BUF_ADDR + DISK_BUF_SIZE, "disk buffers overlap data");
+_Static_assert(DISK_BLOCK_SIZE == PAGE_SIZE, "disk stamps are page stamps");
 _Static_assert(NET_TX_ADDR >= NET_ADDR + PAGE_SIZE, "net header page");
 _Static_assert(NET_RX_ADDR >= NET_TX_ADDR + NET_SLOTS * NET_SLOT_SIZE, "net TX ring overlaps RX");
-_Static_assert(DATA_ADDR >= NET_RX_ADDR + NET_SLOTS * NET_SLOT_SIZE, "net RX ring overlaps data");
 _Static_assert(NET_SLOT_DATA + NET_FRAME_MAX <= NET_SLOT_SIZE, "net slot");
 _Static_assert(CONSOLE_OFFSET + CONSOLE_MAX <= STATUS_STRIDE, "console exceeds status page");
 
@@ -216,6 +244,23 @@ static COLD void announce(vstatus *st, u64 vcpu, const struct guest_params *p)
 			con_str(&c, " bytes=");
 			con_u64(&c, p->stream_bytes);
 		}
+		break;
+	case WL_DISK:
+		if (vcpu != 0) {
+			con_str(&c, "idle (the disk workload runs on vcpu 0)");
+			break;
+		}
+		con_str(&c, "disk ");
+		con_str(&c, p->pattern == PAT_SEQ ? "seq" :
+			    p->pattern == PAT_RANDOM ? "random" : "hotcold");
+		con_str(&c, " ws=");
+		con_u64(&c, p->disk_ws);
+		con_str(&c, " of ");
+		con_u64(&c, p->disk_blocks);
+		con_str(&c, " blocks rate=");
+		con_u64(&c, p->rate);
+		con_str(&c, " flush_every=");
+		con_u64(&c, p->disk_flush_every);
 		break;
 	default:
 		con_str(&c, "counter");
@@ -710,6 +755,307 @@ static NORETURN void run_counter(vstatus *st, const struct guest_params *p, stru
 }
 
 
+/* ---- disk workload (vCPU 0) ---- */
+
+#define DISK_BATCH 32     /* most blocks one write batch carries */
+#define DISK_RUN 8        /* blocks per descriptor while sweeping sequentially */
+#define DISK_READS 4      /* random blocks read back and verified after each write batch */
+#define DISK_FUA_EVERY 8  /* every 8th write batch ends with a FUA write */
+/* Write buffers are the lower half of the buffer area, read buffers the upper
+ * half. The guest never stores into a read buffer: only the device's reads
+ * write there, so a dirty harvest that shows them proves the VMM reported its
+ * DMA (testvm's disk dirty test relies on it). */
+#define DISK_RBUF (DISK_BUF_SIZE / DISK_BLOCK_SIZE / 2)
+
+_Static_assert(DISK_BATCH <= DISK_RBUF && DISK_BATCH <= DISK_SLOTS, "disk batch");
+_Static_assert(DISK_READS <= DISK_SLOTS, "disk reads");
+
+/* The disk workload's state, on the stack (it travels with a checkpoint). */
+struct disk {
+	u64 ws;                /* working-set blocks */
+	volatile u64 *table;   /* table[b]: version of block b on the disk, 0 = never written */
+	u32 prod;              /* the guest's copy of req_prod */
+	u32 pattern;
+	u64 seq;               /* next block of the sequential sweep */
+	int sweeping;          /* Seq: always; the others: until the first sweep is done */
+	u64 rs;                /* xorshift64* state */
+	u64 hot, hot_w;        /* hotcold: hot blocks, percent of writes that go to them */
+	u64 batches;           /* write batches submitted */
+	u64 rslot;             /* next read buffer */
+};
+
+static inline volatile u32 *disk_reg(u64 off)
+{
+	return (volatile u32 *)(GUEST_DISK_ADDR + off);
+}
+
+static inline volatile struct disk_desc *disk_slot(u32 i)
+{
+	return (volatile struct disk_desc *)(GUEST_DISK_RING_ADDR + (u64)(i % DISK_SLOTS) * DISK_DESC_SIZE);
+}
+
+/* The guest address of block-sized buffer i of the buffer area. */
+static inline u64 disk_buf(u64 i)
+{
+	return GUEST_DISK_BUF_ADDR + i * DISK_BLOCK_SIZE;
+}
+
+static void disk_stamp(u64 *w, u64 block, u64 v)
+{
+	const u64 w0 = DISK_STAMP_TAG | block;
+	u64 f = fill_base(w0, v) + 2 * FILL_K;
+	int k;
+
+	w[0] = w0;
+	w[1] = v;
+	for (k = 2; k < DISK_BLOCK_SIZE / 8; k++) {
+		w[k] = f;
+		f += FILL_K;
+	}
+}
+
+/* 1 if w holds the stamp of write v of block (all zero for v = 0). */
+static int disk_check(const volatile u64 *w, u64 block, u64 v)
+{
+	u64 f;
+	int k;
+
+	if (!v) {
+		for (k = 0; k < DISK_BLOCK_SIZE / 8; k++)
+			if (w[k])
+				return 0;
+		return 1;
+	}
+	if (w[0] != (DISK_STAMP_TAG | block) || w[1] != v)
+		return 0;
+	f = fill_base(DISK_STAMP_TAG | block, v) + 2 * FILL_K;
+	for (k = 2; k < DISK_BLOCK_SIZE / 8; k++) {
+		if (w[k] != f)
+			return 0;
+		f += FILL_K;
+	}
+	return 1;
+}
+
+static COLD NORETURN void disk_fail(vstatus *st, u32 code, u64 block, u32 status)
+{
+	st->disk_errors++;
+	st->disk_bad_block = block + 1;
+	st->disk_bad_status = status;
+	fail(st, code);
+}
+
+/* Publish descriptors prod .. prod+n-1, kick the device only if it went to
+ * sleep (the fence orders the req_prod store before the req_kick load, as
+ * tx_push does), and wait until it completed all of them. */
+static void disk_run(struct disk *d, u32 n)
+{
+	volatile u32 *prod = disk_reg(DK_REQ_PROD), *kick = disk_reg(DK_KICK), *cons = disk_reg(DK_REQ_CONS);
+
+	d->prod += n;
+	barrier();
+	*prod = d->prod;
+	__sync_synchronize();
+	if (*kick) {
+		*kick = 0;
+		GUEST_OUTL(PORT_DISK_KICK, 0);
+	}
+	while (*cons != d->prod)
+		;
+	barrier();
+}
+
+static u64 disk_pick(struct disk *d)
+{
+	if (d->pattern == PAT_HOTCOLD) {
+		u64 cold = d->ws - d->hot;
+
+		if (!cold || scale(xs_next(&d->rs), 100) < d->hot_w)
+			return scale(xs_next(&d->rs), d->hot);
+		return d->hot + scale(xs_next(&d->rs), cold);
+	}
+	return scale(xs_next(&d->rs), d->ws);
+}
+
+/* One batch of n block writes (1 <= n <= DISK_BATCH) with versions
+ * disk_writes+1 .. disk_writes+n; returns once the device completed them and
+ * their versions are in the table. While it is in flight, disk_batch and
+ * disk_batch_n name its descriptors, so a host that looks at a checkpoint
+ * knows which of them the device had completed (req_cons) and which not. */
+static void disk_write_batch(struct disk *d, vstatus *st, u64 n)
+{
+	const u32 first = d->prod;
+	const u64 v0 = st->disk_writes;
+	u64 used = 0;
+	u32 nd = 0, i;
+
+	while (used < n) {
+		volatile struct disk_desc *ds = disk_slot(first + nd);
+		u64 block, run = 1, k;
+
+		if (d->sweeping) {
+			block = d->seq;
+			run = n - used;
+			if (run > DISK_RUN)
+				run = DISK_RUN;
+			if (run > d->ws - block)
+				run = d->ws - block;
+			d->seq += run;
+			if (d->seq == d->ws) {
+				d->seq = 0;
+				if (d->pattern != PAT_SEQ)
+					d->sweeping = 0;
+			}
+		} else {
+			block = disk_pick(d);
+		}
+		for (k = 0; k < run; k++)
+			disk_stamp((u64 *)disk_buf(used + k), block + k, v0 + used + k + 1);
+		ds->op = DISK_OP_WRITE;
+		ds->flags = 0;
+		ds->block = block;
+		ds->count = (u32)run;
+		ds->status = 0;
+		ds->buf = disk_buf(used);
+		used += run;
+		nd++;
+	}
+	if (++d->batches % DISK_FUA_EVERY == 0)
+		disk_slot(first + nd - 1)->flags = DISK_F_FUA;
+	st->disk_batch = first;
+	st->disk_batch_n = nd;
+	barrier();
+	disk_run(d, nd);
+	for (i = 0; i < nd; i++) {
+		volatile struct disk_desc *ds = disk_slot(first + i);
+		const u64 block = ds->block, *w = (const u64 *)ds->buf;
+		u64 k;
+
+		if (ds->status != DISK_S_OK)
+			disk_fail(st, GERR_DISK_IO, block, ds->status);
+		for (k = 0; k < ds->count; k++)
+			d->table[block + k] = w[k * (DISK_BLOCK_SIZE / 8) + 1];
+	}
+	barrier();
+	st->disk_writes = v0 + n;
+	st->iterations = v0 + n;
+	st->tsc = rdtsc();
+	barrier();
+	st->disk_batch_n = 0;
+}
+
+/* Read back up to DISK_READS random blocks written before, in one batch, and
+ * check each against the version table. */
+static void disk_verify(struct disk *d, vstatus *st)
+{
+	const u32 first = d->prod;
+	u32 nd = 0, i;
+
+	for (i = 0; i < DISK_READS; i++) {
+		u64 b = scale(xs_next(&d->rs), d->ws);
+		volatile struct disk_desc *ds;
+
+		if (!d->table[b])
+			continue;
+		ds = disk_slot(first + nd++);
+		ds->op = DISK_OP_READ;
+		ds->flags = 0;
+		ds->block = b;
+		ds->count = 1;
+		ds->status = 0;
+		ds->buf = disk_buf(DISK_RBUF + d->rslot);
+		d->rslot = (d->rslot + 1) % DISK_RBUF;
+	}
+	if (!nd)
+		return;
+	disk_run(d, nd);
+	for (i = 0; i < nd; i++) {
+		volatile struct disk_desc *ds = disk_slot(first + i);
+		const u64 b = ds->block;
+
+		if (ds->status != DISK_S_OK)
+			disk_fail(st, GERR_DISK_IO, b, ds->status);
+		if (!disk_check((const volatile u64 *)ds->buf, b, d->table[b]))
+			disk_fail(st, GERR_DISK_VERIFY, b, 0);
+		st->disk_reads++;
+	}
+}
+
+static void disk_flush(struct disk *d, vstatus *st)
+{
+	volatile struct disk_desc *ds = disk_slot(d->prod);
+
+	ds->op = DISK_OP_FLUSH;
+	ds->flags = 0;
+	ds->block = 0;
+	ds->count = 0;
+	ds->status = 0;
+	ds->buf = 0;
+	disk_run(d, 1);
+	if (ds->status != DISK_S_OK)
+		disk_fail(st, GERR_DISK_IO, (u64)-1, ds->status);
+	st->disk_flushes++;
+}
+
+/* The disk workload: block writes (a sequential sweep of the working set,
+ * then random or hot/cold writes, or sweeps forever with Seq) in batches,
+ * each followed by verified reads of random earlier writes; a flush every
+ * disk_flush_every writes. Block writes are its operations. */
+static NORETURN void run_disk(vstatus *st, const struct guest_params *p, struct net *n)
+{
+	const u64 interval = p->rate ? p->tsc_khz * 1000 / p->rate : 0;
+	const u64 slack = p->tsc_khz * 100; /* 100 ms */
+	const u64 phase_ops = p->phase_ops;
+	const u64 hot_pct = p->hot_pct > 100 ? 100 : p->hot_pct;
+	u64 left = phase_ops, ph = 0, next = rdtsc(), since_flush = 0;
+	struct disk d;
+
+	d.ws = p->disk_ws;
+	d.table = (volatile u64 *)p->vcpu[0].base;
+	d.prod = *disk_reg(DK_REQ_PROD);
+	d.pattern = p->pattern;
+	d.seq = 0;
+	d.sweeping = 1;
+	d.rs = mix64(p->seed ^ FILL_K);
+	if (!d.rs)
+		d.rs = FILL_K;
+	d.hot = d.ws * hot_pct / 100;
+	if (!d.hot)
+		d.hot = 1;
+	d.hot_w = p->hot_write_pct;
+	d.batches = 0;
+	d.rslot = 0;
+	for (;;) {
+		u64 nb = interval ? 1 : DISK_BATCH, now;
+
+		if (left && nb > left)
+			nb = left;
+		if (interval) {
+			while ((s64)((now = rdtsc()) - next) < 0)
+				net_tick(n, st);
+			next = now - next > slack ? now : next;
+			next += interval;
+		}
+		disk_write_batch(&d, st, nb);
+		disk_verify(&d, st);
+		since_flush += nb;
+		if (p->disk_flush_every && since_flush >= p->disk_flush_every) {
+			disk_flush(&d, st);
+			since_flush = 0;
+		}
+		net_tick(n, st);
+		if (left) {
+			left -= nb;
+			if (left == 0) {
+				phase_done(st, p, ++ph);
+				left = phase_ops;
+				next = rdtsc();
+			}
+		}
+	}
+}
+
+
 /* ---- entry ---- */
 
 void guest_main(u64 vcpu)
@@ -734,7 +1080,7 @@ void guest_main(u64 vcpu)
 	    vp->pages > (0 - vp->base) / PAGE_SIZE || /* base + pages*4K must not wrap */
 	    vp->working_set < 1 || vp->working_set > vp->pages)
 		fail(st, GERR_BAD_REGION);
-	if (p->workload < WL_IDLE || p->workload > WL_UDP_STREAM)
+	if (p->workload < WL_IDLE || p->workload > WL_DISK)
 		fail(st, GERR_BAD_WORKLOAD);
 	service = p->workload == WL_UDP_ECHO || p->workload == WL_UDP_STREAM ? p->workload : p->net_service;
 	if (service != 0 && service != WL_UDP_ECHO && service != WL_UDP_STREAM)
@@ -742,9 +1088,14 @@ void guest_main(u64 vcpu)
 	if (service && (!(p->net_flags & NET_PRESENT) || p->net_port == 0 || p->net_port > 0xffff ||
 			(service == WL_UDP_STREAM && (p->stream_bytes < 16 || p->stream_bytes > UDP_MAX_PAYLOAD))))
 		fail(st, GERR_BAD_NET);
-	if (p->workload == WL_DIRTY && p->pattern != PAT_SEQ &&
+	if ((p->workload == WL_DIRTY || p->workload == WL_DISK) && p->pattern != PAT_SEQ &&
 	    p->pattern != PAT_RANDOM && p->pattern != PAT_HOTCOLD)
 		fail(st, GERR_BAD_PATTERN);
+	/* The version table (8 bytes a block) must fit in vCPU 0's region. */
+	if (p->workload == WL_DISK &&
+	    (!(p->disk_flags & DISK_PRESENT) || p->disk_ws < 1 || p->disk_ws > p->disk_blocks ||
+	     p->disk_ws > p->vcpu[0].pages * (PAGE_SIZE / 8)))
+		fail(st, GERR_BAD_DISK);
 
 	st->state = GS_BOOT;
 	st->error = 0;
@@ -763,6 +1114,14 @@ void guest_main(u64 vcpu)
 	st->net_ignored = 0;
 	st->net_peer_ip = 0;
 	st->net_peer_port = 0;
+	st->disk_writes = 0;
+	st->disk_reads = 0;
+	st->disk_flushes = 0;
+	st->disk_errors = 0;
+	st->disk_batch = 0;
+	st->disk_batch_n = 0;
+	st->disk_bad_block = 0;
+	st->disk_bad_status = 0;
 	st->tsc = rdtsc();
 	st->magic = STATUS_MAGIC;
 	st->state = GS_RUNNING;
@@ -782,6 +1141,10 @@ void guest_main(u64 vcpu)
 	case WL_UDP_STREAM:
 		if (vcpu == 0)
 			run_net(st, p, &net);
+		run_idle(st, p, &net);
+	case WL_DISK:
+		if (vcpu == 0)
+			run_disk(st, p, &net);
 		run_idle(st, p, &net);
 	default:
 		run_counter(st, p, &net);
