@@ -258,20 +258,9 @@ func (m *Mirror) Discard(n uint64) error {
 }
 
 // Release stops protecting: every epoch's records are freed, the sync state
-// is dropped, and writes from now on go to the local image only.
-func (m *Mirror) Release() error {
-	m.wmu.Lock()
-	defer m.wmu.Unlock()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, l := range m.logs {
-		l.sp.free()
-	}
-	clear(m.logs)
-	m.logs = m.logs[:0]
-	m.cur, m.track, m.resid = nil, nil, nil
-	return nil
-}
+// is dropped, and writes from now on go to the local image only: Discard of
+// every epoch after 0, which is all of them (epochs start at 1).
+func (m *Mirror) Release() error { return m.Discard(0) }
 
 // MirrorStats is a snapshot of what a Mirror holds.
 type MirrorStats struct {

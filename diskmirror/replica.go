@@ -181,13 +181,9 @@ func (r *Replica) Commit(n uint64) error {
 	r.amu.Lock()
 	defer r.amu.Unlock()
 	r.mu.Lock()
-	if r.closed {
+	if err := r.arrived(n); err != nil {
 		r.mu.Unlock()
-		return fmt.Errorf("commit epoch %d: %w", n, ErrClosed)
-	}
-	if n >= r.next {
-		r.mu.Unlock()
-		return fmt.Errorf("commit epoch %d: %w: epochs up to %d have arrived", n, ErrEpoch, r.next-1)
+		return fmt.Errorf("commit epoch %d: %w", n, err)
 	}
 	take := r.takeUpTo(n)
 	r.mu.Unlock()
@@ -203,26 +199,39 @@ func (r *Replica) Failover(n uint64) error {
 	r.amu.Lock()
 	defer r.amu.Unlock()
 	r.mu.Lock()
-	if r.closed {
+	if err := r.arrived(n); err != nil {
 		r.mu.Unlock()
-		return fmt.Errorf("failover to epoch %d: %w", n, ErrClosed)
-	}
-	if n >= r.next {
-		r.mu.Unlock()
-		return fmt.Errorf("failover to epoch %d: %w: epochs up to %d have arrived", n, ErrEpoch, r.next-1)
+		return fmt.Errorf("failover to epoch %d: %w", n, err)
 	}
 	if n < r.committed {
 		r.mu.Unlock()
 		return fmt.Errorf("failover to epoch %d: %w: epoch %d is already applied", n, ErrEpoch, r.committed)
 	}
 	take := r.takeUpTo(n)
+	r.drop()
+	r.mu.Unlock()
+	return r.apply(take, fmt.Sprintf("failover to epoch %d", n))
+}
+
+// arrived checks that r is open and epoch n has arrived. The caller holds
+// r.mu.
+func (r *Replica) arrived(n uint64) error {
+	if r.closed {
+		return ErrClosed
+	}
+	if n >= r.next {
+		return fmt.Errorf("%w: epochs up to %d have arrived", ErrEpoch, r.next-1)
+	}
+	return nil
+}
+
+// drop discards every pending epoch and closes r. The caller holds r.mu.
+func (r *Replica) drop() {
 	for _, p := range r.pending {
 		p.sp.free()
 	}
 	r.pending = nil
 	r.closed = true
-	r.mu.Unlock()
-	return r.apply(take, fmt.Sprintf("failover to epoch %d", n))
 }
 
 // takeUpTo removes the pending epochs up to n from the list. The caller
@@ -292,10 +301,6 @@ func (r *Replica) Close() error {
 	defer r.amu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, p := range r.pending {
-		p.sp.free()
-	}
-	r.pending = nil
-	r.closed = true
+	r.drop()
 	return nil
 }

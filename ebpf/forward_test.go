@@ -4,9 +4,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
-	"slices"
 	"testing"
-	"time"
 
 	"github.com/repagent/repagent/internal/nettest"
 )
@@ -57,7 +55,8 @@ func TestForwarded(t *testing.T) {
 			}); err != nil {
 				t.Fatal(err)
 			}
-			defer client.Close()
+			t.Cleanup(func() { client.Close() }) // after the collector stops
+			c := collectFrom(t, client)
 
 			var g *Gate
 			if err := host.Do(func() error { var err error; g, err = New(Config{Interface: "tap0"}); return err }); err != nil {
@@ -73,33 +72,11 @@ func TestForwarded(t *testing.T) {
 					}
 				}
 			}
-			recv := func(want int, wait time.Duration) []uint64 {
-				var got []uint64
-				b := make([]byte, 100)
-				deadline := time.Now().Add(wait)
-				for len(got) < want {
-					client.SetReadDeadline(deadline)
-					n, err := client.Read(b)
-					if err != nil {
-						break
-					}
-					got = append(got, binary.BigEndian.Uint64(b[:n]))
-				}
-				return got
-			}
-			if err := g.Open(1); err != nil {
-				t.Fatal(err)
-			}
+			must(t, g.Open(1))
 			send(1, 20)
-			if got := recv(1, heldWait); len(got) != 0 {
-				t.Fatalf("peer got %v while the gate held", got)
-			}
-			if err := g.Commit(1); err != nil {
-				t.Fatal(err)
-			}
-			if got := recv(20, time.Second); !slices.Equal(got, seqRange(1, 20)) {
-				t.Fatalf("peer got %v, want 1..20", got)
-			}
+			c.none(t, heldWait)
+			must(t, g.Commit(1))
+			c.expect(t, seqRange(1, 20))
 		})
 	}
 }

@@ -22,17 +22,13 @@ func TestPassThrough(t *testing.T) {
 
 	// No gate: the test network itself delivers.
 	n.sendSeqs(t, 1, 5)
-	if got := c.take(t, 5, time.Second); !slices.Equal(got, seqRange(1, 5)) {
-		t.Fatalf("without a gate the client got %v, want 1..5", got)
-	}
+	c.expect(t, seqRange(1, 5))
 
 	// A gate never opened passes frames without copying them: the hold
 	// path is never entered.
 	g := n.newGate(t, Config{})
 	n.sendSeqs(t, 6, 10)
-	if got := c.take(t, 5, time.Second); !slices.Equal(got, seqRange(6, 10)) {
-		t.Fatalf("with a gate in pass mode the client got %v, want 6..10", got)
-	}
+	c.expect(t, seqRange(6, 10))
 	if seq := atomic.LoadUint64(&g.att.ctl.Seq); seq != 0 {
 		t.Errorf("hold path entered %d times in pass mode, want 0", seq)
 	}
@@ -48,30 +44,18 @@ func TestHoldCommit(t *testing.T) {
 	var log epochLog
 	g := n.newGate(t, Config{OnEpoch: log.add})
 
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	n.sendSeqs(t, 1, 10)
 	c.none(t, heldWait)
-	if err := g.Open(2); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(2))
 	n.sendSeqs(t, 11, 20)
 	c.none(t, heldWait/2)
 
-	if err := g.Commit(1); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 10, time.Second); !slices.Equal(got, seqRange(1, 10)) {
-		t.Fatalf("after Commit(1) the client got %v, want 1..10", got)
-	}
+	must(t, g.Commit(1))
+	c.expect(t, seqRange(1, 10))
 	c.none(t, heldWait/2)
-	if err := g.Commit(2); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 10, time.Second); !slices.Equal(got, seqRange(11, 20)) {
-		t.Fatalf("after Commit(2) the client got %v, want 11..20", got)
-	}
+	must(t, g.Commit(2))
+	c.expect(t, seqRange(11, 20))
 	c.none(t, heldWait/2)
 
 	s := g.Stats()
@@ -109,9 +93,7 @@ func TestToVMNotHeld(t *testing.T) {
 	n := newTestNet(t)
 	c := n.collect(t)
 	g := n.newGate(t, Config{})
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	n.sendSeqs(t, 1, 3)
 
 	// The client sends to the VM; the VM reads its tap.
@@ -142,12 +124,8 @@ func TestToVMNotHeld(t *testing.T) {
 	if s := g.Stats(); s.Held.Frames != 3 || s.Pending.Frames != 3 {
 		t.Errorf("held %+v pending %+v: want only the VM's 3 frames", s.Held, s.Pending)
 	}
-	if err := g.Commit(1); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 3, time.Second); !slices.Equal(got, seqRange(1, 3)) {
-		t.Fatalf("client got %v, want 1..3", got)
-	}
+	must(t, g.Commit(1))
+	c.expect(t, seqRange(1, 3))
 }
 
 // Past the hold limit frames are dropped and counted, never delivered.
@@ -157,31 +135,19 @@ func TestHoldLimit(t *testing.T) {
 	var log epochLog
 	g := n.newGate(t, Config{HoldLimit: MinHoldLimit, OnEpoch: log.add})
 	// 1000-byte frames take 1024 bytes of the 4096-byte queue: 4 fit.
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	for s := uint64(1); s <= 10; s++ {
 		n.send(t, n.vmFrame(t, s, 1000))
 	}
 	c.none(t, heldWait/2)
-	if err := g.Commit(1); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 4, time.Second); !slices.Equal(got, seqRange(1, 4)) {
-		t.Fatalf("client got %v, want the 4 frames that fit, 1..4", got)
-	}
+	must(t, g.Commit(1))
+	c.expect(t, seqRange(1, 4))
 	c.none(t, heldWait/2)
 	// The queue has room again.
-	if err := g.Open(2); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(2))
 	n.send(t, n.vmFrame(t, 11, 1000), n.vmFrame(t, 12, 1000))
-	if err := g.Commit(2); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 2, time.Second); !slices.Equal(got, []uint64{11, 12}) {
-		t.Fatalf("client got %v, want 11, 12", got)
-	}
+	must(t, g.Commit(2))
+	c.expect(t, []uint64{11, 12})
 	es := log.get()
 	if len(es) != 2 {
 		t.Fatalf("%d epochs reported, want 2", len(es))
@@ -201,9 +167,7 @@ func TestRingFull(t *testing.T) {
 	c := n.collect(t)
 	var log epochLog
 	g := n.newGate(t, Config{RingSize: MinRingSize, OnEpoch: log.add})
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	resume := g.stall(t)
 	// 1500-byte frames take 1576 bytes of ring each: 83 fit in 128 KiB.
 	const sent, fit = 100, MinRingSize / (8 + recordHeaderSize + 1536)
@@ -212,12 +176,8 @@ func TestRingFull(t *testing.T) {
 	}
 	c.none(t, heldWait/2)
 	resume()
-	if err := g.Commit(1); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, fit, time.Second); !slices.Equal(got, seqRange(1, fit)) {
-		t.Fatalf("client got %v, want 1..%d", abbrev(got), fit)
-	}
+	must(t, g.Commit(1))
+	c.expect(t, seqRange(1, fit))
 	c.none(t, heldWait/2)
 	es := log.get()
 	if len(es) != 1 {
@@ -238,39 +198,25 @@ func TestDiscard(t *testing.T) {
 	var log epochLog
 	g := n.newGate(t, Config{OnEpoch: log.add})
 	for e := uint64(1); e <= 3; e++ {
-		if err := g.Open(e); err != nil {
-			t.Fatal(err)
-		}
+		must(t, g.Open(e))
 		n.sendSeqs(t, e*10+1, e*10+5)
 	}
-	if err := g.Discard(1); err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Commit(1); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 5, time.Second); !slices.Equal(got, seqRange(11, 15)) {
-		t.Fatalf("client got %v, want epoch 1's 11..15", got)
-	}
+	must(t, g.Discard(1))
+	must(t, g.Commit(1))
+	c.expect(t, seqRange(11, 15))
 	c.none(t, heldWait/2)
 	// Epoch numbers above the discarded point can be opened again, once the
 	// gate was released.
 	if err := g.Open(2); err == nil {
 		t.Fatal("Open(2) right after Discard(1) was accepted; want Release first")
 	}
-	if err := g.Release(); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Release())
 	if err := g.Open(2); err != nil {
 		t.Fatalf("reopen epoch 2 after Discard(1) and Release: %v", err)
 	}
 	n.sendSeqs(t, 41, 43)
-	if err := g.Commit(2); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 3, time.Second); !slices.Equal(got, seqRange(41, 43)) {
-		t.Fatalf("client got %v, want 41..43", got)
-	}
+	must(t, g.Commit(2))
+	c.expect(t, seqRange(41, 43))
 	c.none(t, heldWait/2)
 
 	want := []struct {
@@ -302,14 +248,10 @@ func TestRelease(t *testing.T) {
 	c := n.collect(t)
 	var log epochLog
 	g := n.newGate(t, Config{OnEpoch: log.add})
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	const held, total = 10000, 16000
 	n.sendSeqs(t, 1, held/2)
-	if err := g.Open(2); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(2))
 	n.sendSeqs(t, held/2+1, held)
 	// The writer goes on while Release sends the held frames out.
 	var next atomic.Uint64
@@ -330,9 +272,7 @@ func TestRelease(t *testing.T) {
 	for next.Load() < held+100 {
 		time.Sleep(10 * time.Microsecond)
 	}
-	if err := g.Release(); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Release())
 	<-done
 	got := c.take(t, total, 5*time.Second)
 	if !slices.Equal(got, seqRange(1, total)) {
@@ -356,25 +296,17 @@ func TestRelease(t *testing.T) {
 	// Caught up: frames pass without entering the hold path.
 	seq := atomic.LoadUint64(&g.att.ctl.Seq)
 	n.sendSeqs(t, total+1, total+10)
-	if got := c.take(t, 10, time.Second); !slices.Equal(got, seqRange(total+1, total+10)) {
-		t.Fatalf("after Release the client got %v", got)
-	}
+	c.expect(t, seqRange(total+1, total+10))
 	if now := atomic.LoadUint64(&g.att.ctl.Seq); now != seq {
 		t.Errorf("%d frames entered the hold path after the gate caught up, want 0", now-seq)
 	}
 
 	// Open holds again.
-	if err := g.Open(3); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(3))
 	n.sendSeqs(t, total+11, total+12)
 	c.none(t, heldWait/2)
-	if err := g.Commit(3); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 2, time.Second); !slices.Equal(got, seqRange(total+11, total+12)) {
-		t.Fatalf("after reopening, the client got %v", got)
-	}
+	must(t, g.Commit(3))
+	c.expect(t, seqRange(total+11, total+12))
 }
 
 // After Release, a frame that arrives while held frames are still on their
@@ -384,9 +316,7 @@ func TestReleaseDrain(t *testing.T) {
 	n := newTestNet(t)
 	c := n.collect(t)
 	g := n.newGate(t, Config{})
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	n.sendSeqs(t, 1, 10)
 	c.none(t, heldWait/2)
 	// The VM sends 11..15 just as the first held frame goes out.
@@ -397,21 +327,15 @@ func TestReleaseDrain(t *testing.T) {
 			n.sendSeqs(t, 11, 15)
 		}
 	}
-	if err := g.Release(); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.take(t, 15, time.Second); !slices.Equal(got, seqRange(1, 15)) {
-		t.Fatalf("client got %v, want 1..15", got)
-	}
+	must(t, g.Release())
+	c.expect(t, seqRange(1, 15))
 	s := g.Stats()
 	if s.Drained != (Counter{5, 300}) || s.Held.Frames != 15 || s.Released.Frames != 15 {
 		t.Errorf("drained %+v held %+v released %+v: want 5 drained, 15 held and released", s.Drained, s.Held, s.Released)
 	}
 	seq := atomic.LoadUint64(&g.att.ctl.Seq)
 	n.sendSeqs(t, 16, 20)
-	if got := c.take(t, 5, time.Second); !slices.Equal(got, seqRange(16, 20)) {
-		t.Fatalf("client got %v, want 16..20", got)
-	}
+	c.expect(t, seqRange(16, 20))
 	if now := atomic.LoadUint64(&g.att.ctl.Seq); now != seq {
 		t.Errorf("%d frames entered the hold path after the gate caught up, want 0", now-seq)
 	}
@@ -426,22 +350,16 @@ func TestOrderUnderLoad(t *testing.T) {
 	const epochs, perEpoch = 20, 500
 	seq := uint64(0)
 	for e := uint64(1); e <= epochs; e++ {
-		if err := g.Open(e); err != nil {
-			t.Fatal(err)
-		}
+		must(t, g.Open(e))
 		if e > 1 {
-			if err := g.Commit(e - 1); err != nil {
-				t.Fatal(err)
-			}
+			must(t, g.Commit(e-1))
 		}
 		for range perEpoch {
 			seq++
 			n.send(t, n.vmFrame(t, seq, 60+int(seq%1400)))
 		}
 	}
-	if err := g.Commit(epochs); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Commit(epochs))
 	got := c.take(t, epochs*perEpoch, 10*time.Second)
 	for i, s := range got {
 		if s != uint64(i+1) {
@@ -462,22 +380,16 @@ func TestDiscardThenRelease(t *testing.T) {
 	g := n.newGate(t, Config{})
 	c := n.collect(t)
 	for e := uint64(1); e <= 3; e++ {
-		if err := g.Open(e); err != nil {
-			t.Fatal(err)
-		}
+		must(t, g.Open(e))
 	}
 	n.sendSeqs(t, 1, 5)
-	if err := g.Discard(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Discard(1))
 	if err := g.Open(2); err == nil || !strings.Contains(err.Error(), "Release the gate first") {
 		t.Fatalf("Open after Discard: %v, want a refusal", err)
 	}
 	n.sendSeqs(t, 6, 8)
 	c.none(t, 100*time.Millisecond)
-	if err := g.Release(); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Release())
 	if got := c.take(t, 3, 5*time.Second); !slices.Equal(got, seqRange(6, 8)) {
 		t.Fatalf("released %v, want only the frames sent after Discard, %v", got, seqRange(6, 8))
 	}

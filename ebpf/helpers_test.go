@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -163,7 +164,10 @@ type collector struct {
 	wg   sync.WaitGroup
 }
 
-func (n *testNet) collect(tb testing.TB) *collector {
+func (n *testNet) collect(tb testing.TB) *collector { return collectFrom(tb, n.client) }
+
+// collectFrom reads conn in the background, as collect does the client's.
+func collectFrom(tb testing.TB, conn *net.UDPConn) *collector {
 	c := &collector{ch: make(chan uint64, 1<<20), stop: make(chan struct{})}
 	c.wg.Add(1)
 	go func() {
@@ -175,8 +179,8 @@ func (n *testNet) collect(tb testing.TB) *collector {
 				return
 			default:
 			}
-			n.client.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
-			k, err := n.client.Read(b)
+			conn.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+			k, err := conn.Read(b)
 			if err != nil {
 				continue
 			}
@@ -206,6 +210,15 @@ func (c *collector) take(tb testing.TB, want int, timeout time.Duration) []uint6
 	return got
 }
 
+// expect fails the test unless the next sequence numbers, within a second,
+// are want.
+func (c *collector) expect(tb testing.TB, want []uint64) {
+	tb.Helper()
+	if got := c.take(tb, len(want), time.Second); !slices.Equal(got, want) {
+		tb.Fatalf("client got %v, want %v", abbrev(got), abbrev(want))
+	}
+}
+
 // none fails the test if the client receives anything within wait.
 func (c *collector) none(tb testing.TB, wait time.Duration) {
 	tb.Helper()
@@ -213,6 +226,14 @@ func (c *collector) none(tb testing.TB, wait time.Duration) {
 	case s := <-c.ch:
 		tb.Fatalf("client got frame %d, want nothing (held)", s)
 	case <-time.After(wait):
+	}
+}
+
+// must fails the test if err is not nil.
+func must(tb testing.TB, err error) {
+	tb.Helper()
+	if err != nil {
+		tb.Fatal(err)
 	}
 }
 

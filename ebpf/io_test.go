@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -44,20 +43,14 @@ func TestPcap(t *testing.T) {
 	frames := [][]byte{n.vmFrame(t, 1, 60), n.vmFrame(t, 2, 500), vlan, n.vmFrame(t, 3, 1514), n.vmFrame(t, 4, 9014)}
 	tooLong := n.vmFrame(t, 5, 12000) // longer than the tap's MTU allows
 	start := time.Now()
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	n.send(t, frames[:3]...)
 	n.send(t, tooLong)
 	n.send(t, frames[3:]...)
-	if err := g.Commit(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Commit(1))
 	end := time.Now()
 	// The host has no VLAN 100: the client gets the untagged frames.
-	if got := c.take(t, 4, time.Second); !slices.Equal(got, []uint64{1, 2, 3, 4}) {
-		t.Fatalf("client got %v, want 1..4", got)
-	}
+	c.expect(t, []uint64{1, 2, 3, 4})
 	if err := g.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -177,9 +170,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 func TestInject(t *testing.T) {
 	n := newTestNet(t)
 	g := n.newGate(t, Config{})
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	sn := newSniffer(t, n.ns, tapName)
 	garp, err := GratuitousARP(vmMAC, vmIP)
 	if err != nil {
@@ -263,9 +254,7 @@ func TestCloseDetaches(t *testing.T) {
 	c := n.collect(t)
 	var log epochLog
 	g := n.newGate(t, Config{OnEpoch: log.add})
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	n.sendSeqs(t, 1, 3)
 	c.none(t, heldWait/2)
 	if err := g.Close(); err != nil {
@@ -306,9 +295,7 @@ func TestTooManyEpochs(t *testing.T) {
 	if err := g.Open(MaxOpenEpochs + 1); !errors.Is(err, ErrTooManyEpochs) {
 		t.Fatalf("Open(%d) = %v, want ErrTooManyEpochs", MaxOpenEpochs+1, err)
 	}
-	if err := g.Commit(MaxOpenEpochs); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Commit(MaxOpenEpochs))
 	if err := g.Open(MaxOpenEpochs + 1); err != nil {
 		t.Fatalf("Open after Commit: %v", err)
 	}
@@ -368,9 +355,7 @@ func TestBadInput(t *testing.T) {
 		if err := g.Open(0); err == nil {
 			t.Error("Open(0) succeeded")
 		}
-		if err := g.Open(3); err != nil {
-			t.Fatal(err)
-		}
+		must(t, g.Open(3))
 		for _, e := range []uint64{3, 2} {
 			if err := g.Open(e); err == nil || !strings.Contains(err.Error(), "above 3") {
 				t.Errorf("Open(%d) after Open(3) = %v, want an error", e, err)
@@ -407,18 +392,14 @@ func TestSnifferSeesHeldFramesTwice(t *testing.T) {
 	c := n.collect(t)
 	g := n.newGate(t, Config{})
 	sn := newSniffer(t, n.ns, tapName)
-	if err := g.Open(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Open(1))
 	f := n.vmFrame(t, 1, 60)
 	n.send(t, f)
 	if pt := sn.find(t, f); pt != unix.PACKET_HOST {
 		t.Errorf("frame seen on arrival with packet type %d, want PACKET_HOST", pt)
 	}
 	c.none(t, heldWait/2)
-	if err := g.Commit(1); err != nil {
-		t.Fatal(err)
-	}
+	must(t, g.Commit(1))
 	if pt := sn.find(t, f); pt != unix.PACKET_HOST {
 		t.Errorf("frame seen on release with packet type %d, want PACKET_HOST", pt)
 	}

@@ -25,17 +25,18 @@ func TestAuditNamesMissedPages(t *testing.T) {
 		idx      uint64
 		wantGPA  uint64
 		wantSlot uint32
+		wantOff  uint64
 		wantOK   bool
 	}{
-		{name: "first slot", idx: 1, wantGPA: PageSize, wantSlot: 0, wantOK: true},
-		{name: "second slot", idx: 5, wantGPA: 4<<30 + PageSize, wantSlot: 1, wantOK: true},
+		{name: "first slot", idx: 1, wantGPA: PageSize, wantSlot: 0, wantOff: PageSize, wantOK: true},
+		{name: "second slot", idx: 5, wantGPA: 4<<30 + PageSize, wantSlot: 1, wantOff: PageSize, wantOK: true},
 		{name: "past the end", idx: 8},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			gpa, slot, ok := lay.gpaAt(tt.idx)
-			if gpa != tt.wantGPA || slot != tt.wantSlot || ok != tt.wantOK {
-				t.Errorf("gpaAt(%d) = %#x, %d, %v; want %#x, %d, %v", tt.idx, gpa, slot, ok, tt.wantGPA, tt.wantSlot, tt.wantOK)
+			gpa, slot, off, ok := lay.gpaAt(tt.idx)
+			if gpa != tt.wantGPA || slot != tt.wantSlot || off != tt.wantOff || ok != tt.wantOK {
+				t.Errorf("gpaAt(%d) = %#x, %d, %#x, %v; want %#x, %d, %#x, %v", tt.idx, gpa, slot, off, ok, tt.wantGPA, tt.wantSlot, tt.wantOff, tt.wantOK)
 			}
 			if ok {
 				if back, _ := lay.index(gpa); back != tt.idx {

@@ -67,20 +67,8 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			perr := make(chan error, 1)
-			go func() { perr <- p.Run(ctx, conn) }()
-			deadline := time.Now().Add(vmtest.Wait)
-			for p.LastAcked() < 20 {
-				if time.Now().After(deadline) {
-					t.Fatalf("only %d epochs acknowledged", p.LastAcked())
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			p, perr, cancel := runPrimary(t, replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t)}, conn)
+			waitAcked(t, p, perr, 20)
 			// Kill the link as a dead host would: the backup sees the stream end.
 			conn.Close()
 			err = <-perr
@@ -236,29 +224,44 @@ func TestKVMDiskDeviceAudited(t *testing.T) {
 	bctx, bstop := context.WithCancel(context.Background())
 	defer bstop()
 	go b.Handle(bctx, bc)
-	p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 10 * time.Millisecond, AuditEvery: 1, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, stop := context.WithCancel(context.Background())
-	perr := make(chan error, 1)
-	go func() { perr <- p.Run(ctx, pc) }()
+	p, perr, stop := runPrimary(t, replicate.Config{VM: m, Interval: 10 * time.Millisecond, AuditEvery: 1, Log: testLog(t)}, pc)
 	reads0 := m.DiskStats().Reads
-	for deadline := time.Now().Add(vmtest.Wait); p.LastAcked() < 40; {
-		select {
-		case err := <-perr:
-			t.Fatalf("replication stopped after epoch %d: %v", p.LastAcked(), err)
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d epochs acknowledged", p.LastAcked())
-		}
-	}
+	waitAcked(t, p, perr, 40)
 	stop()
 	if err := <-perr; err != nil {
 		t.Fatalf("replication: %v", err)
 	}
 	if ds := m.DiskStats(); ds.Reads == reads0 || ds.Writes == 0 {
 		t.Fatalf("the device did no reads or writes while replicated: %+v", ds)
+	}
+}
+
+// runPrimary starts a primary with cfg replicating over conn. Run's error
+// arrives on perr; cancel stops it.
+func runPrimary(t *testing.T, cfg replicate.Config, conn net.Conn) (p *replicate.Primary, perr <-chan error, cancel context.CancelFunc) {
+	t.Helper()
+	p, err := replicate.NewPrimary(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan error, 1)
+	go func() { ch <- p.Run(ctx, conn) }()
+	return p, ch, cancel
+}
+
+// waitAcked waits until p has epoch n acknowledged, failing the test if
+// replication stops first or it takes longer than vmtest.Wait.
+func waitAcked(t *testing.T, p *replicate.Primary, perr <-chan error, n uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(vmtest.Wait); p.LastAcked() < n; {
+		select {
+		case err := <-perr:
+			t.Fatalf("replication stopped after epoch %d: %v", p.LastAcked(), err)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d epochs acknowledged", p.LastAcked())
+		}
 	}
 }

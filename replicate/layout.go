@@ -58,15 +58,16 @@ func (l *layout) index(gpa uint64) (uint64, bool) {
 	return r.first + (gpa-r.gpa)/PageSize, true
 }
 
-// gpaAt returns the guest-physical address and slot of replica page index i;
-// ok is false past the last region.
-func (l *layout) gpaAt(i uint64) (gpa uint64, slot uint32, ok bool) {
+// gpaAt returns the guest-physical address of replica page index i, its
+// slot and its offset in the slot; ok is false past the last region.
+func (l *layout) gpaAt(i uint64) (gpa uint64, slot uint32, off uint64, ok bool) {
 	for k, r := range l.regions {
 		if i >= r.first && i-r.first < r.size/PageSize {
-			return r.gpa + (i-r.first)*PageSize, l.shape.Regions[k].Slot, true
+			off = (i - r.first) * PageSize
+			return r.gpa + off, l.shape.Regions[k].Slot, off, true
 		}
 	}
-	return 0, 0, false
+	return 0, 0, 0, false
 }
 
 // page returns the host bytes of the page at gpa (primary only); gpa must be

@@ -131,22 +131,11 @@ func TestOutputCommit(t *testing.T) {
 			time.Sleep(3 * time.Millisecond)
 		}
 	}()
-	p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{clock}, AuditEvery: 1,
+	p, perr, stop := runPrimary(t, replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{clock}, AuditEvery: 1,
 		Note:    func() any { return m.Status(0).NetSeq },
 		OnEpoch: func(s *replicate.EpochStats) { nmu.Lock(); seqAt[s.Epoch] = s.Note.(uint64); nmu.Unlock() },
-		Log:     testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, stop := context.WithCancel(context.Background())
-	perr := make(chan error, 1)
-	go func() { perr <- p.Run(ctx, pc) }()
-	for deadline := time.Now().Add(vmtest.Wait); p.LastAcked() < 60; {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d epochs acknowledged", p.LastAcked())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		Log:     testLog(t)}, pc)
+	waitAcked(t, p, perr, 60)
 	// Check up to the last acknowledged epoch: stopping replication
 	// releases what is held.
 	last := p.LastAcked()

@@ -202,6 +202,7 @@ func NewPrimary(cfg Config) (*Primary, error) {
 	if cfg.AuditEvery > 0 {
 		p.sentIn = make([]uint32, p.lay.shape.Pages())
 		p.auditCRCs = make(chan []uint32, cfg.MaxInFlight+1)
+		p.spareAuditTable()
 	}
 	p.set = dirtylog.NewSet(cfg.VM.DirtySlots())
 	return p, nil
@@ -826,6 +827,9 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	if !job.live {
 		p.jobs <- job
 	}
+	if job.auditCRCs != nil {
+		p.spareAuditTable() // for the next audit's pause, allocated outside this one
+	}
 	return nil
 }
 
@@ -928,9 +932,7 @@ func (p *Primary) send(job *epochJob) error {
 		wire += uint64(len(b.msg))
 		for k, idx := range b.idx {
 			p.digest.set(idx, b.crc[k])
-		}
-		if p.sentIn != nil {
-			for _, idx := range b.idx {
+			if p.sentIn != nil {
 				p.sentIn[idx] = uint32(job.epoch)
 			}
 		}
@@ -985,13 +987,28 @@ func (p *Primary) send(job *epochJob) error {
 }
 
 // auditTable returns a page CRC table for an audit, reusing one a sent epoch
-// gave back.
+// gave back or the spare made after the last audit's pause. It allocates only
+// if neither is there.
 func (p *Primary) auditTable() []uint32 {
 	select {
 	case t := <-p.auditCRCs:
 		return t
 	default:
 		return make([]uint32, p.lay.shape.Pages())
+	}
+}
+
+// spareAuditTable makes sure a page CRC table waits for the next audit, so
+// that its pause does not allocate one: called before the first pause and
+// after each audited pause has resumed the VM. Tables come back once their
+// epoch is sent, so at most one more than the epochs in flight is ever made.
+func (p *Primary) spareAuditTable() {
+	if len(p.auditCRCs) > 0 {
+		return
+	}
+	select {
+	case p.auditCRCs <- make([]uint32, p.lay.shape.Pages()):
+	default:
 	}
 }
 
@@ -1013,9 +1030,8 @@ func (p *Primary) auditError(job *epochJob) error {
 		if k == 0 {
 			sep = ": "
 		}
-		gpa, slot, _ := p.lay.gpaAt(idx)
-		r := p.lay.find(gpa)
-		fmt.Fprintf(&b, "%sGPA %#x (slot %d +%#x", sep, gpa, slot, gpa-r.gpa)
+		gpa, slot, off, _ := p.lay.gpaAt(idx)
+		fmt.Fprintf(&b, "%sGPA %#x (slot %d +%#x", sep, gpa, slot, off)
 		if namer != nil {
 			if name := namer.NamePage(gpa); name != "" {
 				fmt.Fprintf(&b, ", %s", name)

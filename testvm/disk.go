@@ -3,7 +3,6 @@ package testvm
 import (
 	"fmt"
 	"io"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -116,122 +115,52 @@ type DiskStats struct {
 // exactly the requests after it. Nothing reaches the backend while the
 // machine is paused.
 type diskDev struct {
-	m      *Machine
+	device // the request ring (cons is req_cons) and PORT_DISK_KICK
 	io     DiskBackend
 	blocks uint64
-	bell   *doorbell     // PORT_DISK_KICK
 	poll   time.Duration // how long to poll the ring before sleeping (Config.DiskPoll)
 
-	mu      sync.Mutex // held per batch; held by Pause for the whole pause
-	stopped bool       // guarded by mu
-	reqCons uint32     // guarded by mu: the device's copy of req_cons
-	stats   struct {
+	stats struct {
 		reads, writes, flushes, blocksRead, blocksWritten atomic.Uint64
-		fua, bad, ioErrors, batches, kicks, overruns      atomic.Uint64
+		fua, bad, ioErrors, batches, overruns             atomic.Uint64
 	}
-	wg sync.WaitGroup
 }
 
 // newDiskDev registers the doorbell with KVM. It does not start the
 // goroutine (start does).
 func newDiskDev(m *Machine, backend DiskBackend, blocks uint64, poll time.Duration) (*diskDev, error) {
-	bell, err := newDoorbell(m.vm, portDiskKick, "block device")
-	if err != nil {
+	d := &diskDev{io: backend, blocks: blocks, poll: poll}
+	ring := ringRegs{prod: diskAddr + dkReqProd, cons: diskAddr + dkReqCons, kick: diskAddr + dkKick, slots: diskSlots}
+	if err := d.init(m, portDiskKick, "block device", ring); err != nil {
 		return nil, err
 	}
-	return &diskDev{m: m, io: backend, blocks: blocks, bell: bell, poll: poll}, nil
+	return d, nil
 }
 
-func (d *diskDev) start() {
-	d.wg.Add(1)
-	go d.loop()
-}
-
-// stop ends the goroutine and closes the doorbell. The backend stays open:
-// it belongs to the caller.
-func (d *diskDev) stop() {
-	d.mu.Lock()
-	d.stopped = true
-	d.mu.Unlock()
-	d.bell.ring()
-	d.wg.Wait()
-	d.bell.close()
-}
-
-// loop executes every request on the ring, polls the ring for a while
-// (Config.DiskPoll), then announces that it sleeps (req_kick = 1, see
-// announceSleep) and waits for the doorbell, so a busy device takes
+// start runs the device's loop: it executes every request on the ring,
+// polls the ring for a while (Config.DiskPoll), then announces that it
+// sleeps (req_kick = 1) and waits for the doorbell, so a busy device takes
 // requests without exits.
-func (d *diskDev) loop() {
-	defer d.wg.Done()
+func (d *diskDev) start() {
+	d.goRun(func() {
+		d.serve(d.poll, d.executeBatch, func() { d.stats.overruns.Add(1) })
+	})
+}
+
+// stop ends the goroutine, if it was started, and closes the doorbell. The
+// backend stays open: it belongs to the caller.
+func (d *diskDev) stop(started bool) { d.device.stop(started, nil) }
+
+// executeBatch executes the requests of ring entries from to to, in order.
+// With mu held.
+func (d *diskDev) executeBatch(from, to uint32) {
 	mem := d.m.mem
-	for {
-		d.mu.Lock()
-		if d.stopped {
-			d.mu.Unlock()
-			return
-		}
-		d.drain(mem)
-		cons := d.reqCons
-		d.mu.Unlock()
-		if d.poll > 0 && d.pollRing(mem, cons) {
-			continue
-		}
-		d.mu.Lock()
-		if d.stopped {
-			d.mu.Unlock()
-			return
-		}
-		busy := d.m.announceSleep(diskAddr+dkKick, diskAddr+dkReqProd, d.reqCons)
-		d.mu.Unlock()
-		if busy {
-			continue
-		}
-		if err := d.bell.wait(); err != nil {
-			d.m.fail(fmt.Errorf("block device: read doorbell: %w", err))
-			return
-		}
-		d.stats.kicks.Add(1)
-	}
-}
-
-// pollRing watches req_prod for up to d.poll without the lock (Pause can
-// take it meanwhile) and reports whether the guest published a request past
-// cons. A guest that issues batch after batch so never needs a doorbell, and
-// the device never pays the wake-up of a sleeping thread (hundreds of
-// microseconds here, against about 3 µs for the exit-free doorbell itself).
-func (d *diskDev) pollRing(mem []byte, cons uint32) bool {
-	deadline := time.Now().Add(d.poll)
-	for load32(mem, diskAddr+dkReqProd) == cons {
-		if time.Now().After(deadline) {
-			return false
-		}
-	}
-	return true
-}
-
-// drain executes every request the guest published, in order, and then
-// publishes req_cons past them. With mu held.
-func (d *diskDev) drain(mem []byte) {
-	prod := load32(mem, diskAddr+dkReqProd)
-	if prod == d.reqCons {
-		return
-	}
-	if prod-d.reqCons > diskSlots {
-		// The guest claims more requests than the ring holds: a guest bug.
-		// Take what the ring can hold, once.
-		d.stats.overruns.Add(1)
-		d.reqCons = prod - diskSlots
-	}
 	d.stats.batches.Add(1)
-	for c := d.reqCons; c != prod; c++ {
+	for c := from; c != to; c++ {
 		desc := diskRingAddr + uint64(c%diskSlots)*diskDescSize
 		store32(mem, desc+dStatus, d.execute(mem, desc))
 	}
 	d.m.recordWrite(diskRingAddr, diskSlots*diskDescSize) // the statuses
-	d.reqCons = prod
-	store32(mem, diskAddr+dkReqCons, prod)
-	d.m.recordWrite(diskAddr+dkReqCons, 4)
 }
 
 // diskRequest is one descriptor, read once from guest memory (the guest
@@ -297,13 +226,9 @@ func (d *diskDev) execute(mem []byte, desc uint64) uint32 {
 	}
 	n := uint64(r.count) * DiskBlockSize
 	p := mem[r.buf : r.buf+n]
-	off := int64(r.block * DiskBlockSize)
+	off := r.block * DiskBlockSize
 	if r.op == diskOpRead {
-		k, err := d.io.ReadAt(p, off)
-		if err == io.EOF {
-			clear(p[k:])
-			err = nil
-		}
+		err := readFull(d.io, p, off)
 		// DMA into guest memory: reported even when the read failed midway.
 		d.m.recordWrite(r.buf, n)
 		if err != nil {
@@ -314,7 +239,7 @@ func (d *diskDev) execute(mem []byte, desc uint64) uint32 {
 		d.stats.blocksRead.Add(uint64(r.count))
 		return diskSOK
 	}
-	if _, err := d.io.WriteAt(p, off); err != nil {
+	if _, err := d.io.WriteAt(p, int64(off)); err != nil {
 		d.stats.ioErrors.Add(1)
 		return diskSIOError
 	}
@@ -335,7 +260,7 @@ func (d *diskDev) snapshot() DiskStats {
 	return DiskStats{
 		Reads: s.reads.Load(), Writes: s.writes.Load(), Flushes: s.flushes.Load(),
 		BlocksRead: s.blocksRead.Load(), BlocksWritten: s.blocksWritten.Load(), FUAWrites: s.fua.Load(),
-		BadRequests: s.bad.Load(), IOErrors: s.ioErrors.Load(), Batches: s.batches.Load(), Kicks: s.kicks.Load(),
+		BadRequests: s.bad.Load(), IOErrors: s.ioErrors.Load(), Batches: s.batches.Load(), Kicks: d.kicks.Load(),
 		Overruns: s.overruns.Load(),
 	}
 }
@@ -347,6 +272,3 @@ func (m *Machine) DiskStats() DiskStats {
 	}
 	return m.disk.snapshot()
 }
-
-// HasDisk reports whether the machine has a block device.
-func (m *Machine) HasDisk() bool { return m.disk != nil }

@@ -49,7 +49,7 @@ func TestDiskRequestCheck(t *testing.T) {
 }
 
 // bootDisk builds, starts and readies a machine with a disk on a new image
-// of blocks blocks (no vmtest here: it imports this package).
+// of blocks blocks.
 func bootDisk(t *testing.T, cfg Config, blocks uint64, before func(*Machine)) (*Machine, *os.File) {
 	t.Helper()
 	privileged.Require(t, privileged.KVM)
@@ -63,6 +63,14 @@ func bootDisk(t *testing.T, cfg Config, blocks uint64, before func(*Machine)) (*
 	}
 	cfg.Disk = &DiskConfig{Blocks: blocks}
 	cfg.DiskIO = img
+	return boot(t, cfg, before), img
+}
+
+// boot builds, starts and readies a machine, calling before (if not nil)
+// between build and start (no vmtest here: it imports this package).
+func boot(t *testing.T, cfg Config, before func(*Machine)) *Machine {
+	t.Helper()
+	privileged.Require(t, privileged.KVM)
 	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -79,7 +87,7 @@ func bootDisk(t *testing.T, cfg Config, blocks uint64, before func(*Machine)) (*
 	if err := m.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	return m, img
+	return m
 }
 
 // TestDiskRingRequests: requests put on the ring by hand (the guest idles
@@ -270,7 +278,7 @@ func TestDiskCheckpointPendingRequests(t *testing.T) {
 	// of its verify reads or flushes) that the device could not take.
 	for {
 		m.disk.mu.Lock()
-		for load32(m.mem, diskAddr+dkReqProd) == m.disk.reqCons {
+		for load32(m.mem, diskAddr+dkReqProd) == m.disk.cons {
 			if m.Err() != nil || time.Now().After(deadline) {
 				m.disk.mu.Unlock()
 				t.Fatalf("the guest published nothing: %+v, machine %v", m.Status(0), m.Err())

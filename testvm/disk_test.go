@@ -133,9 +133,14 @@ func TestDiskWorkload(t *testing.T) {
 	}
 }
 
-// saveToMemfd saves the paused machine and copies its memory to a new memfd.
-func saveToMemfd(t *testing.T, m *testvm.Machine) ([]byte, *os.File) {
+// checkpoint pauses m (if it runs) and saves it, and returns the state and
+// a new memory file of m's size: a copy of m's memory with withMemory, else
+// all zeros (memory of another checkpoint, from before the guest ran).
+func checkpoint(t *testing.T, m *testvm.Machine, withMemory bool) ([]byte, *os.File) {
 	t.Helper()
+	if err := m.Pause(); err != nil {
+		t.Fatal(err)
+	}
 	state, err := m.Save()
 	if err != nil {
 		t.Fatal(err)
@@ -144,8 +149,11 @@ func saveToMemfd(t *testing.T, m *testvm.Machine) ([]byte, *os.File) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := mem.WriteAt(m.Memory(), 0); err != nil {
-		t.Fatal(err)
+	if withMemory {
+		if _, err := mem.WriteAt(m.Memory(), 0); err != nil {
+			mem.Close()
+			t.Fatal(err)
+		}
 	}
 	return state, mem
 }
@@ -179,7 +187,7 @@ func TestDiskSaveRestore(t *testing.T) {
 			t.Fatal(err)
 		}
 		saved := verifyPaused(t, m, img)
-		state, mem := saveToMemfd(t, m)
+		state, mem := checkpoint(t, m, true)
 		var r *testvm.Machine
 		var rimg *os.File
 		if round < 4 {
@@ -224,19 +232,9 @@ func TestDiskStateMismatch(t *testing.T) {
 	cfg := diskConfig(t, 256, testvm.Random)
 	m := vmtest.Boot(t, cfg, nil)
 	waitDisk(t, m, 100, 0)
-	if err := m.Pause(); err != nil {
-		t.Fatal(err)
-	}
-	state, err := m.Save()
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem, err := testvm.NewMemFile(uint64(len(m.Memory()))) // req_cons 0
-	if err != nil {
-		t.Fatal(err)
-	}
+	state, mem := checkpoint(t, m, false) // req_cons 0
 	defer mem.Close()
-	_, err = testvm.Restore(state, mem, testvm.RestoreOptions{DiskIO: cfg.DiskIO})
+	_, err := testvm.Restore(state, mem, testvm.RestoreOptions{DiskIO: cfg.DiskIO})
 	if !errors.Is(err, testvm.ErrBadState) || !strings.Contains(err.Error(), "block device ring") {
 		t.Fatalf("restore with another checkpoint's memory: %v, want ErrBadState naming the block device ring", err)
 	}

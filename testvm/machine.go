@@ -77,7 +77,6 @@ type Machine struct {
 
 	saved SavedState // reused by Save, so a checkpoint does not reallocate
 
-	started bool     // Start ran (guarded by ctl)
 	net     *netDev  // nil without Config.Net
 	disk    *diskDev // nil without Config.Disk
 	devHeld bool     // Pause holds the devices' locks (guarded by ctl)
@@ -362,7 +361,6 @@ func (m *Machine) Start() error {
 		return fmt.Errorf("start: machine is %s", m.State())
 	}
 	started := make(chan struct{}, len(m.vcpus))
-	m.started = true
 	m.state.Store(int32(Running))
 	m.wg.Add(len(m.vcpus))
 	for _, v := range m.vcpus {
@@ -553,7 +551,8 @@ func (m *Machine) Close() error {
 	if m.State() == Stopped && m.vm == nil {
 		return nil // closed already
 	}
-	if m.State() != Created {
+	started := m.State() != Created
+	if started {
 		for _, v := range m.vcpus {
 			v.requestStop()
 		}
@@ -561,19 +560,11 @@ func (m *Machine) Close() error {
 	}
 	m.releaseDevices()
 	if m.net != nil {
-		if m.started {
-			m.net.stop()
-		} else {
-			m.net.bell.close()
-		}
+		m.net.stop(started)
 		m.net = nil
 	}
 	if m.disk != nil {
-		if m.started {
-			m.disk.stop()
-		} else {
-			m.disk.bell.close()
-		}
+		m.disk.stop(started)
 		m.disk = nil
 	}
 	m.state.Store(int32(Stopped))

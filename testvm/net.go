@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -94,101 +93,60 @@ type NetStats struct {
 // the guest's RX ring, where the guest polls for them.
 //
 // Every batch the device processes runs under mu, and Machine.Pause takes mu
-// after the vCPUs are parked, so a checkpoint never splits a frame from its
-// ring update: a frame is on the tap if and only if the saved tx_cons says it
-// was sent, and an RX frame is in the saved ring if and only if rx_prod says
-// so. That is what lets an output gate tag frames by epoch exactly.
+// after the vCPUs are parked (see device), so a checkpoint never splits a
+// frame from its ring update: a frame is on the tap if and only if the saved
+// tx_cons says it was sent, and an RX frame is in the saved ring if and only
+// if rx_prod says so. That is what lets an output gate tag frames by epoch
+// exactly.
 type netDev struct {
-	m    *Machine
-	tap  *os.File  // nil: frames the guest sends are dropped (counted)
-	bell *doorbell // PORT_NET_KICK
+	device          // the TX ring (cons is tx_cons) and PORT_NET_KICK
+	tap    *os.File // nil: frames the guest sends are dropped (counted)
 
-	mu      sync.Mutex // held per batch; held by Pause for the whole pause
-	stopped bool       // guarded by mu
-	txCons  uint32     // guarded by mu: the device's copy of tx_cons
-	rxProd  uint32     // guarded by mu: the device's copy of rx_prod
-	stats   struct {
+	rxProd uint32 // guarded by mu: the device's copy of rx_prod
+	stats  struct {
 		txFrames, txBytes, txErrors, txNoTap   atomic.Uint64
 		rxFrames, rxBytes, rxDropped, rxTooBig atomic.Uint64
-		kicks                                  atomic.Uint64
 	}
-	wg sync.WaitGroup
 }
 
 // newNetDev registers the doorbell with KVM. It does not start the
 // goroutines (start does).
 func newNetDev(m *Machine, tap *os.File) (*netDev, error) {
-	bell, err := newDoorbell(m.vm, portNetKick, "network device")
-	if err != nil {
+	d := &netDev{tap: tap}
+	tx := ringRegs{prod: netAddr + nTxProd, cons: netAddr + nTxCons, kick: netAddr + nTxKick, slots: netSlots}
+	if err := d.init(m, portNetKick, "network device", tx); err != nil {
 		return nil, err
 	}
-	return &netDev{m: m, tap: tap, bell: bell}, nil
+	return d, nil
 }
 
+// start runs the TX loop, which drains the TX ring, then announces that it
+// sleeps (tx_kick = 1) and waits for the doorbell; and, with a tap, the RX
+// loop.
 func (d *netDev) start() {
-	d.wg.Add(1)
-	go d.txLoop()
+	d.goRun(func() {
+		d.serve(0, d.sendTX, func() { d.stats.txErrors.Add(1) })
+	})
 	if d.tap != nil {
-		d.wg.Add(1)
-		go d.rxLoop()
+		d.goRun(d.rxLoop)
 	}
 }
 
-// stop ends the goroutines and closes the doorbell. The tap stays open: it
-// belongs to the caller.
-func (d *netDev) stop() {
-	d.mu.Lock()
-	d.stopped = true
-	d.mu.Unlock()
-	d.bell.ring() // wake the TX loop
-	if d.tap != nil {
-		d.tap.SetReadDeadline(time.Unix(1, 0)) // wake the RX loop
-	}
-	d.wg.Wait()
-	if d.tap != nil {
-		d.tap.SetReadDeadline(time.Time{})
-	}
-	d.bell.close()
-}
-
-// txLoop drains the TX ring, then announces that it sleeps (tx_kick = 1,
-// see announceSleep) and waits for the doorbell.
-func (d *netDev) txLoop() {
-	defer d.wg.Done()
-	mem := d.m.mem
-	for {
-		d.mu.Lock()
-		if d.stopped {
-			d.mu.Unlock()
-			return
-		}
-		d.drainTX(mem)
-		busy := d.m.announceSleep(netAddr+nTxKick, netAddr+nTxProd, d.txCons)
-		d.mu.Unlock()
-		if busy {
-			continue
-		}
-		if err := d.bell.wait(); err != nil {
-			d.m.fail(fmt.Errorf("network device: read doorbell: %w", err))
-			return
-		}
-		d.stats.kicks.Add(1)
-	}
-}
-
-// drainTX sends every frame the guest published. With mu held.
-func (d *netDev) drainTX(mem []byte) {
-	prod := load32(mem, netAddr+nTxProd)
-	if prod == d.txCons {
+// stop ends the goroutines, if they were started, and closes the doorbell.
+// The tap stays open: it belongs to the caller.
+func (d *netDev) stop(started bool) {
+	if !started || d.tap == nil {
+		d.device.stop(started, nil)
 		return
 	}
-	if prod-d.txCons > netSlots {
-		// The guest claims more frames than the ring holds: a guest bug. Take
-		// what the ring can hold, once.
-		d.stats.txErrors.Add(1)
-		d.txCons = prod - netSlots
-	}
-	for c := d.txCons; c != prod; c++ {
+	d.device.stop(true, func() { d.tap.SetReadDeadline(time.Unix(1, 0)) }) // wakes the RX loop
+	d.tap.SetReadDeadline(time.Time{})
+}
+
+// sendTX sends the frames of TX ring entries from to to. With mu held.
+func (d *netDev) sendTX(from, to uint32) {
+	mem := d.m.mem
+	for c := from; c != to; c++ {
 		slot := netTxAddr + uint64(c%netSlots)*netSlotSize
 		n := load32(mem, slot)
 		switch {
@@ -206,15 +164,11 @@ func (d *netDev) drainTX(mem []byte) {
 			}
 		}
 	}
-	d.txCons = prod
-	store32(mem, netAddr+nTxCons, prod)
-	d.m.recordWrite(netAddr+nTxCons, 4)
 }
 
 // rxLoop puts each frame read from the tap on the RX ring, or drops it
 // (counted) when the ring is full or the frame is too long.
 func (d *netDev) rxLoop() {
-	defer d.wg.Done()
 	mem := d.m.mem
 	buf := make([]byte, 65536)
 	for {
@@ -265,7 +219,7 @@ func (d *netDev) snapshot() NetStats {
 	return NetStats{
 		TxFrames: s.txFrames.Load(), TxBytes: s.txBytes.Load(), TxErrors: s.txErrors.Load(), TxNoTap: s.txNoTap.Load(),
 		RxFrames: s.rxFrames.Load(), RxBytes: s.rxBytes.Load(), RxDropped: s.rxDropped.Load(), RxTooBig: s.rxTooBig.Load(),
-		Kicks: s.kicks.Load(),
+		Kicks: d.kicks.Load(),
 	}
 }
 

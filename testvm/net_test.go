@@ -183,20 +183,7 @@ func TestNetSaveRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	seqs := readSeqs(t, c, 300)
-	if err := m.Pause(); err != nil {
-		t.Fatal(err)
-	}
-	state, err := m.Save()
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem, err := testvm.NewMemFile(uint64(len(m.Memory())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := mem.WriteAt(m.Memory(), 0); err != nil {
-		t.Fatal(err)
-	}
+	state, mem := checkpoint(t, m, true)
 	sent := m.NetStats().TxFrames
 	m.Close()
 	r2, err := testvm.Restore(state, mem, testvm.RestoreOptions{Tap: r.tap})
@@ -229,35 +216,12 @@ func TestNetStateMismatch(t *testing.T) {
 	if _, err := c.Read(readOne); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Pause(); err != nil {
-		t.Fatal(err)
-	}
-	state, err := m.Save()
-	if err != nil {
-		t.Fatal(err)
-	}
 	// Memory from before the guest ever sent anything: ring positions 0.
-	mem, err := testvm.NewMemFile(uint64(len(m.Memory())))
-	if err != nil {
-		t.Fatal(err)
-	}
+	state, mem := checkpoint(t, m, false)
 	defer mem.Close()
-	_, err = testvm.Restore(state, mem, testvm.RestoreOptions{Tap: r.tap})
+	_, err := testvm.Restore(state, mem, testvm.RestoreOptions{Tap: r.tap})
 	if !errors.Is(err, testvm.ErrBadState) || !strings.Contains(err.Error(), "network rings") {
 		t.Fatalf("restore with another checkpoint's memory: %v, want ErrBadState naming the network rings", err)
-	}
-}
-
-// TestNetNoTap: without a tap the guest's frames are dropped and counted; the
-// guest is not stopped by it.
-func TestNetNoTap(t *testing.T) {
-	cfg := netConfig(testvm.UDPEcho, nil)
-	m := vmtest.Boot(t, cfg, nil)
-	if ds := m.NetStats(); ds.TxFrames != 0 || ds.RxFrames != 0 {
-		t.Errorf("device without a tap moved frames: %+v", ds)
-	}
-	if !m.HasNet() {
-		t.Error("HasNet is false")
 	}
 }
 

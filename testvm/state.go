@@ -77,10 +77,10 @@ func (m *Machine) saveLocked() ([]byte, error) {
 	if m.net != nil {
 		// Pause holds the device still (or it never ran): these are the
 		// values in guest memory too.
-		s.netTxCons, s.netRxProd = m.net.txCons, m.net.rxProd
+		s.netTxCons, s.netRxProd = m.net.cons, m.net.rxProd
 	}
 	if m.disk != nil {
-		s.diskReqCons = m.disk.reqCons
+		s.diskReqCons = m.disk.cons
 	}
 	m.evMu.Lock()
 	s.ready = m.ready
@@ -369,7 +369,7 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 			return nil, fmt.Errorf("restore: %w: network rings at tx %d rx %d in the state, %d and %d in memory (not the same checkpoint)",
 				ErrBadState, s.netTxCons, s.netRxProd, tx, rx)
 		}
-		m.net.txCons, m.net.rxProd = s.netTxCons, s.netRxProd
+		m.net.cons, m.net.rxProd = s.netTxCons, s.netRxProd
 	}
 	if m.disk != nil {
 		// Likewise req_cons. The requests after it (up to req_prod) were not
@@ -381,7 +381,7 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 			return nil, fmt.Errorf("restore: %w: block device ring at req_cons %d in the state, req_cons %d and req_prod %d in memory (not the same checkpoint)",
 				ErrBadState, s.diskReqCons, c, p)
 		}
-		m.disk.reqCons = s.diskReqCons
+		m.disk.cons = s.diskReqCons
 	}
 	for i, v := range m.vcpus {
 		if err := v.cpu.RestoreState(&s.vcpus[i]); err != nil {

@@ -179,6 +179,8 @@ func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) 
 
 // benchNetVM is a test VM on the lab's tap, with an output gate on the tap.
 type benchNetVM struct {
+	cfg   testvm.Config
+	mech  dirtylog.Mechanism // the dirty tracking when replicated; 0 without
 	m     *testvm.Machine
 	ready time.Time
 	tap   *os.File
@@ -188,10 +190,17 @@ type benchNetVM struct {
 	epochs []ebpf.EpochStats // every epoch the gate ended
 }
 
-// netBoot opens the lab's tap and puts a gate on it (in the lab's lan
-// namespace), then builds and starts a VM on the tap and waits for its guest.
-func (b *benchRun) netBoot(ctx context.Context, l *lab, cfg testvm.Config) (_ *benchNetVM, err error) {
-	v := &benchNetVM{}
+// netBoot resolves the dirty tracking of a wl guest to be replicated at
+// interval (which sizes its dirty ring; none for 0), opens the lab's tap and
+// puts a gate on it (in the lab's lan namespace), then builds and starts a VM
+// on the tap and waits for its guest.
+func (b *benchRun) netBoot(ctx context.Context, l *lab, wl testvm.Workload, interval time.Duration) (_ *benchNetVM, err error) {
+	v := &benchNetVM{cfg: b.netGuestConfig(wl)}
+	if interval != 0 {
+		if v.cfg, v.mech, err = b.resolveTrack(v.cfg, interval); err != nil {
+			return nil, err
+		}
+	}
 	defer func() {
 		if err != nil {
 			v.close()
@@ -208,9 +217,10 @@ func (b *benchRun) netBoot(ctx context.Context, l *lab, cfg testvm.Config) (_ *b
 	if err != nil {
 		return nil, fmt.Errorf("output gate on %s: %w", l.tap, err)
 	}
+	cfg := v.cfg
 	cfg.Tap = v.tap
 	if v.m, v.ready, err = benchBoot(ctx, cfg); err != nil {
-		return nil, fmt.Errorf("start the %s guest: %w", cfg.Workload, err)
+		return nil, fmt.Errorf("start the %s guest: %w", wl, err)
 	}
 	return v, nil
 }
@@ -268,21 +278,33 @@ func (v *benchNetVM) gateWindow(s0, s1 ebpf.Stats, measured []replicate.EpochSta
 	return w
 }
 
-// netEpochs sums up the replication figures of the epochs r measured.
-func netEpochs(r *benchMode) benchNetEpochs {
+// netEpochs sums up the replication figures of the epochs r measured, and
+// returns those epochs; nothing for nil (no replication).
+func netEpochs(r *benchMode) (benchNetEpochs, []replicate.EpochStats) {
+	if r == nil {
+		return benchNetEpochs{}, nil
+	}
 	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US, Warning: r.Warning}
 	var tr hist
 	for _, s := range r.epochs {
 		tr.add(s.Transfer)
 	}
 	e.TransferP50US = benchUS(tr.quantile(0.5))
-	return e
+	return e, r.epochs
+}
+
+// netMode names a network mode: "none" for 0, else the interval.
+func netMode(interval time.Duration) (mode string, ms float64) {
+	if interval == 0 {
+		return "none", 0
+	}
+	return interval.String(), benchMS(interval)
 }
 
 // netRun runs measure on v's guest: without replication after the warm-up
 // when interval is 0, else replicated at interval with the gate in
 // Config.Gates. It returns the replicated mode's epochs (nil without).
-func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Duration, mech dirtylog.Mechanism,
+func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Duration,
 	measure func(ctx context.Context) (t0, t1 time.Time, err error)) (*benchMode, error) {
 	if interval == 0 {
 		if err := benchSleep(ctx, v.m, max(0, b.netWarmup()-time.Since(v.ready))); err != nil {
@@ -291,8 +313,8 @@ func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Dura
 		_, _, err := measure(ctx)
 		return nil, err
 	}
-	r := &benchMode{Mode: interval.String(), IntervalMS: benchMS(interval), Track: mech.String()}
-	err := b.runReplicated(ctx, v.m, v.ready, benchRepl{interval: interval, mech: mech, gates: []replicate.OutputGate{v.gate},
+	r := &benchMode{Mode: interval.String(), IntervalMS: benchMS(interval), Track: v.mech.String()}
+	err := b.runReplicated(ctx, v.m, v.ready, benchRepl{interval: interval, mech: v.mech, gates: []replicate.OutputGate{v.gate},
 		warmup: b.netWarmup(), measure: func(ctx context.Context) (time.Time, time.Time, error) {
 			t0, t1, err := measure(ctx)
 			r.Seconds = t1.Sub(t0).Seconds()
@@ -304,28 +326,15 @@ func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Dura
 	return r, nil
 }
 
-// netBootConfig resolves the dirty tracking of a guest to be replicated at
-// interval (which sizes its dirty ring) before it is built; none for 0.
-func (b *benchRun) netBootConfig(cfg testvm.Config, interval time.Duration) (testvm.Config, dirtylog.Mechanism, error) {
-	if interval == 0 {
-		return cfg, 0, nil
-	}
-	return b.resolveTrack(cfg, interval)
-}
-
 // measureEcho measures the round trips of a client of the udp-echo guest:
 // without replication when interval is 0, else replicated at interval.
 func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Duration) (*benchEchoMode, error) {
-	cfg, mech, err := b.netBootConfig(b.netGuestConfig(testvm.UDPEcho), interval)
-	if err != nil {
-		return nil, err
-	}
-	v, err := b.netBoot(ctx, l, cfg)
+	v, err := b.netBoot(ctx, l, testvm.UDPEcho, interval)
 	if err != nil {
 		return nil, err
 	}
 	defer v.close()
-	guest := netip.AddrPortFrom(cfg.Net.IP, testvm.DefaultNetPort)
+	guest := netip.AddrPortFrom(v.cfg.Net.IP, testvm.DefaultNetPort)
 	c, err := l.newEchoClient(guest, b.echoRate)
 	if err != nil {
 		return nil, err
@@ -336,10 +345,8 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Durati
 		return nil, err
 	}
 
-	e := &benchEchoMode{Mode: "none"}
-	if interval != 0 {
-		e.Mode, e.IntervalMS = interval.String(), benchMS(interval)
-	}
+	e := &benchEchoMode{}
+	e.Mode, e.IntervalMS = netMode(interval)
 	var s0, s1 ebpf.Stats
 	measure := func(ctx context.Context) (t0, t1 time.Time, err error) {
 		s0, t0 = v.gate.Stats(), time.Now()
@@ -367,7 +374,7 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Durati
 		e.Seconds = t1.Sub(t0).Seconds()
 		return t0, t1, nil
 	}
-	r, err := b.netRun(ctx, v, interval, mech, measure)
+	r, err := b.netRun(ctx, v, interval, measure)
 	if err != nil {
 		return nil, err
 	}
@@ -378,9 +385,10 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Durati
 	if e.Answered == 0 {
 		return nil, fmt.Errorf("no answer to %d requests in %v", e.Sent, b.modeTime)
 	}
+	var epochs []replicate.EpochStats
+	e.benchNetEpochs, epochs = netEpochs(r)
+	e.benchGateWindow = v.gateWindow(s0, s1, epochs)
 	if r != nil {
-		e.benchNetEpochs = netEpochs(r)
-		e.benchGateWindow = v.gateWindow(s0, s1, r.epochs)
 		// The echo guest sends only answers (and the odd ARP reply), and
 		// the client starts at the window: every frame the gate ever
 		// released is an answer of the window, and its hold-time
@@ -388,8 +396,6 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Durati
 		// only interval × --echo-rate of them).
 		e.HoldP50US, e.HoldP99US = benchUS(s1.Latency.P50), benchUS(s1.Latency.P99)
 		e.BoundUS = benchUS(interval/2+goalNetExtra) + e.PauseP50US + e.TransferP50US
-	} else {
-		e.benchGateWindow = v.gateWindow(s0, s1, nil)
 	}
 	return e, nil
 }
@@ -405,15 +411,11 @@ type streamSink struct {
 
 // newStreamSink opens the client's socket in the lab's client namespace.
 func (l *lab) newStreamSink() (*streamSink, error) {
-	c := &streamSink{done: make(chan struct{})}
-	err := netns.Do(l.cli, func() error {
-		var err error
-		c.conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: l.clientIP.AsSlice()})
-		return err
-	})
+	conn, err := l.listenUDP()
 	if err != nil {
 		return nil, fmt.Errorf("open the stream client's socket: %w", err)
 	}
+	c := &streamSink{conn: conn, done: make(chan struct{})}
 	// Replicated, a whole epoch's datagrams arrive at once.
 	if err := c.conn.SetReadBuffer(streamRcvBuf); err != nil {
 		c.conn.Close()
@@ -475,11 +477,7 @@ func (c *streamSink) close() {
 // guest receives: without replication when interval is 0, else replicated
 // at interval, every frame held and then released.
 func (b *benchRun) measureStream(ctx context.Context, l *lab, interval time.Duration) (*benchNetStream, error) {
-	cfg, mech, err := b.netBootConfig(b.netGuestConfig(testvm.UDPStream), interval)
-	if err != nil {
-		return nil, err
-	}
-	v, err := b.netBoot(ctx, l, cfg)
+	v, err := b.netBoot(ctx, l, testvm.UDPStream, interval)
 	if err != nil {
 		return nil, err
 	}
@@ -489,14 +487,12 @@ func (b *benchRun) measureStream(ctx context.Context, l *lab, interval time.Dura
 		return nil, err
 	}
 	defer c.close()
-	if err := c.subscribe(ctx, v.m, netip.AddrPortFrom(cfg.Net.IP, testvm.DefaultNetPort)); err != nil {
+	if err := c.subscribe(ctx, v.m, netip.AddrPortFrom(v.cfg.Net.IP, testvm.DefaultNetPort)); err != nil {
 		return nil, err
 	}
 
-	s := &benchNetStream{Mode: "none"}
-	if interval != 0 {
-		s.Mode, s.IntervalMS = interval.String(), benchMS(interval)
-	}
+	s := &benchNetStream{}
+	s.Mode, s.IntervalMS = netMode(interval)
 	var g0, g1 ebpf.Stats
 	measure := func(ctx context.Context) (t0, t1 time.Time, err error) {
 		g0, t0 = v.gate.Stats(), time.Now()
@@ -511,19 +507,16 @@ func (b *benchRun) measureStream(ctx context.Context, l *lab, interval time.Dura
 		s.GuestRate, s.ClientRate = float64(s.GuestSent)/s.Seconds, float64(s.Received)/s.Seconds
 		return t0, t1, nil
 	}
-	r, err := b.netRun(ctx, v, interval, mech, measure)
+	r, err := b.netRun(ctx, v, interval, measure)
 	if err != nil {
 		return nil, err
 	}
 	if s.Received == 0 {
 		return nil, fmt.Errorf("the client received nothing in %v (the guest sent %d)", b.modeTime, s.GuestSent)
 	}
-	if r != nil {
-		s.benchNetEpochs = netEpochs(r)
-		s.benchGateWindow = v.gateWindow(g0, g1, r.epochs)
-	} else {
-		s.benchGateWindow = v.gateWindow(g0, g1, nil)
-	}
+	var epochs []replicate.EpochStats
+	s.benchNetEpochs, epochs = netEpochs(r)
+	s.benchGateWindow = v.gateWindow(g0, g1, epochs)
 	return s, nil
 }
 

@@ -158,8 +158,11 @@ func netKillOnce(t *testing.T, bin string, lan, cli *nettest.Namespace, after in
 		t.Errorf("backup output lacks the announcement or the verdict:\n%s", report())
 	}
 	seqs := c.snapshot()
-	if len(c.bad) > 0 {
-		t.Fatalf("malformed datagrams: %v", c.bad)
+	c.mu.Lock()
+	bad := c.bad
+	c.mu.Unlock()
+	if len(bad) > 0 {
+		t.Fatalf("malformed datagrams: %v", bad)
 	}
 	for i := 1; i < len(seqs); i++ {
 		if seqs[i] <= seqs[i-1] {

@@ -92,8 +92,9 @@ func (l *lab) openTap() (*os.File, error) {
 // the guest answers with its own sequence number before them.
 type echoClient struct {
 	conn   *net.UDPConn
-	to     *net.UDPAddr
+	to     netip.AddrPort
 	period time.Duration
+	out    [16]byte // the request being sent (ping, then run: never at once)
 
 	mu       sync.Mutex
 	window   hist // round trips answered this second
@@ -107,16 +108,21 @@ type echoClient struct {
 
 // newEchoClient opens the client's socket in the lab's client namespace.
 func (l *lab) newEchoClient(guest netip.AddrPort, rate int) (*echoClient, error) {
-	c := &echoClient{to: net.UDPAddrFromAddrPort(guest), period: time.Second / time.Duration(rate)}
-	err := netns.Do(l.cli, func() error {
-		var err error
-		c.conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: l.clientIP.AsSlice()})
-		return err
-	})
+	conn, err := l.listenUDP()
 	if err != nil {
 		return nil, fmt.Errorf("open the job's client socket: %w", err)
 	}
-	return c, nil
+	return &echoClient{conn: conn, to: guest, period: time.Second / time.Duration(rate)}, nil
+}
+
+// listenUDP opens a UDP socket on the client's address, in the lab's client
+// namespace.
+func (l *lab) listenUDP() (conn *net.UDPConn, err error) {
+	err = netns.Do(l.cli, func() error {
+		conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: l.clientIP.AsSlice()})
+		return err
+	})
+	return conn, err
 }
 
 // run sends until ctx ends; the reader runs until the socket closes.
@@ -124,21 +130,26 @@ func (c *echoClient) run(ctx context.Context) {
 	go c.read()
 	t := time.NewTicker(c.period)
 	defer t.Stop()
-	var buf [16]byte
 	for n := uint64(1); ; n++ {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		binary.BigEndian.PutUint64(buf[:], n)
-		binary.BigEndian.PutUint64(buf[8:], uint64(time.Now().UnixNano()))
-		if _, err := c.conn.WriteToUDP(buf[:], c.to); err == nil {
+		if err := c.send(n, time.Now()); err == nil {
 			c.mu.Lock()
 			c.sent++
 			c.mu.Unlock()
 		}
 	}
+}
+
+// send sends request n stamped t: its number and send time.
+func (c *echoClient) send(n uint64, t time.Time) error {
+	binary.BigEndian.PutUint64(c.out[:], n)
+	binary.BigEndian.PutUint64(c.out[8:], uint64(t.UnixNano()))
+	_, err := c.conn.WriteToUDPAddrPort(c.out[:], c.to)
+	return err
 }
 
 func (c *echoClient) read() {
@@ -168,13 +179,10 @@ func (c *echoClient) read() {
 // ping measures n round trips one at a time, for a baseline: the median.
 func (c *echoClient) ping(n int) (time.Duration, error) {
 	var h hist
-	var buf [16]byte
 	in := make([]byte, 2048)
 	for i := 0; i < n; i++ {
-		binary.BigEndian.PutUint64(buf[:], 0)
 		t0 := time.Now()
-		binary.BigEndian.PutUint64(buf[8:], uint64(t0.UnixNano()))
-		if _, err := c.conn.WriteToUDP(buf[:], c.to); err != nil {
+		if err := c.send(0, t0); err != nil {
 			return 0, err
 		}
 		c.conn.SetReadDeadline(t0.Add(2 * time.Second))

@@ -10,16 +10,14 @@ import (
 
 // netAgg sums up the output gate's epochs that ended in a window.
 type netAgg struct {
-	epochs uint64
-	p50    hist          // each epoch's median hold time
-	p99    time.Duration // the largest of the epochs' 99th percentiles
+	p50 hist          // each epoch's median hold time
+	p99 time.Duration // the largest of the epochs' 99th percentiles
 }
 
 func (a *netAgg) add(s ebpf.EpochStats) {
 	if s.Released.Frames == 0 {
 		return
 	}
-	a.epochs++
 	a.p50.add(s.LatencyP50)
 	a.p99 = max(a.p99, s.LatencyP99)
 }

@@ -9,7 +9,6 @@ package nettest
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -76,9 +75,6 @@ func (ns *Namespace) Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
 }
 
-// Path is the namespace's file, for setns.
-func (ns *Namespace) Path() string { return netns.Path(ns.Name) }
-
 // Do runs f on an OS thread that has entered the namespace, then moves the
 // thread back. Sockets and taps made in f belong to the namespace and may be
 // used from any goroutine afterwards.
@@ -98,31 +94,20 @@ func (ns *Namespace) AddTap(tb testing.TB, name, addr string) {
 }
 
 // OpenTap opens the tap called name in the namespace (creating it if it does
-// not exist) as a VMM does: IFF_TAP|IFF_NO_PI, non-blocking, so reads and
-// writes go through Go's poller.
+// not exist) as a VMM does (testvm.OpenTap).
 func (ns *Namespace) OpenTap(name string) (*os.File, error) {
 	var f *os.File
 	err := ns.Do(func() error {
 		var err error
-		f, err = OpenTap(name)
+		f, err = testvm.OpenTap(name)
 		return err
 	})
 	return f, err
 }
 
-// OpenTap opens (or creates) the tap called name in the calling thread's
-// network namespace, as testvm.OpenTap does.
-func OpenTap(name string) (*os.File, error) { return testvm.OpenTap(name) }
-
-// Link is one end of a veth pair: its name and namespace.
-type Link struct {
-	NS   *Namespace
-	Name string
-}
-
 // AddVeth makes a veth pair: a in ns, b in peer, both up. Addresses (CIDR)
 // are set where not empty.
-func AddVeth(tb testing.TB, ns *Namespace, a, addrA string, peer *Namespace, b, addrB string) (Link, Link) {
+func AddVeth(tb testing.TB, ns *Namespace, a, addrA string, peer *Namespace, b, addrB string) {
 	tb.Helper()
 	ns.MustIP(tb, "link", "add", a, "type", "veth", "peer", "name", b, "netns", peer.Name)
 	for _, l := range []struct {
@@ -134,7 +119,6 @@ func AddVeth(tb testing.TB, ns *Namespace, a, addrA string, peer *Namespace, b, 
 		}
 		l.ns.MustIP(tb, "link", "set", l.name, "up")
 	}
-	return Link{ns, a}, Link{peer, b}
 }
 
 // AddBridge makes a bridge named name in the namespace, up, with addr (CIDR)
@@ -159,18 +143,4 @@ func (ns *Namespace) AddBridge(tb testing.TB, name, addr string, ports ...string
 func (ns *Namespace) Neigh(tb testing.TB, ip netip.Addr, mac, dev string) {
 	tb.Helper()
 	ns.MustIP(tb, "neigh", "replace", ip.String(), "lladdr", mac, "dev", dev, "nud", "permanent")
-}
-
-// Ifindex returns the index of the device called name in the namespace.
-func (ns *Namespace) Ifindex(name string) (int, error) {
-	var idx int
-	err := ns.Do(func() error {
-		ifi, err := net.InterfaceByName(name)
-		if err != nil {
-			return err
-		}
-		idx = ifi.Index
-		return nil
-	})
-	return idx, err
 }

@@ -387,22 +387,28 @@ static u8 *tx_slot(void)
 	return (u8 *)(GUEST_NET_TX_ADDR + (u64)(prod % NET_SLOTS) * NET_SLOT_SIZE + NET_SLOT_DATA);
 }
 
-/* Publish the frame in the slot tx_slot returned, and kick the device only if
- * it went to sleep. The fence orders the tx_prod store before the tx_kick
- * load; the device does the mirror image (see abi.h). */
-static void tx_push(vstatus *st, u32 len)
+/* Publish a device's ring up to producer index v, and kick the device (its
+ * doorbell port) only if it went to sleep. The fence orders the producer
+ * store before the kick-flag load; the device does the mirror image (see
+ * abi.h). */
+static void publish(volatile u32 *prod, u32 v, volatile u32 *kick, u32 port)
 {
-	volatile u32 *prod = net_reg(N_TX_PROD), *kick = net_reg(N_TX_KICK);
-	u32 p = *prod;
-
-	*(volatile u32 *)(GUEST_NET_TX_ADDR + (u64)(p % NET_SLOTS) * NET_SLOT_SIZE) = len;
 	barrier();
-	*prod = p + 1;
+	*prod = v;
 	__sync_synchronize();
 	if (*kick) {
 		*kick = 0;
-		GUEST_OUTL(PORT_NET_KICK, 0);
+		GUEST_OUTL(port, 0);
 	}
+}
+
+/* Publish the frame in the slot tx_slot returned. */
+static void tx_push(vstatus *st, u32 len)
+{
+	u32 p = *net_reg(N_TX_PROD);
+
+	*(volatile u32 *)(GUEST_NET_TX_ADDR + (u64)(p % NET_SLOTS) * NET_SLOT_SIZE) = len;
+	publish(net_reg(N_TX_PROD), p + 1, net_reg(N_TX_KICK), PORT_NET_KICK);
 	st->net_tx++;
 }
 
@@ -845,21 +851,14 @@ static COLD NORETURN void disk_fail(vstatus *st, u32 code, u64 block, u32 status
 	fail(st, code);
 }
 
-/* Publish descriptors prod .. prod+n-1, kick the device only if it went to
- * sleep (the fence orders the req_prod store before the req_kick load, as
- * tx_push does), and wait until it completed all of them. */
+/* Publish descriptors prod .. prod+n-1 (see publish) and wait until the
+ * device completed all of them. */
 static void disk_run(struct disk *d, u32 n)
 {
-	volatile u32 *prod = disk_reg(DK_REQ_PROD), *kick = disk_reg(DK_KICK), *cons = disk_reg(DK_REQ_CONS);
+	volatile u32 *cons = disk_reg(DK_REQ_CONS);
 
 	d->prod += n;
-	barrier();
-	*prod = d->prod;
-	__sync_synchronize();
-	if (*kick) {
-		*kick = 0;
-		GUEST_OUTL(PORT_DISK_KICK, 0);
-	}
+	publish(disk_reg(DK_REQ_PROD), d->prod, disk_reg(DK_KICK), PORT_DISK_KICK);
 	while (*cons != d->prod)
 		;
 	barrier();
