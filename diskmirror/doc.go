@@ -3,8 +3,10 @@
 // epoch (property P4), and brings the backup's image up to date before the
 // first epoch while the guest runs (the initial sync). It is the
 // transport-independent core: it produces and consumes byte streams, and a
-// transport carries them (most likely inside the replication engine's epoch
-// stream, so that memory and disk commit together).
+// transport carries them. repagent's engine (package replicate, with
+// replicate.Config.Disk and BackupConfig.Disk) is that transport: it carries
+// each epoch's stream inside the engine's epoch, so memory and disk commit
+// together.
 //
 // # The primary: Mirror
 //
@@ -91,6 +93,9 @@
 //	   |---- sync streams: differing blocks ---->|  ApplySync (verified, then
 //	   |---- sync streams: blocks written ------>|  applied at once)
 //	   |       during the last round (repeat)    |
+//	   |  (other work: the engine syncs memory)  |
+//	   |  CatchUp: rounds of the blocks written  |
+//	   |---- sync streams ---------------------->|  ApplySync
 //	   |  engine's pause: Open(1) ends the sync; |
 //	   |  the blocks still dirty are the residual|
 //	   |---- SendResidual: sync streams -------->|  ApplySync
@@ -114,8 +119,9 @@
 // residual: they must reach the backup as they were at that Open (epoch 1's
 // writes go on top of them, and the writes of later epochs must not leak
 // into them). A write to a residual block not yet sent therefore first saves
-// the block's old contents (copy before write; at most Threshold blocks of
-// memory), and SendResidual sends the saved or the unchanged block.
+// the block's old contents (copy before write, into a spool under the
+// Mirror's memory budget), and SendResidual sends the saved or the unchanged
+// block.
 // ApplySync is refused once an epoch has been committed.
 //
 // # Bounds
@@ -126,19 +132,23 @@
 // ReplicaConfig.MemoryLimit; DefaultMemoryLimit, 64 MiB), taken in 256 KiB
 // chunks; past it an epoch's further records go to its own spill file in
 // SpillDir, unlinked as soon as it is made, so a crash leaves nothing
-// behind. Memory therefore never exceeds the limit (plus one record buffer
-// of at most 1 MiB per decoder, and the residual's saved blocks); the spill
-// files are bounded by the disk, and a spill that fails is an error, never
-// a drop. Back-pressure on the guest is the engine's: it bounds the epochs in
+// behind. The residual's saved blocks share the budget the same way. Memory
+// therefore never exceeds the limit (plus one record buffer of at most 1 MiB
+// per decoder); the spill files are bounded by the disk, and a spill that
+// fails is an error, never a drop. Back-pressure on the guest is the engine's: it bounds the epochs in
 // flight (replicate's MaxInFlight), which bounds what the Mirror holds.
 // A sync stream is verified whole before it is applied, so the transport
 // sends sync data in batches (SyncConfig.Batch, 4 MiB by default).
 //
 // # What the transport must do
 //
+// (replicate does all of this; a VMM with its own transport would too.)
+//
 //   - Send the image size to the backup first; make the Replica with it.
-//   - Run the initial sync as above; deliver every sync stream, residual
-//     included, before the first epoch's stream is committed.
+//   - Run the initial sync as above (after long work between Precopy and the
+//     first Open, CatchUp, so the residual stays small); deliver every sync
+//     stream, residual included, before the first epoch's stream is
+//     committed.
 //   - After Open(n+1), take Epoch(n) and deliver it whole to Replica.Receive,
 //     every epoch, in order (an epoch without writes is a stream too: it
 //     keeps the numbering checkable). It is simplest to send it inside the

@@ -8,12 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
-
-	"github.com/repagent/repagent/replicate"
 )
-
-// Mirror is one of the engine's output gates.
-var _ replicate.OutputGate = (*Mirror)(nil)
 
 // image makes a temporary image file of size bytes holding fill (repeated
 // or cut to size; zeros if nil).

@@ -183,7 +183,7 @@ func (m *Mirror) Open(n uint64) error {
 	m.mu.Unlock()
 	m.cur = l
 	if m.track != nil {
-		m.resid = newResidual(m.track.block, m.track.take())
+		m.resid = newResidual(m.track.block, m.track.take(), &m.mem, m.dir)
 		m.track = nil
 	}
 	return nil
@@ -252,6 +252,9 @@ func (m *Mirror) Discard(n uint64) error {
 	m.logs = keep
 	if m.cur != nil && m.cur.n > n {
 		m.cur = nil
+	}
+	if m.resid != nil {
+		m.resid.sp.free()
 	}
 	m.track, m.resid = nil, nil
 	return nil

@@ -122,6 +122,29 @@ func (s *spool) reader() io.Reader {
 	return io.MultiReader(rs...)
 }
 
+// readAt reads len(p) bytes at off of what was written.
+func (s *spool) readAt(p []byte, off int64) error {
+	for _, c := range s.chunks {
+		if len(p) == 0 {
+			return nil
+		}
+		if off >= int64(len(c)) {
+			off -= int64(len(c))
+			continue
+		}
+		k := copy(p, c[off:])
+		p, off = p[k:], 0
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	if s.f == nil || off+int64(len(p)) > s.flen {
+		return fmt.Errorf("read %d bytes past the end of a %d-byte spool", len(p), s.size())
+	}
+	_, err := s.f.ReadAt(p, off)
+	return err
+}
+
 // free returns the memory to the budget and closes the spill file.
 func (s *spool) free() {
 	s.b.give(int64(len(s.chunks)) * chunkSize)

@@ -158,6 +158,17 @@ func EncodeHashes(w io.Writer, hs []Hash, size int64, block int) error {
 	return nil
 }
 
+// HashListSize is the length in bytes of the hash list EncodeHashes makes for
+// an image of size bytes in blocks of block bytes (a transport that carries
+// it in pieces knows when it has all of it), or -1 if size or block is
+// invalid.
+func HashListSize(size int64, block int) int64 {
+	if checkBlocks(size, int64(block)) != nil {
+		return -1
+	}
+	return StreamHeaderSize + numBlocks(size, int64(block))*HashSize + 4
+}
+
 // DecodeHashes reads a hash list for an image of size bytes and returns the
 // hashes and the block size. On error it returns no hashes, only the error
 // (wrapping ErrFormat and naming the problem).
@@ -242,34 +253,44 @@ func (t *tracker) take() []int64 {
 // residual is the blocks still dirty when the sync ended (at Open): they must
 // reach the backup as they were at that cut, not as later epochs left them.
 // A write to one not yet sent first saves its old contents (copy before
-// write). It holds at most len(blocks) blocks.
+// write) in a spool that shares the Mirror's memory budget and spills past
+// it, so a large residual costs disk, not memory.
 type residual struct {
 	block   int64
 	blocks  []int64
 	pending map[int64]bool
-	saved   map[int64][]byte
+	saved   map[int64]int64 // block → offset of its old contents in sp
+	sp      spool
 }
 
-func newResidual(block int64, blocks []int64) *residual {
-	r := &residual{block: block, blocks: blocks, pending: make(map[int64]bool, len(blocks)), saved: make(map[int64][]byte)}
+func newResidual(block int64, blocks []int64, mem *budget, dir string) *residual {
+	r := &residual{block: block, blocks: blocks, pending: make(map[int64]bool, len(blocks)),
+		saved: make(map[int64]int64), sp: spool{b: mem, dir: dir}}
 	for _, b := range blocks {
 		r.pending[b] = true
 	}
 	return r
 }
 
+// blockLen is the length of block b of an image of size bytes.
+func (r *residual) blockLen(size, b int64) int64 { return min(r.block, size-b*r.block) }
+
 // capture saves the contents of the pending blocks a write of n bytes at off
 // is about to change. The caller holds Mirror.wmu.
 func (r *residual) capture(d Disk, size, off, n int64) error {
 	for b := off / r.block; b <= (off+n-1)/r.block; b++ {
-		if !r.pending[b] || r.saved[b] != nil {
+		if _, ok := r.saved[b]; !r.pending[b] || ok {
 			continue
 		}
-		buf := make([]byte, min(r.block, size-b*r.block))
+		buf := make([]byte, r.blockLen(size, b))
 		if _, err := d.ReadAt(buf, b*r.block); err != nil {
 			return fmt.Errorf("save residual block %d before a write: %w", b, err)
 		}
-		r.saved[b] = buf
+		at := r.sp.size()
+		if _, err := r.sp.Write(buf); err != nil {
+			return fmt.Errorf("save residual block %d before a write: %w", b, err)
+		}
+		r.saved[b] = at
 	}
 	return nil
 }
@@ -277,8 +298,9 @@ func (r *residual) capture(d Disk, size, off, n int64) error {
 // SyncConfig configures the initial sync on the primary.
 type SyncConfig struct {
 	// Threshold ends the pre-copy rounds when at most this many blocks are
-	// dirty; they are sent after the first Open (SendResidual), and that many
-	// blocks bound the copy-before-write memory. 0 means 16.
+	// dirty; they are sent after the first Open (SendResidual). 0 means 16.
+	// (Rounds that stop shrinking leave more: the residual's saved blocks
+	// share the Mirror's memory budget and spill past it.)
 	Threshold int
 	// MaxRounds bounds the rounds after the first; 0 means 30. The rounds
 	// also end when the dirty set stops shrinking.
@@ -330,6 +352,9 @@ func (m *Mirror) StartSync(block int) error {
 	defer m.wmu.Unlock()
 	if m.cur != nil {
 		return fmt.Errorf("start sync: epoch %d is open (the sync comes before the first epoch; Release first)", m.cur.n)
+	}
+	if m.resid != nil {
+		m.resid.sp.free()
 	}
 	m.track, m.resid = newTracker(m.size, int64(block)), nil
 	return nil
@@ -438,17 +463,48 @@ func (m *Mirror) Precopy(remote []Hash, block int, cfg SyncConfig, send func(str
 		return SyncStats{}, fmt.Errorf("precopy: %w", err)
 	}
 	st := SyncStats{Blocks: len(local), Identical: len(local) - len(plan)}
+	err = m.rounds(plan, block, cfg, send, &st)
+	return st, err
+}
+
+// CatchUp runs more rounds of a sync that Precopy started: it sends the
+// blocks written since (or since the last round), then those written during
+// each round, until at most cfg.Threshold are dirty, the set stops
+// shrinking, or cfg.MaxRounds. A transport that does other long work between
+// Precopy and the first Open (the engine syncs memory) calls it last, so that
+// the residual is what the guest wrote during one short round. With nothing
+// dirty it sends nothing.
+func (m *Mirror) CatchUp(block int, cfg SyncConfig, send func(stream []byte) error) (SyncStats, error) {
+	cfg = cfg.withDefaults()
+	m.wmu.Lock()
+	tracking := m.track != nil && m.track.block == int64(block)
+	m.wmu.Unlock()
+	if !tracking {
+		return SyncStats{}, fmt.Errorf("catch up: no sync in %d-byte blocks is running (Precopy starts one)", block)
+	}
+	var st SyncStats
+	if m.Dirty() <= cfg.Threshold {
+		st.Residual = m.Dirty()
+		return st, nil
+	}
+	err := m.rounds(m.TakeDirty(), block, cfg, send, &st)
+	return st, err
+}
+
+// rounds sends plan, then the blocks dirtied during each round, until at most
+// cfg.Threshold are dirty, the set stops shrinking, or cfg.MaxRounds.
+func (m *Mirror) rounds(plan []int64, block int, cfg SyncConfig, send func(stream []byte) error, st *SyncStats) error {
 	for round := 0; ; round++ {
 		rs, err := m.SendBlocks(plan, block, cfg.Batch, send)
 		st.add(rs)
 		if err != nil {
-			return st, fmt.Errorf("precopy round %d: %w", round, err)
+			return fmt.Errorf("sync round %d: %w", st.Rounds, err)
 		}
 		st.Rounds++
 		d := m.Dirty()
 		if d <= cfg.Threshold || (round > 0 && d >= len(plan)) || round >= cfg.MaxRounds {
 			st.Residual = d
-			return st, nil
+			return nil
 		}
 		plan = m.TakeDirty()
 	}
@@ -480,12 +536,13 @@ func (m *Mirror) SendResidual(batch int64, send func(stream []byte) error) (Sync
 	st, err := m.sendStreams(r.blocks, r.block, batch, send, func(b int64) ([]byte, error) {
 		m.wmu.Lock()
 		defer m.wmu.Unlock()
-		data := r.saved[b]
-		if data == nil {
-			data = buf[:min(r.block, m.size-b*r.block)]
-			if _, err := m.disk.ReadAt(data, b*r.block); err != nil {
-				return nil, fmt.Errorf("send residual: read block %d: %w", b, err)
+		data := buf[:r.blockLen(m.size, b)]
+		if at, ok := r.saved[b]; ok {
+			if err := r.sp.readAt(data, at); err != nil {
+				return nil, fmt.Errorf("send residual: read the saved block %d: %w", b, err)
 			}
+		} else if _, err := m.disk.ReadAt(data, b*r.block); err != nil {
+			return nil, fmt.Errorf("send residual: read block %d: %w", b, err)
 		}
 		delete(r.pending, b)
 		delete(r.saved, b)
@@ -498,6 +555,7 @@ func (m *Mirror) SendResidual(batch int64, send func(stream []byte) error) (Sync
 	m.wmu.Lock()
 	if m.resid == r {
 		m.resid = nil
+		r.sp.free()
 	}
 	m.wmu.Unlock()
 	return st, nil

@@ -13,9 +13,13 @@ const testBlock = 64 << 10
 // syncPair makes a primary of random bytes and a backup that differs from it
 // in the given blocks, and the backup's hash list as the primary decodes it.
 func syncPair(t testing.TB, blocks int, differ func(i int) bool) (*pair, []Hash) {
+	return syncPairWith(t, blocks, differ, Config{})
+}
+
+func syncPairWith(t testing.TB, blocks int, differ func(i int) bool, cfg Config) (*pair, []Hash) {
 	t.Helper()
 	size := int64(blocks) * testBlock
-	p := newPair(t, size, Config{}, ReplicaConfig{})
+	p := newPair(t, size, cfg, ReplicaConfig{})
 	for i := range blocks {
 		if differ(i) {
 			if _, err := p.bimg.WriteAt([]byte{^p.initial[int64(i)*testBlock+100]}, int64(i)*testBlock+100); err != nil {
@@ -82,10 +86,17 @@ func TestInitialSync(t *testing.T) {
 
 // Blocks written during a round are sent again in the next; the blocks left
 // at the first Open reach the backup as they were at that Open, even if
-// epoch 1 writes them before they are sent; then epoch 1 applies on top.
+// epoch 1 writes them before they are sent (their old contents saved in
+// memory, or in a spill file when the memory budget is spent); then epoch 1
+// applies on top.
 func TestSyncWritesResent(t *testing.T) {
+	t.Run("in memory", func(t *testing.T) { testSyncWritesResent(t, Config{}) })
+	t.Run("spilled", func(t *testing.T) { testSyncWritesResent(t, Config{MemoryLimit: 1, SpillDir: t.TempDir()}) })
+}
+
+func testSyncWritesResent(t *testing.T, cfg Config) {
 	const blocks = 32
-	p, remote := syncPair(t, blocks, func(i int) bool { return i < 8 })
+	p, remote := syncPairWith(t, blocks, func(i int) bool { return i < 8 }, cfg)
 	r := rand.New(rand.NewPCG(4, 4))
 	calls := 0
 	send := func(stream []byte) error {
@@ -145,6 +156,34 @@ func TestSyncWritesResent(t *testing.T) {
 	if _, err := p.r.ApplySync(bytes.NewReader(craft(kindSync, p.size, testBlock, 0))); err == nil ||
 		!strings.Contains(err.Error(), "already committed") {
 		t.Fatalf("ApplySync after a commit = %v, want a refusal", err)
+	}
+}
+
+// CatchUp sends what was written after Precopy's rounds, and needs a sync.
+func TestSyncCatchUp(t *testing.T) {
+	const blocks = 16
+	p, remote := syncPair(t, blocks, func(i int) bool { return false })
+	if _, err := p.m.CatchUp(testBlock, SyncConfig{}, p.applySync(t)); err == nil || !strings.Contains(err.Error(), "no sync") {
+		t.Fatalf("CatchUp before Precopy = %v, want a refusal", err)
+	}
+	if st, err := p.m.Precopy(remote, testBlock, SyncConfig{}, p.applySync(t)); err != nil || st.Sent != 0 {
+		t.Fatalf("Precopy of identical images = %+v, %v", st, err)
+	}
+	r := rand.New(rand.NewPCG(5, 5))
+	for _, b := range []int64{1, 2, 3, 9} { // the engine syncs memory meanwhile
+		p.write(t, randBytes(r, 10), b*testBlock)
+	}
+	st, err := p.m.CatchUp(testBlock, SyncConfig{Threshold: 1}, p.applySync(t))
+	if err != nil || st.Sent != 4 || st.Residual != 0 || st.Rounds != 1 {
+		t.Fatalf("CatchUp = %+v, %v; want one round of 4 blocks", st, err)
+	}
+	p.wantBackup(t, contents(t, p.pimg, p.size), "after the catch-up")
+	p.write(t, randBytes(r, 10), 5*testBlock)
+	if st, err := p.m.CatchUp(testBlock, SyncConfig{Threshold: 1}, p.applySync(t)); err != nil || st.Sent != 0 || st.Residual != 1 {
+		t.Fatalf("CatchUp under the threshold = %+v, %v; want nothing sent, 1 residual", st, err)
+	}
+	if _, err := p.m.CatchUp(2*testBlock, SyncConfig{}, p.applySync(t)); err == nil {
+		t.Fatal("CatchUp with another block size: no error")
 	}
 }
 

@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"github.com/pierrec/lz4/v4"
+
+	"github.com/repagent/repagent/diskmirror"
 )
 
 // Errors a Backup returns.
@@ -53,6 +56,18 @@ type BackupConfig struct {
 	// HeartbeatTimeout is how long silence from the primary means it is gone;
 	// 0 means 5 of its intervals, at least MinHeartbeatTimeout.
 	HeartbeatTimeout time.Duration
+	// Disk, when set, is the backup's disk image: a primary that mirrors a
+	// disk (Config.Disk) of the same size keeps it equal to its own at the
+	// checkpoint the replica holds. The backup hashes it when a session
+	// starts, so the sync sends only the blocks that differ; the sync and
+	// every epoch's writes are applied to it, and at failover it holds the
+	// disk of the checkpoint resumed (the VMM's Resume opens it). A primary
+	// with a disk is refused by a backup without one, and the other way
+	// round; an image of another size is refused, untouched.
+	Disk diskmirror.Disk
+	// DiskConfig bounds the memory held for disk writes received and not yet
+	// applied (past it they spill to a file). Its FirstEpoch is the engine's.
+	DiskConfig diskmirror.ReplicaConfig
 	// SkipVerify skips digesting the whole replica before resuming it.
 	SkipVerify bool
 	// OnEpoch is told of every checkpoint applied.
@@ -68,6 +83,7 @@ type Failover struct {
 	Epoch    uint64        // the checkpoint resumed
 	Digest   uint64        // its memory digest
 	Verified bool          // the replica was digested and matched
+	Disk     bool          // the disk image was brought to the checkpoint's epoch
 	Cause    error         // why the primary was deemed lost
 	Verify   time.Duration // digesting the replica
 	Restore  time.Duration // the Resume call
@@ -93,6 +109,15 @@ type replica struct {
 	epoch  uint64 // last checkpoint applied (0: none)
 	state  []byte
 	digest uint64
+	disk   *diskmirror.Replica // the session's disk; nil without one
+}
+
+// close frees the replica's memory and drops its disk's pending epochs.
+func (r *replica) close() error {
+	if r.disk != nil {
+		r.disk.Close()
+	}
+	return r.mem.Close()
 }
 
 // DefaultMaxMemory is BackupConfig.MaxMemory's default.
@@ -153,7 +178,7 @@ func (b *Backup) Close() error {
 	if b.rep == nil {
 		return nil
 	}
-	err := b.rep.mem.Close()
+	err := b.rep.close()
 	b.rep = nil
 	return err
 }
@@ -232,6 +257,14 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 		}
 		fo.Verified = true
 	}
+	if rep.disk != nil {
+		// Every epoch up to the checkpoint is applied as it is verified;
+		// Failover makes sure of it, drops anything later, and syncs.
+		if err := rep.disk.Failover(rep.epoch); err != nil {
+			return nil, fmt.Errorf("bring the disk to epoch %d: %w", rep.epoch, err)
+		}
+		fo.Disk = true
+	}
 	t := time.Now()
 	fo.Verify = t.Sub(t0)
 	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape}
@@ -272,6 +305,16 @@ type session struct {
 	pageBuf   []byte
 	idxs      []uint64
 	crcs      []uint32
+	drecv     *diskRecv // the epoch's disk stream, while it arrives
+}
+
+// diskRecv feeds an epoch's disk messages, as they arrive, to
+// diskmirror.Replica.Receive, which verifies and spools them.
+type diskRecv struct {
+	pw   *io.PipeWriter
+	done chan struct{}
+	sum  diskmirror.Summary
+	err  error
 }
 
 func (s *session) write(t MsgType, epoch uint64, payload []byte) error {
@@ -312,7 +355,14 @@ func (s *session) run() error {
 		return s.reject(protoErr("VM shape mismatch: primary has %v (regions %v), this backup expects %v (regions %v)",
 			hello.Shape, hello.Shape.Regions, *e, e.Regions))
 	}
-	if err := s.newReplica(hello.Shape); err != nil {
+	disk, err := s.newDisk(hello)
+	if err != nil {
+		return s.reject(err)
+	}
+	if err := s.newReplica(hello.Shape, disk); err != nil {
+		if disk != nil {
+			disk.Close()
+		}
 		return s.reject(protoErr("backup cannot hold a replica of %v: %v", hello.Shape, err))
 	}
 	s.timeout = s.b.cfg.HeartbeatTimeout
@@ -327,6 +377,12 @@ func (s *session) run() error {
 	s.b.log.Info("primary connected", "from", s.conn.RemoteAddr(), "vmm", hello.VMM, "shape", hello.Shape,
 		"interval", hello.Interval, "version", v, "heartbeat-timeout", s.timeout)
 	go s.heartbeats(min(hello.Heartbeat, s.timeout/4))
+	defer s.abortDisk()
+	if disk != nil {
+		if err := s.sendHashes(disk, int(hello.DiskBlock)); err != nil {
+			return err
+		}
+	}
 	s.precopy, s.epoch = true, 1
 	s.maxStaged = int(hello.Shape.MemSize + hello.Shape.MemSize/8 + MaxPayload)
 	for {
@@ -380,7 +436,124 @@ func (b *Backup) setReplica(r *replica) {
 	b.rep = r
 	b.mu.Unlock()
 	if old != nil {
-		old.mem.Close()
+		old.close()
+	}
+}
+
+// newDisk checks the primary's disk against this backup's and makes the
+// session's disk replica; nil without a disk. Nothing is written to the
+// image.
+func (s *session) newDisk(hello Hello) (*diskmirror.Replica, error) {
+	img := s.b.cfg.Disk
+	switch {
+	case hello.DiskSize == 0 && img == nil:
+		return nil, nil
+	case img == nil:
+		return nil, protoErr("the primary mirrors a disk of %d bytes, and this backup has no disk image (BackupConfig.Disk)", hello.DiskSize)
+	case hello.DiskSize == 0:
+		return nil, protoErr("this backup has a disk image, and the primary mirrors no disk (Config.Disk)")
+	}
+	cfg := s.b.cfg.DiskConfig
+	cfg.FirstEpoch = 2 // the first checkpoint carries the sync's residual, not writes
+	disk, err := diskmirror.NewReplica(img, hello.DiskSize, cfg)
+	if err != nil {
+		return nil, protoErr("disk: %v", err)
+	}
+	return disk, nil
+}
+
+// sendHashes hashes the backup image for the disk sync and sends the list in
+// pieces. Heartbeats go out meanwhile.
+func (s *session) sendHashes(disk *diskmirror.Replica, block int) error {
+	t0 := time.Now()
+	hs, err := disk.Hashes(block)
+	if err != nil {
+		return s.reject(protoErr("hash the backup disk image: %v", err))
+	}
+	var buf bytes.Buffer
+	if err := diskmirror.EncodeHashes(&buf, hs, disk.Size(), block); err != nil {
+		return s.reject(protoErr("disk hash list: %v", err))
+	}
+	for b := buf.Bytes(); len(b) > 0; {
+		k := min(len(b), diskChunk)
+		if err := s.write(MsgDiskHashes, 0, b[:k]); err != nil {
+			return fmt.Errorf("%w: send the disk hash list: %v", errPrimaryLost, err)
+		}
+		b = b[k:]
+	}
+	s.b.log.Info("disk image hashed", "blocks", len(hs), "block-size", block, "took", time.Since(t0))
+	return nil
+}
+
+// diskErr makes an error of the disk replica a protocol error when the data
+// was at fault (ErrFormat), and leaves it as it is (an I/O error) otherwise.
+func diskErr(err error) error {
+	if errors.Is(err, diskmirror.ErrFormat) {
+		return protoErr("disk: %v", err)
+	}
+	return fmt.Errorf("disk: %w", err)
+}
+
+// applySync applies a disk sync stream at once (it is verified whole first):
+// before the first checkpoint the replica holds no checkpoint, and the first
+// checkpoint's residual must land before any epoch's writes.
+func (s *session) applySync(payload []byte) error {
+	if _, err := s.rep.disk.ApplySync(bytes.NewReader(payload)); err != nil {
+		return diskErr(err)
+	}
+	return nil
+}
+
+// diskWrite passes a piece of the epoch's disk stream to the disk replica.
+func (s *session) diskWrite(payload []byte) error {
+	if s.drecv == nil {
+		pr, pw := io.Pipe()
+		r := &diskRecv{pw: pw, done: make(chan struct{})}
+		disk := s.rep.disk
+		go func() {
+			defer close(r.done)
+			r.sum, r.err = disk.Receive(pr)
+			pr.CloseWithError(errors.New("disk stream already ended"))
+		}()
+		s.drecv = r
+	}
+	if _, err := s.drecv.pw.Write(payload); err != nil {
+		r := s.drecv
+		s.drecv = nil
+		<-r.done
+		if r.err != nil {
+			return diskErr(r.err)
+		}
+		return protoErr("epoch %d: disk data after the end of its disk stream", s.epoch)
+	}
+	return nil
+}
+
+// finishDisk ends the epoch's disk stream: every checkpoint after the first
+// carries one, complete and verified, before its end record.
+func (s *session) finishDisk() error {
+	r := s.drecv
+	if r == nil {
+		return protoErr("checkpoint epoch %d has no disk writes (a mirrored disk sends a stream every epoch)", s.epoch)
+	}
+	s.drecv = nil
+	r.pw.Close()
+	<-r.done
+	if r.err != nil {
+		return diskErr(r.err)
+	}
+	if r.sum.Epoch != s.epoch {
+		return protoErr("epoch %d carries the disk writes of epoch %d", s.epoch, r.sum.Epoch)
+	}
+	return nil
+}
+
+// abortDisk stops a disk stream in progress; the disk replica drops it.
+func (s *session) abortDisk() {
+	if r := s.drecv; r != nil {
+		s.drecv = nil
+		r.pw.CloseWithError(errors.New("epoch dropped"))
+		<-r.done
 	}
 }
 
@@ -388,7 +561,7 @@ func (b *Backup) setReplica(r *replica) {
 // an earlier session: that session's primary went on unprotected, so its
 // checkpoint may be older than what the outside world has seen, and resuming
 // it could step back.
-func (s *session) newReplica(shape Shape) error {
+func (s *session) newReplica(shape Shape, disk *diskmirror.Replica) error {
 	if limit := s.b.maxMemory(); shape.MemSize > limit {
 		return fmt.Errorf("its %d MiB exceed this backup's limit of %d MiB (BackupConfig.MaxMemory)", shape.MemSize>>20, limit>>20)
 	}
@@ -396,7 +569,7 @@ func (s *session) newReplica(shape Shape) error {
 	if err != nil {
 		return fmt.Errorf("replica memory: %w", err)
 	}
-	s.rep = &replica{shape: shape, lay: layoutFor(shape), mem: mem, table: newDigestTable(shape.Pages())}
+	s.rep = &replica{shape: shape, lay: layoutFor(shape), mem: mem, table: newDigestTable(shape.Pages()), disk: disk}
 	s.seen = make([]uint64, (shape.Pages()+63)/64)
 	s.b.setReplica(s.rep)
 	return nil
@@ -409,7 +582,7 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		_, err := decodeHeartbeat(payload)
 		return err
 	case MsgBye:
-		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.staged) != 0 {
+		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.staged) != 0 || s.drecv != nil {
 			return protoErr("bye at epoch %d while epoch %d is in progress", h.Epoch, s.current())
 		}
 		return fmt.Errorf("%w after epoch %d", ErrPrimaryStopped, h.Epoch)
@@ -419,7 +592,7 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 			return err
 		}
 		return fmt.Errorf("%w: %s", ErrPrimaryStopped, reason)
-	case MsgPages, MsgState, MsgEnd:
+	case MsgPages, MsgState, MsgEnd, MsgDiskSync, MsgDisk:
 	default:
 		return protoErr("primary sent %v in the middle of the stream", h.Type)
 	}
@@ -430,6 +603,8 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		return protoErr("%v message of epoch %d while epoch %d is in progress (reordered or foreign stream)", h.Type, h.Epoch, want)
 	}
 	switch h.Type {
+	case MsgDiskSync, MsgDisk:
+		return s.handleDisk(h, hdr, payload)
 	case MsgPages:
 		s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
 		if !s.precopy && len(s.staged)+len(payload) > s.maxStaged {
@@ -468,6 +643,36 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 	return s.end(end)
 }
 
+// handleDisk takes a disk message. Sync streams come between pre-copy rounds
+// (outside their checksums: each stream has its own) and, for the residual,
+// in the first checkpoint; every later checkpoint carries its epoch's disk
+// stream. In a checkpoint both come before the state, under the checksum.
+func (s *session) handleDisk(h Header, hdr, payload []byte) error {
+	if s.rep.disk == nil {
+		return protoErr("%v message, and the session mirrors no disk", h.Type)
+	}
+	switch {
+	case h.Type == MsgDiskSync && s.precopy:
+		if s.pages != 0 {
+			return protoErr("disk sync stream inside pre-copy round %d", s.round)
+		}
+		return s.applySync(payload)
+	case s.precopy:
+		return protoErr("disk writes of epoch %d in the initial sync", h.Epoch)
+	case s.hasState:
+		return protoErr("%v message after the state of epoch %d", h.Type, s.epoch)
+	case h.Type == MsgDiskSync && s.epoch != 1:
+		return protoErr("disk sync stream in checkpoint epoch %d (only the first carries the sync's residual)", s.epoch)
+	case h.Type == MsgDisk && s.epoch == 1:
+		return protoErr("disk writes in checkpoint epoch 1 (it carries the sync's residual; writes start with epoch 2)")
+	}
+	s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
+	if h.Type == MsgDiskSync {
+		return s.applySync(payload)
+	}
+	return s.diskWrite(payload)
+}
+
 // end closes an epoch: verify, ack, apply.
 func (s *session) end(e End) error {
 	defer s.resetEpoch()
@@ -482,6 +687,11 @@ func (s *session) end(e End) error {
 		return protoErr("epoch %d: checksum %08x, the stream sums to %08x (corrupted)", s.current(), e.Checksum, s.crc)
 	case !s.precopy && !s.hasState:
 		return protoErr("checkpoint epoch %d has no machine state", s.epoch)
+	}
+	if !s.precopy && s.rep.disk != nil && s.epoch > 1 {
+		if err := s.finishDisk(); err != nil {
+			return err
+		}
 	}
 	if s.precopy {
 		if e.Pages != s.pages {
@@ -515,6 +725,11 @@ func (s *session) end(e End) error {
 	if err := s.writeRuns(true); err != nil {
 		return err
 	}
+	if s.rep.disk != nil && s.epoch > 1 {
+		if err := s.rep.disk.Commit(s.epoch); err != nil {
+			return diskErr(err)
+		}
+	}
 	s.b.mu.Lock()
 	s.rep.state, s.rep.epoch, s.rep.digest = s.state, s.epoch, d
 	s.b.mu.Unlock()
@@ -527,6 +742,7 @@ func (s *session) end(e End) error {
 }
 
 func (s *session) resetEpoch() {
+	s.abortDisk()
 	s.crc, s.pages, s.staged, s.state, s.hasState = 0, 0, s.staged[:0], nil, false
 	for _, i := range s.seenList {
 		s.seen[i/64] = 0

@@ -5,7 +5,10 @@
 // It knows VMs only through interfaces it defines: a VMM implements VM on
 // the primary (testvm.Machine does; so does the toy VMM of the package
 // example, with no KVM at all), gives the backup a way to make replica memory
-// and to resume a Checkpoint, and output devices implement OutputGate.
+// and to resume a Checkpoint, and output devices implement OutputGate. A VMM
+// that writes its disk through a diskmirror.Mirror (Config.Disk) has the disk
+// replicated with the memory, in the same epochs (see "The disk" below and
+// the package's disk example).
 //
 // # Epochs
 //
@@ -18,13 +21,15 @@
 //  2. Harvest the dirty set (dirtylog.Source: KVM's log plus the VMM's own
 //     writes; the pages left over from the sync join the first one).
 //  3. Save the machine state (VM.Save).
-//  4. Copy the dirty pages into staging (eager snapshot).
-//  5. Open epoch N+1 on every OutputGate: output from now on is N+1's.
+//  4. Open epoch N+1 on every OutputGate (and the disk mirror): output from
+//     now on is N+1's.
+//  5. Copy the dirty pages into staging (eager snapshot).
 //  6. Resume the vCPUs. Steps 1-6 are the pause the guest sees.
 //  7. While the guest runs: compress each page (LZ4, or a flag for a zero
 //     page, or raw when LZ4 does not help) in Config.Workers goroutines, and
-//     send the batches in order, then the state, then an end record with a
-//     checksum of the epoch's bytes and the memory digest after the epoch.
+//     send the batches in order, then the epoch's disk writes (with a disk),
+//     then the state, then an end record with a checksum of the epoch's
+//     bytes and the memory digest after the epoch.
 //  8. On the backup's ack of N: commit N on every gate (its output is
 //     released) and report the epoch's EpochStats.
 //
@@ -57,19 +62,23 @@
 // (at most MaxPayload), epoch uint64. Type 0 is invalid, so a zeroed header
 // means nothing. The payloads (wire.go documents each byte):
 //
-//	hello      P→B  "REPAGENT", versions max and min, page size, vCPUs,
-//	                memory size, interval, heartbeat period, regions, VMM name
-//	welcome    B→P  the version chosen (the highest both speak)
-//	reject     both the reason a session is refused or ended, as text
-//	pages      P→B  up to MaxBatchPages pages: GPA, encoding (raw, lz4,
-//	                zero), length, data
-//	state      P→B  the machine state of a checkpoint epoch
-//	end        P→B  pages in the epoch, memory digest, CRC32C of the epoch's
-//	                pages and state messages (headers included, in order),
-//	                kind (pre-copy round or checkpoint), pre-copy round
-//	ack        B→P  the epoch in the header is safe; the backup's digest
-//	heartbeat  both the sender's clock and its latest epoch
-//	bye        P→B  the primary stops on purpose: do not fail over
+//	hello       P→B  "REPAGENT", versions max and min, page size, vCPUs,
+//	                 memory size, interval, heartbeat period, disk size and
+//	                 sync block size (0 without a disk), regions, VMM name
+//	welcome     B→P  the version chosen (the highest both speak)
+//	reject      both the reason a session is refused or ended, as text
+//	pages       P→B  up to MaxBatchPages pages: GPA, encoding (raw, lz4,
+//	                 zero), length, data
+//	state       P→B  the machine state of a checkpoint epoch
+//	end         P→B  pages in the epoch, memory digest, CRC32C of the epoch's
+//	                 pages, disk and state messages (headers included, in
+//	                 order), kind (pre-copy round or checkpoint), round
+//	ack         B→P  the epoch in the header is safe; the backup's digest
+//	heartbeat   both the sender's clock and its latest epoch
+//	bye         P→B  the primary stops on purpose: do not fail over
+//	disk-hashes B→P  part of the backup image's hash list (diskmirror's)
+//	disk-sync   P→B  one diskmirror sync stream: whole blocks, applied at once
+//	disk        P→B  part of the epoch's diskmirror epoch stream (≤ 1 MiB)
 //
 // Pre-copy rounds travel as epoch 0; checkpoints are epochs 1, 2, 3, ... A
 // session:
@@ -94,12 +103,54 @@
 //	                                             |  digest the replica, resume
 //
 // A backup accepts a primary whose [min, max] version range overlaps its
-// own; this is version 1. Any message that does not decode, breaks the order
+// own; this is version 2 (version 1 had no disk, and is no longer spoken). Any message that does not decode, breaks the order
 // (a message of another epoch, a second state, a pre-copy round after a
 // checkpoint), exceeds a limit, repeats a page within an epoch, names a page
 // outside memory, or fails its checksum or digest is a protocol error
 // (ErrProtocol): the backup sends reject with the reason, ends the session,
 // and keeps its last good checkpoint; it never applies part of an epoch.
+//
+// # The disk
+//
+// With Config.Disk, the VMM writes its disk through a diskmirror.Mirror,
+// which writes the local image at once and logs each write under the open
+// epoch (see package diskmirror). The backup needs an image of the same size
+// (BackupConfig.Disk); a session whose disks do not match is refused at
+// hello, with nothing written. A session with a disk:
+//
+//	primary                                   backup
+//	   |---- hello (disk size, block size) ---->|  NewReplica (size checked)
+//	   |<--- welcome, disk-hashes ... ----------|  hash the backup image
+//	   |---- disk-sync(0) ... ----------------->|  precopy: the blocks that
+//	   |                                        |  differ, then the blocks the
+//	   |                                        |  guest wrote meanwhile
+//	   |---- pages(0) ... end(0) -------------->|  memory's sync
+//	   |---- disk-sync(0) ... ----------------->|  catch-up: blocks written
+//	   |       (pause 1: disk opens epoch 2)    |  during memory's sync
+//	   |---- pages(1) disk-sync(1) state end -->|  residual: blocks still
+//	   |                                        |  dirty at pause 1, as then
+//	   |---- pages(2) disk(2)... state end ---->|  epoch 2's writes, verified
+//	   |<--- ack(2) ----------------------------|  then applied with memory
+//
+// The disk's epochs are the engine's, but its first one opens at the first
+// pause (Open(2)): the writes before it belong to the sync, and the first
+// checkpoint carries the blocks the sync left dirty instead of writes. Sync
+// streams are applied when they arrive (there is no checkpoint yet to keep);
+// every later checkpoint carries its epoch's whole disk stream before its
+// state, under the epoch's checksum, and the backup applies it (in the order
+// of the writes, then fsync) right after the memory of the same epoch, once
+// the epoch is verified and acknowledged. A checkpoint's memory and disk are
+// therefore one: the replica and the backup image always hold the same
+// epoch, and a checkpoint without its disk stream, with a stream that does
+// not verify (any record checksum, a write past the end, another epoch's
+// stream), or with disk data after its state is a protocol error, and
+// nothing of it is applied. At failover the backup image holds the disk of
+// the checkpoint resumed (Failover.Disk), and the VMM's Resume opens it.
+//
+// The guest's flushes and FUA writes are honoured on the primary's image
+// (diskmirror.Mirror.Sync); on the backup every applied epoch is made
+// durable. A disk write is not output the world sees, so the mirror holds
+// nothing back: it only keeps each epoch's writes until the backup has them.
 //
 // # Failover
 //
@@ -110,7 +161,9 @@
 // are applied as soon as they are verified, so none is pending), digests the
 // replica against its checkpoint (ErrReplicaCorrupt if they differ), and calls
 // BackupConfig.Resume with the Checkpoint: the state and the replica file,
-// which the VMM maps directly (testvm.Restore does), without a copy. A primary
+// which the VMM maps directly (testvm.Restore does), without a copy. With a
+// disk, the backup first brings its image to the checkpoint's epoch
+// (diskmirror.Replica.Failover: nothing later is applied). A primary
 // lost before its first checkpoint leaves nothing to resume (ErrNoCheckpoint);
 // one that said bye, nothing to fail over (ErrPrimaryStopped).
 //

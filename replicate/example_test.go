@@ -1,10 +1,12 @@
 package replicate_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/replicate"
 )
 
@@ -30,7 +33,24 @@ type toyVM struct {
 	dirty    *dirtylog.Set
 	tracking bool
 
+	// disk, when set, is the toy's disk: after each step of 64 counts it
+	// writes one block (see toyBlock), through the Mirror, as a VMM's block
+	// device would. diskErr is the first write that failed.
+	disk    *diskmirror.Mirror
+	diskErr error
+
 	stop, done chan struct{}
+}
+
+// toyBlockSize is the toy disk's block; step s (after count 64s) writes block
+// s mod blocks, filled with s.
+const toyBlockSize = 4096
+
+// toyBlock fills b with step s.
+func toyBlock(b []byte, s uint64) {
+	for i := 0; i < len(b); i += 8 {
+		binary.LittleEndian.PutUint64(b[i:], s)
+	}
 }
 
 // toyGPA is where each half of toy memory lies, as two regions (like a PC's
@@ -69,10 +89,26 @@ func (v *toyVM) start() {
 				}
 				v.dmu.Unlock()
 			}
+			v.writeBlock()
 			v.run.Unlock()
 			time.Sleep(50 * time.Microsecond)
 		}
 	}()
+}
+
+// writeBlock writes the block of the step just done: a checkpoint after step
+// s has written the blocks of steps 1 to s.
+func (v *toyVM) writeBlock() {
+	s := v.count / 64
+	if v.disk == nil || s == 0 || v.diskErr != nil {
+		return
+	}
+	b := make([]byte, toyBlockSize)
+	toyBlock(b, s)
+	blocks := uint64(v.disk.Size() / toyBlockSize)
+	if _, err := v.disk.WriteAt(b, int64(s%blocks*toyBlockSize)); err != nil {
+		v.diskErr = err
+	}
 }
 
 func (v *toyVM) close() { close(v.stop); <-v.done }
@@ -130,6 +166,29 @@ func checkToyReplica(cp *replicate.Checkpoint) error {
 		}
 		if got := binary.LittleEndian.Uint64(page); got != want {
 			return fmt.Errorf("page %d holds %d, count %d implies %d", i, got, count, want)
+		}
+	}
+	return nil
+}
+
+// checkToyDisk checks a toy's disk image against its count: block i
+// must hold the last step s <= count/64 with s mod blocks == i, or zeros.
+func checkToyDisk(count uint64, img io.ReaderAt, size int64) error {
+	steps := count / 64
+	blocks := uint64(size / toyBlockSize)
+	got, want := make([]byte, toyBlockSize), make([]byte, toyBlockSize)
+	for i := range blocks {
+		if _, err := img.ReadAt(got, int64(i*toyBlockSize)); err != nil {
+			return err
+		}
+		var s uint64 // the last step s <= steps with s mod blocks == i, s >= 1
+		if steps >= i && (i != 0 || steps >= blocks) {
+			s = steps - (steps-i)%blocks
+		}
+		toyBlock(want, s)
+		if !bytes.Equal(got, want) {
+			return fmt.Errorf("disk block %d holds step %d, count %d implies step %d",
+				i, binary.LittleEndian.Uint64(got), count, s)
 		}
 	}
 	return nil
@@ -201,5 +260,91 @@ func Example() {
 	// Output:
 	// backup resumed a checkpoint whose memory matches its state
 	// primary lost its backup: true
+	// failover error: <nil>
+}
+
+// A VMM's disk replicated with its memory: the VMM writes its disk through a
+// diskmirror.Mirror (here the toy writes a block per step of its count), the
+// primary ships each epoch's writes inside the epoch, and at failover the
+// backup's image is exactly the disk of the checkpoint it resumes.
+func Example_disk() {
+	dir, err := os.MkdirTemp("", "example-disk")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer os.RemoveAll(dir)
+	image := func(name string) *os.File {
+		f, err := os.Create(dir + "/" + name)
+		if err == nil {
+			err = f.Truncate(1 << 20)
+		}
+		if err != nil {
+			panic(err)
+		}
+		return f
+	}
+	local, remote := image("primary.img"), image("backup.img")
+	defer local.Close()
+	defer remote.Close()
+	mirror, err := diskmirror.NewMirror(local, diskmirror.Config{})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	vm := newToyVM(1 << 20)
+	vm.disk = mirror // the VMM's disk writes go through the mirror
+	vm.start()
+	defer vm.close()
+
+	quiet := slog.New(slog.DiscardHandler)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	backup, err := replicate.NewBackup(replicate.BackupConfig{
+		NewMemory: tempMemory, // as in Example
+		Disk:      remote,     // the backup's image, of the primary's size
+		Resume: func(cp *replicate.Checkpoint) error {
+			defer cp.Memory.Close()
+			count := binary.LittleEndian.Uint64(cp.State)
+			if err := checkToyDisk(count, remote, 1<<20); err != nil {
+				return err
+			}
+			fmt.Println("backup resumed a checkpoint whose disk matches its state")
+			return nil
+		},
+		Log: quiet,
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	failover := make(chan error, 1)
+	go func() {
+		_, err := backup.Serve(context.Background(), ln)
+		failover <- err
+	}()
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	primary, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Disk: mirror, Log: quiet})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	done := make(chan error, 1)
+	go func() { done <- primary.Run(context.Background(), conn) }()
+	for primary.LastAcked() < 10 {
+		time.Sleep(time.Millisecond)
+	}
+	conn.Close() // the primary's host dies
+	<-done
+	fmt.Println("failover error:", <-failover)
+	// Output:
+	// backup resumed a checkpoint whose disk matches its state
 	// failover error: <nil>
 }

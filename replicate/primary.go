@@ -2,10 +2,12 @@ package replicate
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"log/slog"
 	"net"
 	"runtime"
@@ -15,6 +17,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/diskmirror"
 )
 
 // Interval limits and defaults.
@@ -77,6 +80,23 @@ type Config struct {
 	MaxPrecopyRounds int
 	// Gates hold output until its epoch is acknowledged.
 	Gates []OutputGate
+	// Disk, when set, mirrors the VM's disk with its memory (property P4):
+	// the VMM sends its disk writes through it. The engine syncs the image to
+	// the backup's before the first checkpoint (hash lists, so blocks the
+	// backup holds are not sent), ships each epoch's writes inside the
+	// epoch, covered by its end record, and the backup applies them when it
+	// applies the epoch's memory. The backup must have a disk of the same
+	// size (BackupConfig.Disk). The engine drives it as a gate, except that
+	// its first epoch opens at the first checkpoint, not at Run: the writes
+	// before it are the sync's.
+	Disk *diskmirror.Mirror
+	// DiskBlock is the disk sync's block size (0: diskmirror.DefaultBlockSize).
+	DiskBlock int
+	// DiskSync tunes the disk sync's rounds; its Batch must be at most
+	// MaxDiskSyncBatch (a sync stream travels as one message).
+	DiskSync diskmirror.SyncConfig
+	// OnDiskSync receives the disk sync's progress after each of its phases.
+	OnDiskSync func(DiskSyncProgress)
 	// AuditEvery, when not 0, digests all of guest memory in the pause of
 	// every AuditEvery-th epoch and checks it against the incremental digest
 	// sent to the backup: proof that dirty tracking missed no page, at the
@@ -133,13 +153,38 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Log == nil {
 		c.Log = slog.Default()
 	}
+	if c.Disk != nil {
+		if c.DiskBlock == 0 {
+			c.DiskBlock = diskmirror.DefaultBlockSize
+		}
+		if c.DiskBlock < diskmirror.MinBlockSize || c.DiskBlock > diskmirror.MaxBlockSize || c.DiskBlock&(c.DiskBlock-1) != 0 {
+			return c, fmt.Errorf("disk sync block size %d: want a power of two from %d to %d", c.DiskBlock, diskmirror.MinBlockSize, diskmirror.MaxBlockSize)
+		}
+		if c.DiskSync.Batch == 0 {
+			c.DiskSync.Batch = MaxDiskSyncBatch
+		}
+		if c.DiskSync.Batch < 0 || c.DiskSync.Batch > MaxDiskSyncBatch {
+			return c, fmt.Errorf("disk sync batch of %d bytes: want 1 to %d", c.DiskSync.Batch, MaxDiskSyncBatch)
+		}
+		if diskmirror.HashListSize(c.Disk.Size(), c.DiskBlock) < 0 {
+			return c, fmt.Errorf("disk of %d bytes has more than %d blocks of %d bytes: use larger blocks", c.Disk.Size(), diskmirror.MaxBlocks, c.DiskBlock)
+		}
+	}
 	return c, nil
 }
+
+// MaxDiskSyncBatch is the most block data in one disk sync stream: a stream
+// is one message, and a message at most MaxPayload.
+const MaxDiskSyncBatch = 4 << 20
+
+// diskChunk is the most of an epoch's disk stream in one disk message.
+const diskChunk = 1 << 20
 
 // Primary is the engine on the VM's host: it syncs the VM to a backup, then
 // checkpoints it every interval and ships each epoch while the guest runs.
 type Primary struct {
 	cfg    Config
+	gates  []OutputGate // cfg.Gates, then cfg.Disk
 	lay    layout
 	src    dirtylog.Source
 	set    *dirtylog.Set
@@ -161,6 +206,7 @@ type Primary struct {
 	inflight chan struct{} // a token per epoch captured and not yet acknowledged
 	hold     workerHold    // set during pauses: workers wait
 	gpaLists chan []uint64 // page lists of sent epochs, for reuse
+	diskBuf  []byte        // the sender's buffer for disk messages
 	gmu      sync.RWMutex  // Open and Commit share it; Discard and Release hold it alone
 
 	amu  sync.Mutex // guards sent
@@ -197,6 +243,10 @@ func NewPrimary(cfg Config) (*Primary, error) {
 		return nil, fmt.Errorf("staging of %d bytes is too small (at least %d)", cfg.StagingBytes, 64*PageSize)
 	}
 	p.cfg = cfg
+	p.gates = cfg.Gates
+	if cfg.Disk != nil {
+		p.gates = append(append([]OutputGate(nil), cfg.Gates...), cfg.Disk)
+	}
 	p.stage = newArena(cfg.StagingBytes / PageSize)
 	p.digest = newDigestTable(p.lay.shape.Pages())
 	if cfg.AuditEvery > 0 {
@@ -241,7 +291,7 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	log := p.cfg.Log
 	defer conn.Close()
 	stopCtx := context.AfterFunc(ctx, func() { conn.Close() })
-	err = p.handshake()
+	remote, err := p.handshake()
 	if !stopCtx() || ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -289,10 +339,12 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	// resident memory instead of faulting in a page per page copied.
 	prefaulted := make(chan struct{})
 	go func() { defer close(prefaulted); p.stage.prefault() }()
-	if err := p.gateCall(func(g OutputGate) error { return g.Open(1) }); err != nil {
+	// The disk is not opened here: its writes until the first checkpoint are
+	// the disk sync's, and its epochs start with the first pause's Open(2).
+	if err := p.gateCall(p.cfg.Gates, func(g OutputGate) error { return g.Open(1) }); err != nil {
 		return p.unprotected(err)
 	}
-	if err := p.initialSync(ctx); err != nil {
+	if err := p.initialSync(ctx, remote); err != nil {
 		if ctx.Err() != nil && len(p.inflight) == 0 {
 			return p.finish() // stopped between rounds: say bye
 		}
@@ -312,32 +364,72 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	return p.finish()
 }
 
-// handshake sends Hello and waits for Welcome or Reject.
-func (p *Primary) handshake() error {
+// handshake sends Hello and waits for Welcome or Reject. With a disk, it
+// then reads the backup image's hash list (the backup sends heartbeats while
+// it hashes) and returns it.
+func (p *Primary) handshake() ([]diskmirror.Hash, error) {
 	hello := Hello{Version: Version, MinVersion: MinVersion, Shape: p.lay.shape, Interval: p.cfg.Interval,
 		Heartbeat: p.cfg.Heartbeat, VMM: p.cfg.VMM}
+	if d := p.cfg.Disk; d != nil {
+		hello.DiskSize, hello.DiskBlock = d.Size(), uint32(p.cfg.DiskBlock)
+	}
 	if err := p.writeMsg(encodeMsg(nil, MsgHello, 0, appendHello(nil, hello)), true); err != nil {
-		return fmt.Errorf("send hello: %w", err)
+		return nil, fmt.Errorf("send hello: %w", err)
 	}
-	h, payload, err := p.rd.ReadMsg()
-	if err != nil {
-		if isTimeout(err) {
-			err = fmt.Errorf("no answer in %v", p.cfg.HeartbeatTimeout)
-		}
-		return fmt.Errorf("wait for the backup's welcome: %w", err)
+	var list []byte
+	want := int64(-1)
+	if p.cfg.Disk != nil {
+		want = diskmirror.HashListSize(hello.DiskSize, p.cfg.DiskBlock)
 	}
-	switch h.Type {
-	case MsgWelcome:
-		_, err := decodeWelcome(payload)
-		return err
-	case MsgReject:
-		reason, err := decodeReject(payload)
+	welcomed := false
+	for {
+		h, payload, err := p.rd.ReadMsg()
 		if err != nil {
-			return err
+			if isTimeout(err) {
+				err = fmt.Errorf("no answer in %v", p.cfg.HeartbeatTimeout)
+			}
+			if welcomed {
+				return nil, fmt.Errorf("wait for the backup image's hash list: %w", err)
+			}
+			return nil, fmt.Errorf("wait for the backup's welcome: %w", err)
 		}
-		return fmt.Errorf("backup refused the session: %s", reason)
-	default:
-		return protoErr("backup answered hello with %v", h.Type)
+		switch {
+		case h.Type == MsgReject:
+			reason, err := decodeReject(payload)
+			if err != nil {
+				return nil, err
+			}
+			return nil, fmt.Errorf("backup refused the session: %s", reason)
+		case h.Type == MsgWelcome && !welcomed:
+			if _, err := decodeWelcome(payload); err != nil {
+				return nil, err
+			}
+			welcomed = true
+		case h.Type == MsgHeartbeat && welcomed:
+			if _, err := decodeHeartbeat(payload); err != nil {
+				return nil, err
+			}
+		case h.Type == MsgDiskHashes && welcomed && want >= 0:
+			if int64(len(list)+len(payload)) > want {
+				return nil, protoErr("disk hash list longer than the %d bytes of a %d-byte image in %d-byte blocks", want, hello.DiskSize, hello.DiskBlock)
+			}
+			list = append(list, payload...)
+		default:
+			return nil, protoErr("backup answered hello with %v", h.Type)
+		}
+		if welcomed && int64(len(list)) == want {
+			hs, block, err := diskmirror.DecodeHashes(bytes.NewReader(list), hello.DiskSize)
+			if err == nil && block != p.cfg.DiskBlock {
+				err = fmt.Errorf("blocks of %d bytes, asked for %d", block, p.cfg.DiskBlock)
+			}
+			if err != nil {
+				return nil, protoErr("disk hash list: %v", err)
+			}
+			return hs, nil
+		}
+		if welcomed && want < 0 {
+			return nil, nil
+		}
 	}
 }
 
@@ -424,7 +516,7 @@ func (p *Primary) discardGates(n uint64) {
 	if p.released {
 		return
 	}
-	for _, g := range p.cfg.Gates {
+	for _, g := range p.gates {
 		if err := g.Discard(n); err != nil {
 			p.cfg.Log.Error("discard output", "after-epoch", n, "err", err)
 		}
@@ -438,7 +530,7 @@ func (p *Primary) releaseGates() {
 		return
 	}
 	p.released = true
-	for _, g := range p.cfg.Gates {
+	for _, g := range p.gates {
 		if err := g.Release(); err != nil {
 			p.cfg.Log.Error("release output gate", "err", err)
 		}
@@ -497,16 +589,16 @@ func (p *Primary) finish() error {
 	return nil
 }
 
-// gateCall calls f (an Open or a Commit) on every gate, in order, unless
-// they were released. Opens and Commits share gmu: the Open in a pause does
-// not wait for a Commit that is releasing an earlier epoch's output.
-func (p *Primary) gateCall(f func(OutputGate) error) error {
+// gateCall calls f (an Open or a Commit) on every gate of gates, in order,
+// unless they were released. Opens and Commits share gmu: the Open in a pause
+// does not wait for a Commit that is releasing an earlier epoch's output.
+func (p *Primary) gateCall(gates []OutputGate, f func(OutputGate) error) error {
 	p.gmu.RLock()
 	defer p.gmu.RUnlock()
 	if p.released {
 		return nil
 	}
-	for _, g := range p.cfg.Gates {
+	for _, g := range gates {
 		if err := f(g); err != nil {
 			return fmt.Errorf("output gate: %w", err)
 		}
@@ -579,7 +671,7 @@ func (p *Primary) acked(n, digest uint64) error {
 	st.AckLatency = now.Sub(st.Start.Add(st.Pause + st.Transfer))
 	p.lastAcked.Store(n)
 	p.protected.Store(true) // Protected also checks the link
-	if err := p.gateCall(func(g OutputGate) error { return g.Commit(n) }); err != nil {
+	if err := p.gateCall(p.gates, func(g OutputGate) error { return g.Commit(n) }); err != nil {
 		return err
 	}
 	if p.cfg.OnEpoch != nil {
@@ -610,8 +702,75 @@ func (p *Primary) heartbeatLoop() {
 // initialSync copies all of memory while the guest runs, then pre-copy
 // rounds of what it dirtied meanwhile, until the dirty set is small or stops
 // shrinking. The pages dirty after the last round stay in p.set for the first
-// checkpoint.
-func (p *Primary) initialSync(ctx context.Context) error {
+// checkpoint. With a disk, the disk's sync comes first (the bulk of it) and
+// last (the blocks written while memory was copied), so that its residual is
+// what the guest writes during one short round.
+func (p *Primary) initialSync(ctx context.Context, remote []diskmirror.Hash) error {
+	if p.cfg.Disk != nil {
+		if err := p.diskSync(ctx, "precopy", func(send func([]byte) error) (diskmirror.SyncStats, error) {
+			return p.cfg.Disk.Precopy(remote, p.cfg.DiskBlock, p.cfg.DiskSync, send)
+		}); err != nil {
+			return err
+		}
+	}
+	if err := p.memorySync(ctx); err != nil {
+		return err
+	}
+	if p.cfg.Disk != nil {
+		return p.diskSync(ctx, "catch-up", func(send func([]byte) error) (diskmirror.SyncStats, error) {
+			return p.cfg.Disk.CatchUp(p.cfg.DiskBlock, p.cfg.DiskSync, send)
+		})
+	}
+	return nil
+}
+
+// diskSync runs one phase of the disk sync, sending its streams as disk-sync
+// messages of epoch 0 (between pre-copy rounds: the sender is idle), and
+// reports it.
+func (p *Primary) diskSync(ctx context.Context, phase string, run func(send func([]byte) error) (diskmirror.SyncStats, error)) error {
+	t0 := time.Now()
+	var wire uint64
+	st, err := run(func(stream []byte) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if p.isLost() {
+			return p.lostErr
+		}
+		msg := encodeMsg(nil, MsgDiskSync, 0, stream)
+		wire += uint64(len(msg))
+		return p.writeMsg(msg, false)
+	})
+	if err == nil {
+		err = p.flush()
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if p.isLost() {
+			return p.lostErr
+		}
+		return fmt.Errorf("disk sync (%s): %w", phase, err)
+	}
+	if p.cfg.OnDiskSync != nil {
+		p.cfg.OnDiskSync(DiskSyncProgress{Phase: phase, SyncStats: st, WireBytes: wire, Took: time.Since(t0)})
+	}
+	return nil
+}
+
+// flush sends what writeMsg buffered.
+func (p *Primary) flush() error {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	if err := p.bw.Flush(); err != nil {
+		return &linkError{err}
+	}
+	return nil
+}
+
+// memorySync is the memory part of initialSync.
+func (p *Primary) memorySync(ctx context.Context) error {
 	start := time.Now()
 	var all []uint64
 	for _, r := range p.lay.regions {
@@ -777,6 +936,16 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		st.Audit, t = lap(t)
 	}
 	p.hook(HookPause, epoch)
+	// Open the next epoch before the pages are staged: an oversized epoch is
+	// sent during the pause, and its disk writes can be taken only once the
+	// next epoch is open. The vCPUs and devices are stopped, so no output
+	// falls between.
+	if err := p.gateCall(p.gates, func(g OutputGate) error { return g.Open(epoch + 1) }); err != nil {
+		<-p.inflight
+		return err
+	}
+	st.Gates, t = lap(t)
+	audited := job.auditCRCs != nil // read before the sender owns the job
 	n := uint64(len(job.gpas))
 	if n <= p.stage.size {
 		// Wait, paused, for room: the link is slower than the guest dirties.
@@ -811,13 +980,6 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	}
 	st.DirtyPages = int(n)
 	st.Copy, t = lap(t)
-	if err := p.gateCall(func(g OutputGate) error { return g.Open(epoch + 1) }); err != nil {
-		if !job.live {
-			p.jobs <- job // the sender owns the staging and the token now
-		}
-		return err
-	}
-	st.Gates, t = lap(t)
 	paused = false
 	if err := vm.Resume(); err != nil {
 		return vmFailure{fmt.Errorf("resume VM: %w", err)}
@@ -827,7 +989,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	if !job.live {
 		p.jobs <- job
 	}
-	if job.auditCRCs != nil {
+	if audited {
 		p.spareAuditTable() // for the next audit's pause, allocated outside this one
 	}
 	return nil
@@ -949,6 +1111,13 @@ func (p *Primary) send(job *epochJob) error {
 		if nb == 0 {
 			p.hook(HookSend, job.epoch) // no pages: half sent is nothing sent
 		}
+		if p.cfg.Disk != nil {
+			n, err := p.sendDisk(job.epoch, st, &crc)
+			wire += n
+			if err != nil {
+				return err
+			}
+		}
 		msg := encodeMsg(nil, MsgState, hdrEpoch, job.state)
 		if err := p.writeMsg(msg, false); err != nil {
 			return fmt.Errorf("send epoch %d state: %w", hdrEpoch, err)
@@ -984,6 +1153,64 @@ func (p *Primary) send(job *epochJob) error {
 		p.hook(HookSent, job.epoch)
 	}
 	return nil
+}
+
+// sendDisk sends checkpoint n's disk part, between its pages and its state,
+// covered by the epoch's checksum: for the first checkpoint the disk sync's
+// residual (the blocks still dirty at its pause, as they were then), for the
+// others the writes of the epoch (diskmirror's epoch stream, in pieces). It
+// returns the bytes it put on the wire.
+func (p *Primary) sendDisk(n uint64, st *EpochStats, crc *uint32) (uint64, error) {
+	var wire uint64
+	send := func(t MsgType, payload []byte) error {
+		msg := encodeMsg(nil, t, n, payload)
+		if err := p.writeMsg(msg, false); err != nil {
+			return err
+		}
+		*crc = crc32.Update(*crc, castagnoli, msg)
+		wire += uint64(len(msg))
+		return nil
+	}
+	if n == 1 {
+		t0 := time.Now()
+		rs, err := p.cfg.Disk.SendResidual(p.cfg.DiskSync.Batch, func(stream []byte) error { return send(MsgDiskSync, stream) })
+		if err != nil {
+			return wire, fmt.Errorf("send epoch 1's disk residual: %w", err)
+		}
+		st.DiskWrites, st.DiskBytes, st.DiskWireBytes = rs.Sent, uint64(rs.Bytes), wire
+		if p.cfg.OnDiskSync != nil {
+			p.cfg.OnDiskSync(DiskSyncProgress{Phase: "residual", SyncStats: rs, WireBytes: wire, Took: time.Since(t0)})
+		}
+		return wire, nil
+	}
+	r, sum, err := p.cfg.Disk.Epoch(n)
+	if err != nil {
+		return 0, fmt.Errorf("epoch %d's disk writes: %w", n, err)
+	}
+	if p.diskBuf == nil {
+		p.diskBuf = make([]byte, diskChunk)
+	}
+	var total int64
+	for {
+		k, rerr := io.ReadFull(r, p.diskBuf)
+		total += int64(k)
+		if k > 0 {
+			if err := send(MsgDisk, p.diskBuf[:k]); err != nil {
+				return wire, err
+			}
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			return wire, fmt.Errorf("read epoch %d's disk writes: %w", n, rerr)
+		}
+	}
+	if total != sum.Encoded {
+		return wire, fmt.Errorf("epoch %d's disk writes: read %d bytes of a %d-byte stream", n, total, sum.Encoded)
+	}
+	st.DiskWrites, st.DiskBytes, st.DiskWireBytes = sum.Writes, uint64(sum.Bytes), wire
+	return wire, nil
 }
 
 // auditTable returns a page CRC table for an audit, reusing one a sent epoch

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/replicate"
 )
 
@@ -72,28 +73,56 @@ type streamResult struct {
 	failover   *replicate.Failover
 	backup     *replicate.Backup
 	acked      map[uint64]uint64 // epoch → digest, as the primary recorded them
+	counts     map[uint64]uint64 // epoch → the toy's count at its pause (acknowledged or not)
+	diskSync   []replicate.DiskSyncProgress
+}
+
+// through configures replicateThrough beyond the mangler.
+type through struct {
+	expect *replicate.Shape
+	// disk and backupDisk, when set, are the toy's disk (it writes a block
+	// per step through it) and the backup's image.
+	disk       *diskmirror.Mirror
+	backupDisk *os.File
+	diskBlock  int
 }
 
 // replicateThrough runs a toy primary and a backup with the proxy between
 // them until the backup's session ends.
 func replicateThrough(t *testing.T, m mangler, expect *replicate.Shape) streamResult {
 	t.Helper()
+	return replicateThroughWith(t, m, through{expect: expect})
+}
+
+func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
+	t.Helper()
 	vm := newToyVM(1 << 20)
+	vm.disk = o.disk
 	vm.start()
 	defer vm.close()
 
 	var res streamResult
 	var mu sync.Mutex
-	res.acked = map[uint64]uint64{}
-	b, err := replicate.NewBackup(replicate.BackupConfig{
+	res.acked, res.counts = map[uint64]uint64{}, map[uint64]uint64{}
+	bcfg := replicate.BackupConfig{
 		NewMemory: tempMemory,
 		Resume: func(cp *replicate.Checkpoint) error {
 			defer cp.Memory.Close()
-			return checkToyReplica(cp)
+			if err := checkToyReplica(cp); err != nil {
+				return err
+			}
+			if o.backupDisk != nil {
+				return checkToyDisk(binary.LittleEndian.Uint64(cp.State), o.backupDisk, o.disk.Size())
+			}
+			return nil
 		},
-		Expect: expect,
+		Expect: o.expect,
 		Log:    testLog(t),
-	})
+	}
+	if o.backupDisk != nil {
+		bcfg.Disk = o.backupDisk
+	}
+	b, err := replicate.NewBackup(bcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,9 +147,22 @@ func replicateThrough(t *testing.T, m mangler, expect *replicate.Shape) streamRe
 		t.Fatal(err)
 	}
 	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t),
+		Disk: o.disk, DiskBlock: o.diskBlock,
+		Hook: func(point string, epoch uint64) {
+			if point == replicate.HookPause { // the vCPU is stopped
+				mu.Lock()
+				res.counts[epoch] = vm.count
+				mu.Unlock()
+			}
+		},
 		OnEpoch: func(s *replicate.EpochStats) {
 			mu.Lock()
 			res.acked[s.Epoch] = s.Digest
+			mu.Unlock()
+		},
+		OnDiskSync: func(d replicate.DiskSyncProgress) {
+			mu.Lock()
+			res.diskSync = append(res.diskSync, d)
 			mu.Unlock()
 		}})
 	if err != nil {
@@ -471,10 +513,10 @@ func TestStreamCraftedContent(t *testing.T) {
 			errc := make(chan error, 1)
 			go func() { _, err := b.Handle(context.Background(), bc); errc <- err }()
 			c := &crafted{t: t, conn: pc}
-			hello := append([]byte("REPAGENT"), make([]byte, 48)...)
+			hello := append([]byte("REPAGENT"), make([]byte, 64)...) // no disk: 56..72 stay 0
 			le := binary.LittleEndian
-			le.PutUint32(hello[8:], 1)
-			le.PutUint32(hello[12:], 1)
+			le.PutUint32(hello[8:], 2)
+			le.PutUint32(hello[12:], 2)
 			le.PutUint32(hello[16:], 4096)
 			le.PutUint32(hello[20:], 1)
 			le.PutUint64(hello[24:], mem)

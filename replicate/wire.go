@@ -13,9 +13,11 @@ import (
 
 // Protocol versions. A backup accepts a primary whose version range
 // [MinVersion, Version] overlaps its own and speaks the highest common one.
+// Version 2 added the disk (hello's disk fields, the disk messages); a
+// version-1 peer is refused with a message naming both ranges.
 const (
-	Version    = 1
-	MinVersion = 1
+	Version    = 2
+	MinVersion = 2
 )
 
 // Wire limits, "to prevent DoS": a decoder refuses anything larger before it
@@ -46,20 +48,24 @@ func protoErr(format string, args ...any) error {
 type MsgType uint16
 
 const (
-	_            MsgType = iota
-	MsgHello             // P→B: magic, versions, VM shape, timing
-	MsgWelcome           // B→P: the version chosen
-	MsgReject            // either way: the session is refused or ended, with a reason
-	MsgPages             // P→B: a batch of pages of the epoch in the header
-	MsgState             // P→B: the machine state of the epoch in the header
-	MsgEnd               // P→B: end of epoch: page count, checksum, memory digest
-	MsgAck               // B→P: the epoch in the header is safe on the backup
-	MsgHeartbeat         // either way: still alive
-	MsgBye               // P→B: the primary stops on purpose; do not fail over
+	_             MsgType = iota
+	MsgHello              // P→B: magic, versions, VM shape, timing
+	MsgWelcome            // B→P: the version chosen
+	MsgReject             // either way: the session is refused or ended, with a reason
+	MsgPages              // P→B: a batch of pages of the epoch in the header
+	MsgState              // P→B: the machine state of the epoch in the header
+	MsgEnd                // P→B: end of epoch: page count, checksum, memory digest
+	MsgAck                // B→P: the epoch in the header is safe on the backup
+	MsgHeartbeat          // either way: still alive
+	MsgBye                // P→B: the primary stops on purpose; do not fail over
+	MsgDiskHashes         // B→P: part of the backup image's hash list, for the disk sync
+	MsgDiskSync           // P→B: a disk sync stream: blocks applied at once
+	MsgDisk               // P→B: part of the disk writes of the checkpoint epoch in the header
 	msgTypes
 )
 
-var msgNames = [...]string{"invalid", "hello", "welcome", "reject", "pages", "state", "end", "ack", "heartbeat", "bye"}
+var msgNames = [...]string{"invalid", "hello", "welcome", "reject", "pages", "state", "end", "ack", "heartbeat", "bye",
+	"disk-hashes", "disk-sync", "disk"}
 
 func (t MsgType) String() string {
 	if t < msgTypes {
@@ -187,17 +193,22 @@ func (s Shape) check() error {
 //	40  heartbeat  int64 ns (the primary's heartbeat period)
 //	48  nRegions   uint32
 //	52  vmmLen     uint32
-//	56  regions    nRegions × {slot uint32, pad uint32, gpa uint64, size uint64}
+//	56  diskSize   uint64 (bytes of the mirrored disk image; 0: no disk)
+//	64  diskBlock  uint32 (the disk sync's block size; 0 without a disk)
+//	68  pad        uint32
+//	72  regions    nRegions × {slot uint32, pad uint32, gpa uint64, size uint64}
 //	..  vmm        vmmLen bytes, UTF-8 (who the primary is, for messages)
 type Hello struct {
 	Version, MinVersion uint32
 	Shape               Shape
 	Interval            time.Duration
 	Heartbeat           time.Duration
+	DiskSize            int64
+	DiskBlock           uint32
 	VMM                 string
 }
 
-const helloFixed = 56
+const helloFixed = 72
 
 func appendHello(dst []byte, h Hello) []byte {
 	dst = append(dst, magic[:]...)
@@ -210,6 +221,9 @@ func appendHello(dst []byte, h Hello) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(h.Heartbeat))
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(h.Shape.Regions)))
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(h.VMM)))
+	dst = binary.LittleEndian.AppendUint64(dst, uint64(h.DiskSize))
+	dst = binary.LittleEndian.AppendUint32(dst, h.DiskBlock)
+	dst = binary.LittleEndian.AppendUint32(dst, 0)
 	for _, r := range h.Shape.Regions {
 		dst = binary.LittleEndian.AppendUint32(dst, r.Slot)
 		dst = binary.LittleEndian.AppendUint32(dst, 0)
@@ -245,6 +259,13 @@ func decodeHello(b []byte) (Hello, error) {
 	}
 	if want := helloFixed + int(n)*24 + int(vl); len(b) != want {
 		return Hello{}, protoErr("hello: %d bytes, want %d for %d regions", len(b), want, n)
+	}
+	h.DiskSize, h.DiskBlock = int64(le.Uint64(b[56:])), le.Uint32(b[64:])
+	if le.Uint32(b[68:]) != 0 {
+		return Hello{}, protoErr("hello: nonzero padding after the disk block size")
+	}
+	if h.DiskSize < 0 || (h.DiskSize == 0) != (h.DiskBlock == 0) {
+		return Hello{}, protoErr("hello: disk of %d bytes in %d-byte sync blocks (both 0 without a disk)", h.DiskSize, h.DiskBlock)
 	}
 	if h.MinVersion > h.Version {
 		return Hello{}, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
@@ -423,7 +444,8 @@ func checkPages(b []byte) (int, error) {
 //
 //	0  pages    uint64 (pages sent in the epoch)
 //	8  digest   uint64 (memory digest once the epoch is applied)
-//	16 checksum uint32 (CRC32C of every Pages and State message of the epoch, headers included, in order)
+//	16 checksum uint32 (CRC32C of every Pages, DiskSync, Disk and State message of a checkpoint, headers included, in order;
+//	                   of the Pages messages of a pre-copy round)
 //	20 kind     uint32 (1 pre-copy round, 2 checkpoint)
 //	24 round    uint32 (pre-copy round; 0 for a checkpoint)
 //	28 pad      uint32

@@ -78,6 +78,9 @@ const (
 	helloOffHeart    = 40
 	helloOffRegions  = 48
 	helloOffVMMLen   = 52
+	helloOffDiskSize = 56
+	helloOffDiskBlk  = 64
+	helloOffDiskPad  = 68
 )
 
 func pageOf(fill byte) []byte { return bytes.Repeat([]byte{fill}, PageSize) }
@@ -154,7 +157,11 @@ func FuzzDecodeHello(f *testing.F) {
 	// Nonzero padding in region 0.
 	f.Add(patched(valid, helloFixed+4, uint32(1)))
 	// Empty version range.
-	f.Add(patched(valid, helloOffMin, uint32(2)))
+	f.Add(patched(valid, helloOffMin, uint32(3)))
+	// A valid hello with a disk; a disk without a block size; nonzero padding.
+	f.Add(helloWith(func(h *Hello) { h.DiskSize, h.DiskBlock = 64<<20, 1<<20 }))
+	f.Add(patched(valid, helloOffDiskSize, uint64(4096)))
+	f.Add(patched(valid, helloOffDiskPad, uint32(9)))
 	// Zero interval; negative heartbeat.
 	f.Add(patched(valid, helloOffInterval, uint64(0)))
 	f.Add(patched(valid, helloOffHeart, uint64(1<<63)))
@@ -183,7 +190,8 @@ func FuzzDecodeHello(f *testing.F) {
 		if err := h.Shape.check(); err != nil {
 			t.Fatalf("decoded an invalid shape: %v", err)
 		}
-		if h.MinVersion > h.Version || h.Interval <= 0 || h.Heartbeat <= 0 || !utf8.ValidString(h.VMM) {
+		if h.MinVersion > h.Version || h.Interval <= 0 || h.Heartbeat <= 0 || !utf8.ValidString(h.VMM) ||
+			h.DiskSize < 0 || (h.DiskSize == 0) != (h.DiskBlock == 0) {
 			t.Fatalf("decoded an invalid hello: %+v", h)
 		}
 		if got := appendHello(nil, h); !bytes.Equal(got, b) {
@@ -222,17 +230,21 @@ func TestDecodeHelloRejects(t *testing.T) {
 		in      []byte
 		wantErr string
 	}{
-		{"empty", nil, "0 bytes, want at least 56"},
-		{"short", valid[:helloFixed-1], "want at least 56"},
+		{"empty", nil, "0 bytes, want at least 72"},
+		{"short", valid[:helloFixed-1], "want at least 72"},
 		{"wrong magic", patched(valid, 0, []byte("REPAGENX")), "bad magic"},
 		{"page size 8192", patched(valid, helloOffPageSize, uint32(8192)), "page size 8192, want 4096"},
 		{"page size 0", patched(valid, helloOffPageSize, uint32(0)), "page size 0"},
 		{"zero regions", helloWith(manyRegions(0)), "0 memory regions"},
 		{"too many regions", helloWith(manyRegions(MaxRegions + 1)), "65 memory regions (want 1 to 64)"},
 		{"VMM name too long", helloWith(func(h *Hello) { h.VMM = strings.Repeat("v", maxVMM+1) }), "VMM name of 257 bytes"},
-		{"truncated", valid[:len(valid)-1], "113 bytes, want 114 for 2 regions"},
-		{"trailing byte", append(bytes.Clone(valid), 0), "115 bytes, want 114 for 2 regions"},
-		{"min > max version", patched(valid, helloOffMin, uint32(3)), "version range 3..1 is empty"},
+		{"truncated", valid[:len(valid)-1], "129 bytes, want 130 for 2 regions"},
+		{"trailing byte", append(bytes.Clone(valid), 0), "131 bytes, want 130 for 2 regions"},
+		{"min > max version", patched(valid, helloOffMin, uint32(3)), "version range 3..2 is empty"},
+		{"disk without block size", patched(valid, helloOffDiskSize, uint64(1<<20)), "disk of 1048576 bytes in 0-byte sync blocks"},
+		{"block size without disk", patched(valid, helloOffDiskBlk, uint32(4096)), "disk of 0 bytes in 4096-byte sync blocks"},
+		{"negative disk size", patched(patched(valid, helloOffDiskSize, uint64(1<<63)), helloOffDiskBlk, uint32(4096)), "disk of -9223372036854775808 bytes"},
+		{"disk padding", patched(valid, helloOffDiskPad, uint32(1)), "nonzero padding after the disk block size"},
 		{"zero interval", helloWith(func(h *Hello) { h.Interval = 0 }), "interval 0s"},
 		{"negative interval", helloWith(func(h *Hello) { h.Interval = -time.Second }), "out of range"},
 		{"zero heartbeat", helloWith(func(h *Hello) { h.Heartbeat = 0 }), "heartbeat 0s (want 1ms to 10s) out of range"},
@@ -275,10 +287,11 @@ func TestHelloNegotiate(t *testing.T) {
 		want    uint32
 		wantErr string
 	}{
-		{"exactly ours", 1, 1, 1, ""},
-		{"newer primary that still speaks 1", 1, 5, 1, ""},
-		{"primary claiming version 0 too", 0, 1, 1, ""},
-		{"only newer versions", 2, 3, 0, "primary speaks 2..3, this backup 1..1"},
+		{"exactly ours", 2, 2, 2, ""},
+		{"newer primary that still speaks 2", 1, 5, 2, ""},
+		{"primary claiming version 0 too", 0, 2, 2, ""},
+		{"only newer versions", 3, 4, 0, "primary speaks 3..4, this backup 2..2"},
+		{"only version 1 (no disk)", 1, 1, 0, "primary speaks 1..1, this backup 2..2"},
 		{"only version 0", 0, 0, 0, "primary speaks 0..0"},
 	}
 	for _, tt := range tests {
@@ -346,8 +359,9 @@ func TestDecodeWelcomeRejects(t *testing.T) {
 		{"empty", nil, "welcome: 0 bytes, want 8"},
 		{"long", make([]byte, 9), "welcome: 9 bytes, want 8"},
 		{"version 0", appendWelcome(nil, 0), "backup chose version 0"},
-		{"version too new", appendWelcome(nil, 2), "backup chose version 2"},
-		{"padding", patched(appendWelcome(nil, 1), 4, uint32(1)), "nonzero padding"},
+		{"version too old", appendWelcome(nil, 1), "backup chose version 1, this primary speaks 2..2"},
+		{"version too new", appendWelcome(nil, 3), "backup chose version 3"},
+		{"padding", patched(appendWelcome(nil, Version), 4, uint32(1)), "nonzero padding"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -823,7 +837,7 @@ func TestParseHeaderRejects(t *testing.T) {
 		wantErr string
 	}{
 		{"type 0", headerBytes(Header{Type: 0, Length: 8}), "unknown message type 0"},
-		{"type msgTypes", headerBytes(Header{Type: msgTypes}), "unknown message type 10"},
+		{"type msgTypes", headerBytes(Header{Type: msgTypes}), "unknown message type 13"},
 		{"type 0xffff", headerBytes(Header{Type: 0xffff}), "unknown message type 65535"},
 		{"nonzero flags", headerBytes(Header{Type: MsgPages, Flags: 1}), "pages message with unknown flags 0x1"},
 		{"length > MaxPayload", headerBytes(Header{Type: MsgState, Length: MaxPayload + 1}), "state message of 8388609 bytes exceeds the 8388608-byte limit"},
