@@ -85,7 +85,7 @@ type Failover struct {
 	Verified bool          // the replica was digested and matched
 	Disk     bool          // the disk image was brought to the checkpoint's epoch
 	Cause    error         // why the primary was deemed lost
-	Verify   time.Duration // digesting the replica
+	Verify   time.Duration // digesting the replica, and bringing the disk to its epoch
 	Restore  time.Duration // the Resume call
 	Took     time.Duration // from detecting the loss to Resume returning
 }
@@ -452,6 +452,9 @@ func (s *session) newDisk(hello Hello) (*diskmirror.Replica, error) {
 		return nil, protoErr("the primary mirrors a disk of %d bytes, and this backup has no disk image (BackupConfig.Disk)", hello.DiskSize)
 	case hello.DiskSize == 0:
 		return nil, protoErr("this backup has a disk image, and the primary mirrors no disk (Config.Disk)")
+	case diskmirror.HashListSize(hello.DiskSize, int(hello.DiskBlock)) < 0:
+		return nil, protoErr("disk of %d bytes in %d-byte sync blocks: want blocks of a power of two from %d to %d, at most %d of them",
+			hello.DiskSize, hello.DiskBlock, diskmirror.MinBlockSize, diskmirror.MaxBlockSize, diskmirror.MaxBlocks)
 	}
 	cfg := s.b.cfg.DiskConfig
 	cfg.FirstEpoch = 2 // the first checkpoint carries the sync's residual, not writes
@@ -466,13 +469,13 @@ func (s *session) newDisk(hello Hello) (*diskmirror.Replica, error) {
 // pieces. Heartbeats go out meanwhile.
 func (s *session) sendHashes(disk *diskmirror.Replica, block int) error {
 	t0 := time.Now()
-	hs, err := disk.Hashes(block)
+	hs, err := disk.Hashes(block) // the block size was checked at hello: an error here is the image's
 	if err != nil {
-		return s.reject(protoErr("hash the backup disk image: %v", err))
+		return s.reject(fmt.Errorf("hash the backup disk image: %w", err))
 	}
 	var buf bytes.Buffer
 	if err := diskmirror.EncodeHashes(&buf, hs, disk.Size(), block); err != nil {
-		return s.reject(protoErr("disk hash list: %v", err))
+		return s.reject(fmt.Errorf("disk hash list: %w", err))
 	}
 	for b := buf.Bytes(); len(b) > 0; {
 		k := min(len(b), diskChunk)

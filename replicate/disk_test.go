@@ -83,8 +83,14 @@ func toyDisk(t *testing.T) (*diskmirror.Mirror, *os.File) {
 // withDisk replicates the toy with a disk through m.
 func withDisk(t *testing.T, m mangler) (streamResult, *os.File) {
 	t.Helper()
+	return withDiskStaging(t, m, 0)
+}
+
+// withDiskStaging is withDisk with staging of the given size (0: default).
+func withDiskStaging(t *testing.T, m mangler, staging uint64) (streamResult, *os.File) {
+	t.Helper()
 	mirror, bimg := toyDisk(t)
-	return replicateThroughWith(t, m, through{disk: mirror, backupDisk: bimg, diskBlock: toyDiskBlock}), bimg
+	return replicateThroughWith(t, m, through{disk: mirror, backupDisk: bimg, diskBlock: toyDiskBlock, staging: staging}), bimg
 }
 
 // checkDiskKept checks that the backup image is what the count of checkpoint
@@ -153,23 +159,44 @@ func TestDiskEveryEpochConsistent(t *testing.T) {
 	}
 }
 
-// recrc recomputes the engine's checksum of badEpoch over the frames m
-// sends, so that what reaches the backup passes the engine's check and only
-// diskmirror's own checks (or the disk rules) can catch the fault.
+// Oversized epochs are sent during their pause (stop-and-copy), before the
+// pause ends: their disk streams must still be whole and in their epochs.
+func TestDiskOversizeEpochs(t *testing.T) {
+	r, img := withDiskStaging(t, func(f frame) ([]frame, bool) {
+		if f.epoch() == 8 && f.typ() != 8 {
+			return nil, true
+		}
+		return []frame{f}, false
+	}, 64*replicate.PageSize)
+	if r.backupErr != nil {
+		t.Fatalf("backup: %v, want a failover", r.backupErr)
+	}
+	if r.oversize == 0 {
+		t.Fatal("no epoch was oversized: the test proved nothing")
+	}
+	if r.failover.Epoch != 7 {
+		t.Fatalf("failover to epoch %d, want 7", r.failover.Epoch)
+	}
+	checkDiskKept(t, r, img, 7)
+}
+
+// recrc recomputes the engine's checksum of every checkpoint over the frames
+// m sends, so that what reaches the backup passes the engine's check and
+// only diskmirror's own checks (or the disk rules) can catch the fault.
 func recrc(m mangler) mangler {
-	var crc uint32
+	crcs := map[uint64]uint32{}
 	return func(f frame) ([]frame, bool) {
 		out, cut := m(f)
 		for i, o := range out {
-			if o.epoch() != badEpoch {
+			if o.epoch() == 0 { // pre-copy rounds and heartbeats
 				continue
 			}
 			switch o.typ() {
 			case tPages, tState, tDiskSync, tDisk:
-				crc = crc32.Update(crc, castagnoli, o.bytes())
+				crcs[o.epoch()] = crc32.Update(crcs[o.epoch()], castagnoli, o.bytes())
 			case tEnd:
 				o.payload = append([]byte(nil), o.payload...)
-				binary.LittleEndian.PutUint32(o.payload[16:], crc)
+				binary.LittleEndian.PutUint32(o.payload[16:], crcs[o.epoch()])
 				out[i] = o
 			}
 		}
@@ -238,18 +265,27 @@ func replaceDisk(mk func() []frame) mangler {
 func TestDiskStreamRejected(t *testing.T) {
 	block := func(v byte) []byte { return bytes.Repeat([]byte{v}, toyBlockSize) }
 	var stateHeld *frame
+	var bad uint64           // the epoch a case made bad; 0 means badEpoch
+	var seen map[uint64]bool // epochs whose first disk message went by
 	tests := []struct {
 		name    string
 		m       mangler
 		wantErr string
 	}{
-		{"corrupted write record", onEpoch(func(f frame) ([]frame, bool) {
-			if f.typ() == tDisk && binary.LittleEndian.Uint32(f.payload[32+4:]) > 0 {
+		{"corrupted write record", func(f frame) ([]frame, bool) {
+			// The first epoch from badEpoch on whose stream starts with a
+			// write (a slow toy may write nothing in an epoch).
+			if f.typ() != tDisk || seen[f.epoch()] {
+				return []frame{f}, false
+			}
+			seen[f.epoch()] = true
+			if bad == 0 && f.epoch() >= badEpoch && binary.LittleEndian.Uint16(f.payload[diskmirror.StreamHeaderSize:]) == 1 {
+				bad = f.epoch()
 				f.payload = append([]byte(nil), f.payload...)
-				f.payload[64] ^= 0x10 // the first record's first data byte
+				f.payload[diskmirror.StreamHeaderSize+diskmirror.RecordHeaderSize] ^= 0x10 // its first data byte
 			}
 			return []frame{f}, false
-		}), "data checksum"},
+		}, "data checksum"},
 		{"write beyond the end", replaceDisk(func() []frame {
 			return []frame{diskFrame(tDisk, epochStream(toyDiskSize, badEpoch,
 				diskmirror.Write{Offset: toyDiskSize - toyBlockSize/2, Data: block(7)}))}
@@ -259,7 +295,7 @@ func TestDiskStreamRejected(t *testing.T) {
 		}), "where epoch 5 is expected"},
 		{"another image size", replaceDisk(func() []frame {
 			return []frame{diskFrame(tDisk, epochStream(2*toyDiskSize, badEpoch, diskmirror.Write{Offset: 0, Data: block(7)}))}
-		}), "image"},
+		}), "image size mismatch: stream is for a 4194304-byte image"},
 		{"no disk stream", replaceDisk(func() []frame { return nil }), "has no disk writes"},
 		{"disk stream cut short", replaceDisk(func() []frame {
 			s := epochStream(toyDiskSize, badEpoch, diskmirror.Write{Offset: 0, Data: block(7)})
@@ -288,7 +324,7 @@ func TestDiskStreamRejected(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			stateHeld = nil
+			stateHeld, bad, seen = nil, 0, map[uint64]bool{}
 			r, img := withDisk(t, recrc(tt.m))
 			if !errors.Is(r.backupErr, replicate.ErrProtocol) || !strings.Contains(r.backupErr.Error(), tt.wantErr) {
 				t.Fatalf("backup: %v, want a protocol error naming %q", r.backupErr, tt.wantErr)
@@ -296,8 +332,11 @@ func TestDiskStreamRejected(t *testing.T) {
 			if !strings.Contains(r.primaryErr.Error(), tt.wantErr) {
 				t.Errorf("primary: %v, want the backup's reason", r.primaryErr)
 			}
-			checkKept(t, r, badEpoch-1)
-			checkDiskKept(t, r, img, badEpoch-1)
+			if bad == 0 {
+				bad = badEpoch
+			}
+			checkKept(t, r, bad-1)
+			checkDiskKept(t, r, img, bad-1)
 		})
 	}
 }

@@ -84,8 +84,8 @@
 // session:
 //
 //	primary                                   backup
-//	   |---- hello (v1..1, shape) -------------->|  check magic, version, shape
-//	   |<--- welcome (v1) -----------------------|  fresh replica memory
+//	   |---- hello (v2..2, shape) -------------->|  check magic, version, shape
+//	   |<--- welcome (v2) -----------------------|  fresh replica memory
 //	   |---- pages(0) ... end(0, round 0) ------>|  applied as they come: no
 //	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
 //	   |       (pause 1: harvest, save, stage)   |
@@ -108,7 +108,8 @@
 // checkpoint), exceeds a limit, repeats a page within an epoch, names a page
 // outside memory, or fails its checksum or digest is a protocol error
 // (ErrProtocol): the backup sends reject with the reason, ends the session,
-// and keeps its last good checkpoint; it never applies part of an epoch.
+// and keeps its last good checkpoint; it never applies part of an epoch
+// (save the disk sync's own streams, see "The disk").
 //
 // # The disk
 //
@@ -135,7 +136,10 @@
 // The disk's epochs are the engine's, but its first one opens at the first
 // pause (Open(2)): the writes before it belong to the sync, and the first
 // checkpoint carries the blocks the sync left dirty instead of writes. Sync
-// streams are applied when they arrive (there is no checkpoint yet to keep);
+// streams are applied when they arrive, each verified whole, those of the
+// first checkpoint too: the one exception to "never part of an epoch", and a
+// harmless one, since until the first checkpoint is complete there is
+// nothing to resume (ErrNoCheckpoint) and a new session syncs again;
 // every later checkpoint carries its epoch's whole disk stream before its
 // state, under the epoch's checksum, and the backup applies it (in the order
 // of the writes, then fsync) right after the memory of the same epoch, once

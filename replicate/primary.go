@@ -890,8 +890,8 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 	}
 }
 
-// checkpoint is one pause: stop the vCPUs, harvest, save, stage, open the
-// next epoch on the gates, resume. The epoch then goes to the sender.
+// checkpoint is one pause: stop the vCPUs, harvest, save, open the next
+// epoch on the gates, stage, resume. The epoch then goes to the sender.
 func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	vm := p.cfg.VM
 	ready := make(chan struct{})

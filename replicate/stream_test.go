@@ -75,6 +75,7 @@ type streamResult struct {
 	acked      map[uint64]uint64 // epoch → digest, as the primary recorded them
 	counts     map[uint64]uint64 // epoch → the toy's count at its pause (acknowledged or not)
 	diskSync   []replicate.DiskSyncProgress
+	oversize   int // epochs acknowledged that were sent during their pause
 }
 
 // through configures replicateThrough beyond the mangler.
@@ -85,6 +86,7 @@ type through struct {
 	disk       *diskmirror.Mirror
 	backupDisk *os.File
 	diskBlock  int
+	staging    uint64 // the primary's StagingBytes (0: default)
 }
 
 // replicateThrough runs a toy primary and a backup with the proxy between
@@ -147,7 +149,7 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 		t.Fatal(err)
 	}
 	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t),
-		Disk: o.disk, DiskBlock: o.diskBlock,
+		Disk: o.disk, DiskBlock: o.diskBlock, StagingBytes: o.staging,
 		Hook: func(point string, epoch uint64) {
 			if point == replicate.HookPause { // the vCPU is stopped
 				mu.Lock()
@@ -158,6 +160,9 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 		OnEpoch: func(s *replicate.EpochStats) {
 			mu.Lock()
 			res.acked[s.Epoch] = s.Digest
+			if s.Oversize {
+				res.oversize++
+			}
 			mu.Unlock()
 		},
 		OnDiskSync: func(d replicate.DiskSyncProgress) {

@@ -233,11 +233,17 @@ func appendHello(dst []byte, h Hello) []byte {
 	return append(dst, h.VMM...)
 }
 
-// decodeHello decodes a Hello payload. It checks the magic, the page size and
-// the shape; version negotiation is the caller's.
+// helloVersioned is the part of Hello every version shares: the magic and the
+// version range. The rest of the layout depends on the version.
+const helloVersioned = 16
+
+// decodeHello decodes a Hello payload. It checks the magic and the version
+// range first (so that a primary of another version hears about versions,
+// not about a layout it does not use), then the page size and the shape;
+// choosing the version is the caller's (negotiate).
 func decodeHello(b []byte) (Hello, error) {
 	var h Hello
-	if len(b) < helloFixed {
+	if len(b) < helloVersioned {
 		return Hello{}, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
 	}
 	if [8]byte(b[:8]) != magic {
@@ -245,6 +251,15 @@ func decodeHello(b []byte) (Hello, error) {
 	}
 	le := binary.LittleEndian
 	h.Version, h.MinVersion = le.Uint32(b[8:]), le.Uint32(b[12:])
+	if h.MinVersion > h.Version {
+		return Hello{}, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
+	}
+	if _, err := negotiate(h); err != nil {
+		return Hello{}, err
+	}
+	if len(b) < helloFixed {
+		return Hello{}, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
+	}
 	if ps := le.Uint32(b[16:]); ps != PageSize {
 		return Hello{}, protoErr("hello: page size %d, want %d", ps, PageSize)
 	}
@@ -266,9 +281,6 @@ func decodeHello(b []byte) (Hello, error) {
 	}
 	if h.DiskSize < 0 || (h.DiskSize == 0) != (h.DiskBlock == 0) {
 		return Hello{}, protoErr("hello: disk of %d bytes in %d-byte sync blocks (both 0 without a disk)", h.DiskSize, h.DiskBlock)
-	}
-	if h.MinVersion > h.Version {
-		return Hello{}, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
 	}
 	if h.Interval < MinInterval || h.Interval > MaxInterval || h.Heartbeat < time.Millisecond || h.Heartbeat > MaxInterval {
 		return Hello{}, protoErr("hello: interval %v (want %v to %v) or heartbeat %v (want 1ms to %v) out of range",

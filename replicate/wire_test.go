@@ -241,6 +241,10 @@ func TestDecodeHelloRejects(t *testing.T) {
 		{"truncated", valid[:len(valid)-1], "129 bytes, want 130 for 2 regions"},
 		{"trailing byte", append(bytes.Clone(valid), 0), "131 bytes, want 130 for 2 regions"},
 		{"min > max version", patched(valid, helloOffMin, uint32(3)), "version range 3..2 is empty"},
+		// Version 1's layout had no disk fields: a version-1 primary hears
+		// about versions, not about its hello's length.
+		{"a version-1 primary", patched(patched(append(bytes.Clone(valid[:helloOffDiskSize]), valid[helloFixed:]...),
+			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 2..2"},
 		{"disk without block size", patched(valid, helloOffDiskSize, uint64(1<<20)), "disk of 1048576 bytes in 0-byte sync blocks"},
 		{"block size without disk", patched(valid, helloOffDiskBlk, uint32(4096)), "disk of 0 bytes in 4096-byte sync blocks"},
 		{"negative disk size", patched(patched(valid, helloOffDiskSize, uint64(1<<63)), helloOffDiskBlk, uint32(4096)), "disk of -9223372036854775808 bytes"},
