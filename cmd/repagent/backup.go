@@ -19,6 +19,27 @@ package main
 // exact because the vCPUs have not run yet; DIGEST and HASH are 16 lower-case
 // hex digits (DIGEST as in the primary's --stats file, HASH as in its note).
 // verified=true means the replica's memory was digested and matched DIGEST.
+//
+// With --disk, between the failover line and the resumed lines, when the
+// guest runs the disk workload:
+//
+//	disk verified at epoch N: B blocks, W written, newest version V, guest writes G, batch in flight C completed P pending (X ms)
+//
+// the backup image checked, every block of the working set, against the
+// guest's own record of its disk in the checkpoint's memory
+// (testvm.VerifyDiskImage); if it does not match, the backup says "repagent
+// backup: resume epoch N: disk image FILE does not hold the disk of epoch N,
+// refusing to resume: verify disk: ..." on stderr, resumes nothing and exits
+// with 1. For other workloads, which keep no record, and with --skip-verify,
+// the line is "disk at epoch N: image FILE brought to the checkpoint (not
+// verified: WHY)". After the resumed lines, for the disk workload:
+//
+//	resumed disk writes=N reads=N flushes=N errors=N
+//
+// the guest's block writes, verified reads, flushes and errors at the
+// checkpoint; its progress lines then carry "verified reads N  errors N",
+// and the summary checks the image again after the guest ran on.
+//
 // Then, once the VM runs:
 //
 //	failover took X ms (verify Y ms, restore Z ms)
@@ -80,10 +101,14 @@ replica of its memory. When the primary is lost (its connection drops or it
 is silent for --heartbeat-timeout) after its first checkpoint, resume the VM
 from the last complete checkpoint, run it for --run-after-failover, then pause
 it and verify the guest. With --tap, the resumed guest's network device uses
-that tap, and a gratuitous ARP announces the guest's MAC and IP there. Exit code 0 when the primary stopped on purpose or the
-resumed guest verified, 1 when it did not or on a runtime error, 2 on a usage
-error, 3 when the primary was lost before its first checkpoint (nothing to
-resume).
+that tap, and a gratuitous ARP announces the guest's MAC and IP there. With
+--disk, the backup's disk image follows the primary's --disk checkpoint by
+checkpoint (an initial sync sends only the blocks that differ) and is the
+resumed guest's disk; a guest that runs the disk workload has it checked
+block by block against its own records before it resumes. Exit code 0 when
+the primary stopped on purpose or the resumed guest verified, 1 when it did
+not or on a runtime error, 2 on a usage error, 3 when the primary was lost
+before its first checkpoint (nothing to resume).
 
 Flags:
 `
@@ -102,6 +127,7 @@ type backupOptions struct {
 	skipVerify       bool
 	quiet            bool
 	tap              string
+	disk             string
 	fault            *fault
 }
 
@@ -115,6 +141,7 @@ type backupFlags struct {
 	skipVerify       bool
 	quiet            bool
 	tap              string
+	disk             string
 }
 
 func newBackupFlags() *backupFlags {
@@ -126,9 +153,10 @@ func newBackupFlags() *backupFlags {
 	fs.DurationVar(&f.heartbeatTimeout, "heartbeat-timeout", 0,
 		"silence from the primary that means it is lost (default 0: 5 of its intervals, at least 2s)")
 	fs.DurationVar(&f.runAfter, "run-after-failover", 0, "how long to run the resumed VM before verifying it (default 0: until Ctrl-C or SIGTERM)")
-	fs.BoolVar(&f.skipVerify, "skip-verify", false, "resume without digesting the replica first (faster failover, unchecked)")
+	fs.BoolVar(&f.skipVerify, "skip-verify", false, "resume without digesting the replica or checking the disk image first (faster failover, unchecked)")
 	fs.BoolVar(&f.quiet, "quiet", false, "print no per-second lines, and log only warnings")
 	fs.StringVar(&f.tap, "tap", "", "at failover, give the resumed guest's network device the tap called `name` (opened in this process's network namespace) and announce its MAC and IP there")
+	fs.StringVar(&f.disk, "disk", "", "the backup's disk image `file`, required when the primary has --disk and of the same size: kept equal to the primary's disk at the checkpoint held, it is the resumed guest's disk at failover (checked first against the guest's records when it runs the disk workload)")
 	return f
 }
 
@@ -141,7 +169,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 		return nil, err
 	}
 	o := &backupOptions{listen: f.listen, expectVCPUs: f.expectVCPUs, heartbeatTimeout: f.heartbeatTimeout,
-		runAfter: f.runAfter, skipVerify: f.skipVerify, quiet: f.quiet, tap: f.tap}
+		runAfter: f.runAfter, skipVerify: f.skipVerify, quiet: f.quiet, tap: f.tap, disk: f.disk}
 	if f.listen == "" {
 		return nil, usagef("--listen is required: the address to accept the primary on, e.g. --listen :7070")
 	}
@@ -172,6 +200,12 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 	}
 	if f.fs.Changed("tap") && (f.tap == "" || len(f.tap) >= 16 || strings.ContainsAny(f.tap, "/ \t\n:")) {
 		return nil, usagef("--tap %q: not a network interface name (1 to 15 bytes, no '/', ':' or spaces)", f.tap)
+	}
+	if f.fs.Changed("disk") {
+		// The primary's image has the same size, so the same checks hold.
+		if _, err := diskImageSize("--disk", f.disk); err != nil {
+			return nil, err
+		}
 	}
 	flt, err := parseFault(faultEnv, killPID, backupFaultPoints)
 	if err != nil {
@@ -279,12 +313,22 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		resumed *testvm.Machine
 		first   snapshot
 	)
-	var tap *os.File
+	var tap, disk *os.File
 	defer func() {
 		if tap != nil {
 			tap.Close() // after the machine: its deferred Close runs first
 		}
+		if disk != nil {
+			disk.Close()
+		}
 	}()
+	if o.disk != "" {
+		var err error
+		if disk, err = os.OpenFile(o.disk, os.O_RDWR, 0); err != nil {
+			return fmt.Errorf("open disk image: %w", err)
+		}
+		cfg.Disk = disk
+	}
 	cfg.Resume = func(cp *replicate.Checkpoint) error {
 		st, err := testvm.DecodeState(cp.State)
 		if err != nil {
@@ -299,15 +343,37 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		} else if st.Config.Net != nil {
 			log.Warn("the guest has a network device but no --tap was given: it resumes with its cable unplugged")
 		}
-		m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{Console: stderr, Tap: tap})
+		opts := testvm.RestoreOptions{Console: stderr, Tap: tap}
+		var diskLine string
+		if st.Config.Disk != nil {
+			// The engine refuses a primary with a disk unless this backup
+			// has one: the image now holds the checkpoint's disk.
+			if disk == nil {
+				cp.Memory.Close()
+				return errors.New("the guest has a block device and this backup no --disk")
+			}
+			if diskLine, err = o.checkDisk(cp, st.Config, disk); err != nil {
+				cp.Memory.Close()
+				return err
+			}
+			opts.DiskIO = disk
+		}
+		m, err := testvm.Restore(cp.State, cp.Memory, opts)
 		if err != nil {
 			cp.Memory.Close() // Restore leaves it ours on error
 			return err
 		}
 		fmt.Fprintf(stdout, "failover: epoch=%d digest=%s verified=%s\n", cp.Epoch, replicate.FormatDigest(cp.Digest), strconv.FormatBool(!o.skipVerify))
+		if diskLine != "" {
+			fmt.Fprintln(stdout, diskLine)
+		}
 		for i := 0; i < m.NumVCPUs(); i++ {
 			st := m.Status(i)
 			fmt.Fprintf(stdout, "resumed vcpu=%d iterations=%d writes=%d counter=%d hash=%016x\n", i, st.Iterations, st.Writes, st.Counter, st.Hash)
+		}
+		if st.Config.Workload == testvm.Disk {
+			s := m.Status(0)
+			fmt.Fprintf(stdout, "resumed disk writes=%d reads=%d flushes=%d errors=%d\n", s.DiskWrites, s.DiskReads, s.DiskFlushes, s.DiskErrors)
 		}
 		first = totals(m)
 		if tap != nil {
@@ -396,6 +462,27 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 	}
 	fmt.Fprintln(stdout, "verification passed")
 	return nil
+}
+
+// checkDisk checks, before the guest of checkpoint cp (with config c)
+// resumes, that the disk image holds exactly the disk of the checkpoint: for
+// the disk workload, block by block against the guest's records in the
+// checkpoint's memory. It returns the line to print, or an error that stops
+// the failover.
+func (o *backupOptions) checkDisk(cp *replicate.Checkpoint, c testvm.Config, disk *os.File) (string, error) {
+	switch {
+	case o.skipVerify:
+		return fmt.Sprintf("disk at epoch %d: image %s brought to the checkpoint (not verified: --skip-verify)", cp.Epoch, o.disk), nil
+	case c.Workload != testvm.Disk:
+		return fmt.Sprintf("disk at epoch %d: image %s brought to the checkpoint (not verified: the %s workload keeps no record of its disk)",
+			cp.Epoch, o.disk, c.Workload), nil
+	}
+	t0 := time.Now()
+	line, err := verifyDiskLine(cp.Memory, disk)
+	if err != nil {
+		return "", fmt.Errorf("disk image %s does not hold the disk of epoch %d, refusing to resume: %w", o.disk, cp.Epoch, err)
+	}
+	return fmt.Sprintf("disk verified at epoch %d: %s (%s)", cp.Epoch, line, ms(time.Since(t0))), nil
 }
 
 // ms formats a duration in milliseconds with one decimal: "12.3 ms".

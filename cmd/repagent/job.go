@@ -1,12 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"sync"
 	"time"
 
 	"github.com/repagent/repagent/internal/netns"
@@ -42,6 +45,35 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		}()
 		o.repl.tap = l.tap
 	}
+	// The job's disk: a primary image the guest writes through the mirror,
+	// and a backup image the in-process backup keeps at the checkpoint it
+	// holds. The default workload (dirty) does not write its disk: testvm
+	// runs one workload per vCPU, and none but the disk workload uses the
+	// block device, so mixing page and block writes on one guest would take
+	// a change to testvm. The job still mirrors the idle disk (the sync, an
+	// empty disk stream every epoch, and at the end a check that the backup
+	// image equals the primary's); --workload disk makes the guest write it.
+	var disks *jobDisks
+	var bdisk *os.File
+	if o.disk {
+		if disks, err = newJobDisks(); err != nil {
+			return err
+		}
+		defer func() {
+			if cerr := disks.close(); cerr != nil && err == nil {
+				err = cerr
+			}
+		}()
+		o.repl.disk = disks.primary
+		if bdisk, err = openDisk(disks.backup, o.cfg.Disk.Blocks); err != nil {
+			return err
+		}
+		defer bdisk.Close() // after the backup's Close
+		if !o.repl.quiet {
+			fmt.Fprintf(stdout, "disk: %s, primary image %s, backup image %s (removed at exit)\n",
+				testvm.FormatSize(jobDiskSize), disks.primary, disks.backup)
+		}
+	}
 	r, err := newReplicator("repagent", o.repl, o.cfg, stdout, stderr, nil)
 	if err != nil {
 		return err
@@ -72,10 +104,15 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	if err != nil {
 		return fmt.Errorf("listen for the in-process backup: %w", err)
 	}
-	b, err := replicate.NewBackup(replicate.BackupConfig{
-		NewMemory: testvm.NewMemFile,
+	rmem := &replicaMemory{}
+	bcfg := replicate.BackupConfig{
+		NewMemory: rmem.new,
 		Resume: func(cp *replicate.Checkpoint) error {
-			m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
+			opts := testvm.RestoreOptions{}
+			if bdisk != nil {
+				opts.DiskIO = bdisk
+			}
+			m, err := testvm.Restore(cp.State, cp.Memory, opts)
 			if err != nil {
 				cp.Memory.Close()
 				return err
@@ -84,7 +121,11 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		},
 		HeartbeatTimeout: o.repl.heartbeatTimeout,
 		Log:              r.log.With("side", "backup"),
-	})
+	}
+	if bdisk != nil {
+		bcfg.Disk = bdisk
+	}
+	b, err := replicate.NewBackup(bcfg)
 	if err != nil {
 		ln.Close()
 		return err
@@ -130,8 +171,88 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	if err := checkBackup(stdout, b, br, r); err != nil {
 		return err
 	}
+	if bdisk != nil {
+		if err := checkBackupDisk(stdout, b, rmem.file(), bdisk, r); err != nil {
+			return err
+		}
+	}
 	fmt.Fprintln(stdout, "verification passed")
 	return nil
+}
+
+// replicaMemory is the in-process backup's NewMemory: it keeps the newest
+// replica's file, so that the job can check the backup's disk image against
+// the replica's memory once the session is over. The backup owns the file.
+type replicaMemory struct {
+	mu sync.Mutex
+	f  *os.File
+}
+
+func (rm *replicaMemory) new(size uint64) (*os.File, error) {
+	f, err := testvm.NewMemFile(size)
+	if err == nil {
+		rm.mu.Lock()
+		rm.f = f
+		rm.mu.Unlock()
+	}
+	return f, err
+}
+
+func (rm *replicaMemory) file() *os.File {
+	rm.mu.Lock()
+	defer rm.mu.Unlock()
+	return rm.f
+}
+
+// checkBackupDisk checks the in-process backup's disk image once the primary
+// stopped on purpose (checkBackup passed): for the disk workload, it must be
+// exactly the disk the guest's records in the replica's memory imply
+// (testvm.VerifyDiskImage, every block); for the others, which never write
+// their disk, it must equal the primary's image byte for byte.
+func checkBackupDisk(w io.Writer, b *replicate.Backup, mem *os.File, img *os.File, r *replicator) error {
+	epoch, _ := b.LastCheckpoint()
+	if epoch == 0 || mem == nil {
+		return nil // no checkpoint: checkBackup said so
+	}
+	if r.cfg.Workload == testvm.Disk {
+		line, err := verifyDiskLine(mem, img)
+		if err != nil {
+			fmt.Fprintf(w, "  backup: disk image at epoch %d NOT verified: %v\n", epoch, err)
+			return fmt.Errorf("backup: disk image does not match epoch %d: %w", epoch, err)
+		}
+		fmt.Fprintf(w, "  backup: disk image at epoch %d verified against the replica's records: %s\n", epoch, line)
+		return nil
+	}
+	same, err := sameImages(img, r.diskFile, r.mirror.Size())
+	if err != nil {
+		return fmt.Errorf("backup: compare disk images: %w", err)
+	}
+	if !same {
+		fmt.Fprintf(w, "  backup: disk image at epoch %d NOT verified: it differs from the primary's, and the %s workload does not write its disk\n", epoch, r.cfg.Workload)
+		return fmt.Errorf("backup: disk image differs from the primary's")
+	}
+	fmt.Fprintf(w, "  backup: disk image at epoch %d verified: equal to the primary's (%s; the %s workload does not write its disk)\n",
+		epoch, testvm.FormatSize(uint64(r.mirror.Size())), r.cfg.Workload)
+	return nil
+}
+
+// sameImages reports whether the first size bytes of a and b are equal.
+func sameImages(a, b io.ReaderAt, size int64) (bool, error) {
+	const chunk = 1 << 20
+	ba, bb := make([]byte, chunk), make([]byte, chunk)
+	for off := int64(0); off < size; off += chunk {
+		n := min(chunk, size-off)
+		if _, err := a.ReadAt(ba[:n], off); err != nil {
+			return false, err
+		}
+		if _, err := b.ReadAt(bb[:n], off); err != nil {
+			return false, err
+		}
+		if !bytes.Equal(ba[:n], bb[:n]) {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // startClient starts the job's client: a baseline of round trips before

@@ -135,14 +135,16 @@ const jobUsage = `Usage: repagent [flags]
        repagent <command> [flags]
 
 With no command, repagent runs the main job: a test VM (by default the dirty
-workload, 256MiB, 1 vCPU) replicated to a backup in the same process over
-loopback TCP. It prints one line per round of the initial sync, then a status
-line per second (epochs acknowledged per second, pause p50/p99, dirty pages per
-epoch, MB/s on the wire, compression ratio wire/raw, lag in epochs with the
-latest ack latency, the guest's own rate, and UNPROTECTED when the backup holds
-no current checkpoint), and at Ctrl-C or after --duration stops replication,
-prints a summary and verifies the guest's memory. Exit code 0 on success, 1 on
-a runtime error, 2 on a usage error.
+workload, 256MiB, 1 vCPU, and a 64MiB disk) replicated to a backup in the
+same process over loopback TCP. It prints one line per round of the initial
+sync (and per phase of the disk's), then a status line per second (epochs
+acknowledged per second, pause p50/p99, dirty pages per epoch, MB/s on the
+wire, compression ratio wire/raw, lag in epochs with the latest ack latency,
+the guest's own rate, the disk writes mirrored per second, and UNPROTECTED
+when the backup holds no current checkpoint), and at Ctrl-C or after
+--duration stops replication, prints a summary and verifies the guest's
+memory, its disk, and the backup's disk image. Only --workload disk writes
+the disk. Exit code 0 on success, 1 on a runtime error, 2 on a usage error.
 `
 
 // usage prints the program's usage: the main job, its flags and the commands.

@@ -59,6 +59,7 @@ type replOptions struct {
 	holdLimit        uint64
 	pcap             string
 	tap              string // the guest's tap (--tap), from the guest flags
+	disk             string // the guest's disk image (--disk, or the job's own), mirrored to the backup
 }
 
 // options checks the replication flags; any error is a usage error.
@@ -119,6 +120,7 @@ type jobOptions struct {
 	repl       replOptions
 	net        bool // build the job's own network and client
 	clientRate int  // the client's echo requests per second
+	disk       bool // make the job's own disk images and mirror the disk
 }
 
 // jobFlags is the main job's flag set: the guest and replication flags.
@@ -128,6 +130,7 @@ type jobFlags struct {
 	replFlags
 	noNet      bool
 	clientRate int
+	noDisk     bool
 }
 
 func newJobFlags() *jobFlags {
@@ -142,6 +145,8 @@ func newJobFlags() *jobFlags {
 func (f *jobFlags) registerJob() {
 	f.fs.BoolVar(&f.noNet, "no-net", false, "do not build the job's own network (namespaces, bridge, tap, client): no output commit")
 	f.fs.IntVar(&f.clientRate, "client-rate", 200, "the job's client: UDP echo requests per second to the guest")
+	f.fs.BoolVar(&f.noDisk, "no-disk", false, fmt.Sprintf("do not give the guest a block device: by default it has a %s disk whose writes are mirrored to the backup (temporary primary and backup images, removed at exit; --workload disk writes it)",
+		testvm.FormatSize(jobDiskSize)))
 }
 
 // parseJobArgs parses and checks the main job's arguments. It returns
@@ -164,6 +169,12 @@ func parseJobArgs(args []string) (*jobOptions, error) {
 	if !f.noNet && (wl == testvm.UDPStream || f.service == "udp-stream") {
 		return nil, usagef("the main job's client speaks udp-echo; run udp-stream with `repagent primary --tap` and a client of your own")
 	}
+	if f.noDisk && wl == testvm.Disk {
+		return nil, usagef("--no-disk: the disk workload needs the job's disk")
+	}
+	if !f.noDisk {
+		f.diskBlocks = jobDiskSize / testvm.DiskBlockSize
+	}
 	cfg, repl, err := f.configs()
 	if err != nil {
 		return nil, err
@@ -174,7 +185,7 @@ func parseJobArgs(args []string) (*jobOptions, error) {
 	if f.noNet && cfg.Net != nil {
 		return nil, usagef("--no-net: the guest's network workload or service needs the job's network")
 	}
-	return &jobOptions{cfg: cfg, repl: repl, net: !f.noNet, clientRate: f.clientRate}, nil
+	return &jobOptions{cfg: cfg, repl: repl, net: !f.noNet, clientRate: f.clientRate, disk: !f.noDisk}, nil
 }
 
 // configs checks the guest and replication flags, once parsed.
@@ -184,7 +195,7 @@ func (f *jobFlags) configs() (testvm.Config, replOptions, error) {
 		return cfg, replOptions{}, err
 	}
 	repl, err := f.replFlags.options()
-	repl.tap = f.guestFlags.tap
+	repl.tap, repl.disk = f.guestFlags.tap, f.guestFlags.disk
 	return cfg, repl, err
 }
 
@@ -208,6 +219,7 @@ func newPrimaryFlags() *primaryFlags {
 	f.fs.StringVar(&f.backup, "backup", "", "the backup's `host:port` (repagent backup --listen); required")
 	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach the backup")
 	f.guestFlags.register(f.fs)
+	f.guestFlags.registerDisk(f.fs, "its writes are mirrored to the backup, whose --disk must be an image of the same size")
 	f.replFlags.register(f.fs)
 	return f
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 )
 
 const primaryUsage = `Usage: repagent primary --backup HOST:PORT [flags]
@@ -15,6 +16,13 @@ acknowledged by the backup. It prints the sync rounds, a status line per
 second (as the main job: see repagent --help) and, at Ctrl-C or after
 --duration, stops replication on purpose (the backup does not fail over),
 prints a summary and verifies the guest's memory.
+
+With --disk, the guest has a block device over that image, and its writes
+are mirrored: an initial sync (the blocks that differ from the backup's
+--disk image, while the guest runs; a line per phase), then each epoch's
+writes inside the epoch, applied by the backup with the epoch's memory. The
+status lines then show the disk writes mirrored per second, and the summary
+the sync and the totals.
 
 If the backup is lost, it says "backup lost: VM running UNPROTECTED" on
 stderr and keeps the guest running, its status lines marked UNPROTECTED, until
@@ -61,11 +69,24 @@ func (o *primaryOptions) run(ctx context.Context, stopSignals func(), stdout, st
 	lost, err := r.replicate(ctx, conn)
 	stopSignals()
 	if err != nil {
-		return err
+		return r.diskHint(err)
 	}
 	if err := r.finish(stdout, lost); err != nil {
 		return err
 	}
 	fmt.Fprintln(stdout, "verification passed")
 	return nil
+}
+
+// diskHint adds to a backup's refusal that is about the disk what the user
+// can do about it, in terms of flags: the engine names its own API.
+func (r *replicator) diskHint(err error) error {
+	msg := err.Error()
+	if !strings.Contains(msg, "backup refused the session") || !strings.Contains(msg, "disk") {
+		return err
+	}
+	if r.mirror != nil {
+		return fmt.Errorf("%w (this primary mirrors --disk %s, %d bytes: the backup needs --disk with an image of exactly that size)", err, r.o.disk, r.mirror.Size())
+	}
+	return fmt.Errorf("%w (this primary has no --disk: give it one, or drop the backup's --disk)", err)
 }

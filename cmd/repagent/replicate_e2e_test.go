@@ -29,7 +29,7 @@ import (
 // output must not fail on a loss the load caused.
 
 var (
-	statusLineRE = regexp.MustCompile(`(?m)^ +\d+\.\ds  [\d.]+ epochs/s  pause p50 \S+ p99 \S+  dirty \S+/epoch  wire \S+/s  ratio \S+  lag \d+ ack \S+  guest \S+ writes/s(  net held \S+/s rel \S+/s( DROPPED \S+/s)? hold p50 \S+ p99 \S+(  client rtt p50 \S+ p99 \S+)?)?$`)
+	statusLineRE = regexp.MustCompile(`(?m)^ +\d+\.\ds  [\d.]+ epochs/s  pause p50 \S+ p99 \S+  dirty \S+/epoch  wire \S+/s  ratio \S+  lag \d+ ack \S+  guest \S+ writes/s(  disk \S+ writes/s \S+/s)?(  net held \S+/s rel \S+/s( DROPPED \S+/s)? hold p50 \S+ p99 \S+(  client rtt p50 \S+ p99 \S+)?)?$`)
 	summaryRE    = regexp.MustCompile(`(?m)^  epochs: (\d+) acknowledged .*, last (\d+),`)
 	failoverRE   = regexp.MustCompile(`(?m)^failover: epoch=(\d+) digest=([0-9a-f]{16}) verified=(true|false)$`)
 	resumedRE    = regexp.MustCompile(`(?m)^resumed vcpu=(\d+) iterations=(\d+) writes=(\d+) counter=(\d+) hash=([0-9a-f]{16})$`)
@@ -94,7 +94,9 @@ func TestJobE2E(t *testing.T) {
 	}
 	for _, want := range []string{"sync round 0: 16384 pages", "replicated ", "  pause: p50 ", "  pause parts (mean): kick ",
 		"\nnetwork: guest 10.77.0.2 on rpa-tap0", "  output commit on rpa-tap0: held ", "  hold time (added latency): p50 ",
-		"  shipped: raw ", "  ack latency: p50 ", "  vcpu 0: pages verified: ", "  backup: replica at epoch ", "\nverification passed\n"} {
+		"  shipped: raw ", "  ack latency: p50 ", "  vcpu 0: pages verified: ", "  backup: replica at epoch ", "\nverification passed\n",
+		"\ndisk sync precopy: 64 blocks, 64 identical, 0 sent, ", "  disk mirrored: 0 writes, ",
+		"  backup: disk image at epoch ", "  disk 0 writes/s 0B/s"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/replicate"
@@ -68,6 +69,11 @@ type replicator struct {
 	first   snapshot    // the guest's counts when replication began
 	t0      time.Time
 
+	// The guest's disk, with a block device: its image (o.disk) and the
+	// Mirror the guest writes it through.
+	diskFile *os.File
+	mirror   *diskmirror.Mirror
+
 	mu        sync.Mutex // guards what follows: the engine reports from its goroutines
 	window    epochAgg   // acknowledged this second
 	total     epochAgg   // acknowledged this run
@@ -78,6 +84,7 @@ type replicator struct {
 	statsBuf  *bufio.Writer
 	statsErr  error
 	lastAcked *replicate.EpochStats
+	diskSync  []replicate.DiskSyncProgress // the disk sync's phases, in order
 }
 
 // syncAgg sums up the initial sync.
@@ -128,12 +135,25 @@ func recommend(cfg testvm.Config, interval time.Duration) (dirtylog.Mechanism, u
 	return mech, entries, nil
 }
 
+// diskBufPages is the pages of the block device's buffer area (512 KiB, see
+// testvm's doc), which the disk workload's writes and reads go through.
+const diskBufPages = 128
+
 // expectedDirty estimates the distinct pages cfg's guest dirties in one
 // interval: its working set at full speed, fewer at a set rate, and a few
-// (status and stack pages) for the idle and counter workloads.
+// (status and stack pages) for the idle and counter workloads. The disk
+// workload dirties the block device's buffers and ring and, at most, its
+// whole version table (8 bytes per block).
 func expectedDirty(cfg testvm.Config, interval time.Duration) uint64 {
 	vcpus := uint64(cfg.VCPUs)
 	fixed := 4 * vcpus
+	if cfg.Workload == testvm.Disk && cfg.Disk != nil {
+		ws := cfg.Disk.WorkingSet
+		if ws == 0 {
+			ws = cfg.Disk.Blocks
+		}
+		return fixed + diskBufPages + 2 + (ws*8+replicate.PageSize-1)/replicate.PageSize
+	}
 	if cfg.Workload != testvm.Dirty {
 		return fixed
 	}
@@ -189,6 +209,12 @@ func (r *replicator) start(ctx context.Context) error {
 		}
 		cfg.Tap = r.tap
 	}
+	if cfg.Disk != nil {
+		if err := r.openDisk(); err != nil {
+			return err
+		}
+		cfg.DiskIO = r.mirror
+	}
 	m, err := testvm.New(cfg)
 	if err != nil {
 		return err
@@ -212,11 +238,33 @@ func (r *replicator) start(ctx context.Context) error {
 	return nil
 }
 
+// openDisk opens the guest's disk image and the Mirror the guest writes it
+// through. A guest that runs the disk workload starts from an empty disk.
+func (r *replicator) openDisk() error {
+	f, err := openDisk(r.o.disk, r.cfg.Disk.Blocks)
+	if err != nil {
+		return err
+	}
+	r.diskFile = f
+	if r.cfg.Workload == testvm.Disk {
+		if err := eraseDisk(f, int64(r.cfg.Disk.Blocks*testvm.DiskBlockSize)); err != nil {
+			return err
+		}
+	}
+	if r.mirror, err = diskmirror.NewMirror(f, diskmirror.Config{}); err != nil {
+		return fmt.Errorf("disk mirror: %w", err)
+	}
+	return nil
+}
+
 // close closes the VM, the network and the stats file.
 func (r *replicator) close() error {
 	var err error
 	if r.m != nil {
 		err = r.m.Close()
+	}
+	if r.diskFile != nil {
+		r.diskFile.Close() // after the machine, which wrote it
 	}
 	if r.gate != nil {
 		err = errors.Join(err, r.gate.Close())
@@ -289,6 +337,9 @@ func (r *replicator) newPrimary() error {
 	if r.gate != nil {
 		cfg.Gates = []replicate.OutputGate{r.gate}
 	}
+	if r.mirror != nil {
+		cfg.Disk, cfg.OnDiskSync = r.mirror, r.onDiskSync
+	}
 	p, err := replicate.NewPrimary(cfg)
 	if err != nil {
 		return err
@@ -355,6 +406,41 @@ func (r *replicator) onSync(s replicate.SyncProgress) {
 		line += fmt.Sprintf("; synced in %v, first checkpoint follows", s.Elapsed.Round(time.Millisecond))
 	}
 	fmt.Fprintln(r.stdout, line)
+}
+
+// onDiskSync records a phase of the disk sync and prints it, e.g.
+//
+//	disk sync precopy: 64 blocks, 60 identical, 4 sent, 4.19MB (wire 4.19MB), 1 round, 12.3ms, 2 dirty
+//	disk sync catch-up: 2 sent, 2.10MB (wire 2.10MB), 1 round, 3.20ms, 1 dirty
+//	disk sync residual: 1 sent, 1.05MB (wire 1.05MB), 1 round, 1.10ms
+//
+// "dirty" is the blocks written meanwhile, left for the next phase.
+func (r *replicator) onDiskSync(s replicate.DiskSyncProgress) {
+	r.mu.Lock()
+	r.diskSync = append(r.diskSync, s)
+	r.mu.Unlock()
+	if !r.o.quiet {
+		fmt.Fprintln(r.stdout, diskSyncLine(s))
+	}
+}
+
+// diskSyncLine formats a phase of the disk sync.
+func diskSyncLine(s replicate.DiskSyncProgress) string {
+	rounds := "rounds"
+	if s.Rounds == 1 {
+		rounds = "round"
+	}
+	line := "disk sync " + s.Phase + ": "
+	if s.Blocks > 0 {
+		// The pre-copy compares the whole image with the backup's.
+		line += fmt.Sprintf("%d blocks, %d identical, ", s.Blocks, s.Identical)
+	}
+	line += fmt.Sprintf("%d sent, %s (wire %s), %d %s, %s",
+		s.Sent, bytesSI(float64(s.Bytes)), bytesSI(float64(s.WireBytes)), s.Rounds, rounds, dur(s.Took))
+	if s.Residual > 0 {
+		line += fmt.Sprintf(", %d dirty", s.Residual)
+	}
+	return line
 }
 
 // replicate runs the engine over conn until the duration is over or ctx
@@ -482,6 +568,9 @@ func (r *replicator) statusLine(now time.Time, secs, guestRate float64, lost boo
 		unprotected: lost || (r.lastAcked != nil && !r.p.Protected()),
 		net:         r.netSecond(secs),
 	}
+	if r.mirror != nil {
+		s.disk = &diskLine{writes: float64(w.diskWrites) / secs, bytes: float64(w.diskBytes) / secs}
+	}
 	sent, acked := r.p.LastSent(), r.p.LastAcked()
 	if sent > acked {
 		s.lag = sent - acked
@@ -505,15 +594,27 @@ type statusLine struct {
 	ack         time.Duration // the latest ack's latency
 	guest       float64       // the guest's operations per second
 	op          string        // what the guest's operations are
+	disk        *diskLine     // with a mirrored disk
 	net         *netLine      // with an output gate
 	unprotected bool
+}
+
+// diskLine is the disk part of a status line: the guest's disk writes the
+// acknowledged epochs mirrored (write records, and their data), per second.
+type diskLine struct {
+	writes, bytes float64
+}
+
+func (d *diskLine) String() string {
+	return fmt.Sprintf("  disk %s writes/s %s/s", si(d.writes), bytesSI(d.bytes))
 }
 
 // String formats the line, e.g.
 //
 //	"   3.0s  10.0 epochs/s  pause p50 1.23ms p99 2.34ms  dirty 5.12k/epoch  wire 23.4MB/s  ratio 0.412  lag 1 ack 1.20ms  guest 2.31M writes/s"
 //
-// with "  UNPROTECTED" at the end while the backup holds no current
+// then, with a mirrored disk, "  disk 12.3k writes/s 50.4MB/s", then the
+// network part (netLine) with an output gate, and "  UNPROTECTED" at the end while the backup holds no current
 // checkpoint. With no epoch in the second, the pause, dirty and ratio fields
 // are "-".
 func (s statusLine) String() string {
@@ -525,6 +626,9 @@ func (s statusLine) String() string {
 	}
 	line := fmt.Sprintf("%6.1fs  %.1f epochs/s  pause %s  dirty %s/epoch  wire %s/s  ratio %s  lag %d ack %s  guest %s %s/s",
 		s.elapsed.Seconds(), s.epochs, pause, dirty, bytesSI(s.wireRate), ratio, s.lag, dur(s.ack), si(s.guest), s.op)
+	if s.disk != nil {
+		line += s.disk.String()
+	}
 	if s.net != nil {
 		line += s.net.String()
 	}
@@ -576,10 +680,37 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 	if r.stats != nil {
 		fmt.Fprintf(w, "  stats: %d lines in %s\n", t.epochs, r.o.stats)
 	}
+	r.diskSummary(w, secs)
 	r.netSummary(w)
 	if lost != nil {
 		fmt.Fprintf(w, "  UNPROTECTED: the backup was lost after epoch %d: %v\n", r.p.LastAcked(), lostCause(lost))
 	}
+}
+
+// diskSummary prints the disk sync, phase by phase and in total, and the
+// writes the acknowledged epochs mirrored (secs: the seconds after the
+// initial sync). With r.mu held.
+func (r *replicator) diskSummary(w io.Writer, secs float64) {
+	if r.mirror == nil {
+		return
+	}
+	fmt.Fprintf(w, "  disk: %s image %s, mirrored to the backup's\n", testvm.FormatSize(uint64(r.mirror.Size())), r.o.disk)
+	var (
+		sent      int
+		data, enc uint64
+		took      time.Duration
+	)
+	for _, s := range r.diskSync {
+		fmt.Fprintln(w, "  "+diskSyncLine(s))
+		sent += s.Sent
+		data += uint64(s.Bytes)
+		enc += s.WireBytes
+		took += s.Took
+	}
+	fmt.Fprintf(w, "  disk sync total: %d phases, %d blocks sent, %s (wire %s), %s\n", len(r.diskSync), sent, bytesSI(float64(data)), bytesSI(float64(enc)), dur(took))
+	t := &r.total
+	fmt.Fprintf(w, "  disk mirrored: %d writes, %s (wire %s) in %d epochs, %s writes/s, %s/s\n", t.diskWrites, bytesSI(float64(t.diskBytes)),
+		bytesSI(float64(t.diskWire)), t.epochs, si(float64(t.diskWrites)/secs), bytesSI(float64(t.diskBytes)/secs))
 }
 
 // finish pauses the VM, prints the replication summary and the guest's, and

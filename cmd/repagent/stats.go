@@ -112,6 +112,10 @@ type epochAgg struct {
 	audited  uint64
 	first    uint64 // first epoch seen
 	last     *replicate.EpochStats
+
+	// The disk: write records mirrored (in epoch 1, the sync's residual
+	// blocks), their data, their messages on the wire.
+	diskWrites, diskBytes, diskWire uint64
 }
 
 // The parts of a pause, in EpochStats order.
@@ -150,6 +154,9 @@ func (a *epochAgg) add(s *replicate.EpochStats) {
 	if s.Audited {
 		a.audited++
 	}
+	a.diskWrites += uint64(s.DiskWrites)
+	a.diskBytes += s.DiskBytes
+	a.diskWire += s.DiskWireBytes
 	a.last = s
 }
 
@@ -171,13 +178,14 @@ func (a *epochAgg) meanDirty() float64 {
 	return float64(a.dirty) / float64(a.epochs)
 }
 
-// ratio is the compression ratio, wire bytes over raw bytes (1 with no raw
-// bytes).
+// ratio is the compression ratio of memory, wire bytes over raw bytes (1
+// with no raw bytes). The disk's messages are left out: they are part of the
+// wire bytes, not of the raw pages.
 func (a *epochAgg) ratio() float64 {
 	if a.raw == 0 {
 		return 1
 	}
-	return float64(a.wire) / float64(a.raw)
+	return float64(a.wire-a.diskWire) / float64(a.raw)
 }
 
 // dur formats a duration for a status line or summary with three significant

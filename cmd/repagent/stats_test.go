@@ -131,6 +131,11 @@ func TestEpochAgg(t *testing.T) {
 		a.ack.quantile(1) != 8*time.Millisecond {
 		t.Errorf("pause p50 %v max %v, ack max %v", a.pause.quantile(0.5), time.Duration(a.pause.max), a.ack.quantile(1))
 	}
+	// The disk's messages are wire bytes, not compressed pages.
+	a.add(&replicate.EpochStats{Epoch: 15, RawBytes: 1000 * 4096, WireBytes: 500*4096 + 3000, DiskWrites: 3, DiskBytes: 2900, DiskWireBytes: 3000})
+	if a.diskWrites != 3 || a.diskBytes != 2900 || a.diskWire != 3000 || a.ratio() != 0.5 {
+		t.Errorf("disk: writes %d bytes %d wire %d, ratio %v", a.diskWrites, a.diskBytes, a.diskWire, a.ratio())
+	}
 	a.reset()
 	if a.epochs != 0 || a.last != nil || a.pause.n != 0 {
 		t.Errorf("after reset: %+v", a)
@@ -162,6 +167,11 @@ func TestStatusLineString(t *testing.T) {
 			"   3.0s  10.0 epochs/s  pause p50 1.23ms p99 2.34ms  dirty 5.12k/epoch  wire 23.4MB/s  ratio 0.412  lag 1 ack 1.20ms  guest 2.31M writes/s"},
 		{statusLine{elapsed: 12 * time.Second, ack: 3 * time.Millisecond, guest: 580, op: "ticks", unprotected: true},
 			"  12.0s  0.0 epochs/s  pause p50 - p99 -  dirty -/epoch  wire 0B/s  ratio -  lag 0 ack 3.00ms  guest 580 ticks/s  UNPROTECTED"},
+		{statusLine{elapsed: 2 * time.Second, epochs: 20, n: 20, p50: time.Millisecond, p99: time.Millisecond, dirty: 120, wireRate: 51e6,
+			ratio: 0.1, ack: 2 * time.Millisecond, guest: 12300, op: "block writes", disk: &diskLine{writes: 12300, bytes: 50.4e6},
+			net: &netLine{held: 10, released: 10, holdP50: time.Millisecond, holdP99: 2 * time.Millisecond}, unprotected: true},
+			"   2.0s  20.0 epochs/s  pause p50 1.00ms p99 1.00ms  dirty 120/epoch  wire 51.0MB/s  ratio 0.100  lag 0 ack 2.00ms  guest 12.3k block writes/s" +
+				"  disk 12.3k writes/s 50.4MB/s  net held 10/s rel 10/s hold p50 1.00ms p99 2.00ms  UNPROTECTED"},
 	} {
 		if got := tc.s.String(); got != tc.want {
 			t.Errorf("got  %q\nwant %q", got, tc.want)

@@ -31,6 +31,12 @@ counters (counter). --save writes a snapshot of the paused machine at the end;
 --restore continues a saved machine instead of booting a new one, and then the
 config flags, if given, must match the snapshot.
 
+With --disk the guest has a block device over a raw image file. The disk
+workload writes stamped blocks to it, reads earlier ones back and checks
+them, and keeps a record of every block in guest memory; the summary checks
+the whole image against that record. A snapshot does not hold the disk:
+restore it with --disk and the image as the saved guest left it.
+
 Flags:
 `
 
@@ -51,6 +57,8 @@ type vmOptions struct {
 	quiet    bool
 	tap      string          // --tap: the network device's tap
 	tapFile  *os.File        // opened by machine, closed after the machine
+	disk     string          // --disk: the block device's image
+	diskFile *os.File        // opened by machine, closed after the machine
 	changed  map[string]bool // config flags given on the command line
 }
 
@@ -75,11 +83,16 @@ type guestFlags struct {
 	port                  uint16
 	streamRate            uint64
 	streamBytes           uint32
+
+	// The block device: --disk (vm and primary), or the main job's own
+	// image of diskBlocks blocks.
+	disk       string
+	diskBlocks uint64
 }
 
 // guestFlagNames are the guest flags' names, in the order usage lists them.
 var guestFlagNames = []string{"mem", "vcpus", "workload", "pattern", "working-set", "rate", "seed",
-	"tap", "mac", "ip", "port", "net-service", "stream-rate", "stream-bytes"}
+	"tap", "mac", "ip", "port", "net-service", "stream-rate", "stream-bytes", "disk"}
 
 // Guest network defaults.
 const (
@@ -92,10 +105,10 @@ func (g *guestFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&g.mem, "mem", testvm.FormatSize(testvm.DefaultMemSize),
 		"guest memory `size`: a multiple of 2MiB with a unit (256MiB, 256M, 1GiB, 4096KiB) or plain bytes")
 	fs.IntVar(&g.vcpus, "vcpus", 1, fmt.Sprintf("number of vCPUs, 1 to %d", testvm.MaxVCPUs))
-	fs.StringVar(&g.workload, "workload", "dirty", "what each vCPU runs: idle, dirty, counter, udp-echo or udp-stream (the network ones on vCPU 0, the others idle)")
+	fs.StringVar(&g.workload, "workload", "dirty", "what each vCPU runs: idle, dirty, counter, udp-echo, udp-stream or disk (the network ones and disk on vCPU 0, the others idle; disk needs a block device)")
 	fs.StringVar(&g.pattern, "pattern", "random", "the dirty workload's page order: seq, random or hotcold")
 	fs.Uint64Var(&g.workingSet, "working-set", 0, "4KiB `pages` each vCPU's dirty workload writes (default 0: its whole region)")
-	fs.Uint64Var(&g.rate, "rate", 0, "page writes per second per vCPU for the dirty workload (default 0: full speed)")
+	fs.Uint64Var(&g.rate, "rate", 0, "page writes per second per vCPU for the dirty workload, block writes per second for the disk workload (default 0: full speed)")
 	fs.Uint64Var(&g.seed, "seed", 1, "seed of the random and hotcold patterns")
 	fs.StringVar(&g.tap, "tap", "", "give the guest a network device on the tap called `name` (opened in this process's network namespace, created if missing)")
 	fs.StringVar(&g.mac, "mac", defaultGuestMAC, "the guest's MAC address")
@@ -104,6 +117,16 @@ func (g *guestFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&g.service, "net-service", "", "udp-echo or udp-stream: vCPU 0 also serves the network between its workload's operations")
 	fs.Uint64Var(&g.streamRate, "stream-rate", testvm.DefaultStreamRate, "udp-stream: datagrams per second")
 	fs.Uint32Var(&g.streamBytes, "stream-bytes", testvm.DefaultStreamBytes, fmt.Sprintf("udp-stream: UDP payload `bytes` per datagram, 16 to %d", testvm.MaxStreamBytes))
+}
+
+// registerDisk adds --disk to fs; more, if not empty, ends its help.
+func (g *guestFlags) registerDisk(fs *pflag.FlagSet, more string) {
+	usage := fmt.Sprintf("give the guest a block device over the raw disk image `file`, which must exist and be a whole number of %s blocks; with --workload disk it is erased first (the workload starts from an empty disk and checks every block against its own record)",
+		testvm.FormatSize(testvm.DiskBlockSize))
+	if more != "" {
+		usage += "; " + more
+	}
+	fs.StringVar(&g.disk, "disk", "", usage)
 }
 
 // netConfig returns the guest's network settings, or nil when the guest has
@@ -169,6 +192,19 @@ func (g *guestFlags) config() (testvm.Config, error) {
 	if cfg.Net, err = g.netConfig(wl); err != nil {
 		return testvm.Config{}, err
 	}
+	if g.disk != "" {
+		size, err := diskImageSize("--disk", g.disk)
+		if err != nil {
+			return testvm.Config{}, err
+		}
+		g.diskBlocks = uint64(size) / testvm.DiskBlockSize
+	}
+	if g.diskBlocks != 0 {
+		cfg.Disk = &testvm.DiskConfig{Blocks: g.diskBlocks}
+	}
+	if wl == testvm.Disk && cfg.Disk == nil {
+		return testvm.Config{}, usagef("--workload disk needs a block device: give --disk with a raw image file (e.g. made by truncate -s 64M disk.img)")
+	}
 	if err := cfg.Validate(); err != nil {
 		return testvm.Config{}, usageError{err}
 	}
@@ -213,6 +249,7 @@ func newVMFlags() *vmFlags {
 	f := &vmFlags{fs: newFlagSet("vm")}
 	fs := f.fs
 	f.guestFlags.register(fs)
+	f.guestFlags.registerDisk(fs, "with --restore, the image the saved guest's disk was left in")
 	fs.DurationVar(&f.duration, "duration", 10*time.Second, "how long to run; 0 runs until Ctrl-C")
 	fs.StringVar(&f.save, "save", "", "at the end, pause, verify and write a snapshot to `file`")
 	fs.StringVar(&f.restore, "restore", "", "continue the machine saved in snapshot `file` instead of booting a new one")
@@ -246,6 +283,7 @@ func parseVMArgs(args []string) (*vmOptions, error) {
 	}
 	o.cfg = cfg
 	o.tap = f.guestFlags.tap
+	o.disk = f.guestFlags.disk
 	return o, nil
 }
 
@@ -308,6 +346,9 @@ func (o *vmOptions) run(ctx context.Context, stopSignals func(), stdout, stderr 
 		if o.tapFile != nil {
 			o.tapFile.Close() // deferred first, so after the machine's Close
 		}
+		if o.diskFile != nil {
+			o.diskFile.Close()
+		}
 	}()
 	m, err := o.machine(stdout, stderr)
 	if err != nil {
@@ -340,7 +381,11 @@ func (o *vmOptions) run(ctx context.Context, stopSignals func(), stdout, stderr 
 		if err := m.WriteSnapshot(o.save); err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "saved snapshot %s (%s guest)\n", o.save, testvm.FormatSize(m.Config().MemSize))
+		disk := ""
+		if o.disk != "" {
+			disk = fmt.Sprintf("; its disk is %s as it is now: restore with --disk %s", o.disk, o.disk)
+		}
+		fmt.Fprintf(stdout, "saved snapshot %s (%s guest%s)\n", o.save, testvm.FormatSize(m.Config().MemSize), disk)
 	}
 	return nil
 }
@@ -358,6 +403,19 @@ func (o *vmOptions) machine(stdout, stderr io.Writer) (*testvm.Machine, error) {
 	if o.restore == "" {
 		cfg := o.cfg
 		cfg.Console, cfg.Tap = stderr, o.tapFile
+		if cfg.Disk != nil {
+			f, err := openDisk(o.disk, cfg.Disk.Blocks)
+			if err != nil {
+				return nil, err
+			}
+			o.diskFile = f
+			if cfg.Workload == testvm.Disk {
+				if err := eraseDisk(f, int64(cfg.Disk.Blocks*testvm.DiskBlockSize)); err != nil {
+					return nil, err
+				}
+			}
+			cfg.DiskIO = f
+		}
 		return testvm.New(cfg)
 	}
 	// Check the flags against the snapshot's config before copying its memory.
@@ -368,11 +426,20 @@ func (o *vmOptions) machine(stdout, stderr io.Writer) (*testvm.Machine, error) {
 	if err := o.checkSnapshot(saved); err != nil {
 		return nil, err
 	}
+	// The image is the disk as the saved guest left it: not erased.
+	opts := testvm.RestoreOptions{Console: stderr, Tap: o.tapFile}
+	if saved.Disk != nil {
+		f, err := openDisk(o.disk, saved.Disk.Blocks)
+		if err != nil {
+			return nil, err
+		}
+		o.diskFile, opts.DiskIO = f, f
+	}
 	state, memf, err := testvm.ReadSnapshot(o.restore)
 	if err != nil {
 		return nil, err
 	}
-	m, err := testvm.Restore(state, memf, testvm.RestoreOptions{Console: stderr, Tap: o.tapFile})
+	m, err := testvm.Restore(state, memf, opts)
 	if err != nil {
 		memf.Close()
 		return nil, err
@@ -420,19 +487,33 @@ func (o *vmOptions) checkSnapshot(c testvm.Config) error {
 	differs("net-service", give.Service, have.Service, "network service %v")
 	differs("stream-rate", give.StreamRate, have.StreamRate, "stream rate %d")
 	differs("stream-bytes", give.StreamBytes, have.StreamBytes, "stream datagrams of %d bytes")
+	// The disk's contents are not in the snapshot: the image must be given.
+	switch {
+	case c.Disk != nil && o.disk == "":
+		bad = append(bad, fmt.Sprintf("the snapshot's guest has a disk of %d blocks: give --disk with the image it was left in", c.Disk.Blocks))
+	case c.Disk == nil && o.disk != "":
+		bad = append(bad, "--disk: the snapshot's guest has no block device")
+	case c.Disk != nil && o.cfg.Disk != nil && o.cfg.Disk.Blocks != c.Disk.Blocks:
+		bad = append(bad, fmt.Sprintf("--disk %s has %d blocks, the snapshot's disk %d", o.disk, o.cfg.Disk.Blocks, c.Disk.Blocks))
+	}
 	if len(bad) > 0 {
 		return usageError{errors.New(strings.Join(bad, "; "))}
 	}
 	return nil
 }
 
-// describe names a guest config, e.g. "counter workload, 2 vCPUs, 64MiB".
+// describe names a guest config, e.g. "counter workload, 2 vCPUs, 64MiB",
+// or "disk workload, 1 vCPU, 64MiB, 64MiB disk" with a block device.
 func describe(c testvm.Config) string {
 	vcpus := "vCPUs"
 	if c.VCPUs == 1 {
 		vcpus = "vCPU"
 	}
-	return fmt.Sprintf("%s workload, %d %s, %s", c.Workload, c.VCPUs, vcpus, testvm.FormatSize(c.MemSize))
+	s := fmt.Sprintf("%s workload, %d %s, %s", c.Workload, c.VCPUs, vcpus, testvm.FormatSize(c.MemSize))
+	if c.Disk != nil {
+		s += fmt.Sprintf(", %s disk", testvm.FormatSize(c.Disk.Blocks*testvm.DiskBlockSize))
+	}
+	return s
 }
 
 // watch prints a progress line every second until the duration is over, ctx
@@ -462,7 +543,8 @@ func (o *vmOptions) watch(ctx context.Context, m *testvm.Machine, t0 time.Time, 
 			cur := totals(m)
 			if !o.quiet {
 				p := progress{elapsed: now.Sub(t0), workload: m.Config().Workload, vcpus: m.NumVCPUs(),
-					rate: float64(cur.ops-prev.ops) / now.Sub(prevT).Seconds(), total: cur.ops, counters: cur.counters}
+					rate: float64(cur.ops-prev.ops) / now.Sub(prevT).Seconds(), total: cur.ops, counters: cur.counters,
+					diskReads: cur.diskReads, diskErrors: cur.diskErrors}
 				fmt.Fprintln(stdout, p)
 			}
 			prev, prevT = cur, now
@@ -472,9 +554,11 @@ func (o *vmOptions) watch(ctx context.Context, m *testvm.Machine, t0 time.Time, 
 
 // snapshot is the guest's operation counts at one moment.
 type snapshot struct {
-	ops      uint64   // operations of all vCPUs
-	perVCPU  []uint64 // operations of each vCPU
-	counters []uint64 // the counter workload's counter of each vCPU
+	ops        uint64   // operations of all vCPUs
+	perVCPU    []uint64 // operations of each vCPU
+	counters   []uint64 // the counter workload's counter of each vCPU
+	diskReads  uint64   // the disk workload's blocks read back and verified
+	diskErrors uint64   // and its failed requests and reads that did not verify
 }
 
 func totals(m *testvm.Machine) snapshot {
@@ -485,6 +569,9 @@ func totals(m *testvm.Machine) snapshot {
 		s.perVCPU = append(s.perVCPU, st.Iterations)
 		if m.Config().Workload == testvm.Counter {
 			s.counters = append(s.counters, st.Counter)
+		}
+		if i == 0 && m.Config().Workload == testvm.Disk {
+			s.diskReads, s.diskErrors = st.DiskReads, st.DiskErrors
 		}
 	}
 	return s
@@ -498,9 +585,14 @@ type progress struct {
 	rate     float64  // operations per second of all vCPUs over the last interval
 	total    uint64   // operations of all vCPUs since the guest booted
 	counters []uint64 // counter workload: each vCPU's counter
+
+	diskReads, diskErrors uint64 // disk workload: reads verified, errors
 }
 
-// String formats the line, e.g. "  3.0s  dirty    2.31M writes/s  total 6.90M  vcpus 2".
+// String formats the line, e.g. "  3.0s  dirty    2.31M writes/s  total 6.90M  vcpus 2",
+// or for the disk workload, with the guest's exact count of blocks it read
+// back and verified and of its errors,
+// "  3.0s  disk     41.2k block writes/s  total 124k  verified reads 15234  errors 0  vcpus 1".
 func (p progress) String() string {
 	s := fmt.Sprintf("%6.1fs  %-7s  %s %s/s", p.elapsed.Seconds(), p.workload, si(p.rate), opName(p.workload))
 	if p.workload == testvm.Counter {
@@ -510,7 +602,11 @@ func (p progress) String() string {
 		}
 		return s
 	}
-	return s + fmt.Sprintf("  total %s  vcpus %d", si(float64(p.total)), p.vcpus)
+	s += fmt.Sprintf("  total %s", si(float64(p.total)))
+	if p.workload == testvm.Disk {
+		s += fmt.Sprintf("  verified reads %d  errors %d", p.diskReads, p.diskErrors)
+	}
+	return s + fmt.Sprintf("  vcpus %d", p.vcpus)
 }
 
 // opName names the workload's operations.
@@ -524,6 +620,8 @@ func opName(w testvm.Workload) string {
 		return "echoes"
 	case testvm.UDPStream:
 		return "datagrams"
+	case testvm.Disk:
+		return "block writes"
 	}
 	return "ticks"
 }
@@ -567,7 +665,15 @@ func summarize(w io.Writer, m *testvm.Machine, first snapshot, d time.Duration) 
 		fmt.Fprintf(w, "  network: guest sequence %d, %d frames sent, %d received, %d ignored; device tx %d rx %d, %d dropped (RX ring full), %d kicks\n",
 			st.NetSeq, st.NetTx, st.NetRx, st.NetIgnored, ds.TxFrames, ds.RxFrames, ds.RxDropped, ds.Kicks)
 	}
+	if c.Disk != nil {
+		ds := m.DiskStats()
+		fmt.Fprintf(w, "  disk device: %s, %d reads (%d blocks), %d writes (%d blocks, %d FUA), %d flushes, %d I/O errors, %d bad requests\n",
+			testvm.FormatSize(c.Disk.Blocks*testvm.DiskBlockSize), ds.Reads, ds.BlocksRead, ds.Writes, ds.BlocksWritten, ds.FUAWrites,
+			ds.Flushes, ds.IOErrors, ds.BadRequests)
+	}
 	switch c.Workload {
+	case testvm.Disk:
+		return verifyDisk(w, m)
 	case testvm.Dirty:
 		for i := 0; i < m.NumVCPUs(); i++ {
 			rep, err := m.VerifyPages(i)
@@ -580,6 +686,29 @@ func summarize(w io.Writer, m *testvm.Machine, first snapshot, d time.Duration) 
 	case testvm.Counter:
 		return verifyCounters(w, m)
 	}
+	return nil
+}
+
+// verifyDisk reports the disk workload's own checks (its verified reads and
+// its errors) and checks the paused machine's disk image, block by block,
+// against the guest's record of it.
+func verifyDisk(w io.Writer, m *testvm.Machine) error {
+	st := m.Status(0)
+	fmt.Fprintf(w, "  disk workload: %d block writes, %d verified reads, %d flushes, %d errors\n", st.DiskWrites, st.DiskReads, st.DiskFlushes, st.DiskErrors)
+	if st.DiskErrors != 0 || st.State == testvm.GuestFailed {
+		what := "a read that did not verify"
+		if st.DiskBadStatus != 0 {
+			what = fmt.Sprintf("a request failed with status %d", st.DiskBadStatus)
+		}
+		fmt.Fprintf(w, "  disk NOT verified: the guest stopped at %s (block %d)\n", what, int64(st.DiskBadBlock)-1)
+		return fmt.Errorf("verify disk: the guest found %s at block %d", what, int64(st.DiskBadBlock)-1)
+	}
+	rep, err := m.VerifyDisk()
+	if err != nil {
+		fmt.Fprintf(w, "  disk NOT verified: %v\n", err)
+		return err
+	}
+	fmt.Fprintf(w, "  disk verified: %s\n", diskReportString(rep))
 	return nil
 }
 

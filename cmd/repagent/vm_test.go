@@ -112,7 +112,7 @@ func TestVMUsageErrors(t *testing.T) {
 		{[]string{"--mem", "4MiB"}, "outside 8MiB..64GiB"},
 		{[]string{"--mem", "0"}, "--mem: size must not be 0"},
 		{[]string{"--mem", "12X"}, `size "12X": unknown unit`},
-		{[]string{"--workload", "bogus"}, `unknown workload "bogus" (want idle, dirty, counter, udp-echo or udp-stream)`},
+		{[]string{"--workload", "bogus"}, `unknown workload "bogus" (want idle, dirty, counter, udp-echo or udp-stream), or disk with a block device`},
 		{[]string{"--pattern", "zigzag"}, `unknown pattern "zigzag" (want seq, random or hotcold)`},
 		{[]string{"--mem", "8MiB", "--vcpus", "4", "--working-set", "100000"}, "working set of 100000 pages exceeds"},
 		{[]string{"--duration", "-1s"}, "--duration -1s: must not be negative"},
@@ -220,6 +220,8 @@ func TestProgressString(t *testing.T) {
 			"  12.5s  counter  960M steps/s  counters 1.02G 968M"},
 		{progress{elapsed: time.Second, workload: testvm.Idle, vcpus: 1, rate: 999, total: 999},
 			"   1.0s  idle     999 ticks/s  total 999  vcpus 1"},
+		{progress{elapsed: 3 * time.Second, workload: testvm.Disk, vcpus: 1, rate: 41.2e3, total: 124e3, diskReads: 15234},
+			"   3.0s  disk     41.2k block writes/s  total 124k  verified reads 15234  errors 0  vcpus 1"},
 	} {
 		if got := tc.p.String(); got != tc.want {
 			t.Errorf("got  %q\nwant %q", got, tc.want)
