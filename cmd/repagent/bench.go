@@ -27,6 +27,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -54,6 +55,34 @@ process (this program's primary command) is killed with SIGKILL --failovers
 times, and frozen with SIGSTOP once, and the time from the signal to the
 guest making progress on the backup is measured.
 
+Then the disk (--no-disk skips it). Its guest writes random 4 KiB blocks
+over a --disk-size image of random contents (the workload testvm.Disk: 32
+blocks per batch, verified reads, a FUA write every 8 batches and a flush
+every 256 writes), each mode on a fresh 1-vCPU test VM over the same image
+file (fsynced and in the page cache), measured for --mode-time once the
+guest's first sequential sweep is over:
+
+  plain      the image file itself
+  mirror     through a diskmirror.Mirror, an epoch opened at the first of
+             --intervals and its stream read and committed, no pause, no
+             backup: the interposer's own cost
+  INTERVAL   through a Mirror, replicated at each of --intervals to a backup
+             (its own image) in this process over loopback TCP
+  INTERVAL, backup in RAM
+             the same at the first of --intervals, the backup's image in
+             memory: what sharing this machine's disk with the backup costs
+
+It prints block writes/s, MiB/s and the ratio to plain, the image's fsyncs
+(the guest's flushes and FUA writes: how many, how long, the share of the
+window), the disk writes and bytes per epoch, pauses, acks and the backup
+image's fsync per epoch. Then the initial sync of a --disk-sync-size image
+of random blocks to a backup image that holds 0%, 50% and 100% of its 1 MiB
+blocks (an idle guest, replicated at 20ms): the time to hash and send, the
+blocks and bytes sent, and the times to the first checkpoint and to the
+backup's first fsync, against two baselines from the same run: hashing the
+image, and a plain copy of it over loopback TCP. The images are in a
+temporary directory, removed at the end.
+
 Then the network (output commit; --no-net skips it). In a network of its
 own (two namespaces, a bridge and the guest's tap), each mode on a fresh
 1-vCPU test VM (--mem, at most 64MiB) with an output gate on its tap:
@@ -72,7 +101,7 @@ replication and replicated at 20ms (every frame held, then released): the
 frames per second the client receives, and the ratio.
 
 Last, the goal lines, each MET or NOT MET. With the defaults it takes about
-2 minutes. The network needs root.
+2.5 minutes. The network needs root.
 
 Exit code 0 when every measurement ran (whatever the goals say), 1 on a
 runtime error, 2 on a usage error.
@@ -121,6 +150,9 @@ type benchOptions struct {
 	mech             dirtylog.Mechanism
 	heartbeatTimeout time.Duration
 	net              bool   // measure the network section
+	disk             bool   // measure the disk section
+	diskSize         uint64 // the disk throughput image
+	diskSyncSize     uint64 // the disk sync image
 	echoRate         int    // the echo client's requests per second
 	streamRate       uint64 // the stream guest's datagrams per second
 	quiet            bool
@@ -135,7 +167,8 @@ type benchFlags struct {
 	modeTime, heartbeatTimeout  time.Duration
 	echoRate                    int
 	streamRate                  uint64
-	quiet, noNet                bool
+	quiet, noNet, noDisk        bool
+	diskSize, diskSyncSize      string
 }
 
 func newBenchFlags() *benchFlags {
@@ -154,6 +187,9 @@ func newBenchFlags() *benchFlags {
 	fs.DurationVar(&f.heartbeatTimeout, "heartbeat-timeout", 0,
 		fmt.Sprintf("the failover backup's (and primary's) heartbeat timeout (default 0: the engine's, 5 intervals, at least %v)", replicate.MinHeartbeatTimeout))
 	fs.BoolVar(&f.noNet, "no-net", false, "skip the network section (it needs root)")
+	fs.BoolVar(&f.noDisk, "no-disk", false, "skip the disk section")
+	fs.StringVar(&f.diskSize, "disk-size", testvm.FormatSize(64<<20), "the disk section's throughput image and the guest's working set: `size`, a multiple of 4KiB")
+	fs.StringVar(&f.diskSyncSize, "disk-sync-size", testvm.FormatSize(1<<30), "the disk section's sync image: `size`, a multiple of 1MiB, at least 2MiB")
 	fs.IntVar(&f.echoRate, "echo-rate", 200, fmt.Sprintf("the network section's echo requests per second, 1 to %d", maxEchoRate))
 	fs.Uint64Var(&f.streamRate, "stream-rate", 100000, "the network section's stream: the guest's datagrams per second (at most; at least 1)")
 	fs.BoolVar(&f.quiet, "quiet", false, "print only the tables and goal lines, no progress on stderr")
@@ -169,7 +205,7 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 		return nil, err
 	}
 	o := &benchOptions{vcpus: f.vcpus, modeTime: f.modeTime, failovers: f.failovers,
-		heartbeatTimeout: f.heartbeatTimeout, net: !f.noNet, echoRate: f.echoRate, streamRate: f.streamRate,
+		heartbeatTimeout: f.heartbeatTimeout, net: !f.noNet, disk: !f.noDisk, echoRate: f.echoRate, streamRate: f.streamRate,
 		quiet: f.quiet, json: f.json}
 	var err error
 	if o.mem, err = parseSize(f.mem); err != nil {
@@ -183,6 +219,15 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 	}
 	if err := (testvm.Config{MemSize: o.mem, VCPUs: o.vcpus, Workload: testvm.Dirty, Pattern: o.pattern}).Validate(); err != nil {
 		return nil, usagef("--mem %s, --vcpus %d: %w", f.mem, f.vcpus, err)
+	}
+	if o.diskSize, err = parseSize(f.diskSize); err != nil {
+		return nil, usagef("--disk-size: %w", err)
+	}
+	if o.diskSyncSize, err = parseSize(f.diskSyncSize); err != nil {
+		return nil, usagef("--disk-sync-size: %w", err)
+	}
+	if err := checkDiskSizes(o.mem, o.diskSize, o.diskSyncSize); err != nil {
+		return nil, err
 	}
 	if o.rates, err = parseRates(f.rates); err != nil {
 		return nil, err
@@ -280,6 +325,7 @@ type benchResults struct {
 	Check10k *benchMode           `json:"check_10k"`
 	Check    benchCheck10k        `json:"check_10k_summary"`
 	Failover *benchFailoverResult `json:"failover,omitempty"`
+	Disk     *benchDiskResult     `json:"disk,omitempty"`
 	Net      *benchNetResult      `json:"network,omitempty"`
 	Goals    []benchGoal          `json:"goals"`
 	TookSecs float64              `json:"took_s"`
@@ -296,6 +342,9 @@ type benchConfigJSON struct {
 	DirtyTrack  string    `json:"dirty_track"`
 	HeartbeatMS float64   `json:"heartbeat_timeout_ms"`
 	Net         bool      `json:"network"`
+	Disk        bool      `json:"disk"`
+	DiskSize    uint64    `json:"disk_size"`
+	DiskSync    uint64    `json:"disk_sync_size"`
 	EchoRate    int       `json:"echo_rate"`
 	StreamRate  uint64    `json:"stream_rate"`
 }
@@ -417,7 +466,7 @@ func (o *benchOptions) run(ctx context.Context, stdout, stderr io.Writer) error 
 	res := &benchResults{Started: time.Now()}
 	res.Config = benchConfigJSON{Mem: o.mem, VCPUs: o.vcpus, Pattern: o.pattern.String(), Rates: o.rates,
 		ModeTimeS: o.modeTime.Seconds(), Failovers: o.failovers, DirtyTrack: o.mech.String(), HeartbeatMS: benchMS(b.failoverTimeout()),
-		Net: o.net, EchoRate: o.echoRate, StreamRate: o.streamRate}
+		Net: o.net, Disk: o.disk, DiskSize: o.diskSize, DiskSync: o.diskSyncSize, EchoRate: o.echoRate, StreamRate: o.streamRate}
 	for _, iv := range o.intervals {
 		res.Config.IntervalsMS = append(res.Config.IntervalsMS, benchMS(iv))
 	}
@@ -452,6 +501,16 @@ func (o *benchOptions) run(ctx context.Context, stdout, stderr io.Writer) error 
 		res.Failover = fo
 		fmt.Fprintln(stdout)
 		benchPrintFailover(stdout, fo)
+	}
+
+	if o.disk {
+		dr, err := b.benchDisk(ctx)
+		if err != nil {
+			return fmt.Errorf("disk: %w", err)
+		}
+		res.Disk = dr
+		fmt.Fprintln(stdout)
+		benchPrintDisk(stdout, dr, o.modeTime, b.warmup())
 	}
 
 	if o.net {
@@ -742,6 +801,16 @@ type benchRepl struct {
 	// measure runs the window, once the warm-up is over, and returns its
 	// bounds: the epochs whose pause starts between them are measured.
 	measure func(ctx context.Context) (t0, t1 time.Time, err error)
+
+	// The disk, if any: the engine's Config.Disk, the backup's image
+	// (BackupConfig.Disk) and Config.OnDiskSync.
+	disk       *diskmirror.Mirror
+	backupDisk diskmirror.Disk
+	onDiskSync func(replicate.DiskSyncProgress)
+	// onRun, if set, is called just before Primary.Run; onBackupEpoch with
+	// every checkpoint the backup applies (BackupConfig.OnEpoch).
+	onRun         func()
+	onBackupEpoch func(epoch uint64)
 }
 
 // runReplicated replicates the running m at rp.interval to a backup in this
@@ -756,13 +825,18 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 		return fmt.Errorf("listen for the backup: %w", err)
 	}
 	defer ln.Close()
-	bk, err := replicate.NewBackup(replicate.BackupConfig{
+	bcfg := replicate.BackupConfig{
 		NewMemory: testvm.NewMemFile,
 		// No failover in these modes: a loss is an error, reported below.
 		Resume:           func(cp *replicate.Checkpoint) error { return cp.Memory.Close() },
 		HeartbeatTimeout: benchHeartbeatTimeout,
+		Disk:             rp.backupDisk,
 		Log:              b.log.With("side", "backup"),
-	})
+	}
+	if f := rp.onBackupEpoch; f != nil {
+		bcfg.OnEpoch = func(epoch uint64, _ int, _ uint64) { f(epoch) }
+	}
+	bk, err := replicate.NewBackup(bcfg)
 	if err != nil {
 		return err
 	}
@@ -815,8 +889,10 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 				mu.Unlock()
 			}
 		},
-		VMM: vmmName,
-		Log: b.log.With("side", "primary"),
+		Disk:       rp.disk,
+		OnDiskSync: rp.onDiskSync,
+		VMM:        vmmName,
+		Log:        b.log.With("side", "primary"),
 	})
 	if err != nil {
 		return err
@@ -828,6 +904,9 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	perr := make(chan error, 1)
+	if rp.onRun != nil {
+		rp.onRun()
+	}
 	go func() { perr <- p.Run(runCtx, conn) }()
 	running := true
 	defer func() {

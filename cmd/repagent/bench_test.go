@@ -23,19 +23,19 @@ func TestParseBenchArgsDefaults(t *testing.T) {
 		o.pattern.String() != "random" || len(o.intervals) != 3 || o.intervals[0] != 100*time.Millisecond ||
 		o.intervals[1] != 20*time.Millisecond || o.intervals[2] != 10*time.Millisecond || o.modeTime != 3*time.Second ||
 		o.failovers != 5 || o.mech.String() != "auto" || o.heartbeatTimeout != 0 || o.quiet || o.json != "" ||
-		!o.net || o.echoRate != 200 || o.streamRate != 100000 {
+		!o.net || o.echoRate != 200 || o.streamRate != 100000 || !o.disk || o.diskSize != 64<<20 || o.diskSyncSize != 1<<30 {
 		t.Errorf("defaults: %+v", o)
 	}
 	o, err = parseBenchArgs([]string{"--rates", " 5, 0 ", "--intervals", "5ms,10s", "--mem", "64M", "--vcpus", "2",
 		"--pattern", "seq", "--mode-time", "1s", "--failovers", "0", "--dirty-track", "ring", "--heartbeat-timeout", "2s", "--quiet",
-		"--no-net", "--echo-rate", "50", "--stream-rate", "1000"})
+		"--no-net", "--echo-rate", "50", "--stream-rate", "1000", "--no-disk", "--disk-size", "8M", "--disk-sync-size", "16M"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(o.rates) != 2 || o.rates[0] != 5 || o.rates[1] != 0 || len(o.intervals) != 2 || o.intervals[0] != 5*time.Millisecond ||
 		o.intervals[1] != 10*time.Second || o.mem != 64<<20 || o.vcpus != 2 || o.pattern.String() != "seq" || o.modeTime != time.Second ||
 		o.failovers != 0 || o.mech.String() != "ring" || o.heartbeatTimeout != 2*time.Second || !o.quiet ||
-		o.net || o.echoRate != 50 || o.streamRate != 1000 {
+		o.net || o.echoRate != 50 || o.streamRate != 1000 || o.disk || o.diskSize != 8<<20 || o.diskSyncSize != 16<<20 {
 		t.Errorf("parsed: %+v", o)
 	}
 }
@@ -65,6 +65,12 @@ func TestBenchUsageErrors(t *testing.T) {
 		{[]string{"--echo-rate", "0"}, "--echo-rate 0: want 1 to 10000 requests per second"},
 		{[]string{"--echo-rate", "10001"}, "--echo-rate 10001: want 1 to 10000"},
 		{[]string{"--stream-rate", "0"}, "--stream-rate 0: want at least 1 datagram per second"},
+		{[]string{"--disk-size", "512K"}, "--disk-size 512KiB: want a multiple of 4KiB, at least 1MiB"},
+		{[]string{"--disk-size", "1049600"}, "--disk-size 1025KiB: want a multiple of 4KiB"},
+		{[]string{"--disk-size", "lots"}, "--disk-size: size"},
+		{[]string{"--disk-size", "4G", "--mem", "8M"}, "--disk-size 4GiB with --mem 8MiB: invalid VM config"},
+		{[]string{"--disk-sync-size", "1M"}, "--disk-sync-size 1MiB: want a multiple of 1MiB, at least 2MiB"},
+		{[]string{"--disk-sync-size", "3000K"}, "--disk-sync-size 3000KiB: want a multiple of 1MiB"},
 		{[]string{"--json", "/no/such/dir/out.json"}, "--json /no/such/dir/out.json: directory /no/such/dir does not exist"},
 		{[]string{"--bogus"}, "unknown flag: --bogus"},
 		{[]string{"extra"}, `unexpected argument "extra"`},
@@ -79,7 +85,7 @@ func TestBenchHelp(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
 	for _, flag := range []string{"--mem", "--vcpus", "--rates", "--pattern", "--intervals", "--mode-time", "--failovers",
-		"--dirty-track", "--heartbeat-timeout", "--no-net", "--echo-rate", "--stream-rate", "--quiet", "--json"} {
+		"--dirty-track", "--heartbeat-timeout", "--no-net", "--echo-rate", "--stream-rate", "--no-disk", "--disk-size", "--disk-sync-size", "--quiet", "--json"} {
 		if !strings.Contains(stdout.String(), flag) {
 			t.Errorf("--help does not document %s:\n%s", flag, stdout.String())
 		}
@@ -154,7 +160,7 @@ func TestBenchSmoke(t *testing.T) {
 	js := filepath.Join(t.TempDir(), "bench.json")
 	var stdout, stderr bytes.Buffer
 	code := runBench([]string{"--mem", "32M", "--rates", "20000", "--intervals", "20ms", "--mode-time", "300ms", "--failovers", "1",
-		"--json", js}, &stdout, &stderr)
+		"--disk-size", "4M", "--disk-sync-size", "8M", "--json", js}, &stdout, &stderr)
 	out := stdout.String()
 	t.Logf("stdout:\n%s\nstderr:\n%s", out, stderr.String())
 	if code != 0 {
@@ -176,6 +182,18 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^  guest at 100 ms, rate 20000/s: not measured \(100ms is not in --intervals\): NOT MET$`,
 		`(?m)^  failover: \d+ ms p50 \(goal <= 500 ms \+ heartbeat timeout \S+ = \d+ ms\): (MET|NOT MET)$`,
 		`(?m)^  failover of a frozen primary: timeout \S+ \+ -?\d+ ms \(goal <= 500 ms \+ the timeout\): (MET|NOT MET)$`,
+		`(?m)^Disk write throughput: disk workload \(.*\), 4MiB image, 1 vCPU, 32MiB; each mode 300ms after the first sweep and a 200ms warm-up:$`,
+		`(?m)^\| mode +\| +track \| block writes/s \| MiB/s \| vs plain \| fsyncs/s \| fsync mean \| in fsync \| verified \| epochs \| disk writes/epoch \|`,
+		`(?m)^\| plain image +\| +- \| +\S+ \| +[\d.]+ \| +1\.00 \| +\S+ \| +\S+ \| +\d+% \| +1024 \| +- \|`,
+		`(?m)^\| mirror, no backup +\| +- \| +\S+ \| +[\d.]+ \| +[\d.]+ \| +\S+ \| +\S+ \| +\d+% \| +1024 \| +\d+ \| +\d+ \| +\d+ \| +[\d.]+ \| +- \|`,
+		`(?m)^\| replicated 20ms +\| +\w+ \| +\S+ \| +[\d.]+ \| +[\d.]+ \| +\S+ \| +\S+ \| +\d+% \| +1024 \| +\d+ \| +\d+ \| +\d+ \| +[\d.]+ \| +\S+ \| +\S+ \| +[\d.]+ \| +\S+ \| +\S+ \| +\S+ \|$`,
+		`(?m)^\| replicated 20ms, backup in RAM +\| +\w+ \| +\S+ \| +[\d.]+ \| +[\d.]+ \| +\S+ \| +\S+ \| +\d+% \| +1024 \| +\d+ \|`,
+		`(?m)^Initial disk sync: 8MiB image of random blocks, 1MiB sync blocks, idle 1-vCPU guest \(32MiB\), interval 20ms, over loopback TCP\.$`,
+		`(?m)^Baselines: hashing the image \S+ \(\d+ MB/s\); a plain copy over loopback TCP \S+ \(\d+ MB/s\)\.$`,
+		`(?m)^\| identical \| blocks \| held \| sent \| wire MiB \| hash wait \| precopy \| precopy MB/s \| disk sync \| vs copy \|`,
+		`(?m)^\| 0% +\| +8 \| +0 \| +8 \| +8\.\d \|`,
+		`(?m)^\| 50% +\| +8 \| +4 \| +4 \| +4\.\d \|`,
+		`(?m)^\| 100% +\| +8 \| +8 \| +0 \| +0\.\d \|`,
 		`(?m)^Output commit \(network\): udp-echo, 1 vCPU, 32MiB, 200 requests/s for 300ms per mode:$`,
 		`(?m)^\| mode +\| requests \| answered \| rtt p50 \| rtt p99 \| added p50 \| epochs \| pause p50 \| transfer p50 \| ack p50 \| held \| hold p50 \| hold p99 \| goal bound \|$`,
 		`(?m)^\| none +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +- \| +- \|`,
@@ -207,6 +225,39 @@ func TestBenchSmoke(t *testing.T) {
 		if m.Writes == 0 {
 			t.Errorf("mode %s: the guest wrote nothing", m.Mode)
 		}
+	}
+	dr := res.Disk
+	if dr == nil || !res.Config.Disk || dr.ImageSize != 4<<20 || len(dr.Throughput) != 4 || len(dr.Sync.Cases) != 3 {
+		t.Fatalf("--json file: disk: %+v", dr)
+	}
+	for i, m := range dr.Throughput {
+		if m.Mode != []string{"plain", "mirror", "20ms", "20ms"}[i] || m.BackupInMemory != (i == 3) || m.Writes == 0 || m.WritesPerS <= 0 || m.Verified != 1024 || m.Flushes == 0 ||
+			m.FsyncUS <= 0 {
+			t.Errorf("disk %s: %+v", m.Mode, m)
+		}
+		if i > 0 && (m.Epochs == 0 || m.DiskWritesEpoch <= 0 || m.DiskKiBEpoch < 4) {
+			t.Errorf("disk %s: no mirrored writes: %+v", m.Mode, m)
+		}
+	}
+	for _, m := range dr.Throughput[2:] {
+		if m.Track == "" || m.PauseP50US <= 0 || m.WireMBps < m.DiskWireMBps || m.BackupFsyncs == 0 || m.BackupFsyncUS <= 0 {
+			t.Errorf("disk 20ms (backup in memory %v): %+v", m.BackupInMemory, m)
+		}
+	}
+	for i, c := range dr.Sync.Cases {
+		pct := []int{0, 50, 100}[i]
+		if c.IdenticalPct != pct || c.Blocks != 8 || c.Identical != 8*pct/100 || c.Sent != 8-c.Identical ||
+			c.Bytes != int64(c.Sent)<<20 || c.WireBytes < uint64(c.Bytes) || c.Precopy <= 0 || c.DiskSync < c.Precopy ||
+			c.First < c.DiskSync || c.Durable < c.First || c.BackupFsync <= 0 {
+			t.Errorf("disk sync %d%%: %+v", pct, c)
+		}
+	}
+	if dr.Sync.HashSecs <= 0 || dr.Sync.CopySecs <= 0 {
+		t.Errorf("disk sync baselines: %+v", dr.Sync)
+	}
+	// The bench's images are gone.
+	if left, _ := filepath.Glob(filepath.Join(os.TempDir(), "repagent-bench-disk-*")); len(left) > 0 {
+		t.Errorf("disk images left behind: %v", left)
 	}
 	nr := res.Net
 	if nr == nil || !res.Config.Net || nr.EchoRate != 200 || nr.StreamRate != 100000 || len(nr.Echo) != 2 || len(nr.Stream) != 2 {
