@@ -16,26 +16,38 @@ const chunkSize = 256 << 10
 const DefaultMemoryLimit = 64 << 20
 
 // budget is the memory all the spools of one Mirror or Replica share. A spool
-// takes whole chunks, so the bytes held never exceed the limit.
+// takes whole chunks, so the bytes held never exceed the limit. Chunks given
+// back are kept for the next spool: the Mirror opens an epoch (and writes its
+// header into a chunk) in the engine's pause, which should not allocate and
+// zero 256 KiB. The chunks in use and kept together stay within the limit.
 type budget struct {
 	mu    sync.Mutex
 	used  int64
 	limit int64
+	spare [][]byte
 }
 
-func (b *budget) take(n int64) bool {
+// chunk takes an empty chunk, or returns nil when the budget is spent.
+func (b *budget) chunk() []byte {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.used+n > b.limit {
-		return false
+	if b.used+chunkSize > b.limit {
+		return nil
 	}
-	b.used += n
-	return true
+	b.used += chunkSize
+	if n := len(b.spare); n > 0 {
+		c := b.spare[n-1]
+		b.spare = b.spare[:n-1]
+		return c[:0]
+	}
+	return make([]byte, 0, chunkSize)
 }
 
-func (b *budget) give(n int64) {
+// give returns chunks no one reads any more.
+func (b *budget) give(cs [][]byte) {
 	b.mu.Lock()
-	b.used -= n
+	b.used -= int64(len(cs)) * chunkSize
+	b.spare = append(b.spare, cs...)
 	b.mu.Unlock()
 }
 
@@ -70,10 +82,11 @@ func (s *spool) Write(p []byte) (int, error) {
 				continue
 			}
 		}
-		if !s.b.take(chunkSize) {
+		c := s.b.chunk()
+		if c == nil {
 			break
 		}
-		s.chunks = append(s.chunks, make([]byte, 0, chunkSize))
+		s.chunks = append(s.chunks, c)
 	}
 	if len(p) == 0 {
 		return total, nil
@@ -110,7 +123,7 @@ func (s *spool) size() int64 {
 func (s *spool) spilled() int64 { return s.flen }
 
 // reader returns a reader of every byte written so far, in order. It stays
-// valid until free.
+// valid until free (after which its chunks may hold another spool's bytes).
 func (s *spool) reader() io.Reader {
 	rs := make([]io.Reader, 0, len(s.chunks)+1)
 	for _, c := range s.chunks {
@@ -147,7 +160,7 @@ func (s *spool) readAt(p []byte, off int64) error {
 
 // free returns the memory to the budget and closes the spill file.
 func (s *spool) free() {
-	s.b.give(int64(len(s.chunks)) * chunkSize)
+	s.b.give(s.chunks)
 	s.chunks = nil
 	if s.f != nil {
 		s.f.Close()

@@ -454,6 +454,23 @@ func (p *Primary) writeMsg(b []byte, flush bool) error {
 	return nil
 }
 
+// writeFrame writes one message from its header's fields and its payload,
+// without copying the payload into a message first (a disk sync stream is
+// up to 4 MiB), and returns the header, for checksums.
+func (p *Primary) writeFrame(t MsgType, epoch uint64, payload []byte) ([HeaderSize]byte, error) {
+	var hb [HeaderSize]byte
+	Header{Type: t, Length: uint32(len(payload)), Epoch: epoch}.put(hb[:])
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	if _, err := p.bw.Write(hb[:]); err != nil {
+		return hb, &linkError{err}
+	}
+	if _, err := p.bw.Write(payload); err != nil {
+		return hb, &linkError{err}
+	}
+	return hb, nil
+}
+
 // fail records the first reason the session ended and wakes everyone. When
 // the primary aborted the session itself, that is the reason.
 func (p *Primary) fail(err error) {
@@ -737,9 +754,9 @@ func (p *Primary) diskSync(ctx context.Context, phase string, run func(send func
 		if p.isLost() {
 			return p.lostErr
 		}
-		msg := encodeMsg(nil, MsgDiskSync, 0, stream)
-		wire += uint64(len(msg))
-		return p.writeMsg(msg, false)
+		wire += HeaderSize + uint64(len(stream))
+		_, err := p.writeFrame(MsgDiskSync, 0, stream)
+		return err
 	})
 	if err == nil {
 		err = p.flush()
@@ -1118,12 +1135,12 @@ func (p *Primary) send(job *epochJob) error {
 				return err
 			}
 		}
-		msg := encodeMsg(nil, MsgState, hdrEpoch, job.state)
-		if err := p.writeMsg(msg, false); err != nil {
+		hb, err := p.writeFrame(MsgState, hdrEpoch, job.state)
+		if err != nil {
 			return fmt.Errorf("send epoch %d state: %w", hdrEpoch, err)
 		}
-		crc = crc32.Update(crc, castagnoli, msg)
-		wire += uint64(len(msg))
+		crc = crc32.Update(crc32.Update(crc, castagnoli, hb[:]), castagnoli, job.state)
+		wire += HeaderSize + uint64(len(job.state))
 		st.StateBytes = uint64(len(job.state))
 	}
 	if job.audited && job.audit != p.digest.digest {
@@ -1163,12 +1180,12 @@ func (p *Primary) send(job *epochJob) error {
 func (p *Primary) sendDisk(n uint64, st *EpochStats, crc *uint32) (uint64, error) {
 	var wire uint64
 	send := func(t MsgType, payload []byte) error {
-		msg := encodeMsg(nil, t, n, payload)
-		if err := p.writeMsg(msg, false); err != nil {
+		hb, err := p.writeFrame(t, n, payload)
+		if err != nil {
 			return err
 		}
-		*crc = crc32.Update(*crc, castagnoli, msg)
-		wire += uint64(len(msg))
+		*crc = crc32.Update(crc32.Update(*crc, castagnoli, hb[:]), castagnoli, payload)
+		wire += HeaderSize + uint64(len(payload))
 		return nil
 	}
 	if n == 1 {

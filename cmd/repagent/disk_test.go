@@ -12,7 +12,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -154,25 +153,6 @@ func TestSweepJobDisks(t *testing.T) {
 			t.Errorf("%s was removed: %v", p, err)
 		}
 	}
-}
-
-// lockedBuffer collects a child process's output, safe to read while the
-// child writes.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // atoi parses a decimal the regexps matched.
@@ -468,7 +448,7 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	addr := freeAddr(t)
 	backup := exec.Command(bin, "backup", "--listen", addr, "--disk", bimg, "--run-after-failover", "1s", "--heartbeat-timeout", "5s")
-	bout := &lockedBuffer{}
+	bout := &outputBuffer{}
 	backup.Stdout, backup.Stderr = bout, bout
 	if err := backup.Start(); err != nil {
 		t.Fatal(err)
@@ -481,7 +461,7 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	if c.fault != "" {
 		primary.Env = append(primary.Env, "REPAGENT_FAULT="+c.fault)
 	}
-	pout := &lockedBuffer{}
+	pout := &outputBuffer{}
 	primary.Stdout, primary.Stderr = pout, pout
 	if err := primary.Start(); err != nil {
 		t.Fatal(err)
@@ -556,7 +536,8 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	// The resumed guest read its disk back and found what it wrote, and the
 	// image verifies again after it ran on.
 	wm := diskWorkloadRE.FindStringSubmatch(out)
-	if wm == nil || !diskFinalRE.MatchString(out) || !strings.Contains(out, "\nverification passed\n") {
+	// outputBuffer trims the last newline.
+	if wm == nil || !diskFinalRE.MatchString(out) || !strings.Contains(out+"\n", "\nverification passed\n") {
 		t.Fatalf("the resumed guest's disk did not verify:\n%s", report())
 	}
 	if atoi(wm[2]) <= atoi(rd[2]) || wm[4] != "0" || atoi(wm[1]) <= atoi(rd[1]) {
