@@ -3,7 +3,7 @@ package testvm
 // Constants of the guest ABI, mirrored from guest/abi.h. TestABIMatchesHeader
 // parses the header and checks every one of them.
 const (
-	abiVersion = 3
+	abiVersion = 4
 
 	pageSize = 4096
 	// MaxVCPUs is the most vCPUs the test VM supports.
@@ -65,6 +65,11 @@ const (
 	patRandom  = 2
 	patHotcold = 3
 
+	contentStamp  = 1
+	contentText   = 2
+	contentSparse = 3
+	textWords     = 16
+
 	gsBoot    = 0
 	gsRunning = 1
 	gsWaiting = 2
@@ -94,6 +99,7 @@ const (
 	pStreamBytes = 104
 	pNetFlags    = 108
 	pNetService  = 112
+	pContent     = 116
 	pVCPU        = 128
 	pVCPUStride  = 32
 	pvBase       = 0
@@ -186,6 +192,29 @@ func stampWord0(vcpu int, index uint64) uint64 { return uint64(vcpu)<<56 | index
 
 // fillBase is abi.h's fill_base.
 func fillBase(w0, version uint64) uint64 { return mix64(w0 ^ version*fillK) }
+
+// xorshift64 is abi.h's xorshift64: the text content's word stream.
+func xorshift64(x uint64) uint64 {
+	x ^= x << 13
+	x ^= x >> 7
+	x ^= x << 17
+	return x
+}
+
+// textWord is abi.h's text_word: the eight-byte word state x picks.
+func textWord(x uint64) uint64 {
+	t := x >> 60
+	n := 2 + t%6
+	var w uint64
+	for j := uint64(0); j < 8; j++ {
+		c := uint64(' ')
+		if j < n {
+			c = 'a' + (t*7+j*3)%26
+		}
+		w |= c << (8 * j)
+	}
+	return w
+}
 
 // CounterStep is one step of the counter workload's running hash:
 // h_c = CounterStep(h_{c-1}, c), starting from CounterStart.

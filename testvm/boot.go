@@ -123,6 +123,7 @@ func writeParams(mem []byte, c Config, l layout, tscKHz uint32) {
 	le.PutUint32(p[pNrVCPUs:], uint32(c.VCPUs))
 	le.PutUint32(p[pWorkload:], uint32(c.Workload))
 	le.PutUint32(p[pPattern:], uint32(c.Pattern))
+	le.PutUint32(p[pContent:], uint32(c.Content))
 	le.PutUint64(p[pTSCKHz:], uint64(tscKHz))
 	le.PutUint64(p[pRate:], c.Rate)
 	le.PutUint64(p[pSeed:], c.Seed)

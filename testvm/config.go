@@ -45,6 +45,42 @@ const (
 	HotCold Pattern = patHotcold
 )
 
+// Content is what a Dirty workload write puts in its page: how much of the
+// page changes and how well it compresses. Each one verifies exactly (see
+// Machine.VerifyPages).
+type Content uint32
+
+const (
+	// Stamp changes every byte of the page with each write; the bytes do not
+	// compress.
+	Stamp Content = contentStamp
+	// Text fills the page with text-like words that LZ4 compresses to about
+	// half (the stamp and version words are kept, so it verifies the same).
+	Text Content = contentText
+	// Sparse changes one 64-byte line of the page with each write; the rest
+	// of the page keeps its bytes (zero until a write reaches them).
+	Sparse Content = contentSparse
+)
+
+var contentNames = map[Content]string{Stamp: "stamp", Text: "text", Sparse: "sparse"}
+
+func (c Content) String() string {
+	if s, ok := contentNames[c]; ok {
+		return s
+	}
+	return fmt.Sprintf("content(%d)", uint32(c))
+}
+
+// ParseContent parses "stamp", "text" or "sparse".
+func ParseContent(s string) (Content, error) {
+	for c, n := range contentNames {
+		if n == s {
+			return c, nil
+		}
+	}
+	return 0, fmt.Errorf("unknown page content %q (want stamp, text or sparse)", s)
+}
+
 var workloadNames = map[Workload]string{Idle: "idle", Dirty: "dirty", Counter: "counter",
 	UDPEcho: "udp-echo", UDPStream: "udp-stream", Disk: "disk"}
 var patternNames = map[Pattern]string{Seq: "seq", Random: "random", HotCold: "hotcold"}
@@ -109,6 +145,8 @@ type Config struct {
 	// Pattern is the Dirty workload's page order, and the Disk workload's
 	// block order after its first sweep (Seq: sweeps only). 0 means Random.
 	Pattern Pattern
+	// Content is what the Dirty workload writes into a page. 0 means Stamp.
+	Content Content
 	// WorkingSet is the number of 4 KiB pages each vCPU's Dirty workload writes,
 	// from the start of its region. 0 means the whole region.
 	WorkingSet uint64
@@ -176,6 +214,9 @@ func (c Config) withDefaults() Config {
 	if c.Pattern == 0 {
 		c.Pattern = Random
 	}
+	if c.Content == 0 {
+		c.Content = Stamp
+	}
 	if c.HotPercent == 0 {
 		c.HotPercent = 10
 	}
@@ -219,6 +260,9 @@ func (c Config) Validate() error {
 	}
 	if _, ok := patternNames[c.Pattern]; !ok {
 		errs = append(errs, fmt.Sprintf("unknown pattern %d", c.Pattern))
+	}
+	if _, ok := contentNames[c.Content]; !ok {
+		errs = append(errs, fmt.Sprintf("unknown page content %d", c.Content))
 	}
 	if c.HotPercent > 100 || c.HotWritePercent > 100 {
 		errs = append(errs, fmt.Sprintf("hot set %d%% / hot writes %d%%: percentages must be at most 100", c.HotPercent, c.HotWritePercent))

@@ -28,11 +28,14 @@
 //
 // Each vCPU runs its own instance of one workload over its own region:
 //   - Idle paces itself with rdtsc and writes only its status page.
-//   - Dirty writes whole pages of a working set, in order (Seq), uniformly
+//   - Dirty writes pages of a working set, in order (Seq), uniformly
 //     (Random) or mostly to a hot set (HotCold), at full speed or a set rate.
 //     Every write stamps the page with the vCPU, the page index and a version,
 //     and fills the rest from them, so VerifyPages checks every byte against the
-//     status page.
+//     status page. Config.Content says what a write changes: the whole page
+//     with bytes that do not compress (Stamp), the whole page with text-like
+//     words that do (Text), or one 64-byte line of it (Sparse), so that
+//     compression and deduplication have something real to find.
 //   - Counter counts with a running hash of its history (CounterHash), so a
 //     restored guest proves it continued from exactly the saved value.
 //   - UDPEcho and UDPStream (on vCPU 0) use the network device: echo answers

@@ -24,6 +24,10 @@ func TestWorkloadsMakeProgress(t *testing.T) {
 		{"dirty/hotcold", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Pattern: testvm.HotCold, WorkingSet: 1000}},
 		{"dirty/rate", testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Rate: 20000, WorkingSet: 100}},
 		{"dirty/4vcpus", testvm.Config{MemSize: 64 << 20, VCPUs: 4, Workload: testvm.Dirty, WorkingSet: 500}},
+		{"dirty/text/seq", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Content: testvm.Text, Pattern: testvm.Seq, WorkingSet: 300}},
+		{"dirty/text/random", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Content: testvm.Text, WorkingSet: 1000, Seed: 3}},
+		{"dirty/sparse/seq", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Content: testvm.Sparse, Pattern: testvm.Seq, WorkingSet: 300}},
+		{"dirty/sparse/hotcold", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Dirty, Content: testvm.Sparse, Pattern: testvm.HotCold, WorkingSet: 1000}},
 		{"counter", testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Counter}},
 	}
 	for _, tt := range tests {
@@ -60,24 +64,32 @@ func TestWorkloadsMakeProgress(t *testing.T) {
 }
 
 // The Seq pattern's versions are fully determined by the write count; a wrong
-// page is caught by VerifyPages. Corrupt one page and check that it is.
+// page is caught by VerifyPages, whatever the content. Corrupt one page (a
+// word the guest wrote, or one it left zero) and check that it is.
 func TestVerifyPagesCatchesCorruption(t *testing.T) {
-	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Seq, WorkingSet: 64}, nil)
-	vmtest.WaitProgress(t, m, []uint64{200})
-	if err := m.Pause(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.VerifyPages(0); err != nil {
-		t.Fatalf("before corruption: %v", err)
-	}
-	victim := uint64(10)
-	if m.Status(0).CurPage == victim+1 {
-		victim = 11
-	}
-	off := m.RegionBase(0) + victim*4096 + 100*8
-	m.Memory()[off] ^= 1
-	if _, err := m.VerifyPages(0); err == nil {
-		t.Fatal("VerifyPages passed a page with a flipped bit")
+	for _, content := range []testvm.Content{testvm.Stamp, testvm.Text, testvm.Sparse} {
+		for _, word := range []uint64{100, 8 * 11} { // sparse: a zero line, and page 10's only written line
+			t.Run(fmt.Sprintf("%v/word%d", content, word), func(t *testing.T) {
+				m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Content: content,
+					Pattern: testvm.Seq, WorkingSet: 64}, nil)
+				vmtest.WaitProgress(t, m, []uint64{200})
+				if err := m.Pause(); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := m.VerifyPages(0); err != nil {
+					t.Fatalf("before corruption: %v", err)
+				}
+				victim := uint64(10)
+				if m.Status(0).CurPage == victim+1 {
+					victim = 11
+				}
+				off := m.RegionBase(0) + victim*4096 + word*8
+				m.Memory()[off] ^= 1
+				if _, err := m.VerifyPages(0); err == nil {
+					t.Fatal("VerifyPages passed a page with a flipped bit")
+				}
+			})
+		}
 	}
 }
 

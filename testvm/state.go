@@ -21,7 +21,8 @@ import (
 //	length  uint32  bytes of body
 //	body:
 //	  config   memSize u64, vcpus u32, workload u32, pattern u32, hot u32,
-//	           hotWrites u32, reserved u32, workingSet u64, rate u64, seed u64,
+//	           hotWrites u32, content u32 (0, from before it existed: stamp),
+//	           workingSet u64, rate u64, seed u64,
 //	           phaseOps u64, idleTick u64
 //	  layout   lowSize u64, regionPages u64 (derived; checked on restore)
 //	  net      present u32; if 1: mac [8]byte (6 used), ip [4]byte, port u32,
@@ -108,7 +109,7 @@ func (s *SavedState) encode() []byte {
 	c := s.Config
 	l := newLayout(c.MemSize, c.VCPUs)
 	b = appendU64(b, c.MemSize)
-	b = appendU32(b, uint32(c.VCPUs), uint32(c.Workload), uint32(c.Pattern), c.HotPercent, c.HotWritePercent, 0)
+	b = appendU32(b, uint32(c.VCPUs), uint32(c.Workload), uint32(c.Pattern), c.HotPercent, c.HotWritePercent, uint32(c.Content))
 	b = appendU64(b, c.WorkingSet, c.Rate, c.Seed, c.PhaseOps, c.IdleTickMicros)
 	b = appendU64(b, l.lowSize, l.regionPages)
 	if n := c.Net; n != nil {
@@ -200,7 +201,10 @@ func DecodeState(b []byte) (*SavedState, error) {
 	c.VCPUs = int(d.u32())
 	c.Workload, c.Pattern = Workload(d.u32()), Pattern(d.u32())
 	c.HotPercent, c.HotWritePercent = d.u32(), d.u32()
-	d.u32()
+	c.Content = Content(d.u32())
+	if c.Content == 0 {
+		c.Content = Stamp
+	}
 	c.WorkingSet, c.Rate, c.Seed, c.PhaseOps, c.IdleTickMicros = d.u64(), d.u64(), d.u64(), d.u64(), d.u64()
 	lowSize, regionPages := d.u64(), d.u64()
 	switch present := d.u32(); present {

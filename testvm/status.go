@@ -148,13 +148,21 @@ type PageReport struct {
 	MaxVersion uint64 // the highest version found
 }
 
-// VerifyPages checks every page of vCPU i's working set against its own stamp
-// and the status page: a written page carries its vCPU and index, a version no
-// newer than status.writes, and the fill that version implies in every word; a
-// page never written is zero. With the Seq pattern the version of every page
-// is known exactly and checked too. Call it while the machine is paused. The
-// page being written when the guest was paused (CurPage) may be torn and is
-// only checked for its index.
+// VerifyPages checks every page of vCPU i's working set against its own
+// contents and the status page, by the workload's Content (abi.h):
+//   - Stamp and Text: a written page carries its vCPU and index, a version no
+//     newer than status.writes, and in every other word what that version
+//     implies (the fill, or the text words);
+//   - Sparse: every 64-byte line is either all zero (never written) or holds
+//     a version v no newer than status.writes, with v % 64 naming the line,
+//     and the fill that v and the page's vCPU and index imply; the page's
+//     version is its newest line's;
+//
+// a page never written is zero. With the Seq pattern the version of every
+// Stamp or Text page is known exactly and checked too. In every content the
+// newest version found must be status.writes, unless a write is in progress.
+// Call it while the machine is paused. The page being written when the guest
+// was paused (CurPage) may be torn and is only counted.
 func (m *Machine) VerifyPages(i int) (PageReport, error) {
 	m.memMu.RLock()
 	defer m.memMu.RUnlock()
@@ -175,44 +183,29 @@ func verifyPages(mem []byte, l layout, cfg Config, i int) (PageReport, error) {
 	if st.CurPage != 0 {
 		torn = st.CurPage
 	}
+	seq := cfg.Pattern == Seq && cfg.Workload == Dirty
 	base := l.regionBase(i)
 	for idx := uint64(0); idx < ws; idx++ {
 		w := pageWords(mem, base+idx*pageSize)
-		v := w[1]
-		if torn == idx+1 {
-			if v != 0 {
-				rep.Written++
-			}
-			continue
+		var v uint64
+		var err error
+		if cfg.Content == Sparse {
+			v, err = checkSparsePage(w[:], i, idx, st.Writes, torn == idx+1)
+		} else {
+			v, err = checkStampedPage(w[:], cfg.Content, i, idx, st.Writes, torn == idx+1)
+		}
+		if err != nil {
+			return rep, err
 		}
 		if v == 0 {
-			for k, x := range w {
-				if x != 0 {
-					return rep, fmt.Errorf("vCPU %d page %d: never written (version 0) but word %d is %#x", i, idx, k, x)
-				}
-			}
-			if cfg.Pattern == Seq && cfg.Workload == Dirty && idx < st.Writes {
+			if seq && cfg.Content != Sparse && idx < st.Writes && torn != idx+1 {
 				return rep, fmt.Errorf("vCPU %d page %d: never written, but %d sequential writes should have reached it", i, idx, st.Writes)
 			}
 			continue
 		}
 		rep.Written++
-		if v > rep.MaxVersion {
-			rep.MaxVersion = v
-		}
-		if want := stampWord0(i, idx); w[0] != want {
-			return rep, fmt.Errorf("vCPU %d page %d: stamp word %#x, want %#x (vCPU %d, index %d)", i, idx, w[0], want, i, idx)
-		}
-		if v > st.Writes {
-			return rep, fmt.Errorf("vCPU %d page %d: version %d is newer than the %d writes the status page reports", i, idx, v, st.Writes)
-		}
-		fb := fillBase(w[0], v)
-		for k := 2; k < 512; k++ {
-			if want := fb + uint64(k)*fillK; w[k] != want {
-				return rep, fmt.Errorf("vCPU %d page %d version %d: word %d is %#x, want %#x", i, idx, v, k, w[k], want)
-			}
-		}
-		if cfg.Pattern == Seq && cfg.Workload == Dirty {
+		rep.MaxVersion = max(rep.MaxVersion, v)
+		if seq && cfg.Content != Sparse && torn != idx+1 {
 			// Write number v went to page (v-1) mod ws; the newest such v <= writes.
 			want := st.Writes - (st.Writes-1-idx)%ws
 			if st.Writes <= idx {
@@ -227,4 +220,82 @@ func verifyPages(mem []byte, l layout, cfg Config, i int) (PageReport, error) {
 		return rep, fmt.Errorf("vCPU %d: newest page version %d, but the status page reports %d writes", i, rep.MaxVersion, st.Writes)
 	}
 	return rep, nil
+}
+
+// checkStampedPage checks a Stamp or Text page (words w) of vCPU i at index
+// idx against writes, the vCPU's completed writes, and returns its version
+// (0: never written). A torn page is not checked, only read.
+func checkStampedPage(w []uint64, c Content, i int, idx, writes uint64, torn bool) (uint64, error) {
+	v := w[1]
+	if torn {
+		return v, nil
+	}
+	if v == 0 {
+		for k, x := range w {
+			if x != 0 {
+				return 0, fmt.Errorf("vCPU %d page %d: never written (version 0) but word %d is %#x", i, idx, k, x)
+			}
+		}
+		return 0, nil
+	}
+	if want := stampWord0(i, idx); w[0] != want {
+		return 0, fmt.Errorf("vCPU %d page %d: stamp word %#x, want %#x (vCPU %d, index %d)", i, idx, w[0], want, i, idx)
+	}
+	if v > writes {
+		return 0, fmt.Errorf("vCPU %d page %d: version %d is newer than the %d writes the status page reports", i, idx, v, writes)
+	}
+	if c == Text {
+		x := fillBase(w[0], v) | 1
+		for k := 2; k < 512; k++ {
+			x = xorshift64(x)
+			if want := textWord(x); w[k] != want {
+				return 0, fmt.Errorf("vCPU %d page %d version %d (text): word %d is %#x, want %#x", i, idx, v, k, w[k], want)
+			}
+		}
+		return v, nil
+	}
+	fb := fillBase(w[0], v)
+	for k := 2; k < 512; k++ {
+		if want := fb + uint64(k)*fillK; w[k] != want {
+			return 0, fmt.Errorf("vCPU %d page %d version %d: word %d is %#x, want %#x", i, idx, v, k, w[k], want)
+		}
+	}
+	return v, nil
+}
+
+// checkSparsePage checks a Sparse page line by line and returns its newest
+// line's version (0: no line written). A torn page is only read.
+func checkSparsePage(w []uint64, i int, idx, writes uint64, torn bool) (uint64, error) {
+	var newest uint64
+	w0 := stampWord0(i, idx)
+	for l := uint64(0); l < 64; l++ {
+		line := w[8*l : 8*l+8]
+		v := line[0]
+		if torn {
+			newest = max(newest, v)
+			continue
+		}
+		if v == 0 {
+			for j, x := range line {
+				if x != 0 {
+					return 0, fmt.Errorf("vCPU %d page %d line %d: never written (version 0) but word %d is %#x", i, idx, l, j, x)
+				}
+			}
+			continue
+		}
+		if v > writes {
+			return 0, fmt.Errorf("vCPU %d page %d line %d: version %d is newer than the %d writes the status page reports", i, idx, l, v, writes)
+		}
+		if v%64 != l {
+			return 0, fmt.Errorf("vCPU %d page %d line %d: holds version %d, which writes line %d", i, idx, l, v, v%64)
+		}
+		f := fillBase(w0^l<<48, v)
+		for j := uint64(1); j < 8; j++ {
+			if want := f + j*fillK; line[j] != want {
+				return 0, fmt.Errorf("vCPU %d page %d line %d version %d: word %d is %#x, want %#x", i, idx, l, v, j, line[j], want)
+			}
+		}
+		newest = max(newest, v)
+	}
+	return newest, nil
 }

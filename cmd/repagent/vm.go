@@ -74,9 +74,9 @@ func usagef(format string, args ...any) error {
 // guestFlags are the flags that describe the test VM. The vm command, the
 // main job and the primary command share them.
 type guestFlags struct {
-	mem, workload, pattern string
-	vcpus                  int
-	workingSet, rate, seed uint64
+	mem, workload, pattern, content string
+	vcpus                           int
+	workingSet, rate, seed          uint64
 
 	// The network device.
 	tap, mac, ip, service string
@@ -91,7 +91,7 @@ type guestFlags struct {
 }
 
 // guestFlagNames are the guest flags' names, in the order usage lists them.
-var guestFlagNames = []string{"mem", "vcpus", "workload", "pattern", "working-set", "rate", "seed",
+var guestFlagNames = []string{"mem", "vcpus", "workload", "pattern", "content", "working-set", "rate", "seed",
 	"tap", "mac", "ip", "port", "net-service", "stream-rate", "stream-bytes", "disk"}
 
 // Guest network defaults.
@@ -107,6 +107,7 @@ func (g *guestFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&g.vcpus, "vcpus", 1, fmt.Sprintf("number of vCPUs, 1 to %d", testvm.MaxVCPUs))
 	fs.StringVar(&g.workload, "workload", "dirty", "what each vCPU runs: idle, dirty, counter, udp-echo, udp-stream or disk (the network ones and disk on vCPU 0, the others idle; disk needs a block device)")
 	fs.StringVar(&g.pattern, "pattern", "random", "the dirty workload's page order: seq, random or hotcold")
+	fs.StringVar(&g.content, "content", "stamp", "what a dirty workload write puts in its page: stamp (every byte changes; incompressible), text (compressible text-like words) or sparse (one 64-byte line changes, the rest keeps its bytes)")
 	fs.Uint64Var(&g.workingSet, "working-set", 0, "4KiB `pages` each vCPU's dirty workload writes (default 0: its whole region)")
 	fs.Uint64Var(&g.rate, "rate", 0, "page writes per second per vCPU for the dirty workload, block writes per second for the disk workload (default 0: full speed)")
 	fs.Uint64Var(&g.seed, "seed", 1, "seed of the random and hotcold patterns")
@@ -187,7 +188,11 @@ func (g *guestFlags) config() (testvm.Config, error) {
 	if err != nil {
 		return testvm.Config{}, usagef("--pattern: %w", err)
 	}
-	cfg := testvm.Config{MemSize: mem, VCPUs: g.vcpus, Workload: wl, Pattern: pat,
+	content, err := testvm.ParseContent(g.content)
+	if err != nil {
+		return testvm.Config{}, usagef("--content: %w", err)
+	}
+	cfg := testvm.Config{MemSize: mem, VCPUs: g.vcpus, Workload: wl, Pattern: pat, Content: content,
 		WorkingSet: g.workingSet, Rate: g.rate, Seed: g.seed}
 	if cfg.Net, err = g.netConfig(wl); err != nil {
 		return testvm.Config{}, err
@@ -509,7 +514,11 @@ func describe(c testvm.Config) string {
 	if c.VCPUs == 1 {
 		vcpus = "vCPU"
 	}
-	s := fmt.Sprintf("%s workload, %d %s, %s", c.Workload, c.VCPUs, vcpus, testvm.FormatSize(c.MemSize))
+	wl := c.Workload.String()
+	if c.Workload == testvm.Dirty && c.Content != testvm.Stamp && c.Content != 0 {
+		wl += " (" + c.Content.String() + " pages)"
+	}
+	s := fmt.Sprintf("%s workload, %d %s, %s", wl, c.VCPUs, vcpus, testvm.FormatSize(c.MemSize))
 	if c.Disk != nil {
 		s += fmt.Sprintf(", %s disk", testvm.FormatSize(c.Disk.Blocks*testvm.DiskBlockSize))
 	}

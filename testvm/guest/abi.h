@@ -16,7 +16,7 @@
 #ifndef REPAGENT_GUEST_ABI_H
 #define REPAGENT_GUEST_ABI_H
 
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 #define PAGE_SIZE 4096
 #define MAX_VCPUS 4
@@ -89,6 +89,10 @@
 #define PAT_SEQ 1
 #define PAT_RANDOM 2
 #define PAT_HOTCOLD 3
+/* What a dirty-workload write puts in its page (params.content; 0 = stamp). */
+#define CONTENT_STAMP 1
+#define CONTENT_TEXT 2
+#define CONTENT_SPARSE 3
 
 /* Guest states in status.state. */
 #define GS_BOOT 0
@@ -122,6 +126,7 @@
 #define P_STREAM_BYTES 104
 #define P_NET_FLAGS 108
 #define P_NET_SERVICE 112
+#define P_CONTENT 116
 #define P_VCPU 128
 #define P_VCPU_STRIDE 32
 #define PV_BASE 0
@@ -267,7 +272,7 @@ struct guest_params {
 	u32 net_flags;       /* NET_PRESENT when the VM has a network device */
 	u32 net_service;     /* WL_UDP_ECHO or WL_UDP_STREAM: vCPU 0 also serves the
 	                      * network between its workload's operations; 0 = none */
-	u32 reserved1;
+	u32 content;         /* dirty: CONTENT_*, what a write puts in its page; 0 = stamp */
 	u64 reserved[1];
 	struct guest_vcpu_params vcpu[MAX_VCPUS];
 	u64 disk_blocks;     /* the disk's size in DISK_BLOCK_SIZE blocks (0: no disk) */
@@ -322,12 +327,22 @@ struct disk_desc {
 /*
  * Page stamps (dirty workload). Writing page `index` of vCPU `vcpu`'s working set
  * with version v (v = status.writes + 1, so versions are unique and increase)
- * fills all 512 words of the page:
- *   w[0] = ((u64)vcpu << 56) | index
- *   w[1] = v
- *   w[k] = fill_base(w[0], v) + k * FILL_K, for k = 2..511
- * A page never written is all zero. The host verifies any page from its own
- * contents plus status.writes: v <= writes, or the page is cur_page (torn).
+ * puts in the page, by params.content:
+ *   CONTENT_STAMP: all 512 words change (nothing compresses):
+ *     w[0] = ((u64)vcpu << 56) | index
+ *     w[1] = v
+ *     w[k] = fill_base(w[0], v) + k * FILL_K, for k = 2..511
+ *   CONTENT_TEXT: the same w[0] and w[1], and text-like words (it compresses):
+ *     w[k] = text_word(x_k), for k = 2..511, where x_1 = fill_base(w[0], v) | 1
+ *     and x_k = xorshift64(x_{k-1}): one of TEXT_WORDS eight-byte words
+ *   CONTENT_SPARSE: only the 64-byte line l = v % 64 (words 8l..8l+7) changes,
+ *     the rest of the page keeps its bytes:
+ *     w[8l] = v
+ *     w[8l+j] = fill_base(w0 ^ (l << 48), v) + j * FILL_K, for j = 1..7,
+ *     with w0 = ((u64)vcpu << 56) | index as above
+ * A page (a line, for sparse) never written is all zero. The host verifies
+ * any page from its own contents plus status.writes: v <= writes, or the page
+ * is cur_page (torn).
  */
 static inline u64 mix64(u64 x)
 {
@@ -342,6 +357,28 @@ static inline u64 mix64(u64 x)
 static inline u64 fill_base(u64 w0, u64 version)
 {
 	return mix64(w0 ^ (version * FILL_K));
+}
+
+/* CONTENT_TEXT: the word stream's next state (xorshift64, never 0 from a
+ * nonzero start) and the eight-byte word a state picks: the top bits of x
+ * choose one of TEXT_WORDS words, each a lower-case word of 2 to 7 letters
+ * padded with spaces, so that LZ4 finds repeats as in English text. */
+#define TEXT_WORDS 16
+static inline u64 xorshift64(u64 x)
+{
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return x;
+}
+
+static inline u64 text_word(u64 x)
+{
+	u64 t = x >> 60, n = 2 + t % 6, w = 0, j;
+
+	for (j = 0; j < 8; j++)
+		w |= (j < n ? (u64)('a' + (t * 7 + j * 3) % 26) : (u64)' ') << (8 * j);
+	return w;
 }
 
 /*

@@ -56,6 +56,7 @@ _Static_assert(__builtin_offsetof(struct guest_params, stream_rate) == P_STREAM_
 _Static_assert(__builtin_offsetof(struct guest_params, stream_bytes) == P_STREAM_BYTES, "P_STREAM_BYTES");
 _Static_assert(__builtin_offsetof(struct guest_params, net_flags) == P_NET_FLAGS, "P_NET_FLAGS");
 _Static_assert(__builtin_offsetof(struct guest_params, net_service) == P_NET_SERVICE, "P_NET_SERVICE");
+_Static_assert(__builtin_offsetof(struct guest_params, content) == P_CONTENT, "P_CONTENT");
 _Static_assert(__builtin_offsetof(struct guest_params, vcpu) == P_VCPU, "P_VCPU");
 _Static_assert(sizeof(struct guest_vcpu_params) == P_VCPU_STRIDE, "P_VCPU_STRIDE");
 _Static_assert(__builtin_offsetof(struct guest_vcpu_params, base) == PV_BASE, "PV_BASE");
@@ -221,6 +222,8 @@ static COLD void announce(vstatus *st, u64 vcpu, const struct guest_params *p)
 		con_u64(&c, p->vcpu[vcpu].working_set);
 		con_str(&c, " pages rate=");
 		con_u64(&c, p->rate);
+		con_str(&c, p->content == CONTENT_TEXT ? " content=text" :
+			    p->content == CONTENT_SPARSE ? " content=sparse" : " content=stamp");
 		if (p->pattern == PAT_HOTCOLD) {
 			con_str(&c, " hot=");
 			con_u64(&c, p->hot_pct);
@@ -662,11 +665,54 @@ static NORETURN void run_idle(vstatus *st, const struct guest_params *p, struct 
 	}
 }
 
+/* write_page writes version v of the page at w, whose stamp word is w0, with
+ * the content abi.h describes. The words that say which version the page (or
+ * line) holds go last, so a page caught half written is at most cur_page. */
+static inline void write_page(u64 *w, u64 w0, u64 v, u32 content, const u64 *words)
+{
+	int k;
+
+	if (content == CONTENT_SPARSE) {
+		u64 l = v % (PAGE_SIZE / 64), *line = w + 8 * l;
+		u64 f = fill_base(w0 ^ (l << 48), v) + FILL_K;
+
+		for (k = 1; k < 8; k++) {
+			line[k] = f;
+			f += FILL_K;
+		}
+		barrier();
+		line[0] = v;
+		barrier();
+		return;
+	}
+	if (content == CONTENT_TEXT) {
+		u64 x = fill_base(w0, v) | 1;
+
+		for (k = 2; k < PAGE_SIZE / 8; k++) {
+			x = xorshift64(x);
+			w[k] = words[x >> 60];
+		}
+	} else {
+		u64 f = fill_base(w0, v) + 2 * FILL_K;
+
+		for (k = 2; k < PAGE_SIZE / 8; k++) {
+			w[k] = f;
+			f += FILL_K;
+		}
+	}
+	barrier();
+	w[1] = v;
+	barrier();
+	w[0] = w0;
+	barrier();
+}
+
 static NORETURN void run_dirty(vstatus *st, const struct guest_params *p, u64 vcpu, struct net *n)
 {
 	const u64 base = p->vcpu[vcpu].base, W = p->vcpu[vcpu].working_set;
 	const u64 w0_hi = vcpu << 56;
 	const u32 pattern = p->pattern;
+	const u32 content = p->content ? p->content : CONTENT_STAMP;
 	const u64 hot_pct = p->hot_pct > 100 ? 100 : p->hot_pct;
 	const u64 hot_w = p->hot_write_pct;
 	const u64 H0 = W * hot_pct / 100, H = H0 ? H0 : 1, C = W - H;
@@ -676,7 +722,11 @@ static NORETURN void run_dirty(vstatus *st, const struct guest_params *p, u64 vc
 	u64 left = phase_ops, ph = 0, v = 0, seq = 0;
 	u64 rs = mix64(p->seed ^ ((vcpu + 1) * FILL_K));
 	u64 next = rdtsc();
+	u64 words[TEXT_WORDS];
+	int t;
 
+	for (t = 0; t < TEXT_WORDS; t++)
+		words[t] = text_word((u64)t << 60);
 	if (!rs)
 		rs = FILL_K;
 	for (;;) {
@@ -706,22 +756,7 @@ static NORETURN void run_dirty(vstatus *st, const struct guest_params *p, u64 vc
 		v++;
 		st->cur_page = idx + 1;
 		barrier();
-		{
-			u64 *w = (u64 *)(base + (idx << 12));
-			const u64 w0 = w0_hi | idx;
-			u64 f = fill_base(w0, v) + 2 * FILL_K;
-			int k;
-
-			for (k = 2; k < PAGE_SIZE / 8; k++) {
-				w[k] = f;
-				f += FILL_K;
-			}
-			barrier();
-			w[1] = v;
-			barrier();
-			w[0] = w0;
-			barrier();
-		}
+		write_page((u64 *)(base + (idx << 12)), w0_hi | idx, v, content, words);
 		st->writes = v;
 		st->iterations = v;
 		st->tsc = rdtsc();
@@ -1090,6 +1125,8 @@ void guest_main(u64 vcpu)
 	if ((p->workload == WL_DIRTY || p->workload == WL_DISK) && p->pattern != PAT_SEQ &&
 	    p->pattern != PAT_RANDOM && p->pattern != PAT_HOTCOLD)
 		fail(st, GERR_BAD_PATTERN);
+	if (p->content > CONTENT_SPARSE)
+		fail(st, GERR_BAD_PARAMS);
 	/* The version table (8 bytes a block) must fit in vCPU 0's region. */
 	if (p->workload == WL_DISK &&
 	    (!(p->disk_flags & DISK_PRESENT) || p->disk_ws < 1 || p->disk_ws > p->disk_blocks ||
