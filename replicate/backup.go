@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -18,6 +17,9 @@ import (
 	"github.com/pierrec/lz4/v4"
 
 	"github.com/repagent/repagent/diskmirror"
+	"golang.org/x/sys/unix"
+
+	"github.com/repagent/repagent/internal/cpuclock"
 )
 
 // Errors a Backup returns.
@@ -68,8 +70,14 @@ type BackupConfig struct {
 	// DiskConfig bounds the memory held for disk writes received and not yet
 	// applied (past it they spill to a file). Its FirstEpoch is the engine's.
 	DiskConfig diskmirror.ReplicaConfig
-	// SkipVerify skips digesting the whole replica before resuming it.
-	SkipVerify bool
+	// VerifyReplica digests the whole replica before resuming it and refuses
+	// to resume one that does not match its checkpoint (ErrReplicaCorrupt).
+	// Failover then grows with memory (about 80 ms at 256 MiB here), so it is
+	// off by default: every epoch was verified as it arrived (each page
+	// against its CRC, the epoch against its checksum and the primary's
+	// memory digest, kept page by page), which already makes the replica the
+	// checkpoint bit for bit unless the backup's own memory failed since.
+	VerifyReplica bool
 	// OnEpoch is told of every checkpoint applied.
 	OnEpoch func(epoch uint64, pages int, digest uint64)
 	// Hook, when set, is called at HookApply (fault injection for tests).
@@ -102,14 +110,19 @@ type Backup struct {
 
 // replica is guest memory on the backup and the checkpoint it holds.
 type replica struct {
-	shape  Shape
-	lay    layout
-	mem    *os.File
-	table  *digestTable
-	epoch  uint64 // last checkpoint applied (0: none)
-	state  []byte
-	digest uint64
-	disk   *diskmirror.Replica // the session's disk; nil without one
+	shape Shape
+	lay   layout
+	mem   *os.File
+	// mapped is mem mapped shared, which the session writes pages into (a
+	// copy per page, no system call); written marks the pages ever written
+	// there, so that a zero page on a page still zero costs nothing.
+	mapped  []byte
+	written []uint64
+	table   *digestTable
+	epoch   uint64 // last checkpoint applied (0: none)
+	state   []byte
+	digest  uint64
+	disk    *diskmirror.Replica // the session's disk; nil without one
 }
 
 // close frees the replica's memory and drops its disk's pending epochs.
@@ -117,7 +130,29 @@ func (r *replica) close() error {
 	if r.disk != nil {
 		r.disk.Close()
 	}
+	r.unmap()
 	return r.mem.Close()
+}
+
+// openReplica makes a replica of shape in mem, a zero-filled file.
+func openReplica(shape Shape, mem *os.File, disk *diskmirror.Replica) (*replica, error) {
+	if st, err := mem.Stat(); err != nil || uint64(st.Size()) < shape.MemSize {
+		return nil, fmt.Errorf("replica memory: the file is smaller than the %d bytes asked (%v)", shape.MemSize, err)
+	}
+	mapped, err := unix.Mmap(int(mem.Fd()), 0, int(shape.MemSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("replica memory: map it: %w", err)
+	}
+	return &replica{shape: shape, lay: layoutFor(shape), mem: mem, mapped: mapped, written: make([]uint64, (shape.Pages()+63)/64),
+		table: newDigestTable(shape.Pages()), disk: disk}, nil
+}
+
+// unmap drops the session's mapping of the memory (before Resume owns it).
+func (r *replica) unmap() {
+	if r.mapped != nil {
+		unix.Munmap(r.mapped)
+		r.mapped = nil
+	}
 }
 
 // DefaultMaxMemory is BackupConfig.MaxMemory's default.
@@ -217,7 +252,8 @@ func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) 
 func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*Failover, error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	ic := &idleConn{Conn: conn, timeout: max(b.cfg.HeartbeatTimeout, 5*time.Second)}
-	s := &session{b: b, conn: ic, bw: bufio.NewWriter(ic), done: make(chan struct{})}
+	s := &session{b: b, conn: ic, done: make(chan struct{})}
+	ic.meter = &s.meter
 	err := s.run()
 	close(s.done)
 	stop()
@@ -247,7 +283,7 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	}
 	fo := &Failover{Epoch: rep.epoch, Digest: rep.digest, Cause: cause}
 	b.log.Warn("PRIMARY LOST: failing over", "cause", cause, "epoch", rep.epoch)
-	if !b.cfg.SkipVerify {
+	if b.cfg.VerifyReplica {
 		d, err := DigestMemory(rep.mem, rep.shape.MemSize)
 		if err != nil {
 			return nil, fmt.Errorf("verify replica: %w", err)
@@ -267,7 +303,8 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	}
 	t := time.Now()
 	fo.Verify = t.Sub(t0)
-	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape}
+	rep.unmap()
+	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape, Verified: fo.Verified}
 	b.mu.Lock()
 	b.rep = nil // the memory is Resume's now
 	b.mu.Unlock()
@@ -280,32 +317,55 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	return fo, nil
 }
 
-// session is one primary's connection.
+// session is one primary's connection. Its receive path, page by page: a
+// checkpoint's Pages payloads are read from the socket straight into
+// staging (buf); each page is checked once as it arrives, raw pages by the
+// CRC of their bytes where they lie, LZ4 pages by the CRC of their
+// decompression into dec, zero pages by their entry; once the end record
+// verifies, runs of consecutive pages are written into the replica from
+// where they lie, one write per run. No page is copied between the socket
+// and the replica but by its decompression, and no page is read for a CRC
+// twice.
 type session struct {
 	b       *Backup
 	conn    *idleConn
 	wmu     sync.Mutex
-	bw      *bufio.Writer
 	done    chan struct{}
 	timeout time.Duration
 	acked   atomic.Uint64
+	// applied counts the pages written into the replica, for heartbeats'
+	// progress (with the bytes read).
+	applied atomic.Uint64
 
 	rep       *replica
 	precopy   bool   // still in the initial sync
 	round     uint32 // next pre-copy round expected
 	epoch     uint64 // next checkpoint epoch expected
 	crc       uint32
-	pages     uint64
-	staged    []byte // a checkpoint epoch's Pages messages, payloads back to back
+	pages     uint64    // pages of the epoch (or pre-copy round) so far
+	arena     recvArena // the epoch's Pages payloads, as received, and its LZ4 pages decoded
+	recs      []pageRec // its pages, in stream order
 	state     []byte
 	hasState  bool
 	seen      []uint64 // bitmap of pages sent in this epoch
 	seenList  []uint64
 	maxStaged int
-	pageBuf   []byte
-	idxs      []uint64
-	crcs      []uint32
 	drecv     *diskRecv // the epoch's disk stream, while it arrives
+
+	// meter sums the CPU time of the session's reads from the primary and
+	// its handling of memory, state and end messages, from the first
+	// checkpoint on (the disk stream's receiver is not metered: the engine's
+	// CPU figures are the memory path's).
+	meter cpuclock.Meter
+}
+
+// pageRec is a page of the epoch being received: its replica index and CRC,
+// and where its bytes are in the arena (raw, or LZ4 decoded; none if zero).
+type pageRec struct {
+	idx        uint64
+	crc        uint32
+	enc        uint16
+	chunk, off int
 }
 
 // diskRecv feeds an epoch's disk messages, as they arrive, to
@@ -320,10 +380,8 @@ type diskRecv struct {
 func (s *session) write(t MsgType, epoch uint64, payload []byte) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	if _, err := s.bw.Write(encodeMsg(nil, t, epoch, payload)); err != nil {
-		return err
-	}
-	return s.bw.Flush()
+	_, err := s.conn.Write(encodeMsg(nil, t, epoch, payload))
+	return err
 }
 
 // reject tells the primary why the session ends and returns err.
@@ -332,7 +390,17 @@ func (s *session) reject(err error) error {
 	return err
 }
 
-// run handles the session until it ends.
+// cpu is the engine CPU the session spent on checkpoints so far (0 before
+// the first). Only the session's goroutine calls it.
+func (s *session) cpu() time.Duration {
+	if s.precopy {
+		return 0
+	}
+	return s.meter.Total()
+}
+
+// run handles the session until it ends. It runs on its own thread, so
+// that its CPU clock is the receiving's cost (Handle locks it).
 func (s *session) run() error {
 	s.timeout = s.conn.timeout
 	rd := newMsgReader(s.conn)
@@ -371,6 +439,9 @@ func (s *session) run() error {
 		s.timeout = max(5*hello.Interval, MinHeartbeatTimeout, 4*hello.Heartbeat)
 	}
 	s.conn.timeout = s.timeout
+	// A write to the primary (an ack, a heartbeat) that the full link holds
+	// up waits while the primary is heard from.
+	s.conn.alive = func() bool { return s.conn.heardWithin(s.timeout) }
 	if err := s.write(MsgWelcome, 0, appendWelcome(nil, v)); err != nil {
 		return fmt.Errorf("%w: send welcome: %v", errPrimaryLost, err)
 	}
@@ -386,11 +457,15 @@ func (s *session) run() error {
 	s.precopy, s.epoch = true, 1
 	s.maxStaged = int(hello.Shape.MemSize + hello.Shape.MemSize/8 + MaxPayload)
 	for {
-		h, payload, err := rd.ReadMsg()
-		if err != nil {
-			if errors.Is(err, ErrProtocol) {
-				return s.reject(err)
-			}
+		err := s.next(rd)
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, ErrProtocol) {
+			return s.reject(err)
+		}
+		if errors.Is(err, errRead) {
+			err = errors.Unwrap(err)
 			if isTimeout(err) {
 				err = fmt.Errorf("no word from the primary for %v", s.timeout)
 			}
@@ -399,13 +474,55 @@ func (s *session) run() error {
 			}
 			return fmt.Errorf("%w: %v (epoch %d in progress dropped)", errPrimaryLost, err, s.current())
 		}
-		if err := s.handle(h, rd.rawHeader(), payload); err != nil {
-			if errors.Is(err, ErrProtocol) {
-				return s.reject(err)
-			}
+		return err
+	}
+}
+
+// errRead marks a failure to read the stream (wrapping the read's error):
+// the primary is lost, unless the stream itself broke the protocol.
+var errRead = errors.New("read")
+
+type readError struct{ err error }
+
+func (e readError) Error() string        { return e.err.Error() }
+func (e readError) Unwrap() error        { return e.err }
+func (e readError) Is(target error) bool { return target == errRead }
+
+// next reads and handles one message. A checkpoint's pages are read straight
+// into staging.
+func (s *session) next(rd *msgReader) error {
+	h, err := rd.ReadHeader()
+	if err != nil {
+		if errors.Is(err, ErrProtocol) {
 			return err
 		}
+		return readError{err}
 	}
+	if h.Type != MsgPages {
+		payload, err := rd.Payload(h)
+		if err != nil {
+			return readError{err}
+		}
+		if h.Type == MsgDisk || h.Type == MsgDiskSync {
+			return s.handle(h, rd.rawHeader(), payload) // waits for the disk receiver
+		}
+		s.meter.Start()
+		defer s.meter.Stop()
+		return s.handle(h, rd.rawHeader(), payload)
+	}
+	if err := s.enter(h); err != nil {
+		return err
+	}
+	if !s.precopy && s.arena.total+int(h.Length) > s.maxStaged {
+		return protoErr("epoch %d exceeds the staging limit of %d bytes", s.epoch, s.maxStaged)
+	}
+	payload, chunk, off := s.arena.alloc(int(h.Length))
+	if err := rd.ReadPayload(payload); err != nil {
+		return readError{err}
+	}
+	s.meter.Start()
+	defer s.meter.Stop()
+	return s.handlePages(rd.rawHeader(), payload, chunk, off)
 }
 
 func (s *session) current() uint64 {
@@ -424,7 +541,8 @@ func (s *session) heartbeats(every time.Duration) {
 			return
 		case <-t.C:
 		}
-		if s.write(MsgHeartbeat, 0, appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: s.acked.Load()})) != nil {
+		hb := Heartbeat{Sent: time.Now().UnixNano(), Epoch: s.acked.Load(), Progress: s.conn.read.Load() + s.applied.Load()}
+		if s.write(MsgHeartbeat, 0, appendHeartbeat(nil, hb)) != nil {
 			return
 		}
 	}
@@ -572,20 +690,23 @@ func (s *session) newReplica(shape Shape, disk *diskmirror.Replica) error {
 	if err != nil {
 		return fmt.Errorf("replica memory: %w", err)
 	}
-	s.rep = &replica{shape: shape, lay: layoutFor(shape), mem: mem, table: newDigestTable(shape.Pages()), disk: disk}
+	if s.rep, err = openReplica(shape, mem, disk); err != nil {
+		mem.Close()
+		return err
+	}
 	s.seen = make([]uint64, (shape.Pages()+63)/64)
 	s.b.setReplica(s.rep)
 	return nil
 }
 
-// handle takes one message of the stream.
+// handle takes one message of the stream other than pages.
 func (s *session) handle(h Header, hdr, payload []byte) error {
 	switch h.Type {
 	case MsgHeartbeat:
 		_, err := decodeHeartbeat(payload)
 		return err
 	case MsgBye:
-		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.staged) != 0 || s.drecv != nil {
+		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.recs) != 0 || s.drecv != nil {
 			return protoErr("bye at epoch %d while epoch %d is in progress", h.Epoch, s.current())
 		}
 		return fmt.Errorf("%w after epoch %d", ErrPrimaryStopped, h.Epoch)
@@ -595,48 +716,22 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 			return err
 		}
 		return fmt.Errorf("%w: %s", ErrPrimaryStopped, reason)
-	case MsgPages, MsgState, MsgEnd, MsgDiskSync, MsgDisk:
+	case MsgState, MsgEnd, MsgDiskSync, MsgDisk:
 	default:
 		return protoErr("primary sent %v in the middle of the stream", h.Type)
 	}
-	if s.precopy && h.Epoch == 1 && s.pages == 0 {
-		s.precopy = false // the first checkpoint follows the last pre-copy round
-	}
-	if want := s.current(); h.Epoch != want {
-		return protoErr("%v message of epoch %d while epoch %d is in progress (reordered or foreign stream)", h.Type, h.Epoch, want)
+	if err := s.enter(h); err != nil {
+		return err
 	}
 	switch h.Type {
 	case MsgDiskSync, MsgDisk:
 		return s.handleDisk(h, hdr, payload)
-	case MsgPages:
-		s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
-		if !s.precopy && len(s.staged)+len(payload) > s.maxStaged {
-			return protoErr("epoch %d exceeds the staging limit of %d bytes", s.epoch, s.maxStaged)
-		}
-		// Check every entry now, so a stream repeating pages or naming pages
-		// outside memory is refused before it fills staging.
-		if err := decodePages(payload, func(e pageEntry) error { _, err := s.markSeen(e.GPA); return err }); err != nil {
-			return err
-		}
-		if s.precopy {
-			// Until the first checkpoint the replica is no checkpoint, so a
-			// pre-copy batch goes straight in.
-			s.idxs, s.crcs = s.idxs[:0], s.crcs[:0]
-			if err := s.decode(payload); err != nil {
-				return err
-			}
-			s.pages += uint64(len(s.idxs))
-			return s.writeRuns(false)
-		}
-		s.staged = append(s.staged, hdr[4:8]...) // the payload length, to split them again
-		s.staged = append(s.staged, payload...)
-		return nil
 	case MsgState:
 		if s.precopy || s.hasState {
 			return protoErr("unexpected state message in epoch %d", s.current())
 		}
 		s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
-		s.state, s.hasState = append([]byte(nil), payload...), true
+		s.state, s.hasState = append(s.state[:0], payload...), true
 		return nil
 	}
 	end, err := decodeEnd(payload)
@@ -644,6 +739,73 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		return err
 	}
 	return s.end(end)
+}
+
+// enter checks that a data message (pages, state, end, disk) belongs to the
+// epoch in progress; the first checkpoint's first message ends the sync.
+func (s *session) enter(h Header) error {
+	if s.precopy && h.Epoch == 1 && s.pages == 0 {
+		s.precopy = false // the first checkpoint follows the last pre-copy round
+		s.meter.Take()
+	}
+	if want := s.current(); h.Epoch != want {
+		return protoErr("%v message of epoch %d while epoch %d is in progress (reordered or foreign stream)", h.Type, h.Epoch, want)
+	}
+	return nil
+}
+
+// handlePages checks a Pages payload, read into the arena at chunk, off,
+// page by page:
+// its structure, each page's place in memory (once per epoch), and each
+// page's bytes against the CRC in its entry. A pre-copy round's pages go into
+// the replica at once (until the first checkpoint the replica is no
+// checkpoint); a checkpoint's wait in staging for the end record.
+func (s *session) handlePages(hdr, payload []byte, chunk, off int) error {
+	n, err := checkPages(payload)
+	if err != nil {
+		return err
+	}
+	s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload[:pagesMeta(n)])
+	err = forEachPage(payload, n, func(e pageEntry) error {
+		idx, err := s.markSeen(e.GPA)
+		if err != nil {
+			return err
+		}
+		r := pageRec{idx: idx, crc: e.CRC, enc: e.Enc, chunk: chunk}
+		switch e.Enc {
+		case encZero:
+			if e.CRC != zeroCRC {
+				return protoErr("epoch %d: zero page at GPA %#x with checksum %08x, a zero page's is %08x (corrupted)", s.current(), e.GPA, e.CRC, zeroCRC)
+			}
+		case encRaw:
+			r.off = off + e.Off
+			if c := pageCRC(e.Data); c != e.CRC {
+				return protoErr("epoch %d: page at GPA %#x sums to %08x, its entry's checksum is %08x (corrupted)", s.current(), e.GPA, c, e.CRC)
+			}
+		case encLZ4:
+			var page []byte
+			page, r.chunk, r.off = s.arena.alloc(PageSize)
+			if k, err := lz4.UncompressBlock(e.Data, page); err != nil || k != PageSize {
+				return protoErr("epoch %d: page at GPA %#x: LZ4 data does not decode to a page", s.current(), e.GPA)
+			}
+			if c := pageCRC(page); c != e.CRC {
+				return protoErr("epoch %d: page at GPA %#x decodes to bytes that sum to %08x, its entry's checksum is %08x (corrupted)", s.current(), e.GPA, c, e.CRC)
+			}
+		}
+		s.recs = append(s.recs, r)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	s.pages += uint64(n)
+	if !s.precopy {
+		return nil
+	}
+	err = s.apply(false)
+	s.arena.reset()
+	s.recs = s.recs[:0]
+	return err
 }
 
 // handleDisk takes a disk message. Sync streams come between pre-copy rounds
@@ -696,36 +858,32 @@ func (s *session) end(e End) error {
 			return err
 		}
 	}
-	if s.precopy {
-		if e.Pages != s.pages {
+	if e.Pages != s.pages {
+		if s.precopy {
 			return protoErr("pre-copy round %d: end says %d pages, %d arrived", s.round, e.Pages, s.pages)
 		}
+		return protoErr("epoch %d: end says %d pages, %d arrived", s.epoch, e.Pages, s.pages)
+	}
+	if s.precopy {
 		if e.Digest != s.rep.table.digest {
 			return protoErr("pre-copy round %d: digest %s, replica digests to %s", s.round, FormatDigest(e.Digest), FormatDigest(s.rep.table.digest))
 		}
 		s.round++
 		return nil
 	}
-	// Decode the staged epoch completely before touching the replica.
-	if err := s.decodeStaged(); err != nil {
-		return err
-	}
-	if uint64(len(s.idxs)) != e.Pages {
-		return protoErr("epoch %d: end says %d pages, %d arrived", s.epoch, e.Pages, len(s.idxs))
-	}
 	d := s.rep.table.digest
-	for k, idx := range s.idxs {
-		d += s.rep.table.delta(idx, s.crcs[k])
+	for _, r := range s.recs {
+		d += s.rep.table.delta(r.idx, r.crc)
 	}
 	if d != e.Digest {
 		return protoErr("epoch %d: digest %s, the replica would digest to %s", s.epoch, FormatDigest(e.Digest), FormatDigest(d))
 	}
-	if err := s.write(MsgAck, s.epoch, appendAck(nil, d)); err != nil {
+	if err := s.write(MsgAck, s.epoch, appendAck(nil, Ack{Digest: d, CPU: s.cpu()})); err != nil {
 		// The epoch is verified and complete: apply it anyway, so the replica
 		// is the newest complete checkpoint; the read that follows notices.
 		s.b.log.Warn("send ack", "epoch", s.epoch, "err", err)
 	}
-	if err := s.writeRuns(true); err != nil {
+	if err := s.apply(true); err != nil {
 		return err
 	}
 	if s.rep.disk != nil && s.epoch > 1 {
@@ -734,11 +892,11 @@ func (s *session) end(e End) error {
 		}
 	}
 	s.b.mu.Lock()
-	s.rep.state, s.rep.epoch, s.rep.digest = s.state, s.epoch, d
+	s.rep.state, s.rep.epoch, s.rep.digest = append(s.rep.state[:0], s.state...), s.epoch, d
 	s.b.mu.Unlock()
 	s.acked.Store(s.epoch)
 	if s.b.cfg.OnEpoch != nil {
-		s.b.cfg.OnEpoch(s.epoch, len(s.idxs), d)
+		s.b.cfg.OnEpoch(s.epoch, len(s.recs), d)
 	}
 	s.epoch++
 	return nil
@@ -746,7 +904,9 @@ func (s *session) end(e End) error {
 
 func (s *session) resetEpoch() {
 	s.abortDisk()
-	s.crc, s.pages, s.staged, s.state, s.hasState = 0, 0, s.staged[:0], nil, false
+	s.crc, s.pages, s.hasState = 0, 0, false
+	s.arena.reset()
+	s.recs, s.state = s.recs[:0], s.state[:0]
 	for _, i := range s.seenList {
 		s.seen[i/64] = 0
 	}
@@ -767,84 +927,37 @@ func (s *session) markSeen(gpa uint64) (uint64, error) {
 	return idx, nil
 }
 
-// decodePage decodes one entry into dst (a page).
-func decodePage(e pageEntry, dst []byte) error {
-	switch e.Enc {
-	case encZero:
-		clear(dst)
-	case encRaw:
-		copy(dst, e.Data)
-	case encLZ4:
-		n, err := lz4.UncompressBlock(e.Data, dst)
-		if err != nil || n != PageSize {
-			return protoErr("page at GPA %#x: LZ4 data does not decode to a page", e.GPA)
-		}
-	}
-	return nil
-}
-
-// page returns page k of the session's decode buffer, growing it.
-func (s *session) page(k int) []byte {
-	if need := (k + 1) * PageSize; need > len(s.pageBuf) {
-		s.pageBuf = append(s.pageBuf, make([]byte, max(need, 2*len(s.pageBuf))-len(s.pageBuf))...)
-	}
-	return s.pageBuf[k*PageSize : (k+1)*PageSize]
-}
-
-// decodeStaged decodes every staged page into the page buffer, with its
-// replica index and CRC.
-func (s *session) decodeStaged() error {
-	s.idxs, s.crcs = s.idxs[:0], s.crcs[:0]
-	for st := s.staged; len(st) > 0; {
-		n := int(uint32(st[0]) | uint32(st[1])<<8 | uint32(st[2])<<16 | uint32(st[3])<<24)
-		if err := s.decode(st[4 : 4+n]); err != nil {
-			return err
-		}
-		st = st[4+n:]
-	}
-	return nil
-}
-
-// decode appends a Pages payload's pages, checked on arrival, to the decode
-// buffer, with their replica indexes and CRCs.
-func (s *session) decode(payload []byte) error {
-	return decodePages(payload, func(e pageEntry) error {
-		idx, _ := s.rep.lay.index(e.GPA)
-		p := s.page(len(s.idxs))
-		if err := decodePage(e, p); err != nil {
-			return err
-		}
-		s.idxs = append(s.idxs, idx)
-		s.crcs = append(s.crcs, pageCRC(p))
-		return nil
-	})
-}
-
-// writeRuns writes the decode buffer's pages into the replica, a run of
-// consecutive replica pages per write, and records their CRCs. For a
-// checkpoint (hook) it calls Hook at HookApply halfway.
-func (s *session) writeRuns(hook bool) error {
-	n := len(s.idxs)
+// apply copies the pages received (s.recs) into the replica's mapping and
+// records their CRCs. A zero page is written only where the replica page was
+// ever written (a fresh replica is zero). For a checkpoint (hook) it calls
+// Hook at HookApply halfway.
+func (s *session) apply(hook bool) error {
+	n := len(s.recs)
 	hook = hook && s.b.cfg.Hook != nil
 	if n == 0 && hook {
 		s.b.cfg.Hook(HookApply, s.epoch) // an empty epoch is half applied at once
 	}
-	for i := 0; i < n; {
-		j := i + 1
-		for j < n && s.idxs[j] == s.idxs[j-1]+1 {
-			j++
+	rep := s.rep
+	for i, r := range s.recs {
+		dst := rep.mapped[r.idx*PageSize : (r.idx+1)*PageSize]
+		w, bit := &rep.written[r.idx/64], uint64(1)<<(r.idx%64)
+		if r.enc == encZero {
+			if *w&bit != 0 {
+				clear(dst)
+			}
+		} else {
+			copy(dst, s.arena.bytes(r.chunk, r.off, PageSize))
+			*w |= bit
 		}
-		if _, err := s.rep.mem.WriteAt(s.pageBuf[i*PageSize:j*PageSize], int64(s.idxs[i]*PageSize)); err != nil {
-			return fmt.Errorf("epoch %d: write replica: %w", s.current(), err)
+		rep.table.set(r.idx, r.crc)
+		if i&63 == 63 {
+			s.applied.Add(64)
 		}
-		for k := i; k < j; k++ {
-			s.rep.table.set(s.idxs[k], s.crcs[k])
-		}
-		if i <= n/2 && n/2 < j && hook {
+		if hook && i == n/2 {
 			s.b.cfg.Hook(HookApply, s.epoch)
 		}
-		i = j
 	}
+	s.applied.Add(uint64(n & 63))
 	return nil
 }
 

@@ -1,96 +1,65 @@
 package replicate
 
 import (
-	"bytes"
 	"fmt"
-	"math/rand/v2"
 	"testing"
-
-	"github.com/pierrec/lz4/v4"
 )
 
-// pageKinds makes pages of the kinds a guest holds: zero, random (does not
-// compress) and text-like (compresses about 2:1).
-func pageKinds(kind string, n int) []byte {
-	buf := make([]byte, n*PageSize)
-	r := rand.New(rand.NewPCG(1, 2))
-	switch kind {
-	case "random":
-		for i := range buf {
-			buf[i] = byte(r.Uint32())
-		}
-	case "text":
-		words := []string{"epoch ", "replica ", "guest ", "page ", "dirty ", "the ", "a ", "backup ", "\n"}
-		var b bytes.Buffer
-		for b.Len() < len(buf) {
-			b.WriteString(words[r.IntN(len(words))])
-		}
-		copy(buf, b.Bytes())
-	}
-	return buf
-}
-
-// batchOf returns a memory of MaxBatchPages pages of a kind and a batch of
-// all of them, read live, as a pre-copy round reads guest memory.
-func batchOf(kind string) ([]byte, *batch) {
-	mem := pageKinds(kind, MaxBatchPages)
-	p := &Primary{lay: layout{regions: []layoutRegion{{gpa: 0, size: uint64(len(mem)), host: mem}}}}
-	job := &epochJob{live: true}
-	for k := range MaxBatchPages {
-		job.gpas = append(job.gpas, uint64(k)*PageSize)
-	}
-	return mem, &batch{p: p, job: job, to: MaxBatchPages}
-}
-
-// BenchmarkBatch is one worker building a full Pages message: copy, CRC,
-// zero check, LZ4. SetBytes counts guest memory in.
+// BenchmarkBatch is one worker building a full Pages message from staged
+// pages: zero check, CRC, LZ4 where the mode says. SetBytes counts guest
+// memory in; wire/raw is the message over the pages.
 func BenchmarkBatch(b *testing.B) {
-	for _, kind := range []string{"zero", "random", "text"} {
-		b.Run("pages="+kind, func(b *testing.B) {
-			mem, bt := batchOf(kind)
-			var c lz4.Compressor
-			page, dst := make([]byte, PageSize), make([]byte, lz4.CompressBlockBound(PageSize))
-			b.SetBytes(int64(len(mem)))
-			for b.Loop() {
-				bt.build(&c, page, dst, nil)
-			}
-			b.ReportMetric(float64(len(bt.msg))/float64(len(mem)), "wire/raw")
-		})
+	for _, kind := range contentKinds {
+		for _, mode := range []Compression{CompressAuto, CompressAlways, CompressNever} {
+			b.Run(fmt.Sprintf("pages=%s/compress=%s", kind, mode), func(b *testing.B) {
+				mem := pageContents(kind, MaxBatchPages, 1)
+				p := testPrimary(mem, mode)
+				job := p.testJob(someGPAs(MaxBatchPages, 4*MaxBatchPages, 2), true)
+				bt := getBatch(p, job, 0, len(job.gpas))
+				var w worker
+				b.SetBytes(int64(len(job.gpas)) * PageSize)
+				for b.Loop() {
+					bt.build(&w, nil, nil)
+				}
+				b.ReportMetric(float64(len(bt.head)+bt.size)/float64(len(job.gpas)*PageSize), "wire/raw")
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(job.gpas)), "ns/page")
+			})
+		}
 	}
 }
 
-// BenchmarkDecode is the backup decoding a Pages message into pages with
-// their CRCs, as it does for every staged epoch before it acks.
-func BenchmarkDecode(b *testing.B) {
-	for _, kind := range []string{"zero", "random", "text"} {
+// BenchmarkReceive is the backup taking a Pages message (the payload copied
+// in as a socket read would, every page checked against its CRC, LZ4 pages
+// decoded) and applying it to a replica file.
+func BenchmarkReceive(b *testing.B) {
+	for _, kind := range contentKinds {
 		b.Run("pages="+kind, func(b *testing.B) {
-			mem, bt := batchOf(kind)
-			var c lz4.Compressor
-			bt.build(&c, make([]byte, PageSize), make([]byte, lz4.CompressBlockBound(PageSize)), nil)
-			payload := bt.msg[HeaderSize:]
-			out := make([]byte, PageSize)
-			b.SetBytes(int64(len(mem)))
+			mem := pageContents(kind, MaxBatchPages, 1)
+			p := testPrimary(mem, CompressAuto)
+			job := p.testJob(someGPAs(MaxBatchPages, 4*MaxBatchPages, 2), true)
+			msgs, _ := p.testBatches(job)
+			s := testSession(b, MaxBatchPages)
+			b.SetBytes(int64(len(job.gpas)) * PageSize)
 			for b.Loop() {
-				err := decodePages(payload, func(e pageEntry) error {
-					if err := decodePage(e, out); err != nil {
-						return err
-					}
-					_ = pageCRC(out)
-					return nil
-				})
-				if err != nil {
+				if err := s.receive(msgs[0]); err != nil {
 					b.Fatal(err)
 				}
+				if err := s.apply(false); err != nil {
+					b.Fatal(err)
+				}
+				s.resetEpoch()
 			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(job.gpas)), "ns/page")
 		})
 	}
 }
 
 // BenchmarkDigest compares updating the digest for an epoch's pages with
-// digesting all of memory (the audit, and the backup's check at failover).
+// digesting all of memory (the audit, and the backup's check at failover
+// with VerifyReplica).
 func BenchmarkDigest(b *testing.B) {
 	const memPages = 16384 // 64 MiB
-	mem := pageKinds("random", memPages)
+	mem := pageContents("stamp", memPages, 3)
 	for _, dirty := range []int{1000, 10000} {
 		b.Run(fmt.Sprintf("update/dirty=%d", dirty), func(b *testing.B) {
 			t := newDigestTable(memPages)

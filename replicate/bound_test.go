@@ -33,7 +33,7 @@ func testStagingBounded(t *testing.T, stagingPages uint64, wantOversize bool) {
 	vm := newToyVM(1 << 20)
 	vm.start()
 	defer vm.close()
-	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t),
+	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t), VerifyReplica: true,
 		Resume: func(cp *replicate.Checkpoint) error { defer cp.Memory.Close(); return checkToyReplica(cp) }})
 	if err != nil {
 		t.Fatal(err)

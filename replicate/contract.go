@@ -57,6 +57,9 @@ type Checkpoint struct {
 	Digest uint64
 	// Shape is the VM's shape as the primary declared it.
 	Shape Shape
+	// Verified says the backup digested the whole replica and it matched
+	// Digest (BackupConfig.VerifyReplica).
+	Verified bool
 }
 
 // OutputGate holds a VM's externally visible output (network frames, disk

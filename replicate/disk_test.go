@@ -193,7 +193,7 @@ func recrc(m mangler) mangler {
 			}
 			switch o.typ() {
 			case tPages, tState, tDiskSync, tDisk:
-				crcs[o.epoch()] = crc32.Update(crcs[o.epoch()], castagnoli, o.bytes())
+				crcs[o.epoch()] = crc32.Update(crcs[o.epoch()], castagnoli, o.covered())
 			case tEnd:
 				o.payload = append([]byte(nil), o.payload...)
 				binary.LittleEndian.PutUint32(o.payload[16:], crcs[o.epoch()])
@@ -401,8 +401,9 @@ func TestKVMDiskFailover(t *testing.T) {
 	resumed := make(chan *testvm.Machine, 1)
 	var report testvm.DiskReport
 	b, err := replicate.NewBackup(replicate.BackupConfig{
-		NewMemory: testvm.NewMemFile,
-		Disk:      bimg,
+		NewMemory:     testvm.NewMemFile,
+		VerifyReplica: true,
+		Disk:          bimg,
 		Resume: func(cp *replicate.Checkpoint) error {
 			rep, err := testvm.VerifyDiskImage(cp.Memory, bimg)
 			if err != nil {

@@ -23,25 +23,47 @@
 //  3. Save the machine state (VM.Save).
 //  4. Open epoch N+1 on every OutputGate (and the disk mirror): output from
 //     now on is N+1's.
-//  5. Copy the dirty pages into staging (eager snapshot).
+//  5. Copy the dirty pages into staging (eager snapshot), on the pausing
+//     goroutine and, when the epoch is large enough to pay for waking them,
+//     up to Config.CopyThreads-1 helpers (capture.go).
 //  6. Resume the vCPUs. Steps 1-6 are the pause the guest sees.
-//  7. While the guest runs: compress each page (LZ4, or a flag for a zero
-//     page, or raw when LZ4 does not help) in Config.Workers goroutines, and
-//     send the batches in order, then the epoch's disk writes (with a disk),
-//     then the state, then an end record with a checksum of the epoch's
-//     bytes and the memory digest after the epoch.
+//  7. While the guest runs, in Config.Workers goroutines (sender.go): find
+//     zero pages by a word scan, CRC32C each page once, LZ4 it where the
+//     compression policy says it has been paying (compress.go; a region of
+//     2 MiB whose pages do not shrink below 97% goes raw, and is probed again
+//     later), and send the batches in order with vectored writes straight
+//     from staging; then the epoch's disk writes (with a disk), then the
+//     state, then an end record with a checksum of the epoch's headers and
+//     page entries and the memory digest after the epoch.
 //  8. On the backup's ack of N: commit N on every gate (its output is
 //     released) and report the epoch's EpochStats.
 //
-// Epochs pipeline: the guest runs N+1 while N is on the wire. Staging is a
-// ring of Config.StagingBytes, freed as epochs are sent; at most
-// Config.MaxInFlight epochs are captured and not yet acknowledged. When the
-// link (or the backup) is slower than the guest dirties memory, the next
-// pause waits for the oldest ack (EpochStats.Wait; the guest runs on and the
-// epoch grows), and a pause whose pages do not fit waits, paused, for staging
-// room (EpochStats.Stall: the guest is held back). An epoch larger than all of staging is sent from guest
-// memory during its pause (stop-and-copy, EpochStats.Oversize). Nothing grows
-// without bound.
+// Epochs pipeline, one deep: the guest runs N+1 while N is on the wire, and
+// the pause that ends N+1 waits until the sender is done with N, so at most
+// one captured epoch waits unsent. When the link (or the backup) is slower
+// than the guest dirties memory, epochs grow longer instead of queueing
+// (EpochStats.Wait; the guest runs on meanwhile), and the output they hold
+// waits no longer than the link makes it. At most Config.MaxInFlight epochs
+// are captured and not yet acknowledged. Staging is a ring of
+// Config.StagingBytes, freed as epochs are sent; a pause whose pages do not
+// fit waits, paused, for room (EpochStats.Stall), and an epoch larger than
+// all of staging is sent from guest memory during its pause (stop-and-copy,
+// EpochStats.Oversize). Nothing grows without bound.
+//
+// The initial sync ends by itself when a round leaves at most
+// Config.PrecopyThreshold pages (converged), leaves as many as the round
+// before (the guest dirties memory as fast as it is sent), or after
+// Config.MaxPrecopyRounds; the first checkpoint's pause then copies what is
+// left (stop-and-copy into staging). SyncProgress.End says which.
+//
+// # What a page costs
+//
+// EpochStats.CPU and BackupCPU are the engine's CPU time on an epoch, primary
+// side (the pause's work, the copy helpers, the workers, the sender) and
+// backup side (reading the epoch, checking and decoding it, applying it; the
+// backup sends its running total in every ack). Both are read from per-thread
+// CPU clocks around the work itself, not its waits (internal/cpuclock); the
+// vCPUs' threads and the disk stream are not in them.
 //
 // # The memory digest
 //
@@ -51,9 +73,12 @@
 // acks and returns its own in the ack, which the primary checks too. With
 // Config.AuditEvery, the primary also digests all of guest memory in the pause
 // and stops if the two differ: dirty tracking missed a page. The backup
-// digests its whole replica before resuming it. A replica is therefore known
-// to equal, bit for bit, the primary's memory at the checkpoint's epoch
-// boundary.
+// checks every page against the CRC in its entry as it arrives, and every
+// epoch against its checksum, page count and the primary's digest, before it
+// acks and applies it, so a replica is known to equal, bit for bit, the
+// primary's memory at the checkpoint's epoch boundary. With
+// BackupConfig.VerifyReplica it also digests the whole replica before
+// resuming it (the failover then grows with memory).
 //
 // # The wire protocol
 //
@@ -67,14 +92,20 @@
 //	                 sync block size (0 without a disk), regions, VMM name
 //	welcome     B→P  the version chosen (the highest both speak)
 //	reject      both the reason a session is refused or ended, as text
-//	pages       P→B  up to MaxBatchPages pages: GPA, encoding (raw, lz4,
-//	                 zero), length, data
+//	pages       P→B  up to MaxBatchPages pages: a count, then an entry per
+//	                 page (GPA, CRC32C of its 4 KiB, encoding raw, lz4 or
+//	                 zero, data length), then the pages' data back to back
 //	state       P→B  the machine state of a checkpoint epoch
-//	end         P→B  pages in the epoch, memory digest, CRC32C of the epoch's
-//	                 pages, disk and state messages (headers included, in
-//	                 order), kind (pre-copy round or checkpoint), round
-//	ack         B→P  the epoch in the header is safe; the backup's digest
-//	heartbeat   both the sender's clock and its latest epoch
+//	end         P→B  pages in the epoch, memory digest, CRC32C over the
+//	                 epoch's messages in order: headers and page entries of
+//	                 pages messages (their data is covered by the entries'
+//	                 CRCs), disk and state messages whole; kind (pre-copy
+//	                 round or checkpoint), round
+//	ack         B→P  the epoch in the header is safe; the backup's digest and
+//	                 its engine CPU time so far
+//	heartbeat   both the sender's clock, its latest epoch, and a progress
+//	                 count that moves while its engine works (bytes read and
+//	                 pages applied, on the backup)
 //	bye         P→B  the primary stops on purpose: do not fail over
 //	disk-hashes B→P  part of the backup image's hash list (diskmirror's)
 //	disk-sync   P→B  one diskmirror sync stream: whole blocks, applied at once
@@ -84,14 +115,15 @@
 // session:
 //
 //	primary                                   backup
-//	   |---- hello (v2..2, shape) -------------->|  check magic, version, shape
-//	   |<--- welcome (v2) -----------------------|  fresh replica memory
+//	   |---- hello (v3..3, shape) -------------->|  check magic, version, shape
+//	   |<--- welcome (v3) -----------------------|  fresh replica memory
 //	   |---- pages(0) ... end(0, round 0) ------>|  applied as they come: no
 //	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
 //	   |       (pause 1: harvest, save, stage)   |
-//	   |---- pages(1) ... state(1) end(1) ------>|  staged; verified at end:
-//	   |       (pause 2)                         |  checksum, page count,
-//	   |---- pages(2) ...                        |  digest; then
+//	   |---- pages(1) ... state(1) end(1) ------>|  each page's CRC checked
+//	   |       (pause 2, once 1 is sent)         |  as it arrives, staged;
+//	   |---- pages(2) ...                        |  at end: checksum, page
+//	   |                                         |  count, digest; then
 //	   |<--- ack(1, digest) ---------------------|  ack, then apply to replica
 //	   |  gates commit 1                         |
 //	   |---- ... state(2) end(2) --------------->|
@@ -100,10 +132,12 @@
 //	   X  primary dies                           |
 //	                                             |  EOF, reset or timeout:
 //	                                             |  drop the partial epoch,
-//	                                             |  digest the replica, resume
+//	                                             |  resume the replica
 //
 // A backup accepts a primary whose [min, max] version range overlaps its
-// own; this is version 2 (version 1 had no disk, and is no longer spoken). Any message that does not decode, breaks the order
+// own; this is version 3 (version 2 checksummed whole pages messages, with
+// no per-page CRC, and version 1 had no disk; neither is spoken any more).
+// Any message that does not decode, breaks the order
 // (a message of another epoch, a second state, a pre-copy round after a
 // checkpoint), exceeds a limit, repeats a page within an epoch, names a page
 // outside memory, or fails its checksum or digest is a protocol error
@@ -162,8 +196,9 @@
 // a stream cut inside a message) or nothing arrives for the heartbeat timeout
 // (BackupConfig.HeartbeatTimeout; by default 5 intervals, at least
 // MinHeartbeatTimeout). It then drops the epoch in progress (complete epochs
-// are applied as soon as they are verified, so none is pending), digests the
-// replica against its checkpoint (ErrReplicaCorrupt if they differ), and calls
+// are applied as soon as they are verified, so none is pending), with
+// BackupConfig.VerifyReplica digests the replica against its checkpoint
+// (ErrReplicaCorrupt if they differ), and calls
 // BackupConfig.Resume with the Checkpoint: the state and the replica file,
 // which the VMM maps directly (testvm.Restore does), without a copy. With a
 // disk, the backup first brings its image to the checkpoint's epoch
@@ -198,7 +233,10 @@
 // flows, and epoch 1 holds what it sends from then on, through the initial
 // sync, until the first checkpoint is acknowledged.
 //
-// Both sides measure silence, not transfer time: every read, and every 64 KiB
-// written, pushes the deadline out, so a slow link that keeps moving bytes is
-// alive.
+// Both sides measure silence, not transfer time: every read pushes the read
+// deadline out, and a write that moves no byte for the heartbeat timeout
+// fails only if the peer, too, showed no progress in that time (acks, or
+// heartbeats whose progress count moved). A slow link that keeps moving
+// bytes is alive, and so is a full one whose far end is busy applying a
+// large epoch: a busy link is never taken for a dead peer.
 package replicate

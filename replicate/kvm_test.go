@@ -40,7 +40,8 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 			}
 			resumed := make(chan *testvm.Machine, 1)
 			b, err := replicate.NewBackup(replicate.BackupConfig{
-				NewMemory: testvm.NewMemFile,
+				NewMemory:     testvm.NewMemFile,
+				VerifyReplica: true,
 				Resume: func(cp *replicate.Checkpoint) error {
 					rm, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
 					if err != nil {

@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -59,6 +58,13 @@ type Config struct {
 	// Workers is the number of compression goroutines; 0 means one per CPU
 	// but one (left to the vCPUs and the pause), at least 1, at most 4.
 	Workers int
+	// Compress says when pages are compressed with LZ4 (default
+	// CompressAuto: where it has been paying).
+	Compress Compression
+	// CopyThreads bounds the goroutines that copy an epoch's pages into
+	// staging during its pause; 0 means one per CPU, at most 4. With more
+	// than 1, the engine uses as many as pay for waking them (capture.go).
+	CopyThreads int
 	// StagingBytes bounds the memory holding captured pages not yet sent.
 	// 0 means the guest memory size, capped at 1 GiB. An epoch whose pages do
 	// not fit even with nothing else in flight is sent from guest memory
@@ -132,6 +138,15 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Workers <= 0 {
 		c.Workers = max(1, min(4, runtime.NumCPU()-1))
 	}
+	if c.CopyThreads <= 0 {
+		c.CopyThreads = max(1, min(MaxCopyThreads, runtime.NumCPU()))
+	}
+	if c.CopyThreads > MaxCopyThreads {
+		return c, fmt.Errorf("%d copy threads: at most %d", c.CopyThreads, MaxCopyThreads)
+	}
+	if c.Compress < CompressAuto || c.Compress > CompressNever {
+		return c, fmt.Errorf("unknown compression %d", c.Compress)
+	}
 	if c.MaxInFlight <= 0 {
 		c.MaxInFlight = 4
 	}
@@ -198,8 +213,7 @@ type Primary struct {
 
 	conn *idleConn
 	rd   *msgReader
-	wmu  sync.Mutex // serialises writes to bw
-	bw   *bufio.Writer
+	wmu  sync.Mutex // serialises writes to conn
 
 	work     chan *batch
 	jobs     chan *epochJob
@@ -213,7 +227,16 @@ type Primary struct {
 	sent []pendingEpoch
 
 	lastSent, lastAcked atomic.Uint64
-	protected           atomic.Bool
+	// backupProgressAt is when the backup last showed its engine works
+	// (UnixNano); backupCPU is the cumulative CPU time of its last ack.
+	backupProgressAt atomic.Int64
+	backupCPU        time.Duration
+
+	policy         *compressPolicy
+	copier         *copier
+	lastJob        *epochJob // the last checkpoint captured (the epoch loop's)
+	endMsg, endPay []byte    // the sender's end record buffers
+	protected      atomic.Bool
 
 	lost     chan struct{}
 	lostOnce sync.Once
@@ -249,6 +272,8 @@ func NewPrimary(cfg Config) (*Primary, error) {
 	}
 	p.stage = newArena(cfg.StagingBytes / PageSize)
 	p.digest = newDigestTable(p.lay.shape.Pages())
+	p.policy = newCompressPolicy(cfg.Compress, p.lay.shape.Pages())
+	p.endMsg, p.endPay = make([]byte, 0, HeaderSize+endSize), make([]byte, 0, endSize)
 	if cfg.AuditEvery > 0 {
 		p.sentIn = make([]uint32, p.lay.shape.Pages())
 		p.auditCRCs = make(chan []uint32, cfg.MaxInFlight+1)
@@ -287,7 +312,9 @@ func (p *Primary) Interval() time.Duration { return p.cfg.Interval }
 // Primary for the next.
 func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	p.conn = &idleConn{Conn: conn, timeout: p.cfg.HeartbeatTimeout}
-	p.bw, p.rd = bufio.NewWriterSize(p.conn, 256<<10), newMsgReader(p.conn)
+	p.conn.alive = p.backupWorking
+	p.backupProgressed() // a new connection: the backup is as alive as the timeout allows
+	p.rd = newMsgReader(p.conn)
 	log := p.cfg.Log
 	defer conn.Close()
 	stopCtx := context.AfterFunc(ctx, func() { conn.Close() })
@@ -322,6 +349,7 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	for range p.cfg.Workers {
 		workers.Go(p.compressWorker)
 	}
+	p.copier = newCopier(p, p.cfg.CopyThreads-1)
 	senderDone := make(chan struct{})
 	go func() { defer close(senderDone); p.sendLoop() }()
 	loops.Go(p.readLoop)
@@ -333,6 +361,7 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		<-senderDone
 		close(p.work)
 		workers.Wait()
+		p.copier.stop()
 	}()
 
 	// Touch staging while the sync runs, so the first checkpoints copy into
@@ -373,7 +402,7 @@ func (p *Primary) handshake() ([]diskmirror.Hash, error) {
 	if d := p.cfg.Disk; d != nil {
 		hello.DiskSize, hello.DiskBlock = d.Size(), uint32(p.cfg.DiskBlock)
 	}
-	if err := p.writeMsg(encodeMsg(nil, MsgHello, 0, appendHello(nil, hello)), true); err != nil {
+	if err := p.writeMsg(encodeMsg(nil, MsgHello, 0, appendHello(nil, hello))); err != nil {
 		return nil, fmt.Errorf("send hello: %w", err)
 	}
 	var list []byte
@@ -439,37 +468,41 @@ type linkError struct{ err error }
 func (e *linkError) Error() string { return e.err.Error() }
 func (e *linkError) Unwrap() error { return e.err }
 
-// writeMsg writes one encoded message; flush sends it at once.
-func (p *Primary) writeMsg(b []byte, flush bool) error {
+// writeMsg writes one encoded message.
+func (p *Primary) writeMsg(b []byte) error {
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	if _, err := p.bw.Write(b); err != nil {
+	if _, err := p.conn.Write(b); err != nil {
 		return &linkError{err}
-	}
-	if flush {
-		if err := p.bw.Flush(); err != nil {
-			return &linkError{err}
-		}
 	}
 	return nil
 }
 
 // writeFrame writes one message from its header's fields and its payload,
-// without copying the payload into a message first (a disk sync stream is
-// up to 4 MiB), and returns the header, for checksums.
+// in one vectored write, without copying the payload into a message first
+// (a disk sync stream is up to 4 MiB), and returns the header, for
+// checksums.
 func (p *Primary) writeFrame(t MsgType, epoch uint64, payload []byte) ([HeaderSize]byte, error) {
 	var hb [HeaderSize]byte
 	Header{Type: t, Length: uint32(len(payload)), Epoch: epoch}.put(hb[:])
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	if _, err := p.bw.Write(hb[:]); err != nil {
-		return hb, &linkError{err}
-	}
-	if _, err := p.bw.Write(payload); err != nil {
+	bufs := net.Buffers{hb[:], payload}
+	if err := p.conn.writeBuffers(&bufs); err != nil {
 		return hb, &linkError{err}
 	}
 	return hb, nil
 }
+
+// backupWorking reports whether the backup showed, within the heartbeat
+// timeout, that its engine works: an ack, or a heartbeat whose progress
+// moved. While it does, a write to a full link waits (idleConn).
+func (p *Primary) backupWorking() bool {
+	return time.Since(time.Unix(0, p.backupProgressAt.Load())) < p.cfg.HeartbeatTimeout
+}
+
+// backupProgressed records a sign that the backup's engine works.
+func (p *Primary) backupProgressed() { p.backupProgressAt.Store(time.Now().UnixNano()) }
 
 // fail records the first reason the session ended and wakes everyone. When
 // the primary aborted the session itself, that is the reason.
@@ -502,7 +535,7 @@ func (p *Primary) abort(reason error) {
 	p.abortOnce.Do(func() {
 		p.abortErr.Store(&reason)
 		if !p.isLost() {
-			p.writeMsg(encodeMsg(nil, MsgReject, 0, appendReject(nil, "primary stopped replication: "+reason.Error())), true)
+			p.writeMsg(encodeMsg(nil, MsgReject, 0, appendReject(nil, "primary stopped replication: "+reason.Error())))
 			p.conn.closeWrite()
 		}
 	})
@@ -576,20 +609,35 @@ func (p *Primary) unprotected(cause error) error {
 	return fmt.Errorf("%w: %w", ErrBackupLost, p.lostErr)
 }
 
-// finish ends a session on purpose: wait for acks, say bye.
+// finish ends a session on purpose: wait for the epochs captured to be
+// acknowledged, say bye. It waits as long as the backup shows progress
+// (acks, or heartbeats whose progress moves): a large epoch on a slow link
+// may take longer than the heartbeat timeout to arrive, and its output is
+// released only once it has.
 func (p *Primary) finish() error {
-	deadline := time.After(p.cfg.HeartbeatTimeout)
+	captured := p.lastSent.Load()
+	if p.lastJob != nil {
+		captured = max(captured, p.lastJob.epoch)
+	}
+	if p.lastAcked.Load() < captured {
+		p.cfg.Log.Info("stopping: waiting for the backup to acknowledge the epochs captured",
+			"epochs", fmt.Sprintf("%d..%d", p.lastAcked.Load()+1, captured))
+	}
+	p.backupProgressed() // the wait starts now, not at the last sign
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
 	for p.lastAcked.Load() < p.lastSent.Load() || len(p.inflight) > 0 {
 		select {
 		case <-p.lost:
 			return p.unprotected(p.lostErr)
-		case <-deadline:
-			return p.unprotected(fmt.Errorf("epochs %d..%d not acknowledged within %v of stopping",
-				p.lastAcked.Load()+1, p.lastSent.Load(), p.cfg.HeartbeatTimeout))
-		case <-time.After(time.Millisecond):
+		case <-tick.C:
+		}
+		if !p.backupWorking() {
+			return p.unprotected(fmt.Errorf("epochs %d..%d not acknowledged after stopping: the backup showed no progress for %v",
+				p.lastAcked.Load()+1, captured, p.cfg.HeartbeatTimeout))
 		}
 	}
-	err := p.writeMsg(encodeMsg(nil, MsgBye, p.lastSent.Load(), nil), true)
+	err := p.writeMsg(encodeMsg(nil, MsgBye, p.lastSent.Load(), nil))
 	if err == nil {
 		p.conn.closeWrite()
 		select { // the backup hangs up once it has the bye
@@ -631,6 +679,7 @@ func (p *Primary) hook(point string, epoch uint64) {
 
 // readLoop reads acks and heartbeats from the backup.
 func (p *Primary) readLoop() {
+	var progress uint64
 	for {
 		h, payload, err := p.rd.ReadMsg()
 		if err != nil {
@@ -645,16 +694,23 @@ func (p *Primary) readLoop() {
 		}
 		switch h.Type {
 		case MsgAck:
-			d, err := decodeAck(payload)
+			a, err := decodeAck(payload)
 			if err == nil {
-				err = p.acked(h.Epoch, d)
+				p.backupProgressed()
+				err = p.acked(h.Epoch, a)
 			}
 			if err != nil {
 				p.abort(err) // then read on until the backup hangs up
 			}
 		case MsgHeartbeat:
-			if _, err := decodeHeartbeat(payload); err != nil {
+			hb, err := decodeHeartbeat(payload)
+			if err != nil {
 				p.abort(err)
+				break
+			}
+			if hb.Progress != progress {
+				progress = hb.Progress
+				p.backupProgressed()
 			}
 		case MsgReject:
 			reason, err := decodeReject(payload)
@@ -670,7 +726,8 @@ func (p *Primary) readLoop() {
 }
 
 // acked handles the ack of epoch n.
-func (p *Primary) acked(n, digest uint64) error {
+func (p *Primary) acked(n uint64, a Ack) error {
+	digest := a.Digest
 	now := time.Now()
 	p.amu.Lock()
 	if len(p.sent) == 0 || p.sent[0].st.Epoch != n {
@@ -682,6 +739,10 @@ func (p *Primary) acked(n, digest uint64) error {
 	p.amu.Unlock()
 	<-pe.ready // the pause that made the epoch has finished writing its stats
 	st := pe.st
+	st.CPU = time.Duration(pe.cpu.Load())
+	if a.CPU >= p.backupCPU {
+		st.BackupCPU, p.backupCPU = a.CPU-p.backupCPU, a.CPU
+	}
 	if digest != st.Digest {
 		return fmt.Errorf("backup's replica diverged: epoch %d digest %s, primary's %s", n, FormatDigest(digest), FormatDigest(st.Digest))
 	}
@@ -701,15 +762,16 @@ func (p *Primary) acked(n, digest uint64) error {
 func (p *Primary) heartbeatLoop() {
 	t := time.NewTicker(p.cfg.Heartbeat)
 	defer t.Stop()
-	var buf []byte
+	var buf, payload []byte
 	for {
 		select {
 		case <-p.lost:
 			return
 		case <-t.C:
 		}
-		buf = encodeMsg(buf[:0], MsgHeartbeat, 0, appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: p.lastSent.Load()}))
-		if err := p.writeMsg(buf, true); err != nil {
+		hb := Heartbeat{Sent: time.Now().UnixNano(), Epoch: p.lastSent.Load(), Progress: p.conn.written.Load()}
+		buf = encodeMsg(buf[:0], MsgHeartbeat, 0, appendHeartbeat(payload[:0], hb))
+		if err := p.writeMsg(buf); err != nil {
 			p.fail(fmt.Errorf("send heartbeat: %w", err))
 			return
 		}
@@ -758,9 +820,6 @@ func (p *Primary) diskSync(ctx context.Context, phase string, run func(send func
 		_, err := p.writeFrame(MsgDiskSync, 0, stream)
 		return err
 	})
-	if err == nil {
-		err = p.flush()
-	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -772,16 +831,6 @@ func (p *Primary) diskSync(ctx context.Context, phase string, run func(send func
 	}
 	if p.cfg.OnDiskSync != nil {
 		p.cfg.OnDiskSync(DiskSyncProgress{Phase: phase, SyncStats: st, WireBytes: wire, Took: time.Since(t0)})
-	}
-	return nil
-}
-
-// flush sends what writeMsg buffered.
-func (p *Primary) flush() error {
-	p.wmu.Lock()
-	defer p.wmu.Unlock()
-	if err := p.bw.Flush(); err != nil {
-		return &linkError{err}
 	}
 	return nil
 }
@@ -799,7 +848,8 @@ func (p *Primary) memorySync(ctx context.Context) error {
 	prev := len(all) + 1
 	for round := 0; ; round++ {
 		t0 := time.Now()
-		job := &epochJob{kind: kindPrecopy, round: uint32(round), gpas: pages, live: true, done: make(chan struct{}), stats: &EpochStats{}}
+		job := &epochJob{kind: kindPrecopy, round: uint32(round), gpas: pages, live: true, done: make(chan struct{}),
+			sent: make(chan struct{}), stats: &EpochStats{}}
 		job.stats.DirtyPages = len(pages)
 		if err := p.submit(ctx, job); err != nil {
 			return err
@@ -812,10 +862,23 @@ func (p *Primary) memorySync(ctx context.Context) error {
 			return fmt.Errorf("harvest during initial sync: %w", err)
 		}
 		n := p.set.Count()
-		done := n <= p.cfg.PrecopyThreshold || n >= prev || round+1 >= p.cfg.MaxPrecopyRounds
+		var end SyncEnd
+		switch {
+		case n <= p.cfg.PrecopyThreshold:
+			end = SyncConverged
+		case n >= prev:
+			end = SyncNotShrinking
+		case round+1 >= p.cfg.MaxPrecopyRounds:
+			end = SyncRoundLimit
+		}
+		done := end != 0
 		if p.cfg.OnSync != nil {
 			p.cfg.OnSync(SyncProgress{Round: round, Pages: len(pages), WireBytes: job.stats.WireBytes, Took: time.Since(t0),
-				Elapsed: time.Since(start), Remaining: n, Done: done})
+				Elapsed: time.Since(start), Remaining: n, Done: done, End: end, CPU: time.Duration(job.cpu.Load())})
+		}
+		if done && end != SyncConverged {
+			p.cfg.Log.Warn("initial sync did not converge: the first checkpoint copies what is left in one pause (stop-and-copy)",
+				"why", end, "round", round, "dirty", n, "threshold", p.cfg.PrecopyThreshold)
 		}
 		if done {
 			return nil
@@ -875,7 +938,12 @@ func (p *Primary) gpasOf(dst []uint64) []uint64 {
 }
 
 // epochLoop takes a checkpoint every interval until ctx ends or the backup
-// is lost.
+// is lost. A pause waits until the sender is done with the epoch before it,
+// so at most one captured epoch waits unsent while the next one runs: when
+// the link (or the backup) cannot keep up, epochs grow longer instead of
+// queueing, and the output they hold waits no longer than it must. It also
+// waits while Config.MaxInFlight epochs are unacknowledged. Both waits are
+// EpochStats.Wait; the guest runs on meanwhile.
 func (p *Primary) epochLoop(ctx context.Context) error {
 	timer := time.NewTimer(0) // the first checkpoint follows the sync at once
 	defer timer.Stop()
@@ -892,6 +960,15 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		}
 		st := &EpochStats{Epoch: epoch}
 		t0 := time.Now()
+		if prev := p.lastJob; prev != nil {
+			select {
+			case <-prev.sent:
+			case <-ctx.Done():
+				return nil
+			case <-p.lost:
+				return p.lostErr
+			}
+		}
 		select {
 		case p.inflight <- struct{}{}:
 		case <-ctx.Done():
@@ -905,116 +982,6 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		}
 		timer.Reset(max(0, p.cfg.Interval-time.Since(st.Start)))
 	}
-}
-
-// checkpoint is one pause: stop the vCPUs, harvest, save, open the next
-// epoch on the gates, stage, resume. The epoch then goes to the sender.
-func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
-	vm := p.cfg.VM
-	ready := make(chan struct{})
-	defer close(ready)
-	// The compression workers yield while the VM is paused: on a small host
-	// they would otherwise hold every CPU the pause needs.
-	p.hold.set(true)
-	defer p.hold.set(false)
-	st.Start = time.Now()
-	if err := vm.Pause(); err != nil {
-		<-p.inflight
-		return vmFailure{fmt.Errorf("pause VM: %w", err)}
-	}
-	paused := true
-	defer func() {
-		if paused {
-			if rerr := vm.Resume(); rerr != nil && err == nil {
-				err = vmFailure{fmt.Errorf("resume VM: %w", rerr)}
-			}
-		}
-	}()
-	t := time.Now()
-	st.Kick = t.Sub(st.Start)
-	if _, err := p.src.Harvest(p.set); err != nil {
-		<-p.inflight
-		return fmt.Errorf("harvest dirty pages: %w", err)
-	}
-	job := &epochJob{epoch: epoch, kind: kindCheckpoint, ready: ready}
-	job.gpas = p.gpasOf(p.gpaList())
-	st.Harvest, t = lap(t)
-	if job.state, err = vm.Save(); err != nil {
-		<-p.inflight
-		return vmFailure{fmt.Errorf("save VM state: %w", err)}
-	}
-	if p.cfg.Note != nil {
-		st.Note = p.cfg.Note() // guest state, beside the machine state
-	}
-	st.Save, t = lap(t)
-	if p.cfg.AuditEvery > 0 && epoch%p.cfg.AuditEvery == 0 {
-		job.auditCRCs = p.auditTable()
-		job.audit, job.audited = digestSlots(p.lay.hosts(), job.auditCRCs), true
-		st.Audit, t = lap(t)
-	}
-	p.hook(HookPause, epoch)
-	// Open the next epoch before the pages are staged: an oversized epoch is
-	// sent during the pause, and its disk writes can be taken only once the
-	// next epoch is open. The vCPUs and devices are stopped, so no output
-	// falls between.
-	if err := p.gateCall(p.gates, func(g OutputGate) error { return g.Open(epoch + 1) }); err != nil {
-		<-p.inflight
-		return err
-	}
-	st.Gates, t = lap(t)
-	audited := job.auditCRCs != nil // read before the sender owns the job
-	n := uint64(len(job.gpas))
-	if n <= p.stage.size {
-		// Wait, paused, for room: the link is slower than the guest dirties.
-		if !p.stage.has(n) {
-			p.hold.set(false) // the sender needs the workers to make room
-		}
-		if !p.stage.wait(n, p.lost) {
-			<-p.inflight
-			return p.lostErr
-		}
-		st.Stall, t = lap(t)
-		job.start = p.stage.alloc(n)
-		job.staged = true
-		for k, gpa := range job.gpas {
-			copy(p.stage.page(job.start, uint64(k)), p.lay.page(gpa))
-		}
-	} else {
-		// Stop-and-copy: send from guest memory while paused.
-		st.Oversize = true
-		p.hold.set(false)
-		job.live, job.done = true, make(chan struct{})
-	}
-	p.set.Clear()
-	job.stats = st
-	if job.live {
-		p.jobs <- job
-		select {
-		case <-job.done:
-		case <-p.lost:
-			return p.lostErr
-		}
-	}
-	st.DirtyPages = int(n)
-	st.Copy, t = lap(t)
-	paused = false
-	if err := vm.Resume(); err != nil {
-		return vmFailure{fmt.Errorf("resume VM: %w", err)}
-	}
-	st.Resume, t = lap(t)
-	st.Pause = t.Sub(st.Start)
-	if !job.live {
-		p.jobs <- job
-	}
-	if audited {
-		p.spareAuditTable() // for the next audit's pause, allocated outside this one
-	}
-	return nil
-}
-
-func lap(t time.Time) (time.Duration, time.Time) {
-	now := time.Now()
-	return now.Sub(t), now
 }
 
 // epochJob is a checkpoint epoch or pre-copy round for the sender.
@@ -1031,145 +998,9 @@ type epochJob struct {
 	auditCRCs   []uint32 // each page's CRC when audited
 	stats       *EpochStats
 	done        chan struct{} // closed once sent, for synchronous jobs
+	sent        chan struct{} // closed once the sender is done with it
 	ready       chan struct{} // closed once the capturing pause wrote its stats
-}
-
-// data returns page k of the job.
-func (p *Primary) data(j *epochJob, k int) []byte {
-	if j.staged {
-		return p.stage.page(j.start, uint64(k))
-	}
-	return p.lay.page(j.gpas[k])
-}
-
-// sendLoop sends jobs in order, one at a time.
-func (p *Primary) sendLoop() {
-	for job := range p.jobs {
-		if !p.isLost() && p.abortErr.Load() == nil {
-			if err := p.send(job); err != nil {
-				var le *linkError
-				if !errors.As(err, &le) {
-					p.abort(err) // an audit mismatch: the link is fine
-				}
-				p.fail(err)
-			}
-		}
-		if job.staged {
-			p.stage.free(uint64(len(job.gpas)))
-		}
-		if job.auditCRCs != nil {
-			select {
-			case p.auditCRCs <- job.auditCRCs:
-			default:
-			}
-			job.auditCRCs = nil
-		}
-		if job.done != nil {
-			close(job.done)
-		}
-		if job.kind == kindPrecopy {
-			<-p.inflight // a checkpoint's token goes with its ack
-		} else {
-			p.putGPAList(job.gpas)
-		}
-	}
-}
-
-// send compresses a job's pages in parallel and writes them in order, then
-// the state and the end record.
-func (p *Primary) send(job *epochJob) error {
-	st := job.stats
-	if st == nil {
-		st = &EpochStats{}
-		job.stats = st
-	}
-	hdrEpoch := job.epoch
-	crc := uint32(0)
-	var wire uint64
-	nb := (len(job.gpas) + MaxBatchPages - 1) / MaxBatchPages
-	depth := cap(p.work)
-	window := make([]*batch, 0, depth)
-	next := 0
-	dispatch := func() {
-		from := next * MaxBatchPages
-		b := getBatch(p, job, from, min(from+MaxBatchPages, len(job.gpas)))
-		window = append(window, b)
-		p.work <- b
-		next++
-	}
-	for i := 0; i < nb; i++ {
-		for next < nb && len(window) < depth {
-			dispatch()
-		}
-		b := window[0]
-		window = window[1:]
-		<-b.done
-		if err := p.writeMsg(b.msg, false); err != nil {
-			return fmt.Errorf("send epoch %d: %w", hdrEpoch, err)
-		}
-		crc = crc32.Update(crc, castagnoli, b.msg)
-		wire += uint64(len(b.msg))
-		for k, idx := range b.idx {
-			p.digest.set(idx, b.crc[k])
-			if p.sentIn != nil {
-				p.sentIn[idx] = uint32(job.epoch)
-			}
-		}
-		st.ZeroPages += b.zeros
-		putBatch(b)
-		if i == 0 && job.kind == kindPrecopy {
-			p.hook(HookSync, uint64(job.round))
-		}
-		if i == nb/2 && job.kind == kindCheckpoint {
-			p.hook(HookSend, job.epoch)
-		}
-	}
-	if job.kind == kindCheckpoint {
-		if nb == 0 {
-			p.hook(HookSend, job.epoch) // no pages: half sent is nothing sent
-		}
-		if p.cfg.Disk != nil {
-			n, err := p.sendDisk(job.epoch, st, &crc)
-			wire += n
-			if err != nil {
-				return err
-			}
-		}
-		hb, err := p.writeFrame(MsgState, hdrEpoch, job.state)
-		if err != nil {
-			return fmt.Errorf("send epoch %d state: %w", hdrEpoch, err)
-		}
-		crc = crc32.Update(crc32.Update(crc, castagnoli, hb[:]), castagnoli, job.state)
-		wire += HeaderSize + uint64(len(job.state))
-		st.StateBytes = uint64(len(job.state))
-	}
-	if job.audited && job.audit != p.digest.digest {
-		return p.auditError(job)
-	}
-	st.Digest, st.Audited = p.digest.digest, job.audited
-	st.RawBytes = uint64(len(job.gpas)) * PageSize
-	end := End{Pages: uint64(len(job.gpas)), Digest: p.digest.digest, Checksum: crc, Kind: job.kind, Round: job.round}
-	msg := encodeMsg(nil, MsgEnd, hdrEpoch, appendEnd(nil, end))
-	st.WireBytes = wire + uint64(len(msg))
-	if job.kind == kindCheckpoint {
-		st.Transfer = time.Since(st.Start.Add(st.Pause))
-		if job.live {
-			st.Transfer = 0
-		}
-		p.amu.Lock()
-		p.sent = append(p.sent, pendingEpoch{st, job.ready})
-		p.amu.Unlock()
-		// Before the write: its ack may be handled before the write returns,
-		// and finish must never see an ack newer than lastSent.
-		p.lastSent.Store(job.epoch)
-	}
-	if err := p.writeMsg(msg, true); err != nil {
-		return fmt.Errorf("send end of epoch %d: %w", hdrEpoch, err)
-	}
-	if job.kind == kindCheckpoint {
-		p.hook(HookSent, job.epoch)
-	}
-	return nil
+	cpu         atomic.Int64  // ns of the engine's CPU spent on it: pause, copy helpers, workers, sender
 }
 
 // sendDisk sends checkpoint n's disk part, between its pages and its state,
@@ -1299,4 +1130,5 @@ func (p *Primary) auditError(job *epochJob) error {
 type pendingEpoch struct {
 	st    *EpochStats
 	ready chan struct{}
+	cpu   *atomic.Int64
 }

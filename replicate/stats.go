@@ -31,8 +31,11 @@ type EpochStats struct {
 	// Oversize is set when the epoch's pages did not fit in staging, so they
 	// were sent from guest memory during the pause (stop-and-copy).
 	Oversize bool
-	// DirtyPages is the pages captured; ZeroPages of them were zero.
-	DirtyPages, ZeroPages int
+	// CopyThreads is how many goroutines copied the pages during the pause.
+	CopyThreads int
+	// DirtyPages is the pages captured; ZeroPages of them were zero, and
+	// LZ4Pages went compressed.
+	DirtyPages, ZeroPages, LZ4Pages int
 	// RawBytes is the pages' size; WireBytes what the epoch took on the wire
 	// (pages, state, headers); StateBytes the machine state's size.
 	RawBytes, WireBytes, StateBytes uint64
@@ -45,6 +48,13 @@ type EpochStats struct {
 	Transfer time.Duration
 	// AckLatency is from the end record written to the backup's ack.
 	AckLatency time.Duration
+	// CPU is the primary engine's CPU time for the epoch: its pause, the
+	// helpers that copied its pages, the workers that built its batches
+	// and the sender, each read from its own thread's clock (the vCPUs'
+	// threads are not the engine's). BackupCPU is the backup engine's, from
+	// its acks: the receipt and check of this epoch and the application of
+	// the one before (see Ack).
+	CPU, BackupCPU time.Duration
 	// Digest is the memory digest at the epoch boundary. With Audited, it was
 	// checked against a digest of all of guest memory taken in the pause.
 	Digest  uint64
@@ -79,8 +89,10 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 		ResumeUS   float64 `json:"resume_us"`
 		AuditUS    float64 `json:"audit_us,omitempty"`
 		Oversize   bool    `json:"oversize,omitempty"`
+		CopyThr    int     `json:"copy_threads"`
 		Dirty      int     `json:"dirty_pages"`
 		Zero       int     `json:"zero_pages"`
+		LZ4        int     `json:"lz4_pages"`
 		Raw        uint64  `json:"raw_bytes"`
 		Wire       uint64  `json:"wire_bytes"`
 		State      uint64  `json:"state_bytes"`
@@ -89,19 +101,50 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 		DiskWire   uint64  `json:"disk_wire_bytes,omitempty"`
 		TransferUS float64 `json:"transfer_us"`
 		AckUS      float64 `json:"ack_us"`
+		CPUUS      float64 `json:"cpu_us"`
+		BackupUS   float64 `json:"backup_cpu_us"`
 		Digest     string  `json:"digest"`
 		Audited    bool    `json:"audited,omitempty"`
 		Note       any     `json:"note,omitempty"`
 	}{
 		s.Epoch, s.Start.UTC().Format(time.RFC3339Nano), us(s.Wait), us(s.Pause), us(s.Kick), us(s.Harvest), us(s.Save),
-		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.DirtyPages, s.ZeroPages,
-		s.RawBytes, s.WireBytes, s.StateBytes, s.DiskWrites, s.DiskBytes, s.DiskWireBytes, us(s.Transfer), us(s.AckLatency), FormatDigest(s.Digest), s.Audited, s.Note,
+		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.CopyThreads, s.DirtyPages, s.ZeroPages, s.LZ4Pages,
+		s.RawBytes, s.WireBytes, s.StateBytes, s.DiskWrites, s.DiskBytes, s.DiskWireBytes, us(s.Transfer), us(s.AckLatency),
+		us(s.CPU), us(s.BackupCPU), FormatDigest(s.Digest), s.Audited, s.Note,
 	})
 }
 
 // FormatDigest prints a memory digest the way stats files and logs do: 16
 // lower-case hex digits.
 func FormatDigest(d uint64) string { return fmt.Sprintf("%016x", d) }
+
+// SyncEnd says why the initial sync ended.
+type SyncEnd int
+
+const (
+	// SyncConverged: a round left at most Config.PrecopyThreshold pages.
+	SyncConverged SyncEnd = 1 + iota
+	// SyncNotShrinking: a round left at least as many pages dirty as the one
+	// before: the guest dirties memory as fast as it is sent, and more rounds
+	// would not help. The first checkpoint copies what is left in its pause
+	// (stop-and-copy, as QEMU does when it gives up on its downtime limit).
+	SyncNotShrinking
+	// SyncRoundLimit: Config.MaxPrecopyRounds rounds ran; the rest is
+	// copied as for SyncNotShrinking.
+	SyncRoundLimit
+)
+
+func (e SyncEnd) String() string {
+	switch e {
+	case SyncConverged:
+		return "converged"
+	case SyncNotShrinking:
+		return "rounds stopped shrinking"
+	case SyncRoundLimit:
+		return "round limit"
+	}
+	return "in progress"
+}
 
 // SyncProgress reports one round of the initial sync.
 type SyncProgress struct {
@@ -112,6 +155,8 @@ type SyncProgress struct {
 	Elapsed   time.Duration // since the sync began
 	Remaining int           // pages dirty when the round ended
 	Done      bool          // the last report: the first checkpoint follows
+	End       SyncEnd       // with Done: why the sync ended
+	CPU       time.Duration // the engine's CPU time on the round (workers and sender)
 }
 
 // DiskSyncProgress reports a phase of the disk sync: "precopy" (the bulk,

@@ -44,6 +44,19 @@ func (f frame) typ() uint16   { return binary.LittleEndian.Uint16(f.hdr[0:]) }
 func (f frame) epoch() uint64 { return binary.LittleEndian.Uint64(f.hdr[8:]) }
 func (f frame) bytes() []byte { return append(f.hdr[:], f.payload...) }
 
+// covered is what the end record's checksum covers of the message (doc.go):
+// all of it, but of a Pages message only the header, count and entries (the
+// data is covered by the entries' CRCs).
+func (f frame) covered() []byte {
+	b := f.bytes()
+	if f.typ() == tPages && len(f.payload) >= 8 {
+		if n := 16 + 8 + 16*int(binary.LittleEndian.Uint32(f.payload)); n <= len(b) {
+			return b[:n]
+		}
+	}
+	return b
+}
+
 // mangler sees every primary→backup frame in order and returns what to send
 // instead; cut ends the stream after that.
 type mangler func(f frame) (out []frame, cut bool)
@@ -107,7 +120,8 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 	var mu sync.Mutex
 	res.acked, res.counts = map[uint64]uint64{}, map[uint64]uint64{}
 	bcfg := replicate.BackupConfig{
-		NewMemory: tempMemory,
+		NewMemory:     tempMemory,
+		VerifyReplica: true,
 		Resume: func(cp *replicate.Checkpoint) error {
 			defer cp.Memory.Close()
 			if err := checkToyReplica(cp); err != nil {
@@ -439,11 +453,11 @@ func (c *crafted) send(typ uint16, epoch uint64, payload []byte, sum bool) {
 	binary.LittleEndian.PutUint16(h[0:], typ)
 	binary.LittleEndian.PutUint32(h[4:], uint32(len(payload)))
 	binary.LittleEndian.PutUint64(h[8:], epoch)
-	msg := append(h[:], payload...)
+	f := frame{hdr: h, payload: payload}
 	if sum {
-		c.crc = crc32.Update(c.crc, castagnoli, msg)
+		c.crc = crc32.Update(c.crc, castagnoli, f.covered())
 	}
-	c.conn.Write(msg)
+	c.conn.Write(f.bytes())
 }
 
 func (c *crafted) end(epoch, pages, digest uint64, kind, round uint32) {
@@ -457,14 +471,19 @@ func (c *crafted) end(epoch, pages, digest uint64, kind, round uint32) {
 	c.crc = 0
 }
 
+// zeroCRC is the CRC32C of a zero page, as a zero page's entry carries it.
+var zeroCRC = crc32.Checksum(make([]byte, 4096), castagnoli)
+
+// zeroPages is a Pages payload (doc.go: count, pad, then per page GPA u64,
+// CRC u32, encoding u16, length u16, then the data) of zero pages.
 func zeroPages(gpas ...uint64) []byte {
 	p := binary.LittleEndian.AppendUint32(nil, uint32(len(gpas)))
 	p = binary.LittleEndian.AppendUint32(p, 0)
 	for _, g := range gpas {
 		p = binary.LittleEndian.AppendUint64(p, g)
+		p = binary.LittleEndian.AppendUint32(p, zeroCRC)
 		p = binary.LittleEndian.AppendUint16(p, 3) // zero page
 		p = binary.LittleEndian.AppendUint16(p, 0)
-		p = binary.LittleEndian.AppendUint32(p, 0)
 	}
 	return p
 }
@@ -502,9 +521,9 @@ func TestStreamCraftedContent(t *testing.T) {
 			p := binary.LittleEndian.AppendUint32(nil, 1)
 			p = binary.LittleEndian.AppendUint32(p, 0)
 			p = binary.LittleEndian.AppendUint64(p, 0)
+			p = binary.LittleEndian.AppendUint32(p, 0) // the page's CRC
 			p = binary.LittleEndian.AppendUint16(p, 2) // lz4
-			p = binary.LittleEndian.AppendUint16(p, 0)
-			p = binary.LittleEndian.AppendUint32(p, 4)
+			p = binary.LittleEndian.AppendUint16(p, 4)
 			p = append(p, 0xff, 0xff, 0xff, 0xff)
 			c.send(tPages, 1, p, true)
 			c.send(tState, 1, []byte("state"), true)
@@ -520,8 +539,8 @@ func TestStreamCraftedContent(t *testing.T) {
 			c := &crafted{t: t, conn: pc}
 			hello := append([]byte("REPAGENT"), make([]byte, 64)...) // no disk: 56..72 stay 0
 			le := binary.LittleEndian
-			le.PutUint32(hello[8:], 2)
-			le.PutUint32(hello[12:], 2)
+			le.PutUint32(hello[8:], 3)
+			le.PutUint32(hello[12:], 3)
 			le.PutUint32(hello[16:], 4096)
 			le.PutUint32(hello[20:], 1)
 			le.PutUint64(hello[24:], mem)

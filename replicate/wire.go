@@ -13,11 +13,14 @@ import (
 
 // Protocol versions. A backup accepts a primary whose version range
 // [MinVersion, Version] overlaps its own and speaks the highest common one.
-// Version 2 added the disk (hello's disk fields, the disk messages); a
-// version-1 peer is refused with a message naming both ranges.
+// Version 2 added the disk (hello's disk fields, the disk messages); version
+// 3 put each page's CRC in its entry and its data after the entries, made
+// the end record's checksum cover the page CRCs instead of the page bytes,
+// and added the backup's CPU time to the ack and progress to heartbeats. A
+// peer of an older version is refused with a message naming both ranges.
 const (
-	Version    = 2
-	MinVersion = 2
+	Version    = 3
+	MinVersion = 3
 )
 
 // Wire limits, "to prevent DoS": a decoder refuses anything larger before it
@@ -359,33 +362,69 @@ const (
 	encZero = 3 // a page of zeros; no data
 )
 
-// Pages carries up to MaxBatchPages pages:
+// Pages carries up to MaxBatchPages pages, their entries first and their
+// data after:
 //
-//	0  count uint32
-//	4  pad   uint32
-//	8  count × entry:
-//	     gpa uint64 (page-aligned), enc uint16, pad uint16, len uint32, data [len]
+//	0          count uint32 (1 to MaxBatchPages)
+//	4          pad   uint32 (0)
+//	8          count × entry, 16 bytes each:
+//	             gpa uint64 (page-aligned)
+//	             crc uint32 (CRC32C of the page's 4096 bytes, once decoded)
+//	             enc uint16 (1 raw, 2 lz4, 3 zero)
+//	             len uint16 (bytes of data: 4096 raw, 1 to 4095 lz4, 0 zero)
+//	8+16×count data: each entry's len bytes, back to back, in entry order
 //
-// raw has len 4096, lz4 1..4095, zero 0.
+// The entries' CRCs are what the end record's checksum covers for pages (the
+// data itself is covered by its CRC, which the backup checks when it decodes
+// the page), and they are the pages' CRCs in the memory digest: each side
+// reads each page's bytes for a CRC once. Data after the entries lets a run
+// of raw pages go out of the primary's staging as one piece of a vectored
+// write and into the replica with one write.
 type pageEntry struct {
 	GPA  uint64
+	CRC  uint32
 	Enc  uint16
 	Data []byte // aliases the payload
+	Off  int    // where Data starts in the payload
 }
 
-// appendPageEntry appends one entry to a Pages payload under construction.
-func appendPageEntry(dst []byte, gpa uint64, enc uint16, data []byte) []byte {
-	dst = binary.LittleEndian.AppendUint64(dst, gpa)
-	dst = binary.LittleEndian.AppendUint16(dst, enc)
-	dst = binary.LittleEndian.AppendUint16(dst, 0)
-	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(data)))
-	return append(dst, data...)
+// pagesFixed is the count and pad before the entries.
+const pagesFixed = 8
+
+// putPageEntry writes entry i of a Pages payload whose entries start at
+// b[pagesFixed:].
+func putPageEntry(b []byte, i int, gpa uint64, crc uint32, enc uint16, n int) {
+	e := b[pagesFixed+i*pageEntrySize:]
+	binary.LittleEndian.PutUint64(e, gpa)
+	binary.LittleEndian.PutUint32(e[8:], crc)
+	binary.LittleEndian.PutUint16(e[12:], enc)
+	binary.LittleEndian.PutUint16(e[14:], uint16(n))
 }
 
-// pagesHeader starts a Pages payload; setPagesCount fills the count in.
-func pagesHeader(dst []byte) []byte { return append(dst, 0, 0, 0, 0, 0, 0, 0, 0) }
+// putPagesCount writes the count and pad of a Pages payload.
+func putPagesCount(b []byte, n int) {
+	binary.LittleEndian.PutUint32(b, uint32(n))
+	binary.LittleEndian.PutUint32(b[4:], 0)
+}
 
-func setPagesCount(payload []byte, n int) { binary.LittleEndian.PutUint32(payload, uint32(n)) }
+// pagesMeta is how many bytes of a Pages payload with n entries come before
+// the data: what the end record's checksum covers.
+func pagesMeta(n int) int { return pagesFixed + n*pageEntrySize }
+
+// appendPages appends a whole Pages payload, for tests and tools: entries
+// and then their data.
+func appendPages(dst []byte, entries []pageEntry) []byte {
+	start := len(dst)
+	dst = append(dst, make([]byte, pagesMeta(len(entries)))...)
+	putPagesCount(dst[start:], len(entries))
+	for i, e := range entries {
+		putPageEntry(dst[start:], i, e.GPA, e.CRC, e.Enc, len(e.Data))
+	}
+	for _, e := range entries {
+		dst = append(dst, e.Data...)
+	}
+	return dst
+}
 
 // decodePages calls f for each entry of a Pages payload, after checking the
 // whole payload, so f never sees part of a malformed batch.
@@ -394,25 +433,31 @@ func decodePages(b []byte, f func(pageEntry) error) error {
 	if err != nil {
 		return err
 	}
-	p := b[8:]
-	for range n {
-		e, rest := nextPage(p)
-		if err := f(e); err != nil {
+	return forEachPage(b, n, f)
+}
+
+// forEachPage calls f for each of the n entries of a payload checkPages
+// accepted, in order, until f fails.
+func forEachPage(b []byte, n int, f func(pageEntry) error) error {
+	data := pagesMeta(n)
+	for i := range n {
+		e := b[pagesFixed+i*pageEntrySize:]
+		l := int(binary.LittleEndian.Uint16(e[14:]))
+		pe := pageEntry{GPA: binary.LittleEndian.Uint64(e), CRC: binary.LittleEndian.Uint32(e[8:]),
+			Enc: binary.LittleEndian.Uint16(e[12:]), Data: b[data : data+l : data+l], Off: data}
+		if err := f(pe); err != nil {
 			return err
 		}
-		p = rest
+		data += l
 	}
 	return nil
 }
 
-func nextPage(p []byte) (pageEntry, []byte) {
-	l := binary.LittleEndian.Uint32(p[12:])
-	e := pageEntry{GPA: binary.LittleEndian.Uint64(p), Enc: binary.LittleEndian.Uint16(p[8:]), Data: p[pageEntrySize : pageEntrySize+l]}
-	return e, p[pageEntrySize+l:]
-}
-
+// checkPages checks a Pages payload: the count, every entry's alignment,
+// encoding and length, and that the data is exactly what the entries say.
+// It returns the count.
 func checkPages(b []byte) (int, error) {
-	if len(b) < 8 {
+	if len(b) < pagesFixed {
 		return 0, protoErr("pages: %d bytes, too short", len(b))
 	}
 	n := binary.LittleEndian.Uint32(b)
@@ -422,32 +467,31 @@ func checkPages(b []byte) (int, error) {
 	if binary.LittleEndian.Uint32(b[4:]) != 0 {
 		return 0, protoErr("pages: nonzero padding after the count")
 	}
-	p := b[8:]
-	for i := range n {
-		if len(p) < pageEntrySize {
-			return 0, protoErr("pages: entry %d truncated", i)
-		}
-		gpa := binary.LittleEndian.Uint64(p)
-		enc := binary.LittleEndian.Uint16(p[8:])
-		l := binary.LittleEndian.Uint32(p[12:])
+	meta := pagesMeta(int(n))
+	if len(b) < meta {
+		return 0, protoErr("pages: %d entries need %d bytes, the message has %d (truncated)", n, meta, len(b))
+	}
+	data := 0
+	for i := range int(n) {
+		e := b[pagesFixed+i*pageEntrySize:]
+		gpa := binary.LittleEndian.Uint64(e)
+		enc := binary.LittleEndian.Uint16(e[12:])
+		l := binary.LittleEndian.Uint16(e[14:])
 		if gpa%PageSize != 0 {
 			return 0, protoErr("pages: entry %d: GPA %#x not page-aligned", i, gpa)
-		}
-		if binary.LittleEndian.Uint16(p[10:]) != 0 {
-			return 0, protoErr("pages: entry %d (GPA %#x): nonzero padding", i, gpa)
 		}
 		switch {
 		case enc == encRaw && l == PageSize, enc == encLZ4 && l > 0 && l < PageSize, enc == encZero && l == 0:
 		default:
 			return 0, protoErr("pages: entry %d (GPA %#x): encoding %d with %d bytes", i, gpa, enc, l)
 		}
-		if uint64(len(p)-pageEntrySize) < uint64(l) {
-			return 0, protoErr("pages: entry %d (GPA %#x) truncated", i, gpa)
-		}
-		p = p[pageEntrySize+int(l):]
+		data += int(l)
 	}
-	if len(p) != 0 {
-		return 0, protoErr("pages: %d bytes after the last entry", len(p))
+	if got := len(b) - meta; got != data {
+		if got < data {
+			return 0, protoErr("pages: entries hold %d bytes of data, the message %d (truncated)", data, got)
+		}
+		return 0, protoErr("pages: %d bytes after the last entry's data", got-data)
 	}
 	return int(n), nil
 }
@@ -456,8 +500,9 @@ func checkPages(b []byte) (int, error) {
 //
 //	0  pages    uint64 (pages sent in the epoch)
 //	8  digest   uint64 (memory digest once the epoch is applied)
-//	16 checksum uint32 (CRC32C of every Pages, DiskSync, Disk and State message of a checkpoint, headers included, in order;
-//	                   of the Pages messages of a pre-copy round)
+//	16 checksum uint32 (CRC32C, in stream order, of the epoch's messages with page data left out:
+//	                   of each Pages message its header, count, pad and entries (with the pages' CRCs);
+//	                   of each DiskSync, Disk and State message of a checkpoint, header and payload)
 //	20 kind     uint32 (1 pre-copy round, 2 checkpoint)
 //	24 round    uint32 (pre-copy round; 0 for a checkpoint)
 //	28 pad      uint32
@@ -504,43 +549,73 @@ func decodeEnd(b []byte) (End, error) {
 	return e, nil
 }
 
-// Ack acknowledges the epoch in its header (B→P): digest uint64, the
-// backup's memory digest with that epoch applied, for the primary to check.
-func appendAck(dst []byte, digest uint64) []byte {
-	return binary.LittleEndian.AppendUint64(dst, digest)
+// Ack acknowledges the epoch in its header (B→P):
+//
+//	0 digest uint64 (the backup's memory digest with that epoch applied, for the primary to check)
+//	8 cpu    uint64 (ns of CPU the backup's engine spent on the session's checkpoints so far)
+//
+// The CPU time is cumulative, so a lost report is no loss; the ack of N is
+// sent once N is verified, before N is applied, so the difference between
+// two acks is the receipt of one epoch and the application of the one before.
+type Ack struct {
+	Digest uint64
+	CPU    time.Duration
 }
 
-func decodeAck(b []byte) (uint64, error) {
-	if len(b) != 8 {
-		return 0, protoErr("ack: %d bytes, want 8", len(b))
+const ackSize = 16
+
+func appendAck(dst []byte, a Ack) []byte {
+	dst = binary.LittleEndian.AppendUint64(dst, a.Digest)
+	return binary.LittleEndian.AppendUint64(dst, uint64(a.CPU))
+}
+
+func decodeAck(b []byte) (Ack, error) {
+	if len(b) != ackSize {
+		return Ack{}, protoErr("ack: %d bytes, want %d", len(b), ackSize)
 	}
-	return binary.LittleEndian.Uint64(b), nil
+	cpu := binary.LittleEndian.Uint64(b[8:])
+	if cpu > 1<<62 {
+		return Ack{}, protoErr("ack: CPU time %d ns is not a duration", cpu)
+	}
+	return Ack{Digest: binary.LittleEndian.Uint64(b), CPU: time.Duration(cpu)}, nil
 }
 
-// Heartbeat (either way): sent int64 (sender's clock, ns), epoch uint64 (the
-// latest epoch the sender finished: sent by a primary, acknowledged by a backup).
+// Heartbeat (either way):
+//
+//	0  sent     int64  (the sender's clock, ns)
+//	8  epoch    uint64 (the latest epoch the sender finished: sent by a primary, acknowledged by a backup)
+//	16 progress uint64 (a count that grows while the sender's engine works:
+//	                   bytes written by a primary, bytes read and pages applied by a backup)
+//
+// Progress tells a peer that cannot write (the link is full) whether the
+// other side is busy or stuck: a busy peer is never taken for a dead one.
 type Heartbeat struct {
-	Sent  int64
-	Epoch uint64
+	Sent     int64
+	Epoch    uint64
+	Progress uint64
 }
+
+const heartbeatSize = 24
 
 func appendHeartbeat(dst []byte, h Heartbeat) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(h.Sent))
-	return binary.LittleEndian.AppendUint64(dst, h.Epoch)
+	dst = binary.LittleEndian.AppendUint64(dst, h.Epoch)
+	return binary.LittleEndian.AppendUint64(dst, h.Progress)
 }
 
 func decodeHeartbeat(b []byte) (Heartbeat, error) {
-	if len(b) != 16 {
-		return Heartbeat{}, protoErr("heartbeat: %d bytes, want 16", len(b))
+	if len(b) != heartbeatSize {
+		return Heartbeat{}, protoErr("heartbeat: %d bytes, want %d", len(b), heartbeatSize)
 	}
-	return Heartbeat{Sent: int64(binary.LittleEndian.Uint64(b)), Epoch: binary.LittleEndian.Uint64(b[8:])}, nil
+	le := binary.LittleEndian
+	return Heartbeat{Sent: int64(le.Uint64(b)), Epoch: le.Uint64(b[8:]), Progress: le.Uint64(b[16:])}, nil
 }
 
 // castagnoli is the CRC32C table for epoch checksums and page digests.
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // msgReader reads framed messages. The payload it returns is valid until the
-// next ReadMsg.
+// next read.
 type msgReader struct {
 	r   *bufio.Reader
 	hdr [HeaderSize]byte
@@ -554,24 +629,50 @@ func newMsgReader(r io.Reader) *msgReader {
 // ReadMsg reads one message. A stream that ends inside a message returns
 // io.ErrUnexpectedEOF; one that ends between messages, io.EOF.
 func (m *msgReader) ReadMsg() (Header, []byte, error) {
-	if _, err := io.ReadFull(m.r, m.hdr[:]); err != nil {
-		return Header{}, nil, err
-	}
-	h, err := parseHeader(m.hdr[:])
+	h, err := m.ReadHeader()
 	if err != nil {
 		return Header{}, nil, err
 	}
+	payload, err := m.Payload(h)
+	if err != nil {
+		return Header{}, nil, err
+	}
+	return h, payload, nil
+}
+
+// Payload reads the payload of the message whose header h was just read,
+// into the reader's own buffer.
+func (m *msgReader) Payload(h Header) ([]byte, error) {
 	if cap(m.buf) < int(h.Length) {
 		m.buf = make([]byte, h.Length, max(int(h.Length), 2*cap(m.buf)))
 	}
 	m.buf = m.buf[:h.Length]
-	if _, err := io.ReadFull(m.r, m.buf); err != nil {
+	if err := m.ReadPayload(m.buf); err != nil {
+		return nil, err
+	}
+	return m.buf, nil
+}
+
+// ReadHeader reads and checks the next message's header; the payload
+// follows, for ReadPayload.
+func (m *msgReader) ReadHeader() (Header, error) {
+	if _, err := io.ReadFull(m.r, m.hdr[:]); err != nil {
+		return Header{}, err
+	}
+	return parseHeader(m.hdr[:])
+}
+
+// ReadPayload reads the payload of the message whose header was just read
+// into dst, which is exactly as long as the header says: the backup reads a
+// checkpoint's pages straight into its staging.
+func (m *msgReader) ReadPayload(dst []byte) error {
+	if _, err := io.ReadFull(m.r, dst); err != nil {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
-		return Header{}, nil, err
+		return err
 	}
-	return h, m.buf, nil
+	return nil
 }
 
 // rawHeader returns the bytes of the last header read, for checksums.

@@ -89,17 +89,31 @@ type testEntry struct {
 	gpa  uint64
 	enc  uint16
 	data []byte
+	crc  uint32 // 0: the CRC the sender would put there (of the page decoded, for lz4 of nothing)
 }
 
-// pagesPayload builds a Pages payload of entries the way the sender does.
+// pagesPayload builds a Pages payload of entries the way the sender does:
+// entries, then data.
 func pagesPayload(entries ...testEntry) []byte {
-	b := pagesHeader(nil)
-	for _, e := range entries {
-		b = appendPageEntry(b, e.gpa, e.enc, e.data)
+	es := make([]pageEntry, len(entries))
+	for i, e := range entries {
+		crc := e.crc
+		if crc == 0 {
+			switch e.enc {
+			case encRaw:
+				crc = pageCRC(e.data)
+			case encZero:
+				crc = zeroCRC
+			}
+		}
+		es[i] = pageEntry{GPA: e.gpa, CRC: crc, Enc: e.enc, Data: e.data}
 	}
-	setPagesCount(b, len(entries))
-	return b
+	return appendPages(nil, es)
 }
+
+// entryOff is the offset in a Pages payload of entry i's field at off (0
+// gpa, 8 crc, 12 enc, 14 len).
+func entryOff(i, off int) int { return pagesFixed + i*pageEntrySize + off }
 
 func headerBytes(h Header) []byte {
 	b := make([]byte, HeaderSize)
@@ -240,11 +254,11 @@ func TestDecodeHelloRejects(t *testing.T) {
 		{"VMM name too long", helloWith(func(h *Hello) { h.VMM = strings.Repeat("v", maxVMM+1) }), "VMM name of 257 bytes"},
 		{"truncated", valid[:len(valid)-1], "129 bytes, want 130 for 2 regions"},
 		{"trailing byte", append(bytes.Clone(valid), 0), "131 bytes, want 130 for 2 regions"},
-		{"min > max version", patched(valid, helloOffMin, uint32(3)), "version range 3..2 is empty"},
+		{"min > max version", patched(valid, helloOffMin, uint32(4)), "version range 4..3 is empty"},
 		// Version 1's layout had no disk fields: a version-1 primary hears
 		// about versions, not about its hello's length.
 		{"a version-1 primary", patched(patched(append(bytes.Clone(valid[:helloOffDiskSize]), valid[helloFixed:]...),
-			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 2..2"},
+			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 3..3"},
 		{"disk without block size", patched(valid, helloOffDiskSize, uint64(1<<20)), "disk of 1048576 bytes in 0-byte sync blocks"},
 		{"block size without disk", patched(valid, helloOffDiskBlk, uint32(4096)), "disk of 0 bytes in 4096-byte sync blocks"},
 		{"negative disk size", patched(patched(valid, helloOffDiskSize, uint64(1<<63)), helloOffDiskBlk, uint32(4096)), "disk of -9223372036854775808 bytes"},
@@ -291,11 +305,12 @@ func TestHelloNegotiate(t *testing.T) {
 		want    uint32
 		wantErr string
 	}{
-		{"exactly ours", 2, 2, 2, ""},
-		{"newer primary that still speaks 2", 1, 5, 2, ""},
-		{"primary claiming version 0 too", 0, 2, 2, ""},
-		{"only newer versions", 3, 4, 0, "primary speaks 3..4, this backup 2..2"},
-		{"only version 1 (no disk)", 1, 1, 0, "primary speaks 1..1, this backup 2..2"},
+		{"exactly ours", 3, 3, 3, ""},
+		{"newer primary that still speaks 3", 1, 5, 3, ""},
+		{"primary claiming version 0 too", 0, 3, 3, ""},
+		{"only newer versions", 4, 5, 0, "primary speaks 4..5, this backup 3..3"},
+		{"only version 2 (page data among the entries)", 2, 2, 0, "primary speaks 2..2, this backup 3..3"},
+		{"only version 1 (no disk)", 1, 1, 0, "primary speaks 1..1, this backup 3..3"},
 		{"only version 0", 0, 0, 0, "primary speaks 0..0"},
 	}
 	for _, tt := range tests {
@@ -320,7 +335,7 @@ func TestHelloNegotiate(t *testing.T) {
 // --- Welcome ---------------------------------------------------------------
 
 func FuzzDecodeWelcome(f *testing.F) {
-	// A valid welcome choosing version 1.
+	// A valid welcome choosing this version.
 	f.Add(appendWelcome(nil, Version))
 	// Version 0, never valid.
 	f.Add(appendWelcome(nil, 0))
@@ -363,8 +378,8 @@ func TestDecodeWelcomeRejects(t *testing.T) {
 		{"empty", nil, "welcome: 0 bytes, want 8"},
 		{"long", make([]byte, 9), "welcome: 9 bytes, want 8"},
 		{"version 0", appendWelcome(nil, 0), "backup chose version 0"},
-		{"version too old", appendWelcome(nil, 1), "backup chose version 1, this primary speaks 2..2"},
-		{"version too new", appendWelcome(nil, 3), "backup chose version 3"},
+		{"version too old", appendWelcome(nil, 2), "backup chose version 2, this primary speaks 3..3"},
+		{"version too new", appendWelcome(nil, 4), "backup chose version 4"},
 		{"padding", patched(appendWelcome(nil, Version), 4, uint32(1)), "nonzero padding"},
 	}
 	for _, tt := range tests {
@@ -472,21 +487,21 @@ func TestDecodeReject(t *testing.T) {
 // --- Pages -----------------------------------------------------------------
 
 func FuzzDecodePages(f *testing.F) {
-	raw := testEntry{0x2000, encRaw, pageOf(0xab)}
-	zero := testEntry{0x100000, encZero, nil}
-	lz4 := testEntry{0x3000, encLZ4, []byte{0x1f, 0x00, 0x01, 0x00, 0x00}}
+	raw := testEntry{gpa: 0x2000, enc: encRaw, data: pageOf(0xab)}
+	zero := testEntry{gpa: 0x100000, enc: encZero}
+	lz4 := testEntry{gpa: 0x3000, enc: encLZ4, data: []byte{0x1f, 0x00, 0x01, 0x00, 0x00}, crc: 0x1234}
 	valid := pagesPayload(raw, zero, lz4)
 	// A valid batch of one page of each encoding.
 	f.Add(valid)
 	// A valid batch of one zero page, the smallest possible.
 	f.Add(pagesPayload(zero))
 	// A valid batch of one raw page at a high GPA.
-	f.Add(pagesPayload(testEntry{1<<64 - PageSize, encRaw, pageOf(1)}))
+	f.Add(pagesPayload(testEntry{gpa: 1<<64 - PageSize, enc: encRaw, data: pageOf(1)}))
 	// Nothing; just the count.
 	f.Add([]byte{})
 	f.Add(valid[:4])
 	// Count 0.
-	f.Add(pagesHeader(nil))
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0})
 	// Count over MaxBatchPages.
 	f.Add(patched(valid, 0, uint32(MaxBatchPages+1)))
 	// Count 0xffffffff: must not loop or allocate that much.
@@ -494,33 +509,35 @@ func FuzzDecodePages(f *testing.F) {
 	// Count says 4, three entries follow; count says 2, three follow.
 	f.Add(patched(valid, 0, uint32(4)))
 	f.Add(patched(valid, 0, uint32(2)))
-	// Nonzero padding after the count, and in an entry.
+	// Nonzero padding after the count.
 	f.Add(patched(valid, 4, uint32(1)))
-	f.Add(patched(valid, 8+10, uint16(1)))
 	// An unaligned GPA.
-	f.Add(pagesPayload(testEntry{0x2001, encZero, nil}))
+	f.Add(pagesPayload(testEntry{gpa: 0x2001, enc: encZero}))
 	// Raw with the wrong length.
-	f.Add(pagesPayload(testEntry{0, encRaw, make([]byte, PageSize-1)}))
+	f.Add(pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize-1)}))
 	// LZ4 with 0 and with 4096 bytes.
-	f.Add(pagesPayload(testEntry{0, encLZ4, nil}))
-	f.Add(pagesPayload(testEntry{0, encLZ4, make([]byte, PageSize)}))
+	f.Add(pagesPayload(testEntry{enc: encLZ4}))
+	f.Add(pagesPayload(testEntry{enc: encLZ4, data: make([]byte, PageSize)}))
 	// Zero with data.
-	f.Add(pagesPayload(testEntry{0, encZero, []byte{0}}))
+	f.Add(pagesPayload(testEntry{enc: encZero, data: []byte{0}}))
 	// Unknown encodings 0 and 4.
-	f.Add(pagesPayload(testEntry{0, 0, nil}))
-	f.Add(pagesPayload(testEntry{0, 4, nil}))
-	// Trailing bytes after the last entry.
+	f.Add(pagesPayload(testEntry{}))
+	f.Add(pagesPayload(testEntry{enc: 4}))
+	// Trailing bytes after the last entry's data.
 	f.Add(append(bytes.Clone(valid), 0))
-	// Truncated inside an entry header, and inside a raw page's data.
-	f.Add(valid[:8+pageEntrySize-1])
-	f.Add(valid[:8+pageEntrySize+100])
-	// An entry whose length is huge (would overflow int32 arithmetic).
-	f.Add(patched(pagesPayload(testEntry{0, encLZ4, []byte{1}}), 8+12, uint32(0xffffffff)))
+	// Truncated inside the entries, and inside a raw page's data.
+	f.Add(valid[:pagesMeta(3)-1])
+	f.Add(valid[:pagesMeta(3)+100])
+	// An entry whose length is the largest a length can say.
+	f.Add(patched(pagesPayload(testEntry{enc: encLZ4, data: []byte{1}}), entryOff(0, 14), uint16(0xffff)))
 
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var got []testEntry
 		err := decodePages(b, func(e pageEntry) error {
-			got = append(got, testEntry{e.GPA, e.Enc, bytes.Clone(e.Data)})
+			if len(e.Data) > 0 && &e.Data[0] != &b[e.Off] {
+				t.Fatalf("entry at GPA %#x: Off %d is not where its data lies", e.GPA, e.Off)
+			}
+			got = append(got, testEntry{gpa: e.GPA, enc: e.Enc, data: bytes.Clone(e.Data), crc: e.CRC})
 			return nil
 		})
 		n, cerr := checkPages(b)
@@ -542,6 +559,7 @@ func FuzzDecodePages(f *testing.F) {
 		if n != len(got) || n < 1 || n > MaxBatchPages {
 			t.Fatalf("checkPages says %d entries, decodePages delivered %d", n, len(got))
 		}
+		es := make([]pageEntry, len(got))
 		for i, e := range got {
 			ok := e.enc == encRaw && len(e.data) == PageSize ||
 				e.enc == encLZ4 && len(e.data) > 0 && len(e.data) < PageSize ||
@@ -549,8 +567,9 @@ func FuzzDecodePages(f *testing.F) {
 			if e.gpa%PageSize != 0 || !ok {
 				t.Fatalf("entry %d invalid: GPA %#x encoding %d, %d bytes", i, e.gpa, e.enc, len(e.data))
 			}
+			es[i] = pageEntry{GPA: e.gpa, CRC: e.crc, Enc: e.enc, Data: e.data}
 		}
-		if out := pagesPayload(got...); !bytes.Equal(out, b) {
+		if out := appendPages(nil, es); !bytes.Equal(out, b) {
 			t.Fatalf("round trip:\n in  %x\n out %x", b, out)
 		}
 	})
@@ -558,14 +577,14 @@ func FuzzDecodePages(f *testing.F) {
 
 func TestDecodePages(t *testing.T) {
 	want := []testEntry{
-		{0x2000, encRaw, pageOf(0xab)},
-		{0x100000, encZero, nil},
-		{0x3000, encLZ4, []byte{9, 8, 7}},
+		{gpa: 0x2000, enc: encRaw, data: pageOf(0xab)},
+		{gpa: 0x100000, enc: encZero},
+		{gpa: 0x3000, enc: encLZ4, data: []byte{9, 8, 7}, crc: 77},
 	}
 	b := pagesPayload(want...)
-	var got []testEntry
+	var got []pageEntry
 	err := decodePages(b, func(e pageEntry) error {
-		got = append(got, testEntry{e.GPA, e.Enc, e.Data})
+		got = append(got, e)
 		return nil
 	})
 	if err != nil {
@@ -574,17 +593,21 @@ func TestDecodePages(t *testing.T) {
 	if len(got) != len(want) {
 		t.Fatalf("got %d entries, want %d", len(got), len(want))
 	}
-	for i := range want {
-		if got[i].gpa != want[i].gpa || got[i].enc != want[i].enc || !bytes.Equal(got[i].data, want[i].data) {
-			t.Errorf("entry %d: got GPA %#x enc %d %d bytes, want GPA %#x enc %d %d bytes",
-				i, got[i].gpa, got[i].enc, len(got[i].data), want[i].gpa, want[i].enc, len(want[i].data))
+	wantCRC := []uint32{pageCRC(pageOf(0xab)), zeroCRC, 77}
+	off := pagesMeta(3)
+	for i, w := range want {
+		g := got[i]
+		if g.GPA != w.gpa || g.Enc != w.enc || !bytes.Equal(g.Data, w.data) || g.CRC != wantCRC[i] || g.Off != off {
+			t.Errorf("entry %d: got GPA %#x enc %d %d bytes CRC %08x at %d, want GPA %#x enc %d %d bytes CRC %08x at %d",
+				i, g.GPA, g.Enc, len(g.Data), g.CRC, g.Off, w.gpa, w.enc, len(w.data), wantCRC[i], off)
 		}
+		off += len(w.data)
 	}
 
 	// A full batch of MaxBatchPages entries is fine.
 	full := make([]testEntry, MaxBatchPages)
 	for i := range full {
-		full[i] = testEntry{uint64(i) * PageSize, encZero, nil}
+		full[i] = testEntry{gpa: uint64(i) * PageSize, enc: encZero}
 	}
 	if n, err := checkPages(pagesPayload(full...)); err != nil || n != MaxBatchPages {
 		t.Fatalf("checkPages(%d zero pages) = %d, %v", MaxBatchPages, n, err)
@@ -606,8 +629,8 @@ func TestDecodePages(t *testing.T) {
 }
 
 func TestDecodePagesRejects(t *testing.T) {
-	raw := testEntry{0x2000, encRaw, pageOf(0xab)}
-	zero := testEntry{0x5000, encZero, nil}
+	raw := testEntry{gpa: 0x2000, enc: encRaw, data: pageOf(0xab)}
+	zero := testEntry{gpa: 0x5000, enc: encZero}
 	valid := pagesPayload(raw, zero)
 	tests := []struct {
 		name    string
@@ -616,26 +639,25 @@ func TestDecodePagesRejects(t *testing.T) {
 	}{
 		{"empty", nil, "0 bytes, too short"},
 		{"short", valid[:7], "7 bytes, too short"},
-		{"count 0", pagesHeader(nil), "count 0 (want 1 to 512)"},
+		{"count 0", make([]byte, 8), "count 0 (want 1 to 512)"},
 		{"count 0 with entries", patched(valid, 0, uint32(0)), "count 0"},
 		{"count > MaxBatchPages", patched(valid, 0, uint32(MaxBatchPages+1)), "count 513 (want 1 to 512)"},
 		{"count padding", patched(valid, 4, uint32(1)), "nonzero padding after the count"},
-		{"unaligned GPA", pagesPayload(raw, testEntry{0x5008, encZero, nil}), "entry 1: GPA 0x5008 not page-aligned"},
-		{"entry padding", patched(valid, 8+10, uint16(2)), "entry 0 (GPA 0x2000): nonzero padding"},
-		{"raw too short", pagesPayload(testEntry{0, encRaw, make([]byte, PageSize-1)}), "encoding 1 with 4095 bytes"},
-		{"raw too long", pagesPayload(testEntry{0, encRaw, make([]byte, PageSize+1)}), "encoding 1 with 4097 bytes"},
-		{"raw empty", pagesPayload(testEntry{0, encRaw, nil}), "encoding 1 with 0 bytes"},
-		{"lz4 with 0 bytes", pagesPayload(testEntry{0x1000, encLZ4, nil}), "entry 0 (GPA 0x1000): encoding 2 with 0 bytes"},
-		{"lz4 with 4096 bytes", pagesPayload(testEntry{0, encLZ4, make([]byte, PageSize)}), "encoding 2 with 4096 bytes"},
-		{"zero with data", pagesPayload(zero, testEntry{0, encZero, []byte{0}}), "entry 1 (GPA 0x0): encoding 3 with 1 bytes"},
-		{"unknown encoding 0", pagesPayload(testEntry{0, 0, nil}), "encoding 0 with 0 bytes"},
-		{"unknown encoding 4", pagesPayload(testEntry{0, 4, []byte{1}}), "encoding 4 with 1 bytes"},
-		{"trailing bytes", append(bytes.Clone(valid), 1, 2, 3), "3 bytes after the last entry"},
-		{"count too small", patched(valid, 0, uint32(1)), "16 bytes after the last entry"},
-		{"truncated entry header", valid[:len(valid)-1], "entry 1 truncated"},
-		{"count too large", patched(valid, 0, uint32(3)), "entry 2 truncated"},
-		{"truncated entry data", valid[:8+pageEntrySize+PageSize-1], "entry 0 (GPA 0x2000) truncated"},
-		{"huge entry length", patched(pagesPayload(testEntry{0, encLZ4, []byte{1}}), 8+12, uint32(PageSize-1)), "entry 0 (GPA 0x0) truncated"},
+		{"unaligned GPA", pagesPayload(raw, testEntry{gpa: 0x5008, enc: encZero}), "entry 1: GPA 0x5008 not page-aligned"},
+		{"raw too short", pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize-1)}), "encoding 1 with 4095 bytes"},
+		{"raw too long", pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize+1)}), "encoding 1 with 4097 bytes"},
+		{"raw empty", pagesPayload(testEntry{enc: encRaw}), "encoding 1 with 0 bytes"},
+		{"lz4 with 0 bytes", pagesPayload(testEntry{gpa: 0x1000, enc: encLZ4}), "entry 0 (GPA 0x1000): encoding 2 with 0 bytes"},
+		{"lz4 with 4096 bytes", pagesPayload(testEntry{enc: encLZ4, data: make([]byte, PageSize)}), "encoding 2 with 4096 bytes"},
+		{"zero with data", pagesPayload(zero, testEntry{enc: encZero, data: []byte{0}}), "entry 1 (GPA 0x0): encoding 3 with 1 bytes"},
+		{"unknown encoding 0", pagesPayload(testEntry{}), "encoding 0 with 0 bytes"},
+		{"unknown encoding 4", pagesPayload(testEntry{enc: 4, data: []byte{1}}), "encoding 4 with 1 bytes"},
+		{"trailing bytes", append(bytes.Clone(valid), 1, 2, 3), "3 bytes after the last entry's data"},
+		{"count too small", patched(valid, 0, uint32(1)), "16 bytes after the last entry's data"},
+		{"truncated entries", valid[:pagesMeta(2)-1], "2 entries need 40 bytes, the message has 39 (truncated)"},
+		{"count too large", patched(valid, 0, uint32(3)), "entry 2: GPA 0xabababababababab not page-aligned"},
+		{"truncated entry data", valid[:pagesMeta(2)+PageSize-1], "entries hold 4096 bytes of data, the message 4095 (truncated)"},
+		{"huge entry length", patched(pagesPayload(testEntry{enc: encLZ4, data: []byte{1}}), entryOff(0, 14), uint16(0xffff)), "encoding 2 with 65535 bytes"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -725,26 +747,32 @@ func TestDecodeEndRejects(t *testing.T) {
 
 func FuzzDecodeAck(f *testing.F) {
 	// A valid ack.
-	f.Add(appendAck(nil, 0x0123456789abcdef))
-	// A valid ack of digest 0.
-	f.Add(appendAck(nil, 0))
+	f.Add(appendAck(nil, Ack{Digest: 0x0123456789abcdef, CPU: 3 * time.Millisecond}))
+	// A valid ack of digest 0, no CPU time yet.
+	f.Add(appendAck(nil, Ack{}))
+	// The largest CPU time accepted, and one past it.
+	f.Add(appendAck(nil, Ack{CPU: 1 << 62}))
+	f.Add(patched(appendAck(nil, Ack{}), 8, uint64(1<<62+1)))
 	// Truncated; one byte too long; nothing.
-	f.Add(appendAck(nil, 1)[:7])
-	f.Add(append(appendAck(nil, 1), 0))
+	f.Add(appendAck(nil, Ack{Digest: 1})[:15])
+	f.Add(append(appendAck(nil, Ack{Digest: 1}), 0))
 	f.Add([]byte{})
 
 	f.Fuzz(func(t *testing.T, b []byte) {
-		d, err := decodeAck(b)
+		a, err := decodeAck(b)
 		if err != nil {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("error %q is not ErrProtocol", err)
 			}
-			if d != 0 {
-				t.Fatalf("error %q with digest %#x", err, d)
+			if a != (Ack{}) {
+				t.Fatalf("error %q with a result %+v", err, a)
 			}
 			return
 		}
-		if got := appendAck(nil, d); !bytes.Equal(got, b) {
+		if a.CPU < 0 {
+			t.Fatalf("ack with negative CPU time %v", a.CPU)
+		}
+		if got := appendAck(nil, a); !bytes.Equal(got, b) {
 			t.Fatalf("round trip: in %x, out %x", b, got)
 		}
 	})
@@ -752,11 +780,11 @@ func FuzzDecodeAck(f *testing.F) {
 
 func FuzzDecodeHeartbeat(f *testing.F) {
 	// A valid heartbeat.
-	f.Add(appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: 42}))
+	f.Add(appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: 42, Progress: 1 << 40}))
 	// A valid heartbeat with a negative clock (before 1970).
 	f.Add(appendHeartbeat(nil, Heartbeat{Sent: -1, Epoch: 0}))
 	// Truncated; one byte too long; nothing.
-	f.Add(appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2})[:15])
+	f.Add(appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2})[:23])
 	f.Add(append(appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2}), 0))
 	f.Add([]byte{})
 
@@ -778,13 +806,18 @@ func FuzzDecodeHeartbeat(f *testing.F) {
 }
 
 func TestDecodeAckHeartbeatRejects(t *testing.T) {
-	d, err := decodeAck(make([]byte, 9))
-	checkProto(t, err, "ack: 9 bytes, want 8")
-	if d != 0 {
-		t.Errorf("ack error with digest %#x", d)
+	a, err := decodeAck(make([]byte, 9))
+	checkProto(t, err, "ack: 9 bytes, want 16")
+	if a != (Ack{}) {
+		t.Errorf("ack error with a result %+v", a)
 	}
-	h, err := decodeHeartbeat(make([]byte, 8))
-	checkProto(t, err, "heartbeat: 8 bytes, want 16")
+	a, err = decodeAck(patched(appendAck(nil, Ack{Digest: 5}), 8, uint64(1<<63)))
+	checkProto(t, err, "is not a duration")
+	if a != (Ack{}) {
+		t.Errorf("ack error with a result %+v", a)
+	}
+	h, err := decodeHeartbeat(make([]byte, 16))
+	checkProto(t, err, "heartbeat: 16 bytes, want 24")
 	if h != (Heartbeat{}) {
 		t.Errorf("heartbeat error with a result %+v", h)
 	}
@@ -861,7 +894,7 @@ func TestParseHeaderRejects(t *testing.T) {
 func FuzzReadMsg(f *testing.F) {
 	hello := encodeMsg(nil, MsgHello, 0, appendHello(nil, testHello()))
 	stream := encodeMsg(nil, MsgHeartbeat, 3, appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2}))
-	stream = encodeMsg(stream, MsgAck, 3, appendAck(nil, 99))
+	stream = encodeMsg(stream, MsgAck, 3, appendAck(nil, Ack{Digest: 99}))
 	stream = encodeMsg(stream, MsgBye, 4, nil)
 	// One valid message.
 	f.Add(hello)
@@ -943,9 +976,9 @@ func TestWireReadMsg(t *testing.T) {
 		payload []byte
 	}{
 		{MsgHello, 0, appendHello(nil, testHello())},
-		{MsgPages, 1, pagesPayload(testEntry{0, encRaw, pageOf(7)})},
+		{MsgPages, 1, pagesPayload(testEntry{enc: encRaw, data: pageOf(7)})},
 		{MsgBye, 2, nil},
-		{MsgAck, 1, appendAck(nil, 5)},
+		{MsgAck, 1, appendAck(nil, Ack{Digest: 5})},
 	}
 	for _, m := range want {
 		stream = encodeMsg(stream, m.t, m.epoch, m.payload)

@@ -18,7 +18,10 @@ package main
 // one resumed line per vCPU, I from 0: the guest's status at the checkpoint,
 // exact because the vCPUs have not run yet; DIGEST and HASH are 16 lower-case
 // hex digits (DIGEST as in the primary's --stats file, HASH as in its note).
-// verified=true means the replica's memory was digested and matched DIGEST.
+// verified=true (with --verify-replica) means the whole replica's memory was
+// digested at failover and matched DIGEST; without it the replica is what
+// every epoch's checks made it as it arrived (each page against its CRC, the
+// epoch against its checksum and the primary's digest), and verified=false.
 //
 // With --disk, between the failover line and the resumed lines, when the
 // guest runs the disk workload:
@@ -125,6 +128,7 @@ type backupOptions struct {
 	heartbeatTimeout time.Duration
 	runAfter         time.Duration
 	skipVerify       bool
+	verifyReplica    bool
 	quiet            bool
 	tap              string
 	disk             string
@@ -139,6 +143,7 @@ type backupFlags struct {
 	heartbeatTimeout time.Duration
 	runAfter         time.Duration
 	skipVerify       bool
+	verifyReplica    bool
 	quiet            bool
 	tap              string
 	disk             string
@@ -153,7 +158,9 @@ func newBackupFlags() *backupFlags {
 	fs.DurationVar(&f.heartbeatTimeout, "heartbeat-timeout", 0,
 		"silence from the primary that means it is lost (default 0: 5 of its intervals, at least 2s)")
 	fs.DurationVar(&f.runAfter, "run-after-failover", 0, "how long to run the resumed VM before verifying it (default 0: until Ctrl-C or SIGTERM)")
-	fs.BoolVar(&f.skipVerify, "skip-verify", false, "resume without digesting the replica or checking the disk image first (faster failover, unchecked)")
+	fs.BoolVar(&f.verifyReplica, "verify-replica", false,
+		"at failover, digest the whole replica and refuse to resume it unless it matches its checkpoint (failover then grows with memory; every epoch is verified page by page as it arrives either way)")
+	fs.BoolVar(&f.skipVerify, "skip-verify", false, "resume without checking the disk image against the guest's records first (faster failover, unchecked)")
 	fs.BoolVar(&f.quiet, "quiet", false, "print no per-second lines, and log only warnings")
 	fs.StringVar(&f.tap, "tap", "", "at failover, give the resumed guest's network device the tap called `name` (opened in this process's network namespace) and announce its MAC and IP there")
 	fs.StringVar(&f.disk, "disk", "", "the backup's disk image `file`, required when the primary has --disk and of the same size: kept equal to the primary's disk at the checkpoint held, it is the resumed guest's disk at failover (checked first against the guest's records when it runs the disk workload)")
@@ -169,7 +176,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 		return nil, err
 	}
 	o := &backupOptions{listen: f.listen, expectVCPUs: f.expectVCPUs, heartbeatTimeout: f.heartbeatTimeout,
-		runAfter: f.runAfter, skipVerify: f.skipVerify, quiet: f.quiet, tap: f.tap, disk: f.disk}
+		runAfter: f.runAfter, skipVerify: f.skipVerify, verifyReplica: f.verifyReplica, quiet: f.quiet, tap: f.tap, disk: f.disk}
 	if f.listen == "" {
 		return nil, usagef("--listen is required: the address to accept the primary on, e.g. --listen :7070")
 	}
@@ -288,7 +295,7 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 	cfg := replicate.BackupConfig{
 		NewMemory:        testvm.NewMemFile,
 		HeartbeatTimeout: o.heartbeatTimeout,
-		SkipVerify:       o.skipVerify,
+		VerifyReplica:    o.verifyReplica,
 		Log:              log,
 	}
 	if o.expectMem != 0 {
@@ -363,7 +370,7 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 			cp.Memory.Close() // Restore leaves it ours on error
 			return err
 		}
-		fmt.Fprintf(stdout, "failover: epoch=%d digest=%s verified=%s\n", cp.Epoch, replicate.FormatDigest(cp.Digest), strconv.FormatBool(!o.skipVerify))
+		fmt.Fprintf(stdout, "failover: epoch=%d digest=%s verified=%s\n", cp.Epoch, replicate.FormatDigest(cp.Digest), strconv.FormatBool(cp.Verified))
 		if diskLine != "" {
 			fmt.Fprintln(stdout, diskLine)
 		}

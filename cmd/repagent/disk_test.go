@@ -447,7 +447,7 @@ type diskKill struct {
 func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	addr := freeAddr(t)
-	backup := exec.Command(bin, "backup", "--listen", addr, "--disk", bimg, "--run-after-failover", "1s", "--heartbeat-timeout", "5s")
+	backup := exec.Command(bin, "backup", "--listen", addr, "--disk", bimg, "--run-after-failover", "1s", "--heartbeat-timeout", "5s", "--verify-replica")
 	bout := &outputBuffer{}
 	backup.Stdout, backup.Stderr = bout, bout
 	if err := backup.Start(); err != nil {

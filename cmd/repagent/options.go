@@ -19,8 +19,8 @@ import (
 // share.
 type replFlags struct {
 	interval, heartbeatTimeout, duration time.Duration
-	dirtyTrack, stats, staging           string
-	workers                              int
+	dirtyTrack, stats, staging, compress string
+	workers, copyThreads, syncThreshold  int
 	auditEvery                           uint64
 	quiet                                bool
 	holdLimit, pcap                      string
@@ -35,6 +35,12 @@ func (r *replFlags) register(fs *pflag.FlagSet) {
 	fs.DurationVar(&r.heartbeatTimeout, "heartbeat-timeout", 0,
 		"silence from the backup that means it is lost (default 0: 5 intervals, at least 2s)")
 	fs.IntVar(&r.workers, "workers", 0, "compression goroutines (default 0: one per CPU, at most 4)")
+	fs.StringVar(&r.compress, "compress", "auto",
+		"LZ4 compression of pages: auto (where a probe finds it pays, per 2MiB of memory), always or never")
+	fs.IntVar(&r.copyThreads, "copy-threads", 0,
+		"at most this many goroutines copy an epoch's pages during its pause, 1 to 4; more than 1 are used only when they pay for waking them (default 0: one per CPU, at most 4)")
+	fs.IntVar(&r.syncThreshold, "sync-threshold", 0,
+		"end the initial memory sync once a round leaves at most this many dirty `pages` (default 0: 1024)")
 	fs.StringVar(&r.staging, "staging", "",
 		"memory `size` for captured pages not yet sent (default 0: the guest memory size, at most 1GiB)")
 	fs.Uint64Var(&r.auditEvery, "audit-every", 0,
@@ -51,6 +57,9 @@ type replOptions struct {
 	mech             dirtylog.Mechanism
 	heartbeatTimeout time.Duration
 	workers          int
+	compress         replicate.Compression
+	copyThreads      int
+	syncThreshold    int
 	staging          uint64
 	auditEvery       uint64
 	stats            string
@@ -65,6 +74,7 @@ type replOptions struct {
 // options checks the replication flags; any error is a usage error.
 func (r *replFlags) options() (replOptions, error) {
 	o := replOptions{interval: r.interval, heartbeatTimeout: r.heartbeatTimeout, workers: r.workers,
+		copyThreads: r.copyThreads, syncThreshold: r.syncThreshold,
 		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet, pcap: r.pcap}
 	if r.interval < replicate.MinInterval || r.interval > replicate.MaxInterval {
 		return o, usagef("--interval %v: want %v to %v", r.interval, replicate.MinInterval, replicate.MaxInterval)
@@ -81,6 +91,15 @@ func (r *replFlags) options() (replOptions, error) {
 	}
 	if r.workers < 0 {
 		return o, usagef("--workers %d: must not be negative", r.workers)
+	}
+	if o.compress, err = replicate.ParseCompression(r.compress); err != nil {
+		return o, usagef("--compress: %w", err)
+	}
+	if r.copyThreads < 0 || r.copyThreads > replicate.MaxCopyThreads {
+		return o, usagef("--copy-threads %d: want 0 (the default) or 1 to %d", r.copyThreads, replicate.MaxCopyThreads)
+	}
+	if r.syncThreshold < 0 {
+		return o, usagef("--sync-threshold %d: must not be negative", r.syncThreshold)
 	}
 	if r.staging != "" {
 		if o.staging, err = parseSize(r.staging); err != nil {

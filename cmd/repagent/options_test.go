@@ -43,6 +43,7 @@ func TestParseJobArgsDefaults(t *testing.T) {
 
 	o, err = parseJobArgs([]string{"--interval", "5ms", "--dirty-track", "ring", "--stats", t.TempDir() + "/s.jsonl",
 		"--heartbeat-timeout", "2s", "--workers", "3", "--staging", "64M", "--audit-every", "10", "--duration", "3s",
+		"--compress", "never", "--copy-threads", "2", "--sync-threshold", "7",
 		"--quiet", "--mem", "64M", "--vcpus", "2", "--workload", "counter"})
 	if err != nil {
 		t.Fatal(err)
@@ -50,7 +51,7 @@ func TestParseJobArgsDefaults(t *testing.T) {
 	r := o.repl
 	if r.interval != 5*time.Millisecond || r.mech != dirtylog.Ring || !strings.HasSuffix(r.stats, "/s.jsonl") ||
 		r.heartbeatTimeout != 2*time.Second || r.workers != 3 || r.staging != 64<<20 || r.auditEvery != 10 ||
-		r.duration != 3*time.Second || !r.quiet {
+		r.duration != 3*time.Second || !r.quiet || r.compress != replicate.CompressNever || r.copyThreads != 2 || r.syncThreshold != 7 {
 		t.Errorf("parsed: %+v", r)
 	}
 	if o.cfg.MemSize != 64<<20 || o.cfg.VCPUs != 2 || o.cfg.Workload != testvm.Counter {
@@ -88,6 +89,9 @@ func TestJobUsageErrors(t *testing.T) {
 		{"heartbeat too short", []string{"--heartbeat-timeout", "150ms"}, "--heartbeat-timeout 150ms: want 0 (the default) or at least 200ms"},
 		{"heartbeat short at 5ms", []string{"--interval", "5ms", "--heartbeat-timeout", "9ms"}, "at least 10ms"},
 		{"negative workers", []string{"--workers", "-1"}, "--workers -1: must not be negative"},
+		{"bad compress", []string{"--compress", "zstd"}, `--compress: unknown compression "zstd" (want auto, always or never)`},
+		{"too many copy threads", []string{"--copy-threads", "5"}, "--copy-threads 5: want 0 (the default) or 1 to 4"},
+		{"negative sync threshold", []string{"--sync-threshold", "-1"}, "--sync-threshold -1: must not be negative"},
 		{"staging too small", []string{"--staging", "4K"}, "--staging 4K: want 0 (the default) or at least 256KiB"},
 		{"staging bad unit", []string{"--staging", "4X"}, `--staging: size "4X": unknown unit`},
 		{"negative duration", []string{"--duration", "-1s"}, "--duration -1s: must not be negative"},

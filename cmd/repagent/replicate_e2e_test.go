@@ -29,7 +29,7 @@ import (
 // output must not fail on a loss the load caused.
 
 var (
-	statusLineRE = regexp.MustCompile(`(?m)^ +\d+\.\ds  [\d.]+ epochs/s  pause p50 \S+ p99 \S+  dirty \S+/epoch  wire \S+/s  ratio \S+  lag \d+ ack \S+  guest \S+ writes/s(  disk \S+ writes/s \S+/s)?(  net held \S+/s rel \S+/s( DROPPED \S+/s)? hold p50 \S+ p99 \S+(  client rtt p50 \S+ p99 \S+)?)?$`)
+	statusLineRE = regexp.MustCompile(`(?m)^ +\d+\.\ds  [\d.]+ epochs/s  pause p50 \S+ p99 \S+  dirty \S+/epoch  wire \S+/s  ratio \S+  lag \d+ ack \S+  xfer \S+  period \S+  cpu/page \S+  guest \S+ writes/s(  disk \S+ writes/s \S+/s)?(  net held \S+/s rel \S+/s( DROPPED \S+/s)? hold p50 \S+ p99 \S+(  client rtt p50 \S+ p99 \S+)?)?$`)
 	summaryRE    = regexp.MustCompile(`(?m)^  epochs: (\d+) acknowledged .*, last (\d+),`)
 	failoverRE   = regexp.MustCompile(`(?m)^failover: epoch=(\d+) digest=([0-9a-f]{16}) verified=(true|false)$`)
 	resumedRE    = regexp.MustCompile(`(?m)^resumed vcpu=(\d+) iterations=(\d+) writes=(\d+) counter=(\d+) hash=([0-9a-f]{16})$`)
@@ -212,7 +212,7 @@ func TestPrimaryBackupFailoverE2E(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	backup, bl, berr, addr := startBackup(ctx, t, bin, "--run-after-failover", "1s", "--heartbeat-timeout", "5s")
+	backup, bl, berr, addr := startBackup(ctx, t, bin, "--run-after-failover", "1s", "--heartbeat-timeout", "5s", "--verify-replica")
 
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	var pout bytes.Buffer

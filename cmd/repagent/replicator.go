@@ -322,6 +322,9 @@ func (r *replicator) newPrimary() error {
 		Interval:         r.o.interval,
 		DirtyTrack:       r.mech,
 		Workers:          r.o.workers,
+		Compress:         r.o.compress,
+		CopyThreads:      r.o.copyThreads,
+		PrecopyThreshold: r.o.syncThreshold,
 		StagingBytes:     r.o.staging,
 		HeartbeatTimeout: r.o.heartbeatTimeout,
 		AuditEvery:       r.o.auditEvery,
@@ -403,7 +406,7 @@ func (r *replicator) onSync(s replicate.SyncProgress) {
 	line := fmt.Sprintf("sync round %d: %d pages, %.1f MB (wire %.1f MB), %.1f MB/s, %d dirty remaining",
 		s.Round, s.Pages, float64(s.Pages)*replicate.PageSize/1e6, float64(s.WireBytes)/1e6, s.Rate()/1e6, s.Remaining)
 	if s.Done {
-		line += fmt.Sprintf("; synced in %v, first checkpoint follows", s.Elapsed.Round(time.Millisecond))
+		line += fmt.Sprintf("; synced in %v (%v), first checkpoint follows", s.Elapsed.Round(time.Millisecond), s.End)
 	}
 	fmt.Fprintln(r.stdout, line)
 }
@@ -560,6 +563,8 @@ func (r *replicator) statusLine(now time.Time, secs, guestRate float64, lost boo
 		n:           w.epochs,
 		p50:         w.pause.quantile(0.5),
 		p99:         w.pause.quantile(0.99),
+		xfer:        w.transfer.quantile(0.5),
+		period:      w.period.quantile(0.5),
 		dirty:       w.meanDirty(),
 		wireRate:    float64(w.wire) / secs,
 		ratio:       w.ratio(),
@@ -568,6 +573,7 @@ func (r *replicator) statusLine(now time.Time, secs, guestRate float64, lost boo
 		unprotected: lost || (r.lastAcked != nil && !r.p.Protected()),
 		net:         r.netSecond(secs),
 	}
+	s.cpu, s.backupCPU = w.cpuPerPage()
 	if r.mirror != nil {
 		s.disk = &diskLine{writes: float64(w.diskWrites) / secs, bytes: float64(w.diskBytes) / secs}
 	}
@@ -592,6 +598,10 @@ type statusLine struct {
 	ratio       float64       // wire bytes over raw bytes
 	lag         uint64        // epochs sent and not yet acknowledged
 	ack         time.Duration // the latest ack's latency
+	xfer        time.Duration // their transfers' median (pause end to end record sent)
+	period      time.Duration // their periods' median (pause start to pause start)
+	cpu         time.Duration // the engine's CPU per dirty page, primary side
+	backupCPU   time.Duration // and backup side
 	guest       float64       // the guest's operations per second
 	op          string        // what the guest's operations are
 	disk        *diskLine     // with a mirrored disk
@@ -611,21 +621,33 @@ func (d *diskLine) String() string {
 
 // String formats the line, e.g.
 //
-//	"   3.0s  10.0 epochs/s  pause p50 1.23ms p99 2.34ms  dirty 5.12k/epoch  wire 23.4MB/s  ratio 0.412  lag 1 ack 1.20ms  guest 2.31M writes/s"
+//	"   3.0s  10.0 epochs/s  pause p50 1.23ms p99 2.34ms  dirty 5.12k/epoch  wire 23.4MB/s  ratio 0.412  lag 1 ack 1.20ms  xfer 3.40ms  period 100ms  cpu/page 2.10µs+1.05µs  guest 2.31M writes/s"
 //
-// then, with a mirrored disk, "  disk 12.3k writes/s 50.4MB/s", then the
+// xfer is the median time from an epoch's pause to its last byte written
+// (its transfer), period the median time from one pause to the next (the
+// epoch's real length, which grows past the interval when the link or the
+// backup cannot keep up), cpu/page the engine's CPU time per dirty page on
+// the primary + on the backup (the memory path: capture, encode and send;
+// receive, check and apply). Then, with a mirrored disk, "  disk 12.3k writes/s 50.4MB/s", then the
 // network part (netLine) with an output gate, and "  UNPROTECTED" at the end while the backup holds no current
 // checkpoint. With no epoch in the second, the pause, dirty and ratio fields
 // are "-".
 func (s statusLine) String() string {
-	pause, dirty, ratio := "p50 - p99 -", "-", "-"
+	pause, dirty, ratio, xfer, period, cpu := "p50 - p99 -", "-", "-", "-", "-", "-"
 	if s.n > 0 {
 		pause = fmt.Sprintf("p50 %s p99 %s", dur(s.p50), dur(s.p99))
 		dirty = si(s.dirty)
 		ratio = fmt.Sprintf("%.3f", s.ratio)
+		xfer = dur(s.xfer)
+		if s.period > 0 {
+			period = dur(s.period)
+		}
+		if s.dirty > 0 {
+			cpu = dur(s.cpu) + "+" + dur(s.backupCPU)
+		}
 	}
-	line := fmt.Sprintf("%6.1fs  %.1f epochs/s  pause %s  dirty %s/epoch  wire %s/s  ratio %s  lag %d ack %s  guest %s %s/s",
-		s.elapsed.Seconds(), s.epochs, pause, dirty, bytesSI(s.wireRate), ratio, s.lag, dur(s.ack), si(s.guest), s.op)
+	line := fmt.Sprintf("%6.1fs  %.1f epochs/s  pause %s  dirty %s/epoch  wire %s/s  ratio %s  lag %d ack %s  xfer %s  period %s  cpu/page %s  guest %s %s/s",
+		s.elapsed.Seconds(), s.epochs, pause, dirty, bytesSI(s.wireRate), ratio, s.lag, dur(s.ack), xfer, period, cpu, si(s.guest), s.op)
 	if s.disk != nil {
 		line += s.disk.String()
 	}
@@ -674,6 +696,10 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 	fmt.Fprintf(w, "  shipped: raw %s, wire %s, ratio %.3f, %s/s on the wire\n", bytesSI(float64(t.raw)), bytesSI(float64(t.wire)),
 		t.ratio(), bytesSI(float64(t.wire)/secs))
 	fmt.Fprintf(w, "  ack latency: p50 %s p99 %s\n", dur(t.ack.quantile(0.5)), dur(t.ack.quantile(0.99)))
+	fmt.Fprintf(w, "  transfer: p50 %s p99 %s; period: p50 %s p99 %s\n", dur(t.transfer.quantile(0.5)), dur(t.transfer.quantile(0.99)),
+		dur(t.period.quantile(0.5)), dur(t.period.quantile(0.99)))
+	pc, bc := t.cpuPerPage()
+	fmt.Fprintf(w, "  engine cpu: primary %s, backup %s per dirty page (%s and %s in all)\n", dur(pc), dur(bc), dur(t.cpu), dur(t.backupCPU))
 	if r.o.auditEvery > 0 {
 		fmt.Fprintf(w, "  audits: %d passed (every %d epochs)\n", t.audited, r.o.auditEvery)
 	}

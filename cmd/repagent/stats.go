@@ -112,6 +112,14 @@ type epochAgg struct {
 	audited  uint64
 	first    uint64 // first epoch seen
 	last     *replicate.EpochStats
+	transfer hist // from the pause's end to the end record's write
+	period   hist // from the previous epoch's pause to this one's
+	// The engine's CPU time on the epochs, primary side and backup side
+	// (EpochStats.CPU, BackupCPU); with dirty, the cost per page.
+	cpu, backupCPU time.Duration
+	// prevStart is the last epoch's pause start; reset keeps it, so the
+	// period of a second's first epoch is known.
+	prevStart time.Time
 
 	// The disk: write records mirrored (in epoch 1, the sync's residual
 	// blocks), their data, their messages on the wire.
@@ -140,6 +148,13 @@ func (a *epochAgg) add(s *replicate.EpochStats) {
 	a.epochs++
 	a.pause.add(s.Pause)
 	a.ack.add(s.AckLatency)
+	a.transfer.add(s.Transfer)
+	if !a.prevStart.IsZero() && s.Start.After(a.prevStart) {
+		a.period.add(s.Start.Sub(a.prevStart))
+	}
+	a.prevStart = s.Start
+	a.cpu += s.CPU
+	a.backupCPU += s.BackupCPU
 	for i, d := range [nParts]time.Duration{s.Kick, s.Harvest, s.Save, s.Stall, s.Copy, s.Gates, s.Resume, s.Audit} {
 		a.parts[i] += d
 	}
@@ -160,7 +175,16 @@ func (a *epochAgg) add(s *replicate.EpochStats) {
 	a.last = s
 }
 
-func (a *epochAgg) reset() { *a = epochAgg{} }
+func (a *epochAgg) reset() { *a = epochAgg{prevStart: a.prevStart} }
+
+// cpuPerPage is the engine's mean CPU time per dirty page, primary and
+// backup side; 0, 0 without pages.
+func (a *epochAgg) cpuPerPage() (primary, backup time.Duration) {
+	if a.dirty == 0 {
+		return 0, 0
+	}
+	return a.cpu / time.Duration(a.dirty), a.backupCPU / time.Duration(a.dirty)
+}
 
 // meanPart is the mean of pause part i per epoch.
 func (a *epochAgg) meanPart(i int) time.Duration {
