@@ -1,0 +1,63 @@
+package main
+
+import (
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/repagent/repagent/internal/privileged"
+)
+
+var syncEndRE = regexp.MustCompile(`(?m)^sync round (\d+): .*; synced in (\S+) \((converged|rounds stopped shrinking|round limit reached)\), first checkpoint follows$`)
+
+// A large guest that dirties memory as fast as it can (1 GiB, 2 vCPUs, the
+// dirty workload at full speed, as many pages as the host gives it) gets
+// protected: its pre-copy rounds stop shrinking, the sync ends by itself
+// and says why, the first checkpoint copies what is left in one pause, and
+// replication then holds (epochs acknowledged for the rest of the run, the
+// backup never lost, the replica verified against the primary's memory at
+// the end).
+func TestLargeBusyGuestProtected(t *testing.T) {
+	privileged.Require(t, privileged.KVM)
+	bin := buildRepagent(t)
+	stats := filepath.Join(t.TempDir(), "stats.jsonl")
+	const run = 40 * time.Second
+	out, code := runBin(t, bin, "--interval", "100ms", "--duration", run.String(), "--mem", "1G", "--vcpus", "2",
+		"--no-net", "--no-disk", "--stats", stats)
+	if code != 0 {
+		t.Fatalf("exit %d:\n%s", code, out)
+	}
+	m := syncEndRE.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no sync line that says how the sync ended:\n%s", out)
+	}
+	took, err := time.ParseDuration(m[2])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Bounded: the sync may not take the run (at worst it runs its round
+	// limit, each round no longer than the one before).
+	if took > run/2 {
+		t.Fatalf("sync took %v of a %v run:\n%s", took, run, out)
+	}
+	if strings.Contains(out, "UNPROTECTED") || strings.Contains(out, "i/o timeout") || strings.Contains(out, "BACKUP LOST") {
+		t.Fatalf("the backup was lost:\n%s", out)
+	}
+	if !strings.Contains(out, "\nverification passed\n") || !strings.Contains(out, "(verified: its memory digests to the primary's)") {
+		t.Fatalf("the guest or the replica did not verify:\n%s", out)
+	}
+	lines := readStats(t, stats)
+	if len(lines) < 5 {
+		t.Fatalf("%d epochs acknowledged after a %v sync in a %v run, want at least 5:\n%s", len(lines), took, run, out)
+	}
+	for i, l := range lines {
+		if l.Epoch != uint64(i+1) {
+			t.Fatalf("stats line %d is epoch %d: an epoch went unacknowledged", i+1, l.Epoch)
+		}
+	}
+	first, _ := strconv.Atoi(m[1])
+	t.Logf("sync: %d rounds in %v (%s); then %d epochs acknowledged", first+1, took, m[3], len(lines))
+}
