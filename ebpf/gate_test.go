@@ -324,7 +324,18 @@ func TestReleaseDrain(t *testing.T) {
 	g.own.beforeSend = func() {
 		if !sent {
 			sent = true
+			seq0 := atomic.LoadUint64(&g.att.ctl.Seq)
 			n.sendSeqs(t, 11, 15)
+			// Wait until the TC program has taken them (they travel
+			// through the kernel on their own time): only then is the first
+			// held frame's send "just as" they arrive, not before.
+			for deadline := time.Now().Add(5 * time.Second); atomic.LoadUint64(&g.att.ctl.Seq) < seq0+5; {
+				if time.Now().After(deadline) {
+					t.Errorf("frames 11..15 did not reach the hold path in 5s")
+					break
+				}
+				time.Sleep(100 * time.Microsecond)
+			}
 		}
 	}
 	must(t, g.Release())

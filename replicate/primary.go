@@ -80,10 +80,18 @@ type Config struct {
 	// MinHeartbeatTimeout). Each write must also complete within it.
 	Heartbeat, HeartbeatTimeout time.Duration
 	// PrecopyThreshold ends the initial sync once a round leaves at most this
-	// many dirty pages (default 1024); so does a round that does not shrink
-	// the dirty set, or MaxPrecopyRounds (default 30).
+	// many dirty pages (default 1024). A round that shrinks the dirty set by
+	// less than a quarter ends it too, once what is left fits a first
+	// checkpoint's pause of SyncPause (default DefaultSyncPause), estimated
+	// from the copy cost measured on this host; while it does not fit, the
+	// engine throttles the vCPUs for the next rounds (auto-converge, see
+	// converge.go) unless NoThrottle. MaxPrecopyRounds (default 30) ends it
+	// regardless. SyncProgress reports each round, the throttle and the
+	// estimate.
 	PrecopyThreshold int
 	MaxPrecopyRounds int
+	SyncPause        time.Duration
+	NoThrottle       bool
 	// Gates hold output until its epoch is acknowledged.
 	Gates []OutputGate
 	// Disk, when set, mirrors the VM's disk with its memory (property P4):
@@ -164,6 +172,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.MaxPrecopyRounds <= 0 {
 		c.MaxPrecopyRounds = 30
+	}
+	if c.SyncPause <= 0 {
+		c.SyncPause = DefaultSyncPause
 	}
 	if c.Log == nil {
 		c.Log = slog.Default()
@@ -836,7 +847,7 @@ func (p *Primary) diskSync(ctx context.Context, phase string, run func(send func
 }
 
 // memorySync is the memory part of initialSync.
-func (p *Primary) memorySync(ctx context.Context) error {
+func (p *Primary) memorySync(ctx context.Context) (err error) {
 	start := time.Now()
 	var all []uint64
 	for _, r := range p.lay.regions {
@@ -846,6 +857,14 @@ func (p *Primary) memorySync(ctx context.Context) error {
 	}
 	pages := all
 	prev := len(all) + 1
+	var thr *throttler
+	defer func() {
+		if terr := thr.stop(); terr != nil && err == nil {
+			err = vmFailure{fmt.Errorf("throttle the VM during the sync: %w", terr)}
+		}
+	}()
+	calibrated := false
+	var heldBefore time.Duration
 	for round := 0; ; round++ {
 		t0 := time.Now()
 		job := &epochJob{kind: kindPrecopy, round: uint32(round), gpas: pages, live: true, done: make(chan struct{}),
@@ -861,24 +880,50 @@ func (p *Primary) memorySync(ctx context.Context) error {
 		if _, err := p.src.Harvest(p.set); err != nil {
 			return fmt.Errorf("harvest during initial sync: %w", err)
 		}
+		took := time.Since(t0)
 		n := p.set.Count()
+		share, held := 0.0, time.Duration(0)
+		if thr != nil {
+			var total time.Duration
+			share, total = thr.get()
+			held, heldBefore = total-heldBefore, total
+		}
 		var end SyncEnd
+		var est time.Duration
 		switch {
 		case n <= p.cfg.PrecopyThreshold:
 			end = SyncConverged
-		case n >= prev:
-			end = SyncNotShrinking
-		case round+1 >= p.cfg.MaxPrecopyRounds:
-			end = SyncRoundLimit
+		case 4*n < 3*prev && round+1 < p.cfg.MaxPrecopyRounds:
+			// Still shrinking well: another round.
+		default:
+			if !calibrated {
+				p.calibrateCopy()
+				calibrated = true
+			}
+			est = p.pauseEstimate(n, float64(len(pages))/took.Seconds())
+			switch {
+			case round+1 >= p.cfg.MaxPrecopyRounds:
+				end = SyncRoundLimit
+			case est <= p.cfg.SyncPause:
+				end = SyncNotShrinking
+			case p.cfg.NoThrottle || share >= maxThrottle:
+				end = SyncThrottleLimit
+			case thr == nil:
+				thr = newThrottler(p.cfg.VM)
+				thr.set(throttleFirst)
+			default:
+				thr.set(min(maxThrottle, share+throttleStep))
+			}
 		}
 		done := end != 0
 		if p.cfg.OnSync != nil {
-			p.cfg.OnSync(SyncProgress{Round: round, Pages: len(pages), WireBytes: job.stats.WireBytes, Took: time.Since(t0),
-				Elapsed: time.Since(start), Remaining: n, Done: done, End: end, CPU: time.Duration(job.cpu.Load())})
+			p.cfg.OnSync(SyncProgress{Round: round, Pages: len(pages), WireBytes: job.stats.WireBytes, Took: took,
+				Elapsed: time.Since(start), Remaining: n, Done: done, End: end, CPU: time.Duration(job.cpu.Load()),
+				Throttle: share, Held: held, PauseEstimate: est})
 		}
-		if done && end != SyncConverged {
-			p.cfg.Log.Warn("initial sync did not converge: the first checkpoint copies what is left in one pause (stop-and-copy)",
-				"why", end, "round", round, "dirty", n, "threshold", p.cfg.PrecopyThreshold)
+		if done && est > p.cfg.SyncPause {
+			p.cfg.Log.Warn("initial sync did not converge: the first checkpoint copies what is left in one pause longer than the bound",
+				"why", end, "round", round, "dirty", n, "pause-estimate", est, "bound", p.cfg.SyncPause, "throttle", share)
 		}
 		if done {
 			return nil

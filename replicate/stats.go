@@ -124,14 +124,19 @@ type SyncEnd int
 const (
 	// SyncConverged: a round left at most Config.PrecopyThreshold pages.
 	SyncConverged SyncEnd = 1 + iota
-	// SyncNotShrinking: a round left at least as many pages dirty as the one
-	// before: the guest dirties memory as fast as it is sent, and more rounds
-	// would not help. The first checkpoint copies what is left in its pause
-	// (stop-and-copy, as QEMU does when it gives up on its downtime limit).
+	// SyncNotShrinking: a round shrank the dirty set by less than a quarter
+	// (the guest dirties memory about as fast as it is sent, and more rounds
+	// would not help), and what is left fits Config.SyncPause: the first
+	// checkpoint copies it in its pause (stop-and-copy).
 	SyncNotShrinking
 	// SyncRoundLimit: Config.MaxPrecopyRounds rounds ran; the rest is
-	// copied as for SyncNotShrinking.
+	// copied as for SyncNotShrinking, in however long a pause it takes.
 	SyncRoundLimit
+	// SyncThrottleLimit: the rounds stopped shrinking with more left than
+	// Config.SyncPause, and the vCPUs were throttled as far as they go (or
+	// Config.NoThrottle): the rest is copied in however long a pause it
+	// takes.
+	SyncThrottleLimit
 )
 
 func (e SyncEnd) String() string {
@@ -142,6 +147,8 @@ func (e SyncEnd) String() string {
 		return "rounds stopped shrinking"
 	case SyncRoundLimit:
 		return "round limit"
+	case SyncThrottleLimit:
+		return "throttle limit"
 	}
 	return "in progress"
 }
@@ -157,6 +164,13 @@ type SyncProgress struct {
 	Done      bool          // the last report: the first checkpoint follows
 	End       SyncEnd       // with Done: why the sync ended
 	CPU       time.Duration // the engine's CPU time on the round (workers and sender)
+	// Throttle is the share of time the vCPUs were held paused during the
+	// round (0: not throttled), Held how long that came to.
+	Throttle float64
+	Held     time.Duration
+	// PauseEstimate, once rounds stop shrinking well, is how long the first
+	// checkpoint's pause would take to capture the pages left.
+	PauseEstimate time.Duration
 }
 
 // DiskSyncProgress reports a phase of the disk sync: "precopy" (the bulk,

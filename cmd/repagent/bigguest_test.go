@@ -11,7 +11,7 @@ import (
 	"github.com/repagent/repagent/internal/privileged"
 )
 
-var syncEndRE = regexp.MustCompile(`(?m)^sync round (\d+): .*; synced in (\S+) \((converged|rounds stopped shrinking|round limit reached)\), first checkpoint follows$`)
+var syncEndRE = regexp.MustCompile(`(?m)^sync round (\d+): .*; synced in (\S+) \((converged|rounds stopped shrinking|round limit|throttle limit)\), first checkpoint follows$`)
 
 // A large guest that dirties memory as fast as it can (1 GiB, 2 vCPUs, the
 // dirty workload at full speed, as many pages as the host gives it) gets

@@ -22,7 +22,8 @@ type replFlags struct {
 	dirtyTrack, stats, staging, compress string
 	workers, copyThreads, syncThreshold  int
 	auditEvery                           uint64
-	quiet                                bool
+	syncPause                            time.Duration
+	quiet, noThrottle                    bool
 	holdLimit, pcap                      string
 }
 
@@ -41,6 +42,9 @@ func (r *replFlags) register(fs *pflag.FlagSet) {
 		"at most this many goroutines copy an epoch's pages during its pause, 1 to 4; more than 1 are used only when they pay for waking them (default 0: one per CPU, at most 4)")
 	fs.IntVar(&r.syncThreshold, "sync-threshold", 0,
 		"end the initial memory sync once a round leaves at most this many dirty `pages` (default 0: 1024)")
+	fs.DurationVar(&r.syncPause, "sync-pause", replicate.DefaultSyncPause,
+		"the longest pause the first checkpoint may take to copy what the initial sync leaves; while rounds stop shrinking with more left, the vCPUs are throttled")
+	fs.BoolVar(&r.noThrottle, "no-throttle", false, "never throttle the vCPUs during the initial sync: a guest that out-dirties the link gets a first pause as long as it takes")
 	fs.StringVar(&r.staging, "staging", "",
 		"memory `size` for captured pages not yet sent (default 0: the guest memory size, at most 1GiB)")
 	fs.Uint64Var(&r.auditEvery, "audit-every", 0,
@@ -60,6 +64,8 @@ type replOptions struct {
 	compress         replicate.Compression
 	copyThreads      int
 	syncThreshold    int
+	syncPause        time.Duration
+	noThrottle       bool
 	staging          uint64
 	auditEvery       uint64
 	stats            string
@@ -74,7 +80,7 @@ type replOptions struct {
 // options checks the replication flags; any error is a usage error.
 func (r *replFlags) options() (replOptions, error) {
 	o := replOptions{interval: r.interval, heartbeatTimeout: r.heartbeatTimeout, workers: r.workers,
-		copyThreads: r.copyThreads, syncThreshold: r.syncThreshold,
+		copyThreads: r.copyThreads, syncThreshold: r.syncThreshold, syncPause: r.syncPause, noThrottle: r.noThrottle,
 		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet, pcap: r.pcap}
 	if r.interval < replicate.MinInterval || r.interval > replicate.MaxInterval {
 		return o, usagef("--interval %v: want %v to %v", r.interval, replicate.MinInterval, replicate.MaxInterval)
@@ -100,6 +106,9 @@ func (r *replFlags) options() (replOptions, error) {
 	}
 	if r.syncThreshold < 0 {
 		return o, usagef("--sync-threshold %d: must not be negative", r.syncThreshold)
+	}
+	if r.syncPause < time.Millisecond {
+		return o, usagef("--sync-pause %v: want at least 1ms", r.syncPause)
 	}
 	if r.staging != "" {
 		if o.staging, err = parseSize(r.staging); err != nil {

@@ -23,7 +23,7 @@ func TestParseJobArgsDefaults(t *testing.T) {
 	if !sameConfig(o.cfg, wantCfg) {
 		t.Errorf("config: %+v, want %+v", o.cfg, wantCfg)
 	}
-	wantRepl := replOptions{interval: 100 * time.Millisecond, mech: dirtylog.Auto}
+	wantRepl := replOptions{interval: 100 * time.Millisecond, mech: dirtylog.Auto, syncPause: replicate.DefaultSyncPause}
 	if o.repl != wantRepl {
 		t.Errorf("replication options: %+v, want %+v", o.repl, wantRepl)
 	}

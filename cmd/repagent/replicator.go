@@ -325,6 +325,8 @@ func (r *replicator) newPrimary() error {
 		Compress:         r.o.compress,
 		CopyThreads:      r.o.copyThreads,
 		PrecopyThreshold: r.o.syncThreshold,
+		SyncPause:        r.o.syncPause,
+		NoThrottle:       r.o.noThrottle,
 		StagingBytes:     r.o.staging,
 		HeartbeatTimeout: r.o.heartbeatTimeout,
 		AuditEvery:       r.o.auditEvery,
@@ -405,6 +407,12 @@ func (r *replicator) onSync(s replicate.SyncProgress) {
 	}
 	line := fmt.Sprintf("sync round %d: %d pages, %.1f MB (wire %.1f MB), %.1f MB/s, %d dirty remaining",
 		s.Round, s.Pages, float64(s.Pages)*replicate.PageSize/1e6, float64(s.WireBytes)/1e6, s.Rate()/1e6, s.Remaining)
+	if s.Throttle > 0 {
+		line += fmt.Sprintf(", vCPUs throttled %.0f%% (held %s)", 100*s.Throttle, dur(s.Held))
+	}
+	if s.PauseEstimate > 0 {
+		line += fmt.Sprintf(", pause estimate %s", dur(s.PauseEstimate))
+	}
 	if s.Done {
 		line += fmt.Sprintf("; synced in %v (%v), first checkpoint follows", s.Elapsed.Round(time.Millisecond), s.End)
 	}
