@@ -250,7 +250,7 @@ func pauseHoldingDisk(t *testing.T, m *Machine) {
 		v.requestPause()
 	}
 	for _, v := range m.vcpus {
-		if !v.waitParked() {
+		if !v.waitParked(false) {
 			t.Fatalf("vCPU %d exited: %v", v.id, m.Err())
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -401,8 +402,9 @@ func (m *Machine) Pause() error {
 	for _, v := range m.vcpus {
 		v.requestPause()
 	}
+	spin := len(m.vcpus) < runtime.NumCPU()
 	for _, v := range m.vcpus {
-		if !v.waitParked() {
+		if !v.waitParked(spin) {
 			for _, v := range m.vcpus {
 				v.requestRun()
 			}
