@@ -61,3 +61,24 @@ func TestLargeBusyGuestProtected(t *testing.T) {
 	first, _ := strconv.Atoi(m[1])
 	t.Logf("sync: %d rounds in %v (%s); then %d epochs acknowledged", first+1, took, m[3], len(lines))
 }
+
+// A run shorter than the initial sync ends cleanly: exit 0, a summary that
+// says the sync did not finish and the VM was never protected, a backup that
+// holds no checkpoint, and the guest verified.
+func TestRunEndsDuringSync(t *testing.T) {
+	privileged.Require(t, privileged.KVM)
+	bin := buildRepagent(t)
+	out, code := runBin(t, bin, "--interval", "100ms", "--duration", "500ms", "--mem", "1G", "--vcpus", "2", "--no-net", "--no-disk")
+	if code != 0 {
+		t.Fatalf("exit %d:\n%s", code, out)
+	}
+	for _, want := range []string{"  sync: not finished when the run ended (", "the VM was never protected",
+		"  backup: no checkpoint (the run ended during the initial sync: the VM was never protected)", "\nverification passed\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "not acknowledged") || strings.Contains(out, "UNPROTECTED") {
+		t.Errorf("a run that ended in the sync reported a lost backup:\n%s", out)
+	}
+}

@@ -680,6 +680,9 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 	}
 	fmt.Fprintf(w, "replicated %.1fs: %s, interval %v, dirty tracking %v\n", d.Seconds(), describe(r.m.Config()), r.o.interval, r.mech)
 	fmt.Fprintf(w, "  sync: %d rounds, %d pages, wire %s in %s\n", r.initSync.rounds, r.initSync.pages, bytesSI(float64(r.initSync.wire)), dur(r.initSync.elapsed))
+	if !r.synced {
+		fmt.Fprintf(w, "  sync: not finished when the run ended (%d rounds done): no checkpoint was taken, the VM was never protected\n", r.initSync.rounds)
+	}
 	last := uint64(0)
 	if t.last != nil {
 		last = t.last.Epoch
