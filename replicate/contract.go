@@ -32,6 +32,20 @@ type VM interface {
 	Save() ([]byte, error)
 }
 
+// MemoryBacking is implemented by a VM whose guest memory is a file the
+// engine may ask where its holes are (lseek SEEK_DATA and SEEK_HOLE: a
+// memfd, a tmpfs or a regular file). It is optional. With it, the initial
+// sync's first round sends the pages in holes, which the guest never wrote,
+// as zero pages without reading them: a read of a hole through a shared
+// mapping makes the kernel allocate a page, so an idle guest's sync would
+// otherwise take all of its memory, at about a microsecond a page. The
+// engine only seeks the file; it neither reads nor writes it.
+type MemoryBacking interface {
+	// SlotFile returns the file backing slot i of DirtySlots and the file
+	// offset of the slot's first byte; nil if the slot has no such file.
+	SlotFile(i int) (f *os.File, off int64)
+}
+
 // PageNamer is implemented by a VM that can say what its guest keeps in a
 // page ("status page of vCPU 0", "stack of vCPU 1"). It is optional: the
 // engine uses it only to name the pages in an audit failure.

@@ -377,8 +377,13 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 
 	// Touch staging while the sync runs, so the first checkpoints copy into
 	// resident memory instead of faulting in a page per page copied.
-	prefaulted := make(chan struct{})
-	go func() { defer close(prefaulted); p.stage.prefault() }()
+	prefault, concurrent := p.stage.prefault()
+	done := make(chan struct{})
+	go func() { defer close(done); prefault() }()
+	prefaulted := done
+	if concurrent {
+		prefaulted = nil // the first checkpoint need not wait for it
+	}
 	// The disk is not opened here: its writes until the first checkpoint are
 	// the disk sync's, and its epochs start with the first pause's Open(2).
 	if err := p.gateCall(p.cfg.Gates, func(g OutputGate) error { return g.Open(1) }); err != nil {
@@ -397,7 +402,9 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		}
 		return p.unprotected(err)
 	}
-	<-prefaulted
+	if prefaulted != nil {
+		<-prefaulted
+	}
 	if err := p.epochLoop(ctx); err != nil {
 		return p.unprotected(err)
 	}
@@ -870,6 +877,10 @@ func (p *Primary) memorySync(ctx context.Context) (err error) {
 		job := &epochJob{kind: kindPrecopy, round: uint32(round), gpas: pages, live: true, done: make(chan struct{}),
 			sent: make(chan struct{}), stats: &EpochStats{}}
 		job.stats.DirtyPages = len(pages)
+		holes := 0
+		if round == 0 {
+			job.holes, holes = p.holeMap()
+		}
 		if err := p.submit(ctx, job); err != nil {
 			return err
 		}
@@ -919,7 +930,7 @@ func (p *Primary) memorySync(ctx context.Context) (err error) {
 		if p.cfg.OnSync != nil {
 			p.cfg.OnSync(SyncProgress{Round: round, Pages: len(pages), WireBytes: job.stats.WireBytes, Took: took,
 				Elapsed: time.Since(start), Remaining: n, Done: done, End: end, CPU: time.Duration(job.cpu.Load()),
-				Throttle: share, Held: held, PauseEstimate: est})
+				Throttle: share, Held: held, PauseEstimate: est, Holes: holes})
 		}
 		if done && est > p.cfg.SyncPause {
 			p.cfg.Log.Warn("initial sync did not converge: the first checkpoint copies what is left in one pause longer than the bound",
@@ -1034,9 +1045,10 @@ type epochJob struct {
 	epoch       uint64
 	kind, round uint32
 	gpas        []uint64
-	live        bool   // pages are read from guest memory, not staging
-	staged      bool   // pages are in staging from start
-	start       uint64 // first staging page
+	live        bool     // pages are read from guest memory, not staging
+	staged      bool     // pages are in staging from start
+	holes       []uint64 // pages known zero (holes of the memory file), by replica index; not read
+	start       uint64   // first staging page
 	state       []byte
 	audit       uint64
 	audited     bool

@@ -9,8 +9,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/pierrec/lz4/v4"
+	"golang.org/x/sys/unix"
 
 	"github.com/repagent/repagent/internal/cpuclock"
 )
@@ -41,12 +43,34 @@ func newArena(pages uint64) *arena {
 	return &arena{buf: make([]byte, pages*PageSize), size: pages, freed: make(chan struct{}, 1)}
 }
 
-// prefault writes to every page of the arena, so that copies into it do not
-// fault. Call it before the first alloc.
-func (a *arena) prefault() {
-	for i := 0; i < len(a.buf); i += PageSize {
-		a.buf[i] = 0
+// prefault makes every page of the arena resident, so that copies into it
+// do not fault. It returns a function that does the work (to run on its own
+// goroutine) and whether that may run beside allocations: with
+// MADV_POPULATE_WRITE (Linux 5.14) the kernel populates the pages without
+// writing them; without it, a byte is written per page, and the work must
+// be done before the first alloc.
+func (a *arena) prefault() (work func(), concurrent bool) {
+	b := a.buf
+	if off := int(uintptr(unsafe.Pointer(unsafe.SliceData(b))) % PageSize); off != 0 {
+		b = b[PageSize-off:] // madvise wants a page-aligned start
 	}
+	b = b[:len(b)/PageSize*PageSize]
+	if len(b) >= PageSize && unix.Madvise(b[:PageSize], unix.MADV_POPULATE_WRITE) == nil {
+		return func() {
+			// In pieces: the call holds the process's memory map lock,
+			// and one call over a GiB would stall every mmap (the Go
+			// allocator's too) for about half a second.
+			const piece = 2 << 20
+			for i := 0; i < len(b); i += piece {
+				unix.Madvise(b[i:min(i+piece, len(b))], unix.MADV_POPULATE_WRITE)
+			}
+		}, true
+	}
+	return func() {
+		for i := 0; i < len(a.buf); i += PageSize {
+			a.buf[i] = 0
+		}
+	}, false
 }
 
 // has reports whether n pages are free now.
@@ -181,22 +205,25 @@ func (b *batch) build(w *worker, hold *workerHold, m *cpuclock.Meter) {
 		hold.wait(m)
 		gpa := j.gpas[k]
 		idx, _ := p.lay.index(gpa)
+		hole := j.holes != nil && j.holes[idx/64]&(1<<(idx%64)) != 0
 		var src []byte
 		s := seg{staged: j.staged}
-		if j.staged {
+		switch {
+		case hole: // never written: zero, and not to be read (see MemoryBacking)
+		case j.staged:
 			s.off = p.stage.offset(j.start, uint64(k))
 			src = p.stage.buf[s.off : s.off+PageSize]
-		} else {
+		default:
 			s.off = len(b.data)
 			b.data = append(b.data, p.lay.page(gpa)...)
 			src = b.data[s.off:]
 		}
 		enc, crc, l := uint16(encRaw), zeroCRC, PageSize
 		switch {
-		case bytes.Equal(src, zeroPage):
+		case hole || bytes.Equal(src, zeroPage):
 			enc, l = encZero, 0
 			b.zeros++
-			if !j.staged {
+			if !j.staged && !hole {
 				b.data = b.data[:s.off]
 			}
 		default:

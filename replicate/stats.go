@@ -171,6 +171,9 @@ type SyncProgress struct {
 	// PauseEstimate, once rounds stop shrinking well, is how long the first
 	// checkpoint's pause would take to capture the pages left.
 	PauseEstimate time.Duration
+	// Holes, in round 0, is how many of its pages lay in holes of the VM's
+	// memory file and were sent as zero pages unread (MemoryBacking).
+	Holes int
 }
 
 // DiskSyncProgress reports a phase of the disk sync: "precopy" (the bulk,

@@ -2,6 +2,7 @@ package testvm
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/repagent/repagent/dirtylog"
 )
@@ -14,6 +15,16 @@ func (m *Machine) DirtySlots() []dirtylog.Slot {
 		out[i] = dirtylog.Slot{ID: s.ID, GPA: s.GPA, Size: s.Size, Host: m.mem[s.Offset : s.Offset+s.Size]}
 	}
 	return out
+}
+
+// SlotFile returns the memfd behind slot i and the slot's offset in it
+// (replicate.MemoryBacking: the engine's initial sync skips the memfd's
+// holes, memory the guest never touched).
+func (m *Machine) SlotFile(i int) (*os.File, int64) {
+	if i < 0 || i >= len(m.slots) {
+		return nil, 0
+	}
+	return m.memF, int64(m.slots[i].Offset)
 }
 
 // DirtyTracker builds a dirty tracker for the machine with the given mechanism
