@@ -350,6 +350,7 @@ type session struct {
 	seen      []uint64 // bitmap of pages sent in this epoch
 	seenList  []uint64
 	maxStaged int
+	recvd     int       // bytes of the epoch's pages messages so far
 	drecv     *diskRecv // the epoch's disk stream, while it arrives
 
 	// meter sums the CPU time of the session's reads from the primary and
@@ -455,7 +456,7 @@ func (s *session) run() error {
 		}
 	}
 	s.precopy, s.epoch = true, 1
-	s.maxStaged = int(hello.Shape.MemSize + hello.Shape.MemSize/8 + MaxPayload)
+	s.maxStaged = stagingLimit(hello.Shape.MemSize)
 	for {
 		err := s.next(rd)
 		if err == nil {
@@ -513,9 +514,12 @@ func (s *session) next(rd *msgReader) error {
 	if err := s.enter(h); err != nil {
 		return err
 	}
-	if !s.precopy && s.arena.total+int(h.Length) > s.maxStaged {
+	// The limit is on what the stream brings (the LZ4 pages decoded beside
+	// it are bounded anyway: a page appears once per epoch).
+	if !s.precopy && s.recvd+int(h.Length) > s.maxStaged {
 		return protoErr("epoch %d exceeds the staging limit of %d bytes", s.epoch, s.maxStaged)
 	}
+	s.recvd += int(h.Length)
 	payload, chunk, off := s.arena.alloc(int(h.Length))
 	if err := rd.ReadPayload(payload); err != nil {
 		return readError{err}
@@ -523,6 +527,13 @@ func (s *session) next(rd *msgReader) error {
 	s.meter.Start()
 	defer s.meter.Stop()
 	return s.handlePages(rd.rawHeader(), payload, chunk, off)
+}
+
+// stagingLimit bounds what one checkpoint's pages messages may bring to a
+// backup of memSize bytes: every page once, raw, with its entry, and a
+// message's worth more.
+func stagingLimit(memSize uint64) int {
+	return int(memSize + memSize/8 + MaxPayload)
 }
 
 func (s *session) current() uint64 {
@@ -906,7 +917,7 @@ func (s *session) resetEpoch() {
 	s.abortDisk()
 	s.crc, s.pages, s.hasState = 0, 0, false
 	s.arena.reset()
-	s.recs, s.state = s.recs[:0], s.state[:0]
+	s.recs, s.state, s.recvd = s.recs[:0], s.state[:0], 0
 	for _, i := range s.seenList {
 		s.seen[i/64] = 0
 	}

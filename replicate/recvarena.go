@@ -10,7 +10,6 @@ type recvArena struct {
 	chunks [][]byte
 	cur    int // the chunk being filled
 	used   int // bytes used in it
-	total  int // bytes handed out since reset
 	// peak is a slowly decaying maximum of the chunks epochs used: reset
 	// frees the chunks beyond it, so one huge epoch does not pin its memory
 	// for long, and epochs that vary in size do not fault fresh memory in
@@ -34,7 +33,6 @@ func (a *recvArena) alloc(n int) (b []byte, chunk, off int) {
 	}
 	off = a.used
 	a.used += n
-	a.total += n
 	return a.chunks[a.cur][off:a.used:a.used], a.cur, off
 }
 
@@ -55,5 +53,5 @@ func (a *recvArena) reset() {
 		a.chunks[i] = nil
 	}
 	a.chunks = a.chunks[:min(keep, len(a.chunks))]
-	a.cur, a.used, a.total = 0, 0, 0
+	a.cur, a.used = 0, 0
 }
