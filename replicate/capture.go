@@ -3,7 +3,6 @@ package replicate
 import (
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/repagent/repagent/internal/cpuclock"
@@ -130,52 +129,48 @@ func lap(t time.Time) (time.Duration, time.Time) {
 }
 
 // copier copies a checkpoint's dirty pages into staging during its pause:
-// on the pausing goroutine and, when the epoch is large enough to pay for
-// waking them, on helper goroutines too. The
-// vCPUs are stopped, so their CPUs are free, and one goroutine cannot use
-// all of the memory bandwidth: on this project's hosts a scattered 4 KiB
-// copy out of DRAM costs about 1.0-1.3 µs on one goroutine and 0.7 µs each
-// on two.
-//
-// Whether helpers pay is decided from costs measured as the engine runs: a
-// moving average of the copy's time per page, and of the time from handing
-// a helper its share to the helper starting it.
+// on the pausing goroutine and, when that measurably pays, on helper
+// goroutines too. The vCPUs are stopped, so their CPUs are free, and one
+// goroutine may not use all of the memory bandwidth; but whether a second
+// goroutine finds a free CPU depends on the host (with the backup in the
+// same process, its goroutines often hold the other CPU), so the copier
+// does not assume it. It keeps, for each number of sharers k, a moving
+// average of the whole copy's wall time per page with k, and uses the
+// cheapest; every copyExplore-th large copy it tries another k, so the
+// averages follow the host. Epochs under copyMinPages pages are copied by
+// the pausing goroutine alone: waking a helper costs tens of µs.
 type copier struct {
 	p       *Primary
 	helpers int
 	tasks   chan copyTask
 	wg      sync.WaitGroup
-	// Moving averages, in ns: a page's copy on the pausing goroutine, and a
-	// helper's wake-up. Only the pausing goroutine updates perPage; helpers
-	// update wake.
-	perPage float64
-	wake    atomic.Int64
+	// perPage[k-1] is the moving average, in ns, of a copy's wall time per
+	// page with k sharers (0: not measured yet). Only the pausing goroutine
+	// (and calibrateCopy, before it runs) uses it.
+	perPage [MaxCopyThreads]float64
+	copies  int // large copies so far
 }
 
 type copyTask struct {
 	job      *epochJob
 	from, to int
-	sent     time.Time
 }
 
 // MaxCopyThreads is the most goroutines Config.CopyThreads may ask for.
 const MaxCopyThreads = copyMaxHelpers + 1
 
-// Initial estimates, replaced by measurements within a few epochs.
 const (
-	copyPerPageGuess = 1000             // ns
-	copyWakeGuess    = 50 * 1000        // ns
-	copyMinShare     = 64               // pages: no helper gets fewer
-	copyAvgWeight    = 0.125            // weight of a new sample in the averages
-	copyMaxHelpers   = 3                // beyond the pausing goroutine
-	copyWakeCap      = 10 * 1000 * 1000 // ns: a wake-up sample longer than this is a descheduled thread, not the cost
+	copyPerPageGuess = 1000  // ns, until measured
+	copyMinPages     = 1024  // pages: smaller copies use no helper
+	copyAvgWeight    = 0.125 // weight of a new sample in the averages
+	copyExplore      = 16    // every so many large copies, try another sharer count
+	copyMaxHelpers   = 3     // beyond the pausing goroutine
 )
 
 // newCopier starts helpers helper goroutines (0: copy on the pausing
 // goroutine only).
 func newCopier(p *Primary, helpers int) *copier {
-	c := &copier{p: p, helpers: helpers, tasks: make(chan copyTask, helpers), perPage: copyPerPageGuess}
-	c.wake.Store(copyWakeGuess)
+	c := &copier{p: p, helpers: helpers, tasks: make(chan copyTask, helpers)}
 	for range helpers {
 		go c.helper()
 	}
@@ -188,14 +183,9 @@ func (c *copier) stop() { close(c.tasks) }
 func (c *copier) helper() {
 	var m cpuclock.Meter
 	for t := range c.tasks {
-		w := time.Since(t.sent)
 		m.Start()
 		c.copyRange(t.job, t.from, t.to)
 		t.job.cpu.Add(int64(m.Stop()))
-		if ns := min(w.Nanoseconds(), copyWakeCap); ns > 0 {
-			old := c.wake.Load()
-			c.wake.Store(old + int64(copyAvgWeight*float64(ns-old)))
-		}
 		c.wg.Done()
 	}
 }
@@ -209,40 +199,74 @@ func (c *copier) copy(job *epochJob, m *cpuclock.Meter) int {
 	t0 := time.Now()
 	for h := 1; h < k; h++ {
 		c.wg.Add(1)
-		c.tasks <- copyTask{job: job, from: h * share, to: min(n, (h+1)*share), sent: t0}
+		c.tasks <- copyTask{job: job, from: h * share, to: min(n, (h+1)*share)}
 	}
-	mine := min(n, share)
-	s := time.Now()
-	c.copyRange(job, 0, mine)
-	if mine > 0 {
-		ns := float64(time.Since(s).Nanoseconds()) / float64(mine)
-		c.perPage += copyAvgWeight * (ns - c.perPage)
-	}
+	c.copyRange(job, 0, min(n, share))
 	if k > 1 {
 		m.Stop()
 		c.wg.Wait()
 		m.Start()
 	}
-	return k
-}
-
-// sharers is how many goroutines should copy n pages: helpers join while
-// the time a share saves exceeds what waking a helper costs.
-func (c *copier) sharers(n int) int {
-	k := 1
-	wake := float64(c.wake.Load())
-	for k <= c.helpers && n/(k+1) >= copyMinShare {
-		// With k+1 sharers the pausing goroutine copies n/(k+1) pages and
-		// waits for the last helper to wake and copy its share.
-		now := float64(n) / float64(k) * c.perPage
-		then := max(float64(n)/float64(k+1)*c.perPage, wake+float64(n)/float64(k+1)*c.perPage)
-		if then >= now*0.9 {
-			break
-		}
-		k++
+	if n >= copyMinPages {
+		c.record(k, float64(time.Since(t0).Nanoseconds())/float64(n))
 	}
 	return k
 }
+
+func (c *copier) record(k int, ns float64) {
+	if avg := &c.perPage[k-1]; *avg == 0 {
+		*avg = ns
+	} else {
+		*avg += copyAvgWeight * (ns - *avg)
+	}
+}
+
+// sharers is how many goroutines should copy n pages: 1 for a small copy,
+// else the count whose copies have been cheapest per page, trying each
+// count not measured yet first and another one every copyExplore copies.
+func (c *copier) sharers(n int) int {
+	kmax := min(c.helpers+1, n/copyMinShare)
+	if n < copyMinPages || kmax <= 1 {
+		return 1
+	}
+	c.copies++
+	best := 1
+	for k := 1; k <= kmax; k++ {
+		switch {
+		case c.perPage[k-1] == 0:
+			return k
+		case c.perPage[k-1] < c.perPage[best-1]:
+			best = k
+		}
+	}
+	if c.copies%copyExplore == 0 {
+		return best%kmax + 1 // the next count round the ring
+	}
+	return best
+}
+
+// estimate is how long copying n pages would take, from the measured costs
+// (copyPerPageGuess before any).
+func (c *copier) estimate(n int) time.Duration {
+	ns := 0.0
+	if n >= copyMinPages {
+		for k := 1; k <= min(c.helpers+1, n/copyMinShare); k++ {
+			if x := c.perPage[k-1]; x > 0 && (ns == 0 || x < ns) {
+				ns = x
+			}
+		}
+	}
+	if ns == 0 {
+		ns = c.perPage[0]
+	}
+	if ns == 0 {
+		ns = copyPerPageGuess
+	}
+	return time.Duration(float64(n) * ns)
+}
+
+// copyMinShare is the fewest pages a helper is given.
+const copyMinShare = 64
 
 // copyRange copies pages [from, to) of job from guest memory into staging.
 func (c *copier) copyRange(job *epochJob, from, to int) {

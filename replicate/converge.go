@@ -130,15 +130,15 @@ func (p *Primary) calibrateCopy() {
 		}
 		t0 := time.Now()
 		p.copier.copyRange(job, 0, int(n))
-		if pass == 1 {
-			p.copier.perPage = float64(time.Since(t0).Nanoseconds()) / float64(n)
+		if pass == 1 && p.copier.perPage[0] == 0 {
+			p.copier.perPage[0] = float64(time.Since(t0).Nanoseconds()) / float64(n)
 		}
 	}
 	p.stage.free(n)
 }
 
 // pauseEstimate is how long the first checkpoint's pause would take to
-// capture n pages: copied into staging by as many goroutines as pay, or, if
+// capture n pages: copied into staging at the best cost measured, or, if
 // they do not fit staging, sent from guest memory at rate pages per second
 // (the last round's).
 func (p *Primary) pauseEstimate(n int, rate float64) time.Duration {
@@ -148,10 +148,5 @@ func (p *Primary) pauseEstimate(n int, rate float64) time.Duration {
 		}
 		return time.Duration(float64(n) / rate * float64(time.Second))
 	}
-	k := p.copier.sharers(n)
-	ns := float64(n) / float64(k) * p.copier.perPage
-	if k > 1 {
-		ns += float64(p.copier.wake.Load())
-	}
-	return time.Duration(ns)
+	return p.copier.estimate(n)
 }

@@ -57,7 +57,7 @@ func testPrimary(mem []byte, mode Compression) *Primary {
 	lay.regions = []layoutRegion{{gpa: 0, size: uint64(len(mem)), host: mem}}
 	lay.shape = Shape{MemSize: uint64(len(mem)), VCPUs: 1, Regions: []Region{{GPA: 0, Size: uint64(len(mem))}}}
 	p := &Primary{lay: lay, policy: newCompressPolicy(mode, pages), stage: newArena(pages)}
-	p.copier = &copier{p: p, perPage: copyPerPageGuess}
+	p.copier = &copier{p: p}
 	return p
 }
 
