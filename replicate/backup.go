@@ -810,9 +810,13 @@ func (s *session) handlePages(hdr, payload []byte, chunk, off int) error {
 		return err
 	}
 	s.pages += uint64(n)
-	if !s.precopy {
+	if !s.precopy && s.epoch != 1 {
 		return nil
 	}
+	// Until the first checkpoint is complete the replica holds none, so
+	// nothing is lost by applying at once: pre-copy rounds, and checkpoint 1
+	// (often most of memory, when the sync did not converge: staged, it would
+	// fault in as much fresh memory again as the replica itself).
 	err = s.apply(false)
 	s.arena.reset()
 	s.recs = s.recs[:0]
@@ -907,7 +911,7 @@ func (s *session) end(e End) error {
 	s.b.mu.Unlock()
 	s.acked.Store(s.epoch)
 	if s.b.cfg.OnEpoch != nil {
-		s.b.cfg.OnEpoch(s.epoch, len(s.recs), d)
+		s.b.cfg.OnEpoch(s.epoch, int(s.pages), d)
 	}
 	s.epoch++
 	return nil

@@ -112,26 +112,41 @@ func (t *throttler) run() {
 }
 
 // calibrateCopy measures the pause's copy on this host, once, before the
-// first estimate: calibratePages pages spread over guest memory copied into
-// staging pages already touched (a first copy touches them), which seeds
-// the copier's cost per page; the copies of real pauses refine it.
+// first estimate: up to calibratePages of the dirty set (pages the guest
+// wrote, so resident: a hole would measure the kernel allocating it) copied
+// into staging pages already touched (a first copy touches them), which
+// seeds the copier's cost per page; the copies of real pauses refine it.
 func (p *Primary) calibrateCopy() {
-	total := p.lay.shape.Pages()
-	n := min(uint64(calibratePages), total/2, p.stage.size)
+	dirty := uint64(p.set.Count())
+	n := min(uint64(calibratePages), dirty/2, p.stage.size)
 	if n == 0 || !p.stage.wait(n, p.lost) {
 		return
 	}
-	job := &epochJob{gpas: make([]uint64, n)}
-	stride := total / n
+	stride := dirty / n
+	job := &epochJob{gpas: make([]uint64, 0, 2*n)}
+	i := uint64(0)
+	p.set.ForEachRun(func(gpa, run uint64) bool {
+		for k := range run {
+			if i%stride == 0 || i%stride == stride/2 {
+				job.gpas = append(job.gpas, gpa+k*PageSize)
+			}
+			i++
+		}
+		return uint64(len(job.gpas)) < 2*n
+	})
+	if uint64(len(job.gpas)) < 2*n {
+		return
+	}
 	job.start = p.stage.alloc(n)
-	for pass := range uint64(2) {
-		for i := range n {
-			job.gpas[i], _, _, _ = p.lay.gpaAt(i*stride + pass*stride/2)
+	for pass := range 2 {
+		part := &epochJob{gpas: make([]uint64, 0, n), start: job.start}
+		for k := pass; k < len(job.gpas); k += 2 {
+			part.gpas = append(part.gpas, job.gpas[k])
 		}
 		t0 := time.Now()
-		p.copier.copyRange(job, 0, int(n))
+		p.copier.copyRange(part, 0, len(part.gpas))
 		if pass == 1 && p.copier.perPage[0] == 0 {
-			p.copier.perPage[0] = float64(time.Since(t0).Nanoseconds()) / float64(n)
+			p.copier.perPage[0] = float64(time.Since(t0).Nanoseconds()) / float64(len(part.gpas))
 		}
 	}
 	p.stage.free(n)

@@ -64,7 +64,7 @@ func testPrimary(mem []byte, mode Compression) *Primary {
 // capture makes a job of the pages at gpas, staged as a pause stages them,
 // or read live.
 func (p *Primary) testJob(gpas []uint64, staged bool) *epochJob {
-	job := &epochJob{epoch: 1, kind: kindCheckpoint, gpas: gpas, live: !staged}
+	job := &epochJob{epoch: 2, kind: kindCheckpoint, gpas: gpas, live: !staged}
 	if staged {
 		job.start = p.stage.alloc(uint64(len(gpas)))
 		job.staged = true
@@ -113,7 +113,7 @@ func testSession(t testing.TB, pages uint64) *session {
 		b:         &Backup{log: slog.New(slog.NewTextHandler(io.Discard, nil))},
 		rep:       rep,
 		seen:      make([]uint64, (pages+63)/64),
-		epoch:     1,
+		epoch:     2, // a checkpoint after the first: staged until its end
 		maxStaged: stagingLimit(pages * PageSize),
 	}
 }
@@ -401,5 +401,33 @@ func TestStagingLimitCountsTheStream(t *testing.T) {
 	wire := roundTrip(t, mem, all, CompressAlways, true)
 	if decoded := pages * PageSize; wire+decoded <= stagingLimit(pages*PageSize) {
 		t.Fatalf("stream %d + decoded %d bytes fit the limit %d: the test proves nothing", wire, decoded, stagingLimit(pages*PageSize))
+	}
+}
+
+// Checkpoint 1 is applied as it arrives (until it is complete the replica
+// holds no checkpoint to protect), later ones only at their end.
+func TestFirstCheckpointAppliedAtOnce(t *testing.T) {
+	const pages = 600
+	mem := pageContents("text", pages, 1)
+	gpas := someGPAs(pages, 400, 4)
+	p := testPrimary(mem, CompressAuto)
+	job := p.testJob(gpas, true)
+	job.epoch = 1
+	msgs, _ := p.testBatches(job)
+	s := testSession(t, pages)
+	s.epoch = 1
+	for _, m := range msgs {
+		if err := s.receive(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(s.recs) != 0 || s.pages != uint64(len(gpas)) {
+		t.Fatalf("checkpoint 1: %d pages staged of %d received, want none staged", len(s.recs), s.pages)
+	}
+	got := s.replicaBytes(t)
+	for _, g := range gpas {
+		if !bytes.Equal(got[g:g+PageSize], mem[g:g+PageSize]) {
+			t.Fatalf("page %#x not in the replica after checkpoint 1's pages arrived", g)
+		}
 	}
 }

@@ -121,9 +121,12 @@
 //	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
 //	   |       (pause 1: harvest, save, stage)   |
 //	   |---- pages(1) ... state(1) end(1) ------>|  each page's CRC checked
-//	   |       (pause 2, once 1 is sent)         |  as it arrives, staged;
-//	   |---- pages(2) ...                        |  at end: checksum, page
-//	   |                                         |  count, digest; then
+//	   |       (pause 2, once 1 is sent)         |  as it arrives; applied
+//	   |---- pages(2) ...                        |  at once for epoch 1 (no
+//	   |                                         |  checkpoint exists yet),
+//	   |                                         |  staged after; at end:
+//	   |                                         |  checksum, page count,
+//	   |                                         |  digest; then
 //	   |<--- ack(1, digest) ---------------------|  ack, then apply to replica
 //	   |  gates commit 1                         |
 //	   |---- ... state(2) end(2) --------------->|

@@ -112,11 +112,13 @@ func TestSlowLinkProtected(t *testing.T) {
 	// Epochs lengthened: the median time from one acknowledged epoch's
 	// pause to the next is well past the interval, and what was sent per
 	// second stayed near the link's rate (it cannot exceed it).
+	// A pause waits until the epoch before it is sent, so the epochs before
+	// the last went out between the first pause and the last one.
 	var periods []time.Duration
 	var wire uint64
 	for i := 1; i < len(lines); i++ {
 		periods = append(periods, startOf(t, lines[i]).Sub(startOf(t, lines[i-1])))
-		wire += lines[i].Wire
+		wire += lines[i-1].Wire
 	}
 	slices.Sort(periods)
 	span := startOf(t, lines[len(lines)-1]).Sub(startOf(t, lines[0]))
