@@ -47,13 +47,39 @@ For the dirty workload at each of --rates (page writes per second per vCPU,
 It prints one table per rate: guest writes/s and its ratio to the floor and to
 none, pause p50/p99 and the mean of its parts, dirty pages, raw and wire bytes
 per epoch, the compression ratio, MB/s on the wire, the ack latency and the
-back-pressure wait. Then the 10k check (a sequential writer over 10000
-pages at full speed, with 300ms epochs so that each one dirties all 10k
-pages even when the guest shares two cores with the engine and the backup:
-pause p99 against harvest + save + copy of the same epochs), then failover: a primary run as a separate
-process (this program's primary command) is killed with SIGKILL --failovers
-times, and frozen with SIGSTOP once, and the time from the signal to the
-guest making progress on the backup is measured.
+back-pressure wait. Beside it, each replicated mode's engine CPU per dirty
+page (the thread CPU time of the primary's pause work, copy helpers,
+compression workers and sender, and of the backup's receiving, checking and
+applying, over the window's pages), against a floor measured in the same
+process right after: the thread CPU time of copying as many 4 KiB pages as
+the mean epoch dirtied, picked at random across a buffer of the guest's size
+and copied in address order into another, per page. Then the 10k check (a
+sequential writer over 10000 pages at full speed, with 300ms epochs so that
+each one dirties all 10k pages even when the guest shares two cores with the
+engine and the backup: pause p99 against harvest + save + copy of the same
+epochs, and its CPU per page), then failover: at each of --failover-sizes
+(a size whose guest, replica and staging, about 3 times its memory, would
+not fit in 80% of the free RAM is skipped, with the reason), a primary run
+as a separate process (this program's primary command) is killed with
+SIGKILL --failovers times, and once more with the backup digesting its whole
+replica first (as backup --verify-replica does); at the first size it is
+also frozen with SIGSTOP once. The time from the signal to the guest making
+progress on the backup is measured, and split into detection (the backup
+deciding the primary is lost) and what follows (restore, first write); the
+last size is compared with the first.
+
+Then the initial sync of a large guest (--no-sync skips it): at each of
+--sync-sizes (skipped as failover's are when they do not fit), a guest of
+that size with 2 vCPUs running the dirty workload at full speed is
+replicated at 100ms to a backup in this process over loopback TCP: the time
+from the engine's Run to the first acknowledged checkpoint ("time to
+protected"), the sync's rounds, how it ended, how far the engine throttled
+the vCPUs, the first checkpoint's pause and the longest one until the end
+of the window, and the epochs per second over --mode-time after the
+warm-up (the sync done and 3 checkpoints acknowledged). The floor, in the same
+run: a plain copy of as much memory over loopback TCP (one goroutine writing
+a buffer with 4 MiB writes, one reading into another, both faulted in
+beforehand; the time to fault the destination in is shown too).
 
 Then the disk (--no-disk skips it). Its guest writes random 4 KiB blocks
 over a --disk-size image of random contents (the workload testvm.Disk: 32
@@ -100,8 +126,13 @@ so the rate is what the device and the gate sustain) to a client, without
 replication and replicated at 20ms (every frame held, then released): the
 frames per second the client receives, and the ratio.
 
-Last, the goal lines, each MET or NOT MET. With the defaults it takes about
-2.5 minutes. The network needs root.
+Last, the goal lines, each MET or NOT MET, among them: the engine's CPU per
+page (the worst replicated mode of each rate; primary <= 3 µs, backup <=
+2 µs for the stamp pages the dirty workload writes), the failover at the
+last of --failover-sizes against the first (after detection the same and
+<= 60 ms), and the time to protected (<= 2x the plain copy). With the
+defaults it takes about 3.5 minutes (the 4GiB sync and failover sizes need
+about 15 GiB of free RAM, or are skipped). The network needs root.
 
 Exit code 0 when every measurement ran (whatever the goals say), 1 on a
 runtime error, 2 on a usage error.
@@ -128,6 +159,7 @@ const (
 	// so that a descheduled process on a busy machine does not end a mode.
 	benchHeartbeatTimeout = 5 * time.Second
 	setupTimeout          = 60 * time.Second // readiness, sync, first epochs
+	benchSetupRate        = 32 << 20         // bytes/s: a large guest's setup may take mem/rate (benchSetupTimeout)
 	maxEchoRate           = 10000            // --echo-rate's limit
 )
 
@@ -136,6 +168,12 @@ const (
 	goalPauseRatio    = 2.0
 	goalGuestVsFloor  = 0.90
 	goalFailoverExtra = 500 * time.Millisecond
+	// The failover's time after detection is the same at every guest size
+	// (the last of --failover-sizes within goalFailoverSame times the first,
+	// or goalFailoverSlack more), and at most goalFailoverAfter.
+	goalFailoverSame  = 1.25
+	goalFailoverSlack = 10 * time.Millisecond
+	goalFailoverAfter = 60 * time.Millisecond
 )
 
 // benchOptions is what the bench command was asked to do.
@@ -155,6 +193,9 @@ type benchOptions struct {
 	diskSyncSize     uint64 // the disk sync image
 	echoRate         int    // the echo client's requests per second
 	streamRate       uint64 // the stream guest's datagrams per second
+	failoverSizes    []uint64
+	sync             bool     // measure the large guest's initial sync
+	syncSizes        []uint64 // its guest sizes
 	quiet            bool
 	json             string
 }
@@ -169,6 +210,8 @@ type benchFlags struct {
 	streamRate                  uint64
 	quiet, noNet, noDisk        bool
 	diskSize, diskSyncSize      string
+	failoverSizes, syncSizes    string
+	noSync                      bool
 }
 
 func newBenchFlags() *benchFlags {
@@ -181,7 +224,12 @@ func newBenchFlags() *benchFlags {
 	fs.StringVar(&f.intervals, "intervals", "100ms,20ms,10ms",
 		fmt.Sprintf("comma-separated checkpoint `intervals` of the replicated modes, each %v to %v", replicate.MinInterval, replicate.MaxInterval))
 	fs.DurationVar(&f.modeTime, "mode-time", 3*time.Second, "how long each mode measures, after its warm-up")
-	fs.IntVar(&f.failovers, "failovers", 5, "primaries to kill for the failover figure (0: no failover figure)")
+	fs.IntVar(&f.failovers, "failovers", 5, "primaries to kill at each of --failover-sizes for the failover figure (0: no failover figure)")
+	fs.StringVar(&f.failoverSizes, "failover-sizes", "256M,4G",
+		"comma-separated guest memory `sizes` of the failover primaries (a size that does not fit in free memory is skipped)")
+	fs.BoolVar(&f.noSync, "no-sync", false, "skip the large guest's initial sync section")
+	fs.StringVar(&f.syncSizes, "sync-sizes", "1G,4G",
+		"comma-separated guest memory `sizes` of the initial sync section (a size that does not fit in free memory is skipped)")
 	fs.StringVar(&f.dirtyTrack, "dirty-track", "auto",
 		"dirty page tracking: auto, bitmap, manual or ring (auto picks per mode from the expected dirty pages per interval)")
 	fs.DurationVar(&f.heartbeatTimeout, "heartbeat-timeout", 0,
@@ -241,6 +289,13 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 	if f.failovers < 0 {
 		return nil, usagef("--failovers %d: must not be negative", f.failovers)
 	}
+	if o.failoverSizes, err = parseGuestSizes("--failover-sizes", f.failoverSizes, o.vcpus); err != nil {
+		return nil, err
+	}
+	o.sync = !f.noSync
+	if o.syncSizes, err = parseGuestSizes("--sync-sizes", f.syncSizes, syncVCPUs); err != nil {
+		return nil, err
+	}
 	if f.echoRate < 1 || f.echoRate > maxEchoRate {
 		return nil, usagef("--echo-rate %d: want 1 to %d requests per second", f.echoRate, maxEchoRate)
 	}
@@ -271,6 +326,24 @@ func parseRates(s string) ([]uint64, error) {
 		n, err := strconv.ParseUint(f, 10, 64)
 		if err != nil {
 			return nil, usagef("--rates %q: %q is not a rate (want page writes per second per vCPU, 0 for full speed, e.g. 10000,50000,0)", s, f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// parseGuestSizes parses a comma-separated list of guest memory sizes, each
+// valid for a dirty workload guest of vcpus vCPUs.
+func parseGuestSizes(flag, s string, vcpus int) ([]uint64, error) {
+	var out []uint64
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		n, err := parseSize(f)
+		if err != nil {
+			return nil, usagef("%s %q: %w", flag, s, err)
+		}
+		if err := (testvm.Config{MemSize: n, VCPUs: vcpus, Workload: testvm.Dirty}).Validate(); err != nil {
+			return nil, usagef("%s %q: %w", flag, s, err)
 		}
 		out = append(out, n)
 	}
@@ -325,6 +398,7 @@ type benchResults struct {
 	Check10k *benchMode           `json:"check_10k"`
 	Check    benchCheck10k        `json:"check_10k_summary"`
 	Failover *benchFailoverResult `json:"failover,omitempty"`
+	Sync     *benchSyncResult     `json:"sync,omitempty"`
 	Disk     *benchDiskResult     `json:"disk,omitempty"`
 	Net      *benchNetResult      `json:"network,omitempty"`
 	Goals    []benchGoal          `json:"goals"`
@@ -347,6 +421,9 @@ type benchConfigJSON struct {
 	DiskSync    uint64    `json:"disk_sync_size"`
 	EchoRate    int       `json:"echo_rate"`
 	StreamRate  uint64    `json:"stream_rate"`
+	FailSizes   []uint64  `json:"failover_sizes"`
+	Sync        bool      `json:"sync"`
+	SyncSizes   []uint64  `json:"sync_sizes"`
 }
 
 // benchRate is one rate's modes.
@@ -397,6 +474,16 @@ type benchMode struct {
 	epochs       []replicate.EpochStats
 	agg          epochAgg
 	harvestTotal time.Duration
+
+	// The engine's CPU per dirty page over the window, primary and backup
+	// side, and the floor: a plain copy of CopyPages scattered pages (the
+	// mean per epoch) in this process; the ratios to it.
+	CPUPageUS       float64 `json:"cpu_us_per_page,omitempty"`
+	BackupCPUPageUS float64 `json:"backup_cpu_us_per_page,omitempty"`
+	CopyPageUS      float64 `json:"plain_copy_us_per_page,omitempty"`
+	CopyPages       int     `json:"plain_copy_pages,omitempty"`
+	CPUVsCopy       float64 `json:"cpu_vs_copy,omitempty"`
+	BackupVsCopy    float64 `json:"backup_cpu_vs_copy,omitempty"`
 }
 
 // benchCheck10k is the 10k check's verdict.
@@ -417,8 +504,16 @@ type benchFailoverRun struct {
 	FirstMS   float64 `json:"first_ms"`   // Start to the guest's first progress
 	TotalMS   float64 `json:"total_ms"`   // signal to the guest's first progress
 	Error     string  `json:"error,omitempty"`
+
+	// Mem is the guest's memory size. With VerifyReplica the backup
+	// digested its whole replica before resuming it (backup
+	// --verify-replica), in VerifyMS.
+	Mem           uint64 `json:"mem"`
+	VerifyReplica bool   `json:"verify_replica,omitempty"`
 }
 
+// benchFailoverResult is the failover figure: every run, and each size's
+// summary. KillP50MS, KillMaxMS and FrozenMS are the first measured size's.
 type benchFailoverResult struct {
 	Rate        uint64             `json:"rate"`
 	HeartbeatMS float64            `json:"heartbeat_timeout_ms"`
@@ -426,6 +521,30 @@ type benchFailoverResult struct {
 	KillP50MS   float64            `json:"kill_p50_ms"`
 	KillMaxMS   float64            `json:"kill_max_ms"`
 	FrozenMS    float64            `json:"frozen_ms"`
+
+	Sizes []benchFailoverSize `json:"sizes"`
+	// SizeRatio is the last size's SIGKILL p50 over the first's, and
+	// AfterRatio the same after detection (0 unless both were measured).
+	SizeRatio  float64 `json:"last_over_first"`
+	AfterRatio float64 `json:"after_detect_last_over_first"`
+}
+
+// benchFailoverSize is one guest size's SIGKILL failovers (Skipped says why
+// there are none).
+type benchFailoverSize struct {
+	Mem     uint64 `json:"mem"`
+	Skipped string `json:"skipped,omitempty"`
+	Kills   int    `json:"kills"`
+	// The total (signal to the guest's progress on the backup): p50 and
+	// max; the p50s of its detection and of what follows it (verify,
+	// restore, first write).
+	KillP50MS   float64 `json:"kill_p50_ms"`
+	KillMaxMS   float64 `json:"kill_max_ms"`
+	DetectP50MS float64 `json:"detect_p50_ms"`
+	AfterP50MS  float64 `json:"after_detect_p50_ms"`
+	// The extra run with the whole replica digested first (0: failed).
+	VerifiedMS       float64 `json:"verify_replica_total_ms,omitempty"`
+	VerifiedDigestMS float64 `json:"verify_replica_digest_ms,omitempty"`
 }
 
 type benchGoal struct {
@@ -441,6 +560,7 @@ type benchRun struct {
 	*benchOptions
 	stdout, stderr io.Writer
 	log            *slog.Logger
+	copySrc        []byte // the plain copy's source pages (benchcpu.go)
 }
 
 // progressf prints a progress line on stderr unless --quiet.
@@ -466,7 +586,8 @@ func (o *benchOptions) run(ctx context.Context, stdout, stderr io.Writer) error 
 	res := &benchResults{Started: time.Now()}
 	res.Config = benchConfigJSON{Mem: o.mem, VCPUs: o.vcpus, Pattern: o.pattern.String(), Rates: o.rates,
 		ModeTimeS: o.modeTime.Seconds(), Failovers: o.failovers, DirtyTrack: o.mech.String(), HeartbeatMS: benchMS(b.failoverTimeout()),
-		Net: o.net, Disk: o.disk, DiskSize: o.diskSize, DiskSync: o.diskSyncSize, EchoRate: o.echoRate, StreamRate: o.streamRate}
+		Net: o.net, Disk: o.disk, DiskSize: o.diskSize, DiskSync: o.diskSyncSize, EchoRate: o.echoRate, StreamRate: o.streamRate,
+		FailSizes: o.failoverSizes, Sync: o.sync, SyncSizes: o.syncSizes}
 	for _, iv := range o.intervals {
 		res.Config.IntervalsMS = append(res.Config.IntervalsMS, benchMS(iv))
 	}
@@ -501,6 +622,16 @@ func (o *benchOptions) run(ctx context.Context, stdout, stderr io.Writer) error 
 		res.Failover = fo
 		fmt.Fprintln(stdout)
 		benchPrintFailover(stdout, fo)
+	}
+
+	if o.sync {
+		sr, err := b.benchSync(ctx)
+		if err != nil {
+			return fmt.Errorf("sync: %w", err)
+		}
+		res.Sync = sr
+		fmt.Fprintln(stdout)
+		benchPrintSync(stdout, sr, o.pattern, o.modeTime)
 	}
 
 	if o.disk {
@@ -789,6 +920,9 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 	if err != nil {
 		return nil, err
 	}
+	// The floor of its CPU per page, in this process while the guest runs
+	// on, as it did in the window.
+	b.benchCPUPerPage(r, cfg.MemSize)
 	return r, nil
 }
 
@@ -811,6 +945,12 @@ type benchRepl struct {
 	// every checkpoint the backup applies (BackupConfig.OnEpoch).
 	onRun         func()
 	onBackupEpoch func(epoch uint64)
+	// onSync and onEpoch, if set, see the engine's Config.OnSync and
+	// Config.OnEpoch reports too.
+	onSync  func(replicate.SyncProgress)
+	onEpoch func(*replicate.EpochStats)
+	// setup bounds the warm-up (0: setupTimeout).
+	setup time.Duration
 }
 
 // runReplicated replicates the running m at rp.interval to a backup in this
@@ -877,12 +1017,18 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 		HeartbeatTimeout: benchHeartbeatTimeout,
 		Gates:            rp.gates,
 		OnEpoch: func(s *replicate.EpochStats) {
+			if rp.onEpoch != nil {
+				rp.onEpoch(s)
+			}
 			mu.Lock()
 			epochs = append(epochs, *s)
 			maxEpoch = max(maxEpoch, s.Epoch)
 			mu.Unlock()
 		},
 		OnSync: func(s replicate.SyncProgress) {
+			if rp.onSync != nil {
+				rp.onSync(s)
+			}
 			if s.Done {
 				mu.Lock()
 				synced, syncTook = time.Now(), s.Elapsed
@@ -918,7 +1064,8 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 
 	// Warm up: the sync done, a few epochs acknowledged, and at least the
 	// warm-up since the guest was ready.
-	deadline := time.Now().Add(setupTimeout)
+	limit := cmp.Or(rp.setup, setupTimeout)
+	deadline := time.Now().Add(limit)
 	for {
 		mu.Lock()
 		ok := !synced.IsZero()
@@ -927,7 +1074,7 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 			break
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("not warmed up in %v: sync done %v, %d epochs acknowledged", setupTimeout, ok, p.LastAcked())
+			return fmt.Errorf("not warmed up in %v: sync done %v, %d epochs acknowledged", limit, ok, p.LastAcked())
 		}
 		select {
 		case err := <-perr:
@@ -1044,6 +1191,13 @@ func benchMedian(ds []time.Duration) time.Duration {
 	return (ds[n/2-1] + ds[n/2]) / 2
 }
 
+// benchSetupTimeout is how long a guest of mem bytes may take to boot,
+// sync and be acknowledged a few epochs: setupTimeout, longer for a guest
+// that takes longer to sync at benchSetupRate.
+func benchSetupTimeout(mem uint64) time.Duration {
+	return max(setupTimeout, time.Duration(float64(mem)/benchSetupRate*float64(time.Second)))
+}
+
 // failoverTimeout is the failover backup's heartbeat timeout: the flag, or
 // the engine's default at the failover primary's interval.
 func (b *benchRun) failoverTimeout() time.Duration {
@@ -1053,7 +1207,10 @@ func (b *benchRun) failoverTimeout() time.Duration {
 	return max(5*failoverInterval, replicate.MinHeartbeatTimeout)
 }
 
-// benchFailover kills --failovers primaries and freezes one.
+// benchFailover kills --failovers primaries at each of --failover-sizes
+// (skipping a size that does not fit in memory), freezes one at the first
+// size measured, and kills one more at each size whose backup digests its
+// replica first.
 func (b *benchRun) benchFailover(ctx context.Context) (*benchFailoverResult, error) {
 	exe := benchExecutable
 	if exe == "" {
@@ -1063,38 +1220,83 @@ func (b *benchRun) benchFailover(ctx context.Context) (*benchFailoverResult, err
 		}
 	}
 	fo := &benchFailoverResult{Rate: b.rates[0], HeartbeatMS: benchMS(b.failoverTimeout())}
-	var kills []time.Duration
-	for i := 0; i < b.failovers; i++ {
-		b.progressf("failover %d/%d: SIGKILL", i+1, b.failovers)
-		run, err := b.failoverOnce(ctx, exe, syscall.SIGKILL)
+	// once runs one failover, keeps it and returns its total (0: failed).
+	once := func(what string, mem uint64, sig syscall.Signal, verify bool) (time.Duration, error) {
+		run, err := b.failoverOnce(ctx, exe, sig, mem, verify)
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, ctx.Err()
+				return 0, ctx.Err()
 			}
 			run.Error = err.Error()
-			b.progressf("failover %d: %v", i+1, err)
-		} else {
-			kills = append(kills, time.Duration(run.TotalMS*float64(time.Millisecond)))
+			b.progressf("%s: %v", what, err)
 		}
 		fo.Runs = append(fo.Runs, run)
-	}
-	b.progressf("failover: SIGSTOP (frozen host)")
-	run, err := b.failoverOnce(ctx, exe, syscall.SIGSTOP)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+		if err != nil {
+			return 0, nil
 		}
-		run.Error = err.Error()
-		b.progressf("frozen failover: %v", err)
-	} else {
-		fo.FrozenMS = run.TotalMS
+		return time.Duration(run.TotalMS * float64(time.Millisecond)), nil
 	}
-	fo.Runs = append(fo.Runs, run)
-	if len(kills) == 0 {
-		return fo, fmt.Errorf("no failover succeeded; the first: %s", fo.Runs[0].Error)
+	measured := 0
+	for _, mem := range b.failoverSizes {
+		sz := benchFailoverSize{Mem: mem}
+		why, err := benchFits(mem)
+		if err != nil {
+			return nil, err
+		}
+		if why != "" {
+			sz.Skipped = why
+			b.progressf("failover at %s: skipped: %s", testvm.FormatSize(mem), why)
+			fo.Sizes = append(fo.Sizes, sz)
+			continue
+		}
+		var kills, detect, after []time.Duration
+		for i := 0; i < b.failovers; i++ {
+			what := fmt.Sprintf("failover %d/%d at %s: SIGKILL", i+1, b.failovers, testvm.FormatSize(mem))
+			b.progressf("%s", what)
+			d, err := once(what, mem, syscall.SIGKILL, false)
+			if err != nil {
+				return nil, err
+			}
+			if d > 0 {
+				r := fo.Runs[len(fo.Runs)-1]
+				kills = append(kills, d)
+				detect = append(detect, time.Duration(r.DetectMS*float64(time.Millisecond)))
+				after = append(after, time.Duration((r.TotalMS-r.DetectMS)*float64(time.Millisecond)))
+			}
+		}
+		if len(kills) == 0 {
+			return fo, fmt.Errorf("no failover succeeded at %s; the first: %s", testvm.FormatSize(mem), fo.Runs[len(fo.Runs)-b.failovers].Error)
+		}
+		sz.Kills = len(kills)
+		sz.KillMaxMS = benchMS(slices.Max(kills))
+		sz.KillP50MS = benchMS(benchMedian(kills))
+		sz.DetectP50MS = benchMS(benchMedian(detect))
+		sz.AfterP50MS = benchMS(benchMedian(after))
+		if measured++; measured == 1 {
+			fo.KillP50MS, fo.KillMaxMS = sz.KillP50MS, sz.KillMaxMS
+			what := fmt.Sprintf("failover at %s: SIGSTOP (frozen host)", testvm.FormatSize(mem))
+			b.progressf("%s", what)
+			d, err := once(what, mem, syscall.SIGSTOP, false)
+			if err != nil {
+				return nil, err
+			}
+			fo.FrozenMS = benchMS(d)
+		}
+		what := fmt.Sprintf("failover at %s: SIGKILL, the backup digesting its replica first (--verify-replica)", testvm.FormatSize(mem))
+		b.progressf("%s", what)
+		d, err := once(what, mem, syscall.SIGKILL, true)
+		if err != nil {
+			return nil, err
+		}
+		if d > 0 {
+			sz.VerifiedMS, sz.VerifiedDigestMS = benchMS(d), fo.Runs[len(fo.Runs)-1].VerifyMS
+		}
+		fo.Sizes = append(fo.Sizes, sz)
 	}
-	fo.KillP50MS = benchMS(benchMedian(kills))
-	fo.KillMaxMS = benchMS(slices.Max(kills))
+	if first, last := fo.Sizes[0], fo.Sizes[len(fo.Sizes)-1]; len(fo.Sizes) > 1 && first.Kills > 0 && last.Kills > 0 {
+		fo.SizeRatio = benchRatio(last.KillP50MS, first.KillP50MS)
+		fo.AfterRatio = benchRatio(last.AfterP50MS, first.AfterP50MS)
+	}
 	return fo, nil
 }
 
@@ -1130,8 +1332,9 @@ type benchResumed struct {
 // failoverOnce runs a primary as a separate process against a backup in this
 // process, sends it sig once the backup holds a few checkpoints, and times
 // the failover: from the signal to the resumed guest's first progress.
-func (b *benchRun) failoverOnce(ctx context.Context, exe string, sig syscall.Signal) (run benchFailoverRun, err error) {
+func (b *benchRun) failoverOnce(ctx context.Context, exe string, sig syscall.Signal, mem uint64, verify bool) (run benchFailoverRun, err error) {
 	run.Signal = map[syscall.Signal]string{syscall.SIGKILL: "SIGKILL", syscall.SIGSTOP: "SIGSTOP"}[sig]
+	run.Mem, run.VerifyReplica = mem, verify
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return run, fmt.Errorf("listen for the primary: %w", err)
@@ -1168,6 +1371,7 @@ func (b *benchRun) failoverOnce(ctx context.Context, exe string, sig syscall.Sig
 			return nil
 		},
 		HeartbeatTimeout: b.heartbeatTimeout,
+		VerifyReplica:    verify,
 		// The backup warns of the primary's loss: expected here.
 		Log: slog.New(slog.NewTextHandler(b.stderr, &slog.HandlerOptions{Level: slog.LevelError})).With("side", "failover backup"),
 	})
@@ -1197,7 +1401,7 @@ func (b *benchRun) failoverOnce(ctx context.Context, exe string, sig syscall.Sig
 		}
 	}()
 
-	args := []string{"primary", "--backup", ln.Addr().String(), "--mem", strconv.FormatUint(b.mem, 10),
+	args := []string{"primary", "--backup", ln.Addr().String(), "--mem", strconv.FormatUint(mem, 10),
 		"--vcpus", strconv.Itoa(b.vcpus), "--workload", "dirty", "--pattern", b.pattern.String(),
 		"--rate", strconv.FormatUint(b.rates[0], 10), "--interval", failoverInterval.String(),
 		"--dirty-track", b.mech.String(), "--quiet"}
@@ -1224,13 +1428,14 @@ func (b *benchRun) failoverOnce(ctx context.Context, exe string, sig syscall.Sig
 		return fmt.Errorf("%s: the primary exited (%v): %s", what, werr, out.String())
 	}
 
-	deadline := time.Now().Add(setupTimeout)
+	limit := benchSetupTimeout(mem)
+	deadline := time.Now().Add(limit)
 	for {
 		if epoch, _ := bk.LastCheckpoint(); epoch >= failoverEpochs {
 			break
 		}
 		if time.Now().After(deadline) {
-			return run, fmt.Errorf("the backup holds no checkpoint %d after %v; primary: %s", failoverEpochs, setupTimeout, out.String())
+			return run, fmt.Errorf("the backup holds no checkpoint %d after %v; primary: %s", failoverEpochs, limit, out.String())
 		}
 		select {
 		case werr := <-exited:
@@ -1310,22 +1515,46 @@ func (b *benchRun) goals(res *benchResults) []benchGoal {
 		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf("guest at 100 ms, rate %s: %.2f of the floor (goal >= %.2f): %s",
 			benchRateName(rr.Rate), at100.VsFloor, goalGuestVsFloor, verdict(ok))})
 	}
+	for i := range res.Rates {
+		out = append(out, benchCPUGoal(&res.Rates[i], verdict))
+	}
 	if fo := res.Failover; fo != nil {
 		hb := b.failoverTimeout()
 		bound := goalFailoverExtra + hb
 		ok := fo.KillP50MS > 0 && fo.KillP50MS <= benchMS(bound)
-		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf("failover: %.0f ms p50 (goal <= %.0f ms + heartbeat timeout %v = %.0f ms): %s",
-			fo.KillP50MS, benchMS(goalFailoverExtra), hb, benchMS(bound), verdict(ok))})
+		first := fo.Sizes[0]
+		for _, sz := range fo.Sizes {
+			if sz.Skipped == "" {
+				first = sz
+				break
+			}
+		}
+		if first.Skipped != "" {
+			out = append(out, benchGoal{Text: fmt.Sprintf("failover at %s: not measured (skipped): NOT MET", testvm.FormatSize(first.Mem))})
+		} else {
+			out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf("failover at %s: %.0f ms p50 (goal <= %.0f ms + heartbeat timeout %v = %.0f ms): %s",
+				testvm.FormatSize(first.Mem), fo.KillP50MS, benchMS(goalFailoverExtra), hb, benchMS(bound), verdict(ok))})
+		}
+		if len(fo.Sizes) > 1 {
+			out = append(out, failoverSizeGoal(fo, verdict))
+		}
 		if fo.FrozenMS > 0 {
 			extra := fo.FrozenMS - benchMS(hb)
 			ok := extra <= benchMS(goalFailoverExtra)
 			out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf("failover of a frozen primary: timeout %v + %.0f ms (goal <= %.0f ms + the timeout): %s",
 				hb, extra, benchMS(goalFailoverExtra), verdict(ok))})
+		} else if first.Skipped != "" {
+			out = append(out, benchGoal{Text: "failover of a frozen primary: not measured (every size skipped): NOT MET"})
 		} else {
 			out = append(out, benchGoal{Text: "failover of a frozen primary: failed (see above): NOT MET"})
 		}
 	} else {
 		out = append(out, benchGoal{Text: "failover: not measured (--failovers 0): NOT MET"})
+	}
+	if res.Sync != nil {
+		out = append(out, syncGoals(res.Sync, verdict)...)
+	} else {
+		out = append(out, benchGoal{Text: "time to protected: not measured (--no-sync): NOT MET"})
 	}
 	if res.Net != nil {
 		out = append(out, netGoals(res.Net, verdict)...)
@@ -1333,6 +1562,28 @@ func (b *benchRun) goals(res *benchResults) []benchGoal {
 		out = append(out, benchGoal{Text: "echo added latency: not measured (--no-net): NOT MET"})
 	}
 	return out
+}
+
+// failoverSizeGoal compares the failover at the last of --failover-sizes
+// with the first. What follows detection (verify, restore, first write)
+// must not grow with memory: the same at both sizes (within
+// goalFailoverSame, or goalFailoverSlack for times too short for a ratio)
+// and at most goalFailoverAfter at each. Detection is what the heartbeat
+// timeout or the kernel decides (a killed process's connection closes once
+// its memory is torn down), so it is shown, not judged.
+func failoverSizeGoal(fo *benchFailoverResult, verdict func(bool) string) benchGoal {
+	first, last := fo.Sizes[0], fo.Sizes[len(fo.Sizes)-1]
+	name := fmt.Sprintf("failover at %s vs %s", testvm.FormatSize(last.Mem), testvm.FormatSize(first.Mem))
+	goal := fmt.Sprintf("(goal after detection: the same at both, within %.0f%% or %.0f ms, and <= %.0f ms)",
+		100*(goalFailoverSame-1), benchMS(goalFailoverSlack), benchMS(goalFailoverAfter))
+	if fo.SizeRatio == 0 {
+		return benchGoal{Text: fmt.Sprintf("%s: not measured (a size was skipped or failed) %s: NOT MET", name, goal)}
+	}
+	same := last.AfterP50MS <= max(goalFailoverSame*first.AfterP50MS, first.AfterP50MS+benchMS(goalFailoverSlack))
+	ok := same && last.AfterP50MS <= benchMS(goalFailoverAfter) && first.AfterP50MS <= benchMS(goalFailoverAfter)
+	return benchGoal{Met: ok, Text: fmt.Sprintf("%s: p50 %.0f ms / %.0f ms = %.2fx (detection %.0f ms / %.0f ms), after detection %.1f ms / %.1f ms = %.2fx %s: %s",
+		name, last.KillP50MS, first.KillP50MS, fo.SizeRatio, last.DetectP50MS, first.DetectP50MS,
+		last.AfterP50MS, first.AfterP50MS, fo.AfterRatio, goal, verdict(ok))}
 }
 
 // benchTable prints rows as an aligned Markdown table; columns from the second on
@@ -1411,6 +1662,7 @@ func benchPrintRate(w io.Writer, rr *benchRate) {
 		rows = append(rows, benchModeRow(m))
 	}
 	benchTable(w, benchRateHeader, rows)
+	benchPrintCPU(w, rr.Modes)
 	for _, m := range rr.Modes {
 		if m.Warning != "" {
 			fmt.Fprintf(w, "\nwarning: %s: %s\n", m.Mode, m.Warning)
@@ -1424,6 +1676,10 @@ func benchPrint10k(w io.Writer, cfg testvm.Config, m *benchMode, c benchCheck10k
 	benchTable(w, []string{"dirty pages/epoch", "pause p50", "pause p99", "harvest+save+copy p50", "p99 / (h+s+c)", "kick", "harvest", "save", "copy", "stall", "resume", "guest writes/s"},
 		[][]string{{fmt.Sprintf("%.0f", c.DirtyPages), benchDur(m.PauseP50US), benchDur(c.PauseP99US), benchDur(c.BaseP50US), fmt.Sprintf("%.2f", c.Ratio),
 			benchDur(m.KickUS), benchDur(m.HarvestUS), benchDur(m.SaveUS), benchDur(m.CopyUS), benchDur(m.StallUS), benchDur(m.ResumeUS), si(m.GuestRate)}})
+	if m.CopyPageUS > 0 {
+		fmt.Fprintf(w, "\nengine CPU per page: primary %s (%.2fx a plain copy of %d scattered pages, %s), backup %s (%.2fx)\n",
+			benchUSf(m.CPUPageUS), m.CPUVsCopy, m.CopyPages, benchUSf(m.CopyPageUS), benchUSf(m.BackupCPUPageUS), m.BackupVsCopy)
+	}
 	if m.Warning != "" {
 		fmt.Fprintf(w, "\nwarning: %s\n", m.Warning)
 	}
@@ -1434,21 +1690,44 @@ func benchPrintFailover(w io.Writer, fo *benchFailoverResult) {
 		failoverInterval, time.Duration(fo.HeartbeatMS*float64(time.Millisecond)))
 	var rows [][]string
 	for i, r := range fo.Runs {
+		sig := r.Signal
+		if r.VerifyReplica {
+			sig += ", verify"
+		}
 		if r.Error != "" {
-			rows = append(rows, []string{strconv.Itoa(i + 1), r.Signal, "-", "-", "-", "-", "-", "FAILED: " + r.Error})
+			rows = append(rows, []string{strconv.Itoa(i + 1), testvm.FormatSize(r.Mem), sig, "-", "-", "-", "-", "-", "-", "FAILED: " + r.Error})
 			continue
 		}
 		f := func(x float64) string { return fmt.Sprintf("%.1f", x) }
-		rows = append(rows, []string{strconv.Itoa(i + 1), r.Signal, strconv.FormatUint(r.Epoch, 10), f(r.DetectMS), f(r.VerifyMS),
-			f(r.RestoreMS), f(r.FirstMS), f(r.TotalMS)})
+		rows = append(rows, []string{strconv.Itoa(i + 1), testvm.FormatSize(r.Mem), sig, strconv.FormatUint(r.Epoch, 10), f(r.DetectMS), f(r.VerifyMS),
+			f(r.RestoreMS), f(r.FirstMS), f(r.TotalMS - r.DetectMS), f(r.TotalMS)})
 	}
-	benchTable(w, []string{"run", "signal", "epoch", "detect ms", "verify ms", "restore ms", "first write ms", "total ms"}, rows)
-	fmt.Fprintf(w, "\nfailover (SIGKILL): p50 %.0f ms, max %.0f ms over %d runs", fo.KillP50MS, fo.KillMaxMS, benchCountOK(fo.Runs, "SIGKILL"))
-	if fo.FrozenMS > 0 {
-		hb := time.Duration(fo.HeartbeatMS * float64(time.Millisecond))
-		fmt.Fprintf(w, "; frozen (SIGSTOP): timeout %v + %.0f ms", hb, fo.FrozenMS-fo.HeartbeatMS)
-	}
+	benchTable(w, []string{"run", "mem", "signal", "epoch", "detect ms", "verify ms", "restore ms", "first write ms", "after detect ms", "total ms"}, rows)
 	fmt.Fprintln(w)
+	frozen := fo.FrozenMS > 0
+	for _, sz := range fo.Sizes {
+		if sz.Skipped != "" {
+			fmt.Fprintf(w, "failover at %s: skipped: %s\n", testvm.FormatSize(sz.Mem), sz.Skipped)
+			continue
+		}
+		fmt.Fprintf(w, "failover (SIGKILL) at %s: p50 %.0f ms, max %.0f ms over %d runs; p50 detection %.1f ms, after it %.1f ms",
+			testvm.FormatSize(sz.Mem), sz.KillP50MS, sz.KillMaxMS, sz.Kills, sz.DetectP50MS, sz.AfterP50MS)
+		if frozen {
+			hb := time.Duration(fo.HeartbeatMS * float64(time.Millisecond))
+			fmt.Fprintf(w, "; frozen (SIGSTOP): timeout %v + %.0f ms", hb, fo.FrozenMS-fo.HeartbeatMS)
+			frozen = false
+		}
+		if sz.VerifiedMS > 0 {
+			fmt.Fprintf(w, "; with --verify-replica %.0f ms (digest %.1f ms)", sz.VerifiedMS, sz.VerifiedDigestMS)
+		}
+		fmt.Fprintln(w)
+	}
+	if fo.SizeRatio > 0 {
+		first, last := fo.Sizes[0], fo.Sizes[len(fo.Sizes)-1]
+		fmt.Fprintf(w, "failover %s / %s: p50 %.0f ms / %.0f ms = %.2fx; detection %.1f ms / %.1f ms; after detection %.1f ms / %.1f ms = %.2fx\n",
+			testvm.FormatSize(last.Mem), testvm.FormatSize(first.Mem), last.KillP50MS, first.KillP50MS, fo.SizeRatio,
+			last.DetectP50MS, first.DetectP50MS, last.AfterP50MS, first.AfterP50MS, fo.AfterRatio)
+	}
 }
 
 func benchCountOK(runs []benchFailoverRun, sig string) int {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -23,19 +24,22 @@ func TestParseBenchArgsDefaults(t *testing.T) {
 		o.pattern.String() != "random" || len(o.intervals) != 3 || o.intervals[0] != 100*time.Millisecond ||
 		o.intervals[1] != 20*time.Millisecond || o.intervals[2] != 10*time.Millisecond || o.modeTime != 3*time.Second ||
 		o.failovers != 5 || o.mech.String() != "auto" || o.heartbeatTimeout != 0 || o.quiet || o.json != "" ||
-		!o.net || o.echoRate != 200 || o.streamRate != 100000 || !o.disk || o.diskSize != 64<<20 || o.diskSyncSize != 1<<30 {
+		!o.net || o.echoRate != 200 || o.streamRate != 100000 || !o.disk || o.diskSize != 64<<20 || o.diskSyncSize != 1<<30 ||
+		!slices.Equal(o.failoverSizes, []uint64{256 << 20, 4 << 30}) || !o.sync || !slices.Equal(o.syncSizes, []uint64{1 << 30, 4 << 30}) {
 		t.Errorf("defaults: %+v", o)
 	}
 	o, err = parseBenchArgs([]string{"--rates", " 5, 0 ", "--intervals", "5ms,10s", "--mem", "64M", "--vcpus", "2",
 		"--pattern", "seq", "--mode-time", "1s", "--failovers", "0", "--dirty-track", "ring", "--heartbeat-timeout", "2s", "--quiet",
-		"--no-net", "--echo-rate", "50", "--stream-rate", "1000", "--no-disk", "--disk-size", "8M", "--disk-sync-size", "16M"})
+		"--no-net", "--echo-rate", "50", "--stream-rate", "1000", "--no-disk", "--disk-size", "8M", "--disk-sync-size", "16M",
+		"--failover-sizes", "32M, 1G", "--no-sync", "--sync-sizes", "64M"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(o.rates) != 2 || o.rates[0] != 5 || o.rates[1] != 0 || len(o.intervals) != 2 || o.intervals[0] != 5*time.Millisecond ||
 		o.intervals[1] != 10*time.Second || o.mem != 64<<20 || o.vcpus != 2 || o.pattern.String() != "seq" || o.modeTime != time.Second ||
 		o.failovers != 0 || o.mech.String() != "ring" || o.heartbeatTimeout != 2*time.Second || !o.quiet ||
-		o.net || o.echoRate != 50 || o.streamRate != 1000 || o.disk || o.diskSize != 8<<20 || o.diskSyncSize != 16<<20 {
+		o.net || o.echoRate != 50 || o.streamRate != 1000 || o.disk || o.diskSize != 8<<20 || o.diskSyncSize != 16<<20 ||
+		!slices.Equal(o.failoverSizes, []uint64{32 << 20, 1 << 30}) || o.sync || !slices.Equal(o.syncSizes, []uint64{64 << 20}) {
 		t.Errorf("parsed: %+v", o)
 	}
 }
@@ -71,6 +75,11 @@ func TestBenchUsageErrors(t *testing.T) {
 		{[]string{"--disk-size", "4G", "--mem", "8M"}, "--disk-size 4GiB with --mem 8MiB: invalid VM config"},
 		{[]string{"--disk-sync-size", "1M"}, "--disk-sync-size 1MiB: want a multiple of 1MiB, at least 2MiB"},
 		{[]string{"--disk-sync-size", "3000K"}, "--disk-sync-size 3000KiB: want a multiple of 1MiB"},
+		{[]string{"--failover-sizes", "3M"}, `--failover-sizes "3M": `},
+		{[]string{"--failover-sizes", "256M,"}, `--failover-sizes "256M,": size "": no number`},
+		{[]string{"--failover-sizes", "255M"}, "not a multiple of 2 MiB"},
+		{[]string{"--sync-sizes", "1G,lots"}, `--sync-sizes "1G,lots": size "lots"`},
+		{[]string{"--sync-sizes", "128G"}, `--sync-sizes "128G": `},
 		{[]string{"--json", "/no/such/dir/out.json"}, "--json /no/such/dir/out.json: directory /no/such/dir does not exist"},
 		{[]string{"--bogus"}, "unknown flag: --bogus"},
 		{[]string{"extra"}, `unexpected argument "extra"`},
@@ -85,7 +94,8 @@ func TestBenchHelp(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
 	for _, flag := range []string{"--mem", "--vcpus", "--rates", "--pattern", "--intervals", "--mode-time", "--failovers",
-		"--dirty-track", "--heartbeat-timeout", "--no-net", "--echo-rate", "--stream-rate", "--no-disk", "--disk-size", "--disk-sync-size", "--quiet", "--json"} {
+		"--dirty-track", "--heartbeat-timeout", "--no-net", "--echo-rate", "--stream-rate", "--no-disk", "--disk-size", "--disk-sync-size",
+		"--failover-sizes", "--no-sync", "--sync-sizes", "--quiet", "--json"} {
 		if !strings.Contains(stdout.String(), flag) {
 			t.Errorf("--help does not document %s:\n%s", flag, stdout.String())
 		}
@@ -150,6 +160,63 @@ func TestBenchNetGoals(t *testing.T) {
 	}
 }
 
+// The failover's size goal judges what follows detection: the same at both
+// sizes (within 25% or 10 ms) and at most 60 ms; detection is only shown.
+func TestBenchFailoverSizeGoal(t *testing.T) {
+	verdict := func(ok bool) string {
+		if ok {
+			return "MET"
+		}
+		return "NOT MET"
+	}
+	const goal = "(goal after detection: the same at both, within 25% or 10 ms, and <= 60 ms)"
+	for _, tc := range []struct {
+		name         string
+		first, last  benchFailoverSize
+		wantMet      bool
+		wantContains string
+	}{
+		{name: "same, slow detection", first: benchFailoverSize{Mem: 256 << 20, Kills: 5, KillP50MS: 20, DetectP50MS: 12, AfterP50MS: 8},
+			last: benchFailoverSize{Mem: 4 << 30, Kills: 5, KillP50MS: 180, DetectP50MS: 165, AfterP50MS: 15}, wantMet: true,
+			wantContains: "failover at 4GiB vs 256MiB: p50 180 ms / 20 ms = 9.00x (detection 165 ms / 12 ms), after detection 15.0 ms / 8.0 ms = 1.88x " + goal + ": MET"},
+		{name: "grows", first: benchFailoverSize{Mem: 256 << 20, Kills: 5, KillP50MS: 40, AfterP50MS: 30},
+			last:         benchFailoverSize{Mem: 4 << 30, Kills: 5, KillP50MS: 60, AfterP50MS: 45},
+			wantContains: "after detection 45.0 ms / 30.0 ms = 1.50x " + goal + ": NOT MET"},
+		{name: "over 60 ms", first: benchFailoverSize{Mem: 256 << 20, Kills: 5, KillP50MS: 80, AfterP50MS: 70},
+			last: benchFailoverSize{Mem: 4 << 30, Kills: 5, KillP50MS: 80, AfterP50MS: 70}, wantContains: ": NOT MET"},
+		{name: "skipped", first: benchFailoverSize{Mem: 256 << 20, Kills: 5, KillP50MS: 20, AfterP50MS: 8},
+			last:         benchFailoverSize{Mem: 4 << 30, Skipped: "needs about 12GiB"},
+			wantContains: "failover at 4GiB vs 256MiB: not measured (a size was skipped or failed) " + goal + ": NOT MET"},
+	} {
+		fo := &benchFailoverResult{Sizes: []benchFailoverSize{tc.first, tc.last}}
+		if tc.first.Kills > 0 && tc.last.Kills > 0 {
+			fo.SizeRatio = tc.last.KillP50MS / tc.first.KillP50MS
+			fo.AfterRatio = tc.last.AfterP50MS / tc.first.AfterP50MS
+		}
+		g := failoverSizeGoal(fo, verdict)
+		if g.Met != tc.wantMet || !strings.Contains(g.Text, tc.wantContains) {
+			t.Errorf("%s: got %+v\nwant met %v, containing %q", tc.name, g, tc.wantMet, tc.wantContains)
+		}
+	}
+}
+
+// The plain copies that serve as floors copy what they say and take time.
+func TestBenchCopyFloors(t *testing.T) {
+	b := &benchRun{benchOptions: &benchOptions{}}
+	for _, n := range []int{1, 100, 5000} {
+		if d := b.plainCopyPerPage(16<<20, n); d <= 0 || d > time.Millisecond {
+			t.Errorf("plain copy of %d pages: %v per page", n, d)
+		}
+	}
+	if d := b.plainCopyPerPage(8<<20, 1<<20); d <= 0 { // more pages than the buffer: capped
+		t.Errorf("plain copy of more pages than the buffer: %v per page", d)
+	}
+	took, touch, err := plainMemCopy(t.Context(), 16<<20)
+	if err != nil || took <= 0 || touch <= 0 {
+		t.Errorf("plainMemCopy: %v, %v, %v", took, touch, err)
+	}
+}
+
 // TestBenchSmoke runs the whole bench with tiny settings and checks that
 // every table, mode, failover, network row and goal line is there, and that
 // the network's figures are not empty. It asserts no timing.
@@ -160,7 +227,7 @@ func TestBenchSmoke(t *testing.T) {
 	js := filepath.Join(t.TempDir(), "bench.json")
 	var stdout, stderr bytes.Buffer
 	code := runBench([]string{"--mem", "32M", "--rates", "20000", "--intervals", "20ms", "--mode-time", "300ms", "--failovers", "1",
-		"--disk-size", "4M", "--disk-sync-size", "8M", "--json", js}, &stdout, &stderr)
+		"--failover-sizes", "32M,64M", "--sync-sizes", "64M", "--disk-size", "4M", "--disk-sync-size", "8M", "--json", js}, &stdout, &stderr)
 	out := stdout.String()
 	t.Logf("stdout:\n%s\nstderr:\n%s", out, stderr.String())
 	if code != 0 {
@@ -172,15 +239,35 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^\| none +\| +off \| +\S+ \| +[\d.]+ \| +1\.00 \|`,
 		`(?m)^\| floor +\| +\w+ \| +\S+ \| +1\.00 \| +[\d.]+ \|`,
 		`(?m)^\| replicated 20ms +\| +\w+ \| +\S+ \| +[\d.]+ \| +[\d.]+ \| +\d+ \|`,
+		`(?m)^Engine CPU per dirty page \(primary: pause, copy, workers, sender; backup: receive, check, apply\), against a plain copy`,
+		`(?m)^\| mode +\| dirty pages/epoch \| primary/page \| backup/page \| plain copy/page \| primary/copy \| backup/copy \|$`,
+		`(?m)^\| replicated 20ms +\| +\d+ \| +[\d.]+ µs \| +[\d.]+ µs \| +[\d.]+ µs \| +[\d.]+ \| +[\d.]+ \|$`,
+		`(?m)^engine CPU per page: primary [\d.]+ µs \([\d.]+x a plain copy of \d+ scattered pages, [\d.]+ µs\), backup [\d.]+ µs \([\d.]+x\)$`,
 		`(?m)^10k check: seq over 10000 pages, full speed, 300ms, 64MiB, 1 vCPU, \d+ epochs:$`,
 		`(?m)^\| dirty pages/epoch \| +pause p50 \| +pause p99 \| harvest\+save\+copy p50 \|`,
 		`(?m)^Failover: primary process at rate 20000/s, interval 100ms, backup heartbeat timeout \S+:$`,
-		`(?m)^\| 1 +\| +SIGKILL \| +\d+ \|`,
-		`(?m)^\| 2 +\| +SIGSTOP \| +\d+ \|`,
-		`(?m)^failover \(SIGKILL\): p50 \d+ ms, max \d+ ms over 1 runs; frozen \(SIGSTOP\): timeout \S+ \+ -?\d+ ms$`,
+		`(?m)^\| run \| +mem \| +signal \| epoch \| detect ms \| verify ms \| restore ms \| first write ms \| after detect ms \| total ms \|$`,
+		`(?m)^\| 1 +\| 32MiB \| +SIGKILL \| +\d+ \| +[\d.]+ \| +0\.0 \|`,
+		`(?m)^\| 2 +\| 32MiB \| +SIGSTOP \| +\d+ \|`,
+		`(?m)^\| 3 +\| 32MiB \| SIGKILL, verify \| +\d+ \| +[\d.]+ \| +[\d.]+ \|`,
+		`(?m)^\| 4 +\| 64MiB \| +SIGKILL \| +\d+ \|`,
+		`(?m)^\| 5 +\| 64MiB \| SIGKILL, verify \| +\d+ \|`,
+		`(?m)^failover \(SIGKILL\) at 32MiB: p50 \d+ ms, max \d+ ms over 1 runs; p50 detection [\d.]+ ms, after it [\d.]+ ms; ` +
+			`frozen \(SIGSTOP\): timeout \S+ \+ -?\d+ ms; with --verify-replica \d+ ms \(digest [\d.]+ ms\)$`,
+		`(?m)^failover \(SIGKILL\) at 64MiB: p50 \d+ ms, max \d+ ms over 1 runs; p50 detection [\d.]+ ms, after it [\d.]+ ms; ` +
+			`with --verify-replica \d+ ms \(digest [\d.]+ ms\)$`,
+		`(?m)^failover 64MiB / 32MiB: p50 \d+ ms / \d+ ms = [\d.]+x; detection [\d.]+ ms / [\d.]+ ms; after detection [\d.]+ ms / [\d.]+ ms = [\d.]+x$`,
+		`(?m)^Initial sync of a large guest: the dirty workload at full speed \(random pattern, stamp pages\), 2 vCPUs, replicated at 100ms `,
+		`(?m)^\| guest +\| +track \| plain copy \| copy MB/s \| first touch \| time to protected \| vs copy \| +sync \| rounds \| +ended \|`,
+		`(?m)^\| 64MiB +\| +\w+ \| +\S+ \| +\d+ \| +\S+ \| +\S+ \| +[\d.]+ \| +\S+ \| +\d+ \| +(converged|rounds stopped shrinking|round limit|throttle limit) \| +\d+% \| +\S+ \| +\d+ \| +\S+ \| +\d+ \| +\S+ \| +[\d.]+ \| +\S+ \|$`,
+		`(?m)^  engine CPU per page, rate 20000/s, stamp pages: primary [\d.]+ µs at 20ms \([\d.]+x a plain copy\), backup [\d.]+ µs at 20ms \([\d.]+x\), ` +
+			`worst of the replicated modes \(goal primary <= 3 µs, backup <= 2 µs\): (MET|NOT MET)$`,
+		`(?m)^  failover at 64MiB vs 32MiB: p50 \d+ ms / \d+ ms = [\d.]+x \(detection \d+ ms / \d+ ms\), after detection [\d.]+ ms / [\d.]+ ms = [\d.]+x ` +
+			`\(goal after detection: the same at both, within 25% or 10 ms, and <= 60 ms\): (MET|NOT MET)$`,
+		`(?m)^  time to protected, 64MiB guest: \S+ = [\d.]+x a plain copy of its memory over loopback TCP \(\S+\) \(goal <= 2x\): (MET|NOT MET)$`,
 		`(?m)^  pause p99 at 10k dirty pages \(\d+/epoch\): [\d.]+ ms = [\d.]+x harvest\+save\+copy \(goal <= 2x\): (MET|NOT MET)$`,
 		`(?m)^  guest at 100 ms, rate 20000/s: not measured \(100ms is not in --intervals\): NOT MET$`,
-		`(?m)^  failover: \d+ ms p50 \(goal <= 500 ms \+ heartbeat timeout \S+ = \d+ ms\): (MET|NOT MET)$`,
+		`(?m)^  failover at 32MiB: \d+ ms p50 \(goal <= 500 ms \+ heartbeat timeout \S+ = \d+ ms\): (MET|NOT MET)$`,
 		`(?m)^  failover of a frozen primary: timeout \S+ \+ -?\d+ ms \(goal <= 500 ms \+ the timeout\): (MET|NOT MET)$`,
 		`(?m)^Disk write throughput: disk workload \(.*\), 4MiB image, 1 vCPU, 32MiB; each mode 300ms after the first sweep and a 200ms warm-up:$`,
 		`(?m)^\| mode +\| +track \| block writes/s \| MiB/s \| vs plain \| fsyncs/s \| fsync mean \| in fsync \| verified \| epochs \| disk writes/epoch \|`,
@@ -218,13 +305,44 @@ func TestBenchSmoke(t *testing.T) {
 	if err := json.Unmarshal(b, &res); err != nil {
 		t.Fatalf("--json file: %v\n%s", err, b)
 	}
-	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 2 || len(res.Goals) != 5 {
+	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 5 || len(res.Goals) != 8 {
 		t.Errorf("--json file: %s", b)
 	}
 	for _, m := range res.Rates[0].Modes {
 		if m.Writes == 0 {
 			t.Errorf("mode %s: the guest wrote nothing", m.Mode)
 		}
+	}
+	for _, m := range append(res.Rates[0].Modes[2:], res.Check10k) {
+		if m.CPUPageUS <= 0 || m.BackupCPUPageUS <= 0 || m.CopyPageUS <= 0 || m.CopyPages != int(m.DirtyPages+0.5) ||
+			m.CPUVsCopy != m.CPUPageUS/m.CopyPageUS || m.BackupVsCopy != m.BackupCPUPageUS/m.CopyPageUS {
+			t.Errorf("mode %s: CPU per page: %+v", m.Mode, m)
+		}
+	}
+	fo := res.Failover
+	for i, r := range fo.Runs {
+		wantMem := []uint64{32 << 20, 32 << 20, 32 << 20, 64 << 20, 64 << 20}[i]
+		if r.Error != "" || r.Mem != wantMem || r.VerifyReplica != (i == 2 || i == 4) || r.TotalMS <= r.DetectMS {
+			t.Errorf("failover run %d: %+v", i+1, r)
+		}
+	}
+	// Digesting the whole replica takes longer than not digesting it.
+	if len(fo.Runs) == 5 && (fo.Runs[2].VerifyMS <= fo.Runs[0].VerifyMS || fo.Runs[4].VerifyMS <= fo.Runs[3].VerifyMS) {
+		t.Errorf("failover: verify times without and with --verify-replica: %.3f, %.3f ms at 32MiB; %.3f, %.3f ms at 64MiB",
+			fo.Runs[0].VerifyMS, fo.Runs[2].VerifyMS, fo.Runs[3].VerifyMS, fo.Runs[4].VerifyMS)
+	}
+	if len(fo.Sizes) != 2 || fo.Sizes[0].Mem != 32<<20 || fo.Sizes[1].Mem != 64<<20 || fo.Sizes[0].Kills != 1 || fo.Sizes[1].Kills != 1 ||
+		fo.Sizes[0].AfterP50MS <= 0 || fo.Sizes[1].VerifiedMS <= 0 || fo.SizeRatio <= 0 || fo.AfterRatio <= 0 || fo.KillP50MS != fo.Sizes[0].KillP50MS {
+		t.Errorf("failover sizes: %+v", fo)
+	}
+	sr := res.Sync
+	if sr == nil || !res.Config.Sync || len(sr.Sizes) != 1 {
+		t.Fatalf("--json file: sync: %+v", sr)
+	}
+	if s := sr.Sizes[0]; s.Mem != 64<<20 || s.Skipped != "" || s.CopySecs <= 0 || s.ProtectedSecs <= 0 || s.ProtectedSecs < s.SyncSecs ||
+		s.Rounds < 1 || s.End == "in progress" || s.SyncPages < 64<<20/4096 || s.FirstPauseMS <= 0 || s.EpochsPerS <= 0 ||
+		s.VsCopy != s.ProtectedSecs/s.CopySecs {
+		t.Errorf("sync 64MiB: %+v", s)
 	}
 	dr := res.Disk
 	if dr == nil || !res.Config.Disk || dr.ImageSize != 4<<20 || len(dr.Throughput) != 4 || len(dr.Sync.Cases) != 3 {

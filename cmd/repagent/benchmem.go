@@ -1,0 +1,53 @@
+package main
+
+// Whether a large guest's measurement fits in this machine's memory.
+
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/repagent/repagent/testvm"
+)
+
+// A large guest's measurement holds about benchMemCopies times its memory
+// (the guest, the backup's replica, and staging or the plain copy's two
+// buffers), and may use at most benchMemShare of the free RAM.
+const (
+	benchMemCopies = 3
+	benchMemShare  = 0.8
+)
+
+// benchFreeRAM is the free RAM now (sysinfo's freeram: not counting the page
+// cache).
+func benchFreeRAM() (uint64, error) {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return 0, fmt.Errorf("sysinfo: %w", err)
+	}
+	return uint64(si.Freeram) * uint64(si.Unit), nil
+}
+
+// benchFits says why a measurement of a guest of mem bytes would not fit
+// in memory now, or "" if it fits.
+func benchFits(mem uint64) (string, error) {
+	free, err := benchFreeRAM()
+	if err != nil {
+		return "", err
+	}
+	need := benchMemCopies * mem
+	if float64(need) <= benchMemShare*float64(free) {
+		return "", nil
+	}
+	return fmt.Sprintf("needs about %s (guest, replica and staging: %dx %s), more than %.0f%% of the %s of RAM free",
+		testvm.FormatSize(need), benchMemCopies, testvm.FormatSize(mem), 100*benchMemShare, benchFormatBytes(free)), nil
+}
+
+// benchFormatBytes formats a byte count that need not be a whole number of
+// MiB: "10.3GiB", "812.0MiB".
+func benchFormatBytes(n uint64) string {
+	if n >= 1<<30 {
+		return fmt.Sprintf("%.1fGiB", float64(n)/(1<<30))
+	}
+	return fmt.Sprintf("%.1fMiB", float64(n)/(1<<20))
+}
