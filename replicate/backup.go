@@ -17,9 +17,8 @@ import (
 	"github.com/pierrec/lz4/v4"
 
 	"github.com/repagent/repagent/diskmirror"
-	"golang.org/x/sys/unix"
-
 	"github.com/repagent/repagent/internal/cpuclock"
+	"github.com/repagent/repagent/internal/hostsys"
 )
 
 // Errors a Backup returns.
@@ -139,9 +138,9 @@ func openReplica(shape Shape, mem *os.File, disk *diskmirror.Replica) (*replica,
 	if st, err := mem.Stat(); err != nil || uint64(st.Size()) < shape.MemSize {
 		return nil, fmt.Errorf("replica memory: the file is smaller than the %d bytes asked (%v)", shape.MemSize, err)
 	}
-	mapped, err := unix.Mmap(int(mem.Fd()), 0, int(shape.MemSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	mapped, err := hostsys.MapShared(mem, int(shape.MemSize))
 	if err != nil {
-		return nil, fmt.Errorf("replica memory: map it: %w", err)
+		return nil, fmt.Errorf("replica memory: %w", err)
 	}
 	return &replica{shape: shape, lay: layoutFor(shape), mem: mem, mapped: mapped, written: make([]uint64, (shape.Pages()+63)/64),
 		table: newDigestTable(shape.Pages()), disk: disk}, nil
@@ -150,7 +149,7 @@ func openReplica(shape Shape, mem *os.File, disk *diskmirror.Replica) (*replica,
 // unmap drops the session's mapping of the memory (before Resume owns it).
 func (r *replica) unmap() {
 	if r.mapped != nil {
-		unix.Munmap(r.mapped)
+		hostsys.Unmap(r.mapped)
 		r.mapped = nil
 	}
 }

@@ -9,9 +9,8 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/repagent/repagent/internal/cpuclock"
+	"github.com/repagent/repagent/internal/hostsys"
 )
 
 // idleConn is a connection whose deadlines measure silence, not transfer
@@ -73,23 +72,19 @@ func (c *idleConn) meteredRead(b []byte) (int, error) {
 		return 0, nil
 	}
 	var n int
+	var again bool
 	var rerr error
 	err := c.raw.Read(func(fd uintptr) bool {
 		c.meter.Start()
-		for {
-			n, rerr = unix.Read(int(fd), b)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
+		n, again, rerr = hostsys.Read(fd, b)
 		c.meter.Stop()
-		return rerr != unix.EAGAIN
+		return !again
 	})
 	switch {
 	case err != nil:
 		return 0, err
 	case rerr != nil:
-		return 0, os.NewSyscallError("read", rerr)
+		return 0, rerr
 	case n == 0:
 		return 0, io.EOF
 	}

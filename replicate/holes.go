@@ -1,10 +1,6 @@
 package replicate
 
-import (
-	"errors"
-
-	"golang.org/x/sys/unix"
-)
+import "github.com/repagent/repagent/internal/hostsys"
 
 // holeMap returns a bitmap, by replica page index, of the guest pages that
 // lie in holes of the VM's memory file (see MemoryBacking), or nil if the VM
@@ -22,7 +18,6 @@ func (p *Primary) holeMap() (holes []uint64, n int) {
 		if f == nil {
 			continue
 		}
-		fd := int(f.Fd())
 		mark := func(from, to int64) { // file offsets, [from, to)
 			for off := (from - base + PageSize - 1) / PageSize * PageSize; off+PageSize <= to-base; off += PageSize {
 				idx := r.first + uint64(off)/PageSize
@@ -30,23 +25,8 @@ func (p *Primary) holeMap() (holes []uint64, n int) {
 				n++
 			}
 		}
-		pos, end := base, base+int64(r.size)
-		for pos < end {
-			data, err := unix.Seek(fd, pos, unix.SEEK_DATA)
-			if errors.Is(err, unix.ENXIO) {
-				mark(pos, end) // no data past pos
-				break
-			}
-			if err != nil {
-				return nil, 0 // the file cannot say: read every page
-			}
-			mark(pos, min(data, end))
-			if data >= end {
-				break
-			}
-			if pos, err = unix.Seek(fd, data, unix.SEEK_HOLE); err != nil {
-				return nil, 0
-			}
+		if err := hostsys.Holes(f, base, base+int64(r.size), mark); err != nil {
+			return nil, 0 // the file cannot say: read every page
 		}
 	}
 	return holes, n

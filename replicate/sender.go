@@ -9,12 +9,11 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"github.com/pierrec/lz4/v4"
-	"golang.org/x/sys/unix"
 
 	"github.com/repagent/repagent/internal/cpuclock"
+	"github.com/repagent/repagent/internal/hostsys"
 )
 
 // The primary's data path, page by page: the pause copies a dirty page into
@@ -50,21 +49,8 @@ func newArena(pages uint64) *arena {
 // writing them; without it, a byte is written per page, and the work must
 // be done before the first alloc.
 func (a *arena) prefault() (work func(), concurrent bool) {
-	b := a.buf
-	if off := int(uintptr(unsafe.Pointer(unsafe.SliceData(b))) % PageSize); off != 0 {
-		b = b[PageSize-off:] // madvise wants a page-aligned start
-	}
-	b = b[:len(b)/PageSize*PageSize]
-	if len(b) >= PageSize && unix.Madvise(b[:PageSize], unix.MADV_POPULATE_WRITE) == nil {
-		return func() {
-			// In pieces: the call holds the process's memory map lock,
-			// and one call over a GiB would stall every mmap (the Go
-			// allocator's too) for about half a second.
-			const piece = 2 << 20
-			for i := 0; i < len(b); i += piece {
-				unix.Madvise(b[i:min(i+piece, len(b))], unix.MADV_POPULATE_WRITE)
-			}
-		}, true
+	if hostsys.CanPopulate(a.buf) {
+		return func() { hostsys.Populate(a.buf) }, true
 	}
 	return func() {
 		for i := 0; i < len(a.buf); i += PageSize {

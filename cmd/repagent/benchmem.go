@@ -5,8 +5,7 @@ package main
 import (
 	"fmt"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/repagent/repagent/internal/hostsys"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -20,13 +19,7 @@ const (
 
 // benchFreeRAM is the free RAM now (sysinfo's freeram: not counting the page
 // cache).
-func benchFreeRAM() (uint64, error) {
-	var si unix.Sysinfo_t
-	if err := unix.Sysinfo(&si); err != nil {
-		return 0, fmt.Errorf("sysinfo: %w", err)
-	}
-	return uint64(si.Freeram) * uint64(si.Unit), nil
-}
+func benchFreeRAM() (uint64, error) { return hostsys.FreeRAM() }
 
 // benchFits says why a measurement of a guest of mem bytes would not fit
 // in memory now, or "" if it fits.
