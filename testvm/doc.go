@@ -110,4 +110,12 @@
 // guest memory (WriteGuest, Go, and the devices' DMA: received frames, blocks
 // read, ring updates) reports the guest-physical range to the recorder set
 // with SetWriteRecorder; dirty tracking merges those ranges into its harvest.
+//
+// # As a replicated VM
+//
+// Machine implements replicate.VM (DirtySlots, DirtySource, Pause, Save,
+// Resume) and replicate.MemoryBacking (SlotFile: the memfd, whose holes,
+// memory the guest never touched, the initial sync sends unread). Pause
+// polls for the kicked vCPUs to park where the host has a CPU to spare
+// beyond one per vCPU, and sleeps on a condition variable otherwise.
 package testvm
