@@ -160,6 +160,78 @@ func TestBenchNetGoals(t *testing.T) {
 	}
 }
 
+// The pause goals: the 10k check's copy per page, one goroutine over the
+// default, and the moderate rate's p99 over p50, with the numbers in the line.
+func TestBenchPauseGoals(t *testing.T) {
+	verdict := func(ok bool) string {
+		if ok {
+			return "MET"
+		}
+		return "NOT MET"
+	}
+	for _, tc := range []struct {
+		name     string
+		copy     benchCopyCheck
+		wantMet  bool
+		wantText string
+	}{
+		{name: "faster", copy: benchCopyCheck{DefaultPageUS: 0.2, DefaultThreads: 2, OnePageUS: 0.3, Speedup: 1.5}, wantMet: true,
+			wantText: "pause copy per page at 10k dirty pages: default 0.200 µs (2.00 goroutines on average), one goroutine 0.300 µs = 1.50x (goal default >= 1.3x faster): MET"},
+		{name: "same", copy: benchCopyCheck{DefaultPageUS: 0.3, DefaultThreads: 1, OnePageUS: 0.3, Speedup: 1},
+			wantText: "pause copy per page at 10k dirty pages: default 0.300 µs (1.00 goroutines on average), one goroutine 0.300 µs = 1.00x (goal default >= 1.3x faster): NOT MET"},
+		{name: "no epochs", wantText: "pause copy per page at 10k dirty pages: not measured (no epochs) (goal default >= 1.3x faster): NOT MET"},
+	} {
+		if g := copyGoal(tc.copy, verdict); g.Met != tc.wantMet || g.Text != tc.wantText {
+			t.Errorf("copy, %s: got %+v\nwant met %v, %q", tc.name, g, tc.wantMet, tc.wantText)
+		}
+	}
+	for _, tc := range []struct {
+		name     string
+		tails    *benchTailsResult
+		wantMet  bool
+		wantText string
+	}{
+		{name: "under", tails: &benchTailsResult{Mode: &benchMode{Epochs: 30, PauseP50US: 1000, PauseP99US: 1800}, Ratio: 1.8}, wantMet: true,
+			wantText: "pause p99 at 20000/s over 64MiB, 100ms: 1.80 ms = 1.80x p50 1.00 ms (goal <= 2x p50): MET"},
+		{name: "over", tails: &benchTailsResult{Mode: &benchMode{Epochs: 30, PauseP50US: 1000, PauseP99US: 2500}, Ratio: 2.5},
+			wantText: "pause p99 at 20000/s over 64MiB, 100ms: 2.50 ms = 2.50x p50 1.00 ms (goal <= 2x p50): NOT MET"},
+		{name: "no epochs", tails: &benchTailsResult{Mode: &benchMode{}},
+			wantText: "pause p99 at 20000/s over 64MiB, 100ms: not measured (no epochs) (goal <= 2x p50): NOT MET"},
+	} {
+		if g := tailsGoal(tc.tails, verdict); g.Met != tc.wantMet || g.Text != tc.wantText {
+			t.Errorf("tails, %s: got %+v\nwant met %v, %q", tc.name, g, tc.wantMet, tc.wantText)
+		}
+	}
+}
+
+// The main job's shape's goals: hold p50 against interval/2 + pause p50 +
+// transfer p50 + 1 ms, and transfer p50 against 10% of the interval.
+func TestBenchJobShapeGoals(t *testing.T) {
+	verdict := func(ok bool) string {
+		if ok {
+			return "MET"
+		}
+		return "NOT MET"
+	}
+	nr := &benchNetResult{JobShape: []*benchEchoMode{{Mode: "none", RTTP50US: 200},
+		{Mode: "100ms", IntervalMS: 100, RTTP50US: 52000, BoundUS: 54000, benchGateWindow: benchGateWindow{HoldP50US: 51000}, HoldVsBound: 51000.0 / 54000, TransferShare: 0.02,
+			benchNetEpochs: benchNetEpochs{Epochs: 30, DirtyPages: 2000, PauseP50US: 1000, TransferP50US: 2000}},
+		{Mode: "10ms", IntervalMS: 10, RTTP50US: 12000, BoundUS: 8500, benchGateWindow: benchGateWindow{HoldP50US: 11000}, HoldVsBound: 11000.0 / 8500, TransferShare: 0.2,
+			benchNetEpochs: benchNetEpochs{Epochs: 300, DirtyPages: 900, PauseP50US: 500, TransferP50US: 2000}},
+	}}
+	want := []benchGoal{
+		{Met: true, Text: "main job's shape at 100ms: hold p50 51.00 ms (client rtt p50 52.00 ms) = 0.94x the prediction " +
+			"(goal <= 100ms/2 + pause p50 1.00 ms + transfer p50 2.00 ms + 1 ms = 54.00 ms): MET"},
+		{Met: true, Text: "main job's shape at 100ms: transfer p50 2.00 ms = 2.0% of the interval, 2000 dirty pages/epoch (goal <= 10%): MET"},
+		{Text: "main job's shape at 10ms: hold p50 11.00 ms (client rtt p50 12.00 ms) = 1.29x the prediction " +
+			"(goal <= 10ms/2 + pause p50 0.50 ms + transfer p50 2.00 ms + 1 ms = 8.50 ms): NOT MET"},
+		{Text: "main job's shape at 10ms: transfer p50 2.00 ms = 20.0% of the interval, 900 dirty pages/epoch (goal <= 10%): NOT MET"},
+	}
+	if got := jobShapeGoals(nr, verdict); !slices.Equal(got, want) {
+		t.Errorf("got\n%+v\nwant\n%+v", got, want)
+	}
+}
+
 // The failover's size goal judges what follows detection: the same at both
 // sizes (within 25% or 10 ms) and at most 60 ms; detection is only shown.
 func TestBenchFailoverSizeGoal(t *testing.T) {
@@ -244,7 +316,15 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^\| replicated 20ms +\| +\d+ \| +[\d.]+ µs \| +[\d.]+ µs \| +[\d.]+ µs \| +[\d.]+ \| +[\d.]+ \|$`,
 		`(?m)^engine CPU per page: primary [\d.]+ µs \([\d.]+x a plain copy of \d+ scattered pages, [\d.]+ µs\), backup [\d.]+ µs \([\d.]+x\)$`,
 		`(?m)^10k check: seq over 10000 pages, full speed, 300ms, 64MiB, 1 vCPU, \d+ epochs:$`,
-		`(?m)^\| dirty pages/epoch \| +pause p50 \| +pause p99 \| harvest\+save\+copy p50 \|`,
+		`(?m)^\| dirty pages/epoch \| +pause p50 \| +pause p99 \| kick\+harvest\+save\+copy p50 \| p99 / \(k\+h\+s\+c\) \|`,
+		`(?m)^10k check, the pause's copy: the engine's default copy goroutines against one \(copy threads 1\), the same guest and interval:$`,
+		`(?m)^\| copy +\| epochs \| dirty pages/epoch \| goroutines \(mean\) \| copy mean \| copy/page \| pause p50 \| pause p99 \|$`,
+		`(?m)^\| default +\| +\d+ \| +\d+ \| +[\d.]+ \| +\S+ \| +[\d.]+ µs \| +\S+ \| +\S+ \|$`,
+		`(?m)^\| one goroutine +\| +\d+ \| +\d+ \| +1\.00 \| +\S+ \| +[\d.]+ µs \| +\S+ \| +\S+ \|$`,
+		`(?m)^pause copy per page: default [\d.]+ µs, one goroutine [\d.]+ µs: one / default = [\d.]+x$`,
+		`(?m)^Pause tails at a moderate rate: the dirty workload at 20000/s, random over 16384 pages \(64MiB\), 1 vCPU, 128MiB, replicated at 100ms, \d+ epochs:$`,
+		`(?m)^\| dirty pages/epoch \| pause p50 \| pause p99 \| p99 / p50 \| pause max \|`,
+		`(?m)^\| \d+ +\| +\S+ \| +\S+ \| +[\d.]+ \| +\S+ \| +\S+ \| +\S+ \| +\S+ \| +\S+ \| +\S+ \| +\S+ \| +\S+ \| +\S+ \|$`,
 		`(?m)^Failover: primary process at rate 20000/s, interval 100ms, backup heartbeat timeout \S+:$`,
 		`(?m)^\| run \| +mem \| +signal \| epoch \| detect ms \| verify ms \| restore ms \| first write ms \| after detect ms \| total ms \|$`,
 		`(?m)^\| 1 +\| 32MiB \| +SIGKILL \| +\d+ \| +[\d.]+ \| +0\.0 \|`,
@@ -265,7 +345,10 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^  failover at 64MiB vs 32MiB: p50 \d+ ms / \d+ ms = [\d.]+x \(detection \d+ ms / \d+ ms\), after detection [\d.]+ ms / [\d.]+ ms = [\d.]+x ` +
 			`\(goal after detection: the same at both, within 25% or 10 ms, and <= 60 ms\): (MET|NOT MET)$`,
 		`(?m)^  time to protected, 64MiB guest: \S+ = [\d.]+x a plain copy of its memory over loopback TCP \(\S+\) \(goal <= 2x\): (MET|NOT MET)$`,
-		`(?m)^  pause p99 at 10k dirty pages \(\d+/epoch\): [\d.]+ ms = [\d.]+x harvest\+save\+copy \(goal <= 2x\): (MET|NOT MET)$`,
+		`(?m)^  pause p99 at 10k dirty pages \(\d+/epoch\): [\d.]+ ms = [\d.]+x kick\+harvest\+save\+copy \(goal <= 1\.5x\): (MET|NOT MET)$`,
+		`(?m)^  pause copy per page at 10k dirty pages: default [\d.]+ µs \([\d.]+ goroutines on average\), one goroutine [\d.]+ µs = [\d.]+x ` +
+			`\(goal default >= 1\.3x faster\): (MET|NOT MET)$`,
+		`(?m)^  pause p99 at 20000/s over 64MiB, 100ms: [\d.]+ ms = [\d.]+x p50 [\d.]+ ms \(goal <= 2x p50\): (MET|NOT MET)$`,
 		`(?m)^  guest at 100 ms, rate 20000/s: not measured \(100ms is not in --intervals\): NOT MET$`,
 		`(?m)^  failover at 32MiB: \d+ ms p50 \(goal <= 500 ms \+ heartbeat timeout \S+ = \d+ ms\): (MET|NOT MET)$`,
 		`(?m)^  failover of a frozen primary: timeout \S+ \+ -?\d+ ms \(goal <= 500 ms \+ the timeout\): (MET|NOT MET)$`,
@@ -285,6 +368,14 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^\| mode +\| requests \| answered \| rtt p50 \| rtt p99 \| added p50 \| epochs \| pause p50 \| transfer p50 \| ack p50 \| held \| hold p50 \| hold p99 \| goal bound \|$`,
 		`(?m)^\| none +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +- \| +- \|`,
 		`(?m)^\| replicated 20ms +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +\S+ \| +\d+ \| +\S+ \| +\S+ \| +\S+ \| +\d+ \|`,
+		`(?m)^Output commit with the main job's shape: the dirty workload at full speed \(random, stamp pages\) and udp-echo on vCPU 0, 1 vCPU, 256MiB, ` +
+			`200 requests/s for 300ms per mode; prediction = interval/2 \+ pause p50 \+ transfer p50 \+ 1 ms:$`,
+		`(?m)^\| mode +\| requests \| answered \| rtt p50 \| rtt p99 \| added p50 \| epochs \| dirty pages/epoch \| pause p50 \| transfer p50 \| ` +
+			`transfer/interval \| ack p50 \| held \| hold p50 \| prediction \| hold/prediction \|$`,
+		`(?m)^\| none +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +- \| +- \| +- \| +- \| +- \| +- \| +- \| +\d+ \| +- \| +- \| +- \|$`,
+		`(?m)^\| replicated 100ms +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +\S+ \| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +[\d.]+% \| +\S+ \| +\d+ \| +\S+ \| +\S+ \| +[\d.]+ \|$`,
+		`(?m)^\| replicated 20ms +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +\S+ \| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +[\d.]+% \| +\S+ \| +\d+ \| +\S+ \| +\S+ \| +[\d.]+ \|$`,
+		`(?m)^\| replicated 10ms +\| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +\S+ \| +\d+ \| +\d+ \| +\S+ \| +\S+ \| +[\d.]+% \| +\S+ \| +\d+ \| +\S+ \| +\S+ \| +[\d.]+ \|$`,
 		`(?m)^Held-frame throughput: udp-stream, 64-byte datagrams at up to 100000/s, 300ms per mode:$`,
 		`(?m)^\| mode +\| guest sent/s \| client frames/s \| vs none \| client lost \| +held \| released \| dropped \|`,
 		`(?m)^\| none +\| +\S+ \| +\S+ \| +1\.00 \| +\d+ \| +0 \|`,
@@ -292,6 +383,9 @@ func TestBenchSmoke(t *testing.T) {
 		`(?m)^held-frame throughput: \S+ frames/s replicated at 20ms, [\d.]+ of \S+ frames/s without replication$`,
 		`(?m)^  echo added latency at 20ms: p50 -?[\d.]+ ms \(rtt p50 [\d.]+ ms, [\d.]+ ms without replication\) ` +
 			`\(goal <= 20ms/2 \+ pause p50 [\d.]+ ms \+ transfer p50 [\d.]+ ms \+ 1 ms = [\d.]+ ms\): (MET|NOT MET)$`,
+		`(?m)^  main job's shape at 100ms: hold p50 [\d.]+ ms \(client rtt p50 [\d.]+ ms\) = [\d.]+x the prediction ` +
+			`\(goal <= 100ms/2 \+ pause p50 [\d.]+ ms \+ transfer p50 [\d.]+ ms \+ 1 ms = [\d.]+ ms\): (MET|NOT MET)$`,
+		`(?m)^  main job's shape at 10ms: transfer p50 [\d.]+ ms = [\d.]+% of the interval, \d+ dirty pages/epoch \(goal <= 10%\): (MET|NOT MET)$`,
 	} {
 		if !regexp.MustCompile(re).MatchString(out) {
 			t.Errorf("output lacks %s", re)
@@ -305,7 +399,7 @@ func TestBenchSmoke(t *testing.T) {
 	if err := json.Unmarshal(b, &res); err != nil {
 		t.Fatalf("--json file: %v\n%s", err, b)
 	}
-	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 5 || len(res.Goals) != 8 {
+	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 5 || len(res.Goals) != 16 {
 		t.Errorf("--json file: %s", b)
 	}
 	for _, m := range res.Rates[0].Modes {
@@ -318,6 +412,15 @@ func TestBenchSmoke(t *testing.T) {
 			m.CPUVsCopy != m.CPUPageUS/m.CopyPageUS || m.BackupVsCopy != m.BackupCPUPageUS/m.CopyPageUS {
 			t.Errorf("mode %s: CPU per page: %+v", m.Mode, m)
 		}
+	}
+	// The 10k check's copy, with the default copy goroutines and with one.
+	if c := res.Copy; res.Check10kOne == nil || c.DefaultEpochs == 0 || c.OneEpochs == 0 || c.DefaultPageUS <= 0 || c.OnePageUS <= 0 ||
+		c.OneThreads != 1 || c.DefaultThreads < 1 || c.Speedup != c.OnePageUS/c.DefaultPageUS {
+		t.Errorf("10k check, copy: %+v", c)
+	}
+	if tr := res.Tails; tr == nil || tr.Rate != 20000 || tr.WorkingSet != 16384 || tr.Mem != 128<<20 || tr.Mode == nil || tr.Mode.Epochs == 0 ||
+		tr.Mode.PauseP50US <= 0 || tr.Ratio != tr.Mode.PauseP99US/tr.Mode.PauseP50US || tr.Mode.Writes == 0 {
+		t.Errorf("pause tails: %+v", tr)
 	}
 	fo := res.Failover
 	for i, r := range fo.Runs {
@@ -392,6 +495,28 @@ func TestBenchSmoke(t *testing.T) {
 	}
 	if e := nr.Echo[0]; e.Held != 0 || e.Epochs != 0 {
 		t.Errorf("echo none: the gate held %d frames, %d epochs", e.Held, e.Epochs)
+	}
+	if nr.JobMem != 256<<20 || len(nr.JobShape) != 4 {
+		t.Fatalf("--json file: the main job's shape: %+v", nr.JobShape)
+	}
+	for i, e := range nr.JobShape {
+		if e.Mode != []string{"none", "100ms", "20ms", "10ms"}[i] || e.Sent == 0 || e.Answered == 0 || e.RTTP50US <= 0 {
+			t.Errorf("main job's shape %s: %+v", e.Mode, e)
+		}
+		if i == 0 {
+			if e.Held != 0 || e.Epochs != 0 {
+				t.Errorf("main job's shape, none: the gate held %d frames, %d epochs", e.Held, e.Epochs)
+			}
+			continue
+		}
+		// Not Held >= Answered: epochs at full speed grow past the interval,
+		// and answers still held when the window's drain gives up pass the
+		// gate once replication stops, unheld but answered.
+		if e.Epochs == 0 || e.DirtyPages <= 0 || e.PauseP50US <= 0 || e.TransferP50US <= 0 || e.Held == 0 || e.HoldP50US <= 0 ||
+			e.BoundUS <= e.IntervalMS*1e3/2 || e.HoldVsBound != e.HoldP50US/e.BoundUS || e.TransferShare != e.TransferP50US/(e.IntervalMS*1e3) ||
+			e.AddedP50US != e.RTTP50US-nr.JobShape[0].RTTP50US {
+			t.Errorf("main job's shape %s: %+v", e.Mode, e)
+		}
 	}
 	for i, s := range nr.Stream {
 		if s.Mode != []string{"none", "20ms"}[i] || s.GuestSent == 0 || s.Received == 0 || s.ClientRate <= 0 {

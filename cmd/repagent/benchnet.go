@@ -38,7 +38,14 @@ const (
 	streamBytes    = 64                     // UDP payload of each stream datagram
 	streamRcvBuf   = 4 << 20                // the stream client's socket buffer
 	goalNetExtra   = time.Millisecond       // the goal's allowance beyond interval/2 + pause + transfer
+	// goalTransferShare bounds the main job's shape's transfer p50, as a
+	// share of its interval.
+	goalTransferShare = 0.10
 )
+
+// jobShapeIntervals are the intervals of the echo mode with the main job's
+// shape (the main job's default, 100ms, first).
+var jobShapeIntervals = []time.Duration{100 * time.Millisecond, 20 * time.Millisecond, 10 * time.Millisecond}
 
 // benchNetResult is the network section's figures.
 type benchNetResult struct {
@@ -51,6 +58,10 @@ type benchNetResult struct {
 	// StreamRatio is the replicated stream's client frames/s over the
 	// unreplicated one's.
 	StreamRatio float64 `json:"stream_ratio"`
+	// JobShape is the echo with the main job's guest (jobShapeConfig, of
+	// JobMem bytes): without replication, then at each of jobShapeIntervals.
+	JobMem   uint64           `json:"job_shape_mem"`
+	JobShape []*benchEchoMode `json:"job_shape_echo"`
 }
 
 // benchGateWindow is what the output gate did in a window: counts from its
@@ -70,6 +81,7 @@ type benchGateWindow struct {
 type benchNetEpochs struct {
 	Track         string  `json:"dirty_track,omitempty"`
 	Epochs        uint64  `json:"epochs,omitempty"`
+	DirtyPages    float64 `json:"dirty_pages_mean,omitempty"`
 	PauseP50US    float64 `json:"pause_p50_us,omitempty"`
 	TransferP50US float64 `json:"transfer_p50_us,omitempty"`
 	AckP50US      float64 `json:"ack_p50_us,omitempty"`
@@ -90,6 +102,10 @@ type benchEchoMode struct {
 	AddedP50US float64 `json:"added_p50_us"` // rtt p50 minus none's
 	// BoundUS is the goal: interval/2 + pause p50 + transfer p50 + 1 ms.
 	BoundUS float64 `json:"goal_bound_us,omitempty"`
+	// HoldVsBound is the gate's hold p50 over BoundUS; TransferShare the
+	// transfer p50 over the interval.
+	HoldVsBound   float64 `json:"hold_p50_vs_bound,omitempty"`
+	TransferShare float64 `json:"transfer_p50_vs_interval,omitempty"`
 	benchNetEpochs
 	benchGateWindow
 }
@@ -128,6 +144,16 @@ func (b *benchRun) netGuestConfig(wl testvm.Workload) testvm.Config {
 	return testvm.Config{MemSize: b.netMem(), VCPUs: 1, Workload: wl, Net: n, Seed: 1}
 }
 
+// jobShapeConfig is the main job's guest (`repagent` with its defaults but
+// its disk, which the dirty workload does not write): the dirty workload at
+// full speed (random pattern, stamp pages) on 1 vCPU of testvm.DefaultMemSize,
+// whose vCPU 0 also answers udp-echo between page writes.
+func jobShapeConfig() testvm.Config {
+	mac, _ := net.ParseMAC(defaultGuestMAC)
+	n := &testvm.NetConfig{MAC: mac, IP: netip.MustParseAddr(defaultGuestIP), Port: testvm.DefaultNetPort, Service: testvm.UDPEcho}
+	return testvm.Config{MemSize: testvm.DefaultMemSize, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, Net: n, Seed: 1}
+}
+
 // benchNet measures the network section in a lab made for it, removed
 // after it, also on an error or an interrupt.
 func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) {
@@ -142,20 +168,39 @@ func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) 
 	}()
 	res := &benchNetResult{EchoRate: b.echoRate, MemSize: b.netMem(), StreamRate: b.streamRate, StreamBytes: streamBytes}
 
+	echo := b.netGuestConfig(testvm.UDPEcho)
 	b.progressf("network: udp-echo, no replication")
-	none, err := b.measureEcho(ctx, l, 0)
+	none, err := b.measureEcho(ctx, l, echo, 0)
 	if err != nil {
 		return nil, fmt.Errorf("udp-echo, no replication: %w", err)
 	}
 	res.Echo = append(res.Echo, none)
 	for _, iv := range b.intervals {
 		b.progressf("network: udp-echo, replicated at %v", iv)
-		e, err := b.measureEcho(ctx, l, iv)
+		e, err := b.measureEcho(ctx, l, echo, iv)
 		if err != nil {
 			return nil, fmt.Errorf("udp-echo, replicated at %v: %w", iv, err)
 		}
 		e.AddedP50US = e.RTTP50US - none.RTTP50US
 		res.Echo = append(res.Echo, e)
+	}
+
+	job := jobShapeConfig()
+	res.JobMem = job.MemSize
+	for _, iv := range append([]time.Duration{0}, jobShapeIntervals...) {
+		name := "no replication"
+		if iv != 0 {
+			name = "replicated at " + iv.String()
+		}
+		b.progressf("network: the main job's shape (dirty at full speed + udp-echo), %s", name)
+		e, err := b.measureEcho(ctx, l, job, iv)
+		if err != nil {
+			return nil, fmt.Errorf("the main job's shape, %s: %w", name, err)
+		}
+		if iv != 0 {
+			e.AddedP50US = e.RTTP50US - res.JobShape[0].RTTP50US
+		}
+		res.JobShape = append(res.JobShape, e)
 	}
 
 	for _, iv := range []time.Duration{0, streamInterval} {
@@ -190,12 +235,13 @@ type benchNetVM struct {
 	epochs []ebpf.EpochStats // every epoch the gate ended
 }
 
-// netBoot resolves the dirty tracking of a wl guest to be replicated at
-// interval (which sizes its dirty ring; none for 0), opens the lab's tap and
-// puts a gate on it (in the lab's lan namespace), then builds and starts a VM
-// on the tap and waits for its guest.
-func (b *benchRun) netBoot(ctx context.Context, l *lab, wl testvm.Workload, interval time.Duration) (_ *benchNetVM, err error) {
-	v := &benchNetVM{cfg: b.netGuestConfig(wl)}
+// netBoot resolves the dirty tracking of a guest of cfg (which must have
+// Net) to be replicated at interval (which sizes its dirty ring; none for
+// 0), opens the lab's tap and puts a gate on it (in the lab's lan
+// namespace), then builds and starts a VM on the tap and waits for its
+// guest.
+func (b *benchRun) netBoot(ctx context.Context, l *lab, cfg testvm.Config, interval time.Duration) (_ *benchNetVM, err error) {
+	v := &benchNetVM{cfg: cfg}
 	if interval != 0 {
 		if v.cfg, v.mech, err = b.resolveTrack(v.cfg, interval); err != nil {
 			return nil, err
@@ -217,10 +263,10 @@ func (b *benchRun) netBoot(ctx context.Context, l *lab, wl testvm.Workload, inte
 	if err != nil {
 		return nil, fmt.Errorf("output gate on %s: %w", l.tap, err)
 	}
-	cfg := v.cfg
+	cfg = v.cfg
 	cfg.Tap = v.tap
 	if v.m, v.ready, err = benchBoot(ctx, cfg); err != nil {
-		return nil, fmt.Errorf("start the %s guest: %w", wl, err)
+		return nil, fmt.Errorf("start the %s guest: %w", cfg.Workload, err)
 	}
 	return v, nil
 }
@@ -284,7 +330,7 @@ func netEpochs(r *benchMode) (benchNetEpochs, []replicate.EpochStats) {
 	if r == nil {
 		return benchNetEpochs{}, nil
 	}
-	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US, Warning: r.Warning}
+	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, DirtyPages: r.DirtyPages, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US, Warning: r.Warning}
 	var tr hist
 	for _, s := range r.epochs {
 		tr.add(s.Transfer)
@@ -326,10 +372,11 @@ func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Dura
 	return r, nil
 }
 
-// measureEcho measures the round trips of a client of the udp-echo guest:
-// without replication when interval is 0, else replicated at interval.
-func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Duration) (*benchEchoMode, error) {
-	v, err := b.netBoot(ctx, l, testvm.UDPEcho, interval)
+// measureEcho measures the round trips of a client of a guest of cfg that
+// answers udp-echo (its workload or its service): without replication when
+// interval is 0, else replicated at interval.
+func (b *benchRun) measureEcho(ctx context.Context, l *lab, cfg testvm.Config, interval time.Duration) (*benchEchoMode, error) {
+	v, err := b.netBoot(ctx, l, cfg, interval)
 	if err != nil {
 		return nil, err
 	}
@@ -396,6 +443,8 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, interval time.Durati
 		// only interval × --echo-rate of them).
 		e.HoldP50US, e.HoldP99US = benchUS(s1.Latency.P50), benchUS(s1.Latency.P99)
 		e.BoundUS = benchUS(interval/2+goalNetExtra) + e.PauseP50US + e.TransferP50US
+		e.HoldVsBound = benchRatio(e.HoldP50US, e.BoundUS)
+		e.TransferShare = benchRatio(e.TransferP50US, benchUS(interval))
 	}
 	return e, nil
 }
@@ -477,7 +526,7 @@ func (c *streamSink) close() {
 // guest receives: without replication when interval is 0, else replicated
 // at interval, every frame held and then released.
 func (b *benchRun) measureStream(ctx context.Context, l *lab, interval time.Duration) (*benchNetStream, error) {
-	v, err := b.netBoot(ctx, l, testvm.UDPStream, interval)
+	v, err := b.netBoot(ctx, l, b.netGuestConfig(testvm.UDPStream), interval)
 	if err != nil {
 		return nil, err
 	}
@@ -532,6 +581,27 @@ func netGoals(nr *benchNetResult, verdict func(bool) string) []benchGoal {
 			"echo added latency at %s: p50 %.2f ms (rtt p50 %.2f ms, %.2f ms without replication) (goal <= %s/2 + pause p50 %.2f ms + transfer p50 %.2f ms + 1 ms = %.2f ms): %s",
 			e.Mode, e.AddedP50US/1e3, e.RTTP50US/1e3, nr.Echo[0].RTTP50US/1e3, e.Mode, e.PauseP50US/1e3, e.TransferP50US/1e3, e.BoundUS/1e3, verdict(ok))})
 	}
+	return append(out, jobShapeGoals(nr, verdict)...)
+}
+
+// jobShapeGoals compares each interval of the main job's shape with its
+// goals: the gate's hold p50 at most interval/2 + pause p50 + transfer p50 +
+// 1 ms, and the transfer p50 at most goalTransferShare of the interval.
+func jobShapeGoals(nr *benchNetResult, verdict func(bool) string) []benchGoal {
+	var out []benchGoal
+	for _, e := range nr.JobShape {
+		if e.Mode == "none" {
+			continue
+		}
+		ok := e.Epochs > 0 && e.HoldP50US > 0 && e.HoldP50US <= e.BoundUS
+		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf(
+			"main job's shape at %s: hold p50 %.2f ms (client rtt p50 %.2f ms) = %.2fx the prediction (goal <= %s/2 + pause p50 %.2f ms + transfer p50 %.2f ms + 1 ms = %.2f ms): %s",
+			e.Mode, e.HoldP50US/1e3, e.RTTP50US/1e3, e.HoldVsBound, e.Mode, e.PauseP50US/1e3, e.TransferP50US/1e3, e.BoundUS/1e3, verdict(ok))})
+		ok = e.Epochs > 0 && e.TransferShare <= goalTransferShare
+		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf(
+			"main job's shape at %s: transfer p50 %.2f ms = %.1f%% of the interval, %.0f dirty pages/epoch (goal <= %.0f%%): %s",
+			e.Mode, e.TransferP50US/1e3, 100*e.TransferShare, e.DirtyPages, 100*goalTransferShare, verdict(ok))})
+	}
 	return out
 }
 
@@ -558,6 +628,8 @@ func benchPrintNet(w io.Writer, nr *benchNetResult, modeTime time.Duration) {
 			fmt.Fprintf(w, "\nwarning: echo %s: %s\n", e.Mode, e.Warning)
 		}
 	}
+
+	benchPrintJobShape(w, nr, modeTime)
 
 	fmt.Fprintf(w, "\nHeld-frame throughput: udp-stream, %d-byte datagrams at up to %d/s, %v per mode:\n\n",
 		nr.StreamBytes, nr.StreamRate, modeTime)
@@ -597,4 +669,33 @@ func benchSignedDur(us float64) string {
 		return "-" + benchDur(-us)
 	}
 	return benchDur(us)
+}
+
+// benchPrintJobShape prints the echo with the main job's shape.
+func benchPrintJobShape(w io.Writer, nr *benchNetResult, modeTime time.Duration) {
+	if len(nr.JobShape) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "\nOutput commit with the main job's shape: the dirty workload at full speed (random, stamp pages) and udp-echo on vCPU 0, "+
+		"1 vCPU, %s, %d requests/s for %v per mode; prediction = interval/2 + pause p50 + transfer p50 + 1 ms:\n\n",
+		testvm.FormatSize(nr.JobMem), nr.EchoRate, modeTime)
+	var rows [][]string
+	for _, e := range nr.JobShape {
+		row := []string{benchNetModeName(e.Mode), strconv.FormatUint(e.Sent, 10), strconv.FormatUint(e.Answered, 10),
+			benchDur(e.RTTP50US), benchDur(e.RTTP99US)}
+		if e.Mode == "none" {
+			rows = append(rows, append(row, "-", "-", "-", "-", "-", "-", "-", strconv.FormatUint(e.Held, 10), "-", "-", "-"))
+			continue
+		}
+		rows = append(rows, append(row, benchSignedDur(e.AddedP50US), strconv.FormatUint(e.Epochs, 10), fmt.Sprintf("%.0f", e.DirtyPages),
+			benchDur(e.PauseP50US), benchDur(e.TransferP50US), fmt.Sprintf("%.1f%%", 100*e.TransferShare), benchDur(e.AckP50US),
+			strconv.FormatUint(e.Held, 10), benchDur(e.HoldP50US), benchDur(e.BoundUS), fmt.Sprintf("%.2f", e.HoldVsBound)))
+	}
+	benchTable(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "dirty pages/epoch", "pause p50",
+		"transfer p50", "transfer/interval", "ack p50", "held", "hold p50", "prediction", "hold/prediction"}, rows)
+	for _, e := range nr.JobShape {
+		if e.Warning != "" {
+			fmt.Fprintf(w, "\nwarning: main job's shape %s: %s\n", e.Mode, e.Warning)
+		}
+	}
 }
