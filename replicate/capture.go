@@ -2,7 +2,8 @@ package replicate
 
 import (
 	"fmt"
-	"sync"
+	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/repagent/repagent/internal/cpuclock"
@@ -128,32 +129,38 @@ func lap(t time.Time) (time.Duration, time.Time) {
 	return now.Sub(t), now
 }
 
-// copier copies a checkpoint's dirty pages into staging during its pause:
-// on the pausing goroutine and, when that measurably pays, on helper
-// goroutines too. The vCPUs are stopped, so their CPUs are free, and one
-// goroutine may not use all of the memory bandwidth; but whether a second
-// goroutine finds a free CPU depends on the host (with the backup in the
-// same process, its goroutines often hold the other CPU), so the copier
-// does not assume it. It keeps, for each number of sharers k, a moving
-// average of the whole copy's wall time per page with k, and uses the
-// cheapest; every copyExplore-th large copy it tries another k, so the
-// averages follow the host. Epochs under copyMinPages pages are copied by
-// the pausing goroutine alone: waking a helper costs tens of µs.
+// copier copies a checkpoint's dirty pages into staging during its pause,
+// on the pausing goroutine and on helper goroutines that join if they get
+// a CPU in time. The vCPUs are stopped, so their CPUs are free, and one
+// goroutine may not use all of the memory bandwidth; but whether a helper
+// finds a free CPU soon depends on the host (with the backup in the same
+// process, its goroutines often hold the other one, and a helper can wake
+// milliseconds late). So the work is not divided up front: the pages go in
+// chunks of copyChunk, which every copier claims in turn from a shared
+// counter. The pausing goroutine copies from the first chunk on and never
+// waits for a helper to start; at the end it waits only for the chunks a
+// helper has claimed and is still copying, at most one per helper. A
+// helper that wakes after the last claim finds nothing to do. Copies under
+// copyMinPages are not offered to helpers: waking one costs more than it
+// can save.
 type copier struct {
 	p       *Primary
 	helpers int
-	tasks   chan copyTask
-	wg      sync.WaitGroup
-	// perPage[k-1] is the moving average, in ns, of a copy's wall time per
-	// page with k sharers (0: not measured yet). Only the pausing goroutine
-	// (and calibrateCopy, before it runs) uses it.
-	perPage [MaxCopyThreads]float64
-	copies  int // large copies so far
+	tasks   chan *copyWork
+	// perPage is the moving average, in ns, of a large copy's wall time
+	// per page, and single the same for copies done by the pausing
+	// goroutine alone (0: not measured yet), for the sync's estimate. Only
+	// the pausing goroutine (and calibrateCopy, before it runs) uses them.
+	perPage, single float64
 }
 
-type copyTask struct {
-	job      *epochJob
-	from, to int
+// copyWork is one pause's copy, shared by its copiers.
+type copyWork struct {
+	job    *epochJob
+	n      int
+	next   atomic.Int64 // the next chunk to claim
+	copied atomic.Int64 // pages copied
+	joined atomic.Int32 // helpers that copied at least one chunk
 }
 
 // MaxCopyThreads is the most goroutines Config.CopyThreads may ask for.
@@ -161,16 +168,16 @@ const MaxCopyThreads = copyMaxHelpers + 1
 
 const (
 	copyPerPageGuess = 1000  // ns, until measured
-	copyMinPages     = 1024  // pages: smaller copies use no helper
+	copyMinPages     = 1024  // pages: smaller copies are not offered to helpers
+	copyChunk        = 64    // pages a copier claims at a time
 	copyAvgWeight    = 0.125 // weight of a new sample in the averages
-	copyExplore      = 16    // every so many large copies, try another sharer count
 	copyMaxHelpers   = 3     // beyond the pausing goroutine
 )
 
 // newCopier starts helpers helper goroutines (0: copy on the pausing
 // goroutine only).
 func newCopier(p *Primary, helpers int) *copier {
-	c := &copier{p: p, helpers: helpers, tasks: make(chan copyTask, helpers)}
+	c := &copier{p: p, helpers: helpers, tasks: make(chan *copyWork, helpers)}
 	for range helpers {
 		go c.helper()
 	}
@@ -182,91 +189,92 @@ func (c *copier) stop() { close(c.tasks) }
 
 func (c *copier) helper() {
 	var m cpuclock.Meter
-	for t := range c.tasks {
+	for w := range c.tasks {
 		m.Start()
-		c.copyRange(t.job, t.from, t.to)
-		t.job.cpu.Add(int64(m.Stop()))
-		c.wg.Done()
+		if c.claim(w) > 0 {
+			w.joined.Add(1)
+		}
+		w.job.cpu.Add(int64(m.Stop()))
+	}
+}
+
+// claim copies chunks of w until none is left and returns how many pages
+// it copied.
+func (c *copier) claim(w *copyWork) int {
+	done := 0
+	for {
+		from := int(w.next.Add(1)-1) * copyChunk
+		if from >= w.n {
+			return done
+		}
+		to := min(from+copyChunk, w.n)
+		c.copyRange(w.job, from, to)
+		w.copied.Add(int64(to - from))
+		done += to - from
 	}
 }
 
 // copy copies job's pages into its staging and returns how many goroutines
-// did it. m, the pause's meter, is stopped while the pause waits for helpers.
+// took part. m, the pause's meter, is stopped while the pause waits for a
+// helper's last chunk.
 func (c *copier) copy(job *epochJob, m *cpuclock.Meter) int {
 	n := len(job.gpas)
-	k := c.sharers(n)
-	share := (n + k - 1) / k
-	t0 := time.Now()
-	for h := 1; h < k; h++ {
-		c.wg.Add(1)
-		c.tasks <- copyTask{job: job, from: h * share, to: min(n, (h+1)*share)}
+	w := &copyWork{job: job, n: n}
+	offered := 0
+	if n >= copyMinPages {
+		for range c.helpers {
+			select {
+			case c.tasks <- w:
+				offered++
+			default: // a helper still busy with an earlier pause's leftovers
+			}
+		}
 	}
-	c.copyRange(job, 0, min(n, share))
-	if k > 1 {
+	t0 := time.Now()
+	c.claim(w)
+	if w.copied.Load() < int64(n) {
+		// A helper is finishing its last chunk (tens of µs), unless the
+		// host took its CPU away meanwhile.
 		m.Stop()
-		c.wg.Wait()
+		for t := time.Now(); w.copied.Load() < int64(n); {
+			if time.Since(t) < 50*time.Microsecond {
+				runtime.Gosched()
+			} else {
+				time.Sleep(20 * time.Microsecond)
+			}
+		}
 		m.Start()
 	}
+	k := 1 + int(w.joined.Load())
 	if n >= copyMinPages {
-		c.record(k, float64(time.Since(t0).Nanoseconds())/float64(n))
+		ns := float64(time.Since(t0).Nanoseconds()) / float64(n)
+		c.perPage = avg(c.perPage, ns)
+		if k == 1 {
+			c.single = avg(c.single, ns)
+		}
 	}
 	return k
 }
 
-func (c *copier) record(k int, ns float64) {
-	if avg := &c.perPage[k-1]; *avg == 0 {
-		*avg = ns
-	} else {
-		*avg += copyAvgWeight * (ns - *avg)
+func avg(old, sample float64) float64 {
+	if old == 0 {
+		return sample
 	}
-}
-
-// sharers is how many goroutines should copy n pages: 1 for a small copy,
-// else the count whose copies have been cheapest per page, trying each
-// count not measured yet first and another one every copyExplore copies.
-func (c *copier) sharers(n int) int {
-	kmax := min(c.helpers+1, n/copyMinShare)
-	if n < copyMinPages || kmax <= 1 {
-		return 1
-	}
-	c.copies++
-	best := 1
-	for k := 1; k <= kmax; k++ {
-		switch {
-		case c.perPage[k-1] == 0:
-			return k
-		case c.perPage[k-1] < c.perPage[best-1]:
-			best = k
-		}
-	}
-	if c.copies%copyExplore == 0 {
-		return best%kmax + 1 // the next count round the ring
-	}
-	return best
+	return old + copyAvgWeight*(sample-old)
 }
 
 // estimate is how long copying n pages would take, from the measured costs
 // (copyPerPageGuess before any).
 func (c *copier) estimate(n int) time.Duration {
-	ns := 0.0
-	if n >= copyMinPages {
-		for k := 1; k <= min(c.helpers+1, n/copyMinShare); k++ {
-			if x := c.perPage[k-1]; x > 0 && (ns == 0 || x < ns) {
-				ns = x
-			}
-		}
-	}
-	if ns == 0 {
-		ns = c.perPage[0]
+	ns := c.perPage
+	if n < copyMinPages || ns == 0 {
+		ns = c.single
 	}
 	if ns == 0 {
 		ns = copyPerPageGuess
 	}
 	return time.Duration(float64(n) * ns)
 }
-
-// copyMinShare is the fewest pages a helper is given.
-const copyMinShare = 64
 
 // copyRange copies pages [from, to) of job from guest memory into staging.
 func (c *copier) copyRange(job *epochJob, from, to int) {

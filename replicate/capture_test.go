@@ -1,49 +1,61 @@
 package replicate
 
-import "testing"
+import (
+	"bytes"
+	"testing"
 
-// The copier measures before it chooses: each sharer count once, then the
-// cheapest, with another one tried every copyExplore copies; small copies
-// stay on one goroutine.
-func TestCopierSharers(t *testing.T) {
-	c := &copier{helpers: 1}
-	if k := c.sharers(copyMinPages - 1); k != 1 {
-		t.Fatalf("a copy of %d pages got %d sharers", copyMinPages-1, k)
-	}
-	n := 4 * copyMinPages
-	if k := c.sharers(n); k != 1 {
-		t.Fatalf("first large copy: %d sharers, want 1 (unmeasured, first)", k)
-	}
-	c.record(1, 500)
-	if k := c.sharers(n); k != 2 {
-		t.Fatalf("with 1 measured: %d sharers, want 2 (unmeasured)", k)
-	}
-	c.record(2, 700) // two goroutines measured slower on this host
-	ones, twos := 0, 0
-	for range 4 * copyExplore {
-		switch c.sharers(n) {
-		case 1:
-			ones++
-		case 2:
-			twos++
-		}
-	}
-	if twos != 4 || ones != 4*copyExplore-4 {
-		t.Fatalf("1 cheaper: %d copies on 1, %d on 2; want 2 tried once every %d", ones, twos, copyExplore)
-	}
-	for range 20 {
-		c.record(2, 300) // the host changed: two pay now
-	}
-	twos = 0
-	for range copyExplore {
-		if c.sharers(n) == 2 {
-			twos++
-		}
-	}
-	if twos != copyExplore-1 {
-		t.Fatalf("2 cheaper: %d of %d copies on 2", twos, copyExplore)
-	}
-	if e := c.estimate(n); e.Nanoseconds() > int64(n)*400 {
-		t.Fatalf("estimate %v for %d pages at about 300 ns each", e, n)
+	"github.com/repagent/repagent/internal/cpuclock"
+)
+
+// The pause's copy is exact whoever takes part: with helpers that join, and
+// with helpers that never get to run (their channel full, as when they are
+// descheduled), in which case the pausing goroutine copies it all alone
+// instead of waiting.
+func TestCopierChunks(t *testing.T) {
+	const pages = 5000
+	mem := pageContents("stamp", pages, 1)
+	for _, tc := range []struct {
+		name    string
+		helpers int
+		run     bool
+	}{{"alone", 0, false}, {"helpers", 3, true}, {"helpers asleep", 2, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := testPrimary(mem, CompressNever)
+			c := &copier{p: p, helpers: tc.helpers, tasks: make(chan *copyWork, tc.helpers)}
+			if tc.run {
+				for range tc.helpers {
+					go c.helper()
+				}
+				defer c.stop()
+			}
+			var m cpuclock.Meter
+			for round := range 20 {
+				gpas := someGPAs(pages, 3000+round*50, uint64(round))
+				job := &epochJob{gpas: gpas, start: p.stage.alloc(uint64(len(gpas))), staged: true}
+				m.Start()
+				k := c.copy(job, &m)
+				m.Stop()
+				if k < 1 || k > tc.helpers+1 || (!tc.run && k != 1) {
+					t.Fatalf("round %d: %d copiers with %d helpers (running %v)", round, k, tc.helpers, tc.run)
+				}
+				for i, g := range gpas {
+					if !bytes.Equal(p.stage.page(job.start, uint64(i)), mem[g:g+PageSize]) {
+						t.Fatalf("round %d: staged page %d (GPA %#x) is not the guest's", round, i, g)
+					}
+				}
+				p.stage.free(uint64(len(gpas)))
+				if !tc.run {
+					for len(c.tasks) > 0 { // what sleeping helpers would find: nothing left
+						w := <-c.tasks
+						if c.claim(w) != 0 {
+							t.Fatalf("round %d: a late helper found pages to copy", round)
+						}
+					}
+				}
+			}
+			if c.perPage <= 0 || c.estimate(4000) <= 0 {
+				t.Fatalf("no cost measured: perPage %v", c.perPage)
+			}
+		})
 	}
 }

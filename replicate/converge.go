@@ -145,8 +145,8 @@ func (p *Primary) calibrateCopy() {
 		}
 		t0 := time.Now()
 		p.copier.copyRange(part, 0, len(part.gpas))
-		if pass == 1 && p.copier.perPage[0] == 0 {
-			p.copier.perPage[0] = float64(time.Since(t0).Nanoseconds()) / float64(len(part.gpas))
+		if pass == 1 && p.copier.single == 0 {
+			p.copier.single = float64(time.Since(t0).Nanoseconds()) / float64(len(part.gpas))
 		}
 	}
 	p.stage.free(n)
