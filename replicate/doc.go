@@ -24,8 +24,8 @@
 //  4. Open epoch N+1 on every OutputGate (and the disk mirror): output from
 //     now on is N+1's.
 //  5. Copy the dirty pages into staging (eager snapshot), on the pausing
-//     goroutine and, when the epoch is large enough to pay for waking them,
-//     up to Config.CopyThreads-1 helpers (capture.go).
+//     goroutine and on up to Config.CopyThreads-1 helpers, which take
+//     chunks of it if they get a CPU in time (capture.go).
 //  6. Resume the vCPUs. Steps 1-6 are the pause the guest sees.
 //  7. While the guest runs, in Config.Workers goroutines (sender.go): find
 //     zero pages by a word scan, CRC32C each page once, LZ4 it where the

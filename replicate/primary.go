@@ -62,8 +62,9 @@ type Config struct {
 	// CompressAuto: where it has been paying).
 	Compress Compression
 	// CopyThreads bounds the goroutines that copy an epoch's pages into
-	// staging during its pause; 0 means one per CPU, at most 4. With more
-	// than 1, the engine uses as many as pay for waking them (capture.go).
+	// staging during its pause; 0 means one per CPU, at most 4. Helpers
+	// beyond the pausing goroutine take chunks of the copy if they get a
+	// CPU in time; the pause never waits for one to start (capture.go).
 	CopyThreads int
 	// StagingBytes bounds the memory holding captured pages not yet sent.
 	// 0 means the guest memory size, capped at 1 GiB. An epoch whose pages do
