@@ -18,6 +18,9 @@
 //   - VCPU: the kvm_run mapping, Run, immediate_exit (the race-free kick),
 //     decoded exits (Exit), get/set of every piece of vCPU state, the dirty ring
 //     mapping.
+//   - VMFromFD and VM.VCPUFromFD: wrappers of the fds of a VM and its vCPUs
+//     that another VMM made, so that it can use dirtylog's tracker; they hold
+//     duplicates and leave the VMM's own fds alone.
 //   - VCPUState and VMState: a complete checkpoint of a vCPU and of the VM's
 //     in-kernel devices, saved and restored in the order KVM requires, with a
 //     bounded, checked binary encoding.

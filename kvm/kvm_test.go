@@ -3,6 +3,7 @@ package kvm_test
 import (
 	"bytes"
 	"errors"
+	"os"
 	"testing"
 
 	"github.com/repagent/repagent/internal/privileged"
@@ -247,5 +248,55 @@ func TestDecodeRejectsTruncated(t *testing.T) {
 		if _, err := d.Decode(enc[:n]); !errors.Is(err, kvm.ErrShortState) {
 			t.Errorf("Decode(%d of %d bytes) = %v, want ErrShortState", n, len(enc), err)
 		}
+	}
+}
+
+// A VM and a vCPU another VMM made can be wrapped by their fds: the
+// wrappers work on the same VM, and closing them leaves the VMM's own fds
+// working. Files that are not a VM or a vCPU are refused.
+func TestFromFD(t *testing.T) {
+	sys := openSystem(t)
+	vm, c := newVM(t, sys)
+	fvm, err := kvm.VMFromFD(sys, vm.FD())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fvm.CheckExtension(kvm.KVM_CAP_USER_MEMORY) != vm.CheckExtension(kvm.KVM_CAP_USER_MEMORY) {
+		t.Fatal("the wrapped VM answers differently from the VMM's")
+	}
+	fc, err := fvm.VCPUFromFD(c.FD(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want, got kvm.Regs
+	want.RIP = 0x1234
+	if err := c.SetRegs(&want); err != nil {
+		t.Fatal(err)
+	}
+	if err := fc.GetRegs(&got); err != nil || got.RIP != want.RIP {
+		t.Fatalf("wrapped vCPU reads RIP %#x (%v), the VMM set %#x", got.RIP, err, want.RIP)
+	}
+	if err := fc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := fvm.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.GetRegs(&got); err != nil || got.RIP != want.RIP {
+		t.Fatalf("the VMM's vCPU after the wrapper closed: RIP %#x, %v", got.RIP, err)
+	}
+	if _, err := kvm.VMFromFD(sys, c.FD()); err == nil {
+		t.Fatal("a vCPU fd was taken for a VM")
+	}
+	if _, err := vm.VCPUFromFD(vm.FD(), 0); err == nil {
+		t.Fatal("a VM fd was taken for a vCPU")
+	}
+	f, err := os.CreateTemp(t.TempDir(), "notkvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := kvm.VMFromFD(sys, int(f.Fd())); err == nil {
+		t.Fatal("a regular file was taken for a VM")
 	}
 }
