@@ -38,6 +38,15 @@ const (
 // released. A session the backup refuses at hello is a plain error.
 var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
 
+// RefusedError is a backup's refusal of a session, with the reason it gave
+// (its VM shape, version, disk or memory limit). Run returns it (errors.As)
+// when the backup rejects the hello or the disk set-up.
+type RefusedError struct {
+	Reason string
+}
+
+func (e *RefusedError) Error() string { return "backup refused the session: " + e.Reason }
+
 // Hook points for Config.Hook.
 const (
 	HookSync  = "sync"  // a pre-copy round's first batch is on the wire
@@ -447,7 +456,7 @@ func (p *Primary) handshake() ([]diskmirror.Hash, error) {
 			if err != nil {
 				return nil, err
 			}
-			return nil, fmt.Errorf("backup refused the session: %s", reason)
+			return nil, &RefusedError{Reason: reason}
 		case h.Type == MsgWelcome && !welcomed:
 			if _, err := decodeWelcome(payload); err != nil {
 				return nil, err

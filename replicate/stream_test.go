@@ -600,3 +600,26 @@ func tcpPair(t *testing.T) (net.Conn, net.Conn) {
 	t.Cleanup(func() { a.Close(); b.Close() })
 	return a, b
 }
+
+// A backup's refusal reaches Run's caller as a RefusedError with the
+// backup's reason.
+func TestRefusedIsTyped(t *testing.T) {
+	shape := replicate.Shape{MemSize: 64 << 20, VCPUs: 1, Regions: []replicate.Region{{GPA: 0, Size: 64 << 20}}}
+	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: func(uint64) (*os.File, error) { return nil, errors.New("unused") },
+		Resume: func(*replicate.Checkpoint) error { return nil }, Expect: &shape, Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, bc := tcpPair(t)
+	go b.Handle(context.Background(), bc)
+	vm := newToyVM(32 << 20)
+	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 20 * time.Millisecond, Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Run(context.Background(), pc)
+	var refused *replicate.RefusedError
+	if !errors.As(err, &refused) || !strings.Contains(refused.Reason, "VM shape mismatch") {
+		t.Fatalf("Run: %v; want a RefusedError saying the shape does not match", err)
+	}
+}

@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strings"
+
+	"github.com/repagent/repagent/replicate"
 )
 
 const primaryUsage = `Usage: repagent primary --backup HOST:PORT [flags]
@@ -81,8 +84,8 @@ func (o *primaryOptions) run(ctx context.Context, stopSignals func(), stdout, st
 // diskHint adds to a backup's refusal that is about the disk what the user
 // can do about it, in terms of flags: the engine names its own API.
 func (r *replicator) diskHint(err error) error {
-	msg := err.Error()
-	if !strings.Contains(msg, "backup refused the session") || !strings.Contains(msg, "disk") {
+	var refused *replicate.RefusedError
+	if !errors.As(err, &refused) || !strings.Contains(refused.Reason, "disk") {
 		return err
 	}
 	if r.mirror != nil {
