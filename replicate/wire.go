@@ -379,7 +379,8 @@ const (
 // the page), and they are the pages' CRCs in the memory digest: each side
 // reads each page's bytes for a CRC once. Data after the entries lets a run
 // of raw pages go out of the primary's staging as one piece of a vectored
-// write and into the replica with one write.
+// write, and the backup read a message straight into its staging and copy
+// each raw page from there into the replica.
 type pageEntry struct {
 	GPA  uint64
 	CRC  uint32
