@@ -18,6 +18,7 @@ import (
 
 	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/cpuclock"
+	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/internal/hostsys"
 )
 
@@ -36,9 +37,6 @@ var (
 
 // errPrimaryLost marks a session that ended because the primary went away.
 var errPrimaryLost = errors.New("primary lost")
-
-// HookApply is the backup's hook point: half of an epoch's pages are applied.
-const HookApply = "apply"
 
 // BackupConfig configures a Backup.
 type BackupConfig struct {
@@ -79,8 +77,6 @@ type BackupConfig struct {
 	VerifyReplica bool
 	// OnEpoch is told of every checkpoint applied.
 	OnEpoch func(epoch uint64, pages int, digest uint64)
-	// Hook, when set, is called at HookApply (fault injection for tests).
-	Hook func(point string, epoch uint64)
 	// Log receives the backup's messages; nil means slog.Default().
 	Log *slog.Logger
 }
@@ -944,12 +940,12 @@ func (s *session) markSeen(gpa uint64) (uint64, error) {
 // apply copies the pages received (s.recs) into the replica's mapping and
 // records their CRCs. A zero page is written only where the replica page was
 // ever written (a fresh replica is zero). For a checkpoint (hook) it calls
-// Hook at HookApply halfway.
+// the fault point faultpoint.Apply halfway.
 func (s *session) apply(hook bool) error {
 	n := len(s.recs)
-	hook = hook && s.b.cfg.Hook != nil
+	hook = hook && faultpoint.Attached(s.b)
 	if n == 0 && hook {
-		s.b.cfg.Hook(HookApply, s.epoch) // an empty epoch is half applied at once
+		faultpoint.Hit(s.b, faultpoint.Apply, s.epoch) // an empty epoch is half applied at once
 	}
 	rep := s.rep
 	for i, r := range s.recs {
@@ -968,7 +964,7 @@ func (s *session) apply(hook bool) error {
 			s.applied.Add(64)
 		}
 		if hook && i == n/2 {
-			s.b.cfg.Hook(HookApply, s.epoch)
+			faultpoint.Hit(s.b, faultpoint.Apply, s.epoch)
 		}
 	}
 	s.applied.Add(uint64(n & 63))

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/internal/cpuclock"
+	"github.com/repagent/repagent/internal/faultpoint"
 )
 
 // The pause: stop the vCPUs, harvest, save, open the next epoch on the gates,
@@ -63,7 +64,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		job.audit, job.audited = digestSlots(p.lay.hosts(), job.auditCRCs), true
 		st.Audit, t = lap(t)
 	}
-	p.hook(HookPause, epoch)
+	p.hook(faultpoint.Pause, epoch)
 	// Open the next epoch before the pages are staged: an oversized epoch is
 	// sent during the pause, and its disk writes can be taken only once the
 	// next epoch is open. The vCPUs and devices are stopped, so no output

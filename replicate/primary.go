@@ -17,6 +17,7 @@ import (
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/diskmirror"
+	"github.com/repagent/repagent/internal/faultpoint"
 )
 
 // Interval limits and defaults.
@@ -46,14 +47,6 @@ type RefusedError struct {
 }
 
 func (e *RefusedError) Error() string { return "backup refused the session: " + e.Reason }
-
-// Hook points for Config.Hook.
-const (
-	HookSync  = "sync"  // a pre-copy round's first batch is on the wire
-	HookPause = "pause" // inside a pause: harvested, state saved, pages not yet staged
-	HookSend  = "send"  // half of an epoch's batches are on the wire
-	HookSent  = "sent"  // an epoch's end record is on the wire, not yet acknowledged
-)
 
 // Config configures a Primary.
 type Config struct {
@@ -133,9 +126,6 @@ type Config struct {
 	OnEpoch func(*EpochStats)
 	// OnSync receives the initial sync's progress after each round.
 	OnSync func(SyncProgress)
-	// Hook, when set, is called at the Hook* points: fault injection for
-	// tests (the CLI's REPAGENT_FAULT). It runs on the engine's goroutines.
-	Hook func(point string, epoch uint64)
 	// VMM names the VMM to the backup, for its messages.
 	VMM string
 	// Log receives the engine's messages; nil means slog.Default().
@@ -699,11 +689,8 @@ func (p *Primary) gateCall(gates []OutputGate, f func(OutputGate) error) error {
 	return nil
 }
 
-func (p *Primary) hook(point string, epoch uint64) {
-	if p.cfg.Hook != nil {
-		p.cfg.Hook(point, epoch)
-	}
-}
+// hook passes a fault-injection point (internal/faultpoint).
+func (p *Primary) hook(point string, epoch uint64) { faultpoint.Hit(p, point, epoch) }
 
 // readLoop reads acks and heartbeats from the backup.
 func (p *Primary) readLoop() {

@@ -13,6 +13,7 @@ import (
 	"github.com/pierrec/lz4/v4"
 
 	"github.com/repagent/repagent/internal/cpuclock"
+	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/internal/hostsys"
 )
 
@@ -398,15 +399,15 @@ func (p *Primary) send(job *epochJob) error {
 			return wrapSend(err, "send epoch %d", hdrEpoch)
 		}
 		if i == 0 && job.kind == kindPrecopy {
-			p.hook(HookSync, uint64(job.round))
+			p.hook(faultpoint.Sync, uint64(job.round))
 		}
 		if i == nb/2 && job.kind == kindCheckpoint {
-			p.hook(HookSend, job.epoch)
+			p.hook(faultpoint.Send, job.epoch)
 		}
 	}
 	if job.kind == kindCheckpoint {
 		if nb == 0 {
-			p.hook(HookSend, job.epoch) // no pages: half sent is nothing sent
+			p.hook(faultpoint.Send, job.epoch) // no pages: half sent is nothing sent
 		}
 		if p.cfg.Disk != nil {
 			m.Stop()
@@ -454,7 +455,7 @@ func (p *Primary) send(job *epochJob) error {
 		return wrapSend(err, "send end of epoch %d", hdrEpoch)
 	}
 	if job.kind == kindCheckpoint {
-		p.hook(HookSent, job.epoch)
+		p.hook(faultpoint.Sent, job.epoch)
 	}
 	return nil
 }

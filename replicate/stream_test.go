@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/diskmirror"
+	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 )
 
@@ -164,13 +165,6 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 	}
 	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t),
 		Disk: o.disk, DiskBlock: o.diskBlock, StagingBytes: o.staging,
-		Hook: func(point string, epoch uint64) {
-			if point == replicate.HookPause { // the vCPU is stopped
-				mu.Lock()
-				res.counts[epoch] = vm.count
-				mu.Unlock()
-			}
-		},
 		OnEpoch: func(s *replicate.EpochStats) {
 			mu.Lock()
 			res.acked[s.Epoch] = s.Digest
@@ -187,6 +181,13 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer faultpoint.Attach(p, func(point string, epoch uint64) {
+		if point == faultpoint.Pause { // the vCPU is stopped
+			mu.Lock()
+			res.counts[epoch] = vm.count
+			mu.Unlock()
+		}
+	})()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	primaryDone := make(chan error, 1)

@@ -93,6 +93,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -305,8 +306,9 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		}
 		cfg.Expect = &shape
 	}
+	var hook faultpoint.Func
 	if f := o.fault; f != nil {
-		cfg.Hook = func(point string, epoch uint64) {
+		hook = func(point string, epoch uint64) {
 			if point == f.point && epoch == f.n {
 				log.Warn("fault injection: killing the primary mid-apply", "pid", f.killPID, "epoch", epoch)
 				if err := syscall.Kill(f.killPID, syscall.SIGKILL); err != nil {
@@ -408,6 +410,9 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		return err
 	}
 	defer b.Close()
+	if hook != nil {
+		defer faultpoint.Attach(b, hook)()
+	}
 
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {

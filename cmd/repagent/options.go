@@ -11,6 +11,7 @@ import (
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -288,7 +289,7 @@ func parsePrimaryArgs(args []string, faultEnv string) (*primaryOptions, error) {
 // point of replication, as a host that loses power would:
 //
 //   - primary: REPAGENT_FAULT=POINT:N with POINT one of sync, pause, send,
-//     sent (replicate.HookSync, HookPause, HookSend, HookSent) and N the
+//     sent (internal/faultpoint: Sync, Pause, Send, Sent) and N the
 //     epoch (for sync: the pre-copy round). When the engine reaches POINT in
 //     epoch N, the primary flushes its --stats file and sends itself SIGKILL.
 //   - backup: REPAGENT_FAULT=apply:N with REPAGENT_FAULT_KILL_PID=PID. When
@@ -303,8 +304,8 @@ const (
 )
 
 var (
-	primaryFaultPoints = []string{replicate.HookSync, replicate.HookPause, replicate.HookSend, replicate.HookSent}
-	backupFaultPoints  = []string{replicate.HookApply}
+	primaryFaultPoints = []string{faultpoint.Sync, faultpoint.Pause, faultpoint.Send, faultpoint.Sent}
+	backupFaultPoints  = []string{faultpoint.Apply}
 )
 
 // fault is a parsed REPAGENT_FAULT: die, or kill killPID, at point in epoch
@@ -339,7 +340,7 @@ func parseFault(env, pid string, points []string) (*fault, error) {
 		return nil, usagef("%s=%q: %q is not an epoch number (%s)", envFault, env, num, want)
 	}
 	f := &fault{point: point, n: n}
-	if point == replicate.HookApply {
+	if point == faultpoint.Apply {
 		if pid == "" {
 			return nil, usagef("%s=%q needs %s, the process to kill", envFault, env, envFaultKillPID)
 		}

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -131,7 +132,7 @@ func TestPrimaryArgs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.connectTimeout != time.Second || o.fault == nil || *o.fault != (fault{point: replicate.HookSent, n: 12}) {
+	if o.connectTimeout != time.Second || o.fault == nil || *o.fault != (fault{point: faultpoint.Sent, n: 12}) {
 		t.Errorf("parsed: %+v, fault %+v", o, o.fault)
 	}
 	for _, tc := range []struct {

@@ -17,6 +17,7 @@ import (
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -336,9 +337,6 @@ func (r *replicator) newPrimary() error {
 		VMM:              vmmName,
 		Log:              r.log,
 	}
-	if r.fault != nil {
-		cfg.Hook = r.hook
-	}
 	if r.gate != nil {
 		cfg.Gates = []replicate.OutputGate{r.gate}
 	}
@@ -348,6 +346,9 @@ func (r *replicator) newPrimary() error {
 	p, err := replicate.NewPrimary(cfg)
 	if err != nil {
 		return err
+	}
+	if r.fault != nil {
+		faultpoint.Attach(p, r.hook) // for the process's life: it dies at the point
 	}
 	r.p = p
 	return nil
