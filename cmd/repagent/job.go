@@ -295,13 +295,15 @@ func checkBackup(w io.Writer, b *replicate.Backup, br backupResult, r *replicato
 	switch {
 	case br.fo != nil:
 		return fmt.Errorf("the in-process backup failed over to epoch %d: %v", br.fo.Epoch, br.fo.Cause)
+	case last == nil && epoch == 0 && !synced && (errors.Is(br.err, replicate.ErrPrimaryStopped) ||
+		errors.Is(br.err, context.Canceled) || errors.Is(br.err, replicate.ErrNoCheckpoint)):
+		// The run ended during the sync: between rounds the primary says
+		// bye, inside one it cuts the stream off, and the backup sees the
+		// stream end with no checkpoint, as it should.
+		fmt.Fprintln(w, "  backup: no checkpoint (the run ended during the initial sync: the VM was never protected)")
+		return nil
 	case last == nil && epoch == 0 && (errors.Is(br.err, replicate.ErrPrimaryStopped) || errors.Is(br.err, context.Canceled)):
 		fmt.Fprintln(w, "  backup: no checkpoint (stopped before the first epoch was acknowledged)")
-		return nil
-	case last == nil && epoch == 0 && !synced && errors.Is(br.err, replicate.ErrNoCheckpoint):
-		// The run ended inside a sync round, which the primary cuts off:
-		// the backup sees the stream end with no checkpoint, as it should.
-		fmt.Fprintln(w, "  backup: no checkpoint (the run ended during the initial sync: the VM was never protected)")
 		return nil
 	case !errors.Is(br.err, replicate.ErrPrimaryStopped):
 		return fmt.Errorf("in-process backup: %w", br.err)
