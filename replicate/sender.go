@@ -374,7 +374,9 @@ func (p *Primary) send(job *epochJob) error {
 			dispatch()
 		}
 		b := window[0]
-		window = window[1:]
+		// Shift, not reslice: window keeps its capacity, so a long epoch's
+		// dispatches never reallocate it.
+		window = window[:copy(window, window[1:])]
 		select {
 		case <-b.done:
 		default:

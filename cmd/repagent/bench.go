@@ -496,7 +496,6 @@ type benchMode struct {
 	AckP50US     float64 `json:"ack_p50_us,omitempty"`
 	Oversize     uint64  `json:"oversize,omitempty"`
 	SyncSeconds  float64 `json:"sync_s,omitempty"`
-	Warning      string  `json:"warning,omitempty"`
 	epochs       []replicate.EpochStats
 	agg          epochAgg
 	harvestTotal time.Duration
@@ -765,6 +764,17 @@ func benchRateName(rate uint64) string {
 // resolveTrack picks the dirty tracking mechanism for a VM about to be built
 // with cfg and harvested every interval, as the primary command does, and
 // sizes its dirty ring.
+// bootTracked picks the dirty tracking for cfg at interval and boots the
+// guest; the caller closes it.
+func (b *benchRun) bootTracked(ctx context.Context, cfg testvm.Config, interval time.Duration) (*testvm.Machine, time.Time, dirtylog.Mechanism, error) {
+	cfg, mech, err := b.resolveTrack(cfg, interval)
+	if err != nil {
+		return nil, time.Time{}, 0, err
+	}
+	m, ready, err := benchBoot(ctx, cfg)
+	return m, ready, mech, err
+}
+
 func (b *benchRun) resolveTrack(cfg testvm.Config, interval time.Duration) (testvm.Config, dirtylog.Mechanism, error) {
 	cfg.DirtyRingEntries = 0
 	switch b.mech {
@@ -869,11 +879,7 @@ func (b *benchRun) measureNone(ctx context.Context, cfg testvm.Config) (*benchMo
 // measureFloor is dirty logging alone: a harvest every floorHarvest while the
 // guest runs, no pause, nothing copied.
 func (b *benchRun) measureFloor(ctx context.Context, cfg testvm.Config) (*benchMode, error) {
-	cfg, mech, err := b.resolveTrack(cfg, floorHarvest)
-	if err != nil {
-		return nil, err
-	}
-	m, _, err := benchBoot(ctx, cfg)
+	m, _, mech, err := b.bootTracked(ctx, cfg, floorHarvest)
 	if err != nil {
 		return nil, err
 	}
@@ -962,11 +968,7 @@ func (b *benchRun) measureReplicated(ctx context.Context, cfg testvm.Config, int
 // measureReplicatedCopy is measureReplicated with the engine's
 // Config.CopyThreads set to copyThreads (0: the engine's default).
 func (b *benchRun) measureReplicatedCopy(ctx context.Context, cfg testvm.Config, interval time.Duration, copyThreads int) (*benchMode, error) {
-	cfg, mech, err := b.resolveTrack(cfg, interval)
-	if err != nil {
-		return nil, err
-	}
-	m, ready, err := benchBoot(ctx, cfg)
+	m, ready, mech, err := b.bootTracked(ctx, cfg, interval)
 	if err != nil {
 		return nil, err
 	}
@@ -1725,11 +1727,6 @@ func benchPrintRate(w io.Writer, rr *benchRate) {
 	}
 	benchTable(w, benchRateHeader, rows)
 	benchPrintCPU(w, rr.Modes)
-	for _, m := range rr.Modes {
-		if m.Warning != "" {
-			fmt.Fprintf(w, "\nwarning: %s: %s\n", m.Mode, m.Warning)
-		}
-	}
 }
 
 func benchPrint10k(w io.Writer, cfg testvm.Config, m *benchMode, c benchCheck10k) {
@@ -1741,9 +1738,6 @@ func benchPrint10k(w io.Writer, cfg testvm.Config, m *benchMode, c benchCheck10k
 	if m.CopyPageUS > 0 {
 		fmt.Fprintf(w, "\nengine CPU per page: primary %s (%.2fx a plain copy of %d scattered pages, %s), backup %s (%.2fx)\n",
 			benchUSf(m.CPUPageUS), m.CPUVsCopy, m.CopyPages, benchUSf(m.CopyPageUS), benchUSf(m.BackupCPUPageUS), m.BackupVsCopy)
-	}
-	if m.Warning != "" {
-		fmt.Fprintf(w, "\nwarning: %s\n", m.Warning)
 	}
 }
 
@@ -1790,14 +1784,4 @@ func benchPrintFailover(w io.Writer, fo *benchFailoverResult) {
 			testvm.FormatSize(last.Mem), testvm.FormatSize(first.Mem), last.KillP50MS, first.KillP50MS, fo.SizeRatio,
 			last.DetectP50MS, first.DetectP50MS, last.AfterP50MS, first.AfterP50MS, fo.AfterRatio)
 	}
-}
-
-func benchCountOK(runs []benchFailoverRun, sig string) int {
-	n := 0
-	for _, r := range runs {
-		if r.Signal == sig && r.Error == "" {
-			n++
-		}
-	}
-	return n
 }

@@ -90,7 +90,6 @@ type benchDiskMode struct {
 	AckP50US   float64 `json:"ack_p50_us,omitempty"`
 	AckP99US   float64 `json:"ack_p99_us,omitempty"`
 	WaitUS     float64 `json:"wait_mean_us,omitempty"`
-	Warning    string  `json:"warning,omitempty"`
 }
 
 // benchDiskSyncAll is the initial sync measurement: the baselines and the
@@ -128,7 +127,6 @@ type benchDiskSync struct {
 	First        float64 `json:"first_checkpoint_s"` // Run to the backup applying checkpoint 1
 	Durable      float64 `json:"durable_s"`          // Run to the backup committing epoch 2: its image fsynced
 	BackupFsync  float64 `json:"backup_fsync_max_s"` // the backup image's longest fsync: the first commit's, which writes the synced blocks back
-	Warning      string  `json:"warning,omitempty"`
 }
 
 // diskMem is the disk guests' memory size.
@@ -339,11 +337,7 @@ func (b *benchRun) diskMode(ctx context.Context, img, bimg *os.File, interval ti
 	cfg := b.diskGuestConfig(backend)
 	if interval > 0 {
 		r.Mode, r.IntervalMS, r.BackupInMemory = interval.String(), benchMS(interval), inMemory
-		cfg, mech, err := b.resolveTrack(cfg, interval)
-		if err != nil {
-			return nil, err
-		}
-		m, ready, err := benchBoot(ctx, cfg)
+		m, ready, mech, err := b.bootTracked(ctx, cfg, interval)
 		if err != nil {
 			return nil, err
 		}
@@ -360,7 +354,7 @@ func (b *benchRun) diskMode(ctx context.Context, img, bimg *os.File, interval ti
 		if err != nil {
 			return nil, err
 		}
-		r.Track, r.Warning = rm.Track, rm.Warning
+		r.Track = rm.Track
 		benchDiskEpochs(r, rm)
 		if err := b.diskVerify(m, r); err != nil {
 			return nil, err
@@ -792,11 +786,7 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 	cfg := testvm.Config{MemSize: b.diskMem(), VCPUs: 1, Workload: testvm.Idle, Seed: 1,
 		Disk: &testvm.DiskConfig{Blocks: size / testvm.DiskBlockSize}, DiskIO: mir}
 	backup := &timedDisk{f: bimg, size: int64(size)}
-	cfg, mech, err := b.resolveTrack(cfg, diskSyncInterval)
-	if err != nil {
-		return nil, err
-	}
-	m, ready, err := benchBoot(ctx, cfg)
+	m, ready, mech, err := b.bootTracked(ctx, cfg, diskSyncInterval)
 	if err != nil {
 		return nil, err
 	}
@@ -878,7 +868,6 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 	s.First = first.Sub(run).Seconds()
 	s.Durable = durable.Sub(run).Seconds()
 	s.BackupFsync = time.Duration(backup.maxNS.Load()).Seconds()
-	s.Warning = rm.Warning
 	return s, nil
 }
 
@@ -918,11 +907,6 @@ func benchPrintDisk(w io.Writer, dr *benchDiskResult, modeTime, warmup time.Dura
 	}
 	benchTable(w, []string{"mode", "track", "block writes/s", "MiB/s", "vs plain", "fsyncs/s", "fsync mean", "in fsync", "verified", "epochs",
 		"disk writes/epoch", "disk KiB/epoch", "disk wire MB/s", "pause p50", "pause p99", "wire MB/s", "ack p50", "wait", "backup fsync"}, rows)
-	for _, m := range dr.Throughput {
-		if m.Warning != "" {
-			fmt.Fprintf(w, "\nwarning: disk %s: %s\n", m.Mode, m.Warning)
-		}
-	}
 
 	sa := &dr.Sync
 	fmt.Fprintf(w, "\nInitial disk sync: %s image of random blocks, %s sync blocks, idle 1-vCPU guest (%s), interval %v, over loopback TCP.\n",
@@ -938,11 +922,6 @@ func benchPrintDisk(w io.Writer, dr *benchDiskResult, modeTime, warmup time.Dura
 	}
 	benchTable(w, []string{"identical", "blocks", "held", "sent", "wire MiB", "hash wait", "precopy", "precopy MB/s",
 		"disk sync", "vs copy", "later", "memory sync", "first checkpoint", "durable", "backup fsync"}, rows)
-	for _, c := range sa.Cases {
-		if c.Warning != "" {
-			fmt.Fprintf(w, "\nwarning: disk sync %d%%: %s\n", c.IdenticalPct, c.Warning)
-		}
-	}
 }
 
 func secs(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }

@@ -85,7 +85,6 @@ type benchNetEpochs struct {
 	PauseP50US    float64 `json:"pause_p50_us,omitempty"`
 	TransferP50US float64 `json:"transfer_p50_us,omitempty"`
 	AckP50US      float64 `json:"ack_p50_us,omitempty"`
-	Warning       string  `json:"warning,omitempty"`
 }
 
 // benchEchoMode is one mode of the echo measurement. Durations in
@@ -330,7 +329,7 @@ func netEpochs(r *benchMode) (benchNetEpochs, []replicate.EpochStats) {
 	if r == nil {
 		return benchNetEpochs{}, nil
 	}
-	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, DirtyPages: r.DirtyPages, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US, Warning: r.Warning}
+	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, DirtyPages: r.DirtyPages, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US}
 	var tr hist
 	for _, s := range r.epochs {
 		tr.add(s.Transfer)
@@ -623,11 +622,6 @@ func benchPrintNet(w io.Writer, nr *benchNetResult, modeTime time.Duration) {
 	}
 	benchTable(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "pause p50",
 		"transfer p50", "ack p50", "held", "hold p50", "hold p99", "goal bound"}, rows)
-	for _, e := range nr.Echo {
-		if e.Warning != "" {
-			fmt.Fprintf(w, "\nwarning: echo %s: %s\n", e.Mode, e.Warning)
-		}
-	}
 
 	benchPrintJobShape(w, nr, modeTime)
 
@@ -646,11 +640,6 @@ func benchPrintNet(w io.Writer, nr *benchNetResult, modeTime time.Duration) {
 	}
 	benchTable(w, []string{"mode", "guest sent/s", "client frames/s", "vs none", "client lost", "held", "released",
 		"dropped", "epochs", "pause p50", "hold p50", "hold p99"}, rows)
-	for _, s := range nr.Stream {
-		if s.Warning != "" {
-			fmt.Fprintf(w, "\nwarning: stream %s: %s\n", s.Mode, s.Warning)
-		}
-	}
 	fmt.Fprintf(w, "\nheld-frame throughput: %s frames/s replicated at %v, %.2f of %s frames/s without replication\n",
 		si(nr.Stream[1].ClientRate), streamInterval, nr.StreamRatio, si(nr.Stream[0].ClientRate))
 }
@@ -693,9 +682,4 @@ func benchPrintJobShape(w io.Writer, nr *benchNetResult, modeTime time.Duration)
 	}
 	benchTable(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "dirty pages/epoch", "pause p50",
 		"transfer p50", "transfer/interval", "ack p50", "held", "hold p50", "prediction", "hold/prediction"}, rows)
-	for _, e := range nr.JobShape {
-		if e.Warning != "" {
-			fmt.Fprintf(w, "\nwarning: main job's shape %s: %s\n", e.Mode, e.Warning)
-		}
-	}
 }

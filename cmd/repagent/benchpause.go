@@ -95,9 +95,6 @@ func benchPrintCopy(w io.Writer, def, one *benchMode, c benchCopyCheck) {
 		fmt.Fprintf(w, "\npause copy per page: default %s, one goroutine %s: one / default = %.2fx\n",
 			benchUSf(c.DefaultPageUS), benchUSf(c.OnePageUS), c.Speedup)
 	}
-	if one.Warning != "" {
-		fmt.Fprintf(w, "\nwarning: one goroutine: %s\n", one.Warning)
-	}
 }
 
 // copyGoal is the goal line of the 10k check's copy: the default copies a
@@ -157,9 +154,6 @@ func benchPrintTails(w io.Writer, tr *benchTailsResult) {
 		benchTable(w, header, [][]string{{fmt.Sprintf("%.0f", m.DirtyPages), benchDur(m.PauseP50US), benchDur(m.PauseP99US),
 			fmt.Sprintf("%.2f", tr.Ratio), benchDur(m.PauseMaxUS), benchDur(m.KickUS), benchDur(m.HarvestUS), benchDur(m.SaveUS),
 			benchDur(m.CopyUS), benchDur(m.StallUS), benchDur(m.ResumeUS), benchDur(m.WaitUS), si(m.GuestRate)}})
-	}
-	if m.Warning != "" {
-		fmt.Fprintf(w, "\nwarning: %s\n", m.Warning)
 	}
 }
 

@@ -109,11 +109,7 @@ func (b *benchRun) syncOnce(ctx context.Context, mem uint64) (*benchSyncSize, er
 
 	b.progressf("sync %s: %d vCPUs at full speed, replicated at %v", testvm.FormatSize(mem), syncVCPUs, syncInterval)
 	cfg := testvm.Config{MemSize: mem, VCPUs: syncVCPUs, Workload: testvm.Dirty, Pattern: b.pattern, Seed: 1}
-	cfg, mech, err := b.resolveTrack(cfg, syncInterval)
-	if err != nil {
-		return nil, err
-	}
-	m, ready, err := benchBoot(ctx, cfg)
+	m, ready, mech, err := b.bootTracked(ctx, cfg, syncInterval)
 	if err != nil {
 		return nil, err
 	}

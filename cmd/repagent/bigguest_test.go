@@ -58,8 +58,11 @@ func TestLargeBusyGuestProtected(t *testing.T) {
 			t.Fatalf("stats line %d is epoch %d: an epoch went unacknowledged", i+1, l.Epoch)
 		}
 	}
-	first, _ := strconv.Atoi(m[1])
-	t.Logf("sync: %d rounds in %v (%s); then %d epochs acknowledged", first+1, took, m[3], len(lines))
+	last, err := strconv.Atoi(m[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("sync: %d rounds in %v (%s); then %d epochs acknowledged", last+1, took, m[3], len(lines))
 }
 
 // A run shorter than the initial sync ends cleanly: exit 0, a summary that

@@ -50,9 +50,11 @@ func buildRepagent(t *testing.T) string {
 // statsLine is the part of a --stats line the tests read.
 type statsLine struct {
 	Epoch  uint64     `json:"epoch"`
+	Start  time.Time  `json:"start"`
 	Digest string     `json:"digest"`
 	Pause  float64    `json:"pause_us"`
 	Dirty  int        `json:"dirty_pages"`
+	Wire   uint64     `json:"wire_bytes"`
 	Note   []vcpuNote `json:"note"`
 }
 

@@ -2,10 +2,7 @@ package main
 
 import (
 	"bytes"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -17,38 +14,6 @@ import (
 	"github.com/repagent/repagent/internal/nettest"
 	"github.com/repagent/repagent/internal/privileged"
 )
-
-// slowStats is what the slow-link test reads of a stats line.
-type slowStats struct {
-	Epoch    uint64  `json:"epoch"`
-	Start    string  `json:"start"`
-	Dirty    int     `json:"dirty_pages"`
-	Wire     uint64  `json:"wire_bytes"`
-	Transfer float64 `json:"transfer_us"`
-	Digest   string  `json:"digest"`
-}
-
-func readSlowStats(t *testing.T, path string) []slowStats {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		t.Fatal(err)
-	}
-	var out []slowStats
-	for len(b) > 0 {
-		i := bytes.IndexByte(b, '\n')
-		if i < 0 {
-			break
-		}
-		var l slowStats
-		if err := json.Unmarshal(b[:i], &l); err != nil {
-			t.Fatalf("stats line %d: %v: %s", len(out)+1, err, b[:i])
-		}
-		out = append(out, l)
-		b = b[i+1:]
-	}
-	return out
-}
 
 // The link is slower than the guest dirties memory: the primary and the
 // backup run as processes in two network namespaces joined by a veth pair
@@ -90,7 +55,7 @@ func TestSlowLinkProtected(t *testing.T) {
 	// Run protected for 8 s of checkpoints (the sync alone takes about
 	// 3 s at this rate).
 	deadline := time.Now().Add(90 * time.Second)
-	var lines []slowStats
+	var lines []statsLine
 	for {
 		select {
 		case err := <-exited:
@@ -98,8 +63,8 @@ func TestSlowLinkProtected(t *testing.T) {
 			t.Fatalf("primary exited (%v) while it should be replicating:\n%s", err, report())
 		case <-time.After(100 * time.Millisecond):
 		}
-		lines = readSlowStats(t, stats)
-		if len(lines) >= 2 && startOf(t, lines[len(lines)-1]).Sub(startOf(t, lines[0])) >= 8*time.Second {
+		lines = readStats(t, stats)
+		if len(lines) >= 2 && lines[len(lines)-1].Start.Sub(lines[0].Start) >= 8*time.Second {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -117,11 +82,11 @@ func TestSlowLinkProtected(t *testing.T) {
 	var periods []time.Duration
 	var wire uint64
 	for i := 1; i < len(lines); i++ {
-		periods = append(periods, startOf(t, lines[i]).Sub(startOf(t, lines[i-1])))
+		periods = append(periods, lines[i].Start.Sub(lines[i-1].Start))
 		wire += lines[i-1].Wire
 	}
 	slices.Sort(periods)
-	span := startOf(t, lines[len(lines)-1]).Sub(startOf(t, lines[0]))
+	span := lines[len(lines)-1].Start.Sub(lines[0].Start)
 	p50 := periods[len(periods)/2]
 	mbit := float64(wire) * 8 / span.Seconds() / 1e6
 	t.Logf("%d epochs in %v: period p50 %v (interval %v), %.0f Mbit/s of checkpoints over a %s link", len(lines), span.Round(time.Millisecond), p50, interval, mbit, rate)
@@ -137,7 +102,7 @@ func TestSlowLinkProtected(t *testing.T) {
 	}
 	perr := <-exited
 	exited <- perr
-	acked := readSlowStats(t, stats)
+	acked := readStats(t, stats)
 	last := acked[len(acked)-1]
 	werr := make(chan error, 1)
 	go func() { <-bl.done; werr <- backup.Wait() }()
@@ -164,13 +129,4 @@ func TestSlowLinkProtected(t *testing.T) {
 		t.Fatalf("epoch %d: backup resumed digest %s, primary recorded %s", got, m[2], last.Digest)
 	}
 	t.Logf("killed after epoch %d was acknowledged; backup resumed epoch %d", last.Epoch, got)
-}
-
-func startOf(t *testing.T, l slowStats) time.Time {
-	t.Helper()
-	ts, err := time.Parse(time.RFC3339Nano, l.Start)
-	if err != nil {
-		t.Fatalf("epoch %d: start %q: %v", l.Epoch, l.Start, err)
-	}
-	return ts
 }
