@@ -37,6 +37,12 @@ type idleConn struct {
 	// goroutine may read then.
 	meter *cpuclock.Meter
 	raw   syscall.RawConn
+	// The metered read's callback and its arguments and results, kept here
+	// so that a read allocates no closure.
+	rawRead func(fd uintptr) bool
+	rbuf    []byte
+	rn      int
+	rerr    error
 }
 
 func (c *idleConn) Read(b []byte) (int, error) {
@@ -71,15 +77,13 @@ func (c *idleConn) meteredRead(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
-	var n int
-	var again bool
-	var rerr error
-	err := c.raw.Read(func(fd uintptr) bool {
-		c.meter.Start()
-		n, again, rerr = hostsys.Read(fd, b)
-		c.meter.Stop()
-		return !again
-	})
+	if c.rawRead == nil {
+		c.rawRead = c.readFD
+	}
+	c.rbuf = b
+	err := c.raw.Read(c.rawRead)
+	n, rerr := c.rn, c.rerr
+	c.rbuf, c.rerr = nil, nil
 	switch {
 	case err != nil:
 		return 0, err
@@ -89,6 +93,16 @@ func (c *idleConn) meteredRead(b []byte) (int, error) {
 		return 0, io.EOF
 	}
 	return n, nil
+}
+
+// readFD is meteredRead's callback: one read(2), metered; false when there
+// is no data yet (the poller waits, and calls again).
+func (c *idleConn) readFD(fd uintptr) bool {
+	c.meter.Start()
+	n, again, err := hostsys.Read(fd, c.rbuf)
+	c.meter.Stop()
+	c.rn, c.rerr = n, err
+	return !again
 }
 
 // heardWithin reports whether a Read returned data within d.
