@@ -247,7 +247,20 @@ func runPrimary(t *testing.T, cfg replicate.Config, conn net.Conn) (p *replicate
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := make(chan error, 1)
-	go func() { ch <- p.Run(ctx, conn) }()
+	done := make(chan struct{})
+	go func() { ch <- p.Run(ctx, conn); close(done) }()
+	// Run must be over before the test's VM is closed and the next test
+	// boots one. The next test's first memory slot failed with EINVAL now
+	// and then, always right after a test that left its engine running; a
+	// VM still alive beside the new one is the likely cause.
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Error("Run did not return within 30s of its context ending")
+		}
+	})
 	return p, ch, cancel
 }
 
