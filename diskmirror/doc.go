@@ -3,10 +3,11 @@
 // epoch (property P4), and brings the backup's image up to date before the
 // first epoch while the guest runs (the initial sync). It is the
 // transport-independent core: it produces and consumes byte streams, and a
-// transport carries them. repagent's engine (package replicate, with
-// replicate.Config.Disk and BackupConfig.Disk) is that transport: it carries
-// each epoch's stream inside the engine's epoch, so memory and disk commit
-// together.
+// transport carries them. repagent's engine (package replicate) is that
+// transport: Source makes a Mirror the engine's device stream
+// (replicate.Config.Stream) and NewSink makes a Replica its sink on the
+// backup (replicate.BackupConfig.NewSink); the engine carries each epoch's
+// stream inside its own epoch, so memory and disk commit together.
 //
 // # The primary: Mirror
 //

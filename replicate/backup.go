@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/pierrec/lz4/v4"
 
-	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/cpuclock"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/internal/hostsys"
@@ -55,18 +53,13 @@ type BackupConfig struct {
 	// HeartbeatTimeout is how long silence from the primary means it is gone;
 	// 0 means 5 of its intervals, at least MinHeartbeatTimeout.
 	HeartbeatTimeout time.Duration
-	// Disk, when set, is the backup's disk image: a primary that mirrors a
-	// disk (Config.Disk) of the same size keeps it equal to its own at the
-	// checkpoint the replica holds. The backup hashes it when a session
-	// starts, so the sync sends only the blocks that differ; the sync and
-	// every epoch's writes are applied to it, and at failover it holds the
-	// disk of the checkpoint resumed (the VMM's Resume opens it). A primary
-	// with a disk is refused by a backup without one, and the other way
-	// round; an image of another size is refused, untouched.
-	Disk diskmirror.Disk
-	// DiskConfig bounds the memory held for disk writes received and not yet
-	// applied (past it they spill to a file). Its FirstEpoch is the engine's.
-	DiskConfig diskmirror.ReplicaConfig
+	// NewSink, when set, makes the backup's half of a primary's device
+	// stream (Config.Stream) for each session: diskmirror.NewSink keeps a
+	// disk image equal to the primary's at the checkpoint the replica holds,
+	// and at failover it holds the disk of the checkpoint resumed (the VMM's
+	// Resume opens it). A primary with a stream is refused by a backup
+	// without NewSink, and the other way round.
+	NewSink NewSink
 	// VerifyReplica digests the whole replica before resuming it and refuses
 	// to resume one that does not match its checkpoint (ErrReplicaCorrupt).
 	// Failover then grows with memory (about 80 ms at 256 MiB here), so it is
@@ -86,9 +79,9 @@ type Failover struct {
 	Epoch    uint64        // the checkpoint resumed
 	Digest   uint64        // its memory digest
 	Verified bool          // the replica was digested and matched
-	Disk     bool          // the disk image was brought to the checkpoint's epoch
+	Stream   bool          // the stream's sink (a disk) was brought to the checkpoint's epoch
 	Cause    error         // why the primary was deemed lost
-	Verify   time.Duration // digesting the replica, and bringing the disk to its epoch
+	Verify   time.Duration // digesting the replica, and bringing the sink to its epoch
 	Restore  time.Duration // the Resume call
 	Took     time.Duration // from detecting the loss to Resume returning
 }
@@ -117,20 +110,20 @@ type replica struct {
 	epoch   uint64 // last checkpoint applied (0: none)
 	state   []byte
 	digest  uint64
-	disk    *diskmirror.Replica // the session's disk; nil without one
+	sink    Sink // the session's stream sink; nil without one
 }
 
-// close frees the replica's memory and drops its disk's pending epochs.
+// close frees the replica's memory and drops its sink's pending epochs.
 func (r *replica) close() error {
-	if r.disk != nil {
-		r.disk.Close()
+	if r.sink != nil {
+		r.sink.Close()
 	}
 	r.unmap()
 	return r.mem.Close()
 }
 
 // openReplica makes a replica of shape in mem, a zero-filled file.
-func openReplica(shape Shape, mem *os.File, disk *diskmirror.Replica) (*replica, error) {
+func openReplica(shape Shape, mem *os.File, sink Sink) (*replica, error) {
 	if st, err := mem.Stat(); err != nil || uint64(st.Size()) < shape.MemSize {
 		return nil, fmt.Errorf("replica memory: the file is smaller than the %d bytes asked (%v)", shape.MemSize, err)
 	}
@@ -139,7 +132,7 @@ func openReplica(shape Shape, mem *os.File, disk *diskmirror.Replica) (*replica,
 		return nil, fmt.Errorf("replica memory: %w", err)
 	}
 	return &replica{shape: shape, lay: layoutFor(shape), mem: mem, mapped: mapped, written: make([]uint64, (shape.Pages()+63)/64),
-		table: newDigestTable(shape.Pages()), disk: disk}, nil
+		table: newDigestTable(shape.Pages()), sink: sink}, nil
 }
 
 // unmap drops the session's mapping of the memory (before Resume owns it).
@@ -288,13 +281,13 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 		}
 		fo.Verified = true
 	}
-	if rep.disk != nil {
+	if rep.sink != nil {
 		// Every epoch up to the checkpoint is applied as it is verified;
 		// Failover makes sure of it, drops anything later, and syncs.
-		if err := rep.disk.Failover(rep.epoch); err != nil {
-			return nil, fmt.Errorf("bring the disk to epoch %d: %w", rep.epoch, err)
+		if err := rep.sink.Failover(rep.epoch); err != nil {
+			return nil, fmt.Errorf("bring the stream's sink to epoch %d: %w", rep.epoch, err)
 		}
-		fo.Disk = true
+		fo.Stream = true
 	}
 	t := time.Now()
 	fo.Verify = t.Sub(t0)
@@ -345,12 +338,12 @@ type session struct {
 	seen      []uint64 // bitmap of pages sent in this epoch
 	seenList  []uint64
 	maxStaged int
-	recvd     int       // bytes of the epoch's pages messages so far
-	drecv     *diskRecv // the epoch's disk stream, while it arrives
+	recvd     int         // bytes of the epoch's pages messages so far
+	srecv     *streamRecv // the epoch's stream part, while it arrives
 
 	// meter sums the CPU time of the session's reads from the primary and
 	// its handling of memory, state and end messages, from the first
-	// checkpoint on (the disk stream's receiver is not metered: the engine's
+	// checkpoint on (the stream's receiver is not metered: the engine's
 	// CPU figures are the memory path's).
 	meter cpuclock.Meter
 }
@@ -364,13 +357,13 @@ type pageRec struct {
 	chunk, off int
 }
 
-// diskRecv feeds an epoch's disk messages, as they arrive, to
-// diskmirror.Replica.Receive, which verifies and spools them.
-type diskRecv struct {
-	pw   *io.PipeWriter
-	done chan struct{}
-	sum  diskmirror.Summary
-	err  error
+// streamRecv feeds an epoch's stream messages, as they arrive, to the
+// sink's Receive, which verifies and keeps them.
+type streamRecv struct {
+	pw    *io.PipeWriter
+	done  chan struct{}
+	epoch uint64 // the epoch the part says it carries
+	err   error
 }
 
 func (s *session) write(t MsgType, epoch uint64, payload []byte) error {
@@ -419,13 +412,13 @@ func (s *session) run() error {
 		return s.reject(protoErr("VM shape mismatch: primary has %v (regions %v), this backup expects %v (regions %v)",
 			hello.Shape, hello.Shape.Regions, *e, e.Regions))
 	}
-	disk, err := s.newDisk(hello)
+	sink, err := s.newSink(hello)
 	if err != nil {
 		return s.reject(err)
 	}
-	if err := s.newReplica(hello.Shape, disk); err != nil {
-		if disk != nil {
-			disk.Close()
+	if err := s.newReplica(hello.Shape, sink); err != nil {
+		if sink != nil {
+			sink.Close()
 		}
 		return s.reject(protoErr("backup cannot hold a replica of %v: %v", hello.Shape, err))
 	}
@@ -444,9 +437,9 @@ func (s *session) run() error {
 	s.b.log.Info("primary connected", "from", s.conn.RemoteAddr(), "vmm", hello.VMM, "shape", hello.Shape,
 		"interval", hello.Interval, "version", v, "heartbeat-timeout", s.timeout)
 	go s.heartbeats(min(hello.Heartbeat, s.timeout/4))
-	defer s.abortDisk()
-	if disk != nil {
-		if err := s.sendHashes(disk, int(hello.DiskBlock)); err != nil {
+	defer s.abortStream()
+	if sink != nil {
+		if err := s.sendReply(sink); err != nil {
 			return err
 		}
 	}
@@ -499,8 +492,8 @@ func (s *session) next(rd *msgReader) error {
 		if err != nil {
 			return readError{err}
 		}
-		if h.Type == MsgDisk || h.Type == MsgDiskSync {
-			return s.handle(h, rd.rawHeader(), payload) // waits for the disk receiver
+		if h.Type == MsgStreamEpoch || h.Type == MsgStreamSync {
+			return s.handle(h, rd.rawHeader(), payload) // waits for the stream's receiver
 		}
 		s.meter.Start()
 		defer s.meter.Stop()
@@ -564,121 +557,101 @@ func (b *Backup) setReplica(r *replica) {
 	}
 }
 
-// newDisk checks the primary's disk against this backup's and makes the
-// session's disk replica; nil without a disk. Nothing is written to the
-// image.
-func (s *session) newDisk(hello Hello) (*diskmirror.Replica, error) {
-	img := s.b.cfg.Disk
-	switch {
-	case hello.DiskSize == 0 && img == nil:
+// newSink makes the session's stream sink for the primary's stream; nil
+// without one. An error refuses the session.
+func (s *session) newSink(hello Hello) (Sink, error) {
+	newSink := s.b.cfg.NewSink
+	switch in := hello.Stream; {
+	case in.Size == 0 && newSink == nil:
 		return nil, nil
-	case img == nil:
-		return nil, protoErr("the primary mirrors a disk of %d bytes, and this backup has no disk image (BackupConfig.Disk)", hello.DiskSize)
-	case hello.DiskSize == 0:
-		return nil, protoErr("this backup has a disk image, and the primary mirrors no disk (Config.Disk)")
-	case diskmirror.HashListSize(hello.DiskSize, int(hello.DiskBlock)) < 0:
-		return nil, protoErr("disk of %d bytes in %d-byte sync blocks: want blocks of a power of two from %d to %d, at most %d of them",
-			hello.DiskSize, hello.DiskBlock, diskmirror.MinBlockSize, diskmirror.MaxBlockSize, diskmirror.MaxBlocks)
+	case newSink == nil:
+		return nil, protoErr("the primary replicates a device stream of %d bytes (a disk), and this backup has no sink for it (BackupConfig.NewSink)", in.Size)
+	case in.Size == 0:
+		return nil, protoErr("this backup has a sink for a device stream (a disk), and the primary replicates none (Config.Stream)")
 	}
-	cfg := s.b.cfg.DiskConfig
-	cfg.FirstEpoch = 2 // the first checkpoint carries the sync's residual, not writes
-	disk, err := diskmirror.NewReplica(img, hello.DiskSize, cfg)
+	sink, err := newSink(hello.Stream)
 	if err != nil {
-		return nil, protoErr("disk: %v", err)
+		return nil, protoErr("stream: %v", err)
 	}
-	return disk, nil
+	return sink, nil
 }
 
-// sendHashes hashes the backup image for the disk sync and sends the list in
-// pieces. Heartbeats go out meanwhile.
-func (s *session) sendHashes(disk *diskmirror.Replica, block int) error {
+// sendReply makes the sink's reply to the hello and sends it in pieces.
+// Heartbeats go out meanwhile.
+func (s *session) sendReply(sink Sink) error {
 	t0 := time.Now()
-	hs, err := disk.Hashes(block) // the block size was checked at hello: an error here is the image's
+	reply, err := sink.Reply()
 	if err != nil {
-		return s.reject(fmt.Errorf("hash the backup disk image: %w", err))
+		return s.reject(fmt.Errorf("stream reply: %w", err))
 	}
-	var buf bytes.Buffer
-	if err := diskmirror.EncodeHashes(&buf, hs, disk.Size(), block); err != nil {
-		return s.reject(fmt.Errorf("disk hash list: %w", err))
-	}
-	for b := buf.Bytes(); len(b) > 0; {
-		k := min(len(b), diskChunk)
-		if err := s.write(MsgDiskHashes, 0, b[:k]); err != nil {
-			return fmt.Errorf("%w: send the disk hash list: %v", errPrimaryLost, err)
+	for b := reply; len(b) > 0; {
+		k := min(len(b), streamChunk)
+		if err := s.write(MsgStreamReply, 0, b[:k]); err != nil {
+			return fmt.Errorf("%w: send the stream reply: %v", errPrimaryLost, err)
 		}
 		b = b[k:]
 	}
-	s.b.log.Info("disk image hashed", "blocks", len(hs), "block-size", block, "took", time.Since(t0))
+	s.b.log.Info("stream reply sent", "bytes", len(reply), "took", time.Since(t0))
 	return nil
 }
 
-// diskErr makes an error of the disk replica a protocol error when the data
-// was at fault (ErrFormat), and leaves it as it is (an I/O error) otherwise.
-func diskErr(err error) error {
-	if errors.Is(err, diskmirror.ErrFormat) {
-		return protoErr("disk: %v", err)
+// sinkErr keeps an error of the sink a protocol error when the primary's
+// data was at fault, and names the sink otherwise (its own I/O error).
+func sinkErr(err error) error {
+	if err == nil || errors.Is(err, ErrProtocol) {
+		return err
 	}
-	return fmt.Errorf("disk: %w", err)
+	return fmt.Errorf("stream sink: %w", err)
 }
 
-// applySync applies a disk sync stream at once (it is verified whole first):
-// before the first checkpoint the replica holds no checkpoint, and the first
-// checkpoint's residual must land before any epoch's writes.
-func (s *session) applySync(payload []byte) error {
-	if _, err := s.rep.disk.ApplySync(bytes.NewReader(payload)); err != nil {
-		return diskErr(err)
-	}
-	return nil
-}
-
-// diskWrite passes a piece of the epoch's disk stream to the disk replica.
-func (s *session) diskWrite(payload []byte) error {
-	if s.drecv == nil {
+// streamWrite passes a piece of the epoch's stream part to the sink.
+func (s *session) streamWrite(payload []byte) error {
+	if s.srecv == nil {
 		pr, pw := io.Pipe()
-		r := &diskRecv{pw: pw, done: make(chan struct{})}
-		disk := s.rep.disk
+		r := &streamRecv{pw: pw, done: make(chan struct{})}
+		sink := s.rep.sink
 		go func() {
 			defer close(r.done)
-			r.sum, r.err = disk.Receive(pr)
-			pr.CloseWithError(errors.New("disk stream already ended"))
+			r.epoch, r.err = sink.Receive(pr)
+			pr.CloseWithError(errors.New("stream part already ended"))
 		}()
-		s.drecv = r
+		s.srecv = r
 	}
-	if _, err := s.drecv.pw.Write(payload); err != nil {
-		r := s.drecv
-		s.drecv = nil
+	if _, err := s.srecv.pw.Write(payload); err != nil {
+		r := s.srecv
+		s.srecv = nil
 		<-r.done
 		if r.err != nil {
-			return diskErr(r.err)
+			return sinkErr(r.err)
 		}
-		return protoErr("epoch %d: disk data after the end of its disk stream", s.epoch)
+		return protoErr("epoch %d: stream data after the end of its part", s.epoch)
 	}
 	return nil
 }
 
-// finishDisk ends the epoch's disk stream: every checkpoint after the first
-// carries one, complete and verified, before its end record.
-func (s *session) finishDisk() error {
-	r := s.drecv
+// finishStream ends the epoch's stream part: every checkpoint after the
+// first carries one, complete and verified, before its end record.
+func (s *session) finishStream() error {
+	r := s.srecv
 	if r == nil {
-		return protoErr("checkpoint epoch %d has no disk writes (a mirrored disk sends a stream every epoch)", s.epoch)
+		return protoErr("checkpoint epoch %d has no stream part (a stream sends one every epoch)", s.epoch)
 	}
-	s.drecv = nil
+	s.srecv = nil
 	r.pw.Close()
 	<-r.done
 	if r.err != nil {
-		return diskErr(r.err)
+		return sinkErr(r.err)
 	}
-	if r.sum.Epoch != s.epoch {
-		return protoErr("epoch %d carries the disk writes of epoch %d", s.epoch, r.sum.Epoch)
+	if r.epoch != s.epoch {
+		return protoErr("epoch %d carries the stream part of epoch %d", s.epoch, r.epoch)
 	}
 	return nil
 }
 
-// abortDisk stops a disk stream in progress; the disk replica drops it.
-func (s *session) abortDisk() {
-	if r := s.drecv; r != nil {
-		s.drecv = nil
+// abortStream stops a stream part in progress; the sink drops it.
+func (s *session) abortStream() {
+	if r := s.srecv; r != nil {
+		s.srecv = nil
 		r.pw.CloseWithError(errors.New("epoch dropped"))
 		<-r.done
 	}
@@ -688,7 +661,7 @@ func (s *session) abortDisk() {
 // an earlier session: that session's primary went on unprotected, so its
 // checkpoint may be older than what the outside world has seen, and resuming
 // it could step back.
-func (s *session) newReplica(shape Shape, disk *diskmirror.Replica) error {
+func (s *session) newReplica(shape Shape, sink Sink) error {
 	if limit := s.b.maxMemory(); shape.MemSize > limit {
 		return fmt.Errorf("its %d MiB exceed this backup's limit of %d MiB (BackupConfig.MaxMemory)", shape.MemSize>>20, limit>>20)
 	}
@@ -696,7 +669,7 @@ func (s *session) newReplica(shape Shape, disk *diskmirror.Replica) error {
 	if err != nil {
 		return fmt.Errorf("replica memory: %w", err)
 	}
-	if s.rep, err = openReplica(shape, mem, disk); err != nil {
+	if s.rep, err = openReplica(shape, mem, sink); err != nil {
 		mem.Close()
 		return err
 	}
@@ -712,7 +685,7 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		_, err := decodeHeartbeat(payload)
 		return err
 	case MsgBye:
-		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.recs) != 0 || s.drecv != nil {
+		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.recs) != 0 || s.srecv != nil {
 			return protoErr("bye at epoch %d while epoch %d is in progress", h.Epoch, s.current())
 		}
 		return fmt.Errorf("%w after epoch %d", ErrPrimaryStopped, h.Epoch)
@@ -722,7 +695,7 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 			return err
 		}
 		return fmt.Errorf("%w: %s", ErrPrimaryStopped, reason)
-	case MsgState, MsgEnd, MsgDiskSync, MsgDisk:
+	case MsgState, MsgEnd, MsgStreamSync, MsgStreamEpoch:
 	default:
 		return protoErr("primary sent %v in the middle of the stream", h.Type)
 	}
@@ -730,8 +703,8 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		return err
 	}
 	switch h.Type {
-	case MsgDiskSync, MsgDisk:
-		return s.handleDisk(h, hdr, payload)
+	case MsgStreamSync, MsgStreamEpoch:
+		return s.handleStream(h, hdr, payload)
 	case MsgState:
 		if s.precopy || s.hasState {
 			return protoErr("unexpected state message in epoch %d", s.current())
@@ -747,7 +720,7 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 	return s.end(end)
 }
 
-// enter checks that a data message (pages, state, end, disk) belongs to the
+// enter checks that a data message (pages, state, end, stream) belongs to the
 // epoch in progress; the first checkpoint's first message ends the sync.
 func (s *session) enter(h Header) error {
 	if s.precopy && h.Epoch == 1 && s.pages == 0 {
@@ -818,34 +791,35 @@ func (s *session) handlePages(hdr, payload []byte, chunk, off int) error {
 	return err
 }
 
-// handleDisk takes a disk message. Sync streams come between pre-copy rounds
-// (outside their checksums: each stream has its own) and, for the residual,
-// in the first checkpoint; every later checkpoint carries its epoch's disk
-// stream. In a checkpoint both come before the state, under the checksum.
-func (s *session) handleDisk(h Header, hdr, payload []byte) error {
-	if s.rep.disk == nil {
-		return protoErr("%v message, and the session mirrors no disk", h.Type)
+// handleStream takes a stream message. Sync messages come between pre-copy
+// rounds (outside their checksums: the sink checks each) and, for the
+// residual, in the first checkpoint; every later checkpoint carries its
+// epoch's part. In a checkpoint both come before the state, under the
+// checksum.
+func (s *session) handleStream(h Header, hdr, payload []byte) error {
+	if s.rep.sink == nil {
+		return protoErr("%v message, and the session has no stream", h.Type)
 	}
 	switch {
-	case h.Type == MsgDiskSync && s.precopy:
+	case h.Type == MsgStreamSync && s.precopy:
 		if s.pages != 0 {
-			return protoErr("disk sync stream inside pre-copy round %d", s.round)
+			return protoErr("stream sync message inside pre-copy round %d", s.round)
 		}
-		return s.applySync(payload)
+		return sinkErr(s.rep.sink.ApplySync(payload))
 	case s.precopy:
-		return protoErr("disk writes of epoch %d in the initial sync", h.Epoch)
+		return protoErr("stream part of epoch %d in the initial sync", h.Epoch)
 	case s.hasState:
 		return protoErr("%v message after the state of epoch %d", h.Type, s.epoch)
-	case h.Type == MsgDiskSync && s.epoch != 1:
-		return protoErr("disk sync stream in checkpoint epoch %d (only the first carries the sync's residual)", s.epoch)
-	case h.Type == MsgDisk && s.epoch == 1:
-		return protoErr("disk writes in checkpoint epoch 1 (it carries the sync's residual; writes start with epoch 2)")
+	case h.Type == MsgStreamSync && s.epoch != 1:
+		return protoErr("stream sync message in checkpoint epoch %d (only the first carries the sync's residual)", s.epoch)
+	case h.Type == MsgStreamEpoch && s.epoch == 1:
+		return protoErr("stream part in checkpoint epoch 1 (it carries the sync's residual; parts start with epoch 2)")
 	}
 	s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
-	if h.Type == MsgDiskSync {
-		return s.applySync(payload)
+	if h.Type == MsgStreamSync {
+		return sinkErr(s.rep.sink.ApplySync(payload))
 	}
-	return s.diskWrite(payload)
+	return s.streamWrite(payload)
 }
 
 // end closes an epoch: verify, ack, apply.
@@ -863,8 +837,8 @@ func (s *session) end(e End) error {
 	case !s.precopy && !s.hasState:
 		return protoErr("checkpoint epoch %d has no machine state", s.epoch)
 	}
-	if !s.precopy && s.rep.disk != nil && s.epoch > 1 {
-		if err := s.finishDisk(); err != nil {
+	if !s.precopy && s.rep.sink != nil && s.epoch > 1 {
+		if err := s.finishStream(); err != nil {
 			return err
 		}
 	}
@@ -896,9 +870,9 @@ func (s *session) end(e End) error {
 	if err := s.apply(true); err != nil {
 		return err
 	}
-	if s.rep.disk != nil && s.epoch > 1 {
-		if err := s.rep.disk.Commit(s.epoch); err != nil {
-			return diskErr(err)
+	if s.rep.sink != nil && s.epoch > 1 {
+		if err := s.rep.sink.Commit(s.epoch); err != nil {
+			return sinkErr(err)
 		}
 	}
 	s.b.mu.Lock()
@@ -913,7 +887,7 @@ func (s *session) end(e End) error {
 }
 
 func (s *session) resetEpoch() {
-	s.abortDisk()
+	s.abortStream()
 	s.crc, s.pages, s.hasState = 0, 0, false
 	s.arena.reset()
 	s.recs, s.state, s.recvd = s.recs[:0], s.state[:0], 0

@@ -119,23 +119,23 @@ func TestDiskFailoverMidStream(t *testing.T) {
 	if r.backupErr != nil {
 		t.Fatalf("backup: %v, want a failover", r.backupErr)
 	}
-	if r.failover.Epoch != badEpoch-1 || !r.failover.Disk || !r.failover.Verified {
+	if r.failover.Epoch != badEpoch-1 || !r.failover.Stream || !r.failover.Verified {
 		t.Fatalf("failover to epoch %d (disk %v, verified %v), want epoch %d with its disk", r.failover.Epoch,
-			r.failover.Disk, r.failover.Verified, badEpoch-1)
+			r.failover.Stream, r.failover.Verified, badEpoch-1)
 	}
 	checkDiskKept(t, r, img, badEpoch-1)
 	var phases []string
 	for _, d := range r.diskSync {
-		phases = append(phases, d.Phase)
+		phases = append(phases, d.Phase.String())
 	}
-	if len(r.diskSync) != 3 || r.diskSync[0].Phase != "precopy" || r.diskSync[2].Phase != "residual" {
+	if len(r.diskSync) != 3 || r.diskSync[0].Phase != replicate.SyncPrecopy || r.diskSync[2].Phase != replicate.SyncResidual {
 		t.Fatalf("disk sync phases %v, want precopy, catch-up, residual", phases)
 	}
 	pre := r.diskSync[0]
 	blocks := toyDiskSize / toyDiskBlock
 	// The junk halves differ; the guest may have written into the others.
-	if pre.Blocks != blocks || pre.Sent < blocks/2 || pre.Identical+pre.Sent < blocks {
-		t.Errorf("precopy %+v: want %d blocks, at least the %d junk ones sent", pre.SyncStats, blocks, blocks/2)
+	if pre.Units != blocks || pre.Sent < blocks/2 || pre.Unchanged+pre.Sent < blocks {
+		t.Errorf("precopy %+v: want %d blocks, at least the %d junk ones sent", pre.StreamSync, blocks, blocks/2)
 	}
 }
 
@@ -296,7 +296,7 @@ func TestDiskStreamRejected(t *testing.T) {
 		{"another image size", replaceDisk(func() []frame {
 			return []frame{diskFrame(tDisk, epochStream(2*toyDiskSize, badEpoch, diskmirror.Write{Offset: 0, Data: block(7)}))}
 		}), "image size mismatch: stream is for a 4194304-byte image"},
-		{"no disk stream", replaceDisk(func() []frame { return nil }), "has no disk writes"},
+		{"no disk stream", replaceDisk(func() []frame { return nil }), "has no stream part"},
 		{"disk stream cut short", replaceDisk(func() []frame {
 			s := epochStream(toyDiskSize, badEpoch, diskmirror.Write{Offset: 0, Data: block(7)})
 			return []frame{diskFrame(tDisk, s[:len(s)-32])}
@@ -320,7 +320,7 @@ func TestDiskStreamRejected(t *testing.T) {
 				return []frame{diskFrame(tDiskSync, []byte("sync")), f}, false
 			}
 			return []frame{f}, false
-		}), "disk sync stream in checkpoint epoch 5"},
+		}), "stream sync message in checkpoint epoch 5"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -351,8 +351,8 @@ func TestDiskRefusedAtHello(t *testing.T) {
 	}{
 		{"backup image too large", toyDiskSize, toyDiskSize + toyBlockSize, "image size mismatch: the primary's image has 2097152 bytes, the backup image 2101248"},
 		{"backup image too small", toyDiskSize, toyDiskSize / 2, "image size mismatch"},
-		{"backup has no disk", toyDiskSize, 0, "this backup has no disk image"},
-		{"primary has no disk", 0, toyDiskSize, "the primary mirrors no disk"},
+		{"backup has no disk", toyDiskSize, 0, "this backup has no sink for it"},
+		{"primary has no disk", 0, toyDiskSize, "the primary replicates none"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -403,7 +403,7 @@ func TestKVMDiskFailover(t *testing.T) {
 	b, err := replicate.NewBackup(replicate.BackupConfig{
 		NewMemory:     testvm.NewMemFile,
 		VerifyReplica: true,
-		Disk:          bimg,
+		NewSink:       diskmirror.NewSink(bimg, diskmirror.ReplicaConfig{}),
 		Resume: func(cp *replicate.Checkpoint) error {
 			rep, err := testvm.VerifyDiskImage(cp.Memory, bimg)
 			if err != nil {
@@ -432,9 +432,13 @@ func TestKVMDiskFailover(t *testing.T) {
 		fo, err = b.Handle(context.Background(), bc)
 		bres <- err
 	}()
-	var syncs []replicate.DiskSyncProgress
+	var syncs []replicate.StreamSyncProgress
+	src, err := diskmirror.NewSource(mirror, diskmirror.SourceConfig{Block: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	p, perr, cancel := runPrimary(t, replicate.Config{VM: m, Interval: 10 * time.Millisecond, AuditEvery: 1, Log: testLog(t),
-		Disk: mirror, DiskBlock: 64 << 10, OnDiskSync: func(d replicate.DiskSyncProgress) { syncs = append(syncs, d) }}, pc)
+		Stream: src, OnStreamSync: func(d replicate.StreamSyncProgress) { syncs = append(syncs, d) }}, pc)
 	defer cancel()
 	waitAcked(t, p, perr, 30)
 	pc.Close() // the primary's host dies
@@ -447,8 +451,8 @@ func TestKVMDiskFailover(t *testing.T) {
 	rm := <-resumed
 	defer rm.Close()
 	t.Logf("failover to epoch %d (acked %d); disk %+v; sync %+v", fo.Epoch, p.LastAcked(), report, syncs)
-	if fo.Epoch < 30 || !fo.Disk || report.Written == 0 || report.Writes == 0 {
-		t.Fatalf("failover to epoch %d (disk %v) with %d blocks written: the test proved nothing", fo.Epoch, fo.Disk, report.Written)
+	if fo.Epoch < 30 || !fo.Stream || report.Written == 0 || report.Writes == 0 {
+		t.Fatalf("failover to epoch %d (disk %v) with %d blocks written: the test proved nothing", fo.Epoch, fo.Stream, report.Written)
 	}
 	if err := m.Pause(); err != nil {
 		t.Fatal(err)

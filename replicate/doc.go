@@ -5,10 +5,13 @@
 // It knows VMs only through interfaces it defines: a VMM implements VM on
 // the primary (testvm.Machine does; so does the toy VMM of the package
 // example, with no KVM at all), gives the backup a way to make replica memory
-// and to resume a Checkpoint, and output devices implement OutputGate. A VMM
-// that writes its disk through a diskmirror.Mirror (Config.Disk) has the disk
-// replicated with the memory, in the same epochs (see "The disk" below and
-// the package's disk example).
+// and to resume a Checkpoint, and output devices implement OutputGate. A
+// device whose contents must travel with the memory implements Stream on the
+// primary and Sink on the backup: diskmirror does, so a VMM that writes its
+// disk through a diskmirror.Mirror (Config.Stream: diskmirror.NewSource) has
+// the disk replicated in the same epochs as the memory (see "Streams" below
+// and the package's disk example). The engine knows no disk: a stream's
+// bytes are opaque to it.
 //
 // # Epochs
 //
@@ -21,7 +24,7 @@
 //  2. Harvest the dirty set (dirtylog.Source: KVM's log plus the VMM's own
 //     writes; the pages left over from the sync join the first one).
 //  3. Save the machine state (VM.Save).
-//  4. Open epoch N+1 on every OutputGate (and the disk mirror): output from
+//  4. Open epoch N+1 on every OutputGate (and the stream): output from
 //     now on is N+1's.
 //  5. Copy the dirty pages into staging (eager snapshot), on the pausing
 //     goroutine and on up to Config.CopyThreads-1 helpers, which take
@@ -32,7 +35,7 @@
 //     compression policy says it has been paying (compress.go; a region of
 //     2 MiB whose pages do not shrink below 97% goes raw, and is probed again
 //     later), and send the batches in order with vectored writes straight
-//     from staging; then the epoch's disk writes (with a disk), then the
+//     from staging; then the epoch's stream part (with a stream), then the
 //     state, then an end record with a checksum of the epoch's headers and
 //     page entries and the memory digest after the epoch.
 //  8. On the backup's ack of N: commit N on every gate (its output is
@@ -88,8 +91,8 @@
 // means nothing. The payloads (wire.go documents each byte):
 //
 //	hello       P→B  "REPAGENT", versions max and min, page size, vCPUs,
-//	                 memory size, interval, heartbeat period, disk size and
-//	                 sync block size (0 without a disk), regions, VMM name
+//	                 memory size, interval, heartbeat period, stream size and
+//	                 sync block size (0 without a stream), regions, VMM name
 //	welcome     B→P  the version chosen (the highest both speak)
 //	reject      both the reason a session is refused or ended, as text
 //	pages       P→B  up to MaxBatchPages pages: a count, then an entry per
@@ -99,7 +102,7 @@
 //	end         P→B  pages in the epoch, memory digest, CRC32C over the
 //	                 epoch's messages in order: headers and page entries of
 //	                 pages messages (their data is covered by the entries'
-//	                 CRCs), disk and state messages whole; kind (pre-copy
+//	                 CRCs), stream and state messages whole; kind (pre-copy
 //	                 round or checkpoint), round
 //	ack         B→P  the epoch in the header is safe; the backup's digest and
 //	                 its engine CPU time so far
@@ -107,9 +110,9 @@
 //	                 count that moves while its engine works (bytes read and
 //	                 pages applied, on the backup)
 //	bye         P→B  the primary stops on purpose: do not fail over
-//	disk-hashes B→P  part of the backup image's hash list (diskmirror's)
-//	disk-sync   P→B  one diskmirror sync stream: whole blocks, applied at once
-//	disk        P→B  part of the epoch's diskmirror epoch stream (≤ 1 MiB)
+//	stream-reply B→P part of the sink's reply to hello (a disk's hash list)
+//	stream-sync  P→B one sync message of the stream, applied at once
+//	stream       P→B part of the epoch's stream part (≤ 1 MiB)
 //
 // Pre-copy rounds travel as epoch 0; checkpoints are epochs 1, 2, 3, ... A
 // session:
@@ -139,54 +142,58 @@
 //
 // A backup accepts a primary whose [min, max] version range overlaps its
 // own; this is version 3 (version 2 checksummed whole pages messages, with
-// no per-page CRC, and version 1 had no disk; neither is spoken any more).
+// no per-page CRC, and version 1 had no stream; neither is spoken any more).
 // Any message that does not decode, breaks the order
 // (a message of another epoch, a second state, a pre-copy round after a
 // checkpoint), exceeds a limit, repeats a page within an epoch, names a page
 // outside memory, or fails its checksum or digest is a protocol error
 // (ErrProtocol): the backup sends reject with the reason, ends the session,
 // and keeps its last good checkpoint; it never applies part of an epoch
-// (save the disk sync's own streams, see "The disk").
+// (save a stream's sync messages, see "Streams").
 //
-// # The disk
+// # Streams
 //
-// With Config.Disk, the VMM writes its disk through a diskmirror.Mirror,
-// which writes the local image at once and logs each write under the open
-// epoch (see package diskmirror). The backup needs an image of the same size
-// (BackupConfig.Disk); a session whose disks do not match is refused at
-// hello, with nothing written. A session with a disk:
+// With Config.Stream, a device's contents travel with the memory; the
+// backup makes the stream's Sink with BackupConfig.NewSink, and a session
+// whose two sides disagree (a stream and no sink, or a sink refusing the
+// stream's size) is refused at hello, with nothing written. The disk
+// (diskmirror.Source and diskmirror.NewSink) is the stream this project has:
+// the VMM writes its disk through a diskmirror.Mirror, which writes the
+// local image at once and logs each write under the open epoch. A session
+// with a disk:
 //
 //	primary                                   backup
-//	   |---- hello (disk size, block size) ---->|  NewReplica (size checked)
-//	   |<--- welcome, disk-hashes ... ----------|  hash the backup image
-//	   |---- disk-sync(0) ... ----------------->|  precopy: the blocks that
+//	   |---- hello (stream size, block size) -->|  NewSink (size checked)
+//	   |<--- welcome, stream-reply ... ---------|  hash the backup image
+//	   |---- stream-sync(0) ... --------------->|  precopy: the blocks that
 //	   |                                        |  differ, then the blocks the
 //	   |                                        |  guest wrote meanwhile
 //	   |---- pages(0) ... end(0) -------------->|  memory's sync
-//	   |---- disk-sync(0) ... ----------------->|  catch-up: blocks written
-//	   |       (pause 1: disk opens epoch 2)    |  during memory's sync
-//	   |---- pages(1) disk-sync(1) state end -->|  residual: blocks still
+//	   |---- stream-sync(0) ... --------------->|  catch-up: blocks written
+//	   |     (pause 1: stream opens epoch 2)    |  during memory's sync
+//	   |---- pages(1) stream-sync(1) state end >|  residual: blocks still
 //	   |                                        |  dirty at pause 1, as then
-//	   |---- pages(2) disk(2)... state end ---->|  epoch 2's writes, verified
+//	   |---- pages(2) stream(2)... state end -->|  epoch 2's writes, verified
 //	   |<--- ack(2) ----------------------------|  then applied with memory
 //
-// The disk's epochs are the engine's, but its first one opens at the first
-// pause (Open(2)): the writes before it belong to the sync, and the first
-// checkpoint carries the blocks the sync left dirty instead of writes. Sync
-// streams are applied when they arrive, each verified whole, those of the
-// first checkpoint too: the one exception to "never part of an epoch", and a
-// harmless one, since until the first checkpoint is complete there is
-// nothing to resume (ErrNoCheckpoint) and a new session syncs again;
-// every later checkpoint carries its epoch's whole disk stream before its
-// state, under the epoch's checksum, and the backup applies it (in the order
-// of the writes, then fsync) right after the memory of the same epoch, once
-// the epoch is verified and acknowledged. A checkpoint's memory and disk are
-// therefore one: the replica and the backup image always hold the same
-// epoch, and a checkpoint without its disk stream, with a stream that does
-// not verify (any record checksum, a write past the end, another epoch's
-// stream), or with disk data after its state is a protocol error, and
-// nothing of it is applied. At failover the backup image holds the disk of
-// the checkpoint resumed (Failover.Disk), and the VMM's Resume opens it.
+// The stream's epochs are the engine's, but its first one opens at the
+// first pause (Open(2)): what it holds before belongs to the sync, and the
+// first checkpoint carries what the sync left (SyncResidual) instead of an
+// epoch's part. Sync messages are applied when they arrive, each verified
+// whole by the sink, those of the first checkpoint too: the one exception
+// to "never part of an epoch", and a harmless one, since until the first
+// checkpoint is complete there is nothing to resume (ErrNoCheckpoint) and a
+// new session syncs again; every later checkpoint carries its epoch's whole
+// part before its state, under the epoch's checksum, and the backup commits
+// it (a disk: the writes in order, then fsync) right after the memory of
+// the same epoch, once the epoch is verified and acknowledged. A
+// checkpoint's memory and stream are therefore one: the replica and the
+// backup image always hold the same epoch, and a checkpoint without its
+// part, with a part that does not verify (a disk's record checksum, a write
+// past the end, another epoch's part), or with stream data after its state
+// is a protocol error, and nothing of it is applied. At failover the sink
+// holds the checkpoint resumed (Failover.Stream), and the VMM's Resume
+// opens the disk.
 //
 // The guest's flushes and FUA writes are honoured on the primary's image
 // (diskmirror.Mirror.Sync); on the backup every applied epoch is made
@@ -204,8 +211,8 @@
 // (ErrReplicaCorrupt if they differ), and calls
 // BackupConfig.Resume with the Checkpoint: the state and the replica file,
 // which the VMM maps directly (testvm.Restore does), without a copy. With a
-// disk, the backup first brings its image to the checkpoint's epoch
-// (diskmirror.Replica.Failover: nothing later is applied). A primary
+// stream, the backup first brings its sink to the checkpoint's epoch
+// (Sink.Failover: nothing later is applied). A primary
 // lost before its first checkpoint leaves nothing to resume (ErrNoCheckpoint);
 // one that said bye, nothing to fail over (ErrPrimaryStopped).
 //

@@ -304,8 +304,8 @@ func Example_disk() {
 		return
 	}
 	backup, err := replicate.NewBackup(replicate.BackupConfig{
-		NewMemory: tempMemory, // as in Example
-		Disk:      remote,     // the backup's image, of the primary's size
+		NewMemory: tempMemory,                                             // as in Example
+		NewSink:   diskmirror.NewSink(remote, diskmirror.ReplicaConfig{}), // the backup's image, of the primary's size
 		Resume: func(cp *replicate.Checkpoint) error {
 			defer cp.Memory.Close()
 			count := binary.LittleEndian.Uint64(cp.State)
@@ -331,7 +331,12 @@ func Example_disk() {
 		fmt.Println(err)
 		return
 	}
-	primary, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Disk: mirror, Log: quiet})
+	stream, err := diskmirror.NewSource(mirror, diskmirror.SourceConfig{})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	primary, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Stream: stream, Log: quiet})
 	if err != nil {
 		fmt.Println(err)
 		return

@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,7 +15,6 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/dirtylog"
-	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/faultpoint"
 )
 
@@ -40,8 +38,8 @@ const (
 var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
 
 // RefusedError is a backup's refusal of a session, with the reason it gave
-// (its VM shape, version, disk or memory limit). Run returns it (errors.As)
-// when the backup rejects the hello or the disk set-up.
+// (its VM shape, version, stream or memory limit). Run returns it (errors.As)
+// when the backup rejects the hello or the stream's set-up.
 type RefusedError struct {
 	Reason string
 }
@@ -97,23 +95,16 @@ type Config struct {
 	NoThrottle       bool
 	// Gates hold output until its epoch is acknowledged.
 	Gates []OutputGate
-	// Disk, when set, mirrors the VM's disk with its memory (property P4):
-	// the VMM sends its disk writes through it. The engine syncs the image to
-	// the backup's before the first checkpoint (hash lists, so blocks the
-	// backup holds are not sent), ships each epoch's writes inside the
-	// epoch, covered by its end record, and the backup applies them when it
-	// applies the epoch's memory. The backup must have a disk of the same
-	// size (BackupConfig.Disk). The engine drives it as a gate, except that
-	// its first epoch opens at the first checkpoint, not at Run: the writes
-	// before it are the sync's.
-	Disk *diskmirror.Mirror
-	// DiskBlock is the disk sync's block size (0: diskmirror.DefaultBlockSize).
-	DiskBlock int
-	// DiskSync tunes the disk sync's rounds; its Batch must be at most
-	// MaxDiskSyncBatch (a sync stream travels as one message).
-	DiskSync diskmirror.SyncConfig
-	// OnDiskSync receives the disk sync's progress after each of its phases.
-	OnDiskSync func(DiskSyncProgress)
+	// Stream, when set, is a device replicated with the memory (property P4
+	// for a disk: diskmirror.Source). The engine syncs it to the backup's
+	// sink (BackupConfig.NewSink) before the first checkpoint, ships each
+	// epoch's part inside the epoch, covered by its end record, and the
+	// backup applies it when it applies the epoch's memory. The engine drives
+	// it as a gate, except that its first epoch opens at the first
+	// checkpoint, not at Run: what it holds before is the sync's.
+	Stream Stream
+	// OnStreamSync receives the stream sync's progress after each phase.
+	OnStreamSync func(StreamSyncProgress)
 	// AuditEvery, when not 0, digests all of guest memory in the pause of
 	// every AuditEvery-th epoch and checks it against the incremental digest
 	// sent to the backup: proof that dirty tracking missed no page, at the
@@ -179,38 +170,26 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Log == nil {
 		c.Log = slog.Default()
 	}
-	if c.Disk != nil {
-		if c.DiskBlock == 0 {
-			c.DiskBlock = diskmirror.DefaultBlockSize
+	if c.Stream != nil {
+		if in := c.Stream.Info(); in.Size <= 0 || in.Block == 0 {
+			return c, fmt.Errorf("stream of %d bytes in %d-byte blocks: want both above 0", in.Size, in.Block)
 		}
-		if c.DiskBlock < diskmirror.MinBlockSize || c.DiskBlock > diskmirror.MaxBlockSize || c.DiskBlock&(c.DiskBlock-1) != 0 {
-			return c, fmt.Errorf("disk sync block size %d: want a power of two from %d to %d", c.DiskBlock, diskmirror.MinBlockSize, diskmirror.MaxBlockSize)
-		}
-		if c.DiskSync.Batch == 0 {
-			c.DiskSync.Batch = MaxDiskSyncBatch
-		}
-		if c.DiskSync.Batch < 0 || c.DiskSync.Batch > MaxDiskSyncBatch {
-			return c, fmt.Errorf("disk sync batch of %d bytes: want 1 to %d", c.DiskSync.Batch, MaxDiskSyncBatch)
-		}
-		if diskmirror.HashListSize(c.Disk.Size(), c.DiskBlock) < 0 {
-			return c, fmt.Errorf("disk of %d bytes has more than %d blocks of %d bytes: use larger blocks", c.Disk.Size(), diskmirror.MaxBlocks, c.DiskBlock)
+		if n := c.Stream.ReplySize(); n < 0 {
+			return c, fmt.Errorf("stream expects a reply of %d bytes", n)
 		}
 	}
 	return c, nil
 }
 
-// MaxDiskSyncBatch is the most block data in one disk sync stream: a stream
-// is one message, and a message at most MaxPayload.
-const MaxDiskSyncBatch = 4 << 20
-
-// diskChunk is the most of an epoch's disk stream in one disk message.
-const diskChunk = 1 << 20
+// streamChunk is the most of an epoch's stream part, or of a sink's reply,
+// in one message.
+const streamChunk = 1 << 20
 
 // Primary is the engine on the VM's host: it syncs the VM to a backup, then
 // checkpoints it every interval and ships each epoch while the guest runs.
 type Primary struct {
 	cfg    Config
-	gates  []OutputGate // cfg.Gates, then cfg.Disk
+	gates  []OutputGate // cfg.Gates, then cfg.Stream
 	lay    layout
 	src    dirtylog.Source
 	set    *dirtylog.Set
@@ -226,13 +205,13 @@ type Primary struct {
 	rd   *msgReader
 	wmu  sync.Mutex // serialises writes to conn
 
-	work     chan *batch
-	jobs     chan *epochJob
-	inflight chan struct{} // a token per epoch captured and not yet acknowledged
-	hold     workerHold    // set during pauses: workers wait
-	gpaLists chan []uint64 // page lists of sent epochs, for reuse
-	diskBuf  []byte        // the sender's buffer for disk messages
-	gmu      sync.RWMutex  // Open and Commit share it; Discard and Release hold it alone
+	work      chan *batch
+	jobs      chan *epochJob
+	inflight  chan struct{} // a token per epoch captured and not yet acknowledged
+	hold      workerHold    // set during pauses: workers wait
+	gpaLists  chan []uint64 // page lists of sent epochs, for reuse
+	streamBuf []byte        // the sender's buffer for stream messages
+	gmu       sync.RWMutex  // Open and Commit share it; Discard and Release hold it alone
 
 	amu  sync.Mutex // guards sent
 	sent []pendingEpoch
@@ -278,8 +257,8 @@ func NewPrimary(cfg Config) (*Primary, error) {
 	}
 	p.cfg = cfg
 	p.gates = cfg.Gates
-	if cfg.Disk != nil {
-		p.gates = append(append([]OutputGate(nil), cfg.Gates...), cfg.Disk)
+	if cfg.Stream != nil {
+		p.gates = append(append([]OutputGate(nil), cfg.Gates...), cfg.Stream)
 	}
 	p.stage = newArena(cfg.StagingBytes / PageSize)
 	p.digest = newDigestTable(p.lay.shape.Pages())
@@ -329,7 +308,7 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	log := p.cfg.Log
 	defer conn.Close()
 	stopCtx := context.AfterFunc(ctx, func() { conn.Close() })
-	remote, err := p.handshake()
+	err = p.handshake()
 	if !stopCtx() || ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -384,12 +363,13 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	if concurrent {
 		prefaulted = nil // the first checkpoint need not wait for it
 	}
-	// The disk is not opened here: its writes until the first checkpoint are
-	// the disk sync's, and its epochs start with the first pause's Open(2).
+	// The stream is not opened here: what it holds until the first
+	// checkpoint is its sync's, and its epochs start with the first pause's
+	// Open(2).
 	if err := p.gateCall(p.cfg.Gates, func(g OutputGate) error { return g.Open(1) }); err != nil {
 		return p.unprotected(err)
 	}
-	if err := p.initialSync(ctx, remote); err != nil {
+	if err := p.initialSync(ctx); err != nil {
 		if ctx.Err() != nil && len(p.inflight) == 0 {
 			return p.finish() // stopped between rounds: say bye
 		}
@@ -411,71 +391,64 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	return p.finish()
 }
 
-// handshake sends Hello and waits for Welcome or Reject. With a disk, it
-// then reads the backup image's hash list (the backup sends heartbeats while
-// it hashes) and returns it.
-func (p *Primary) handshake() ([]diskmirror.Hash, error) {
+// handshake sends Hello and waits for Welcome or Reject. With a stream, it
+// then reads the backup sink's reply (the backup sends heartbeats while it
+// makes it) and gives it to the stream.
+func (p *Primary) handshake() error {
 	hello := Hello{Version: Version, MinVersion: MinVersion, Shape: p.lay.shape, Interval: p.cfg.Interval,
 		Heartbeat: p.cfg.Heartbeat, VMM: p.cfg.VMM}
-	if d := p.cfg.Disk; d != nil {
-		hello.DiskSize, hello.DiskBlock = d.Size(), uint32(p.cfg.DiskBlock)
+	want := int64(-1)
+	if st := p.cfg.Stream; st != nil {
+		hello.Stream, want = st.Info(), st.ReplySize()
 	}
 	if err := p.writeMsg(encodeMsg(nil, MsgHello, 0, appendHello(nil, hello))); err != nil {
-		return nil, fmt.Errorf("send hello: %w", err)
+		return fmt.Errorf("send hello: %w", err)
 	}
-	var list []byte
-	want := int64(-1)
-	if p.cfg.Disk != nil {
-		want = diskmirror.HashListSize(hello.DiskSize, p.cfg.DiskBlock)
-	}
+	var reply []byte
 	welcomed := false
 	for {
+		if welcomed && int64(len(reply)) == want {
+			if err := p.cfg.Stream.Attach(reply); err != nil {
+				return protoErr("stream reply: %v", err)
+			}
+			return nil
+		}
+		if welcomed && want < 0 {
+			return nil
+		}
 		h, payload, err := p.rd.ReadMsg()
 		if err != nil {
 			if isTimeout(err) {
-				err = fmt.Errorf("no answer in %v", p.cfg.HeartbeatTimeout)
+				err = fmt.Errorf("no answer in %v: %w", p.cfg.HeartbeatTimeout, err)
 			}
 			if welcomed {
-				return nil, fmt.Errorf("wait for the backup image's hash list: %w", err)
+				return fmt.Errorf("wait for the backup sink's reply: %w", err)
 			}
-			return nil, fmt.Errorf("wait for the backup's welcome: %w", err)
+			return fmt.Errorf("wait for the backup's welcome: %w", err)
 		}
 		switch {
 		case h.Type == MsgReject:
 			reason, err := decodeReject(payload)
 			if err != nil {
-				return nil, err
+				return err
 			}
-			return nil, &RefusedError{Reason: reason}
+			return &RefusedError{Reason: reason}
 		case h.Type == MsgWelcome && !welcomed:
 			if _, err := decodeWelcome(payload); err != nil {
-				return nil, err
+				return err
 			}
 			welcomed = true
 		case h.Type == MsgHeartbeat && welcomed:
 			if _, err := decodeHeartbeat(payload); err != nil {
-				return nil, err
+				return err
 			}
-		case h.Type == MsgDiskHashes && welcomed && want >= 0:
-			if int64(len(list)+len(payload)) > want {
-				return nil, protoErr("disk hash list longer than the %d bytes of a %d-byte image in %d-byte blocks", want, hello.DiskSize, hello.DiskBlock)
+		case h.Type == MsgStreamReply && welcomed && want >= 0:
+			if int64(len(reply)+len(payload)) > want {
+				return protoErr("stream reply longer than the %d bytes the stream expects", want)
 			}
-			list = append(list, payload...)
+			reply = append(reply, payload...)
 		default:
-			return nil, protoErr("backup answered hello with %v", h.Type)
-		}
-		if welcomed && int64(len(list)) == want {
-			hs, block, err := diskmirror.DecodeHashes(bytes.NewReader(list), hello.DiskSize)
-			if err == nil && block != p.cfg.DiskBlock {
-				err = fmt.Errorf("blocks of %d bytes, asked for %d", block, p.cfg.DiskBlock)
-			}
-			if err != nil {
-				return nil, protoErr("disk hash list: %v", err)
-			}
-			return hs, nil
-		}
-		if welcomed && want < 0 {
-			return nil, nil
+			return protoErr("backup answered hello with %v", h.Type)
 		}
 	}
 }
@@ -498,7 +471,7 @@ func (p *Primary) writeMsg(b []byte) error {
 
 // writeFrame writes one message from its header's fields and its payload,
 // in one vectored write, without copying the payload into a message first
-// (a disk sync stream is up to 4 MiB), and returns the header, for
+// (a stream's sync message is up to 4 MiB), and returns the header, for
 // checksums.
 func (p *Primary) writeFrame(t MsgType, epoch uint64, payload []byte) ([HeaderSize]byte, error) {
 	var hb [HeaderSize]byte
@@ -796,43 +769,42 @@ func (p *Primary) heartbeatLoop() {
 // initialSync copies all of memory while the guest runs, then pre-copy
 // rounds of what it dirtied meanwhile, until the dirty set is small or stops
 // shrinking. The pages dirty after the last round stay in p.set for the first
-// checkpoint. With a disk, the disk's sync comes first (the bulk of it) and
-// last (the blocks written while memory was copied), so that its residual is
-// what the guest writes during one short round.
-func (p *Primary) initialSync(ctx context.Context, remote []diskmirror.Hash) error {
-	if p.cfg.Disk != nil {
-		if err := p.diskSync(ctx, "precopy", func(send func([]byte) error) (diskmirror.SyncStats, error) {
-			return p.cfg.Disk.Precopy(remote, p.cfg.DiskBlock, p.cfg.DiskSync, send)
-		}); err != nil {
+// checkpoint. With a stream, its sync comes first (the bulk of it) and last
+// (what changed while memory was copied), so that its residual is what the
+// guest changes during one short round.
+func (p *Primary) initialSync(ctx context.Context) error {
+	if p.cfg.Stream != nil {
+		if err := p.streamSync(ctx, SyncPrecopy); err != nil {
 			return err
 		}
 	}
 	if err := p.memorySync(ctx); err != nil {
 		return err
 	}
-	if p.cfg.Disk != nil {
-		return p.diskSync(ctx, "catch-up", func(send func([]byte) error) (diskmirror.SyncStats, error) {
-			return p.cfg.Disk.CatchUp(p.cfg.DiskBlock, p.cfg.DiskSync, send)
-		})
+	if p.cfg.Stream != nil {
+		return p.streamSync(ctx, SyncCatchUp)
 	}
 	return nil
 }
 
-// diskSync runs one phase of the disk sync, sending its streams as disk-sync
-// messages of epoch 0 (between pre-copy rounds: the sender is idle), and
-// reports it.
-func (p *Primary) diskSync(ctx context.Context, phase string, run func(send func([]byte) error) (diskmirror.SyncStats, error)) error {
+// streamSync runs one phase of the stream's sync, sending its messages as
+// stream-sync messages of epoch 0 (between pre-copy rounds: the sender is
+// idle), and reports it.
+func (p *Primary) streamSync(ctx context.Context, phase SyncPhase) error {
 	t0 := time.Now()
 	var wire uint64
-	st, err := run(func(stream []byte) error {
+	st, err := p.cfg.Stream.Sync(phase, func(msg []byte) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		if p.isLost() {
 			return p.lostErr
 		}
-		wire += HeaderSize + uint64(len(stream))
-		_, err := p.writeFrame(MsgDiskSync, 0, stream)
+		if len(msg) > MaxStreamMessage {
+			return fmt.Errorf("stream sync message of %d bytes exceeds MaxStreamMessage (%d)", len(msg), MaxStreamMessage)
+		}
+		wire += HeaderSize + uint64(len(msg))
+		_, err := p.writeFrame(MsgStreamSync, 0, msg)
 		return err
 	})
 	if err != nil {
@@ -842,12 +814,16 @@ func (p *Primary) diskSync(ctx context.Context, phase string, run func(send func
 		if p.isLost() {
 			return p.lostErr
 		}
-		return fmt.Errorf("disk sync (%s): %w", phase, err)
+		return fmt.Errorf("stream sync (%v): %w", phase, err)
 	}
-	if p.cfg.OnDiskSync != nil {
-		p.cfg.OnDiskSync(DiskSyncProgress{Phase: phase, SyncStats: st, WireBytes: wire, Took: time.Since(t0)})
-	}
+	p.reportStreamSync(phase, st, wire, t0)
 	return nil
+}
+
+func (p *Primary) reportStreamSync(phase SyncPhase, st StreamSync, wire uint64, t0 time.Time) {
+	if p.cfg.OnStreamSync != nil {
+		p.cfg.OnStreamSync(StreamSyncProgress{Phase: phase, StreamSync: st, WireBytes: wire, Took: time.Since(t0)})
+	}
 }
 
 // memorySync is the memory part of initialSync.
@@ -1057,12 +1033,12 @@ type epochJob struct {
 	cpu         atomic.Int64  // ns of the engine's CPU spent on it: pause, copy helpers, workers, sender
 }
 
-// sendDisk sends checkpoint n's disk part, between its pages and its state,
-// covered by the epoch's checksum: for the first checkpoint the disk sync's
-// residual (the blocks still dirty at its pause, as they were then), for the
-// others the writes of the epoch (diskmirror's epoch stream, in pieces). It
-// returns the bytes it put on the wire.
-func (p *Primary) sendDisk(n uint64, st *EpochStats, crc *uint32) (uint64, error) {
+// sendStream sends checkpoint n's part of the stream, between its pages and
+// its state, covered by the epoch's checksum: for the first checkpoint the
+// sync's residual (what was still changed at its pause, as it was then), for
+// the others what the epoch wrote, in pieces. It returns the bytes it put on
+// the wire.
+func (p *Primary) sendStream(n uint64, st *EpochStats, crc *uint32) (uint64, error) {
 	var wire uint64
 	send := func(t MsgType, payload []byte) error {
 		hb, err := p.writeFrame(t, n, payload)
@@ -1075,29 +1051,32 @@ func (p *Primary) sendDisk(n uint64, st *EpochStats, crc *uint32) (uint64, error
 	}
 	if n == 1 {
 		t0 := time.Now()
-		rs, err := p.cfg.Disk.SendResidual(p.cfg.DiskSync.Batch, func(stream []byte) error { return send(MsgDiskSync, stream) })
+		rs, err := p.cfg.Stream.Sync(SyncResidual, func(msg []byte) error {
+			if len(msg) > MaxStreamMessage {
+				return fmt.Errorf("stream sync message of %d bytes exceeds MaxStreamMessage (%d)", len(msg), MaxStreamMessage)
+			}
+			return send(MsgStreamSync, msg)
+		})
 		if err != nil {
-			return wire, fmt.Errorf("send epoch 1's disk residual: %w", err)
+			return wire, fmt.Errorf("send epoch 1's stream residual: %w", err)
 		}
-		st.DiskWrites, st.DiskBytes, st.DiskWireBytes = rs.Sent, uint64(rs.Bytes), wire
-		if p.cfg.OnDiskSync != nil {
-			p.cfg.OnDiskSync(DiskSyncProgress{Phase: "residual", SyncStats: rs, WireBytes: wire, Took: time.Since(t0)})
-		}
+		st.StreamRecords, st.StreamBytes, st.StreamWireBytes = rs.Sent, uint64(rs.Bytes), wire
+		p.reportStreamSync(SyncResidual, rs, wire, t0)
 		return wire, nil
 	}
-	r, sum, err := p.cfg.Disk.Epoch(n)
+	r, sum, err := p.cfg.Stream.Epoch(n)
 	if err != nil {
-		return 0, fmt.Errorf("epoch %d's disk writes: %w", n, err)
+		return 0, fmt.Errorf("epoch %d's stream part: %w", n, err)
 	}
-	if p.diskBuf == nil {
-		p.diskBuf = make([]byte, diskChunk)
+	if p.streamBuf == nil {
+		p.streamBuf = make([]byte, streamChunk)
 	}
 	var total int64
 	for {
-		k, rerr := io.ReadFull(r, p.diskBuf)
+		k, rerr := io.ReadFull(r, p.streamBuf)
 		total += int64(k)
 		if k > 0 {
-			if err := send(MsgDisk, p.diskBuf[:k]); err != nil {
+			if err := send(MsgStreamEpoch, p.streamBuf[:k]); err != nil {
 				return wire, err
 			}
 		}
@@ -1105,13 +1084,13 @@ func (p *Primary) sendDisk(n uint64, st *EpochStats, crc *uint32) (uint64, error
 			break
 		}
 		if rerr != nil {
-			return wire, fmt.Errorf("read epoch %d's disk writes: %w", n, rerr)
+			return wire, fmt.Errorf("read epoch %d's stream part: %w", n, rerr)
 		}
 	}
 	if total != sum.Encoded {
-		return wire, fmt.Errorf("epoch %d's disk writes: read %d bytes of a %d-byte stream", n, total, sum.Encoded)
+		return wire, fmt.Errorf("epoch %d's stream part: read %d bytes of %d", n, total, sum.Encoded)
 	}
-	st.DiskWrites, st.DiskBytes, st.DiskWireBytes = sum.Writes, uint64(sum.Bytes), wire
+	st.StreamRecords, st.StreamBytes, st.StreamWireBytes = sum.Records, uint64(sum.Bytes), wire
 	return wire, nil
 }
 

@@ -340,9 +340,9 @@ func (p *Primary) sendLoop() {
 }
 
 // send compresses a job's pages in parallel and writes them in order, then
-// (for a checkpoint) the disk writes and the state, then the end record.
+// (for a checkpoint) the stream's part and the state, then the end record.
 func (p *Primary) send(job *epochJob) error {
-	// The sending's CPU time: all but its waits for workers, and the disk
+	// The sending's CPU time: all but its waits for workers, and the device
 	// stream (the engine's CPU figures are the memory path's).
 	var m cpuclock.Meter
 	m.Start()
@@ -411,9 +411,9 @@ func (p *Primary) send(job *epochJob) error {
 		if nb == 0 {
 			p.hook(faultpoint.Send, job.epoch) // no pages: half sent is nothing sent
 		}
-		if p.cfg.Disk != nil {
+		if p.cfg.Stream != nil {
 			m.Stop()
-			n, err := p.sendDisk(job.epoch, st, &crc)
+			n, err := p.sendStream(job.epoch, st, &crc)
 			m.Start()
 			wire += n
 			if err != nil {

@@ -4,8 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"time"
-
-	"github.com/repagent/repagent/diskmirror"
 )
 
 // EpochStats describes one checkpoint epoch on the primary. The pause the
@@ -39,11 +37,12 @@ type EpochStats struct {
 	// RawBytes is the pages' size; WireBytes what the epoch took on the wire
 	// (pages, state, headers); StateBytes the machine state's size.
 	RawBytes, WireBytes, StateBytes uint64
-	// DiskWrites is the disk write records the epoch carried, DiskBytes their
-	// data, DiskWireBytes their messages (part of WireBytes). The first
-	// checkpoint carries the disk sync's residual blocks instead.
-	DiskWrites               int
-	DiskBytes, DiskWireBytes uint64
+	// StreamRecords is the records of the stream (Config.Stream: a disk's
+	// writes) the epoch carried, StreamBytes their data, StreamWireBytes
+	// their messages (part of WireBytes). The first checkpoint carries the
+	// stream sync's residual instead (units sent, their bytes).
+	StreamRecords                int
+	StreamBytes, StreamWireBytes uint64
 	// Transfer is from the end of the pause to the epoch's end record written.
 	Transfer time.Duration
 	// AckLatency is from the end record written to the backup's ack.
@@ -96,9 +95,9 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 		Raw        uint64  `json:"raw_bytes"`
 		Wire       uint64  `json:"wire_bytes"`
 		State      uint64  `json:"state_bytes"`
-		DiskWrites int     `json:"disk_writes,omitempty"`
-		DiskBytes  uint64  `json:"disk_bytes,omitempty"`
-		DiskWire   uint64  `json:"disk_wire_bytes,omitempty"`
+		Records    int     `json:"stream_records,omitempty"`
+		StreamB    uint64  `json:"stream_bytes,omitempty"`
+		StreamWire uint64  `json:"stream_wire_bytes,omitempty"`
 		TransferUS float64 `json:"transfer_us"`
 		AckUS      float64 `json:"ack_us"`
 		CPUUS      float64 `json:"cpu_us"`
@@ -109,7 +108,7 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 	}{
 		s.Epoch, s.Start.UTC().Format(time.RFC3339Nano), us(s.Wait), us(s.Pause), us(s.Kick), us(s.Harvest), us(s.Save),
 		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.CopyThreads, s.DirtyPages, s.ZeroPages, s.LZ4Pages,
-		s.RawBytes, s.WireBytes, s.StateBytes, s.DiskWrites, s.DiskBytes, s.DiskWireBytes, us(s.Transfer), us(s.AckLatency),
+		s.RawBytes, s.WireBytes, s.StateBytes, s.StreamRecords, s.StreamBytes, s.StreamWireBytes, us(s.Transfer), us(s.AckLatency),
 		us(s.CPU), us(s.BackupCPU), FormatDigest(s.Digest), s.Audited, s.Note,
 	})
 }
@@ -174,16 +173,6 @@ type SyncProgress struct {
 	// Holes, in round 0, is how many of its pages lay in holes of the VM's
 	// memory file and were sent as zero pages unread (MemoryBacking).
 	Holes int
-}
-
-// DiskSyncProgress reports a phase of the disk sync: "precopy" (the bulk,
-// before memory's), "catch-up" (the blocks written while memory synced),
-// "residual" (the blocks still dirty at the first checkpoint, sent in it).
-type DiskSyncProgress struct {
-	Phase string
-	diskmirror.SyncStats
-	WireBytes uint64        // the phase's messages on the wire
-	Took      time.Duration // the phase's time
 }
 
 // Rate is the round's replication rate in bytes of guest memory per second.

@@ -88,7 +88,7 @@ type streamResult struct {
 	backup     *replicate.Backup
 	acked      map[uint64]uint64 // epoch → digest, as the primary recorded them
 	counts     map[uint64]uint64 // epoch → the toy's count at its pause (acknowledged or not)
-	diskSync   []replicate.DiskSyncProgress
+	diskSync   []replicate.StreamSyncProgress
 	oversize   int // epochs acknowledged that were sent during their pause
 }
 
@@ -137,7 +137,7 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 		Log:    testLog(t),
 	}
 	if o.backupDisk != nil {
-		bcfg.Disk = o.backupDisk
+		bcfg.NewSink = diskmirror.NewSink(o.backupDisk, diskmirror.ReplicaConfig{})
 	}
 	b, err := replicate.NewBackup(bcfg)
 	if err != nil {
@@ -163,8 +163,14 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var stream replicate.Stream
+	if o.disk != nil {
+		if stream, err = diskmirror.NewSource(o.disk, diskmirror.SourceConfig{Block: o.diskBlock}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t),
-		Disk: o.disk, DiskBlock: o.diskBlock, StagingBytes: o.staging,
+		Stream: stream, StagingBytes: o.staging,
 		OnEpoch: func(s *replicate.EpochStats) {
 			mu.Lock()
 			res.acked[s.Epoch] = s.Digest
@@ -173,7 +179,7 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 			}
 			mu.Unlock()
 		},
-		OnDiskSync: func(d replicate.DiskSyncProgress) {
+		OnStreamSync: func(d replicate.StreamSyncProgress) {
 			mu.Lock()
 			res.diskSync = append(res.diskSync, d)
 			mu.Unlock()

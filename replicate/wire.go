@@ -13,7 +13,7 @@ import (
 
 // Protocol versions. A backup accepts a primary whose version range
 // [MinVersion, Version] overlaps its own and speaks the highest common one.
-// Version 2 added the disk (hello's disk fields, the disk messages); version
+// Version 2 added the device stream (hello's stream fields, the stream messages); version
 // 3 put each page's CRC in its entry and its data after the entries, made
 // the end record's checksum cover the page CRCs instead of the page bytes,
 // and added the backup's CPU time to the ack and progress to heartbeats. A
@@ -51,24 +51,24 @@ func protoErr(format string, args ...any) error {
 type MsgType uint16
 
 const (
-	_             MsgType = iota
-	MsgHello              // P→B: magic, versions, VM shape, timing
-	MsgWelcome            // B→P: the version chosen
-	MsgReject             // either way: the session is refused or ended, with a reason
-	MsgPages              // P→B: a batch of pages of the epoch in the header
-	MsgState              // P→B: the machine state of the epoch in the header
-	MsgEnd                // P→B: end of epoch: page count, checksum, memory digest
-	MsgAck                // B→P: the epoch in the header is safe on the backup
-	MsgHeartbeat          // either way: still alive
-	MsgBye                // P→B: the primary stops on purpose; do not fail over
-	MsgDiskHashes         // B→P: part of the backup image's hash list, for the disk sync
-	MsgDiskSync           // P→B: a disk sync stream: blocks applied at once
-	MsgDisk               // P→B: part of the disk writes of the checkpoint epoch in the header
+	_              MsgType = iota
+	MsgHello               // P→B: magic, versions, VM shape, timing
+	MsgWelcome             // B→P: the version chosen
+	MsgReject              // either way: the session is refused or ended, with a reason
+	MsgPages               // P→B: a batch of pages of the epoch in the header
+	MsgState               // P→B: the machine state of the epoch in the header
+	MsgEnd                 // P→B: end of epoch: page count, checksum, memory digest
+	MsgAck                 // B→P: the epoch in the header is safe on the backup
+	MsgHeartbeat           // either way: still alive
+	MsgBye                 // P→B: the primary stops on purpose; do not fail over
+	MsgStreamReply         // B→P: part of the backup sink's reply to hello (a disk image's hash list)
+	MsgStreamSync          // P→B: a stream sync message (disk blocks), applied at once
+	MsgStreamEpoch         // P→B: part of the stream of the checkpoint epoch in the header (disk writes)
 	msgTypes
 )
 
 var msgNames = [...]string{"invalid", "hello", "welcome", "reject", "pages", "state", "end", "ack", "heartbeat", "bye",
-	"disk-hashes", "disk-sync", "disk"}
+	"stream-reply", "stream-sync", "stream"}
 
 func (t MsgType) String() string {
 	if t < msgTypes {
@@ -196,8 +196,8 @@ func (s Shape) check() error {
 //	40  heartbeat  int64 ns (the primary's heartbeat period)
 //	48  nRegions   uint32
 //	52  vmmLen     uint32
-//	56  diskSize   uint64 (bytes of the mirrored disk image; 0: no disk)
-//	64  diskBlock  uint32 (the disk sync's block size; 0 without a disk)
+//	56  streamSize  uint64 (bytes of the device stream, a mirrored disk; 0: none)
+//	64  streamBlock uint32 (the stream sync's block size; 0 without a stream)
 //	68  pad        uint32
 //	72  regions    nRegions × {slot uint32, pad uint32, gpa uint64, size uint64}
 //	..  vmm        vmmLen bytes, UTF-8 (who the primary is, for messages)
@@ -206,8 +206,7 @@ type Hello struct {
 	Shape               Shape
 	Interval            time.Duration
 	Heartbeat           time.Duration
-	DiskSize            int64
-	DiskBlock           uint32
+	Stream              StreamInfo
 	VMM                 string
 }
 
@@ -224,8 +223,8 @@ func appendHello(dst []byte, h Hello) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(h.Heartbeat))
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(h.Shape.Regions)))
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(h.VMM)))
-	dst = binary.LittleEndian.AppendUint64(dst, uint64(h.DiskSize))
-	dst = binary.LittleEndian.AppendUint32(dst, h.DiskBlock)
+	dst = binary.LittleEndian.AppendUint64(dst, uint64(h.Stream.Size))
+	dst = binary.LittleEndian.AppendUint32(dst, h.Stream.Block)
 	dst = binary.LittleEndian.AppendUint32(dst, 0)
 	for _, r := range h.Shape.Regions {
 		dst = binary.LittleEndian.AppendUint32(dst, r.Slot)
@@ -278,12 +277,12 @@ func decodeHello(b []byte) (Hello, error) {
 	if want := helloFixed + int(n)*24 + int(vl); len(b) != want {
 		return Hello{}, protoErr("hello: %d bytes, want %d for %d regions", len(b), want, n)
 	}
-	h.DiskSize, h.DiskBlock = int64(le.Uint64(b[56:])), le.Uint32(b[64:])
+	h.Stream = StreamInfo{Size: int64(le.Uint64(b[56:])), Block: le.Uint32(b[64:])}
 	if le.Uint32(b[68:]) != 0 {
-		return Hello{}, protoErr("hello: nonzero padding after the disk block size")
+		return Hello{}, protoErr("hello: nonzero padding after the stream block size")
 	}
-	if h.DiskSize < 0 || (h.DiskSize == 0) != (h.DiskBlock == 0) {
-		return Hello{}, protoErr("hello: disk of %d bytes in %d-byte sync blocks (both 0 without a disk)", h.DiskSize, h.DiskBlock)
+	if s := h.Stream; s.Size < 0 || (s.Size == 0) != (s.Block == 0) {
+		return Hello{}, protoErr("hello: stream of %d bytes in %d-byte sync blocks (both 0 without a stream)", s.Size, s.Block)
 	}
 	if h.Interval < MinInterval || h.Interval > MaxInterval || h.Heartbeat < time.Millisecond || h.Heartbeat > MaxInterval {
 		return Hello{}, protoErr("hello: interval %v (want %v to %v) or heartbeat %v (want 1ms to %v) out of range",
@@ -503,7 +502,7 @@ func checkPages(b []byte) (int, error) {
 //	8  digest   uint64 (memory digest once the epoch is applied)
 //	16 checksum uint32 (CRC32C, in stream order, of the epoch's messages with page data left out:
 //	                   of each Pages message its header, count, pad and entries (with the pages' CRCs);
-//	                   of each DiskSync, Disk and State message of a checkpoint, header and payload)
+//	                   of each StreamSync, StreamEpoch and State message of a checkpoint, header and payload)
 //	20 kind     uint32 (1 pre-copy round, 2 checkpoint)
 //	24 round    uint32 (pre-copy round; 0 for a checkpoint)
 //	28 pad      uint32

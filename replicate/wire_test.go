@@ -173,7 +173,7 @@ func FuzzDecodeHello(f *testing.F) {
 	// Empty version range.
 	f.Add(patched(valid, helloOffMin, uint32(3)))
 	// A valid hello with a disk; a disk without a block size; nonzero padding.
-	f.Add(helloWith(func(h *Hello) { h.DiskSize, h.DiskBlock = 64<<20, 1<<20 }))
+	f.Add(helloWith(func(h *Hello) { h.Stream = StreamInfo{Size: 64 << 20, Block: 1 << 20} }))
 	f.Add(patched(valid, helloOffDiskSize, uint64(4096)))
 	f.Add(patched(valid, helloOffDiskPad, uint32(9)))
 	// Zero interval; negative heartbeat.
@@ -205,7 +205,7 @@ func FuzzDecodeHello(f *testing.F) {
 			t.Fatalf("decoded an invalid shape: %v", err)
 		}
 		if h.MinVersion > h.Version || h.Interval <= 0 || h.Heartbeat <= 0 || !utf8.ValidString(h.VMM) ||
-			h.DiskSize < 0 || (h.DiskSize == 0) != (h.DiskBlock == 0) {
+			h.Stream.Size < 0 || (h.Stream.Size == 0) != (h.Stream.Block == 0) {
 			t.Fatalf("decoded an invalid hello: %+v", h)
 		}
 		if got := appendHello(nil, h); !bytes.Equal(got, b) {
@@ -259,10 +259,10 @@ func TestDecodeHelloRejects(t *testing.T) {
 		// about versions, not about its hello's length.
 		{"a version-1 primary", patched(patched(append(bytes.Clone(valid[:helloOffDiskSize]), valid[helloFixed:]...),
 			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 3..3"},
-		{"disk without block size", patched(valid, helloOffDiskSize, uint64(1<<20)), "disk of 1048576 bytes in 0-byte sync blocks"},
-		{"block size without disk", patched(valid, helloOffDiskBlk, uint32(4096)), "disk of 0 bytes in 4096-byte sync blocks"},
-		{"negative disk size", patched(patched(valid, helloOffDiskSize, uint64(1<<63)), helloOffDiskBlk, uint32(4096)), "disk of -9223372036854775808 bytes"},
-		{"disk padding", patched(valid, helloOffDiskPad, uint32(1)), "nonzero padding after the disk block size"},
+		{"disk without block size", patched(valid, helloOffDiskSize, uint64(1<<20)), "stream of 1048576 bytes in 0-byte sync blocks"},
+		{"block size without disk", patched(valid, helloOffDiskBlk, uint32(4096)), "stream of 0 bytes in 4096-byte sync blocks"},
+		{"negative disk size", patched(patched(valid, helloOffDiskSize, uint64(1<<63)), helloOffDiskBlk, uint32(4096)), "stream of -9223372036854775808 bytes"},
+		{"disk padding", patched(valid, helloOffDiskPad, uint32(1)), "nonzero padding after the stream block size"},
 		{"zero interval", helloWith(func(h *Hello) { h.Interval = 0 }), "interval 0s"},
 		{"negative interval", helloWith(func(h *Hello) { h.Interval = -time.Second }), "out of range"},
 		{"zero heartbeat", helloWith(func(h *Hello) { h.Heartbeat = 0 }), "heartbeat 0s (want 1ms to 10s) out of range"},

@@ -92,6 +92,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
@@ -336,7 +337,7 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		if disk, err = os.OpenFile(o.disk, os.O_RDWR, 0); err != nil {
 			return fmt.Errorf("open disk image: %w", err)
 		}
-		cfg.Disk = disk
+		cfg.NewSink = diskmirror.NewSink(disk, diskmirror.ReplicaConfig{})
 	}
 	cfg.Resume = func(cp *replicate.Checkpoint) error {
 		st, err := testvm.DecodeState(cp.State)

@@ -1000,10 +1000,10 @@ type benchRepl struct {
 	measure func(ctx context.Context) (t0, t1 time.Time, err error)
 
 	// The disk, if any: the engine's Config.Disk, the backup's image
-	// (BackupConfig.Disk) and Config.OnDiskSync.
+	// (BackupConfig.NewSink) and Config.OnStreamSync.
 	disk       *diskmirror.Mirror
 	backupDisk diskmirror.Disk
-	onDiskSync func(replicate.DiskSyncProgress)
+	onDiskSync func(replicate.StreamSyncProgress)
 	// onRun, if set, is called just before Primary.Run; onBackupEpoch with
 	// every checkpoint the backup applies (BackupConfig.OnEpoch).
 	onRun         func()
@@ -1033,8 +1033,10 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 		// No failover in these modes: a loss is an error, reported below.
 		Resume:           func(cp *replicate.Checkpoint) error { return cp.Memory.Close() },
 		HeartbeatTimeout: benchHeartbeatTimeout,
-		Disk:             rp.backupDisk,
 		Log:              b.log.With("side", "backup"),
+	}
+	if rp.backupDisk != nil {
+		bcfg.NewSink = diskmirror.NewSink(rp.backupDisk, diskmirror.ReplicaConfig{})
 	}
 	if f := rp.onBackupEpoch; f != nil {
 		bcfg.OnEpoch = func(epoch uint64, _ int, _ uint64) { f(epoch) }
@@ -1042,6 +1044,12 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 	bk, err := replicate.NewBackup(bcfg)
 	if err != nil {
 		return err
+	}
+	var stream replicate.Stream
+	if rp.disk != nil {
+		if stream, err = diskmirror.NewSource(rp.disk, diskmirror.SourceConfig{}); err != nil {
+			return err
+		}
 	}
 	defer bk.Close()
 	bctx, bcancel := context.WithCancel(context.Background())
@@ -1099,10 +1107,10 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 				mu.Unlock()
 			}
 		},
-		Disk:       rp.disk,
-		OnDiskSync: rp.onDiskSync,
-		VMM:        vmmName,
-		Log:        b.log.With("side", "primary"),
+		Stream:       stream,
+		OnStreamSync: rp.onDiskSync,
+		VMM:          vmmName,
+		Log:          b.log.With("side", "primary"),
 	})
 	if err != nil {
 		return err

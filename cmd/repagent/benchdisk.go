@@ -619,9 +619,9 @@ func benchDiskEpochs(r *benchDiskMode, rm *benchMode) {
 	var writes, bytes, wire, all uint64
 	var ack hist
 	for _, s := range eps {
-		writes += uint64(s.DiskWrites)
-		bytes += s.DiskBytes
-		wire += s.DiskWireBytes
+		writes += uint64(s.StreamRecords)
+		bytes += s.StreamBytes
+		wire += s.StreamWireBytes
 		all += s.WireBytes
 		ack.add(s.AckLatency)
 	}
@@ -797,7 +797,7 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 		mu                  sync.Mutex
 		run, first, durable time.Time
 		precopyAt           time.Time
-		precopy             *replicate.DiskSyncProgress
+		precopy             *replicate.StreamSyncProgress
 		later               int
 		phases              []string
 		durableCh           = make(chan struct{})
@@ -812,12 +812,12 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 			run = time.Now()
 			mu.Unlock()
 		},
-		onDiskSync: func(p replicate.DiskSyncProgress) {
+		onDiskSync: func(p replicate.StreamSyncProgress) {
 			now := time.Now()
 			mu.Lock()
 			defer mu.Unlock()
-			phases = append(phases, p.Phase)
-			if p.Phase == "precopy" {
+			phases = append(phases, p.Phase.String())
+			if p.Phase == replicate.SyncPrecopy {
 				precopy, precopyAt, precopyTook = &p, now, p.Took
 				return
 			}
@@ -856,9 +856,9 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 			phases, !first.IsZero(), !durable.IsZero())
 	}
 	p := precopy
-	s.Blocks, s.Identical, s.Sent, s.Bytes, s.WireBytes, s.Later = p.Blocks, p.Identical, p.Sent, p.Bytes, p.WireBytes, later
-	if want := p.Blocks * pct / 100; s.Identical != want {
-		return nil, fmt.Errorf("the backup held %d of %d blocks, the bench made %d identical", s.Identical, p.Blocks, want)
+	s.Blocks, s.Identical, s.Sent, s.Bytes, s.WireBytes, s.Later = p.Units, p.Unchanged, p.Sent, p.Bytes, p.WireBytes, later
+	if want := p.Units * pct / 100; s.Identical != want {
+		return nil, fmt.Errorf("the backup held %d of %d blocks, the bench made %d identical", s.Identical, p.Units, want)
 	}
 	s.Precopy = precopyTook.Seconds()
 	s.DiskSync = precopyAt.Sub(run).Seconds()

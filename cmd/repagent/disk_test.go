@@ -225,14 +225,14 @@ func TestJobDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	var sum uint64
-	for _, l := range regexp.MustCompile(`"disk_writes":(\d+)`).FindAllStringSubmatch(string(b), -1) {
+	for _, l := range regexp.MustCompile(`"stream_records":(\d+)`).FindAllStringSubmatch(string(b), -1) {
 		sum += atoi(l[1])
 	}
 	if sum == 0 || sum != atoi(dm[1]) {
-		t.Errorf("the stats file's disk_writes sum to %d, the summary says %s", sum, dm[1])
+		t.Errorf("the stats file's stream_records sum to %d, the summary's disk writes are %s", sum, dm[1])
 	}
-	if !bytes.Contains(b, []byte(`"disk_bytes":`)) || !bytes.Contains(b, []byte(`"disk_wire_bytes":`)) {
-		t.Errorf("stats file lacks disk_bytes or disk_wire_bytes")
+	if !bytes.Contains(b, []byte(`"stream_bytes":`)) || !bytes.Contains(b, []byte(`"stream_wire_bytes":`)) {
+		t.Errorf("stats file lacks stream_bytes or stream_wire_bytes")
 	}
 }
 
@@ -290,9 +290,9 @@ func TestDiskRefusedE2E(t *testing.T) {
 		{"size mismatch", []string{"--disk", small}, []string{"--disk", pimg, "--workload", "disk"},
 			[]string{"backup refused the session", "image size mismatch", "16777216", "8388608", "the backup needs --disk with an image of exactly that size"}},
 		{"backup without disk", nil, []string{"--disk", pimg},
-			[]string{"backup refused the session", "the primary mirrors a disk of 16777216 bytes, and this backup has no disk image"}},
+			[]string{"backup refused the session", "the primary replicates a device stream of 16777216 bytes (a disk), and this backup has no sink"}},
 		{"primary without disk", []string{"--disk", small}, nil,
-			[]string{"backup refused the session", "this backup has a disk image, and the primary mirrors no disk", "this primary has no --disk"}},
+			[]string{"backup refused the session", "this backup has a sink for a device stream (a disk), and the primary replicates none", "this primary has no --disk"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

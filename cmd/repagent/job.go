@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -123,7 +124,7 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		Log:              r.log.With("side", "backup"),
 	}
 	if bdisk != nil {
-		bcfg.Disk = bdisk
+		bcfg.NewSink = diskmirror.NewSink(bdisk, diskmirror.ReplicaConfig{})
 	}
 	b, err := replicate.NewBackup(bcfg)
 	if err != nil {

@@ -85,7 +85,7 @@ type replicator struct {
 	statsBuf  *bufio.Writer
 	statsErr  error
 	lastAcked *replicate.EpochStats
-	diskSync  []replicate.DiskSyncProgress // the disk sync's phases, in order
+	diskSync  []replicate.StreamSyncProgress // the disk sync's phases, in order
 }
 
 // syncAgg sums up the initial sync.
@@ -341,7 +341,11 @@ func (r *replicator) newPrimary() error {
 		cfg.Gates = []replicate.OutputGate{r.gate}
 	}
 	if r.mirror != nil {
-		cfg.Disk, cfg.OnDiskSync = r.mirror, r.onDiskSync
+		src, err := diskmirror.NewSource(r.mirror, diskmirror.SourceConfig{})
+		if err != nil {
+			return err
+		}
+		cfg.Stream, cfg.OnStreamSync = src, r.onDiskSync
 	}
 	p, err := replicate.NewPrimary(cfg)
 	if err != nil {
@@ -427,7 +431,7 @@ func (r *replicator) onSync(s replicate.SyncProgress) {
 //	disk sync residual: 1 sent, 1.05MB (wire 1.05MB), 1 round, 1.10ms
 //
 // "dirty" is the blocks written meanwhile, left for the next phase.
-func (r *replicator) onDiskSync(s replicate.DiskSyncProgress) {
+func (r *replicator) onDiskSync(s replicate.StreamSyncProgress) {
 	r.mu.Lock()
 	r.diskSync = append(r.diskSync, s)
 	r.mu.Unlock()
@@ -437,20 +441,20 @@ func (r *replicator) onDiskSync(s replicate.DiskSyncProgress) {
 }
 
 // diskSyncLine formats a phase of the disk sync.
-func diskSyncLine(s replicate.DiskSyncProgress) string {
+func diskSyncLine(s replicate.StreamSyncProgress) string {
 	rounds := "rounds"
 	if s.Rounds == 1 {
 		rounds = "round"
 	}
-	line := "disk sync " + s.Phase + ": "
-	if s.Blocks > 0 {
+	line := "disk sync " + s.Phase.String() + ": "
+	if s.Units > 0 {
 		// The pre-copy compares the whole image with the backup's.
-		line += fmt.Sprintf("%d blocks, %d identical, ", s.Blocks, s.Identical)
+		line += fmt.Sprintf("%d blocks, %d identical, ", s.Units, s.Unchanged)
 	}
 	line += fmt.Sprintf("%d sent, %s (wire %s), %d %s, %s",
 		s.Sent, bytesSI(float64(s.Bytes)), bytesSI(float64(s.WireBytes)), s.Rounds, rounds, dur(s.Took))
-	if s.Residual > 0 {
-		line += fmt.Sprintf(", %d dirty", s.Residual)
+	if s.Left > 0 {
+		line += fmt.Sprintf(", %d dirty", s.Left)
 	}
 	return line
 }

@@ -169,9 +169,9 @@ func (a *epochAgg) add(s *replicate.EpochStats) {
 	if s.Audited {
 		a.audited++
 	}
-	a.diskWrites += uint64(s.DiskWrites)
-	a.diskBytes += s.DiskBytes
-	a.diskWire += s.DiskWireBytes
+	a.diskWrites += uint64(s.StreamRecords)
+	a.diskBytes += s.StreamBytes
+	a.diskWire += s.StreamWireBytes
 	a.last = s
 }
 

@@ -132,7 +132,7 @@ func TestEpochAgg(t *testing.T) {
 		t.Errorf("pause p50 %v max %v, ack max %v", a.pause.quantile(0.5), time.Duration(a.pause.max), a.ack.quantile(1))
 	}
 	// The disk's messages are wire bytes, not compressed pages.
-	a.add(&replicate.EpochStats{Epoch: 15, RawBytes: 1000 * 4096, WireBytes: 500*4096 + 3000, DiskWrites: 3, DiskBytes: 2900, DiskWireBytes: 3000})
+	a.add(&replicate.EpochStats{Epoch: 15, RawBytes: 1000 * 4096, WireBytes: 500*4096 + 3000, StreamRecords: 3, StreamBytes: 2900, StreamWireBytes: 3000})
 	if a.diskWrites != 3 || a.diskBytes != 2900 || a.diskWire != 3000 || a.ratio() != 0.5 {
 		t.Errorf("disk: writes %d bytes %d wire %d, ratio %v", a.diskWrites, a.diskBytes, a.diskWire, a.ratio())
 	}
