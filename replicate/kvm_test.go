@@ -330,8 +330,10 @@ func TestKVMSyncThrottles(t *testing.T) {
 		share = r.Throttle
 		if r.Throttle > 0 {
 			throttled++
-			if r.Held <= 0 {
-				t.Fatalf("round %d: throttled %.2f but the vCPUs were never held", i, r.Throttle)
+			// The throttle holds the vCPUs for a share of each 20 ms period:
+			// a round shorter than two periods may end before it holds.
+			if r.Held <= 0 && r.Took > 40*time.Millisecond {
+				t.Fatalf("round %d: throttled %.2f for %v but the vCPUs were never held", i, r.Throttle, r.Took)
 			}
 		}
 	}
