@@ -1,0 +1,149 @@
+package protect
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/repagent/repagent/diskmirror"
+	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/hostsys"
+	"github.com/repagent/repagent/replicate"
+)
+
+// BackupConfig configures a Backup.
+type BackupConfig struct {
+	// Engine configures the engine's backup. Its Resume and NewSink are set
+	// by NewBackup; NewMemory is required.
+	Engine replicate.BackupConfig
+	// Restore builds the VM of a checkpoint, paused, over the devices the
+	// backup opened for it. It owns cp.Memory from the call on (a VMM maps
+	// it as guest memory: no copy), also when it fails. Required.
+	Restore func(cp *replicate.Checkpoint, dev Devices) (*Restored, error)
+	// Tap, when set, is the tap the resumed VM's NIC uses: it is opened at
+	// failover, in InNamespace, and the guest's address is announced on it
+	// before the VM runs.
+	Tap string
+	// InNamespace, when set, runs f in the tap's network namespace.
+	InNamespace func(f func() error) error
+	// Disk, when set, is the backup's disk image: kept equal to the
+	// primary's at the checkpoint the replica holds (a primary with a disk
+	// needs it, one without is refused). The caller owns it and closes it
+	// after Close.
+	Disk diskmirror.Disk
+	// Replica bounds the memory the disk's pending epochs take.
+	Replica diskmirror.ReplicaConfig
+	// OnAnnounce, when set, is told of the announcement of the resumed
+	// guest on the tap (err is nil if it went out).
+	OnAnnounce func(tap string, mac net.HardwareAddr, ip netip.Addr, err error)
+}
+
+// Devices are what the backup opened for the VM it resumes.
+type Devices struct {
+	Tap  *os.File        // the tap, nil without BackupConfig.Tap; the Backup owns it
+	Disk diskmirror.Disk // the image at the checkpoint's epoch, nil without one
+}
+
+// Restored is a VM Restore built, not yet running.
+type Restored struct {
+	// MAC and IP are the guest NIC's: announced on the tap before Start, so
+	// that switches and neighbours learn where the VM is now before it
+	// speaks. A nil MAC announces nothing.
+	MAC net.HardwareAddr
+	IP  netip.Addr
+	// Start runs the VM.
+	Start func() error
+}
+
+// Backup waits for a primary and, when it is lost, resumes its VM from the
+// last checkpoint: the tap reopened, the disk at the checkpoint's epoch,
+// the guest announced, then started.
+type Backup struct {
+	cfg BackupConfig
+	eng *replicate.Backup
+	tap *os.File
+}
+
+// NewBackup makes the engine's backup with protect's Resume.
+func NewBackup(cfg BackupConfig) (*Backup, error) {
+	if cfg.Restore == nil {
+		return nil, errors.New("protect: BackupConfig.Restore is required")
+	}
+	b := &Backup{cfg: cfg}
+	ec := cfg.Engine
+	ec.Resume = b.resume
+	ec.NewSink = nil
+	if cfg.Disk != nil {
+		ec.NewSink = diskmirror.NewSink(cfg.Disk, cfg.Replica)
+	}
+	eng, err := replicate.NewBackup(ec)
+	if err != nil {
+		return nil, err
+	}
+	b.eng = eng
+	return b, nil
+}
+
+// Engine is the engine's backup (Serve, Handle, Close, Replica).
+func (b *Backup) Engine() *replicate.Backup { return b.eng }
+
+// Serve accepts primaries on ln, one session at a time, until one fails
+// over (its VM then runs here) or ctx ends (replicate.Backup.Serve).
+func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*replicate.Failover, error) {
+	return b.eng.Serve(ctx, ln)
+}
+
+// Handle runs one session on conn (replicate.Backup.Handle).
+func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*replicate.Failover, error) {
+	return b.eng.Handle(ctx, conn)
+}
+
+// resume is the engine's Resume: tap, Restore, announce, Start.
+func (b *Backup) resume(cp *replicate.Checkpoint) error {
+	dev := Devices{Disk: b.cfg.Disk}
+	if b.cfg.Tap != "" {
+		err := inNamespace(b.cfg.InNamespace, func() error {
+			var err error
+			b.tap, err = hostsys.OpenTap(b.cfg.Tap)
+			return err
+		})
+		if err != nil {
+			cp.Memory.Close()
+			return fmt.Errorf("the resumed VM's network: %w", err)
+		}
+		dev.Tap = b.tap
+	}
+	r, err := b.cfg.Restore(cp, dev)
+	if err != nil {
+		return err
+	}
+	if b.tap != nil && r.MAC != nil {
+		err := inNamespace(b.cfg.InNamespace, func() error { return ebpf.Announce(b.cfg.Tap, r.MAC, r.IP) })
+		if b.cfg.OnAnnounce != nil {
+			b.cfg.OnAnnounce(b.cfg.Tap, r.MAC, r.IP, err)
+		} else if err != nil {
+			b.log("announce the resumed guest", "tap", b.cfg.Tap, "err", err)
+		}
+	}
+	return r.Start()
+}
+
+func (b *Backup) log(msg string, args ...any) {
+	if l := b.cfg.Engine.Log; l != nil {
+		l.Error(msg, args...)
+	}
+}
+
+// Close closes the engine's backup and the tap. Call it after the resumed
+// VM stopped: it uses the tap until then.
+func (b *Backup) Close() error {
+	err := b.eng.Close()
+	if b.tap != nil {
+		err = errors.Join(err, b.tap.Close())
+		b.tap = nil
+	}
+	return err
+}

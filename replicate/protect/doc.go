@@ -1,0 +1,55 @@
+// Package protect makes a VMM's VM fault tolerant: it joins the checkpoint
+// engine (package replicate), the output gate on the VM's tap (package
+// ebpf) and the disk mirror (package diskmirror) in the order they need, on
+// the primary and on the backup. The package example makes a toy VMM, not
+// testvm, fault tolerant with network output commit and disk mirroring.
+//
+// # Usage
+//
+// On the primary host:
+//
+//  1. NewPrimary with the VM's tap name (and the network namespace it is
+//     in), its disk image and the engine's options. It opens the tap and
+//     puts the output gate on it, in that namespace, and puts a
+//     diskmirror.Mirror on the image.
+//  2. Build the VM over Primary.Tap (its NIC's frames) and Primary.Disk (its
+//     block device's writes: WriteAt, WriteAtFUA, Sync). Nothing may write
+//     the image except through the Mirror.
+//  3. Primary.Protect(vm) makes the engine; Primary.Run (or RunConn) dials
+//     the backup, retrying while it starts, and replicates until its
+//     context ends. A lost backup ends Run with replicate.ErrBackupLost:
+//     the VM runs on, unprotected, its held output released.
+//  4. After Run returned and the VM stopped, Primary.Close closes the gate,
+//     then the tap. The image is the caller's to close.
+//
+// The VM (replicate.VM) is the embedder's. Its responsibilities:
+//
+//   - Report every guest page the VMM itself writes (DMA, device rings, a
+//     NIC's receive buffers) in its dirty source: KVM's log sees only the
+//     vCPUs' writes (dirtylog.Tracker.MarkWritten does it for a KVM VM).
+//   - With a dirty ring, handle KVM_EXIT_DIRTY_RING_FULL by calling the
+//     tracker's RingFull for that vCPU and entering the guest again.
+//   - Pause must return only once no vCPU runs guest code and no device
+//     writes guest memory or the tap; Save must then return the whole
+//     machine state, which Restore on the backup checks before it builds
+//     anything.
+//   - Send guest frames only on Primary.Tap and write the disk only through
+//     Primary.Disk, from the first epoch on: the gate and the mirror
+//     assign them to the epoch that produced them.
+//
+// On the backup host:
+//
+//  1. NewBackup with a Restore function, the tap name (and namespace) the
+//     resumed VM uses, and the backup's disk image.
+//  2. Backup.Serve on a listener: it receives checkpoints until the
+//     primary is lost, then fails over.
+//  3. At failover the Backup opens the tap, and calls Restore with the
+//     checkpoint and the devices: the disk image already holds the
+//     checkpoint's disk. Restore owns cp.Memory from the call on (map it as
+//     guest memory: no copy; close it if Restore fails) and returns the VM
+//     built and paused, with its NIC's MAC and IP. The Backup announces
+//     them on the tap (a gratuitous ARP, so the network learns where the VM
+//     is now) and only then starts the VM.
+//  4. Backup.Close after the resumed VM stopped: it closes the engine and
+//     the tap.
+package protect

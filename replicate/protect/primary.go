@@ -1,0 +1,218 @@
+package protect
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/repagent/repagent/diskmirror"
+	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/hostsys"
+	"github.com/repagent/repagent/replicate"
+)
+
+// Config configures a Primary.
+type Config struct {
+	// Engine configures the checkpoint engine. Its VM, Gates and Stream are
+	// set by Protect; Gates the caller put there are kept, after the tap's.
+	Engine replicate.Config
+	// Tap, when set, is the VM's tap device: NewPrimary opens it (creating
+	// it if it does not exist) and puts an output gate on it, so that no
+	// frame the guest sends leaves before the backup holds the checkpoint
+	// that produced it (P1).
+	Tap string
+	// InNamespace, when set, runs f in the tap's network namespace; nil runs
+	// it in the caller's. The tap and the gate are opened in it.
+	InNamespace func(f func() error) error
+	// Gate configures the output gate; its Interface is Tap.
+	Gate ebpf.Config
+	// Disk, when set, is the VM's disk image: NewPrimary puts a
+	// diskmirror.Mirror on it, which the VMM must write the disk through
+	// (Primary.Disk), so that the backup's image follows the checkpoints
+	// (P4). The caller owns the image and closes it after Close.
+	Disk diskmirror.Disk
+	// Mirror and DiskSync configure the mirror and its sync to the backup.
+	Mirror   diskmirror.Config
+	DiskSync diskmirror.SourceConfig
+	// DialTimeout bounds Run's attempts to reach the backup; 0 means 10 s.
+	DialTimeout time.Duration
+}
+
+// Primary protects one VM on its host: it owns the tap's output gate, the
+// disk's mirror, the engine and the link to the backup, and closes them in
+// order. See the package documentation for the order of calls.
+type Primary struct {
+	cfg    Config
+	tap    *os.File
+	gate   *ebpf.Gate
+	mirror *diskmirror.Mirror
+	eng    *replicate.Primary
+}
+
+// NewPrimary opens what cfg names: the tap and its gate (in the tap's
+// namespace), the disk's mirror. Give the VMM Tap and Disk, build the VM
+// over them, then call Protect.
+func NewPrimary(cfg Config) (_ *Primary, err error) {
+	p := &Primary{cfg: cfg}
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+	if cfg.Tap != "" {
+		if err := inNamespace(cfg.InNamespace, p.openNet); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.Disk != nil {
+		if p.mirror, err = diskmirror.NewMirror(cfg.Disk, cfg.Mirror); err != nil {
+			return nil, fmt.Errorf("disk mirror: %w", err)
+		}
+	}
+	return p, nil
+}
+
+func inNamespace(do func(func() error) error, f func() error) error {
+	if do == nil {
+		return f()
+	}
+	return do(f)
+}
+
+// openNet opens the tap and the gate on it. The gate passes frames until
+// the engine opens the first epoch.
+func (p *Primary) openNet() error {
+	tap, err := hostsys.OpenTap(p.cfg.Tap)
+	if err != nil {
+		return err
+	}
+	p.tap = tap
+	gc := p.cfg.Gate
+	gc.Interface = p.cfg.Tap
+	if p.gate, err = ebpf.New(gc); err != nil {
+		return fmt.Errorf("output gate on %s: %w", p.cfg.Tap, err)
+	}
+	return nil
+}
+
+// Tap is the VM's tap device for the VMM to read and write frames on; nil
+// without Config.Tap. Primary owns it.
+func (p *Primary) Tap() *os.File { return p.tap }
+
+// Gate is the output gate on the tap (for its Stats); nil without a tap.
+func (p *Primary) Gate() *ebpf.Gate { return p.gate }
+
+// Disk is the mirror the VMM must write the disk through (WriteAt,
+// WriteAtFUA, Sync; ReadAt reads the image); nil without Config.Disk.
+func (p *Primary) Disk() *diskmirror.Mirror { return p.mirror }
+
+// Protect makes the engine for vm, with the gate and the disk's stream. Call
+// it once, after the VM is built; Run starts it.
+func (p *Primary) Protect(vm replicate.VM) (*replicate.Primary, error) {
+	if p.eng != nil {
+		return nil, errors.New("protect: Protect called twice")
+	}
+	ec := p.cfg.Engine
+	ec.VM = vm
+	ec.Gates = nil
+	if p.gate != nil {
+		ec.Gates = append(ec.Gates, p.gate)
+	}
+	ec.Gates = append(ec.Gates, p.cfg.Engine.Gates...)
+	if p.mirror != nil {
+		src, err := diskmirror.NewSource(p.mirror, p.cfg.DiskSync)
+		if err != nil {
+			return nil, err
+		}
+		ec.Stream = src
+	}
+	eng, err := replicate.NewPrimary(ec)
+	if err != nil {
+		return nil, err
+	}
+	p.eng = eng
+	return eng, nil
+}
+
+// Engine is the engine Protect made; nil before.
+func (p *Primary) Engine() *replicate.Primary { return p.eng }
+
+// Run connects to the backup at addr, trying again until Config.DialTimeout,
+// and replicates until ctx ends (then it stops cleanly: the last epochs
+// are acknowledged and the backup told not to fail over) or the session
+// fails. A lost backup returns an error wrapping replicate.ErrBackupLost;
+// the VM then runs on, unprotected, with its output released.
+func (p *Primary) Run(ctx context.Context, addr string) error {
+	if p.eng == nil {
+		return errors.New("protect: Run before Protect")
+	}
+	timeout := p.cfg.DialTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	conn, err := Dial(ctx, addr, timeout)
+	if err != nil {
+		return err
+	}
+	return p.eng.Run(ctx, conn)
+}
+
+// RunConn is Run over a connection the caller made.
+func (p *Primary) RunConn(ctx context.Context, conn net.Conn) error {
+	if p.eng == nil {
+		conn.Close()
+		return errors.New("protect: Run before Protect")
+	}
+	return p.eng.Run(ctx, conn)
+}
+
+// Close closes the gate and the tap. Call it after Run returned and the VM
+// stopped: until then the VM writes the tap and the disk.
+func (p *Primary) Close() error {
+	var err error
+	if p.gate != nil {
+		err = p.gate.Close()
+		p.gate = nil
+	}
+	if p.tap != nil {
+		err = errors.Join(err, p.tap.Close())
+		p.tap = nil
+	}
+	return err
+}
+
+// Dial connects to the backup at addr, trying again every 100 ms until
+// timeout: a backup that is still starting is waited for.
+func Dial(ctx context.Context, addr string, timeout time.Duration) (net.Conn, error) {
+	deadline := time.Now().Add(timeout)
+	var (
+		d    net.Dialer
+		last error // the last failure that was not the deadline's
+	)
+	for {
+		dctx, cancel := context.WithDeadline(ctx, deadline)
+		conn, err := d.DialContext(dctx, "tcp", addr)
+		cut := dctx.Err() != nil
+		cancel()
+		if err == nil {
+			return conn, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if !cut || last == nil {
+			last = err
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("connect to backup %s: %w (gave up after %v)", addr, last, timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
