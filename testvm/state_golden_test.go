@@ -18,8 +18,14 @@ type goldenRings struct{ txCons, rxProd, reqCons uint32 }
 // goldenState builds a state with every field set to a value of its own, so
 // that a field moved, dropped or swapped changes the encoding.
 func goldenState(c Config, rings goldenRings) *SavedState {
-	s := &SavedState{Config: c, ready: c.VCPUs}
-	s.netTxCons, s.netRxProd, s.diskReqCons = rings.txCons, rings.rxProd, rings.reqCons
+	s := &SavedState{ready: c.VCPUs}
+	s.setConfig(c)
+	if s.net != nil {
+		s.net.txCons, s.net.rxProd = rings.txCons, rings.rxProd
+	}
+	if s.disk != nil {
+		s.disk.reqCons = rings.reqCons
+	}
 	s.vm.Clock = kvm.ClockData{Clock: 0x1111_2222_3333, Flags: 2, Realtime: 0x4444, HostTSC: 0x5555}
 	s.vm.PICMaster.Chip[0] = 0x61
 	s.vm.PICSlave.ChipID, s.vm.PICSlave.Chip[1] = kvm.KVM_IRQCHIP_PIC_SLAVE, 0x62
