@@ -206,7 +206,9 @@ func (vm *VM) RestoreState(s *VMState) error {
 // Encoding. Both state types encode as the kernel structs' bytes in a fixed
 // order (little-endian, as on amd64), variable parts prefixed with a uint32
 // count. The encoding carries no version: the containers that hold it (testvm's
-// state file, replicate's wire messages) do.
+// state file, replicate's wire messages) do. Decoding reads with internal/le,
+// as testvm's does: a state cut short matches ErrShortState and names the
+// field it ends in; a count over its limit wraps a *le.LimitError.
 
 // Limits that keep a decoder from allocating on a hostile length.
 const (
@@ -215,7 +217,8 @@ const (
 	maxCPUID = 4096
 )
 
-// ErrShortState is returned (wrapped) when encoded state ends early.
+// ErrShortState is returned (wrapped) by VCPUState.Decode and VMState.Decode
+// when the encoded state ends early; the error names the field it ends in.
 var ErrShortState = errors.New("truncated kvm state")
 
 // AppendBinary appends the encoding of s to b.
