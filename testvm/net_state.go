@@ -65,7 +65,11 @@ func (s *netState) decode(r *le.Reader) {
 	n.StreamBytes = r.U32("net streamBytes")
 	n.Service = Workload(r.U32("net service"))
 	s.txCons, s.rxProd = r.U32("net txCons"), r.U32("net rxProd")
-	if port > 0xffff {
+	switch { // Fail keeps an earlier error: a short section is reported as short
+	case mac[6] != 0 || mac[7] != 0:
+		// Save writes zeros; anything else would be lost on the way through.
+		r.Fail(fmt.Errorf("network MAC padding %x, want zeros", mac[6:]))
+	case port > 0xffff:
 		r.Fail(fmt.Errorf("network port %d", port))
 	}
 	n.Port = uint16(port)
