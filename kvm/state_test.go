@@ -37,32 +37,29 @@ func seedVMState() []byte {
 // A state cut anywhere is ErrShortState, and the error names the field it
 // was cut in.
 func TestDecodeNamesTruncatedField(t *testing.T) {
-	vcpu, vm := seedVCPUState(), seedVMState()
 	fields := map[string]bool{}
-	for n := range len(vcpu) {
-		var s kvm.VCPUState
-		_, err := s.Decode(vcpu[:n])
-		short, ok := errors.AsType[*le.ShortError](err)
-		if !errors.Is(err, kvm.ErrShortState) || !ok {
-			t.Fatalf("VCPUState.Decode(%d of %d bytes) = %v, want ErrShortState naming a field", n, len(vcpu), err)
-		}
-		fields[short.What] = true
-	}
-	for n := range len(vm) {
-		var s kvm.VMState
-		_, err := s.Decode(vm[:n])
-		short, ok := errors.AsType[*le.ShortError](err)
-		if !errors.Is(err, kvm.ErrShortState) || !ok {
-			t.Fatalf("VMState.Decode(%d of %d bytes) = %v, want ErrShortState naming a field", n, len(vm), err)
-		}
-		fields[short.What] = true
-	}
+	cutEverywhere[kvm.VCPUState](t, seedVCPUState(), fields)
+	cutEverywhere[kvm.VMState](t, seedVMState(), fields)
 	for _, f := range []string{"mp_state", "regs", "sregs", "xsave length", "xsave", "xcrs", "debugregs", "lapic",
 		"msrs length", "msrs", "vcpu_events", "cpuid length", "cpuid", "tsc_khz",
 		"clock", "pic master", "pic slave", "ioapic", "pit2"} {
 		if !fields[f] {
 			t.Errorf("no truncation named %q", f)
 		}
+	}
+}
+
+// cutEverywhere decodes every prefix of the valid state b as a T, checks
+// each is ErrShortState naming a field, and adds the fields to named.
+func cutEverywhere[T any, P stateCodec[T]](t *testing.T, b []byte, named map[string]bool) {
+	t.Helper()
+	for n := range len(b) {
+		_, err := P(new(T)).Decode(b[:n])
+		short, ok := errors.AsType[*le.ShortError](err)
+		if !errors.Is(err, kvm.ErrShortState) || !ok {
+			t.Fatalf("%T.Decode(%d of %d bytes) = %v, want ErrShortState naming a field", P(nil), n, len(b), err)
+		}
+		named[short.What] = true
 	}
 }
 
@@ -93,47 +90,44 @@ func TestDecodeLimits(t *testing.T) {
 	}
 }
 
-// FuzzVCPUStateDecode: an error means no result; what decodes encodes back
-// to the bytes it was read from.
+// stateCodec is what VCPUState and VMState have in common.
+type stateCodec[T any] interface {
+	*T
+	Decode(b []byte) ([]byte, error)
+	AppendBinary(b []byte) ([]byte, error)
+}
+
+// checkDecode decodes b as a T: an error means no result; what decodes
+// encodes back to the bytes it was read from.
+func checkDecode[T any, P stateCodec[T]](t *testing.T, b []byte) {
+	p := P(new(T))
+	rest, err := p.Decode(b)
+	if err != nil {
+		if rest != nil {
+			t.Fatal("Decode returned the rest with an error")
+		}
+		return
+	}
+	again, _ := p.AppendBinary(nil)
+	if read := b[:len(b)-len(rest)]; !bytes.Equal(again, read) {
+		t.Fatalf("decode+encode changed the state:\n%x\n%x", read, again)
+	}
+}
+
+// FuzzVCPUStateDecode checks VCPUState.Decode as checkDecode says.
 func FuzzVCPUStateDecode(f *testing.F) {
 	f.Add(seedVCPUState())                  // a valid state
 	f.Add(seedVCPUState()[:600])            // cut inside the xsave area
 	f.Add(append(seedVCPUState(), 1, 2, 3)) // followed by more
 	f.Add(bytes.Repeat([]byte{0xff}, 4096)) // lengths far over the limits
-	f.Fuzz(func(t *testing.T, b []byte) {
-		var s kvm.VCPUState
-		rest, err := s.Decode(b)
-		if err != nil {
-			if rest != nil {
-				t.Fatal("Decode returned the rest with an error")
-			}
-			return
-		}
-		again, _ := s.AppendBinary(nil)
-		if !bytes.Equal(again, b[:len(b)-len(rest)]) {
-			t.Fatalf("decode+encode changed the state:\n%x\n%x", b[:len(b)-len(rest)], again)
-		}
-	})
+	f.Fuzz(checkDecode[kvm.VCPUState])
 }
 
-// FuzzVMStateDecode: the same for the VM-wide state.
+// FuzzVMStateDecode checks VMState.Decode as checkDecode says.
 func FuzzVMStateDecode(f *testing.F) {
 	f.Add(seedVMState())                    // a valid state
-	f.Add(seedVMState()[:100])              // cut inside the clock
+	f.Add(seedVMState()[:100])              // cut inside the PIC master
 	f.Add(append(seedVMState(), 0))         // followed by more
 	f.Add(make([]byte, len(seedVMState()))) // every chip id 0
-	f.Fuzz(func(t *testing.T, b []byte) {
-		var s kvm.VMState
-		rest, err := s.Decode(b)
-		if err != nil {
-			if rest != nil {
-				t.Fatal("Decode returned the rest with an error")
-			}
-			return
-		}
-		again, _ := s.AppendBinary(nil)
-		if !bytes.Equal(again, b[:len(b)-len(rest)]) {
-			t.Fatal("decode+encode changed the state")
-		}
-	})
+	f.Fuzz(checkDecode[kvm.VMState])
 }
