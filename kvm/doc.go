@@ -23,7 +23,7 @@
 //     duplicates and leave the VMM's own fds alone.
 //   - VCPUState and VMState: a complete checkpoint of a vCPU and of the VM's
 //     in-kernel devices, saved and restored in the order KVM requires, with a
-//     bounded, checked binary encoding.
+//     bounded, checked binary encoding (errors name the field at fault).
 //
 // Errors: a call KVM does not support returns an error matching
 // ErrNotSupported (errors.Is), so callers can fall back. Errors a user can meet

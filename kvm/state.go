@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"unsafe"
+
+	"github.com/repagent/repagent/internal/le"
 )
 
 // VCPUState is everything KVM holds for one vCPU that a checkpoint needs.
@@ -204,7 +206,9 @@ func (vm *VM) RestoreState(s *VMState) error {
 // Encoding. Both state types encode as the kernel structs' bytes in a fixed
 // order (little-endian, as on amd64), variable parts prefixed with a uint32
 // count. The encoding carries no version: the containers that hold it (testvm's
-// state file, replicate's wire messages) do.
+// state file, replicate's wire messages) do. Decoding reads with internal/le,
+// as testvm's does: a state cut short matches ErrShortState and names the
+// field it ends in; a count over its limit wraps a *le.LimitError.
 
 // Limits that keep a decoder from allocating on a hostile length.
 const (
@@ -213,7 +217,8 @@ const (
 	maxCPUID = 4096
 )
 
-// ErrShortState is returned (wrapped) when encoded state ends early.
+// ErrShortState is returned (wrapped) by VCPUState.Decode and VMState.Decode
+// when the encoded state ends early; the error names the field it ends in.
 var ErrShortState = errors.New("truncated kvm state")
 
 // AppendBinary appends the encoding of s to b.
@@ -238,25 +243,25 @@ func (s *VCPUState) AppendBinary(b []byte) ([]byte, error) {
 // Decode reads an encoding made by AppendBinary from the front of b and returns
 // the rest. On error s is unspecified.
 func (s *VCPUState) Decode(b []byte) ([]byte, error) {
-	d := decoder{b: b}
-	d.fixed(bytesOf(&s.MPState))
-	d.fixed(bytesOf(&s.Regs))
-	d.fixed(bytesOf(&s.Sregs))
-	s.XSave = d.bytes("xsave", maxXSave)
-	d.fixed(bytesOf(&s.XCRs))
-	d.fixed(bytesOf(&s.DebugRegs))
-	d.fixed(bytesOf(&s.LAPIC))
-	s.MSRs = decodeSlice[MSREntry](&d, "msrs", maxMSRs)
-	d.fixed(bytesOf(&s.Events))
-	s.CPUID = decodeSlice[CPUIDEntry2](&d, "cpuid", maxCPUID)
-	s.TSCKHz = d.u32()
-	if d.err != nil {
-		return nil, fmt.Errorf("decode vCPU state: %w", d.err)
+	r := le.NewReader(b)
+	r.Fixed("mp_state", bytesOf(&s.MPState))
+	r.Fixed("regs", bytesOf(&s.Regs))
+	r.Fixed("sregs", bytesOf(&s.Sregs))
+	s.XSave = r.Bytes("xsave", maxXSave)
+	r.Fixed("xcrs", bytesOf(&s.XCRs))
+	r.Fixed("debugregs", bytesOf(&s.DebugRegs))
+	r.Fixed("lapic", bytesOf(&s.LAPIC))
+	s.MSRs = decodeSlice[MSREntry](&r, "msrs", maxMSRs)
+	r.Fixed("vcpu_events", bytesOf(&s.Events))
+	s.CPUID = decodeSlice[CPUIDEntry2](&r, "cpuid", maxCPUID)
+	s.TSCKHz = r.U32("tsc_khz")
+	if err := r.Err(); err != nil {
+		return nil, decodeErr("vCPU state", err)
 	}
 	if s.XSave != nil && len(s.XSave) < sizeofXSave {
 		return nil, fmt.Errorf("decode vCPU state: xsave area of %d bytes, need at least %d", len(s.XSave), sizeofXSave)
 	}
-	return d.b, nil
+	return r.Rest(), nil
 }
 
 // AppendBinary appends the encoding of s to b.
@@ -272,14 +277,14 @@ func (s *VMState) AppendBinary(b []byte) ([]byte, error) {
 // Decode reads an encoding made by AppendBinary from the front of b and
 // returns the rest.
 func (s *VMState) Decode(b []byte) ([]byte, error) {
-	d := decoder{b: b}
-	d.fixed(bytesOf(&s.Clock))
-	d.fixed(bytesOf(&s.PICMaster))
-	d.fixed(bytesOf(&s.PICSlave))
-	d.fixed(bytesOf(&s.IOAPIC))
-	d.fixed(bytesOf(&s.PIT))
-	if d.err != nil {
-		return nil, fmt.Errorf("decode VM state: %w", d.err)
+	r := le.NewReader(b)
+	r.Fixed("clock", bytesOf(&s.Clock))
+	r.Fixed("pic master", bytesOf(&s.PICMaster))
+	r.Fixed("pic slave", bytesOf(&s.PICSlave))
+	r.Fixed("ioapic", bytesOf(&s.IOAPIC))
+	r.Fixed("pit2", bytesOf(&s.PIT))
+	if err := r.Err(); err != nil {
+		return nil, decodeErr("VM state", err)
 	}
 	want := [3]uint32{KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC}
 	for i, c := range []*IRQChip{&s.PICMaster, &s.PICSlave, &s.IOAPIC} {
@@ -287,60 +292,25 @@ func (s *VMState) Decode(b []byte) ([]byte, error) {
 			return nil, fmt.Errorf("decode VM state: irqchip %d has chip id %d, want %d", i, c.ChipID, want[i])
 		}
 	}
-	return d.b, nil
+	return r.Rest(), nil
 }
 
-type decoder struct {
-	b   []byte
-	err error
+// decodeErr wraps a Reader's error for the decoder of what: an input that
+// ends early matches ErrShortState.
+func decodeErr(what string, err error) error {
+	if _, ok := errors.AsType[*le.ShortError](err); ok {
+		return fmt.Errorf("decode %s: %w: %w", what, ErrShortState, err)
+	}
+	return fmt.Errorf("decode %s: %w", what, err)
 }
 
-func (d *decoder) take(n int, what string) []byte {
-	if d.err != nil {
-		return nil
-	}
-	if n < 0 || len(d.b) < n {
-		d.err = fmt.Errorf("%w: %s needs %d bytes, %d left", ErrShortState, what, n, len(d.b))
-		return nil
-	}
-	p := d.b[:n]
-	d.b = d.b[n:]
-	return p
-}
-
-func (d *decoder) fixed(dst []byte) {
-	if p := d.take(len(dst), "struct"); p != nil {
-		copy(dst, p)
-	}
-}
-
-func (d *decoder) u32() uint32 {
-	if p := d.take(4, "uint32"); p != nil {
-		return binary.LittleEndian.Uint32(p)
-	}
-	return 0
-}
-
-func (d *decoder) bytes(what string, limit int) []byte {
-	n := d.u32()
-	if d.err == nil && int(n) > limit {
-		d.err = fmt.Errorf("%s of %d bytes exceeds the limit of %d", what, n, limit)
-	}
-	p := d.take(int(n), what)
-	if p == nil || n == 0 {
-		return nil
-	}
-	return append([]byte(nil), p...)
-}
-
-func decodeSlice[T any](d *decoder, what string, limit int) []T {
-	n := d.u32()
-	if d.err == nil && int(n) > limit {
-		d.err = fmt.Errorf("%s: %d entries exceeds the limit of %d", what, n, limit)
-	}
+// decodeSlice reads a count, at most limit, and that many kernel struct
+// mirrors.
+func decodeSlice[T any](r *le.Reader, what string, limit int) []T {
+	n := r.Count(what, limit)
 	var z T
-	p := d.take(int(n)*int(unsafe.Sizeof(z)), what)
-	if p == nil || n == 0 {
+	p := r.Take(what, n*int(unsafe.Sizeof(z)))
+	if len(p) == 0 {
 		return nil
 	}
 	out := make([]T, n)

@@ -104,6 +104,16 @@
 // memfd without a copy. WriteSnapshot and ReadSnapshot put a state and a
 // sparse memory image in one file for the CLI.
 //
+// The state is composed of one part per checkpointed component, each with
+// its encoding and its checks beside the component: the guest configuration
+// and memory layout (config_state.go), the network device (net_state.go),
+// the block device (disk_state.go), and kvm.VMState and kvm.VCPUState for
+// what KVM holds. A device saves its ring positions into its part and, on
+// Restore, checks them against the memory image before it takes them.
+// state.go frames the parts and checks what spans them; the format is
+// described there. All of them decode with internal/le, whose errors name
+// the field a truncated state ends in.
+//
 // # Writes the VMM makes
 //
 // KVM's dirty log only sees guest writes. Every write the VMM itself makes into

@@ -76,7 +76,7 @@ type Machine struct {
 	done    chan struct{} // closed when every vCPU goroutine has exited
 	wg      sync.WaitGroup
 
-	saved SavedState // reused by Save, so a checkpoint does not reallocate
+	saved SavedState // reused by Save, so a checkpoint does not reallocate the vCPUs' state
 
 	net     *netDev  // nil without Config.Net
 	disk    *diskDev // nil without Config.Disk

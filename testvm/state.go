@@ -6,11 +6,10 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
-	"net"
-	"net/netip"
 	"os"
 	"time"
 
+	"github.com/repagent/repagent/internal/le"
 	"github.com/repagent/repagent/kvm"
 )
 
@@ -37,6 +36,14 @@ import (
 //
 // All integers are little-endian. Guest memory is not part of the state: it
 // travels separately (a memory file, or a replica).
+//
+// Each component that is checkpointed has a part, a type beside it with the
+// section's encoding and decoding (which checks what the part alone can):
+// configState (config_state.go) the config and layout sections, netState
+// (net_state.go) the net section, diskState (disk_state.go) the disk
+// section, kvm.VMState and kvm.VCPUState the in-kernel state. SavedState
+// composes them and checks what needs more than one part: Config.Validate,
+// the layout, the vCPUs ready.
 
 const (
 	stateMagic   = "RPAGVMST"
@@ -71,17 +78,12 @@ func (m *Machine) saveLocked() ([]byte, error) {
 		return nil, fmt.Errorf("save: machine is %s, pause it first", st)
 	}
 	s := &m.saved
-	s.Config = m.cfg
-	s.Config.Tap = nil
-	s.Config.DiskIO, s.Config.DiskPoll = nil, 0
-	s.netTxCons, s.netRxProd, s.diskReqCons = 0, 0, 0
+	s.setConfig(m.cfg)
 	if m.net != nil {
-		// Pause holds the device still (or it never ran): these are the
-		// values in guest memory too.
-		s.netTxCons, s.netRxProd = m.net.cons, m.net.rxProd
+		m.net.save(s.net)
 	}
 	if m.disk != nil {
-		s.diskReqCons = m.disk.cons
+		m.disk.save(s.disk)
 	}
 	m.evMu.Lock()
 	s.ready = m.ready
@@ -100,38 +102,45 @@ func (m *Machine) saveLocked() ([]byte, error) {
 	return s.encode(), nil
 }
 
+// SavedState is a decoded machine state.
+type SavedState struct {
+	// Config is the guest configuration (no runtime fields). Config.Net
+	// and Config.Disk point into the devices' parts.
+	Config Config
+	ready  int
+	net    *netState  // nil without a network device
+	disk   *diskState // nil without a block device
+	vm     kvm.VMState
+	vcpus  []kvm.VCPUState
+}
+
+// setConfig sets s's configuration to c less its runtime fields, with a part
+// for each device c has, its ring positions 0.
+func (s *SavedState) setConfig(c Config) {
+	c.Tap = nil
+	c.DiskIO, c.DiskPoll = nil, 0
+	s.net, s.disk = nil, nil
+	if c.Net != nil {
+		s.net = &netState{cfg: *c.Net}
+		c.Net = &s.net.cfg
+	}
+	if c.Disk != nil {
+		s.disk = &diskState{cfg: *c.Disk}
+		c.Disk = &s.disk.cfg
+	}
+	s.Config = c
+}
+
 // encode returns the state's encoding, described above.
 func (s *SavedState) encode() []byte {
 	b := make([]byte, 0, 16+len(s.vcpus)*12<<10)
 	b = append(b, stateMagic...)
 	b = binary.LittleEndian.AppendUint32(b, stateVersion)
 	b = binary.LittleEndian.AppendUint32(b, 0) // length, patched below
-	c := s.Config
-	l := newLayout(c.MemSize, c.VCPUs)
-	b = appendU64(b, c.MemSize)
-	b = appendU32(b, uint32(c.VCPUs), uint32(c.Workload), uint32(c.Pattern), c.HotPercent, c.HotWritePercent, uint32(c.Content))
-	b = appendU64(b, c.WorkingSet, c.Rate, c.Seed, c.PhaseOps, c.IdleTickMicros)
-	b = appendU64(b, l.lowSize, l.regionPages)
-	if n := c.Net; n != nil {
-		var mac [8]byte
-		copy(mac[:], n.MAC)
-		ip := n.IP.As4()
-		b = appendU32(b, 1)
-		b = append(b, mac[:]...)
-		b = append(b, ip[:]...)
-		b = appendU32(b, uint32(n.Port))
-		b = appendU64(b, n.StreamRate)
-		b = appendU32(b, n.StreamBytes, uint32(n.Service), s.netTxCons, s.netRxProd)
-	} else {
-		b = appendU32(b, 0)
-	}
-	if d := c.Disk; d != nil {
-		b = appendU32(b, 1)
-		b = appendU64(b, d.Blocks, d.WorkingSet, d.FlushEvery)
-		b = appendU32(b, s.diskReqCons, 0)
-	} else {
-		b = appendU32(b, 0)
-	}
+	cs := newConfigState(s.Config)
+	b = cs.appendBinary(b)
+	b = appendPart(b, s.net)
+	b = appendPart(b, s.disk)
 	b = appendU32(b, uint32(s.ready))
 	b, _ = s.vm.AppendBinary(b)
 	for i := range s.vcpus {
@@ -139,6 +148,38 @@ func (s *SavedState) encode() []byte {
 	}
 	binary.LittleEndian.PutUint32(b[12:], uint32(len(b)-16))
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+}
+
+// statePart is the encoding of a device's part, after its present flag.
+type statePart[T any] interface {
+	*T
+	appendBinary(b []byte) []byte
+	decode(r *le.Reader)
+}
+
+// appendPart appends a device's present flag and, if it has one (p is not
+// nil), its part.
+func appendPart[T any, P statePart[T]](b []byte, p *T) []byte {
+	if p == nil {
+		return appendU32(b, 0)
+	}
+	return P(p).appendBinary(appendU32(b, 1))
+}
+
+// decodePart reads what appendPart writes: nil for a machine without the
+// device (or on error).
+func decodePart[T any, P statePart[T]](r *le.Reader, what string) *T {
+	switch present := r.U32(what + " flag"); present {
+	case 0:
+		return nil
+	case 1:
+		p := P(new(T))
+		p.decode(r)
+		return p
+	default:
+		r.Fail(fmt.Errorf("%s flag %d, want 0 or 1", what, present))
+		return nil
+	}
 }
 
 func appendU64(b []byte, vs ...uint64) []byte {
@@ -153,18 +194,6 @@ func appendU32(b []byte, vs ...uint32) []byte {
 		b = binary.LittleEndian.AppendUint32(b, v)
 	}
 	return b
-}
-
-// SavedState is a decoded machine state.
-type SavedState struct {
-	Config Config // the guest configuration (no runtime fields)
-	ready  int
-	// The network device's ring positions (with Config.Net).
-	netTxCons, netRxProd uint32
-	// The block device's req_cons (with Config.Disk).
-	diskReqCons uint32
-	vm          kvm.VMState
-	vcpus       []kvm.VCPUState
 }
 
 // DecodeState checks and decodes a state made by Save. It returns an error
@@ -193,72 +222,34 @@ func DecodeState(b []byte) (*SavedState, error) {
 	if got, want := crc32.Checksum(b[:16+n], castagnoli), binary.LittleEndian.Uint32(b[16+n:]); got != want {
 		return nil, bad("checksum %#08x, computed %#08x (corrupted)", want, got)
 	}
-	body := b[16 : 16+n]
-	d := &rd{b: body}
+	r := le.NewReader(b[16 : 16+n])
 	s := &SavedState{}
+	var cs configState
+	cs.decode(&r)
+	s.net = decodePart[netState](&r, "network device")
+	s.disk = decodePart[diskState](&r, "block device")
+	s.ready = int(r.U32("devices ready"))
+	if err := r.Err(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadState, err)
+	}
 	c := &s.Config
-	c.MemSize = d.u64()
-	c.VCPUs = int(d.u32())
-	c.Workload, c.Pattern = Workload(d.u32()), Pattern(d.u32())
-	c.HotPercent, c.HotWritePercent = d.u32(), d.u32()
-	c.Content = Content(d.u32())
-	if c.Content == 0 {
-		c.Content = Stamp
+	*c = cs.cfg
+	if s.net != nil {
+		c.Net = &s.net.cfg
 	}
-	c.WorkingSet, c.Rate, c.Seed, c.PhaseOps, c.IdleTickMicros = d.u64(), d.u64(), d.u64(), d.u64(), d.u64()
-	lowSize, regionPages := d.u64(), d.u64()
-	switch present := d.u32(); present {
-	case 0:
-	case 1:
-		n := &NetConfig{}
-		mac := d.bytes(8)
-		ip := d.bytes(4)
-		n.MAC = net.HardwareAddr(mac[:6])
-		n.IP = netip.AddrFrom4([4]byte(ip))
-		port := d.u32()
-		n.StreamRate = d.u64()
-		n.StreamBytes = d.u32()
-		n.Service = Workload(d.u32())
-		s.netTxCons, s.netRxProd = d.u32(), d.u32()
-		if port > 0xffff {
-			return nil, bad("network port %d", port)
-		}
-		n.Port = uint16(port)
-		c.Net = n
-	default:
-		return nil, bad("network device flag %d, want 0 or 1", present)
-	}
-	switch present := d.u32(); present {
-	case 0:
-	case 1:
-		dc := &DiskConfig{}
-		dc.Blocks, dc.WorkingSet, dc.FlushEvery = d.u64(), d.u64(), d.u64()
-		s.diskReqCons = d.u32()
-		if r := d.u32(); r != 0 {
-			return nil, bad("block device reserved field %d", r)
-		}
-		// Saved configurations have their defaults filled in.
-		if dc.WorkingSet == 0 || dc.FlushEvery == 0 {
-			return nil, bad("block device working set %d, flush every %d: want both set", dc.WorkingSet, dc.FlushEvery)
-		}
-		c.Disk = dc
-	default:
-		return nil, bad("block device flag %d, want 0 or 1", present)
-	}
-	s.ready = int(d.u32())
-	if d.short {
-		return nil, bad("body ends inside the config")
+	if s.disk != nil {
+		c.Disk = &s.disk.cfg
 	}
 	if err := c.Validate(); err != nil {
 		return nil, bad("%v", err)
 	}
-	if l := newLayout(c.MemSize, c.VCPUs); l.lowSize != lowSize || l.regionPages != regionPages {
-		return nil, bad("memory layout (low %d, region %d pages) does not match this build's (%d, %d)", lowSize, regionPages, l.lowSize, l.regionPages)
+	if err := cs.checkLayout(); err != nil {
+		return nil, bad("%v", err)
 	}
 	if s.ready < 0 || s.ready > c.VCPUs {
 		return nil, bad("%d vCPUs ready of %d", s.ready, c.VCPUs)
 	}
-	rest, err := s.vm.Decode(d.b)
+	rest, err := s.vm.Decode(r.Rest())
 	if err != nil {
 		return nil, bad("%v", err)
 	}
@@ -272,45 +263,6 @@ func DecodeState(b []byte) (*SavedState, error) {
 		return nil, bad("%d bytes after the last vCPU", len(rest))
 	}
 	return s, nil
-}
-
-type rd struct {
-	b     []byte
-	short bool
-}
-
-func (d *rd) u64() uint64 {
-	if len(d.b) < 8 {
-		d.short = true
-		d.b = nil
-		return 0
-	}
-	v := binary.LittleEndian.Uint64(d.b)
-	d.b = d.b[8:]
-	return v
-}
-
-// bytes returns the next n bytes (zeros once the body is short).
-func (d *rd) bytes(n int) []byte {
-	if len(d.b) < n {
-		d.short = true
-		d.b = nil
-		return make([]byte, n)
-	}
-	v := d.b[:n:n]
-	d.b = d.b[n:]
-	return v
-}
-
-func (d *rd) u32() uint32 {
-	if len(d.b) < 4 {
-		d.short = true
-		d.b = nil
-		return 0
-	}
-	v := binary.LittleEndian.Uint32(d.b)
-	d.b = d.b[4:]
-	return v
 }
 
 // RestoreOptions are the runtime settings of a restored machine; everything
@@ -363,29 +315,10 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
 	}
-	if m.net != nil {
-		// The ring positions live in guest memory too; a state and a memory
-		// image that disagree are not from the same checkpoint.
-		tx, rx := load32(m.mem, netAddr+nTxCons), load32(m.mem, netAddr+nRxProd)
-		if tx != s.netTxCons || rx != s.netRxProd {
-			m.memF = nil
-			m.Close()
-			return nil, fmt.Errorf("restore: %w: network rings at tx %d rx %d in the state, %d and %d in memory (not the same checkpoint)",
-				ErrBadState, s.netTxCons, s.netRxProd, tx, rx)
-		}
-		m.net.cons, m.net.rxProd = s.netTxCons, s.netRxProd
-	}
-	if m.disk != nil {
-		// Likewise req_cons. The requests after it (up to req_prod) were not
-		// started when the state was saved: the restored device executes them.
-		c, p := load32(m.mem, diskAddr+dkReqCons), load32(m.mem, diskAddr+dkReqProd)
-		if c != s.diskReqCons || p-c > diskSlots {
-			m.memF = nil
-			m.Close()
-			return nil, fmt.Errorf("restore: %w: block device ring at req_cons %d in the state, req_cons %d and req_prod %d in memory (not the same checkpoint)",
-				ErrBadState, s.diskReqCons, c, p)
-		}
-		m.disk.cons = s.diskReqCons
+	if err := m.restoreDevices(s); err != nil {
+		m.memF = nil // the caller keeps the file on failure
+		m.Close()
+		return nil, fmt.Errorf("restore: %w", err)
 	}
 	for i, v := range m.vcpus {
 		if err := v.cpu.RestoreState(&s.vcpus[i]); err != nil {
@@ -401,4 +334,18 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 	}
 	m.ready = s.ready
 	return m, nil
+}
+
+// restoreDevices sets the devices from their parts of s. A machine built
+// from s.Config has exactly the devices s has parts for.
+func (m *Machine) restoreDevices(s *SavedState) error {
+	if m.net != nil {
+		if err := m.net.restore(s.net); err != nil {
+			return err
+		}
+	}
+	if m.disk != nil {
+		return m.disk.restore(s.disk)
+	}
+	return nil
 }
