@@ -17,39 +17,18 @@ type BackupCollector struct {
 	failovers   prometheus.Counter
 	failover    prometheus.Gauge
 
-	all []prometheus.Collector
+	group
 }
 
 // NewBackupCollector returns a backup's metrics, all at zero.
 func NewBackupCollector() *BackupCollector {
-	c := &BackupCollector{
-		checkpoints: prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "backup_checkpoints_total",
-			Help: "Checkpoints received, verified and applied to the replica."}),
-		epoch: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "backup_checkpoint_epoch",
-			Help: "The epoch of the latest checkpoint applied (the one a failover resumes)."}),
-		applied: prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "backup_applied_bytes_total",
-			Help: "Guest memory received in checkpoints and applied to the replica (pages of 4096 bytes)."}),
-		failovers: prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "failovers_total",
-			Help: "Failovers: the primary was lost and the VM resumed here."}),
-		failover: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "failover_duration_seconds",
-			Help: "How long the latest failover took, from detecting the loss to the VM resumed."}),
-	}
-	c.all = []prometheus.Collector{c.checkpoints, c.epoch, c.applied, c.failovers, c.failover}
+	c := &BackupCollector{}
+	c.checkpoints = c.counter("backup_checkpoints_total", "Checkpoints received, verified and applied to the replica.")
+	c.epoch = c.gauge("backup_checkpoint_epoch", "The epoch of the latest checkpoint applied (the one a failover resumes).")
+	c.applied = c.counter("backup_applied_bytes_total", "Guest memory received in checkpoints and applied to the replica (pages of 4096 bytes).")
+	c.failovers = c.counter("failovers_total", "Failovers: the primary was lost and the VM resumed here.")
+	c.failover = c.gauge("failover_duration_seconds", "How long the latest failover took, from detecting the loss to the VM resumed.")
 	return c
-}
-
-// Describe implements prometheus.Collector.
-func (c *BackupCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, m := range c.all {
-		m.Describe(ch)
-	}
-}
-
-// Collect implements prometheus.Collector.
-func (c *BackupCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, m := range c.all {
-		m.Collect(ch)
-	}
 }
 
 // ObserveCheckpoint records a checkpoint applied. Its signature is

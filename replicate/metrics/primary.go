@@ -44,7 +44,7 @@ type PrimaryCollector struct {
 	epochs    prometheus.Counter
 	lastAcked prometheus.Gauge
 	pause     prometheus.Histogram
-	parts     [len(PauseParts)]prometheus.Observer
+	parts     []prometheus.Observer // by PauseParts
 	wait      prometheus.Histogram
 	transfer  prometheus.Histogram
 	ack       prometheus.Histogram
@@ -59,101 +59,62 @@ type PrimaryCollector struct {
 	backupLosses prometheus.Counter
 
 	gateEpochs     *prometheus.CounterVec
-	gateOutcome    [len(gateOutcomes)]prometheus.Counter
+	gateOutcome    []prometheus.Counter // by gateOutcomes
 	gateHeld       prometheus.Counter
 	gateHeldBytes  prometheus.Counter
 	gateReleased   prometheus.Counter
-	gateDropped    [len(DropReasons)]prometheus.Counter
+	gateDropped    []prometheus.Counter // by DropReasons
 	gateDiscarded  prometheus.Counter
 	gateFailed     prometheus.Counter
 	gateHoldMedian prometheus.Histogram
 	gateHoldMax    prometheus.Histogram
 
-	all []prometheus.Collector
+	group
 }
 
 // NewPrimaryCollector returns a primary's metrics, all at zero.
 func NewPrimaryCollector() *PrimaryCollector {
 	c := &PrimaryCollector{}
-	counter := func(name, help string) prometheus.Counter {
-		m := prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: name, Help: help})
-		c.all = append(c.all, m)
-		return m
-	}
-	gauge := func(name, help string) prometheus.Gauge {
-		m := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: name, Help: help})
-		c.all = append(c.all, m)
-		return m
-	}
-	histogram := func(name, help string) prometheus.Histogram {
-		m := prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: Namespace, Name: name, Help: help, Buckets: Buckets})
-		c.all = append(c.all, m)
-		return m
-	}
+	c.epochs = c.counter("epochs_total", "Epochs the backup acknowledged.")
+	c.lastAcked = c.gauge("last_acked_epoch", "The latest epoch the backup acknowledged.")
+	c.pause = c.histogram("epoch_pause_seconds", "How long each acknowledged epoch stopped the vCPUs.")
+	c.parts = c.histograms("epoch_pause_part_seconds", "The parts of each epoch's pause (audit only in the epochs that audited memory).",
+		"part", PauseParts[:]...)
+	c.wait = c.histogram("epoch_wait_seconds", "Back-pressure wait before each epoch's pause (the guest ran on).")
+	c.transfer = c.histogram("epoch_transfer_seconds", "From the end of each epoch's pause to its end record written.")
+	c.ack = c.histogram("ack_latency_seconds", "From each epoch's end record written to the backup's ack.")
+	c.oversize = c.counter("oversize_epochs_total", "Epochs whose pages did not fit in staging and were sent during the pause.")
+	c.dirtyPages = c.counter("dirty_pages_total", "Dirty pages captured in acknowledged epochs.")
+	c.zeroPages = c.counter("zero_pages_total", "Captured pages that were all zero.")
+	c.lz4Pages = c.counter("lz4_pages_total", "Captured pages sent LZ4-compressed.")
+	c.rawBytes = c.counter("raw_bytes_total", "Size of the captured pages.")
+	c.wireBytes = c.counter("wire_bytes_total", "Bytes acknowledged epochs took on the wire (pages, state, disk, headers).")
+	c.stateBytes = c.counter("state_bytes_total", "Machine state sent in acknowledged epochs.")
+	c.diskWrites = c.counter("disk_writes_total", "Disk write records mirrored in acknowledged epochs.")
+	c.diskBytes = c.counter("disk_bytes_total", "Data of the mirrored disk writes.")
+	c.diskWireBytes = c.counter("disk_wire_bytes_total", "Wire bytes of the mirrored disk writes (part of repagent_wire_bytes_total).")
+	_, cpu := c.counters("engine_cpu_seconds_total", "The replication engine's CPU time on acknowledged epochs, by side.",
+		"side", "primary", "backup")
+	c.cpuPrimary, c.cpuBackup = cpu[0], cpu[1]
+	c.protected = c.gauge("protected", "1 while the backup holds an acknowledged checkpoint and is reachable, else 0.")
+	c.backupLosses = c.counter("backup_losses_total", "Times the backup was lost and the VM went on unprotected.")
 
-	c.epochs = counter("epochs_total", "Epochs the backup acknowledged.")
-	c.lastAcked = gauge("last_acked_epoch", "The latest epoch the backup acknowledged.")
-	c.pause = histogram("epoch_pause_seconds", "How long each acknowledged epoch stopped the vCPUs.")
-	parts := prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "epoch_pause_part_seconds",
-		Help: "The parts of each epoch's pause (audit only in the epochs that audited memory).", Buckets: Buckets}, []string{"part"})
-	c.all = append(c.all, parts)
-	for i, p := range PauseParts {
-		c.parts[i] = parts.WithLabelValues(p)
+	var outcomes []string
+	for _, o := range gateOutcomes {
+		outcomes = append(outcomes, o.String())
 	}
-	c.wait = histogram("epoch_wait_seconds", "Back-pressure wait before each epoch's pause (the guest ran on).")
-	c.transfer = histogram("epoch_transfer_seconds", "From the end of each epoch's pause to its end record written.")
-	c.ack = histogram("ack_latency_seconds", "From each epoch's end record written to the backup's ack.")
-	c.oversize = counter("oversize_epochs_total", "Epochs whose pages did not fit in staging and were sent during the pause.")
-	c.dirtyPages = counter("dirty_pages_total", "Dirty pages captured in acknowledged epochs.")
-	c.zeroPages = counter("zero_pages_total", "Captured pages that were all zero.")
-	c.lz4Pages = counter("lz4_pages_total", "Captured pages sent LZ4-compressed.")
-	c.rawBytes = counter("raw_bytes_total", "Size of the captured pages.")
-	c.wireBytes = counter("wire_bytes_total", "Bytes acknowledged epochs took on the wire (pages, state, disk, headers).")
-	c.stateBytes = counter("state_bytes_total", "Machine state sent in acknowledged epochs.")
-	c.diskWrites = counter("disk_writes_total", "Disk write records mirrored in acknowledged epochs.")
-	c.diskBytes = counter("disk_bytes_total", "Data of the mirrored disk writes.")
-	c.diskWireBytes = counter("disk_wire_bytes_total", "Wire bytes of the mirrored disk writes (part of repagent_wire_bytes_total).")
-	cpu := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "engine_cpu_seconds_total",
-		Help: "The replication engine's CPU time on acknowledged epochs, by side."}, []string{"side"})
-	c.all = append(c.all, cpu)
-	c.cpuPrimary, c.cpuBackup = cpu.WithLabelValues("primary"), cpu.WithLabelValues("backup")
-	c.protected = gauge("protected", "1 while the backup holds an acknowledged checkpoint and is reachable, else 0.")
-	c.backupLosses = counter("backup_losses_total", "Times the backup was lost and the VM went on unprotected.")
-
-	c.gateEpochs = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "gate_epochs_total",
-		Help: "Output gate epochs ended, by how their held frames left."}, []string{"outcome"})
-	c.all = append(c.all, c.gateEpochs)
-	for i, o := range gateOutcomes {
-		c.gateOutcome[i] = c.gateEpochs.WithLabelValues(o.String())
-	}
-	c.gateHeld = counter("gate_held_frames_total", "Frames the output gates held until their epoch was acknowledged.")
-	c.gateHeldBytes = counter("gate_held_bytes_total", "Bytes of the held frames.")
-	c.gateReleased = counter("gate_released_frames_total", "Held frames sent on once their epoch was acknowledged (or the gate released).")
-	dropped := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "gate_dropped_frames_total",
-		Help: "Frames the output gates dropped for lack of room, by reason."}, []string{"reason"})
-	c.all = append(c.all, dropped)
-	for i, r := range DropReasons {
-		c.gateDropped[i] = dropped.WithLabelValues(r)
-	}
-	c.gateDiscarded = counter("gate_discarded_frames_total", "Held frames discarded (their epoch was abandoned, or the gate closed).")
-	c.gateFailed = counter("gate_failed_frames_total", "Held frames whose release the kernel refused.")
-	c.gateHoldMedian = histogram("gate_epoch_hold_median_seconds", "Each gate epoch's median hold time of its released frames (the latency output commit adds).")
-	c.gateHoldMax = histogram("gate_epoch_hold_max_seconds", "Each gate epoch's longest hold time of its released frames.")
+	c.gateEpochs, c.gateOutcome = c.counters("gate_epochs_total", "Output gate epochs ended, by how their held frames left.",
+		"outcome", outcomes...)
+	c.gateHeld = c.counter("gate_held_frames_total", "Frames the output gates held until their epoch was acknowledged.")
+	c.gateHeldBytes = c.counter("gate_held_bytes_total", "Bytes of the held frames.")
+	c.gateReleased = c.counter("gate_released_frames_total", "Held frames sent on once their epoch was acknowledged (or the gate released).")
+	_, c.gateDropped = c.counters("gate_dropped_frames_total", "Frames the output gates dropped for lack of room, by reason.",
+		"reason", DropReasons[:]...)
+	c.gateDiscarded = c.counter("gate_discarded_frames_total", "Held frames discarded (their epoch was abandoned, or the gate closed).")
+	c.gateFailed = c.counter("gate_failed_frames_total", "Held frames whose release the kernel refused.")
+	c.gateHoldMedian = c.histogram("gate_epoch_hold_median_seconds", "Each gate epoch's median hold time of its released frames (the latency output commit adds).")
+	c.gateHoldMax = c.histogram("gate_epoch_hold_max_seconds", "Each gate epoch's longest hold time of its released frames.")
 	return c
-}
-
-// Describe implements prometheus.Collector.
-func (c *PrimaryCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, m := range c.all {
-		m.Describe(ch)
-	}
-}
-
-// Collect implements prometheus.Collector.
-func (c *PrimaryCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, m := range c.all {
-		m.Collect(ch)
-	}
 }
 
 // ObserveEpoch records an acknowledged epoch (replicate.Config.OnEpoch) and
