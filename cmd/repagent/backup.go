@@ -6,6 +6,11 @@ package main
 //	listening on ADDR
 //
 // once, first: the address actually bound (so --listen 127.0.0.1:0 works).
+// With --metrics, next:
+//
+//	metrics on http://ADDR/metrics
+//
+// with the address bound, likewise.
 // While epochs arrive, unless --quiet, a line per second:
 //
 //	  3.0s  epoch 42  10.0 epochs/s  5.12k pages/epoch
@@ -96,6 +101,7 @@ import (
 	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/metrics"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -134,6 +140,7 @@ type backupOptions struct {
 	quiet            bool
 	tap              string
 	disk             string
+	metrics          string
 	fault            *fault
 }
 
@@ -149,6 +156,7 @@ type backupFlags struct {
 	quiet            bool
 	tap              string
 	disk             string
+	metrics          string
 }
 
 func newBackupFlags() *backupFlags {
@@ -166,6 +174,7 @@ func newBackupFlags() *backupFlags {
 	fs.BoolVar(&f.quiet, "quiet", false, "print no per-second lines, and log only warnings")
 	fs.StringVar(&f.tap, "tap", "", "at failover, give the resumed guest's network device the tap called `name` (opened in this process's network namespace) and announce its MAC and IP there")
 	fs.StringVar(&f.disk, "disk", "", "the backup's disk image `file`, required when the primary has --disk and of the same size: kept equal to the primary's disk at the checkpoint held, it is the resumed guest's disk at failover (checked first against the guest's records when it runs the disk workload)")
+	fs.StringVar(&f.metrics, "metrics", "", metricsHelp)
 	return f
 }
 
@@ -178,7 +187,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 		return nil, err
 	}
 	o := &backupOptions{listen: f.listen, expectVCPUs: f.expectVCPUs, heartbeatTimeout: f.heartbeatTimeout,
-		runAfter: f.runAfter, skipVerify: f.skipVerify, verifyReplica: f.verifyReplica, quiet: f.quiet, tap: f.tap, disk: f.disk}
+		runAfter: f.runAfter, skipVerify: f.skipVerify, verifyReplica: f.verifyReplica, quiet: f.quiet, tap: f.tap, disk: f.disk, metrics: f.metrics}
 	if f.listen == "" {
 		return nil, usagef("--listen is required: the address to accept the primary on, e.g. --listen :7070")
 	}
@@ -206,6 +215,9 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 	}
 	if f.runAfter < 0 {
 		return nil, usagef("--run-after-failover %v: must not be negative", f.runAfter)
+	}
+	if err := checkMetricsAddr(f.metrics); err != nil {
+		return nil, err
 	}
 	if f.fs.Changed("tap") && (f.tap == "" || len(f.tap) >= 16 || strings.ContainsAny(f.tap, "/ \t\n:")) {
 		return nil, usagef("--tap %q: not a network interface name (1 to 15 bytes, no '/', ':' or spaces)", f.tap)
@@ -255,16 +267,20 @@ func testVMShape(mem uint64, vcpus int) (replicate.Shape, error) {
 	return s, nil
 }
 
-// backupProgress counts the checkpoints applied, for the per-second lines.
+// backupProgress counts the checkpoints applied, for the per-second lines
+// (and, with --metrics, for metrics).
 type backupProgress struct {
 	mu     sync.Mutex
 	epochs uint64 // applied in the current second
 	pages  uint64
 	last   uint64 // the latest epoch applied
 	any    bool
+
+	metrics *metrics.BackupCollector // with --metrics; nil ignores it
 }
 
-func (p *backupProgress) onEpoch(epoch uint64, pages int, _ uint64) {
+func (p *backupProgress) onEpoch(epoch uint64, pages int, digest uint64) {
+	p.metrics.ObserveCheckpoint(epoch, pages, digest)
 	p.mu.Lock()
 	p.epochs++
 	p.pages += uint64(pages)
@@ -404,7 +420,7 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		resumed = m
 		return nil
 	}
-	progress := &backupProgress{}
+	progress := &backupProgress{metrics: newBackupMetrics(o.metrics)}
 	cfg.OnEpoch = progress.onEpoch
 	b, err := replicate.NewBackup(cfg)
 	if err != nil {
@@ -420,6 +436,12 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		return fmt.Errorf("listen: %w", err)
 	}
 	fmt.Fprintf(stdout, "listening on %s\n", ln.Addr())
+	stopMetrics, err := serveMetrics(ctx, o.metrics, stdout, progress.metrics)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer stopMetrics()
 	type result struct {
 		fo  *replicate.Failover
 		err error
@@ -458,6 +480,7 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 	case err != nil:
 		return err
 	default:
+		progress.metrics.ObserveFailover(fo)
 		fmt.Fprintf(stdout, "failover took %s (verify %s, restore %s)\n", ms(fo.Took), ms(fo.Verify), ms(fo.Restore))
 	}
 

@@ -84,6 +84,13 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 			err = cerr
 		}
 	}()
+	// --metrics serves both sides' metrics: the in-process backup's too.
+	bm := newBackupMetrics(o.repl.metrics)
+	stopMetrics, err := serveMetrics(ctx, o.repl.metrics, stdout, r.metrics, bm)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	if l != nil {
 		r.netDo = func(f func() error) error { return netns.Do(l.lan, f) }
 	}
@@ -126,6 +133,9 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	if bdisk != nil {
 		bcfg.NewSink = diskmirror.NewSink(bdisk, diskmirror.ReplicaConfig{})
 	}
+	if bm != nil {
+		bcfg.OnEpoch = bm.ObserveCheckpoint
+	}
 	b, err := replicate.NewBackup(bcfg)
 	if err != nil {
 		ln.Close()
@@ -159,6 +169,7 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		bcancel()
 		br = <-bdone
 	}
+	bm.ObserveFailover(br.fo)
 	stopSignals()
 	if rerr != nil {
 		return rerr

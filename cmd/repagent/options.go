@@ -26,6 +26,7 @@ type replFlags struct {
 	syncPause                            time.Duration
 	quiet, noThrottle                    bool
 	holdLimit, pcap                      string
+	metrics                              string
 }
 
 func (r *replFlags) register(fs *pflag.FlagSet) {
@@ -54,6 +55,7 @@ func (r *replFlags) register(fs *pflag.FlagSet) {
 	fs.BoolVar(&r.quiet, "quiet", false, "print no sync or per-second status lines, and log only warnings")
 	fs.StringVar(&r.holdLimit, "hold-limit", "", fmt.Sprintf("memory `size` for the guest's held network frames; past it frames are dropped, never released early (default %s)", testvm.FormatSize(ebpf.DefaultHoldLimit)))
 	fs.StringVar(&r.pcap, "pcap", "", "write the guest's released network frames to `file` (pcap)")
+	fs.StringVar(&r.metrics, "metrics", "", metricsHelp)
 }
 
 // replOptions is what the replication flags ask for.
@@ -76,13 +78,14 @@ type replOptions struct {
 	pcap             string
 	tap              string // the guest's tap (--tap), from the guest flags
 	disk             string // the guest's disk image (--disk, or the job's own), mirrored to the backup
+	metrics          string // where to serve Prometheus metrics (--metrics); "": nowhere
 }
 
 // options checks the replication flags; any error is a usage error.
 func (r *replFlags) options() (replOptions, error) {
 	o := replOptions{interval: r.interval, heartbeatTimeout: r.heartbeatTimeout, workers: r.workers,
 		copyThreads: r.copyThreads, syncThreshold: r.syncThreshold, syncPause: r.syncPause, noThrottle: r.noThrottle,
-		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet, pcap: r.pcap}
+		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet, pcap: r.pcap, metrics: r.metrics}
 	if r.interval < replicate.MinInterval || r.interval > replicate.MaxInterval {
 		return o, usagef("--interval %v: want %v to %v", r.interval, replicate.MinInterval, replicate.MaxInterval)
 	}
@@ -139,6 +142,9 @@ func (r *replFlags) options() (replOptions, error) {
 		if err := checkDir("--pcap", r.pcap); err != nil {
 			return o, err
 		}
+	}
+	if err := checkMetricsAddr(r.metrics); err != nil {
+		return o, err
 	}
 	return o, nil
 }

@@ -112,6 +112,7 @@ func TestJobUsageErrors(t *testing.T) {
 		{"job stream", []string{"--workload", "udp-stream"}, "the main job's client speaks udp-echo"},
 		{"job stream service", []string{"--net-service", "udp-stream"}, "the main job's client speaks udp-echo"},
 		{"hold limit", []string{"--hold-limit", "1K"}, "--hold-limit 1K: want 4KiB to 16GiB"},
+		{"metrics without port", []string{"--metrics", "localhost"}, "--metrics localhost: address localhost: missing port in address"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkUsageError(t, run, "repagent: ", tc.args, tc.want)
@@ -153,6 +154,7 @@ func TestPrimaryArgs(t *testing.T) {
 		{"fault backup point", []string{"--backup", "h:1"}, "apply:3", `unknown point "apply" here`},
 		{"fault bad epoch", []string{"--backup", "h:1"}, "pause:x", `REPAGENT_FAULT="pause:x": "x" is not an epoch number`},
 		{"fault negative epoch", []string{"--backup", "h:1"}, "send:-1", `"-1" is not an epoch number`},
+		{"metrics without port", []string{"--backup", "h:1", "--metrics", "9100"}, "", "--metrics 9100: address 9100: missing port in address"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parsePrimaryArgs(tc.args, tc.fault)
@@ -229,6 +231,7 @@ func TestBackupArgs(t *testing.T) {
 		{"empty tap", []string{"--listen", ":1", "--tap", ""}, "", "", `--tap "": not a network interface name`},
 		{"long tap", []string{"--listen", ":1", "--tap", "abcdefghijklmnop"}, "", "", `--tap "abcdefghijklmnop": not a network interface name`},
 		{"tap with slash", []string{"--listen", ":1", "--tap", "a/b"}, "", "", `--tap "a/b": not a network interface name`},
+		{"metrics without port", []string{"--listen", ":1", "--metrics", "localhost"}, "", "", "--metrics localhost: address localhost: missing port in address"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parseBackupArgs(tc.args, tc.fault, tc.pi)
@@ -247,9 +250,9 @@ func TestHelp(t *testing.T) {
 		want []string
 	}{
 		{[]string{"--help"}, newJobFlags().fs, []string{"Usage: repagent [flags]", "Commands:", "  primary ", "  backup ",
-			"  vm ", "  help ", "(default 100ms)", `(default "auto")`, "UNPROTECTED"}},
-		{[]string{"help", "primary"}, newPrimaryFlags().fs, []string{"Usage: repagent primary", "(default 10s)", "backup lost: VM running UNPROTECTED"}},
-		{[]string{"help", "backup"}, newBackupFlags().fs, []string{"Usage: repagent backup", "--expect-mem size", "3 when the primary was lost"}},
+			"  vm ", "  help ", "(default 100ms)", `(default "auto")`, "UNPROTECTED", "--metrics ADDR "}},
+		{[]string{"help", "primary"}, newPrimaryFlags().fs, []string{"Usage: repagent primary", "(default 10s)", "backup lost: VM running UNPROTECTED", "--metrics ADDR "}},
+		{[]string{"help", "backup"}, newBackupFlags().fs, []string{"Usage: repagent backup", "--expect-mem size", "3 when the primary was lost", "--metrics ADDR "}},
 	} {
 		var stdout, stderr bytes.Buffer
 		if code := run(tc.args, &stdout, &stderr); code != 0 {

@@ -55,6 +55,11 @@ func (o *primaryOptions) run(ctx context.Context, stopSignals func(), stdout, st
 			err = cerr
 		}
 	}()
+	stopMetrics, err := serveMetrics(ctx, o.repl.metrics, stdout, r.metrics)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	if err := r.start(ctx); err != nil {
 		return err
 	}

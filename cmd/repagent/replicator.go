@@ -20,6 +20,7 @@ import (
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/metrics"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -52,6 +53,8 @@ type replicator struct {
 	log    *slog.Logger
 	fault  *fault
 	name   string // the command, for messages on stderr: "repagent", "repagent primary"
+	// metrics, with --metrics, is fed from the callbacks (nil ignores it).
+	metrics *metrics.PrimaryCollector
 
 	m *testvm.Machine
 	p *replicate.Primary
@@ -111,6 +114,9 @@ func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr
 			return nil, err
 		}
 		r.mech, r.cfg.DirtyRingEntries, r.auto = mech, entries, true
+	}
+	if o.metrics != "" {
+		r.metrics = metrics.NewPrimaryCollector()
 	}
 	if o.stats != "" {
 		f, err := os.Create(o.stats)
@@ -374,6 +380,7 @@ func (r *replicator) hook(point string, epoch uint64) {
 }
 
 func (r *replicator) onEpoch(s *replicate.EpochStats) {
+	r.metrics.ObserveEpoch(s)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.window.add(s)
@@ -467,6 +474,7 @@ func diskSyncLine(s replicate.StreamSyncProgress) string {
 func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err error) {
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	defer r.metrics.SetProtected(false) // replication is over, whichever way
 	done := make(chan error, 1)
 	r.t0 = time.Now()
 	r.first = totals(r.m)
@@ -489,6 +497,7 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 		}
 		if errors.Is(rerr, replicate.ErrBackupLost) {
 			lost = rerr
+			r.metrics.ObserveBackupLost()
 			fmt.Fprintf(r.stderr, "%s: backup lost: VM running UNPROTECTED: %v\n", r.name, lostCause(rerr))
 			return nil
 		}
