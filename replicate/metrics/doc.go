@@ -45,7 +45,7 @@
 //	repagent_raw_bytes_total                       counter    the captured pages' size
 //	repagent_wire_bytes_total                      counter    bytes the epochs took on the wire (pages, state, disk, headers)
 //	repagent_state_bytes_total                     counter    machine state sent
-//	repagent_disk_writes_total                     counter    disk write records mirrored (EpochStats.DiskWrites)
+//	repagent_disk_writes_total                     counter    disk write records mirrored (EpochStats.StreamRecords)
 //	repagent_disk_bytes_total                      counter    their data
 //	repagent_disk_wire_bytes_total                 counter    their messages on the wire (part of repagent_wire_bytes_total)
 //	repagent_engine_cpu_seconds_total{side}        counter    the engine's CPU time, side primary or backup (EpochStats.CPU, BackupCPU)
