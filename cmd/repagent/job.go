@@ -12,9 +12,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -113,34 +113,29 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		return fmt.Errorf("listen for the in-process backup: %w", err)
 	}
 	rmem := &replicaMemory{}
-	bcfg := replicate.BackupConfig{
-		NewMemory: rmem.new,
-		Resume: func(cp *replicate.Checkpoint) error {
-			opts := testvm.RestoreOptions{}
-			if bdisk != nil {
-				opts.DiskIO = bdisk
-			}
-			m, err := testvm.Restore(cp.State, cp.Memory, opts)
-			if err != nil {
-				cp.Memory.Close()
-				return err
-			}
-			return m.Close()
-		},
-		HeartbeatTimeout: o.repl.heartbeatTimeout,
-		Log:              r.log.With("side", "backup"),
-	}
-	if bdisk != nil {
-		bcfg.NewSink = diskmirror.NewSink(bdisk, diskmirror.ReplicaConfig{})
-	}
+	bcfg := replicate.BackupConfig{NewMemory: rmem.new, HeartbeatTimeout: o.repl.heartbeatTimeout, Log: r.log.With("side", "backup")}
 	if bm != nil {
 		bcfg.OnEpoch = bm.ObserveCheckpoint
 	}
-	b, err := replicate.NewBackup(bcfg)
+	pb := protect.BackupConfig{Engine: bcfg, Restore: func(cp *replicate.Checkpoint, dev protect.Devices) (*protect.Restored, error) {
+		// The failover's proof: the checkpoint restores. The guest is not
+		// run a second time beside the first.
+		m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{DiskIO: dev.Disk})
+		if err != nil {
+			cp.Memory.Close()
+			return nil, err
+		}
+		return &protect.Restored{Start: m.Close}, nil
+	}}
+	if bdisk != nil {
+		pb.Disk = bdisk
+	}
+	pbk, err := protect.NewBackup(pb)
 	if err != nil {
 		ln.Close()
 		return err
 	}
+	b := pbk.Engine()
 	defer b.Close()
 	bctx, bcancel := context.WithCancel(context.Background())
 	defer bcancel()

@@ -21,6 +21,7 @@ import (
 	"github.com/repagent/repagent/kvm"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/replicate/metrics"
+	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -59,11 +60,13 @@ type replicator struct {
 	m *testvm.Machine
 	p *replicate.Primary
 
-	// The guest's network, with a tap: the tap, the output gate on it and
-	// where released frames go (--pcap). netDo runs code in the tap's
-	// network namespace (nil: this process's).
+	// prot joins the engine, the output gate on the guest's tap and the
+	// mirror on its disk (package protect); gate and mirror are its, nil
+	// without a tap or a disk. netDo runs code in the tap's network
+	// namespace (nil: this process's); pcap is where released frames go
+	// (--pcap).
+	prot    *protect.Primary
 	netDo   func(func() error) error
-	tap     *os.File
 	gate    *ebpf.Gate
 	pcap    *os.File
 	netMu   sync.Mutex
@@ -175,51 +178,46 @@ func expectedDirty(cfg testvm.Config, interval time.Duration) uint64 {
 	return pages + fixed
 }
 
-// openNet opens the guest's tap and puts an output gate on it, in the tap's
-// network namespace. The gate passes frames until replication opens an epoch.
-func (r *replicator) openNet() error {
-	do := r.netDo
-	if do == nil {
-		do = func(f func() error) error { return f() }
-	}
-	var w io.Writer
-	if r.o.pcap != "" {
-		f, err := os.Create(r.o.pcap)
-		if err != nil {
-			return fmt.Errorf("create pcap file: %w", err)
+// start opens the guest's devices through protect (the tap and its gate in
+// the tap's namespace, the disk's mirror), builds the VM over them, starts
+// it and waits for its guest to be ready.
+func (r *replicator) start(ctx context.Context) error {
+	pc := protect.Config{Engine: r.engineConfig(), InNamespace: r.netDo}
+	if r.o.tap != "" {
+		pc.Tap = r.o.tap
+		pc.Gate = ebpf.Config{HoldLimit: int(r.o.holdLimit), ReleaseCPU: ebpf.AutoCPU, OnEpoch: r.onGateEpoch}
+		if r.o.pcap != "" {
+			f, err := os.Create(r.o.pcap)
+			if err != nil {
+				return fmt.Errorf("create pcap file: %w", err)
+			}
+			r.pcap, pc.Gate.Pcap = f, f
 		}
-		r.pcap, w = f, f
 	}
-	return do(func() error {
-		tap, err := testvm.OpenTap(r.o.tap)
+	if r.cfg.Disk != nil {
+		f, err := openDisk(r.o.disk, r.cfg.Disk.Blocks)
 		if err != nil {
 			return err
 		}
-		r.tap = tap
-		g, err := ebpf.New(ebpf.Config{Interface: r.o.tap, HoldLimit: int(r.o.holdLimit), ReleaseCPU: ebpf.AutoCPU,
-			Pcap: w, OnEpoch: r.onGateEpoch})
-		if err != nil {
-			return fmt.Errorf("output gate on %s: %w", r.o.tap, err)
+		r.diskFile, pc.Disk = f, f
+		if r.cfg.Workload == testvm.Disk {
+			// A guest that runs the disk workload starts from an empty disk.
+			if err := eraseDisk(f, int64(r.cfg.Disk.Blocks*testvm.DiskBlockSize)); err != nil {
+				return err
+			}
 		}
-		r.gate = g
-		return nil
-	})
-}
-
-// start builds the VM, starts it and waits for its guest to be ready.
-func (r *replicator) start(ctx context.Context) error {
+	}
+	prot, err := protect.NewPrimary(pc)
+	if err != nil {
+		return err
+	}
+	r.prot, r.gate, r.mirror = prot, prot.Gate(), prot.Disk()
 	cfg := r.cfg
 	cfg.Console = r.stderr
-	if r.o.tap != "" {
-		if err := r.openNet(); err != nil {
-			return err
-		}
-		cfg.Tap = r.tap
+	if r.gate != nil {
+		cfg.Tap = prot.Tap()
 	}
-	if cfg.Disk != nil {
-		if err := r.openDisk(); err != nil {
-			return err
-		}
+	if r.mirror != nil {
 		cfg.DiskIO = r.mirror
 	}
 	m, err := testvm.New(cfg)
@@ -245,39 +243,17 @@ func (r *replicator) start(ctx context.Context) error {
 	return nil
 }
 
-// openDisk opens the guest's disk image and the Mirror the guest writes it
-// through. A guest that runs the disk workload starts from an empty disk.
-func (r *replicator) openDisk() error {
-	f, err := openDisk(r.o.disk, r.cfg.Disk.Blocks)
-	if err != nil {
-		return err
-	}
-	r.diskFile = f
-	if r.cfg.Workload == testvm.Disk {
-		if err := eraseDisk(f, int64(r.cfg.Disk.Blocks*testvm.DiskBlockSize)); err != nil {
-			return err
-		}
-	}
-	if r.mirror, err = diskmirror.NewMirror(f, diskmirror.Config{}); err != nil {
-		return fmt.Errorf("disk mirror: %w", err)
-	}
-	return nil
-}
-
 // close closes the VM, the network and the stats file.
 func (r *replicator) close() error {
 	var err error
 	if r.m != nil {
 		err = r.m.Close()
 	}
+	if r.prot != nil {
+		err = errors.Join(err, r.prot.Close()) // after the machine, which used the tap
+	}
 	if r.diskFile != nil {
 		r.diskFile.Close() // after the machine, which wrote it
-	}
-	if r.gate != nil {
-		err = errors.Join(err, r.gate.Close())
-	}
-	if r.tap != nil {
-		r.tap.Close()
 	}
 	if r.pcap != nil {
 		if cerr := r.pcap.Close(); cerr != nil {
@@ -322,10 +298,10 @@ func (r *replicator) note() any {
 	return out
 }
 
-// newPrimary makes the engine for the started VM.
-func (r *replicator) newPrimary() error {
+// engineConfig is the engine's configuration; protect adds the VM, the gate
+// and the disk's stream.
+func (r *replicator) engineConfig() replicate.Config {
 	cfg := replicate.Config{
-		VM:               r.m,
 		Interval:         r.o.interval,
 		DirtyTrack:       r.mech,
 		Workers:          r.o.workers,
@@ -343,17 +319,15 @@ func (r *replicator) newPrimary() error {
 		VMM:              vmmName,
 		Log:              r.log,
 	}
-	if r.gate != nil {
-		cfg.Gates = []replicate.OutputGate{r.gate}
+	if r.cfg.Disk != nil {
+		cfg.OnStreamSync = r.onDiskSync
 	}
-	if r.mirror != nil {
-		src, err := diskmirror.NewSource(r.mirror, diskmirror.SourceConfig{})
-		if err != nil {
-			return err
-		}
-		cfg.Stream, cfg.OnStreamSync = src, r.onDiskSync
-	}
-	p, err := replicate.NewPrimary(cfg)
+	return cfg
+}
+
+// newPrimary makes the engine for the started VM.
+func (r *replicator) newPrimary() error {
+	p, err := r.prot.Protect(r.m)
 	if err != nil {
 		return err
 	}
@@ -555,15 +529,10 @@ func (r *replicator) machineStopped() error {
 	return errors.New("machine stopped unexpectedly")
 }
 
-// lostCause strips ErrBackupLost from the error Primary.Run returned, leaving
-// why the backup was lost.
+// lostCause is why the backup was lost, from the error Primary.Run returned.
 func lostCause(err error) error {
-	if u, ok := err.(interface{ Unwrap() []error }); ok {
-		for _, e := range u.Unwrap() {
-			if !errors.Is(e, replicate.ErrBackupLost) {
-				return e
-			}
-		}
+	if lost, ok := errors.AsType[*replicate.BackupLostError](err); ok {
+		return lost.Cause
 	}
 	return err
 }
@@ -777,32 +746,9 @@ func (r *replicator) finish(w io.Writer, lost error) error {
 
 // dialBackup connects to the backup at addr, trying again until timeout.
 func dialBackup(ctx context.Context, addr string, timeout time.Duration) (net.Conn, error) {
-	deadline := time.Now().Add(timeout)
-	var (
-		d    net.Dialer
-		last error // the last failure that was not the deadline's
-	)
-	for {
-		dctx, cancel := context.WithDeadline(ctx, deadline)
-		conn, err := d.DialContext(dctx, "tcp", addr)
-		cut := dctx.Err() != nil
-		cancel()
-		if err == nil {
-			return conn, nil
-		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		if !cut || last == nil {
-			last = err
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("connect to backup %s: %w (gave up after %v; is `repagent backup --listen %s` running?)", addr, last, timeout, addr)
-		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
+	conn, err := protect.Dial(ctx, addr, timeout)
+	if err != nil && ctx.Err() == nil {
+		return nil, fmt.Errorf("%w; is `repagent backup --listen %s` running?", err, addr)
 	}
+	return conn, err
 }
