@@ -31,10 +31,11 @@ const (
 	MinHeartbeatTimeout = 2 * time.Second
 )
 
-// ErrBackupLost is returned (wrapped with the cause) by Primary.Run when the
+// ErrBackupLost is matched (errors.Is) by what Primary.Run returns when the
 // backup stopped answering, closed the connection or ended the session after
 // it began. The guest keeps running, unprotected; the output gates were
-// released. A session the backup refuses at hello is a plain error.
+// released. The error is a *BackupLostError, with the cause. A session the
+// backup refuses at hello is a *RefusedError.
 var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
 
 // RefusedError is a backup's refusal of a session, with the reason it gave
@@ -597,7 +598,7 @@ func (p *Primary) unprotected(cause error) error {
 		return fmt.Errorf("replication stopped: %w", *a)
 	}
 	p.cfg.Log.Error("BACKUP LOST: the VM runs UNPROTECTED", "cause", p.lostErr, "last-acked-epoch", p.lastAcked.Load())
-	return fmt.Errorf("%w: %w", ErrBackupLost, p.lostErr)
+	return &BackupLostError{Cause: p.lostErr}
 }
 
 // finish ends a session on purpose: wait for the epochs captured to be
