@@ -100,8 +100,8 @@ import (
 
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
-	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/replicate/metrics"
+	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/testvm"
 )
 
