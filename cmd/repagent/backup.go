@@ -279,8 +279,7 @@ type backupProgress struct {
 	metrics *metrics.BackupCollector // with --metrics; nil ignores it
 }
 
-func (p *backupProgress) onEpoch(epoch uint64, pages int, digest uint64) {
-	p.metrics.ObserveCheckpoint(epoch, pages, digest)
+func (p *backupProgress) onEpoch(epoch uint64, pages int, _ uint64) {
 	p.mu.Lock()
 	p.epochs++
 	p.pages += uint64(pages)
@@ -421,7 +420,7 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 	}
 	progress := &backupProgress{metrics: newBackupMetrics(o.metrics)}
 	cfg.OnEpoch = progress.onEpoch
-	pc.Engine = cfg
+	pc.Engine, pc.Metrics = cfg, progress.metrics
 	b, err := protect.NewBackup(pc)
 	if err != nil {
 		return err
@@ -480,7 +479,6 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 	case err != nil:
 		return err
 	default:
-		progress.metrics.ObserveFailover(fo)
 		fmt.Fprintf(stdout, "failover took %s (verify %s, restore %s)\n", ms(fo.Took), ms(fo.Verify), ms(fo.Restore))
 	}
 

@@ -114,10 +114,7 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	}
 	rmem := &replicaMemory{}
 	bcfg := replicate.BackupConfig{NewMemory: rmem.new, HeartbeatTimeout: o.repl.heartbeatTimeout, Log: r.log.With("side", "backup")}
-	if bm != nil {
-		bcfg.OnEpoch = bm.ObserveCheckpoint
-	}
-	pb := protect.BackupConfig{Engine: bcfg, Restore: func(cp *replicate.Checkpoint, dev protect.Devices) (*protect.Restored, error) {
+	pb := protect.BackupConfig{Engine: bcfg, Metrics: bm, Restore: func(cp *replicate.Checkpoint, dev protect.Devices) (*protect.Restored, error) {
 		// The failover's proof: the checkpoint restores. The guest is not
 		// run a second time beside the first.
 		m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{DiskIO: dev.Disk})
@@ -141,7 +138,7 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	defer bcancel()
 	bdone := make(chan backupResult, 1)
 	go func() {
-		fo, err := b.Serve(bctx, ln)
+		fo, err := pbk.Serve(bctx, ln)
 		bdone <- backupResult{fo, err}
 	}()
 
@@ -164,7 +161,6 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		bcancel()
 		br = <-bdone
 	}
-	bm.ObserveFailover(br.fo)
 	stopSignals()
 	if rerr != nil {
 		return rerr

@@ -24,7 +24,6 @@ func (a *netAgg) add(s ebpf.EpochStats) {
 
 // onGateEpoch is the gate's per-epoch report (on the gate's goroutine).
 func (r *replicator) onGateEpoch(s ebpf.EpochStats) {
-	r.metrics.ObserveGateEpoch(s)
 	r.netMu.Lock()
 	r.netWin.add(s)
 	r.netMu.Unlock()

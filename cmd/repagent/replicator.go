@@ -182,7 +182,7 @@ func expectedDirty(cfg testvm.Config, interval time.Duration) uint64 {
 // the tap's namespace, the disk's mirror), builds the VM over them, starts
 // it and waits for its guest to be ready.
 func (r *replicator) start(ctx context.Context) error {
-	pc := protect.Config{Engine: r.engineConfig(), InNamespace: r.netDo}
+	pc := protect.Config{Engine: r.engineConfig(), InNamespace: r.netDo, Metrics: r.metrics}
 	if r.o.tap != "" {
 		pc.Tap = r.o.tap
 		pc.Gate = ebpf.Config{HoldLimit: int(r.o.holdLimit), ReleaseCPU: ebpf.AutoCPU, OnEpoch: r.onGateEpoch}
@@ -354,7 +354,6 @@ func (r *replicator) hook(point string, epoch uint64) {
 }
 
 func (r *replicator) onEpoch(s *replicate.EpochStats) {
-	r.metrics.ObserveEpoch(s)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.window.add(s)
@@ -448,11 +447,10 @@ func diskSyncLine(s replicate.StreamSyncProgress) string {
 func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err error) {
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	defer r.metrics.SetProtected(false) // replication is over, whichever way
 	done := make(chan error, 1)
 	r.t0 = time.Now()
 	r.first = totals(r.m)
-	go func() { done <- r.p.Run(runCtx, conn) }()
+	go func() { done <- r.prot.RunConn(runCtx, conn) }()
 
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -471,7 +469,6 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 		}
 		if errors.Is(rerr, replicate.ErrBackupLost) {
 			lost = rerr
-			r.metrics.ObserveBackupLost()
 			fmt.Fprintf(r.stderr, "%s: backup lost: VM running UNPROTECTED: %v\n", r.name, lostCause(rerr))
 			return nil
 		}
