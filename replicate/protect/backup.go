@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -135,6 +136,9 @@ func (b *Backup) resume(cp *replicate.Checkpoint) error {
 	if err != nil {
 		return err
 	}
+	if r == nil || r.Start == nil {
+		return errors.New("protect: Restore returned no VM to start")
+	}
 	if b.tap != nil && r.MAC != nil {
 		err := inNamespace(b.cfg.InNamespace, func() error { return ebpf.Announce(b.cfg.Tap, r.MAC, r.IP) })
 		if b.cfg.OnAnnounce != nil {
@@ -147,9 +151,11 @@ func (b *Backup) resume(cp *replicate.Checkpoint) error {
 }
 
 func (b *Backup) log(msg string, args ...any) {
-	if l := b.cfg.Engine.Log; l != nil {
-		l.Error(msg, args...)
+	l := b.cfg.Engine.Log
+	if l == nil {
+		l = slog.Default()
 	}
+	l.Error(msg, args...)
 }
 
 // Close closes the engine's backup and the tap. Call it after the resumed
