@@ -29,6 +29,7 @@ import (
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/epochstat"
+	"github.com/repagent/repagent/internal/track"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -780,10 +781,10 @@ func (b *benchRun) resolveTrack(cfg testvm.Config, interval time.Duration) (test
 	cfg.DirtyRingEntries = 0
 	switch b.mech {
 	case dirtylog.Ring:
-		cfg.DirtyRingEntries = ringEntries
+		cfg.DirtyRingEntries = track.RingEntries
 		return cfg, dirtylog.Ring, nil
 	case dirtylog.Auto:
-		mech, entries, err := recommend(cfg, interval)
+		mech, entries, err := track.Recommend(cfg, interval)
 		if err != nil {
 			return cfg, 0, err
 		}

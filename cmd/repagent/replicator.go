@@ -19,7 +19,7 @@ import (
 	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/internal/epochstat"
 	"github.com/repagent/repagent/internal/faultpoint"
-	"github.com/repagent/repagent/kvm"
+	"github.com/repagent/repagent/internal/track"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/replicate/metrics"
 	"github.com/repagent/repagent/testvm"
@@ -27,9 +27,6 @@ import (
 
 // vmmName is how the primary names its VMM to the backup.
 const vmmName = "repagent testvm"
-
-// ringEntries is the dirty ring size (entries per vCPU) for --dirty-track ring.
-const ringEntries = 4096
 
 // newLogger returns the engine's logger: text on stderr, info level, or warn
 // with --quiet.
@@ -108,9 +105,9 @@ func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr
 	r.mech, r.cfg.DirtyRingEntries = o.mech, 0
 	switch o.mech {
 	case dirtylog.Ring:
-		r.cfg.DirtyRingEntries = ringEntries
+		r.cfg.DirtyRingEntries = track.RingEntries
 	case dirtylog.Auto:
-		mech, entries, err := recommend(cfg, o.interval)
+		mech, entries, err := track.Recommend(cfg, o.interval)
 		if err != nil {
 			return nil, err
 		}
@@ -127,53 +124,6 @@ func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr
 		r.stats, r.statsBuf = f, bufio.NewWriter(f)
 	}
 	return r, nil
-}
-
-// recommend picks a dirty tracking mechanism for a VM about to be built with
-// cfg from the pages its workload is expected to dirty per interval, with
-// dirtylog.Recommend (which weighs the ring's per-page cost against the
-// bitmap's scan of all memory).
-func recommend(cfg testvm.Config, interval time.Duration) (dirtylog.Mechanism, uint32, error) {
-	sys, err := kvm.Open()
-	if err != nil {
-		return 0, 0, err
-	}
-	defer sys.Close()
-	mech, entries := dirtylog.Recommend(sys, cfg.MemSize, expectedDirty(cfg, interval), cfg.VCPUs)
-	return mech, entries, nil
-}
-
-// diskBufPages is the pages of the block device's buffer area (512 KiB, see
-// testvm's doc), which the disk workload's writes and reads go through.
-const diskBufPages = 128
-
-// expectedDirty estimates the distinct pages cfg's guest dirties in one
-// interval: its working set at full speed, fewer at a set rate, and a few
-// (status and stack pages) for the idle and counter workloads. The disk
-// workload dirties the block device's buffers and ring and, at most, its
-// whole version table (8 bytes per block).
-func expectedDirty(cfg testvm.Config, interval time.Duration) uint64 {
-	vcpus := uint64(cfg.VCPUs)
-	fixed := 4 * vcpus
-	if cfg.Workload == testvm.Disk && cfg.Disk != nil {
-		ws := cfg.Disk.WorkingSet
-		if ws == 0 {
-			ws = cfg.Disk.Blocks
-		}
-		return fixed + diskBufPages + 2 + (ws*8+replicate.PageSize-1)/replicate.PageSize
-	}
-	if cfg.Workload != testvm.Dirty {
-		return fixed
-	}
-	ws := cfg.WorkingSet
-	if ws == 0 && cfg.MemSize > testvm.DataAddr {
-		ws = (cfg.MemSize - testvm.DataAddr) / replicate.PageSize / vcpus
-	}
-	pages := ws * vcpus
-	if cfg.Rate > 0 {
-		pages = min(pages, uint64(float64(cfg.Rate*vcpus)*interval.Seconds())+1)
-	}
-	return pages + fixed
 }
 
 // openNet opens the guest's tap and puts an output gate on it, in the tap's
