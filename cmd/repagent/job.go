@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/replicate/protect"
@@ -34,17 +35,17 @@ type backupResult struct {
 // run runs the main job. It calls stopSignals once replication is over, so
 // that a second Ctrl-C during the verification kills the process.
 func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) (err error) {
-	var l *lab
+	var l *netlab.Lab
 	if o.net {
-		if l, err = newLab(); err != nil {
+		if l, err = netlab.New(); err != nil {
 			return err
 		}
 		defer func() {
-			if cerr := l.close(); cerr != nil && err == nil {
+			if cerr := l.Close(); cerr != nil && err == nil {
 				err = cerr
 			}
 		}()
-		o.repl.tap = l.tap
+		o.repl.tap = l.Tap
 	}
 	// The job's disk: a primary image the guest writes through the mirror,
 	// and a backup image the in-process backup keeps at the checkpoint it
@@ -92,7 +93,7 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	}
 	defer stopMetrics()
 	if l != nil {
-		r.netDo = func(f func() error) error { return netns.Do(l.lan, f) }
+		r.netDo = func(f func() error) error { return netns.Do(l.Lan, f) }
 	}
 	if err := r.start(ctx); err != nil {
 		return err
@@ -260,25 +261,25 @@ func sameImages(a, b io.ReaderAt, size int64) (bool, error) {
 
 // startClient starts the job's client: a baseline of round trips before
 // replication, then echo requests at --client-rate until stop.
-func (o *jobOptions) startClient(l *lab, r *replicator, stdout io.Writer) (stop func(), err error) {
-	c, err := l.newEchoClient(netip.AddrPortFrom(o.cfg.Net.IP, o.cfg.Net.Port), o.clientRate)
+func (o *jobOptions) startClient(l *netlab.Lab, r *replicator, stdout io.Writer) (stop func(), err error) {
+	c, err := l.NewEchoClient(netip.AddrPortFrom(o.cfg.Net.IP, o.cfg.Net.Port), o.clientRate)
 	if err != nil {
 		return nil, err
 	}
-	base, err := c.ping(20)
+	base, err := c.Ping(20)
 	if err != nil {
-		c.close()
+		c.Close()
 		return nil, err
 	}
 	if !o.repl.quiet {
 		fmt.Fprintf(stdout, "network: guest %s on %s (namespace %s), client %s in %s; round trip before replication %s\n",
-			o.cfg.Net.IP, l.tap, l.lan, l.clientIP, l.cli, dur(base))
+			o.cfg.Net.IP, l.Tap, l.Lan, l.ClientIP, l.Cli, dur(base))
 	}
 	cctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); c.run(cctx) }()
+	go func() { defer close(done); c.Run(cctx) }()
 	r.client = c
-	return func() { cancel(); <-done; c.close() }, nil
+	return func() { cancel(); <-done; c.Close() }, nil
 }
 
 // backupWait is how long the in-process backup may take to notice the end of
@@ -292,7 +293,7 @@ func (r *replicator) backupWait() time.Duration {
 // and replica memory that digests to that epoch's digest.
 func checkBackup(w io.Writer, b *replicate.Backup, br backupResult, r *replicator) error {
 	r.mu.Lock()
-	last, synced := r.total.last, r.synced
+	last, synced := r.total.Last, r.synced
 	r.mu.Unlock()
 	epoch, digest := b.LastCheckpoint()
 	switch {
