@@ -808,8 +808,8 @@ func (p *Primary) streamSync(ctx context.Context, phase SyncPhase) error {
 		if p.isLost() {
 			return p.lostErr
 		}
-		if len(msg) > MaxStreamMessage {
-			return fmt.Errorf("stream sync message of %d bytes exceeds MaxStreamMessage (%d)", len(msg), MaxStreamMessage)
+		if err := checkStreamMessage(msg); err != nil {
+			return err
 		}
 		wire += HeaderSize + uint64(len(msg))
 		_, err := p.writeFrame(MsgStreamSync, 0, msg)
@@ -825,6 +825,14 @@ func (p *Primary) streamSync(ctx context.Context, phase SyncPhase) error {
 		return fmt.Errorf("stream sync (%v): %w", phase, err)
 	}
 	p.reportStreamSync(phase, st, wire, t0)
+	return nil
+}
+
+// checkStreamMessage refuses a stream sync message the backup would refuse.
+func checkStreamMessage(msg []byte) error {
+	if len(msg) > MaxStreamMessage {
+		return fmt.Errorf("stream sync message of %d bytes exceeds MaxStreamMessage (%d)", len(msg), MaxStreamMessage)
+	}
 	return nil
 }
 
@@ -1060,8 +1068,8 @@ func (p *Primary) sendStream(n uint64, st *EpochStats, crc *uint32) (uint64, err
 	if n == 1 {
 		t0 := time.Now()
 		rs, err := p.cfg.Stream.Sync(SyncResidual, func(msg []byte) error {
-			if len(msg) > MaxStreamMessage {
-				return fmt.Errorf("stream sync message of %d bytes exceeds MaxStreamMessage (%d)", len(msg), MaxStreamMessage)
+			if err := checkStreamMessage(msg); err != nil {
+				return err
 			}
 			return send(MsgStreamSync, msg)
 		})

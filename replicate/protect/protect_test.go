@@ -17,6 +17,7 @@ import (
 
 	"github.com/repagent/repagent/internal/nettest"
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/replicate/replicatetest"
 )
 
 // What Example runs on: the test makes it before it calls Example.
@@ -31,19 +32,8 @@ var (
 	quiet                   = slog.New(slog.DiscardHandler)
 )
 
-// newMemory is the backup's replica memory: a file of size zero bytes.
-func newMemory(size uint64) (*os.File, error) {
-	f, err := os.CreateTemp("", "protect-replica-")
-	if err != nil {
-		return nil, err
-	}
-	os.Remove(f.Name())
-	if err := f.Truncate(int64(size)); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return f, nil
-}
+// newMemory is the backup's replica memory: an unlinked temporary file.
+var newMemory = replicatetest.TempMemory("")
 
 // listen collects the counts of the toy's datagrams that reach the host in
 // ns, until the returned stop is called.

@@ -82,7 +82,7 @@ func NewUnstartedPair(t testing.TB, cfg replicate.Config, bcfg replicate.BackupC
 		}
 	}
 	if bcfg.NewMemory == nil {
-		bcfg.NewMemory = tempMemory(t.TempDir())
+		bcfg.NewMemory = TempMemory(t.TempDir())
 	}
 	if bcfg.Resume == nil {
 		bcfg.Resume = refuseResume
@@ -99,8 +99,9 @@ func NewUnstartedPair(t testing.TB, cfg replicate.Config, bcfg replicate.BackupC
 	return p
 }
 
-// tempMemory makes replica memory as an unlinked file in dir.
-func tempMemory(dir string) func(size uint64) (*os.File, error) {
+// TempMemory is a BackupConfig.NewMemory that makes replica memory as an
+// unlinked file in dir ("" is os.TempDir()).
+func TempMemory(dir string) func(size uint64) (*os.File, error) {
 	return func(size uint64) (*os.File, error) {
 		f, err := os.CreateTemp(dir, "replica-")
 		if err != nil {
