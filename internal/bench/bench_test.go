@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -16,6 +15,7 @@ import (
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -198,7 +198,7 @@ func TestSmoke(t *testing.T) {
 	o := Options{Mem: 32 << 20, VCPUs: 1, Rates: []uint64{20000}, Pattern: testvm.Random, Intervals: []time.Duration{20 * time.Millisecond},
 		ModeTime: 300 * time.Millisecond, Failovers: 1, FailoverSizes: []uint64{32 << 20, 64 << 20}, DirtyTrack: dirtylog.Auto,
 		Net: true, Disk: true, DiskSize: 4 << 20, DiskSyncSize: 8 << 20, EchoRate: 200, StreamRate: 100000,
-		Sync: true, SyncSizes: []uint64{64 << 20}, Executable: buildRepagent(t), VMM: "repagent testvm"}
+		Sync: true, SyncSizes: []uint64{64 << 20}, Executable: vmtest.BuildRepagent(t), VMM: "repagent testvm"}
 	var stdout, stderr bytes.Buffer
 	got, err := Run(t.Context(), o, &stdout, &stderr)
 	t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
@@ -416,15 +416,4 @@ func TestSmoke(t *testing.T) {
 			}
 		}
 	}
-}
-
-// buildRepagent builds the repagent command, whose primary the failover
-// section runs as a separate process.
-func buildRepagent(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "repagent")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/repagent/repagent/cmd/repagent").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
 }
