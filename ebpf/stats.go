@@ -175,6 +175,12 @@ type Stats struct {
 	PcapErr error
 }
 
+// Dropped counts every frame the gate dropped for lack of room: the ring
+// full, a frame too big, or the hold limit reached.
+func (s Stats) Dropped() uint64 {
+	return s.DroppedRingFull.Frames + s.DroppedTooBig.Frames + s.DroppedHoldLimit.Frames
+}
+
 // latencyBuckets: values below 16 ns have a bucket each; above, four
 // buckets per power of two (about 19% wide), up to 2^64 ns.
 const latencyBuckets = 16 + 60*4

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/procout"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -448,7 +449,7 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	addr := freeAddr(t)
 	backup := exec.Command(bin, "backup", "--listen", addr, "--disk", bimg, "--run-after-failover", "1s", "--heartbeat-timeout", "5s", "--verify-replica")
-	bout := &outputBuffer{}
+	bout := &procout.Buffer{}
 	backup.Stdout, backup.Stderr = bout, bout
 	if err := backup.Start(); err != nil {
 		t.Fatal(err)
@@ -461,7 +462,7 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	if c.fault != "" {
 		primary.Env = append(primary.Env, "REPAGENT_FAULT="+c.fault)
 	}
-	pout := &outputBuffer{}
+	pout := &procout.Buffer{}
 	primary.Stdout, primary.Stderr = pout, pout
 	if err := primary.Start(); err != nil {
 		t.Fatal(err)
@@ -536,7 +537,7 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	// The resumed guest read its disk back and found what it wrote, and the
 	// image verifies again after it ran on.
 	wm := diskWorkloadRE.FindStringSubmatch(out)
-	// outputBuffer trims the last newline.
+	// procout.Buffer trims the last newline.
 	if wm == nil || !diskFinalRE.MatchString(out) || !strings.Contains(out+"\n", "\nverification passed\n") {
 		t.Fatalf("the resumed guest's disk did not verify:\n%s", report())
 	}

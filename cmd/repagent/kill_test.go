@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/procout"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -167,7 +168,7 @@ func (c killCase) run(t *testing.T, bin string) bool {
 		primaryArgs = append(primaryArgs, "--sync-threshold", "1")
 	}
 	primary := exec.Command(bin, primaryArgs...)
-	pout := &outputBuffer{}
+	pout := &procout.Buffer{}
 	primary.Stdout, primary.Stderr = pout, pout
 	primary.Env = os.Environ()
 	if c.fault != "" && !c.backupFault {
@@ -183,7 +184,7 @@ func (c killCase) run(t *testing.T, bin string) bool {
 	if c.backupFault {
 		backup.Env = append(backup.Env, "REPAGENT_FAULT="+c.fault, fmt.Sprintf("REPAGENT_FAULT_KILL_PID=%d", primary.Process.Pid))
 	}
-	bout := &outputBuffer{}
+	bout := &procout.Buffer{}
 	backup.Stdout, backup.Stderr = bout, bout
 	if err := backup.Start(); err != nil {
 		t.Fatal(err)

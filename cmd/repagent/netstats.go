@@ -69,7 +69,7 @@ func (r *replicator) netSecond(secs float64) *netLine {
 	n := &netLine{
 		held:     float64(st.Held.Frames-prev.Held.Frames) / secs,
 		released: float64(st.Released.Frames-prev.Released.Frames) / secs,
-		dropped:  float64(dropped(st)-dropped(prev)) / secs,
+		dropped:  float64(st.Dropped()-prev.Dropped()) / secs,
 		holdP50:  w.p50.Quantile(0.5),
 		holdP99:  w.p99,
 	}
@@ -79,11 +79,6 @@ func (r *replicator) netSecond(secs float64) *netLine {
 	return n
 }
 
-// dropped counts every frame the gate dropped for lack of room.
-func dropped(s ebpf.Stats) uint64 {
-	return s.DroppedRingFull.Frames + s.DroppedTooBig.Frames + s.DroppedHoldLimit.Frames
-}
-
 // netSummary prints what the output gate (and the job's client) saw.
 func (r *replicator) netSummary(w io.Writer) {
 	if r.gate == nil {
@@ -91,7 +86,7 @@ func (r *replicator) netSummary(w io.Writer) {
 	}
 	s := r.gate.Stats()
 	fmt.Fprintf(w, "  output commit on %s: held %d frames (%s), released %d, dropped %d (ring %d, hold limit %d, too big %d), discarded %d, failed %d\n",
-		r.gate.Interface(), s.Held.Frames, bytesSI(float64(s.Held.Bytes)), s.Released.Frames, dropped(s),
+		r.gate.Interface(), s.Held.Frames, bytesSI(float64(s.Held.Bytes)), s.Released.Frames, s.Dropped(),
 		s.DroppedRingFull.Frames, s.DroppedHoldLimit.Frames, s.DroppedTooBig.Frames, s.Discarded.Frames, s.Failed.Frames)
 	fmt.Fprintf(w, "  hold time (added latency): p50 %s p99 %s max %s\n", dur(s.Latency.P50), dur(s.Latency.P99), dur(s.Latency.Max))
 	p := s.Protocols

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -37,15 +38,8 @@ var (
 	failoverTook = regexp.MustCompile(`(?m)^failover took [\d.]+ ms \(verify [\d.]+ ms, restore [\d.]+ ms\)$`)
 )
 
-// buildRepagent builds the command into a temporary directory.
-func buildRepagent(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "repagent")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
+// buildRepagent builds the command for the tests that run it as processes.
+func buildRepagent(t *testing.T) string { return vmtest.BuildRepagent(t) }
 
 // statsLine is the part of a --stats line the tests read.
 type statsLine struct {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -94,10 +95,10 @@ type guestFlags struct {
 var guestFlagNames = []string{"mem", "vcpus", "workload", "pattern", "content", "working-set", "rate", "seed",
 	"tap", "mac", "ip", "port", "net-service", "stream-rate", "stream-bytes", "disk"}
 
-// Guest network defaults.
+// Guest network defaults: the guest's address in the job's network.
 const (
-	defaultGuestMAC = "52:54:00:00:00:02"
-	defaultGuestIP  = "10.77.0.2"
+	defaultGuestMAC = netlab.GuestMAC
+	defaultGuestIP  = netlab.GuestIP
 )
 
 // register adds the guest flags to fs.

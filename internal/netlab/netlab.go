@@ -16,6 +16,12 @@ import (
 	"github.com/repagent/repagent/testvm"
 )
 
+// The guest's address in a Lab, the defaults of the commands' --mac and --ip.
+const (
+	GuestMAC = "52:54:00:00:00:02"
+	GuestIP  = "10.77.0.2"
+)
+
 // Prefix starts the names of the main job's namespaces; a run that was
 // killed leaves them behind, and the next run removes them.
 const Prefix = "repagent-"

@@ -6,6 +6,8 @@ package vmtest
 import (
 	"context"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime"
 	"testing"
 	"time"
@@ -124,4 +126,15 @@ func WaitProgress(tb testing.TB, m *testvm.Machine, min []uint64) {
 			runtime.Gosched()
 		}
 	}
+}
+
+// BuildRepagent builds the repagent command into the test's temporary
+// directory, for tests that run its subcommands as separate processes.
+func BuildRepagent(tb testing.TB) string {
+	tb.Helper()
+	bin := filepath.Join(tb.TempDir(), "repagent")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/repagent/repagent/cmd/repagent").CombinedOutput(); err != nil {
+		tb.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
 }

@@ -1,4 +1,4 @@
-package main
+package bench
 
 // The engine's CPU per replicated page, against its floor: a plain copy of
 // as many scattered pages, timed on this process's thread clock in the same
@@ -33,7 +33,7 @@ const (
 // copySource is the plain copy's source: a buffer of at least size bytes
 // whose every page is resident (not the shared zero page), kept for the
 // run.
-func (b *benchRun) copySource(size uint64) []byte {
+func (b *runner) copySource(size uint64) []byte {
 	if uint64(len(b.copySrc)) < size {
 		b.copySrc = nil
 		src := make([]byte, size)
@@ -50,7 +50,7 @@ func (b *benchRun) copySource(size uint64) []byte {
 // bytes and copied in ascending order (as a harvest lists them) into a
 // staging buffer of n pages, per page. It is the median over repetitions,
 // each with pages picked anew.
-func (b *benchRun) plainCopyPerPage(memSize uint64, n int) time.Duration {
+func (b *runner) plainCopyPerPage(memSize uint64, n int) time.Duration {
 	const ps = replicate.PageSize
 	src := b.copySource(memSize)
 	pages := int(memSize / ps)
@@ -75,31 +75,31 @@ func (b *benchRun) plainCopyPerPage(memSize uint64, n int) time.Duration {
 		}
 		per = append(per, m.Stop()/time.Duration(n))
 	}
-	return benchMedian(per)
+	return median(per)
 }
 
-// benchCPUPerPage fills r's engine CPU per page, primary and backup side,
+// cpuPerPage fills r's engine CPU per page, primary and backup side,
 // from the epochs of its window, and its floor.
-func (b *benchRun) benchCPUPerPage(r *benchMode, memSize uint64) {
+func (b *runner) cpuPerPage(r *Mode, memSize uint64) {
 	if r.agg.Dirty == 0 {
 		return
 	}
 	// From the sums, not cpuPerPage's whole nanoseconds: a page costs about
 	// a microsecond.
-	r.CPUPageUS = benchUS(r.agg.CPU) / float64(r.agg.Dirty)
-	r.BackupCPUPageUS = benchUS(r.agg.BackupCPU) / float64(r.agg.Dirty)
+	r.CPUPageUS = toUS(r.agg.CPU) / float64(r.agg.Dirty)
+	r.BackupCPUPageUS = toUS(r.agg.BackupCPU) / float64(r.agg.Dirty)
 	r.CopyPages = min(max(1, int(r.DirtyPages+0.5)), int(memSize/replicate.PageSize))
 	r.CopyPageUS = float64(b.plainCopyPerPage(memSize, r.CopyPages)) / float64(time.Microsecond)
-	r.CPUVsCopy = benchRatio(r.CPUPageUS, r.CopyPageUS)
-	r.BackupVsCopy = benchRatio(r.BackupCPUPageUS, r.CopyPageUS)
+	r.CPUVsCopy = ratio(r.CPUPageUS, r.CopyPageUS)
+	r.BackupVsCopy = ratio(r.BackupCPUPageUS, r.CopyPageUS)
 }
 
-// benchUSf formats microseconds with two decimals: "1.23 µs".
-func benchUSf(x float64) string { return fmt.Sprintf("%.2f µs", x) }
+// fmtUSf formats microseconds with two decimals: "1.23 µs".
+func fmtUSf(x float64) string { return fmt.Sprintf("%.2f µs", x) }
 
-// benchPrintCPU prints the replicated modes' engine CPU per page beside the
+// printCPU prints the replicated modes' engine CPU per page beside the
 // plain copy of as many pages.
-func benchPrintCPU(w io.Writer, modes []*benchMode) {
+func printCPU(w io.Writer, modes []*Mode) {
 	var rows [][]string
 	for _, m := range modes {
 		if m.IntervalMS == 0 || m.Mode == "floor" {
@@ -110,7 +110,7 @@ func benchPrintCPU(w io.Writer, modes []*benchMode) {
 			continue
 		}
 		rows = append(rows, []string{"replicated " + m.Mode, fmt.Sprintf("%.0f", m.DirtyPages),
-			benchUSf(m.CPUPageUS), benchUSf(m.BackupCPUPageUS), benchUSf(m.CopyPageUS),
+			fmtUSf(m.CPUPageUS), fmtUSf(m.BackupCPUPageUS), fmtUSf(m.CopyPageUS),
 			fmt.Sprintf("%.2f", m.CPUVsCopy), fmt.Sprintf("%.2f", m.BackupVsCopy)})
 	}
 	if len(rows) == 0 {
@@ -118,13 +118,13 @@ func benchPrintCPU(w io.Writer, modes []*benchMode) {
 	}
 	fmt.Fprintf(w, "\nEngine CPU per dirty page (primary: pause, copy, workers, sender; backup: receive, check, apply), "+
 		"against a plain copy of as many scattered pages (thread CPU, this process):\n\n")
-	benchTable(w, []string{"mode", "dirty pages/epoch", "primary/page", "backup/page", "plain copy/page", "primary/copy", "backup/copy"}, rows)
+	table(w, []string{"mode", "dirty pages/epoch", "primary/page", "backup/page", "plain copy/page", "primary/copy", "backup/copy"}, rows)
 }
 
-// benchCPUGoal is one rate's goal line for the engine's CPU per page: the
+// cpuGoal is one rate's goal line for the engine's CPU per page: the
 // worst of its replicated modes, each side.
-func benchCPUGoal(rr *benchRate, verdict func(bool) string) benchGoal {
-	var worst, bworst *benchMode
+func cpuGoal(rr *Rate) Goal {
+	var worst, bworst *Mode
 	for _, m := range rr.Modes {
 		if m.IntervalMS == 0 || m.Mode == "floor" || m.CopyPageUS == 0 {
 			continue
@@ -136,13 +136,13 @@ func benchCPUGoal(rr *benchRate, verdict func(bool) string) benchGoal {
 			bworst = m
 		}
 	}
-	goal := fmt.Sprintf("(goal primary <= %.0f µs, backup <= %.0f µs)", benchUS(goalCPUPerPage), benchUS(goalBackupCPUPerPage))
+	goal := fmt.Sprintf("(goal primary <= %.0f µs, backup <= %.0f µs)", toUS(goalCPUPerPage), toUS(goalBackupCPUPerPage))
 	if worst == nil {
-		return benchGoal{Text: fmt.Sprintf("engine CPU per page, rate %s: not measured (no replicated epochs) %s: NOT MET", benchRateName(rr.Rate), goal)}
+		return Goal{Text: fmt.Sprintf("engine CPU per page, rate %s: not measured (no replicated epochs) %s: NOT MET", rateName(rr.Rate), goal)}
 	}
-	ok := worst.CPUPageUS <= benchUS(goalCPUPerPage) && bworst.BackupCPUPageUS <= benchUS(goalBackupCPUPerPage)
-	return benchGoal{Met: ok, Text: fmt.Sprintf("engine CPU per page, rate %s, stamp pages: primary %.2f µs at %s (%.2fx a plain copy), "+
+	ok := worst.CPUPageUS <= toUS(goalCPUPerPage) && bworst.BackupCPUPageUS <= toUS(goalBackupCPUPerPage)
+	return Goal{Met: ok, Text: fmt.Sprintf("engine CPU per page, rate %s, stamp pages: primary %.2f µs at %s (%.2fx a plain copy), "+
 		"backup %.2f µs at %s (%.2fx), worst of the replicated modes %s: %s",
-		benchRateName(rr.Rate), worst.CPUPageUS, worst.Mode, worst.CPUVsCopy, bworst.BackupCPUPageUS, bworst.Mode, bworst.BackupVsCopy,
+		rateName(rr.Rate), worst.CPUPageUS, worst.Mode, worst.CPUVsCopy, bworst.BackupCPUPageUS, bworst.Mode, bworst.BackupVsCopy,
 		goal, verdict(ok))}
 }

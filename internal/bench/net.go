@@ -1,4 +1,4 @@
-package main
+package bench
 
 // The bench's network section: output commit as a client sees it. The
 // guest's answers are held by the output gate until their epoch is
@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -24,8 +25,10 @@ import (
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/epochstat"
 	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/internal/netns"
+	"github.com/repagent/repagent/internal/report"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -48,27 +51,27 @@ const (
 // shape (the main job's default, 100ms, first).
 var jobShapeIntervals = []time.Duration{100 * time.Millisecond, 20 * time.Millisecond, 10 * time.Millisecond}
 
-// benchNetResult is the network section's figures.
-type benchNetResult struct {
-	EchoRate    int               `json:"echo_rate"`
-	MemSize     uint64            `json:"mem"`
-	Echo        []*benchEchoMode  `json:"echo"`
-	StreamRate  uint64            `json:"stream_rate"`
-	StreamBytes int               `json:"stream_bytes"`
-	Stream      []*benchNetStream `json:"stream"`
+// NetResult is the network section's figures.
+type NetResult struct {
+	EchoRate    int          `json:"echo_rate"`
+	MemSize     uint64       `json:"mem"`
+	Echo        []*EchoMode  `json:"echo"`
+	StreamRate  uint64       `json:"stream_rate"`
+	StreamBytes int          `json:"stream_bytes"`
+	Stream      []*NetStream `json:"stream"`
 	// StreamRatio is the replicated stream's client frames/s over the
 	// unreplicated one's.
 	StreamRatio float64 `json:"stream_ratio"`
 	// JobShape is the echo with the main job's guest (jobShapeConfig, of
 	// JobMem bytes): without replication, then at each of jobShapeIntervals.
-	JobMem   uint64           `json:"job_shape_mem"`
-	JobShape []*benchEchoMode `json:"job_shape_echo"`
+	JobMem   uint64      `json:"job_shape_mem"`
+	JobShape []*EchoMode `json:"job_shape_echo"`
 }
 
-// benchGateWindow is what the output gate did in a window: counts from its
+// GateWindow is what the output gate did in a window: counts from its
 // Stats; hold times from the epochs measured (the stream) or from every frame
 // released (the echo, see measureEcho). Durations in microseconds.
-type benchGateWindow struct {
+type GateWindow struct {
 	Held      uint64  `json:"gate_held"`
 	Released  uint64  `json:"gate_released"`
 	Dropped   uint64  `json:"gate_dropped"`
@@ -77,9 +80,9 @@ type benchGateWindow struct {
 	HoldP99US float64 `json:"hold_p99_us,omitempty"`
 }
 
-// benchNetEpochs is the replication figures of a network mode's window, from
+// NetEpochs is the replication figures of a network mode's window, from
 // the epochs whose pause started in it. Durations in microseconds.
-type benchNetEpochs struct {
+type NetEpochs struct {
 	Track         string  `json:"dirty_track,omitempty"`
 	Epochs        uint64  `json:"epochs,omitempty"`
 	DirtyPages    float64 `json:"dirty_pages_mean,omitempty"`
@@ -88,9 +91,9 @@ type benchNetEpochs struct {
 	AckP50US      float64 `json:"ack_p50_us,omitempty"`
 }
 
-// benchEchoMode is one mode of the echo measurement. Durations in
+// EchoMode is one mode of the echo measurement. Durations in
 // microseconds.
-type benchEchoMode struct {
+type EchoMode struct {
 	Mode       string  `json:"mode"` // none, or the interval
 	IntervalMS float64 `json:"interval_ms,omitempty"`
 	Seconds    float64 `json:"seconds"`
@@ -106,12 +109,12 @@ type benchEchoMode struct {
 	// transfer p50 over the interval.
 	HoldVsBound   float64 `json:"hold_p50_vs_bound,omitempty"`
 	TransferShare float64 `json:"transfer_p50_vs_interval,omitempty"`
-	benchNetEpochs
-	benchGateWindow
+	NetEpochs
+	GateWindow
 }
 
-// benchNetStream is one mode of the held-frame throughput measurement.
-type benchNetStream struct {
+// NetStream is one mode of the held-frame throughput measurement.
+type NetStream struct {
 	Mode        string  `json:"mode"` // none, or the interval
 	IntervalMS  float64 `json:"interval_ms,omitempty"`
 	Seconds     float64 `json:"seconds"`
@@ -123,23 +126,23 @@ type benchNetStream struct {
 	VsNone      float64 `json:"vs_none"`
 	ClientOrder uint64  `json:"client_out_of_order"` // malformed, or not above the last
 
-	benchNetEpochs
-	benchGateWindow
+	NetEpochs
+	GateWindow
 }
 
 // netWarmup is how long a network mode's guest runs before its window opens
 // (a replicated one also waits for the first epochs acknowledged).
-func (b *benchRun) netWarmup() time.Duration { return min(b.warmup(), netWarmupMax) }
+func (b *runner) netWarmup() time.Duration { return min(b.warmup(), netWarmupMax) }
 
 // netMem is the network guests' memory size.
-func (b *benchRun) netMem() uint64 { return min(b.mem, netMaxMem) }
+func (b *runner) netMem() uint64 { return min(b.Mem, netMaxMem) }
 
 // netGuestConfig is a 1-vCPU test VM running the network workload wl.
-func (b *benchRun) netGuestConfig(wl testvm.Workload) testvm.Config {
-	mac, _ := net.ParseMAC(defaultGuestMAC)
-	n := &testvm.NetConfig{MAC: mac, IP: netip.MustParseAddr(defaultGuestIP)}
+func (b *runner) netGuestConfig(wl testvm.Workload) testvm.Config {
+	mac, _ := net.ParseMAC(netlab.GuestMAC)
+	n := &testvm.NetConfig{MAC: mac, IP: netip.MustParseAddr(netlab.GuestIP)}
 	if wl == testvm.UDPStream {
-		n.StreamRate, n.StreamBytes = b.streamRate, streamBytes
+		n.StreamRate, n.StreamBytes = b.StreamRate, streamBytes
 	}
 	return testvm.Config{MemSize: b.netMem(), VCPUs: 1, Workload: wl, Net: n, Seed: 1}
 }
@@ -149,14 +152,14 @@ func (b *benchRun) netGuestConfig(wl testvm.Workload) testvm.Config {
 // full speed (random pattern, stamp pages) on 1 vCPU of testvm.DefaultMemSize,
 // whose vCPU 0 also answers udp-echo between page writes.
 func jobShapeConfig() testvm.Config {
-	mac, _ := net.ParseMAC(defaultGuestMAC)
-	n := &testvm.NetConfig{MAC: mac, IP: netip.MustParseAddr(defaultGuestIP), Port: testvm.DefaultNetPort, Service: testvm.UDPEcho}
+	mac, _ := net.ParseMAC(netlab.GuestMAC)
+	n := &testvm.NetConfig{MAC: mac, IP: netip.MustParseAddr(netlab.GuestIP), Port: testvm.DefaultNetPort, Service: testvm.UDPEcho}
 	return testvm.Config{MemSize: testvm.DefaultMemSize, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, Net: n, Seed: 1}
 }
 
-// benchNet measures the network section in a lab made for it, removed
+// measureNet measures the network section in a lab made for it, removed
 // after it, also on an error or an interrupt.
-func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) {
+func (b *runner) measureNet(ctx context.Context) (_ *NetResult, err error) {
 	l, err := netlab.New()
 	if err != nil {
 		return nil, err
@@ -166,7 +169,7 @@ func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) 
 			err = fmt.Errorf("remove the network: %w", cerr)
 		}
 	}()
-	res := &benchNetResult{EchoRate: b.echoRate, MemSize: b.netMem(), StreamRate: b.streamRate, StreamBytes: streamBytes}
+	res := &NetResult{EchoRate: b.EchoRate, MemSize: b.netMem(), StreamRate: b.StreamRate, StreamBytes: streamBytes}
 
 	echo := b.netGuestConfig(testvm.UDPEcho)
 	b.progressf("network: udp-echo, no replication")
@@ -175,13 +178,13 @@ func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) 
 		return nil, fmt.Errorf("udp-echo, no replication: %w", err)
 	}
 	res.Echo = append(res.Echo, none)
-	for _, iv := range b.intervals {
+	for _, iv := range b.Intervals {
 		b.progressf("network: udp-echo, replicated at %v", iv)
 		e, err := b.measureEcho(ctx, l, echo, iv)
 		if err != nil {
 			return nil, fmt.Errorf("udp-echo, replicated at %v: %w", iv, err)
 		}
-		e.AddedP50US = e.RTTP50US - none.RTTP50US
+		e.addedOver(none)
 		res.Echo = append(res.Echo, e)
 	}
 
@@ -198,7 +201,7 @@ func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) 
 			return nil, fmt.Errorf("the main job's shape, %s: %w", name, err)
 		}
 		if iv != 0 {
-			e.AddedP50US = e.RTTP50US - res.JobShape[0].RTTP50US
+			e.addedOver(res.JobShape[0])
 		}
 		res.JobShape = append(res.JobShape, e)
 	}
@@ -208,7 +211,7 @@ func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) 
 		if iv != 0 {
 			name = "replicated at " + iv.String()
 		}
-		b.progressf("network: udp-stream at up to %d/s, %s", b.streamRate, name)
+		b.progressf("network: udp-stream at up to %d/s, %s", b.StreamRate, name)
 		s, err := b.measureStream(ctx, l, iv)
 		if err != nil {
 			return nil, fmt.Errorf("udp-stream, %s: %w", name, err)
@@ -216,14 +219,14 @@ func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) 
 		res.Stream = append(res.Stream, s)
 	}
 	for _, s := range res.Stream {
-		s.VsNone = benchRatio(s.ClientRate, res.Stream[0].ClientRate)
+		s.VsNone = ratio(s.ClientRate, res.Stream[0].ClientRate)
 	}
 	res.StreamRatio = res.Stream[1].VsNone
 	return res, nil
 }
 
-// benchNetVM is a test VM on the lab's tap, with an output gate on the tap.
-type benchNetVM struct {
+// netVM is a test VM on the lab's tap, with an output gate on the tap.
+type netVM struct {
 	cfg   testvm.Config
 	mech  dirtylog.Mechanism // the dirty tracking when replicated; 0 without
 	m     *testvm.Machine
@@ -240,8 +243,8 @@ type benchNetVM struct {
 // 0), opens the lab's tap and puts a gate on it (in the lab's lan
 // namespace), then builds and starts a VM on the tap and waits for its
 // guest.
-func (b *benchRun) netBoot(ctx context.Context, l *netlab.Lab, cfg testvm.Config, interval time.Duration) (_ *benchNetVM, err error) {
-	v := &benchNetVM{cfg: cfg}
+func (b *runner) netBoot(ctx context.Context, l *netlab.Lab, cfg testvm.Config, interval time.Duration) (_ *netVM, err error) {
+	v := &netVM{cfg: cfg}
 	if interval != 0 {
 		if v.cfg, v.mech, err = b.resolveTrack(v.cfg, interval); err != nil {
 			return nil, err
@@ -265,21 +268,21 @@ func (b *benchRun) netBoot(ctx context.Context, l *netlab.Lab, cfg testvm.Config
 	}
 	cfg = v.cfg
 	cfg.Tap = v.tap
-	if v.m, v.ready, err = benchBoot(ctx, cfg); err != nil {
+	if v.m, v.ready, err = boot(ctx, cfg); err != nil {
 		return nil, fmt.Errorf("start the %s guest: %w", cfg.Workload, err)
 	}
 	return v, nil
 }
 
 // onEpoch is the gate's per-epoch report (on the gate's goroutine).
-func (v *benchNetVM) onEpoch(s ebpf.EpochStats) {
+func (v *netVM) onEpoch(s ebpf.EpochStats) {
 	v.mu.Lock()
 	v.epochs = append(v.epochs, s)
 	v.mu.Unlock()
 }
 
 // close closes the VM, then the gate, then the tap.
-func (v *benchNetVM) close() error {
+func (v *netVM) close() error {
 	var err error
 	if v.m != nil {
 		err = v.m.Close()
@@ -300,18 +303,18 @@ func (v *benchNetVM) close() error {
 // the epochs' medians and the 99th percentile of their 99th percentiles.
 // Each epoch's own percentiles are good only when it releases many frames
 // (with two, its median is the smaller one): the stream's epochs do.
-func (v *benchNetVM) gateWindow(s0, s1 ebpf.Stats, measured []replicate.EpochStats) benchGateWindow {
-	w := benchGateWindow{
+func (v *netVM) gateWindow(s0, s1 ebpf.Stats, measured []replicate.EpochStats) GateWindow {
+	w := GateWindow{
 		Held:     s1.Held.Frames - s0.Held.Frames,
 		Released: s1.Released.Frames - s0.Released.Frames,
-		Dropped:  dropped(s1) - dropped(s0),
+		Dropped:  s1.Dropped() - s0.Dropped(),
 		Lost:     s1.Lost - s0.Lost,
 	}
 	in := make(map[uint64]bool, len(measured))
 	for _, s := range measured {
 		in[s.Epoch] = true
 	}
-	var p50, p99 hist
+	var p50, p99 epochstat.Hist
 	v.mu.Lock()
 	for _, s := range v.epochs {
 		if in[s.Epoch] && s.Released.Frames > 0 {
@@ -320,22 +323,22 @@ func (v *benchNetVM) gateWindow(s0, s1 ebpf.Stats, measured []replicate.EpochSta
 		}
 	}
 	v.mu.Unlock()
-	w.HoldP50US, w.HoldP99US = benchUS(p50.Quantile(0.5)), benchUS(p99.Quantile(0.99))
+	w.HoldP50US, w.HoldP99US = toUS(p50.Quantile(0.5)), toUS(p99.Quantile(0.99))
 	return w
 }
 
 // netEpochs sums up the replication figures of the epochs r measured, and
 // returns those epochs; nothing for nil (no replication).
-func netEpochs(r *benchMode) (benchNetEpochs, []replicate.EpochStats) {
+func netEpochs(r *Mode) (NetEpochs, []replicate.EpochStats) {
 	if r == nil {
-		return benchNetEpochs{}, nil
+		return NetEpochs{}, nil
 	}
-	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, DirtyPages: r.DirtyPages, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US}
-	var tr hist
+	e := NetEpochs{Track: r.Track, Epochs: r.Epochs, DirtyPages: r.DirtyPages, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US}
+	var tr epochstat.Hist
 	for _, s := range r.epochs {
 		tr.Add(s.Transfer)
 	}
-	e.TransferP50US = benchUS(tr.Quantile(0.5))
+	e.TransferP50US = toUS(tr.Quantile(0.5))
 	return e, r.epochs
 }
 
@@ -344,23 +347,23 @@ func netMode(interval time.Duration) (mode string, ms float64) {
 	if interval == 0 {
 		return "none", 0
 	}
-	return interval.String(), benchMS(interval)
+	return interval.String(), toMS(interval)
 }
 
 // netRun runs measure on v's guest: without replication after the warm-up
 // when interval is 0, else replicated at interval with the gate in
 // Config.Gates. It returns the replicated mode's epochs (nil without).
-func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Duration,
-	measure func(ctx context.Context) (t0, t1 time.Time, err error)) (*benchMode, error) {
+func (b *runner) netRun(ctx context.Context, v *netVM, interval time.Duration,
+	measure func(ctx context.Context) (t0, t1 time.Time, err error)) (*Mode, error) {
 	if interval == 0 {
-		if err := benchSleep(ctx, v.m, max(0, b.netWarmup()-time.Since(v.ready))); err != nil {
+		if err := sleepFor(ctx, v.m, max(0, b.netWarmup()-time.Since(v.ready))); err != nil {
 			return nil, err
 		}
 		_, _, err := measure(ctx)
 		return nil, err
 	}
-	r := &benchMode{Mode: interval.String(), IntervalMS: benchMS(interval), Track: v.mech.String()}
-	err := b.runReplicated(ctx, v.m, v.ready, benchRepl{interval: interval, mech: v.mech, gates: []replicate.OutputGate{v.gate},
+	r := &Mode{Mode: interval.String(), IntervalMS: toMS(interval), Track: v.mech.String()}
+	err := b.runReplicated(ctx, v.m, v.ready, repl{interval: interval, mech: v.mech, gates: []replicate.OutputGate{v.gate},
 		warmup: b.netWarmup(), measure: func(ctx context.Context) (time.Time, time.Time, error) {
 			t0, t1, err := measure(ctx)
 			r.Seconds = t1.Sub(t0).Seconds()
@@ -375,14 +378,14 @@ func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Dura
 // measureEcho measures the round trips of a client of a guest of cfg that
 // answers udp-echo (its workload or its service): without replication when
 // interval is 0, else replicated at interval.
-func (b *benchRun) measureEcho(ctx context.Context, l *netlab.Lab, cfg testvm.Config, interval time.Duration) (*benchEchoMode, error) {
+func (b *runner) measureEcho(ctx context.Context, l *netlab.Lab, cfg testvm.Config, interval time.Duration) (*EchoMode, error) {
 	v, err := b.netBoot(ctx, l, cfg, interval)
 	if err != nil {
 		return nil, err
 	}
 	defer v.close()
 	guest := netip.AddrPortFrom(v.cfg.Net.IP, testvm.DefaultNetPort)
-	c, err := l.NewEchoClient(guest, b.echoRate)
+	c, err := l.NewEchoClient(guest, b.EchoRate)
 	if err != nil {
 		return nil, err
 	}
@@ -392,12 +395,12 @@ func (b *benchRun) measureEcho(ctx context.Context, l *netlab.Lab, cfg testvm.Co
 		return nil, err
 	}
 
-	e := &benchEchoMode{}
+	e := &EchoMode{}
 	e.Mode, e.IntervalMS = netMode(interval)
 	var s0, s1 ebpf.Stats
 	measure := func(ctx context.Context) (t0, t1 time.Time, err error) {
 		s0, t0 = v.gate.Stats(), time.Now()
-		wctx, cancel := context.WithTimeout(ctx, b.modeTime)
+		wctx, cancel := context.WithTimeout(ctx, b.ModeTime)
 		c.Run(wctx) // its reader runs until the client closes
 		cancel()
 		t1 = time.Now()
@@ -410,7 +413,7 @@ func (b *benchRun) measureEcho(ctx context.Context, l *netlab.Lab, cfg testvm.Co
 			if t := c.Totals(); t.Answered+t.Bad >= t.Sent {
 				break
 			}
-			if err := benchSleep(ctx, v.m, time.Millisecond); err != nil {
+			if err := sleepFor(ctx, v.m, time.Millisecond); err != nil {
 				return t0, t1, err
 			}
 		}
@@ -424,26 +427,36 @@ func (b *benchRun) measureEcho(ctx context.Context, l *netlab.Lab, cfg testvm.Co
 	}
 	t := c.Totals()
 	e.Sent, e.Answered, e.Bad = t.Sent, t.Answered, t.Bad
-	e.RTTP50US, e.RTTP99US = benchUS(t.P50), benchUS(t.P99)
+	e.RTTP50US, e.RTTP99US = toUS(t.P50), toUS(t.P99)
 	if e.Answered == 0 {
-		return nil, fmt.Errorf("no answer to %d requests in %v", e.Sent, b.modeTime)
+		return nil, fmt.Errorf("no answer to %d requests in %v", e.Sent, b.ModeTime)
 	}
 	var epochs []replicate.EpochStats
-	e.benchNetEpochs, epochs = netEpochs(r)
-	e.benchGateWindow = v.gateWindow(s0, s1, epochs)
+	e.NetEpochs, epochs = netEpochs(r)
+	e.GateWindow = v.gateWindow(s0, s1, epochs)
 	if r != nil {
 		// The echo guest sends only answers (and the odd ARP reply), and
 		// the client starts at the window: every frame the gate ever
 		// released is an answer of the window, and its hold-time
 		// percentiles are over those frames, not per epoch (an epoch holds
 		// only interval × --echo-rate of them).
-		e.HoldP50US, e.HoldP99US = benchUS(s1.Latency.P50), benchUS(s1.Latency.P99)
-		e.BoundUS = benchUS(interval/2+goalNetExtra) + e.PauseP50US + e.TransferP50US
-		e.HoldVsBound = benchRatio(e.HoldP50US, e.BoundUS)
-		e.TransferShare = benchRatio(e.TransferP50US, benchUS(interval))
+		e.HoldP50US, e.HoldP99US = toUS(s1.Latency.P50), toUS(s1.Latency.P99)
+		e.predict(interval)
 	}
 	return e, nil
 }
+
+// predict sets the goal's prediction of a replicated mode's hold time from
+// its epochs (interval/2 + pause p50 + transfer p50 + goalNetExtra), the
+// hold time against it and the transfer's share of the interval.
+func (e *EchoMode) predict(interval time.Duration) {
+	e.BoundUS = toUS(interval/2+goalNetExtra) + e.PauseP50US + e.TransferP50US
+	e.HoldVsBound = ratio(e.HoldP50US, e.BoundUS)
+	e.TransferShare = ratio(e.TransferP50US, toUS(interval))
+}
+
+// addedOver sets the round trip p50 added over none's, without replication.
+func (e *EchoMode) addedOver(none *EchoMode) { e.AddedP50US = e.RTTP50US - none.RTTP50US }
 
 // streamSink subscribes to the udp-stream guest and counts what it gets.
 type streamSink struct {
@@ -506,7 +519,7 @@ func (c *streamSink) subscribe(ctx context.Context, m *testvm.Machine, guest net
 		if _, err := c.conn.WriteToUDPAddrPort([]byte("subscribe"), guest); err != nil {
 			return fmt.Errorf("subscribe to the guest's stream: %w", err)
 		}
-		if err := benchSleep(ctx, m, 100*time.Millisecond); err != nil {
+		if err := sleepFor(ctx, m, 100*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -521,7 +534,7 @@ func (c *streamSink) close() {
 // measureStream measures the frames per second a client of the udp-stream
 // guest receives: without replication when interval is 0, else replicated
 // at interval, every frame held and then released.
-func (b *benchRun) measureStream(ctx context.Context, l *netlab.Lab, interval time.Duration) (*benchNetStream, error) {
+func (b *runner) measureStream(ctx context.Context, l *netlab.Lab, interval time.Duration) (*NetStream, error) {
 	v, err := b.netBoot(ctx, l, b.netGuestConfig(testvm.UDPStream), interval)
 	if err != nil {
 		return nil, err
@@ -536,13 +549,13 @@ func (b *benchRun) measureStream(ctx context.Context, l *netlab.Lab, interval ti
 		return nil, err
 	}
 
-	s := &benchNetStream{}
+	s := &NetStream{}
 	s.Mode, s.IntervalMS = netMode(interval)
 	var g0, g1 ebpf.Stats
 	measure := func(ctx context.Context) (t0, t1 time.Time, err error) {
 		g0, t0 = v.gate.Stats(), time.Now()
 		seq0, rx0, lost0, ooo0 := v.m.Status(0).NetSeq, c.frames.Load(), c.lost.Load(), c.outOfOrder.Load()
-		if err := benchSleep(ctx, v.m, b.modeTime); err != nil {
+		if err := sleepFor(ctx, v.m, b.ModeTime); err != nil {
 			return t0, t0, err
 		}
 		g1, t1 = v.gate.Stats(), time.Now()
@@ -557,126 +570,130 @@ func (b *benchRun) measureStream(ctx context.Context, l *netlab.Lab, interval ti
 		return nil, err
 	}
 	if s.Received == 0 {
-		return nil, fmt.Errorf("the client received nothing in %v (the guest sent %d)", b.modeTime, s.GuestSent)
+		return nil, fmt.Errorf("the client received nothing in %v (the guest sent %d)", b.ModeTime, s.GuestSent)
 	}
 	var epochs []replicate.EpochStats
-	s.benchNetEpochs, epochs = netEpochs(r)
-	s.benchGateWindow = v.gateWindow(g0, g1, epochs)
+	s.NetEpochs, epochs = netEpochs(r)
+	s.GateWindow = v.gateWindow(g0, g1, epochs)
 	return s, nil
 }
 
 // netGoals compares each interval's added echo latency with its bound.
-func netGoals(nr *benchNetResult, verdict func(bool) string) []benchGoal {
-	var out []benchGoal
+func netGoals(nr *NetResult) []Goal {
+	var out []Goal
 	for _, e := range nr.Echo {
 		if e.Mode == "none" {
 			continue
 		}
 		ok := e.Epochs > 0 && e.AddedP50US <= e.BoundUS
-		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf(
+		out = append(out, Goal{Met: ok, Text: fmt.Sprintf(
 			"echo added latency at %s: p50 %.2f ms (rtt p50 %.2f ms, %.2f ms without replication) (goal <= %s/2 + pause p50 %.2f ms + transfer p50 %.2f ms + 1 ms = %.2f ms): %s",
 			e.Mode, e.AddedP50US/1e3, e.RTTP50US/1e3, nr.Echo[0].RTTP50US/1e3, e.Mode, e.PauseP50US/1e3, e.TransferP50US/1e3, e.BoundUS/1e3, verdict(ok))})
 	}
-	return append(out, jobShapeGoals(nr, verdict)...)
+	return append(out, jobShapeGoals(nr)...)
 }
 
 // jobShapeGoals compares each interval of the main job's shape with its
 // goals: the gate's hold p50 at most interval/2 + pause p50 + transfer p50 +
 // 1 ms, and the transfer p50 at most goalTransferShare of the interval.
-func jobShapeGoals(nr *benchNetResult, verdict func(bool) string) []benchGoal {
-	var out []benchGoal
+func jobShapeGoals(nr *NetResult) []Goal {
+	var out []Goal
 	for _, e := range nr.JobShape {
 		if e.Mode == "none" {
 			continue
 		}
 		ok := e.Epochs > 0 && e.HoldP50US > 0 && e.HoldP50US <= e.BoundUS
-		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf(
+		out = append(out, Goal{Met: ok, Text: fmt.Sprintf(
 			"main job's shape at %s: hold p50 %.2f ms (client rtt p50 %.2f ms) = %.2fx the prediction (goal <= %s/2 + pause p50 %.2f ms + transfer p50 %.2f ms + 1 ms = %.2f ms): %s",
 			e.Mode, e.HoldP50US/1e3, e.RTTP50US/1e3, e.HoldVsBound, e.Mode, e.PauseP50US/1e3, e.TransferP50US/1e3, e.BoundUS/1e3, verdict(ok))})
 		ok = e.Epochs > 0 && e.TransferShare <= goalTransferShare
-		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf(
+		out = append(out, Goal{Met: ok, Text: fmt.Sprintf(
 			"main job's shape at %s: transfer p50 %.2f ms = %.1f%% of the interval, %.0f dirty pages/epoch (goal <= %.0f%%): %s",
 			e.Mode, e.TransferP50US/1e3, 100*e.TransferShare, e.DirtyPages, 100*goalTransferShare, verdict(ok))})
 	}
 	return out
 }
 
-// benchPrintNet prints the network section's tables.
-func benchPrintNet(w io.Writer, nr *benchNetResult, modeTime time.Duration) {
+// printNet prints the network section's tables.
+func printNet(w io.Writer, nr *NetResult, modeTime time.Duration) {
 	fmt.Fprintf(w, "Output commit (network): udp-echo, 1 vCPU, %s, %d requests/s for %v per mode:\n\n",
 		testvm.FormatSize(nr.MemSize), nr.EchoRate, modeTime)
-	var rows [][]string
-	for _, e := range nr.Echo {
-		row := []string{benchNetModeName(e.Mode), strconv.FormatUint(e.Sent, 10), strconv.FormatUint(e.Answered, 10),
-			benchDur(e.RTTP50US), benchDur(e.RTTP99US)}
-		if e.Mode == "none" {
-			rows = append(rows, append(row, "-", "-", "-", "-", "-", strconv.FormatUint(e.Held, 10), "-", "-", "-"))
-			continue
-		}
-		rows = append(rows, append(row, benchSignedDur(e.AddedP50US), strconv.FormatUint(e.Epochs, 10), benchDur(e.PauseP50US),
-			benchDur(e.TransferP50US), benchDur(e.AckP50US), strconv.FormatUint(e.Held, 10), benchDur(e.HoldP50US),
-			benchDur(e.HoldP99US), benchDur(e.BoundUS)))
-	}
-	benchTable(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "pause p50",
+	rows := echoRows(nr.Echo, 5, func(e *EchoMode) []string {
+		return []string{signedDur(e.AddedP50US), strconv.FormatUint(e.Epochs, 10), fmtUS(e.PauseP50US),
+			fmtUS(e.TransferP50US), fmtUS(e.AckP50US), strconv.FormatUint(e.Held, 10), fmtUS(e.HoldP50US),
+			fmtUS(e.HoldP99US), fmtUS(e.BoundUS)}
+	})
+	table(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "pause p50",
 		"transfer p50", "ack p50", "held", "hold p50", "hold p99", "goal bound"}, rows)
 
-	benchPrintJobShape(w, nr, modeTime)
+	printJobShape(w, nr, modeTime)
 
 	fmt.Fprintf(w, "\nHeld-frame throughput: udp-stream, %d-byte datagrams at up to %d/s, %v per mode:\n\n",
 		nr.StreamBytes, nr.StreamRate, modeTime)
 	rows = nil
 	for _, s := range nr.Stream {
-		row := []string{benchNetModeName(s.Mode), si(s.GuestRate), si(s.ClientRate), fmt.Sprintf("%.2f", s.VsNone),
+		row := []string{netModeName(s.Mode), report.SI(s.GuestRate), report.SI(s.ClientRate), fmt.Sprintf("%.2f", s.VsNone),
 			strconv.FormatUint(s.ClientLost, 10), strconv.FormatUint(s.Held, 10), strconv.FormatUint(s.Released, 10),
 			strconv.FormatUint(s.Dropped, 10)}
 		if s.Mode == "none" {
 			rows = append(rows, append(row, "-", "-", "-", "-"))
 			continue
 		}
-		rows = append(rows, append(row, strconv.FormatUint(s.Epochs, 10), benchDur(s.PauseP50US), benchDur(s.HoldP50US), benchDur(s.HoldP99US)))
+		rows = append(rows, append(row, strconv.FormatUint(s.Epochs, 10), fmtUS(s.PauseP50US), fmtUS(s.HoldP50US), fmtUS(s.HoldP99US)))
 	}
-	benchTable(w, []string{"mode", "guest sent/s", "client frames/s", "vs none", "client lost", "held", "released",
+	table(w, []string{"mode", "guest sent/s", "client frames/s", "vs none", "client lost", "held", "released",
 		"dropped", "epochs", "pause p50", "hold p50", "hold p99"}, rows)
 	fmt.Fprintf(w, "\nheld-frame throughput: %s frames/s replicated at %v, %.2f of %s frames/s without replication\n",
-		si(nr.Stream[1].ClientRate), streamInterval, nr.StreamRatio, si(nr.Stream[0].ClientRate))
+		report.SI(nr.Stream[1].ClientRate), streamInterval, nr.StreamRatio, report.SI(nr.Stream[0].ClientRate))
 }
 
-// benchNetModeName names a network mode in a table.
-func benchNetModeName(mode string) string {
+// echoRows is an echo table's rows: the requests and round trips, then a
+// replicated mode's cols, or for none its held frames amid dashes (noneDashes
+// before them, 3 after).
+func echoRows(modes []*EchoMode, noneDashes int, cols func(*EchoMode) []string) [][]string {
+	var rows [][]string
+	for _, e := range modes {
+		row := []string{netModeName(e.Mode), strconv.FormatUint(e.Sent, 10), strconv.FormatUint(e.Answered, 10),
+			fmtUS(e.RTTP50US), fmtUS(e.RTTP99US)}
+		if e.Mode == "none" {
+			row = append(row, slices.Repeat([]string{"-"}, noneDashes)...)
+			rows = append(rows, append(row, strconv.FormatUint(e.Held, 10), "-", "-", "-"))
+			continue
+		}
+		rows = append(rows, append(row, cols(e)...))
+	}
+	return rows
+}
+
+// netModeName names a network mode in a table.
+func netModeName(mode string) string {
 	if mode == "none" {
 		return "none"
 	}
 	return "replicated " + mode
 }
 
-// benchSignedDur formats a difference of durations in microseconds.
-func benchSignedDur(us float64) string {
+// signedDur formats a difference of durations in microseconds.
+func signedDur(us float64) string {
 	if us < 0 {
-		return "-" + benchDur(-us)
+		return "-" + fmtUS(-us)
 	}
-	return benchDur(us)
+	return fmtUS(us)
 }
 
-// benchPrintJobShape prints the echo with the main job's shape.
-func benchPrintJobShape(w io.Writer, nr *benchNetResult, modeTime time.Duration) {
+// printJobShape prints the echo with the main job's shape.
+func printJobShape(w io.Writer, nr *NetResult, modeTime time.Duration) {
 	if len(nr.JobShape) == 0 {
 		return
 	}
 	fmt.Fprintf(w, "\nOutput commit with the main job's shape: the dirty workload at full speed (random, stamp pages) and udp-echo on vCPU 0, "+
 		"1 vCPU, %s, %d requests/s for %v per mode; prediction = interval/2 + pause p50 + transfer p50 + 1 ms:\n\n",
 		testvm.FormatSize(nr.JobMem), nr.EchoRate, modeTime)
-	var rows [][]string
-	for _, e := range nr.JobShape {
-		row := []string{benchNetModeName(e.Mode), strconv.FormatUint(e.Sent, 10), strconv.FormatUint(e.Answered, 10),
-			benchDur(e.RTTP50US), benchDur(e.RTTP99US)}
-		if e.Mode == "none" {
-			rows = append(rows, append(row, "-", "-", "-", "-", "-", "-", "-", strconv.FormatUint(e.Held, 10), "-", "-", "-"))
-			continue
-		}
-		rows = append(rows, append(row, benchSignedDur(e.AddedP50US), strconv.FormatUint(e.Epochs, 10), fmt.Sprintf("%.0f", e.DirtyPages),
-			benchDur(e.PauseP50US), benchDur(e.TransferP50US), fmt.Sprintf("%.1f%%", 100*e.TransferShare), benchDur(e.AckP50US),
-			strconv.FormatUint(e.Held, 10), benchDur(e.HoldP50US), benchDur(e.BoundUS), fmt.Sprintf("%.2f", e.HoldVsBound)))
-	}
-	benchTable(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "dirty pages/epoch", "pause p50",
+	rows := echoRows(nr.JobShape, 7, func(e *EchoMode) []string {
+		return []string{signedDur(e.AddedP50US), strconv.FormatUint(e.Epochs, 10), fmt.Sprintf("%.0f", e.DirtyPages),
+			fmtUS(e.PauseP50US), fmtUS(e.TransferP50US), fmt.Sprintf("%.1f%%", 100*e.TransferShare), fmtUS(e.AckP50US),
+			strconv.FormatUint(e.Held, 10), fmtUS(e.HoldP50US), fmtUS(e.BoundUS), fmt.Sprintf("%.2f", e.HoldVsBound)}
+	})
+	table(w, []string{"mode", "requests", "answered", "rtt p50", "rtt p99", "added p50", "epochs", "dirty pages/epoch", "pause p50",
 		"transfer p50", "transfer/interval", "ack p50", "held", "hold p50", "prediction", "hold/prediction"}, rows)
 }

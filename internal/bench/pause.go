@@ -1,4 +1,4 @@
-package main
+package bench
 
 // The bench's pause figures beside the per-rate tables: the 10k check's
 // copy against the same copy on one goroutine, and the pause's tail at a
@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/repagent/repagent/internal/report"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -32,11 +33,11 @@ const (
 	goalTailRatio = 2.0
 )
 
-// benchCopyCheck is the 10k check's pause copy per page (EpochStats.Copy /
+// CopyCheck is the 10k check's pause copy per page (EpochStats.Copy /
 // DirtyPages, the mean over the epochs), with the engine's default copy
 // goroutines and with one (Config.CopyThreads 1), and how many goroutines
 // copied (EpochStats.CopyThreads, mean). Durations in microseconds.
-type benchCopyCheck struct {
+type CopyCheck struct {
 	DefaultPageUS  float64 `json:"default_copy_us_per_page"`
 	DefaultThreads float64 `json:"default_copy_goroutines_mean"`
 	DefaultEpochs  int     `json:"default_epochs"`
@@ -47,16 +48,16 @@ type benchCopyCheck struct {
 	Speedup float64 `json:"one_over_default"`
 }
 
-// benchCopyPerPage is the mean over r's epochs of the pause's copy per page,
+// copyPerPage is the mean over r's epochs of the pause's copy per page,
 // in microseconds, the mean of the goroutines that copied, and the epochs
 // counted: those with pages, staged (an oversized epoch's Copy is its send).
-func benchCopyPerPage(r *benchMode) (perPageUS, threads float64, n int) {
+func copyPerPage(r *Mode) (perPageUS, threads float64, n int) {
 	var sum, th float64
 	for _, s := range r.epochs {
 		if s.DirtyPages == 0 || s.Oversize {
 			continue
 		}
-		sum += benchUS(s.Copy) / float64(s.DirtyPages)
+		sum += toUS(s.Copy) / float64(s.DirtyPages)
 		th += float64(s.CopyThreads)
 		n++
 	}
@@ -66,82 +67,92 @@ func benchCopyPerPage(r *benchMode) (perPageUS, threads float64, n int) {
 	return sum / float64(n), th / float64(n), n
 }
 
-// benchSummarizeCopy sets the 10k check's copy per page with the default
+// summarizeCopy sets the 10k check's copy per page with the default
 // copy goroutines (def) beside the one with one goroutine (one).
-func benchSummarizeCopy(def, one *benchMode) benchCopyCheck {
-	var c benchCopyCheck
-	c.DefaultPageUS, c.DefaultThreads, c.DefaultEpochs = benchCopyPerPage(def)
-	c.OnePageUS, c.OneThreads, c.OneEpochs = benchCopyPerPage(one)
-	if c.DefaultPageUS > 0 {
-		c.Speedup = c.OnePageUS / c.DefaultPageUS
-	}
+func summarizeCopy(def, one *Mode) CopyCheck {
+	var c CopyCheck
+	c.DefaultPageUS, c.DefaultThreads, c.DefaultEpochs = copyPerPage(def)
+	c.OnePageUS, c.OneThreads, c.OneEpochs = copyPerPage(one)
+	c.compare()
 	return c
 }
 
-// benchPrintCopy prints the 10k check's copy with the default copy
+// compare sets Speedup: one goroutine's copy per page over the default's.
+func (c *CopyCheck) compare() {
+	if c.DefaultPageUS > 0 {
+		c.Speedup = c.OnePageUS / c.DefaultPageUS
+	}
+}
+
+// printCopy prints the 10k check's copy with the default copy
 // goroutines and with one.
-func benchPrintCopy(w io.Writer, def, one *benchMode, c benchCopyCheck) {
+func printCopy(w io.Writer, def, one *Mode, c CopyCheck) {
 	fmt.Fprintf(w, "10k check, the pause's copy: the engine's default copy goroutines against one (copy threads 1), the same guest and interval:\n\n")
-	row := func(name string, m *benchMode, perPage, threads float64, n int) []string {
+	row := func(name string, m *Mode, perPage, threads float64, n int) []string {
 		if n == 0 {
 			return []string{name, strconv.FormatUint(m.Epochs, 10), "-", "-", "-", "-", "-", "-"}
 		}
-		return []string{name, strconv.Itoa(n), fmt.Sprintf("%.0f", m.DirtyPages), fmt.Sprintf("%.2f", threads), benchDur(m.CopyUS),
-			benchUSf(perPage), benchDur(m.PauseP50US), benchDur(m.PauseP99US)}
+		return []string{name, strconv.Itoa(n), fmt.Sprintf("%.0f", m.DirtyPages), fmt.Sprintf("%.2f", threads), fmtUS(m.CopyUS),
+			fmtUSf(perPage), fmtUS(m.PauseP50US), fmtUS(m.PauseP99US)}
 	}
-	benchTable(w, []string{"copy", "epochs", "dirty pages/epoch", "goroutines (mean)", "copy mean", "copy/page", "pause p50", "pause p99"},
+	table(w, []string{"copy", "epochs", "dirty pages/epoch", "goroutines (mean)", "copy mean", "copy/page", "pause p50", "pause p99"},
 		[][]string{row("default", def, c.DefaultPageUS, c.DefaultThreads, c.DefaultEpochs), row("one goroutine", one, c.OnePageUS, c.OneThreads, c.OneEpochs)})
 	if c.Speedup > 0 {
 		fmt.Fprintf(w, "\npause copy per page: default %s, one goroutine %s: one / default = %.2fx\n",
-			benchUSf(c.DefaultPageUS), benchUSf(c.OnePageUS), c.Speedup)
+			fmtUSf(c.DefaultPageUS), fmtUSf(c.OnePageUS), c.Speedup)
 	}
 }
 
 // copyGoal is the goal line of the 10k check's copy: the default copies a
 // page at least goalCopySpeedup times faster than one goroutine.
-func copyGoal(c benchCopyCheck, verdict func(bool) string) benchGoal {
+func copyGoal(c CopyCheck) Goal {
 	goal := fmt.Sprintf("(goal default >= %.1fx faster)", goalCopySpeedup)
 	if c.Speedup == 0 {
-		return benchGoal{Text: fmt.Sprintf("pause copy per page at 10k dirty pages: not measured (no epochs) %s: NOT MET", goal)}
+		return Goal{Text: fmt.Sprintf("pause copy per page at 10k dirty pages: not measured (no epochs) %s: NOT MET", goal)}
 	}
 	ok := c.Speedup >= goalCopySpeedup
-	return benchGoal{Met: ok, Text: fmt.Sprintf("pause copy per page at 10k dirty pages: default %.3f µs (%.2f goroutines on average), one goroutine %.3f µs = %.2fx %s: %s",
+	return Goal{Met: ok, Text: fmt.Sprintf("pause copy per page at 10k dirty pages: default %.3f µs (%.2f goroutines on average), one goroutine %.3f µs = %.2fx %s: %s",
 		c.DefaultPageUS, c.DefaultThreads, c.OnePageUS, c.Speedup, goal, verdict(ok))}
 }
 
-// benchTailsResult is the pause's tail at a moderate rate: p99 over p50 of
+// TailsResult is the pause's tail at a moderate rate: p99 over p50 of
 // the same epochs.
-type benchTailsResult struct {
-	Rate       uint64     `json:"rate"`
-	WorkingSet uint64     `json:"working_set_pages"`
-	Mem        uint64     `json:"mem"`
-	IntervalMS float64    `json:"interval_ms"`
-	Mode       *benchMode `json:"mode"`
-	Ratio      float64    `json:"p99_over_p50"`
+type TailsResult struct {
+	Rate       uint64  `json:"rate"`
+	WorkingSet uint64  `json:"working_set_pages"`
+	Mem        uint64  `json:"mem"`
+	IntervalMS float64 `json:"interval_ms"`
+	Mode       *Mode   `json:"mode"`
+	Ratio      float64 `json:"p99_over_p50"`
 }
 
 // tailsConfig is the moderate rate's guest: the dirty workload at tailsRate
 // on 1 vCPU, random over tailsPages pages.
-func (b *benchRun) tailsConfig() testvm.Config {
-	return testvm.Config{MemSize: max(b.mem, tailsMinMem), VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random,
+func (b *runner) tailsConfig() testvm.Config {
+	return testvm.Config{MemSize: max(b.Mem, tailsMinMem), VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random,
 		WorkingSet: tailsPages, Rate: tailsRate, Seed: 1}
 }
 
-// benchTails measures the pauses of the moderate rate's guest replicated at
+// measureTails measures the pauses of the moderate rate's guest replicated at
 // tailsInterval.
-func (b *benchRun) benchTails(ctx context.Context) (*benchTailsResult, error) {
+func (b *runner) measureTails(ctx context.Context) (*TailsResult, error) {
 	cfg := b.tailsConfig()
 	b.progressf("pause tails: %d/s, random over %d pages, %v", tailsRate, tailsPages, tailsInterval)
 	m, err := b.measureReplicated(ctx, cfg, tailsInterval)
 	if err != nil {
 		return nil, err
 	}
-	return &benchTailsResult{Rate: tailsRate, WorkingSet: tailsPages, Mem: cfg.MemSize, IntervalMS: benchMS(tailsInterval),
-		Mode: m, Ratio: benchRatio(m.PauseP99US, m.PauseP50US)}, nil
+	return newTailsResult(cfg.MemSize, m), nil
 }
 
-// benchPrintTails prints the moderate rate's pauses.
-func benchPrintTails(w io.Writer, tr *benchTailsResult) {
+// newTailsResult is the pause tails of m, a mode of a guest of mem bytes.
+func newTailsResult(mem uint64, m *Mode) *TailsResult {
+	return &TailsResult{Rate: tailsRate, WorkingSet: tailsPages, Mem: mem, IntervalMS: toMS(tailsInterval),
+		Mode: m, Ratio: ratio(m.PauseP99US, m.PauseP50US)}
+}
+
+// printTails prints the moderate rate's pauses.
+func printTails(w io.Writer, tr *TailsResult) {
 	m := tr.Mode
 	fmt.Fprintf(w, "Pause tails at a moderate rate: the dirty workload at %d/s, random over %d pages (%s), 1 vCPU, %s, replicated at %v, %d epochs:\n\n",
 		tr.Rate, tr.WorkingSet, testvm.FormatSize(tr.WorkingSet*replicate.PageSize), testvm.FormatSize(tr.Mem),
@@ -149,23 +160,23 @@ func benchPrintTails(w io.Writer, tr *benchTailsResult) {
 	header := []string{"dirty pages/epoch", "pause p50", "pause p99", "p99 / p50", "pause max", "kick", "harvest", "save", "copy",
 		"stall", "resume", "wait", "guest writes/s"}
 	if m.Epochs == 0 {
-		benchTable(w, header, [][]string{{"-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", si(m.GuestRate)}})
+		table(w, header, [][]string{{"-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", report.SI(m.GuestRate)}})
 	} else {
-		benchTable(w, header, [][]string{{fmt.Sprintf("%.0f", m.DirtyPages), benchDur(m.PauseP50US), benchDur(m.PauseP99US),
-			fmt.Sprintf("%.2f", tr.Ratio), benchDur(m.PauseMaxUS), benchDur(m.KickUS), benchDur(m.HarvestUS), benchDur(m.SaveUS),
-			benchDur(m.CopyUS), benchDur(m.StallUS), benchDur(m.ResumeUS), benchDur(m.WaitUS), si(m.GuestRate)}})
+		table(w, header, [][]string{{fmt.Sprintf("%.0f", m.DirtyPages), fmtUS(m.PauseP50US), fmtUS(m.PauseP99US),
+			fmt.Sprintf("%.2f", tr.Ratio), fmtUS(m.PauseMaxUS), fmtUS(m.KickUS), fmtUS(m.HarvestUS), fmtUS(m.SaveUS),
+			fmtUS(m.CopyUS), fmtUS(m.StallUS), fmtUS(m.ResumeUS), fmtUS(m.WaitUS), report.SI(m.GuestRate)}})
 	}
 }
 
 // tailsGoal is the goal line of the moderate rate: pause p99 at most
 // goalTailRatio times p50.
-func tailsGoal(tr *benchTailsResult, verdict func(bool) string) benchGoal {
+func tailsGoal(tr *TailsResult) Goal {
 	name := fmt.Sprintf("pause p99 at %d/s over %s, %v", tailsRate, testvm.FormatSize(tailsPages*replicate.PageSize), tailsInterval)
 	goal := fmt.Sprintf("(goal <= %.0fx p50)", goalTailRatio)
 	if tr == nil || tr.Mode.Epochs == 0 {
-		return benchGoal{Text: fmt.Sprintf("%s: not measured (no epochs) %s: NOT MET", name, goal)}
+		return Goal{Text: fmt.Sprintf("%s: not measured (no epochs) %s: NOT MET", name, goal)}
 	}
 	ok := tr.Ratio <= goalTailRatio
-	return benchGoal{Met: ok, Text: fmt.Sprintf("%s: %.2f ms = %.2fx p50 %.2f ms %s: %s",
+	return Goal{Met: ok, Text: fmt.Sprintf("%s: %.2f ms = %.2fx p50 %.2f ms %s: %s",
 		name, tr.Mode.PauseP99US/1e3, tr.Ratio, tr.Mode.PauseP50US/1e3, goal, verdict(ok))}
 }

@@ -1,4 +1,4 @@
-package main
+package bench
 
 // The bench's disk section: what mirroring the disk costs the guest's block
 // writes, and what the initial disk sync costs. The guest's disk runs on a
@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/diskmirror"
+	"github.com/repagent/repagent/internal/epochstat"
+	"github.com/repagent/repagent/internal/report"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -46,17 +48,17 @@ const (
 	diskThroughputSeed = 4
 )
 
-// benchDiskResult is the disk section's figures.
-type benchDiskResult struct {
-	MemSize    uint64           `json:"mem"`
-	ImageSize  uint64           `json:"image_size"`
-	Throughput []*benchDiskMode `json:"throughput"`
-	Sync       benchDiskSyncAll `json:"sync"`
+// DiskResult is the disk section's figures.
+type DiskResult struct {
+	MemSize    uint64      `json:"mem"`
+	ImageSize  uint64      `json:"image_size"`
+	Throughput []*DiskMode `json:"throughput"`
+	Sync       DiskSyncAll `json:"sync"`
 }
 
-// benchDiskMode is one mode of the throughput measurement. Durations in
+// DiskMode is one mode of the throughput measurement. Durations in
 // microseconds.
-type benchDiskMode struct {
+type DiskMode struct {
 	Mode       string  `json:"mode"` // plain, mirror, or the interval
 	IntervalMS float64 `json:"interval_ms,omitempty"`
 	// BackupInMemory: the backup's image is a memfd (its fsync does
@@ -92,9 +94,9 @@ type benchDiskMode struct {
 	WaitUS     float64 `json:"wait_mean_us,omitempty"`
 }
 
-// benchDiskSyncAll is the initial sync measurement: the baselines and the
+// DiskSyncAll is the initial sync measurement: the baselines and the
 // cases.
-type benchDiskSyncAll struct {
+type DiskSyncAll struct {
 	ImageSize uint64 `json:"image_size"`
 	Block     int    `json:"block"`
 	MemSize   uint64 `json:"mem"`
@@ -103,14 +105,14 @@ type benchDiskSyncAll struct {
 	HashMBps float64 `json:"hash_mb_per_s"`
 	// CopySecs is the plain copy of the image over loopback TCP into the
 	// backup image (no hashing, no format, no fsync).
-	CopySecs float64          `json:"copy_s"`
-	CopyMBps float64          `json:"copy_mb_per_s"`
-	Cases    []*benchDiskSync `json:"cases"`
+	CopySecs float64     `json:"copy_s"`
+	CopyMBps float64     `json:"copy_mb_per_s"`
+	Cases    []*DiskSync `json:"cases"`
 }
 
-// benchDiskSync is one case of the initial sync. Times are from the
+// DiskSync is one case of the initial sync. Times are from the
 // primary's Run, in seconds.
-type benchDiskSync struct {
+type DiskSync struct {
 	IdenticalPct int     `json:"identical_percent"`
 	Blocks       int     `json:"blocks"`
 	Identical    int     `json:"identical_blocks"` // the backup held them: not sent
@@ -130,26 +132,27 @@ type benchDiskSync struct {
 }
 
 // diskMem is the disk guests' memory size.
-func (b *benchRun) diskMem() uint64 { return min(b.mem, diskMaxMem) }
+func (b *runner) diskMem() uint64 { return min(b.Mem, diskMaxMem) }
 
 // diskBlocks is the throughput image's size in device blocks.
-func (b *benchRun) diskBlocks() uint64 { return b.diskSize / testvm.DiskBlockSize }
+func (b *runner) diskBlocks() uint64 { return b.DiskSize / testvm.DiskBlockSize }
 
 // diskGuestConfig is a 1-vCPU test VM running the disk workload over the
 // whole throughput image, through io.
-func (b *benchRun) diskGuestConfig(io testvm.DiskBackend) testvm.Config {
+func (b *runner) diskGuestConfig(io testvm.DiskBackend) testvm.Config {
 	return testvm.Config{MemSize: b.diskMem(), VCPUs: 1, Workload: testvm.Disk, Pattern: testvm.Random, Seed: 1,
 		Disk: &testvm.DiskConfig{Blocks: b.diskBlocks()}, DiskIO: io}
 }
 
-// checkDiskSizes checks the disk section's sizes (parseBenchArgs).
-func checkDiskSizes(mem, size, syncSize uint64) error {
+// CheckDiskSizes checks the disk section's sizes for a test VM of mem
+// bytes (Options.Mem, DiskSize, DiskSyncSize); its errors name the flags.
+func CheckDiskSizes(mem, size, syncSize uint64) error {
 	if size < minDiskSize || size%testvm.DiskBlockSize != 0 {
-		return usagef("--disk-size %s: want a multiple of %s, at least %s", testvm.FormatSize(size),
+		return fmt.Errorf("--disk-size %s: want a multiple of %s, at least %s", testvm.FormatSize(size),
 			testvm.FormatSize(testvm.DiskBlockSize), testvm.FormatSize(minDiskSize))
 	}
 	if syncSize < minDiskSyncSize || syncSize%diskSyncBlock != 0 {
-		return usagef("--disk-sync-size %s: want a multiple of %s, at least %s", testvm.FormatSize(syncSize),
+		return fmt.Errorf("--disk-sync-size %s: want a multiple of %s, at least %s", testvm.FormatSize(syncSize),
 			testvm.FormatSize(diskSyncBlock), testvm.FormatSize(minDiskSyncSize))
 	}
 	for _, c := range []struct {
@@ -159,15 +162,15 @@ func checkDiskSizes(mem, size, syncSize uint64) error {
 	}{{"--disk-size", size, testvm.Disk}, {"--disk-sync-size", syncSize, testvm.Idle}} {
 		cfg := testvm.Config{MemSize: min(mem, diskMaxMem), VCPUs: 1, Workload: c.wl, Disk: &testvm.DiskConfig{Blocks: c.size / testvm.DiskBlockSize}}
 		if err := cfg.Validate(); err != nil {
-			return usagef("%s %s with --mem %s: %w", c.flag, testvm.FormatSize(c.size), testvm.FormatSize(mem), err)
+			return fmt.Errorf("%s %s with --mem %s: %w", c.flag, testvm.FormatSize(c.size), testvm.FormatSize(mem), err)
 		}
 	}
 	return nil
 }
 
-// benchDisk measures the disk section in a temporary directory, removed
+// measureDisk measures the disk section in a temporary directory, removed
 // after it, also on an error or an interrupt.
-func (b *benchRun) benchDisk(ctx context.Context) (_ *benchDiskResult, err error) {
+func (b *runner) measureDisk(ctx context.Context) (_ *DiskResult, err error) {
 	dir, err := os.MkdirTemp("", "repagent-bench-disk-")
 	if err != nil {
 		return nil, fmt.Errorf("make a directory for the images: %w", err)
@@ -177,7 +180,7 @@ func (b *benchRun) benchDisk(ctx context.Context) (_ *benchDiskResult, err error
 			err = fmt.Errorf("remove the images: %w", rerr)
 		}
 	}()
-	res := &benchDiskResult{MemSize: b.diskMem(), ImageSize: b.diskSize}
+	res := &DiskResult{MemSize: b.diskMem(), ImageSize: b.DiskSize}
 	if res.Throughput, err = b.diskThroughput(ctx, dir); err != nil {
 		return nil, err
 	}
@@ -252,9 +255,9 @@ func copyImage(dst, src *os.File, size uint64) error {
 // through a Mirror alone, and replicated at each of --intervals. Every mode
 // runs on a fresh VM over the same image file (random contents, every block
 // allocated, all of it in the page cache, fsynced before the mode).
-func (b *benchRun) diskThroughput(ctx context.Context, dir string) ([]*benchDiskMode, error) {
-	b.progressf("disk: making the %s image", testvm.FormatSize(b.diskSize))
-	img, err := diskImage(filepath.Join(dir, "throughput.img"), b.diskSize, diskThroughputSeed)
+func (b *runner) diskThroughput(ctx context.Context, dir string) ([]*DiskMode, error) {
+	b.progressf("disk: making the %s image", testvm.FormatSize(b.DiskSize))
+	img, err := diskImage(filepath.Join(dir, "throughput.img"), b.DiskSize, diskThroughputSeed)
 	if err != nil {
 		return nil, err
 	}
@@ -265,7 +268,7 @@ func (b *benchRun) diskThroughput(ctx context.Context, dir string) ([]*benchDisk
 	}
 	defer bimg.Close()
 
-	var out []*benchDiskMode
+	var out []*DiskMode
 	b.progressf("disk: write throughput, plain image")
 	plain, err := b.diskMode(ctx, img, nil, 0, false)
 	if err != nil {
@@ -277,7 +280,7 @@ func (b *benchRun) diskThroughput(ctx context.Context, dir string) ([]*benchDisk
 		return nil, fmt.Errorf("disk throughput, mirror: %w", err)
 	}
 	out = append(out, plain, mir)
-	for _, iv := range b.intervals {
+	for _, iv := range b.Intervals {
 		b.progressf("disk: write throughput, replicated at %v", iv)
 		m, err := b.diskMode(ctx, img, bimg, iv, false)
 		if err != nil {
@@ -288,9 +291,9 @@ func (b *benchRun) diskThroughput(ctx context.Context, dir string) ([]*benchDisk
 	// The backup's image shares this machine's disk with the primary's:
 	// the same replication with the backup's image in memory tells what
 	// that costs.
-	iv := b.intervals[0]
+	iv := b.Intervals[0]
 	b.progressf("disk: write throughput, replicated at %v, the backup's image in memory", iv)
-	mem, err := testvm.NewMemFile(b.diskSize)
+	mem, err := testvm.NewMemFile(b.DiskSize)
 	if err != nil {
 		return nil, fmt.Errorf("make the in-memory backup disk image: %w", err)
 	}
@@ -301,7 +304,7 @@ func (b *benchRun) diskThroughput(ctx context.Context, dir string) ([]*benchDisk
 	}
 	out = append(out, m)
 	for _, m := range out {
-		m.VsPlain = benchRatio(m.WritesPerS, plain.WritesPerS)
+		m.VsPlain = ratio(m.WritesPerS, plain.WritesPerS)
 	}
 	return out, nil
 }
@@ -309,12 +312,12 @@ func (b *benchRun) diskThroughput(ctx context.Context, dir string) ([]*benchDisk
 // diskMode measures one throughput mode on img: plain for interval 0, a
 // Mirror alone for -1, else a Mirror replicated at interval to a backup whose
 // image, bimg (a memfd when inMemory), starts as a copy of img.
-func (b *benchRun) diskMode(ctx context.Context, img, bimg *os.File, interval time.Duration, inMemory bool) (*benchDiskMode, error) {
+func (b *runner) diskMode(ctx context.Context, img, bimg *os.File, interval time.Duration, inMemory bool) (*DiskMode, error) {
 	if err := img.Sync(); err != nil { // the previous mode's writes: not this mode's to flush
 		return nil, fmt.Errorf("sync disk image: %w", err)
 	}
-	r := &benchDiskMode{Mode: "plain"}
-	local := &timedDisk{f: img, size: int64(b.diskSize)}
+	r := &DiskMode{Mode: "plain"}
+	local := &timedDisk{f: img, size: int64(b.DiskSize)}
 	var backend testvm.DiskBackend = local
 	var mir *diskmirror.Mirror
 	if interval != 0 {
@@ -329,21 +332,21 @@ func (b *benchRun) diskMode(ctx context.Context, img, bimg *os.File, interval ti
 		if err := bimg.Truncate(0); err != nil {
 			return nil, fmt.Errorf("truncate the backup disk image: %w", err)
 		}
-		if err := copyImage(bimg, img, b.diskSize); err != nil {
+		if err := copyImage(bimg, img, b.DiskSize); err != nil {
 			return nil, err
 		}
-		backup = &timedDisk{f: bimg, size: int64(b.diskSize)}
+		backup = &timedDisk{f: bimg, size: int64(b.DiskSize)}
 	}
 	cfg := b.diskGuestConfig(backend)
 	if interval > 0 {
-		r.Mode, r.IntervalMS, r.BackupInMemory = interval.String(), benchMS(interval), inMemory
+		r.Mode, r.IntervalMS, r.BackupInMemory = interval.String(), toMS(interval), inMemory
 		m, ready, mech, err := b.bootTracked(ctx, cfg, interval)
 		if err != nil {
 			return nil, err
 		}
 		defer m.Close()
-		rm := &benchMode{Mode: r.Mode, IntervalMS: r.IntervalMS, Track: mech.String()}
-		err = b.runReplicated(ctx, m, ready, benchRepl{interval: interval, mech: mech, warmup: b.warmup(),
+		rm := &Mode{Mode: r.Mode, IntervalMS: r.IntervalMS, Track: mech.String()}
+		err = b.runReplicated(ctx, m, ready, repl{interval: interval, mech: mech, warmup: b.warmup(),
 			disk: mir, backupDisk: backup,
 			measure: func(ctx context.Context) (time.Time, time.Time, error) {
 				if err := b.diskSweep(ctx, m); err != nil {
@@ -355,14 +358,14 @@ func (b *benchRun) diskMode(ctx context.Context, img, bimg *os.File, interval ti
 			return nil, err
 		}
 		r.Track = rm.Track
-		benchDiskEpochs(r, rm)
+		diskEpochs(r, rm)
 		if err := b.diskVerify(m, r); err != nil {
 			return nil, err
 		}
 		return r, nil
 	}
 
-	m, _, err := benchBoot(ctx, cfg)
+	m, _, err := boot(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -370,11 +373,11 @@ func (b *benchRun) diskMode(ctx context.Context, img, bimg *os.File, interval ti
 	var me *mirrorEpochs
 	if mir != nil {
 		// Epochs as long as the first replicated mode's.
-		r.Mode, r.IntervalMS = "mirror", benchMS(b.intervals[0])
-		me = startMirrorEpochs(mir, b.intervals[0])
+		r.Mode, r.IntervalMS = "mirror", toMS(b.Intervals[0])
+		me = startMirrorEpochs(mir, b.Intervals[0])
 		defer me.stop()
 	}
-	if err := benchSleep(ctx, m, b.warmup()); err != nil {
+	if err := sleepFor(ctx, m, b.warmup()); err != nil {
 		return nil, err
 	}
 	if err := b.diskSweep(ctx, m); err != nil {
@@ -470,8 +473,8 @@ func (e *mirrorEpochs) open(t0 time.Time) {
 
 // close closes the window at t1 and fills r's epoch figures. The first
 // epoch closed in the window ran partly before it: as for the replicated
-// modes (benchDiskEpochs), the figures are over the epochs after it.
-func (e *mirrorEpochs) close(t1 time.Time, r *benchDiskMode) error {
+// modes (diskEpochs), the figures are over the epochs after it.
+func (e *mirrorEpochs) close(t1 time.Time, r *DiskMode) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.to = t1
@@ -539,7 +542,7 @@ func (d *timedDisk) fsyncs() (uint64, time.Duration) {
 
 // diskSweep waits for the disk workload's first sweep (sequential, over the
 // whole working set) to end: every mode measures the random writes after it.
-func (b *benchRun) diskSweep(ctx context.Context, m *testvm.Machine) error {
+func (b *runner) diskSweep(ctx context.Context, m *testvm.Machine) error {
 	ws := b.diskBlocks()
 	deadline := time.Now().Add(setupTimeout)
 	for {
@@ -553,7 +556,7 @@ func (b *benchRun) diskSweep(ctx context.Context, m *testvm.Machine) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("the guest's first sweep of %d blocks did not end in %v (%d blocks written)", ws, setupTimeout, st.DiskWrites)
 		}
-		if err := benchSleep(ctx, m, 10*time.Millisecond); err != nil {
+		if err := sleepFor(ctx, m, 10*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -561,11 +564,11 @@ func (b *benchRun) diskSweep(ctx context.Context, m *testvm.Machine) error {
 
 // diskWindow measures the guest's block writes over --mode-time, and the
 // fsyncs of the image (local) and of the backup's (nil: none).
-func (b *benchRun) diskWindow(ctx context.Context, m *testvm.Machine, r *benchDiskMode, local, backup *timedDisk) (t0, t1 time.Time, err error) {
+func (b *runner) diskWindow(ctx context.Context, m *testvm.Machine, r *DiskMode, local, backup *timedDisk) (t0, t1 time.Time, err error) {
 	n0, s0 := local.fsyncs()
 	bn0, bs0 := backup.fsyncs()
 	w0, d0, t0 := m.Status(0).DiskWrites, m.DiskStats(), time.Now()
-	if err := benchSleep(ctx, m, b.modeTime); err != nil {
+	if err := sleepFor(ctx, m, b.ModeTime); err != nil {
 		return t0, t0, err
 	}
 	w1, d1, t1 := m.Status(0).DiskWrites, m.DiskStats(), time.Now()
@@ -573,11 +576,11 @@ func (b *benchRun) diskWindow(ctx context.Context, m *testvm.Machine, r *benchDi
 	bn1, bs1 := backup.fsyncs()
 	r.Seconds = t1.Sub(t0).Seconds()
 	if n1 > n0 {
-		r.FsyncUS = benchUS((s1 - s0) / time.Duration(n1-n0))
+		r.FsyncUS = toUS((s1 - s0) / time.Duration(n1-n0))
 	}
 	r.FsyncShare = (s1 - s0).Seconds() / r.Seconds
 	if r.BackupFsyncs = bn1 - bn0; r.BackupFsyncs > 0 {
-		r.BackupFsyncUS = benchUS((bs1 - bs0) / time.Duration(r.BackupFsyncs))
+		r.BackupFsyncUS = toUS((bs1 - bs0) / time.Duration(r.BackupFsyncs))
 	}
 	r.Writes = w1 - w0
 	r.WritesPerS = float64(r.Writes) / r.Seconds
@@ -593,7 +596,7 @@ func (b *benchRun) diskWindow(ctx context.Context, m *testvm.Machine, r *benchDi
 
 // diskVerify pauses the guest and checks its image against its record of
 // every block it wrote: the measured writes all landed.
-func (b *benchRun) diskVerify(m *testvm.Machine, r *benchDiskMode) error {
+func (b *runner) diskVerify(m *testvm.Machine, r *DiskMode) error {
 	if err := m.Pause(); err != nil {
 		return err
 	}
@@ -605,19 +608,19 @@ func (b *benchRun) diskVerify(m *testvm.Machine, r *benchDiskMode) error {
 	return nil
 }
 
-// benchDiskEpochs fills r's epoch figures from the replicated mode's epochs
+// diskEpochs fills r's epoch figures from the replicated mode's epochs
 // in the window (sorted). The first of them ran partly before the window
 // (its pause started in it): the disk figures leave it out, and are over the
 // writes of the epochs after it, which the guest made between the first's
 // pause and the last's.
-func benchDiskEpochs(r *benchDiskMode, rm *benchMode) {
+func diskEpochs(r *DiskMode, rm *Mode) {
 	r.PauseP50US, r.PauseP99US, r.WaitUS = rm.PauseP50US, rm.PauseP99US, rm.WaitUS
 	if len(rm.epochs) < 2 {
 		return
 	}
 	eps := rm.epochs[1:]
 	var writes, bytes, wire, all uint64
-	var ack hist
+	var ack epochstat.Hist
 	for _, s := range eps {
 		writes += uint64(s.StreamRecords)
 		bytes += s.StreamBytes
@@ -630,14 +633,14 @@ func benchDiskEpochs(r *benchDiskMode, rm *benchMode) {
 	r.Epochs = uint64(len(eps))
 	r.DiskWritesEpoch, r.DiskKiBEpoch = float64(writes)/n, float64(bytes)/n/1024
 	r.DiskWireMBps, r.WireMBps = float64(wire)/span/1e6, float64(all)/span/1e6
-	r.AckP50US, r.AckP99US = benchUS(ack.Quantile(0.5)), benchUS(ack.Quantile(0.99))
+	r.AckP50US, r.AckP99US = toUS(ack.Quantile(0.5)), toUS(ack.Quantile(0.99))
 }
 
 // diskSyncCases measures the baselines, then the initial sync to a backup
 // image that holds all, half and none of the primary image's blocks.
-func (b *benchRun) diskSyncCases(ctx context.Context, dir string) (benchDiskSyncAll, error) {
-	size := b.diskSyncSize
-	all := benchDiskSyncAll{ImageSize: size, Block: diskSyncBlock, MemSize: b.diskMem()}
+func (b *runner) diskSyncCases(ctx context.Context, dir string) (DiskSyncAll, error) {
+	size := b.DiskSyncSize
+	all := DiskSyncAll{ImageSize: size, Block: diskSyncBlock, MemSize: b.diskMem()}
 	b.progressf("disk sync: making the %s primary image", testvm.FormatSize(size))
 	img, err := diskImage(filepath.Join(dir, "sync-primary.img"), size, diskPrimarySeed)
 	if err != nil {
@@ -652,7 +655,7 @@ func (b *benchRun) diskSyncCases(ctx context.Context, dir string) (benchDiskSync
 
 	// The baselines run beside an idle guest like the cases' (the test
 	// guest never halts: its vCPU takes a core, in the cases too).
-	idle, _, err := benchBoot(ctx, testvm.Config{MemSize: b.diskMem(), VCPUs: 1, Workload: testvm.Idle, Seed: 1})
+	idle, _, err := boot(ctx, testvm.Config{MemSize: b.diskMem(), VCPUs: 1, Workload: testvm.Idle, Seed: 1})
 	if err != nil {
 		return all, err
 	}
@@ -698,7 +701,7 @@ func (b *benchRun) diskSyncCases(ctx context.Context, dir string) (benchDiskSync
 		if err != nil {
 			return all, fmt.Errorf("disk sync, %d%% identical: %w", c.pct, err)
 		}
-		s.VsCopy = benchRatio(s.DiskSync, all.CopySecs)
+		s.VsCopy = ratio(s.DiskSync, all.CopySecs)
 		got, err := diskmirror.HashImage(bimg, int64(size), diskSyncBlock)
 		if err != nil {
 			return all, err
@@ -777,8 +780,8 @@ func plainCopy(ctx context.Context, dst, src *os.File, size uint64) (time.Durati
 // to a backup whose image is bimg, at diskSyncInterval, until the backup has
 // committed epoch 2 (the first commit of disk writes, which fsyncs its
 // image), and times the sync.
-func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int) (*benchDiskSync, error) {
-	size := b.diskSyncSize
+func (b *runner) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int) (*DiskSync, error) {
+	size := b.DiskSyncSize
 	mir, err := diskmirror.NewMirror(img, diskmirror.Config{})
 	if err != nil {
 		return nil, err
@@ -792,7 +795,7 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 	}
 	defer m.Close()
 
-	s := &benchDiskSync{IdenticalPct: pct}
+	s := &DiskSync{IdenticalPct: pct}
 	var (
 		mu                  sync.Mutex
 		run, first, durable time.Time
@@ -804,8 +807,8 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 		durableOnce         sync.Once
 		precopyTook         time.Duration
 	)
-	rm := &benchMode{Mode: diskSyncInterval.String(), IntervalMS: benchMS(diskSyncInterval), Track: mech.String()}
-	err = b.runReplicated(ctx, m, ready, benchRepl{interval: diskSyncInterval, mech: mech, warmup: 0,
+	rm := &Mode{Mode: diskSyncInterval.String(), IntervalMS: toMS(diskSyncInterval), Track: mech.String()}
+	err = b.runReplicated(ctx, m, ready, repl{interval: diskSyncInterval, mech: mech, warmup: 0,
 		disk: mir, backupDisk: backup,
 		onRun: func() {
 			mu.Lock()
@@ -871,14 +874,14 @@ func (b *benchRun) diskSyncCase(ctx context.Context, img, bimg *os.File, pct int
 	return s, nil
 }
 
-// benchPrintDisk prints the disk section's tables.
-func benchPrintDisk(w io.Writer, dr *benchDiskResult, modeTime, warmup time.Duration) {
+// printDisk prints the disk section's tables.
+func printDisk(w io.Writer, dr *DiskResult, modeTime, warmup time.Duration) {
 	fmt.Fprintf(w, "Disk write throughput: disk workload (random 4KiB block writes, 32 per batch, a FUA write every 8 batches, a flush every 256 writes), "+
 		"%s image, 1 vCPU, %s; each mode %v after the first sweep and a %v warm-up:\n\n",
 		testvm.FormatSize(dr.ImageSize), testvm.FormatSize(dr.MemSize), modeTime, warmup.Round(time.Millisecond))
 	var rows [][]string
 	for _, m := range dr.Throughput {
-		name := m.Mode
+		var name string
 		switch m.Mode {
 		case "plain":
 			name = "plain image"
@@ -890,8 +893,8 @@ func benchPrintDisk(w io.Writer, dr *benchDiskResult, modeTime, warmup time.Dura
 				name += ", backup in RAM"
 			}
 		}
-		row := []string{name, cmp.Or(m.Track, "-"), si(m.WritesPerS), fmt.Sprintf("%.1f", m.MiBPerS), fmt.Sprintf("%.2f", m.VsPlain),
-			si(m.FlushesPerS), benchDur(m.FsyncUS), fmt.Sprintf("%.0f%%", 100*m.FsyncShare), strconv.FormatUint(m.Verified, 10)}
+		row := []string{name, cmp.Or(m.Track, "-"), report.SI(m.WritesPerS), fmt.Sprintf("%.1f", m.MiBPerS), fmt.Sprintf("%.2f", m.VsPlain),
+			report.SI(m.FlushesPerS), fmtUS(m.FsyncUS), fmt.Sprintf("%.0f%%", 100*m.FsyncShare), strconv.FormatUint(m.Verified, 10)}
 		if m.Mode == "plain" {
 			rows = append(rows, append(row, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"))
 			continue
@@ -902,25 +905,25 @@ func benchPrintDisk(w io.Writer, dr *benchDiskResult, modeTime, warmup time.Dura
 			rows = append(rows, append(row, "-", "-", "-", "-", "-", "-"))
 			continue
 		}
-		rows = append(rows, append(row, benchDur(m.PauseP50US), benchDur(m.PauseP99US), fmt.Sprintf("%.1f", m.WireMBps),
-			benchDur(m.AckP50US), benchDur(m.WaitUS), benchDur(m.BackupFsyncUS)))
+		rows = append(rows, append(row, fmtUS(m.PauseP50US), fmtUS(m.PauseP99US), fmt.Sprintf("%.1f", m.WireMBps),
+			fmtUS(m.AckP50US), fmtUS(m.WaitUS), fmtUS(m.BackupFsyncUS)))
 	}
-	benchTable(w, []string{"mode", "track", "block writes/s", "MiB/s", "vs plain", "fsyncs/s", "fsync mean", "in fsync", "verified", "epochs",
+	table(w, []string{"mode", "track", "block writes/s", "MiB/s", "vs plain", "fsyncs/s", "fsync mean", "in fsync", "verified", "epochs",
 		"disk writes/epoch", "disk KiB/epoch", "disk wire MB/s", "pause p50", "pause p99", "wire MB/s", "ack p50", "wait", "backup fsync"}, rows)
 
 	sa := &dr.Sync
 	fmt.Fprintf(w, "\nInitial disk sync: %s image of random blocks, %s sync blocks, idle 1-vCPU guest (%s), interval %v, over loopback TCP.\n",
 		testvm.FormatSize(sa.ImageSize), testvm.FormatSize(uint64(sa.Block)), testvm.FormatSize(sa.MemSize), diskSyncInterval)
 	fmt.Fprintf(w, "Baselines: hashing the image %s (%.0f MB/s); a plain copy over loopback TCP %s (%.0f MB/s).\n\n",
-		dur(secs(sa.HashSecs)), sa.HashMBps, dur(secs(sa.CopySecs)), sa.CopyMBps)
+		report.Dur(secs(sa.HashSecs)), sa.HashMBps, report.Dur(secs(sa.CopySecs)), sa.CopyMBps)
 	rows = nil
 	for _, c := range sa.Cases {
 		rows = append(rows, []string{fmt.Sprintf("%d%%", c.IdenticalPct), strconv.Itoa(c.Blocks), strconv.Itoa(c.Identical),
-			strconv.Itoa(c.Sent), fmt.Sprintf("%.1f", float64(c.WireBytes)/(1<<20)), dur(secs(c.HashWait)), dur(secs(c.Precopy)),
-			fmt.Sprintf("%.0f", c.WireMBps), dur(secs(c.DiskSync)), fmt.Sprintf("%.2f", c.VsCopy), strconv.Itoa(c.Later),
-			dur(secs(c.MemSync)), dur(secs(c.First)), dur(secs(c.Durable)), dur(secs(c.BackupFsync))})
+			strconv.Itoa(c.Sent), fmt.Sprintf("%.1f", float64(c.WireBytes)/(1<<20)), report.Dur(secs(c.HashWait)), report.Dur(secs(c.Precopy)),
+			fmt.Sprintf("%.0f", c.WireMBps), report.Dur(secs(c.DiskSync)), fmt.Sprintf("%.2f", c.VsCopy), strconv.Itoa(c.Later),
+			report.Dur(secs(c.MemSync)), report.Dur(secs(c.First)), report.Dur(secs(c.Durable)), report.Dur(secs(c.BackupFsync))})
 	}
-	benchTable(w, []string{"identical", "blocks", "held", "sent", "wire MiB", "hash wait", "precopy", "precopy MB/s",
+	table(w, []string{"identical", "blocks", "held", "sent", "wire MiB", "hash wait", "precopy", "precopy MB/s",
 		"disk sync", "vs copy", "later", "memory sync", "first checkpoint", "durable", "backup fsync"}, rows)
 }
 

@@ -1,4 +1,4 @@
-package main
+package bench
 
 // The bench's initial sync section: how long a large guest that dirties its
 // memory as fast as it can takes to be protected, against a plain copy of as
@@ -14,29 +14,30 @@ import (
 	"sync"
 	"time"
 
+	"github.com/repagent/repagent/internal/report"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
 
 // Settings of the sync section.
 const (
-	syncVCPUs     = 2                         // the large guest's vCPUs
+	SyncVCPUs     = 2                         // the initial sync section's guest's vCPUs
 	syncInterval  = replicate.DefaultInterval // its checkpoint interval
 	syncCopyChunk = 4 << 20                   // the plain copy's writes and reads
 	// goalSyncRatio: time to protected over the plain copy's time.
 	goalSyncRatio = 2.0
 )
 
-// benchSyncResult is the sync section: one entry per --sync-sizes.
-type benchSyncResult struct {
-	IntervalMS float64          `json:"interval_ms"`
-	VCPUs      int              `json:"vcpus"`
-	Sizes      []*benchSyncSize `json:"sizes"`
+// SyncResult is the sync section: one entry per --sync-sizes.
+type SyncResult struct {
+	IntervalMS float64     `json:"interval_ms"`
+	VCPUs      int         `json:"vcpus"`
+	Sizes      []*SyncSize `json:"sizes"`
 }
 
-// benchSyncSize is one guest size's initial sync (Skipped says why it was
+// SyncSize is one guest size's initial sync (Skipped says why it was
 // not measured).
-type benchSyncSize struct {
+type SyncSize struct {
 	Mem     uint64 `json:"mem"`
 	Skipped string `json:"skipped,omitempty"`
 	Track   string `json:"dirty_track,omitempty"`
@@ -71,17 +72,17 @@ type benchSyncSize struct {
 	GuestRate  float64 `json:"guest_writes_per_s"`
 }
 
-// benchSync measures the initial sync at each of --sync-sizes.
-func (b *benchRun) benchSync(ctx context.Context) (*benchSyncResult, error) {
-	res := &benchSyncResult{IntervalMS: benchMS(syncInterval), VCPUs: syncVCPUs}
-	for _, mem := range b.syncSizes {
-		why, err := benchFits(mem)
+// measureSync measures the initial sync at each of --sync-sizes.
+func (b *runner) measureSync(ctx context.Context) (*SyncResult, error) {
+	res := &SyncResult{IntervalMS: toMS(syncInterval), VCPUs: SyncVCPUs}
+	for _, mem := range b.SyncSizes {
+		why, err := fits(mem)
 		if err != nil {
 			return nil, err
 		}
 		if why != "" {
 			b.progressf("sync %s: skipped: %s", testvm.FormatSize(mem), why)
-			res.Sizes = append(res.Sizes, &benchSyncSize{Mem: mem, Skipped: why})
+			res.Sizes = append(res.Sizes, &SyncSize{Mem: mem, Skipped: why})
 			continue
 		}
 		s, err := b.syncOnce(ctx, mem)
@@ -94,8 +95,8 @@ func (b *benchRun) benchSync(ctx context.Context) (*benchSyncResult, error) {
 }
 
 // syncOnce measures the floor, then replicates a fresh guest of mem bytes.
-func (b *benchRun) syncOnce(ctx context.Context, mem uint64) (*benchSyncSize, error) {
-	s := &benchSyncSize{Mem: mem}
+func (b *runner) syncOnce(ctx context.Context, mem uint64) (*SyncSize, error) {
+	s := &SyncSize{Mem: mem}
 	b.progressf("sync %s: plain copy over loopback TCP (floor)", testvm.FormatSize(mem))
 	took, touch, err := plainMemCopy(ctx, mem)
 	// The copy's buffers are garbage: give them back before the guest
@@ -107,8 +108,8 @@ func (b *benchRun) syncOnce(ctx context.Context, mem uint64) (*benchSyncSize, er
 	s.CopySecs, s.TouchSecs = took.Seconds(), touch.Seconds()
 	s.CopyMBps = float64(mem) / took.Seconds() / 1e6
 
-	b.progressf("sync %s: %d vCPUs at full speed, replicated at %v", testvm.FormatSize(mem), syncVCPUs, syncInterval)
-	cfg := testvm.Config{MemSize: mem, VCPUs: syncVCPUs, Workload: testvm.Dirty, Pattern: b.pattern, Seed: 1}
+	b.progressf("sync %s: %d vCPUs at full speed, replicated at %v", testvm.FormatSize(mem), SyncVCPUs, syncInterval)
+	cfg := testvm.Config{MemSize: mem, VCPUs: SyncVCPUs, Workload: testvm.Dirty, Pattern: b.Pattern, Seed: 1}
 	m, ready, mech, err := b.bootTracked(ctx, cfg, syncInterval)
 	if err != nil {
 		return nil, err
@@ -117,7 +118,7 @@ func (b *benchRun) syncOnce(ctx context.Context, mem uint64) (*benchSyncSize, er
 	s.Track = mech.String()
 	// The guest writes for a warm-up before replication starts, as a guest
 	// that was running does.
-	if err := benchSleep(ctx, m, b.warmup()); err != nil {
+	if err := sleepFor(ctx, m, b.warmup()); err != nil {
 		return nil, err
 	}
 	var (
@@ -133,8 +134,8 @@ func (b *benchRun) syncOnce(ctx context.Context, mem uint64) (*benchSyncSize, er
 		rounds     int
 		sent, wire uint64
 	)
-	r := &benchMode{Mode: syncInterval.String(), IntervalMS: benchMS(syncInterval), Track: mech.String()}
-	err = b.runReplicated(ctx, m, ready, benchRepl{interval: syncInterval, mech: mech, setup: benchSetupTimeout(mem),
+	r := &Mode{Mode: syncInterval.String(), IntervalMS: toMS(syncInterval), Track: mech.String()}
+	err = b.runReplicated(ctx, m, ready, repl{interval: syncInterval, mech: mech, setup: setupTimeoutFor(mem),
 		onRun: func() {
 			mu.Lock()
 			started = time.Now()
@@ -174,11 +175,11 @@ func (b *benchRun) syncOnce(ctx context.Context, mem uint64) (*benchSyncSize, er
 		}
 	}
 	s.ProtectedSecs = protected.Sub(started).Seconds()
-	s.VsCopy = benchRatio(s.ProtectedSecs, s.CopySecs)
+	s.VsCopy = ratio(s.ProtectedSecs, s.CopySecs)
 	s.SyncSecs, s.Rounds, s.End = last.Elapsed.Seconds(), rounds, last.End.String()
 	s.ThrottleMax, s.HeldSecs = throttle, held.Seconds()
 	s.SyncPages, s.SyncWireMiB = int(sent), float64(wire)/(1<<20)
-	s.FirstPauseMS, s.FirstPages, s.PauseMaxMS = benchMS(first.Pause), first.DirtyPages, benchMS(pauseMax)
+	s.FirstPauseMS, s.FirstPages, s.PauseMaxMS = toMS(first.Pause), first.DirtyPages, toMS(pauseMax)
 	s.EpochsPerS = float64(r.Epochs) / r.Seconds
 	s.GuestRate = r.GuestRate
 	return s, nil
@@ -252,7 +253,7 @@ func plainMemCopy(ctx context.Context, size uint64) (took, touch time.Duration, 
 	return took, touch, nil
 }
 
-func benchPrintSync(w io.Writer, sr *benchSyncResult, pattern testvm.Pattern, modeTime time.Duration) {
+func printSync(w io.Writer, sr *SyncResult, pattern testvm.Pattern, modeTime time.Duration) {
 	fmt.Fprintf(w, "Initial sync of a large guest: the dirty workload at full speed (%s pattern, stamp pages), %d vCPUs, replicated at %v "+
 		"to a backup in this process over loopback TCP, from Run to the first acknowledged checkpoint; floor: a plain copy of as much memory "+
 		"over loopback TCP into memory already faulted in (first touch: faulting it in); epochs/s over %v after the warm-up:\n\n",
@@ -264,15 +265,15 @@ func benchPrintSync(w io.Writer, sr *benchSyncResult, pattern testvm.Pattern, mo
 			skipped = append(skipped, fmt.Sprintf("sync %s: skipped: %s", testvm.FormatSize(s.Mem), s.Skipped))
 			continue
 		}
-		rows = append(rows, []string{testvm.FormatSize(s.Mem), s.Track, dur(secs(s.CopySecs)), fmt.Sprintf("%.0f", s.CopyMBps), dur(secs(s.TouchSecs)),
-			dur(secs(s.ProtectedSecs)), fmt.Sprintf("%.2f", s.VsCopy), dur(secs(s.SyncSecs)), strconv.Itoa(s.Rounds), s.End,
-			fmt.Sprintf("%.0f%%", 100*s.ThrottleMax), dur(secs(s.HeldSecs)), fmt.Sprintf("%.0f", s.SyncWireMiB),
-			dur(time.Duration(s.FirstPauseMS * float64(time.Millisecond))), strconv.Itoa(s.FirstPages),
-			dur(time.Duration(s.PauseMaxMS * float64(time.Millisecond))),
-			fmt.Sprintf("%.1f", s.EpochsPerS), si(s.GuestRate)})
+		rows = append(rows, []string{testvm.FormatSize(s.Mem), s.Track, report.Dur(secs(s.CopySecs)), fmt.Sprintf("%.0f", s.CopyMBps), report.Dur(secs(s.TouchSecs)),
+			report.Dur(secs(s.ProtectedSecs)), fmt.Sprintf("%.2f", s.VsCopy), report.Dur(secs(s.SyncSecs)), strconv.Itoa(s.Rounds), s.End,
+			fmt.Sprintf("%.0f%%", 100*s.ThrottleMax), report.Dur(secs(s.HeldSecs)), fmt.Sprintf("%.0f", s.SyncWireMiB),
+			report.Dur(time.Duration(s.FirstPauseMS * float64(time.Millisecond))), strconv.Itoa(s.FirstPages),
+			report.Dur(time.Duration(s.PauseMaxMS * float64(time.Millisecond))),
+			fmt.Sprintf("%.1f", s.EpochsPerS), report.SI(s.GuestRate)})
 	}
 	if len(rows) > 0 {
-		benchTable(w, []string{"guest", "track", "plain copy", "copy MB/s", "first touch", "time to protected", "vs copy", "sync", "rounds", "ended",
+		table(w, []string{"guest", "track", "plain copy", "copy MB/s", "first touch", "time to protected", "vs copy", "sync", "rounds", "ended",
 			"throttle max", "held", "sync wire MiB", "first pause", "first pages", "pause max", "epochs/s after", "guest writes/s"}, rows)
 	}
 	for i, l := range skipped {
@@ -285,17 +286,17 @@ func benchPrintSync(w io.Writer, sr *benchSyncResult, pattern testvm.Pattern, mo
 
 // syncGoals is a goal line per size: time to protected at most
 // goalSyncRatio times the plain copy.
-func syncGoals(sr *benchSyncResult, verdict func(bool) string) []benchGoal {
-	var out []benchGoal
+func syncGoals(sr *SyncResult) []Goal {
+	var out []Goal
 	for _, s := range sr.Sizes {
 		if s.Skipped != "" {
-			out = append(out, benchGoal{Text: fmt.Sprintf("time to protected, %s guest: not measured (skipped: too large for free memory): NOT MET",
+			out = append(out, Goal{Text: fmt.Sprintf("time to protected, %s guest: not measured (skipped: too large for free memory): NOT MET",
 				testvm.FormatSize(s.Mem))})
 			continue
 		}
 		ok := s.VsCopy > 0 && s.VsCopy <= goalSyncRatio
-		out = append(out, benchGoal{Met: ok, Text: fmt.Sprintf("time to protected, %s guest: %s = %.2fx a plain copy of its memory over loopback TCP (%s) (goal <= %.0fx): %s",
-			testvm.FormatSize(s.Mem), dur(secs(s.ProtectedSecs)), s.VsCopy, dur(secs(s.CopySecs)), goalSyncRatio, verdict(ok))})
+		out = append(out, Goal{Met: ok, Text: fmt.Sprintf("time to protected, %s guest: %s = %.2fx a plain copy of its memory over loopback TCP (%s) (goal <= %.0fx): %s",
+			testvm.FormatSize(s.Mem), report.Dur(secs(s.ProtectedSecs)), s.VsCopy, report.Dur(secs(s.CopySecs)), goalSyncRatio, verdict(ok))})
 	}
 	return out
 }
