@@ -81,7 +81,7 @@ func attach(ifname string, ringSize int, withRelease bool) (_ *attachment, err e
 	spec.Maps[holdMapRing].MaxEntries = uint32(ringSize)
 	if err := spec.LoadAndAssign(&a.objs, nil); err != nil {
 		if errors.Is(err, ebpf.ErrNotSupported) {
-			return nil, fmt.Errorf("%w: load BPF programs: %v", ErrNotSupported, err)
+			return nil, fmt.Errorf("%w: load BPF programs: %w", ErrNotSupported, err)
 		}
 		return nil, fmt.Errorf("load BPF programs: %w", err)
 	}
@@ -114,7 +114,7 @@ func attach(ifname string, ringSize int, withRelease bool) (_ *attachment, err e
 		l, err := link.AttachTCX(link.TCXOptions{Interface: ifi.Index, Program: p.prog, Attach: p.at, Anchor: link.Head()})
 		if err != nil {
 			if errors.Is(err, ebpf.ErrNotSupported) {
-				return nil, fmt.Errorf("%w: attach to %s %s: TCX needs Linux 6.6 or later: %v", ErrNotSupported, ifname, p.name, err)
+				return nil, fmt.Errorf("%w: attach to %s %s: TCX needs Linux 6.6 or later: %w", ErrNotSupported, ifname, p.name, err)
 			}
 			return nil, fmt.Errorf("attach to %s %s: %w", ifname, p.name, err)
 		}

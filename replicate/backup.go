@@ -94,6 +94,10 @@ type Backup struct {
 
 	mu  sync.Mutex
 	rep *replica // the current session's replica
+
+	// speak is the protocol versions the backup accepts (unset: all this
+	// build speaks); tests narrow it to play an older backup.
+	speak versions
 }
 
 // replica is guest memory on the backup and the checkpoint it holds.
@@ -326,13 +330,15 @@ type session struct {
 	applied atomic.Uint64
 
 	rep       *replica
+	version   uint32 // the protocol version the session speaks
 	precopy   bool   // still in the initial sync
 	round     uint32 // next pre-copy round expected
 	epoch     uint64 // next checkpoint epoch expected
 	crc       uint32
-	pages     uint64    // pages of the epoch (or pre-copy round) so far
-	arena     recvArena // the epoch's Pages payloads, as received, and its LZ4 pages decoded
-	recs      []pageRec // its pages, in stream order
+	pages     uint64      // pages of the epoch (or pre-copy round) so far
+	arena     recvArena   // the epoch's Pages payloads, as received, and its LZ4 pages decoded
+	recs      []pageRec   // its pages, in stream order
+	ents      []pageEntry // the entries of the Pages message being handled
 	state     []byte
 	hasState  bool
 	seen      []uint64 // bitmap of pages sent in this epoch
@@ -400,14 +406,11 @@ func (s *session) run() error {
 	if h.Type != MsgHello {
 		return s.reject(protoErr("first message is %v, want hello", h.Type))
 	}
-	hello, err := decodeHello(payload)
+	hello, v, err := decodeHello(payload, s.b.speak.orDefault())
 	if err != nil {
 		return s.reject(err)
 	}
-	v, err := negotiate(hello)
-	if err != nil {
-		return s.reject(err)
-	}
+	s.version = v
 	if e := s.b.cfg.Expect; e != nil && !e.Equal(hello.Shape) {
 		return s.reject(protoErr("VM shape mismatch: primary has %v (regions %v), this backup expects %v (regions %v)",
 			hello.Shape, hello.Shape.Regions, *e, e.Regions))
@@ -541,7 +544,7 @@ func (s *session) heartbeats(every time.Duration) {
 		case <-t.C:
 		}
 		hb := Heartbeat{Sent: time.Now().UnixNano(), Epoch: s.acked.Load(), Progress: s.conn.read.Load() + s.applied.Load()}
-		if s.write(MsgHeartbeat, 0, appendHeartbeat(nil, hb)) != nil {
+		if s.write(MsgHeartbeat, 0, appendHeartbeat(nil, s.version, hb)) != nil {
 			return
 		}
 	}
@@ -682,7 +685,7 @@ func (s *session) newReplica(shape Shape, sink Sink) error {
 func (s *session) handle(h Header, hdr, payload []byte) error {
 	switch h.Type {
 	case MsgHeartbeat:
-		_, err := decodeHeartbeat(payload)
+		_, err := decodeHeartbeat(s.version, payload)
 		return err
 	case MsgBye:
 		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.recs) != 0 || s.srecv != nil {
@@ -733,19 +736,23 @@ func (s *session) enter(h Header) error {
 	return nil
 }
 
-// handlePages checks a Pages payload, read into the arena at chunk, off,
-// page by page:
-// its structure, each page's place in memory (once per epoch), and each
-// page's bytes against the CRC in its entry. A pre-copy round's pages go into
-// the replica at once (until the first checkpoint the replica is no
-// checkpoint); a checkpoint's wait in staging for the end record.
+// handlePages takes a Pages payload, read into the arena at chunk, off: it
+// decodes it (its structure, once), then checks each page's place in memory
+// (once per epoch) and its bytes against the CRC in its entry (version 3;
+// in version 2 the page's CRC is computed here, and the epoch's checksum
+// covers the bytes). A pre-copy round's pages go into the replica at once
+// (until the first checkpoint the replica is no checkpoint); a checkpoint's
+// wait in staging for the end record.
 func (s *session) handlePages(hdr, payload []byte, chunk, off int) error {
-	n, err := checkPages(payload)
+	ents, err := decodePages(s.version, payload, s.ents)
+	s.ents = ents
 	if err != nil {
 		return err
 	}
-	s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload[:pagesMeta(n)])
-	err = forEachPage(payload, n, func(e pageEntry) error {
+	n := len(ents)
+	s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, pagesCovered(s.version, payload, n))
+	checked := s.version != 2 // the entries carry CRCs to check
+	for _, e := range ents {
 		idx, err := s.markSeen(e.GPA)
 		if err != nil {
 			return err
@@ -758,24 +765,24 @@ func (s *session) handlePages(hdr, payload []byte, chunk, off int) error {
 			}
 		case encRaw:
 			r.off = off + e.Off
-			if c := pageCRC(e.Data); c != e.CRC {
+			c := pageCRC(e.Data)
+			if checked && c != e.CRC {
 				return protoErr("epoch %d: page at GPA %#x sums to %08x, its entry's checksum is %08x (corrupted)", s.current(), e.GPA, c, e.CRC)
 			}
+			r.crc = c
 		case encLZ4:
 			var page []byte
 			page, r.chunk, r.off = s.arena.alloc(PageSize)
 			if k, err := lz4.UncompressBlock(e.Data, page); err != nil || k != PageSize {
 				return protoErr("epoch %d: page at GPA %#x: LZ4 data does not decode to a page", s.current(), e.GPA)
 			}
-			if c := pageCRC(page); c != e.CRC {
+			c := pageCRC(page)
+			if checked && c != e.CRC {
 				return protoErr("epoch %d: page at GPA %#x decodes to bytes that sum to %08x, its entry's checksum is %08x (corrupted)", s.current(), e.GPA, c, e.CRC)
 			}
+			r.crc = c
 		}
 		s.recs = append(s.recs, r)
-		return nil
-	})
-	if err != nil {
-		return err
 	}
 	s.pages += uint64(n)
 	if !s.precopy && s.epoch != 1 {
@@ -862,7 +869,7 @@ func (s *session) end(e End) error {
 	if d != e.Digest {
 		return protoErr("epoch %d: digest %s, the replica would digest to %s", s.epoch, FormatDigest(e.Digest), FormatDigest(d))
 	}
-	if err := s.write(MsgAck, s.epoch, appendAck(nil, Ack{Digest: d, CPU: s.cpu()})); err != nil {
+	if err := s.write(MsgAck, s.epoch, appendAck(nil, s.version, Ack{Digest: d, CPU: s.cpu()})); err != nil {
 		// The epoch is verified and complete: apply it anyway, so the replica
 		// is the newest complete checkpoint; the read that follows notices.
 		s.b.log.Warn("send ack", "epoch", s.epoch, "err", err)

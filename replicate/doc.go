@@ -118,7 +118,7 @@
 // session:
 //
 //	primary                                   backup
-//	   |---- hello (v3..3, shape) -------------->|  check magic, version, shape
+//	   |---- hello (v2..3, shape) -------------->|  check magic, version, shape
 //	   |<--- welcome (v3) -----------------------|  fresh replica memory
 //	   |---- pages(0) ... end(0, round 0) ------>|  applied as they come: no
 //	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
@@ -141,8 +141,11 @@
 //	                                             |  resume the replica
 //
 // A backup accepts a primary whose [min, max] version range overlaps its
-// own; this is version 3 (version 2 checksummed whole pages messages, with
-// no per-page CRC, and version 1 had no stream; neither is spoken any more).
+// own and speaks the highest common one: this is version 3, and it speaks
+// version 2 too (pages with their data inline and no per-page CRC, whole
+// pages messages under the end checksum, no CPU time in acks and no
+// progress in heartbeats; wire.go has the details). Version 1 had no
+// stream and is no longer spoken.
 // Any message that does not decode, breaks the order
 // (a message of another epoch, a second state, a pre-copy round after a
 // checkpoint), exceeds a limit, repeats a page within an epoch, names a page

@@ -31,10 +31,11 @@ const (
 	MinHeartbeatTimeout = 2 * time.Second
 )
 
-// ErrBackupLost is returned (wrapped with the cause) by Primary.Run when the
+// ErrBackupLost is matched (errors.Is) by what Primary.Run returns when the
 // backup stopped answering, closed the connection or ended the session after
 // it began. The guest keeps running, unprotected; the output gates were
-// released. A session the backup refuses at hello is a plain error.
+// released. The error is a *BackupLostError, with the cause. A session the
+// backup refuses at hello is a *RefusedError.
 var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
 
 // RefusedError is a backup's refusal of a session, with the reason it gave
@@ -204,6 +205,11 @@ type Primary struct {
 	conn *idleConn
 	rd   *msgReader
 	wmu  sync.Mutex // serialises writes to conn
+	// speak is the protocol versions the hello offers (unset: all this
+	// build speaks; tests narrow it to play an older primary), version the
+	// one the backup chose, which every message after the welcome is in.
+	speak   versions
+	version uint32
 
 	work      chan *batch
 	jobs      chan *epochJob
@@ -395,7 +401,8 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 // then reads the backup sink's reply (the backup sends heartbeats while it
 // makes it) and gives it to the stream.
 func (p *Primary) handshake() error {
-	hello := Hello{Version: Version, MinVersion: MinVersion, Shape: p.lay.shape, Interval: p.cfg.Interval,
+	speak := p.speak.orDefault()
+	hello := Hello{Version: speak.hi, MinVersion: speak.lo, Shape: p.lay.shape, Interval: p.cfg.Interval,
 		Heartbeat: p.cfg.Heartbeat, VMM: p.cfg.VMM}
 	want := int64(-1)
 	if st := p.cfg.Stream; st != nil {
@@ -434,12 +441,13 @@ func (p *Primary) handshake() error {
 			}
 			return &RefusedError{Reason: reason}
 		case h.Type == MsgWelcome && !welcomed:
-			if _, err := decodeWelcome(payload); err != nil {
+			v, err := decodeWelcome(payload, speak)
+			if err != nil {
 				return err
 			}
-			welcomed = true
+			p.version, welcomed = v, true
 		case h.Type == MsgHeartbeat && welcomed:
-			if _, err := decodeHeartbeat(payload); err != nil {
+			if _, err := decodeHeartbeat(p.version, payload); err != nil {
 				return err
 			}
 		case h.Type == MsgStreamReply && welcomed && want >= 0:
@@ -597,7 +605,7 @@ func (p *Primary) unprotected(cause error) error {
 		return fmt.Errorf("replication stopped: %w", *a)
 	}
 	p.cfg.Log.Error("BACKUP LOST: the VM runs UNPROTECTED", "cause", p.lostErr, "last-acked-epoch", p.lastAcked.Load())
-	return fmt.Errorf("%w: %w", ErrBackupLost, p.lostErr)
+	return &BackupLostError{Cause: p.lostErr}
 }
 
 // finish ends a session on purpose: wait for the epochs captured to be
@@ -682,7 +690,7 @@ func (p *Primary) readLoop() {
 		}
 		switch h.Type {
 		case MsgAck:
-			a, err := decodeAck(payload)
+			a, err := decodeAck(p.version, payload)
 			if err == nil {
 				p.backupProgressed()
 				err = p.acked(h.Epoch, a)
@@ -691,7 +699,7 @@ func (p *Primary) readLoop() {
 				p.abort(err) // then read on until the backup hangs up
 			}
 		case MsgHeartbeat:
-			hb, err := decodeHeartbeat(payload)
+			hb, err := decodeHeartbeat(p.version, payload)
 			if err != nil {
 				p.abort(err)
 				break
@@ -758,7 +766,7 @@ func (p *Primary) heartbeatLoop() {
 		case <-t.C:
 		}
 		hb := Heartbeat{Sent: time.Now().UnixNano(), Epoch: p.lastSent.Load(), Progress: p.conn.written.Load()}
-		buf = encodeMsg(buf[:0], MsgHeartbeat, 0, appendHeartbeat(payload[:0], hb))
+		buf = encodeMsg(buf[:0], MsgHeartbeat, 0, appendHeartbeat(payload[:0], p.version, hb))
 		if err := p.writeMsg(buf); err != nil {
 			p.fail(fmt.Errorf("send heartbeat: %w", err))
 			return

@@ -119,11 +119,13 @@ type seg struct {
 
 // batch is up to MaxBatchPages pages of a job, built by a worker into one
 // Pages message: head is its header, count and entries; the data follows in
-// segs, written from where it lies.
+// segs, written from where it lies (in version 2, each page's after its
+// entry: see buffers).
 type batch struct {
 	p        *Primary
 	job      *epochJob
 	from, to int
+	version  uint32 // the session's protocol version
 	head     []byte // header, count, pad, entries
 	data     []byte // LZ4 output and private copies of live pages
 	segs     []seg  // the data in order
@@ -147,7 +149,7 @@ var batchPool = sync.Pool{New: func() any {
 
 func getBatch(p *Primary, job *epochJob, from, to int) *batch {
 	b := batchPool.Get().(*batch)
-	b.p, b.job, b.from, b.to = p, job, from, to
+	b.p, b.job, b.from, b.to, b.version = p, job, from, to, p.version
 	return b
 }
 
@@ -231,7 +233,7 @@ func (b *batch) build(w *worker, hold *workerHold, m *cpuclock.Meter) {
 			s = seg{off: len(b.data)}
 			b.data = append(b.data, w.out[:m]...)
 		}
-		putPageEntry(meta, k-b.from, gpa, crc, enc, l)
+		putPageEntry(b.version, meta, k-b.from, gpa, crc, enc, l)
 		b.idx = append(b.idx, idx)
 		b.crc = append(b.crc, crc)
 		if l > 0 {
@@ -245,9 +247,10 @@ func (b *batch) build(w *worker, hold *workerHold, m *cpuclock.Meter) {
 }
 
 // addSeg appends s to the batch's data, merging it with the last piece when
-// they are adjacent (a run of raw pages in staging is one piece).
+// they are adjacent (a run of raw pages in staging is one piece; not in
+// version 2, where each page's entry comes between).
 func (b *batch) addSeg(s seg) {
-	if k := len(b.segs) - 1; k >= 0 && b.segs[k].staged == s.staged && b.segs[k].off+b.segs[k].n == s.off {
+	if k := len(b.segs) - 1; k >= 0 && b.version != 2 && b.segs[k].staged == s.staged && b.segs[k].off+b.segs[k].n == s.off {
 		b.segs[k].n += s.n
 		return
 	}
@@ -255,17 +258,48 @@ func (b *batch) addSeg(s seg) {
 }
 
 // buffers lists the batch's message for a vectored write: head, then the
-// data pieces where they lie.
+// data pieces where they lie. In version 2 each entry is followed by its
+// page's data: the header and count, then each entry of head and its piece.
 func (b *batch) buffers() *net.Buffers {
+	if b.version == 2 {
+		b.bufs = append(b.bufs[:0], b.head[:HeaderSize+pagesFixed])
+		j := 0
+		for k := range b.to - b.from {
+			e := b.head[HeaderSize+pagesMeta(k) : HeaderSize+pagesMeta(k+1)]
+			b.bufs = append(b.bufs, e)
+			if entryLen(2, e) > 0 {
+				b.bufs = append(b.bufs, b.segData(b.segs[j]))
+				j++
+			}
+		}
+		return &b.bufs
+	}
 	b.bufs = append(b.bufs[:0], b.head)
 	for _, s := range b.segs {
-		if s.staged {
-			b.bufs = append(b.bufs, b.p.stage.buf[s.off:s.off+s.n])
-		} else {
-			b.bufs = append(b.bufs, b.data[s.off:s.off+s.n])
-		}
+		b.bufs = append(b.bufs, b.segData(s))
 	}
 	return &b.bufs
+}
+
+// segData is the bytes of a piece of the batch's data.
+func (b *batch) segData(s seg) []byte {
+	if s.staged {
+		return b.p.stage.buf[s.off : s.off+s.n]
+	}
+	return b.data[s.off : s.off+s.n]
+}
+
+// checksum adds the batch's message to an epoch's checksum: its header,
+// count and entries (version 3: the entries' CRCs cover the data), or all of
+// it (version 2).
+func (b *batch) checksum(crc uint32) uint32 {
+	if b.version != 2 {
+		return crc32.Update(crc, castagnoli, b.head)
+	}
+	for _, piece := range *b.buffers() {
+		crc = crc32.Update(crc, castagnoli, piece)
+	}
+	return crc
 }
 
 // workerHold makes the compression workers wait, between pages, while it is
@@ -385,7 +419,7 @@ func (p *Primary) send(job *epochJob) error {
 			m.Start()
 		}
 		err := p.writeBatch(b)
-		crc = crc32.Update(crc, castagnoli, b.head)
+		crc = b.checksum(crc)
 		wire += uint64(len(b.head) + b.size)
 		job.cpu.Add(int64(b.cpu))
 		for k, idx := range b.idx {

@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,16 +13,42 @@ import (
 )
 
 // Protocol versions. A backup accepts a primary whose version range
-// [MinVersion, Version] overlaps its own and speaks the highest common one.
-// Version 2 added the device stream (hello's stream fields, the stream messages); version
-// 3 put each page's CRC in its entry and its data after the entries, made
-// the end record's checksum cover the page CRCs instead of the page bytes,
-// and added the backup's CPU time to the ack and progress to heartbeats. A
-// peer of an older version is refused with a message naming both ranges.
+// [MinVersion, Version] overlaps its own and speaks the highest common one;
+// the primary speaks the version the backup's welcome names. Both sides
+// speak the current version and the one before it:
+//
+//   - Version 3 (current) puts each page's CRC32C in its entry and the
+//     pages' data after all the entries; the end record's checksum covers
+//     a Pages message's header and entries, not its data (the entries' CRCs
+//     do). The ack carries the backup's engine CPU time, heartbeats a
+//     progress count.
+//   - Version 2 (previous) carries each page's data right after its entry,
+//     with no CRC: the backup computes each page's CRC itself, and the end
+//     checksum covers whole Pages messages. The ack is the digest alone, a
+//     heartbeat has no progress (so a busy v2 peer on a full link shows
+//     none). It added the device stream (hello's stream fields, the stream
+//     messages), which version 3 keeps as it was.
+//   - Version 1 had no stream; it is no longer spoken, and a peer of it is
+//     refused with a message naming both ranges.
+//
+// The rest (header, hello, welcome, reject, state, end, bye, the stream
+// messages) is the same in versions 2 and 3.
 const (
 	Version    = 3
-	MinVersion = 3
+	MinVersion = 2
 )
+
+// versions is a range of protocol versions a side speaks: [MinVersion,
+// Version] unless a test narrows it (export_test.go) to play an older peer.
+type versions struct{ lo, hi uint32 }
+
+// orDefault is v, or the versions this build speaks if v is unset.
+func (v versions) orDefault() versions {
+	if v == (versions{}) {
+		return versions{MinVersion, Version}
+	}
+	return v
+}
 
 // Wire limits, "to prevent DoS": a decoder refuses anything larger before it
 // allocates.
@@ -239,79 +266,83 @@ func appendHello(dst []byte, h Hello) []byte {
 // version range. The rest of the layout depends on the version.
 const helloVersioned = 16
 
-// decodeHello decodes a Hello payload. It checks the magic and the version
-// range first (so that a primary of another version hears about versions,
-// not about a layout it does not use), then the page size and the shape;
-// choosing the version is the caller's (negotiate).
-func decodeHello(b []byte) (Hello, error) {
+// decodeHello decodes a Hello payload for a backup that speaks ours, and
+// returns the version the session speaks (the highest both speak). It checks
+// the magic and the version range first (so that a primary of another
+// version hears about versions, not about a layout it does not use), then
+// the page size and the shape. The layout is the same in every version
+// spoken.
+func decodeHello(b []byte, ours versions) (Hello, uint32, error) {
 	var h Hello
 	if len(b) < helloVersioned {
-		return Hello{}, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
+		return Hello{}, 0, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
 	}
 	if [8]byte(b[:8]) != magic {
-		return Hello{}, protoErr("hello: bad magic %q (not a repagent primary)", b[:8])
+		return Hello{}, 0, protoErr("hello: bad magic %q (not a repagent primary)", b[:8])
 	}
 	le := binary.LittleEndian
 	h.Version, h.MinVersion = le.Uint32(b[8:]), le.Uint32(b[12:])
 	if h.MinVersion > h.Version {
-		return Hello{}, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
+		return Hello{}, 0, protoErr("hello: version range %d..%d is empty", h.MinVersion, h.Version)
 	}
-	if _, err := negotiate(h); err != nil {
-		return Hello{}, err
+	v, err := negotiate(h, ours)
+	if err != nil {
+		return Hello{}, 0, err
 	}
 	if len(b) < helloFixed {
-		return Hello{}, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
+		return Hello{}, 0, protoErr("hello: %d bytes, want at least %d", len(b), helloFixed)
 	}
 	if ps := le.Uint32(b[16:]); ps != PageSize {
-		return Hello{}, protoErr("hello: page size %d, want %d", ps, PageSize)
+		return Hello{}, 0, protoErr("hello: page size %d, want %d", ps, PageSize)
 	}
 	h.Shape.VCPUs, h.Shape.MemSize = le.Uint32(b[20:]), le.Uint64(b[24:])
 	h.Interval, h.Heartbeat = time.Duration(le.Uint64(b[32:])), time.Duration(le.Uint64(b[40:]))
 	n, vl := le.Uint32(b[48:]), le.Uint32(b[52:])
 	if n == 0 || n > MaxRegions {
-		return Hello{}, protoErr("hello: %d memory regions (want 1 to %d)", n, MaxRegions)
+		return Hello{}, 0, protoErr("hello: %d memory regions (want 1 to %d)", n, MaxRegions)
 	}
 	if vl > maxVMM {
-		return Hello{}, protoErr("hello: VMM name of %d bytes (limit %d)", vl, maxVMM)
+		return Hello{}, 0, protoErr("hello: VMM name of %d bytes (limit %d)", vl, maxVMM)
 	}
 	if want := helloFixed + int(n)*24 + int(vl); len(b) != want {
-		return Hello{}, protoErr("hello: %d bytes, want %d for %d regions", len(b), want, n)
+		return Hello{}, 0, protoErr("hello: %d bytes, want %d for %d regions", len(b), want, n)
 	}
 	h.Stream = StreamInfo{Size: int64(le.Uint64(b[56:])), Block: le.Uint32(b[64:])}
 	if le.Uint32(b[68:]) != 0 {
-		return Hello{}, protoErr("hello: nonzero padding after the stream block size")
+		return Hello{}, 0, protoErr("hello: nonzero padding after the stream block size")
 	}
 	if s := h.Stream; s.Size < 0 || (s.Size == 0) != (s.Block == 0) {
-		return Hello{}, protoErr("hello: stream of %d bytes in %d-byte sync blocks (both 0 without a stream)", s.Size, s.Block)
+		return Hello{}, 0, protoErr("hello: stream of %d bytes in %d-byte sync blocks (both 0 without a stream)", s.Size, s.Block)
 	}
 	if h.Interval < MinInterval || h.Interval > MaxInterval || h.Heartbeat < time.Millisecond || h.Heartbeat > MaxInterval {
-		return Hello{}, protoErr("hello: interval %v (want %v to %v) or heartbeat %v (want 1ms to %v) out of range",
+		return Hello{}, 0, protoErr("hello: interval %v (want %v to %v) or heartbeat %v (want 1ms to %v) out of range",
 			h.Interval, MinInterval, MaxInterval, h.Heartbeat, MaxInterval)
 	}
 	p := b[helloFixed:]
 	h.Shape.Regions = make([]Region, n)
 	for i := range h.Shape.Regions {
 		if le.Uint32(p[4:]) != 0 {
-			return Hello{}, protoErr("hello: region %d has nonzero padding", i)
+			return Hello{}, 0, protoErr("hello: region %d has nonzero padding", i)
 		}
 		h.Shape.Regions[i] = Region{Slot: le.Uint32(p), GPA: le.Uint64(p[8:]), Size: le.Uint64(p[16:])}
 		p = p[24:]
 	}
 	if !utf8.Valid(p) {
-		return Hello{}, protoErr("hello: VMM name is not UTF-8")
+		return Hello{}, 0, protoErr("hello: VMM name is not UTF-8")
 	}
 	h.VMM = string(p)
 	if err := h.Shape.check(); err != nil {
-		return Hello{}, err
+		return Hello{}, 0, err
 	}
-	return h, nil
+	return h, v, nil
 }
 
-// negotiate picks the version both sides speak.
-func negotiate(h Hello) (uint32, error) {
-	v := min(h.Version, Version)
-	if v < h.MinVersion || v < MinVersion {
-		return 0, protoErr("protocol version: primary speaks %d..%d, this backup %d..%d", h.MinVersion, h.Version, MinVersion, Version)
+// negotiate picks the highest version both the primary of h and a backup
+// speaking ours speak.
+func negotiate(h Hello, ours versions) (uint32, error) {
+	v := min(h.Version, ours.hi)
+	if v < h.MinVersion || v < ours.lo {
+		return 0, protoErr("protocol version: primary speaks %d..%d, this backup %d..%d", h.MinVersion, h.Version, ours.lo, ours.hi)
 	}
 	return v, nil
 }
@@ -322,7 +353,8 @@ func appendWelcome(dst []byte, version uint32) []byte {
 	return binary.LittleEndian.AppendUint32(dst, 0)
 }
 
-func decodeWelcome(b []byte) (uint32, error) {
+// decodeWelcome decodes a welcome for a primary that offered ours.
+func decodeWelcome(b []byte, ours versions) (uint32, error) {
 	if len(b) != 8 {
 		return 0, protoErr("welcome: %d bytes, want 8", len(b))
 	}
@@ -330,8 +362,8 @@ func decodeWelcome(b []byte) (uint32, error) {
 		return 0, protoErr("welcome: nonzero padding")
 	}
 	v := binary.LittleEndian.Uint32(b)
-	if v < MinVersion || v > Version {
-		return 0, protoErr("welcome: backup chose version %d, this primary speaks %d..%d", v, MinVersion, Version)
+	if v < ours.lo || v > ours.hi {
+		return 0, protoErr("welcome: backup chose version %d, this primary speaks %d..%d", v, ours.lo, ours.hi)
 	}
 	return v, nil
 }
@@ -361,8 +393,8 @@ const (
 	encZero = 3 // a page of zeros; no data
 )
 
-// Pages carries up to MaxBatchPages pages, their entries first and their
-// data after:
+// Pages carries up to MaxBatchPages pages. In version 3 their entries come
+// first and their data after:
 //
 //	0          count uint32 (1 to MaxBatchPages)
 //	4          pad   uint32 (0)
@@ -380,8 +412,19 @@ const (
 // of raw pages go out of the primary's staging as one piece of a vectored
 // write, and the backup read a message straight into its staging and copy
 // each raw page from there into the replica.
+//
+// In version 2 each entry is followed by its data, and carries no CRC:
+//
+//	0          count uint32 (1 to MaxBatchPages)
+//	4          pad   uint32 (0)
+//	8          count × {gpa uint64, enc uint16, pad uint16 (0), len uint32, data [len]}
+//
+// with the same encodings and lengths; the end record's checksum covers the
+// whole message, data included, and the backup computes each page's CRC.
 type pageEntry struct {
-	GPA  uint64
+	GPA uint64
+	// CRC is the entry's CRC (version 3); in version 2, zeroCRC for a zero
+	// page and 0 for the others, whose CRC the receiver computes.
 	CRC  uint32
 	Enc  uint16
 	Data []byte // aliases the payload
@@ -391,14 +434,30 @@ type pageEntry struct {
 // pagesFixed is the count and pad before the entries.
 const pagesFixed = 8
 
-// putPageEntry writes entry i of a Pages payload whose entries start at
-// b[pagesFixed:].
-func putPageEntry(b []byte, i int, gpa uint64, crc uint32, enc uint16, n int) {
+// putPageEntry writes entry i of a Pages payload of version v whose entries
+// start at b[pagesFixed:]: in version 3 where the entries lie, in version 2
+// in the same place of the sender's buffer, from where the sender writes
+// each entry before its data (see batch.buffers).
+func putPageEntry(v uint32, b []byte, i int, gpa uint64, crc uint32, enc uint16, n int) {
 	e := b[pagesFixed+i*pageEntrySize:]
 	binary.LittleEndian.PutUint64(e, gpa)
+	if v == 2 {
+		binary.LittleEndian.PutUint16(e[8:], enc)
+		binary.LittleEndian.PutUint16(e[10:], 0)
+		binary.LittleEndian.PutUint32(e[12:], uint32(n))
+		return
+	}
 	binary.LittleEndian.PutUint32(e[8:], crc)
 	binary.LittleEndian.PutUint16(e[12:], enc)
 	binary.LittleEndian.PutUint16(e[14:], uint16(n))
+}
+
+// entryLen is the data length of an entry putPageEntry wrote.
+func entryLen(v uint32, e []byte) int {
+	if v == 2 {
+		return int(binary.LittleEndian.Uint32(e[12:]))
+	}
+	return int(binary.LittleEndian.Uint16(e[14:]))
 }
 
 // putPagesCount writes the count and pad of a Pages payload.
@@ -407,18 +466,37 @@ func putPagesCount(b []byte, n int) {
 	binary.LittleEndian.PutUint32(b[4:], 0)
 }
 
-// pagesMeta is how many bytes of a Pages payload with n entries come before
-// the data: what the end record's checksum covers.
+// pagesMeta is how many bytes of a Pages payload with n entries are not page
+// data (in version 3, all of them come before the data): what the end
+// record's checksum covers in version 3.
 func pagesMeta(n int) int { return pagesFixed + n*pageEntrySize }
 
-// appendPages appends a whole Pages payload, for tests and tools: entries
-// and then their data.
-func appendPages(dst []byte, entries []pageEntry) []byte {
+// pagesCovered is the part of a Pages payload of version v with n entries
+// that the end record's checksum covers, after the message's header.
+func pagesCovered(v uint32, b []byte, n int) []byte {
+	if v == 2 {
+		return b
+	}
+	return b[:pagesMeta(n)]
+}
+
+// appendPages appends a whole Pages payload of version v, for tests and
+// tools.
+func appendPages(dst []byte, v uint32, entries []pageEntry) []byte {
 	start := len(dst)
 	dst = append(dst, make([]byte, pagesMeta(len(entries)))...)
 	putPagesCount(dst[start:], len(entries))
 	for i, e := range entries {
-		putPageEntry(dst[start:], i, e.GPA, e.CRC, e.Enc, len(e.Data))
+		putPageEntry(v, dst[start:], i, e.GPA, e.CRC, e.Enc, len(e.Data))
+	}
+	if v == 2 {
+		meta := bytes.Clone(dst[start+pagesFixed:])
+		dst = dst[:start+pagesFixed]
+		for i, e := range entries {
+			dst = append(dst, meta[i*pageEntrySize:(i+1)*pageEntrySize]...)
+			dst = append(dst, e.Data...)
+		}
+		return dst
 	}
 	for _, e := range entries {
 		dst = append(dst, e.Data...)
@@ -426,74 +504,100 @@ func appendPages(dst []byte, entries []pageEntry) []byte {
 	return dst
 }
 
-// decodePages calls f for each entry of a Pages payload, after checking the
-// whole payload, so f never sees part of a malformed batch.
-func decodePages(b []byte, f func(pageEntry) error) error {
-	n, err := checkPages(b)
-	if err != nil {
-		return err
-	}
-	return forEachPage(b, n, f)
-}
-
-// forEachPage calls f for each of the n entries of a payload checkPages
-// accepted, in order, until f fails.
-func forEachPage(b []byte, n int, f func(pageEntry) error) error {
-	data := pagesMeta(n)
-	for i := range n {
-		e := b[pagesFixed+i*pageEntrySize:]
-		l := int(binary.LittleEndian.Uint16(e[14:]))
-		pe := pageEntry{GPA: binary.LittleEndian.Uint64(e), CRC: binary.LittleEndian.Uint32(e[8:]),
-			Enc: binary.LittleEndian.Uint16(e[12:]), Data: b[data : data+l : data+l], Off: data}
-		if err := f(pe); err != nil {
-			return err
-		}
-		data += l
-	}
-	return nil
-}
-
-// checkPages checks a Pages payload: the count, every entry's alignment,
-// encoding and length, and that the data is exactly what the entries say.
-// It returns the count.
-func checkPages(b []byte) (int, error) {
+// decodePages decodes a Pages payload of version v, in one walk, into dst
+// (reused: a batch allocates nothing once dst has grown): the count, every
+// entry's alignment, encoding and length, and that the data is exactly what
+// the entries say. It returns the entries; on an error, none. What it checks
+// is the message's structure: where each page lies in memory, and its bytes
+// against its CRC, are the receiver's (session.pages).
+func decodePages(v uint32, b []byte, dst []pageEntry) ([]pageEntry, error) {
+	dst = dst[:0]
 	if len(b) < pagesFixed {
-		return 0, protoErr("pages: %d bytes, too short", len(b))
+		return dst, protoErr("pages: %d bytes, too short", len(b))
 	}
-	n := binary.LittleEndian.Uint32(b)
+	le := binary.LittleEndian
+	n := le.Uint32(b)
 	if n == 0 || n > MaxBatchPages {
-		return 0, protoErr("pages: count %d (want 1 to %d)", n, MaxBatchPages)
+		return dst, protoErr("pages: count %d (want 1 to %d)", n, MaxBatchPages)
 	}
-	if binary.LittleEndian.Uint32(b[4:]) != 0 {
-		return 0, protoErr("pages: nonzero padding after the count")
+	if le.Uint32(b[4:]) != 0 {
+		return dst, protoErr("pages: nonzero padding after the count")
+	}
+	if v == 2 {
+		return decodePagesV2(b, int(n), dst)
 	}
 	meta := pagesMeta(int(n))
 	if len(b) < meta {
-		return 0, protoErr("pages: %d entries need %d bytes, the message has %d (truncated)", n, meta, len(b))
+		return dst, protoErr("pages: %d entries need %d bytes, the message has %d (truncated)", n, meta, len(b))
 	}
-	data := 0
+	data := meta
 	for i := range int(n) {
 		e := b[pagesFixed+i*pageEntrySize:]
-		gpa := binary.LittleEndian.Uint64(e)
-		enc := binary.LittleEndian.Uint16(e[12:])
-		l := binary.LittleEndian.Uint16(e[14:])
-		if gpa%PageSize != 0 {
-			return 0, protoErr("pages: entry %d: GPA %#x not page-aligned", i, gpa)
+		pe := pageEntry{GPA: le.Uint64(e), CRC: le.Uint32(e[8:]), Enc: le.Uint16(e[12:]), Off: data}
+		l := int(le.Uint16(e[14:]))
+		if err := checkEntry(i, pe.GPA, pe.Enc, l); err != nil {
+			return dst[:0], err
 		}
-		switch {
-		case enc == encRaw && l == PageSize, enc == encLZ4 && l > 0 && l < PageSize, enc == encZero && l == 0:
-		default:
-			return 0, protoErr("pages: entry %d (GPA %#x): encoding %d with %d bytes", i, gpa, enc, l)
+		if data+l <= len(b) {
+			pe.Data = b[data : data+l : data+l]
 		}
-		data += int(l)
+		dst = append(dst, pe)
+		data += l
 	}
-	if got := len(b) - meta; got != data {
-		if got < data {
-			return 0, protoErr("pages: entries hold %d bytes of data, the message %d (truncated)", data, got)
+	if got, want := len(b)-meta, data-meta; got != want {
+		if got < want {
+			return dst[:0], protoErr("pages: entries hold %d bytes of data, the message %d (truncated)", want, got)
 		}
-		return 0, protoErr("pages: %d bytes after the last entry's data", got-data)
+		return dst[:0], protoErr("pages: %d bytes after the last entry's data", got-want)
 	}
-	return int(n), nil
+	return dst, nil
+}
+
+// decodePagesV2 is decodePages for version 2 after the count: entries with
+// their data inline.
+func decodePagesV2(b []byte, n int, dst []pageEntry) ([]pageEntry, error) {
+	le := binary.LittleEndian
+	off := pagesFixed
+	for i := range n {
+		if len(b)-off < pageEntrySize {
+			return dst[:0], protoErr("pages: entry %d truncated", i)
+		}
+		e := b[off:]
+		pe := pageEntry{GPA: le.Uint64(e), Enc: le.Uint16(e[8:])}
+		if le.Uint16(e[10:]) != 0 {
+			return dst[:0], protoErr("pages: entry %d (GPA %#x): nonzero padding", i, pe.GPA)
+		}
+		l := le.Uint32(e[12:])
+		if err := checkEntry(i, pe.GPA, pe.Enc, int(l)); err != nil {
+			return dst[:0], err
+		}
+		off += pageEntrySize
+		if len(b)-off < int(l) {
+			return dst[:0], protoErr("pages: entry %d (GPA %#x) truncated", i, pe.GPA)
+		}
+		pe.Data, pe.Off = b[off:off+int(l):off+int(l)], off
+		if pe.Enc == encZero {
+			pe.CRC = zeroCRC
+		}
+		dst = append(dst, pe)
+		off += int(l)
+	}
+	if off != len(b) {
+		return dst[:0], protoErr("pages: %d bytes after the last entry", len(b)-off)
+	}
+	return dst, nil
+}
+
+// checkEntry checks entry i's alignment, and its encoding with its length.
+func checkEntry(i int, gpa uint64, enc uint16, l int) error {
+	if gpa%PageSize != 0 {
+		return protoErr("pages: entry %d: GPA %#x not page-aligned", i, gpa)
+	}
+	switch {
+	case enc == encRaw && l == PageSize, enc == encLZ4 && l > 0 && l < PageSize, enc == encZero && l == 0:
+		return nil
+	}
+	return protoErr("pages: entry %d (GPA %#x): encoding %d with %d bytes", i, gpa, enc, l)
 }
 
 // End closes an epoch (P→B):
@@ -552,7 +656,7 @@ func decodeEnd(b []byte) (End, error) {
 // Ack acknowledges the epoch in its header (B→P):
 //
 //	0 digest uint64 (the backup's memory digest with that epoch applied, for the primary to check)
-//	8 cpu    uint64 (ns of CPU the backup's engine spent on the session's checkpoints so far)
+//	8 cpu    uint64 (ns of CPU the backup's engine spent on the session's checkpoints so far; not in version 2)
 //
 // The CPU time is cumulative, so a lost report is no loss; the ack of N is
 // sent once N is verified, before N is applied, so the difference between
@@ -562,14 +666,26 @@ type Ack struct {
 	CPU    time.Duration
 }
 
-const ackSize = 16
+const (
+	ackSize   = 16
+	ackSizeV2 = 8
+)
 
-func appendAck(dst []byte, a Ack) []byte {
+func appendAck(dst []byte, v uint32, a Ack) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, a.Digest)
+	if v == 2 {
+		return dst
+	}
 	return binary.LittleEndian.AppendUint64(dst, uint64(a.CPU))
 }
 
-func decodeAck(b []byte) (Ack, error) {
+func decodeAck(v uint32, b []byte) (Ack, error) {
+	if v == 2 {
+		if len(b) != ackSizeV2 {
+			return Ack{}, protoErr("ack: %d bytes, want %d", len(b), ackSizeV2)
+		}
+		return Ack{Digest: binary.LittleEndian.Uint64(b)}, nil
+	}
 	if len(b) != ackSize {
 		return Ack{}, protoErr("ack: %d bytes, want %d", len(b), ackSize)
 	}
@@ -585,7 +701,7 @@ func decodeAck(b []byte) (Ack, error) {
 //	0  sent     int64  (the sender's clock, ns)
 //	8  epoch    uint64 (the latest epoch the sender finished: sent by a primary, acknowledged by a backup)
 //	16 progress uint64 (a count that grows while the sender's engine works:
-//	                   bytes written by a primary, bytes read and pages applied by a backup)
+//	                   bytes written by a primary, bytes read and pages applied by a backup; not in version 2)
 //
 // Progress tells a peer that cannot write (the link is full) whether the
 // other side is busy or stuck: a busy peer is never taken for a dead one.
@@ -595,20 +711,34 @@ type Heartbeat struct {
 	Progress uint64
 }
 
-const heartbeatSize = 24
+const (
+	heartbeatSize   = 24
+	heartbeatSizeV2 = 16
+)
 
-func appendHeartbeat(dst []byte, h Heartbeat) []byte {
+func appendHeartbeat(dst []byte, v uint32, h Heartbeat) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(h.Sent))
 	dst = binary.LittleEndian.AppendUint64(dst, h.Epoch)
+	if v == 2 {
+		return dst
+	}
 	return binary.LittleEndian.AppendUint64(dst, h.Progress)
 }
 
-func decodeHeartbeat(b []byte) (Heartbeat, error) {
-	if len(b) != heartbeatSize {
-		return Heartbeat{}, protoErr("heartbeat: %d bytes, want %d", len(b), heartbeatSize)
+func decodeHeartbeat(v uint32, b []byte) (Heartbeat, error) {
+	want := heartbeatSize
+	if v == 2 {
+		want = heartbeatSizeV2
+	}
+	if len(b) != want {
+		return Heartbeat{}, protoErr("heartbeat: %d bytes, want %d", len(b), want)
 	}
 	le := binary.LittleEndian
-	return Heartbeat{Sent: int64(le.Uint64(b)), Epoch: le.Uint64(b[8:]), Progress: le.Uint64(b[16:])}, nil
+	h := Heartbeat{Sent: int64(le.Uint64(b)), Epoch: le.Uint64(b[8:])}
+	if v != 2 {
+		h.Progress = le.Uint64(b[16:])
+	}
+	return h, nil
 }
 
 // castagnoli is the CRC32C table for epoch checksums and page digests.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"reflect"
@@ -94,7 +95,15 @@ type testEntry struct {
 
 // pagesPayload builds a Pages payload of entries the way the sender does:
 // entries, then data.
-func pagesPayload(entries ...testEntry) []byte {
+func pagesPayload(entries ...testEntry) []byte { return pagesPayloadOf(Version, entries...) }
+
+// pagesPayloadV2 builds a version-2 Pages payload: each entry with its data.
+func pagesPayloadV2(entries ...testEntry) []byte { return pagesPayloadOf(2, entries...) }
+
+// ours is the versions this build speaks.
+var ours = versions{MinVersion, Version}
+
+func pagesPayloadOf(v uint32, entries ...testEntry) []byte {
 	es := make([]pageEntry, len(entries))
 	for i, e := range entries {
 		crc := e.crc
@@ -108,7 +117,7 @@ func pagesPayload(entries ...testEntry) []byte {
 		}
 		es[i] = pageEntry{GPA: e.gpa, CRC: crc, Enc: e.enc, Data: e.data}
 	}
-	return appendPages(nil, es)
+	return appendPages(nil, v, es)
 }
 
 // entryOff is the offset in a Pages payload of entry i's field at off (0
@@ -148,6 +157,10 @@ func FuzzDecodeHello(f *testing.F) {
 	}))
 	// A valid hello speaking a version range that includes ours.
 	f.Add(helloWith(func(h *Hello) { h.MinVersion, h.Version = 1, 7 }))
+	// A valid hello of a version-2 primary (the previous version).
+	f.Add(helloWith(func(h *Hello) { h.MinVersion, h.Version = 2, 2 }))
+	// A version-1 primary: refused, naming both ranges.
+	f.Add(helloWith(func(h *Hello) { h.MinVersion, h.Version = 1, 1 }))
 	// Nothing at all.
 	f.Add([]byte{})
 	// Only the fixed part: truncated before the regions.
@@ -191,15 +204,18 @@ func FuzzDecodeHello(f *testing.F) {
 	f.Add(patched(valid, helloOffVCPUs, uint32(0)))
 
 	f.Fuzz(func(t *testing.T, b []byte) {
-		h, err := decodeHello(b)
+		h, v, err := decodeHello(b, ours)
 		if err != nil {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("error %q is not ErrProtocol", err)
 			}
-			if !reflect.DeepEqual(h, Hello{}) {
-				t.Fatalf("error %q with a result: %+v", err, h)
+			if !reflect.DeepEqual(h, Hello{}) || v != 0 {
+				t.Fatalf("error %q with a result: %+v, version %d", err, h, v)
 			}
 			return
+		}
+		if v < h.MinVersion || v > h.Version || v < MinVersion || v > Version {
+			t.Fatalf("chose version %d for a primary of %d..%d", v, h.MinVersion, h.Version)
 		}
 		if err := h.Shape.check(); err != nil {
 			t.Fatalf("decoded an invalid shape: %v", err)
@@ -216,9 +232,12 @@ func FuzzDecodeHello(f *testing.F) {
 
 func TestDecodeHello(t *testing.T) {
 	want := testHello()
-	got, err := decodeHello(appendHello(nil, want))
+	got, v, err := decodeHello(appendHello(nil, want), ours)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if v != Version {
+		t.Fatalf("chose version %d, want %d", v, Version)
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -258,7 +277,7 @@ func TestDecodeHelloRejects(t *testing.T) {
 		// Version 1's layout had no disk fields: a version-1 primary hears
 		// about versions, not about its hello's length.
 		{"a version-1 primary", patched(patched(append(bytes.Clone(valid[:helloOffDiskSize]), valid[helloFixed:]...),
-			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 3..3"},
+			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 2..3"},
 		{"disk without block size", patched(valid, helloOffDiskSize, uint64(1<<20)), "stream of 1048576 bytes in 0-byte sync blocks"},
 		{"block size without disk", patched(valid, helloOffDiskBlk, uint32(4096)), "stream of 0 bytes in 4096-byte sync blocks"},
 		{"negative disk size", patched(patched(valid, helloOffDiskSize, uint64(1<<63)), helloOffDiskBlk, uint32(4096)), "stream of -9223372036854775808 bytes"},
@@ -289,10 +308,10 @@ func TestDecodeHelloRejects(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h, err := decodeHello(tt.in)
+			h, v, err := decodeHello(tt.in, ours)
 			checkProto(t, err, tt.wantErr)
-			if !reflect.DeepEqual(h, Hello{}) {
-				t.Errorf("error with a result: %+v", h)
+			if !reflect.DeepEqual(h, Hello{}) || v != 0 {
+				t.Errorf("error with a result: %+v, version %d", h, v)
 			}
 		})
 	}
@@ -302,22 +321,25 @@ func TestHelloNegotiate(t *testing.T) {
 	tests := []struct {
 		name    string
 		lo, hi  uint32
+		backup  versions // zero: ours
 		want    uint32
 		wantErr string
 	}{
-		{"exactly ours", 3, 3, 3, ""},
-		{"newer primary that still speaks 3", 1, 5, 3, ""},
-		{"primary claiming version 0 too", 0, 3, 3, ""},
-		{"only newer versions", 4, 5, 0, "primary speaks 4..5, this backup 3..3"},
-		{"only version 2 (page data among the entries)", 2, 2, 0, "primary speaks 2..2, this backup 3..3"},
-		{"only version 1 (no disk)", 1, 1, 0, "primary speaks 1..1, this backup 3..3"},
-		{"only version 0", 0, 0, 0, "primary speaks 0..0"},
+		{"exactly ours", 3, 3, versions{}, 3, ""},
+		{"newer primary that still speaks 3", 1, 5, versions{}, 3, ""},
+		{"primary claiming version 0 too", 0, 3, versions{}, 3, ""},
+		{"only newer versions", 4, 5, versions{}, 0, "primary speaks 4..5, this backup 2..3"},
+		{"only version 2 (page data among the entries): the previous version, spoken", 2, 2, versions{}, 2, ""},
+		{"a primary of 2..3, a backup of only 2", 2, 3, versions{2, 2}, 2, ""},
+		{"a primary of only 3, a backup of only 2", 3, 3, versions{2, 2}, 0, "primary speaks 3..3, this backup 2..2"},
+		{"only version 1 (no disk)", 1, 1, versions{}, 0, "primary speaks 1..1, this backup 2..3"},
+		{"only version 0", 0, 0, versions{}, 0, "primary speaks 0..0"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := testHello()
 			h.MinVersion, h.Version = tt.lo, tt.hi
-			v, err := negotiate(h)
+			v, err := negotiate(h, tt.backup.orDefault())
 			if tt.wantErr != "" {
 				checkProto(t, err, tt.wantErr)
 				if v != 0 {
@@ -341,6 +363,9 @@ func FuzzDecodeWelcome(f *testing.F) {
 	f.Add(appendWelcome(nil, 0))
 	// A version newer than this primary speaks.
 	f.Add(appendWelcome(nil, Version+1))
+	// The previous version, spoken; and the one before, not.
+	f.Add(appendWelcome(nil, MinVersion))
+	f.Add(appendWelcome(nil, MinVersion-1))
 	// Nonzero padding.
 	f.Add(patched(appendWelcome(nil, Version), 4, uint32(1)))
 	// Truncated; and one byte too long.
@@ -350,7 +375,7 @@ func FuzzDecodeWelcome(f *testing.F) {
 	f.Add([]byte{})
 
 	f.Fuzz(func(t *testing.T, b []byte) {
-		v, err := decodeWelcome(b)
+		v, err := decodeWelcome(b, ours)
 		if err != nil {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("error %q is not ErrProtocol", err)
@@ -373,18 +398,20 @@ func TestDecodeWelcomeRejects(t *testing.T) {
 	tests := []struct {
 		name    string
 		in      []byte
+		offered versions // zero: ours
 		wantErr string
 	}{
-		{"empty", nil, "welcome: 0 bytes, want 8"},
-		{"long", make([]byte, 9), "welcome: 9 bytes, want 8"},
-		{"version 0", appendWelcome(nil, 0), "backup chose version 0"},
-		{"version too old", appendWelcome(nil, 2), "backup chose version 2, this primary speaks 3..3"},
-		{"version too new", appendWelcome(nil, 4), "backup chose version 4"},
-		{"padding", patched(appendWelcome(nil, Version), 4, uint32(1)), "nonzero padding"},
+		{"empty", nil, versions{}, "welcome: 0 bytes, want 8"},
+		{"long", make([]byte, 9), versions{}, "welcome: 9 bytes, want 8"},
+		{"version 0", appendWelcome(nil, 0), versions{}, "backup chose version 0"},
+		{"version too old", appendWelcome(nil, 1), versions{}, "backup chose version 1, this primary speaks 2..3"},
+		{"version too new", appendWelcome(nil, 4), versions{}, "backup chose version 4"},
+		{"a version the hello did not offer", appendWelcome(nil, 3), versions{2, 2}, "backup chose version 3, this primary speaks 2..2"},
+		{"padding", patched(appendWelcome(nil, Version), 4, uint32(1)), versions{}, "nonzero padding"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			v, err := decodeWelcome(tt.in)
+			v, err := decodeWelcome(tt.in, tt.offered.orDefault())
 			checkProto(t, err, tt.wantErr)
 			if v != 0 {
 				t.Errorf("error with version %d", v)
@@ -491,85 +518,101 @@ func FuzzDecodePages(f *testing.F) {
 	zero := testEntry{gpa: 0x100000, enc: encZero}
 	lz4 := testEntry{gpa: 0x3000, enc: encLZ4, data: []byte{0x1f, 0x00, 0x01, 0x00, 0x00}, crc: 0x1234}
 	valid := pagesPayload(raw, zero, lz4)
+	const v2, v3 = true, false
 	// A valid batch of one page of each encoding.
-	f.Add(valid)
+	f.Add(v3, valid)
 	// A valid batch of one zero page, the smallest possible.
-	f.Add(pagesPayload(zero))
+	f.Add(v3, pagesPayload(zero))
 	// A valid batch of one raw page at a high GPA.
-	f.Add(pagesPayload(testEntry{gpa: 1<<64 - PageSize, enc: encRaw, data: pageOf(1)}))
+	f.Add(v3, pagesPayload(testEntry{gpa: 1<<64 - PageSize, enc: encRaw, data: pageOf(1)}))
 	// Nothing; just the count.
-	f.Add([]byte{})
-	f.Add(valid[:4])
+	f.Add(v3, []byte{})
+	f.Add(v3, valid[:4])
 	// Count 0.
-	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0})
+	f.Add(v3, []byte{0, 0, 0, 0, 0, 0, 0, 0})
 	// Count over MaxBatchPages.
-	f.Add(patched(valid, 0, uint32(MaxBatchPages+1)))
+	f.Add(v3, patched(valid, 0, uint32(MaxBatchPages+1)))
 	// Count 0xffffffff: must not loop or allocate that much.
-	f.Add(patched(valid, 0, uint32(0xffffffff)))
+	f.Add(v3, patched(valid, 0, uint32(0xffffffff)))
 	// Count says 4, three entries follow; count says 2, three follow.
-	f.Add(patched(valid, 0, uint32(4)))
-	f.Add(patched(valid, 0, uint32(2)))
+	f.Add(v3, patched(valid, 0, uint32(4)))
+	f.Add(v3, patched(valid, 0, uint32(2)))
 	// Nonzero padding after the count.
-	f.Add(patched(valid, 4, uint32(1)))
+	f.Add(v3, patched(valid, 4, uint32(1)))
 	// An unaligned GPA.
-	f.Add(pagesPayload(testEntry{gpa: 0x2001, enc: encZero}))
+	f.Add(v3, pagesPayload(testEntry{gpa: 0x2001, enc: encZero}))
 	// Raw with the wrong length.
-	f.Add(pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize-1)}))
+	f.Add(v3, pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize-1)}))
 	// LZ4 with 0 and with 4096 bytes.
-	f.Add(pagesPayload(testEntry{enc: encLZ4}))
-	f.Add(pagesPayload(testEntry{enc: encLZ4, data: make([]byte, PageSize)}))
+	f.Add(v3, pagesPayload(testEntry{enc: encLZ4}))
+	f.Add(v3, pagesPayload(testEntry{enc: encLZ4, data: make([]byte, PageSize)}))
 	// Zero with data.
-	f.Add(pagesPayload(testEntry{enc: encZero, data: []byte{0}}))
+	f.Add(v3, pagesPayload(testEntry{enc: encZero, data: []byte{0}}))
 	// Unknown encodings 0 and 4.
-	f.Add(pagesPayload(testEntry{}))
-	f.Add(pagesPayload(testEntry{enc: 4}))
+	f.Add(v3, pagesPayload(testEntry{}))
+	f.Add(v3, pagesPayload(testEntry{enc: 4}))
 	// Trailing bytes after the last entry's data.
-	f.Add(append(bytes.Clone(valid), 0))
+	f.Add(v3, append(bytes.Clone(valid), 0))
 	// Truncated inside the entries, and inside a raw page's data.
-	f.Add(valid[:pagesMeta(3)-1])
-	f.Add(valid[:pagesMeta(3)+100])
+	f.Add(v3, valid[:pagesMeta(3)-1])
+	f.Add(v3, valid[:pagesMeta(3)+100])
 	// An entry whose length is the largest a length can say.
-	f.Add(patched(pagesPayload(testEntry{enc: encLZ4, data: []byte{1}}), entryOff(0, 14), uint16(0xffff)))
+	f.Add(v3, patched(pagesPayload(testEntry{enc: encLZ4, data: []byte{1}}), entryOff(0, 14), uint16(0xffff)))
 
-	f.Fuzz(func(t *testing.T, b []byte) {
-		var got []testEntry
-		err := decodePages(b, func(e pageEntry) error {
-			if len(e.Data) > 0 && &e.Data[0] != &b[e.Off] {
-				t.Fatalf("entry at GPA %#x: Off %d is not where its data lies", e.GPA, e.Off)
-			}
-			got = append(got, testEntry{gpa: e.GPA, enc: e.Enc, data: bytes.Clone(e.Data), crc: e.CRC})
-			return nil
-		})
-		n, cerr := checkPages(b)
-		if (err == nil) != (cerr == nil) {
-			t.Fatalf("decodePages: %v, but checkPages: %v", err, cerr)
+	validV2 := pagesPayloadV2(raw, zero, lz4)
+	// Version 2: a valid batch of one page of each encoding, data inline.
+	f.Add(v2, validV2)
+	// Version 2: one zero page.
+	f.Add(v2, pagesPayloadV2(zero))
+	// Version 2: a version-3 batch read as version 2 (the lengths fall elsewhere).
+	f.Add(v2, valid)
+	// Version 2: truncated inside the second entry, and inside the raw page.
+	f.Add(v2, validV2[:pagesFixed+pageEntrySize+PageSize+8])
+	f.Add(v2, validV2[:pagesFixed+pageEntrySize+100])
+	// Version 2: nonzero padding in the first entry.
+	f.Add(v2, patched(validV2, pagesFixed+10, uint16(1)))
+	// Version 2: a length of 4 GiB - 1, more than any message.
+	f.Add(v2, patched(pagesPayloadV2(testEntry{enc: encLZ4, data: []byte{1}}), pagesFixed+12, uint32(0xffffffff)))
+	// Version 2: trailing bytes.
+	f.Add(v2, append(bytes.Clone(validV2), 0))
+
+	var ents []pageEntry
+	f.Fuzz(func(t *testing.T, isV2 bool, b []byte) {
+		v := uint32(Version)
+		if isV2 {
+			v = 2
 		}
+		var err error
+		ents, err = decodePages(v, b, ents)
 		if err != nil {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("error %q is not ErrProtocol", err)
 			}
-			if len(got) != 0 {
-				t.Fatalf("error %q after delivering %d entries", err, len(got))
-			}
-			if n != 0 {
-				t.Fatalf("checkPages: error %q with count %d", cerr, n)
+			if len(ents) != 0 {
+				t.Fatalf("error %q with %d entries", err, len(ents))
 			}
 			return
 		}
-		if n != len(got) || n < 1 || n > MaxBatchPages {
-			t.Fatalf("checkPages says %d entries, decodePages delivered %d", n, len(got))
+		if n := len(ents); n < 1 || n > MaxBatchPages {
+			t.Fatalf("decoded %d entries", n)
 		}
-		es := make([]pageEntry, len(got))
-		for i, e := range got {
-			ok := e.enc == encRaw && len(e.data) == PageSize ||
-				e.enc == encLZ4 && len(e.data) > 0 && len(e.data) < PageSize ||
-				e.enc == encZero && len(e.data) == 0
-			if e.gpa%PageSize != 0 || !ok {
-				t.Fatalf("entry %d invalid: GPA %#x encoding %d, %d bytes", i, e.gpa, e.enc, len(e.data))
+		es := make([]pageEntry, len(ents))
+		for i, e := range ents {
+			if len(e.Data) > 0 && &e.Data[0] != &b[e.Off] {
+				t.Fatalf("entry at GPA %#x: Off %d is not where its data lies", e.GPA, e.Off)
 			}
-			es[i] = pageEntry{GPA: e.gpa, CRC: e.crc, Enc: e.enc, Data: e.data}
+			ok := e.Enc == encRaw && len(e.Data) == PageSize ||
+				e.Enc == encLZ4 && len(e.Data) > 0 && len(e.Data) < PageSize ||
+				e.Enc == encZero && len(e.Data) == 0
+			if e.GPA%PageSize != 0 || !ok {
+				t.Fatalf("entry %d invalid: GPA %#x encoding %d, %d bytes", i, e.GPA, e.Enc, len(e.Data))
+			}
+			if v == 2 && e.CRC != map[bool]uint32{true: zeroCRC, false: 0}[e.Enc == encZero] {
+				t.Fatalf("version 2 entry %d (encoding %d) with CRC %08x", i, e.Enc, e.CRC)
+			}
+			es[i] = pageEntry{GPA: e.GPA, CRC: e.CRC, Enc: e.Enc, Data: bytes.Clone(e.Data)}
 		}
-		if out := appendPages(nil, es); !bytes.Equal(out, b) {
+		if out := appendPages(nil, v, es); !bytes.Equal(out, b) {
 			t.Fatalf("round trip:\n in  %x\n out %x", b, out)
 		}
 	})
@@ -581,50 +624,57 @@ func TestDecodePages(t *testing.T) {
 		{gpa: 0x100000, enc: encZero},
 		{gpa: 0x3000, enc: encLZ4, data: []byte{9, 8, 7}, crc: 77},
 	}
-	b := pagesPayload(want...)
-	var got []pageEntry
-	err := decodePages(b, func(e pageEntry) error {
-		got = append(got, e)
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(got) != len(want) {
-		t.Fatalf("got %d entries, want %d", len(got), len(want))
-	}
-	wantCRC := []uint32{pageCRC(pageOf(0xab)), zeroCRC, 77}
-	off := pagesMeta(3)
-	for i, w := range want {
-		g := got[i]
-		if g.GPA != w.gpa || g.Enc != w.enc || !bytes.Equal(g.Data, w.data) || g.CRC != wantCRC[i] || g.Off != off {
-			t.Errorf("entry %d: got GPA %#x enc %d %d bytes CRC %08x at %d, want GPA %#x enc %d %d bytes CRC %08x at %d",
-				i, g.GPA, g.Enc, len(g.Data), g.CRC, g.Off, w.gpa, w.enc, len(w.data), wantCRC[i], off)
-		}
-		off += len(w.data)
-	}
+	for _, v := range []uint32{Version, 2} {
+		t.Run(fmt.Sprintf("version=%d", v), func(t *testing.T) {
+			b := pagesPayloadOf(v, want...)
+			got, err := decodePages(v, b, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != len(want) {
+				t.Fatalf("got %d entries, want %d", len(got), len(want))
+			}
+			wantCRC := []uint32{pageCRC(pageOf(0xab)), zeroCRC, 77}
+			if v == 2 {
+				wantCRC = []uint32{0, zeroCRC, 0} // not on the wire: the backup computes them
+			}
+			off := pagesMeta(3)
+			for i, w := range want {
+				if v == 2 {
+					off = pagesFixed + (i+1)*pageEntrySize
+					for _, p := range want[:i] {
+						off += len(p.data)
+					}
+				}
+				g := got[i]
+				if g.GPA != w.gpa || g.Enc != w.enc || !bytes.Equal(g.Data, w.data) || g.CRC != wantCRC[i] || g.Off != off {
+					t.Errorf("entry %d: got GPA %#x enc %d %d bytes CRC %08x at %d, want GPA %#x enc %d %d bytes CRC %08x at %d",
+						i, g.GPA, g.Enc, len(g.Data), g.CRC, g.Off, w.gpa, w.enc, len(w.data), wantCRC[i], off)
+				}
+				if v != 2 {
+					off += len(w.data)
+				}
+			}
+			// The end record's checksum covers the entries (version 3) or all of it (version 2).
+			if c, want := len(pagesCovered(v, b, 3)), map[bool]int{true: len(b), false: pagesMeta(3)}[v == 2]; c != want {
+				t.Errorf("checksum covers %d bytes, want %d", c, want)
+			}
 
-	// A full batch of MaxBatchPages entries is fine.
-	full := make([]testEntry, MaxBatchPages)
-	for i := range full {
-		full[i] = testEntry{gpa: uint64(i) * PageSize, enc: encZero}
-	}
-	if n, err := checkPages(pagesPayload(full...)); err != nil || n != MaxBatchPages {
-		t.Fatalf("checkPages(%d zero pages) = %d, %v", MaxBatchPages, n, err)
-	}
-
-	// The callback's error stops decoding and is returned as it is.
-	stop := errors.New("stop")
-	calls := 0
-	err = decodePages(b, func(pageEntry) error {
-		calls++
-		if calls == 2 {
-			return stop
-		}
-		return nil
-	})
-	if err != stop || calls != 2 {
-		t.Fatalf("decodePages with a failing callback: %v after %d calls, want %v after 2", err, calls, stop)
+			// A full batch of MaxBatchPages entries is fine, and decoding into
+			// a grown slice allocates nothing.
+			full := make([]testEntry, MaxBatchPages)
+			for i := range full {
+				full[i] = testEntry{gpa: uint64(i) * PageSize, enc: encZero}
+			}
+			fb := pagesPayloadOf(v, full...)
+			ents, err := decodePages(v, fb, nil)
+			if err != nil || len(ents) != MaxBatchPages {
+				t.Fatalf("decodePages(%d zero pages) = %d, %v", MaxBatchPages, len(ents), err)
+			}
+			if a := testing.AllocsPerRun(10, func() { ents, _ = decodePages(v, fb, ents) }); a != 0 {
+				t.Errorf("%v allocations to decode a batch into a grown slice", a)
+			}
+		})
 	}
 }
 
@@ -632,45 +682,55 @@ func TestDecodePagesRejects(t *testing.T) {
 	raw := testEntry{gpa: 0x2000, enc: encRaw, data: pageOf(0xab)}
 	zero := testEntry{gpa: 0x5000, enc: encZero}
 	valid := pagesPayload(raw, zero)
+	validV2 := pagesPayloadV2(raw, zero)
 	tests := []struct {
 		name    string
+		version uint32
 		in      []byte
 		wantErr string
 	}{
-		{"empty", nil, "0 bytes, too short"},
-		{"short", valid[:7], "7 bytes, too short"},
-		{"count 0", make([]byte, 8), "count 0 (want 1 to 512)"},
-		{"count 0 with entries", patched(valid, 0, uint32(0)), "count 0"},
-		{"count > MaxBatchPages", patched(valid, 0, uint32(MaxBatchPages+1)), "count 513 (want 1 to 512)"},
-		{"count padding", patched(valid, 4, uint32(1)), "nonzero padding after the count"},
-		{"unaligned GPA", pagesPayload(raw, testEntry{gpa: 0x5008, enc: encZero}), "entry 1: GPA 0x5008 not page-aligned"},
-		{"raw too short", pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize-1)}), "encoding 1 with 4095 bytes"},
-		{"raw too long", pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize+1)}), "encoding 1 with 4097 bytes"},
-		{"raw empty", pagesPayload(testEntry{enc: encRaw}), "encoding 1 with 0 bytes"},
-		{"lz4 with 0 bytes", pagesPayload(testEntry{gpa: 0x1000, enc: encLZ4}), "entry 0 (GPA 0x1000): encoding 2 with 0 bytes"},
-		{"lz4 with 4096 bytes", pagesPayload(testEntry{enc: encLZ4, data: make([]byte, PageSize)}), "encoding 2 with 4096 bytes"},
-		{"zero with data", pagesPayload(zero, testEntry{enc: encZero, data: []byte{0}}), "entry 1 (GPA 0x0): encoding 3 with 1 bytes"},
-		{"unknown encoding 0", pagesPayload(testEntry{}), "encoding 0 with 0 bytes"},
-		{"unknown encoding 4", pagesPayload(testEntry{enc: 4, data: []byte{1}}), "encoding 4 with 1 bytes"},
-		{"trailing bytes", append(bytes.Clone(valid), 1, 2, 3), "3 bytes after the last entry's data"},
-		{"count too small", patched(valid, 0, uint32(1)), "16 bytes after the last entry's data"},
-		{"truncated entries", valid[:pagesMeta(2)-1], "2 entries need 40 bytes, the message has 39 (truncated)"},
-		{"count too large", patched(valid, 0, uint32(3)), "entry 2: GPA 0xabababababababab not page-aligned"},
-		{"truncated entry data", valid[:pagesMeta(2)+PageSize-1], "entries hold 4096 bytes of data, the message 4095 (truncated)"},
-		{"huge entry length", patched(pagesPayload(testEntry{enc: encLZ4, data: []byte{1}}), entryOff(0, 14), uint16(0xffff)), "encoding 2 with 65535 bytes"},
+		{"empty", 3, nil, "0 bytes, too short"},
+		{"short", 3, valid[:7], "7 bytes, too short"},
+		{"count 0", 3, make([]byte, 8), "count 0 (want 1 to 512)"},
+		{"count 0 with entries", 3, patched(valid, 0, uint32(0)), "count 0"},
+		{"count > MaxBatchPages", 3, patched(valid, 0, uint32(MaxBatchPages+1)), "count 513 (want 1 to 512)"},
+		{"count padding", 3, patched(valid, 4, uint32(1)), "nonzero padding after the count"},
+		{"unaligned GPA", 3, pagesPayload(raw, testEntry{gpa: 0x5008, enc: encZero}), "entry 1: GPA 0x5008 not page-aligned"},
+		{"raw too short", 3, pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize-1)}), "encoding 1 with 4095 bytes"},
+		{"raw too long", 3, pagesPayload(testEntry{enc: encRaw, data: make([]byte, PageSize+1)}), "encoding 1 with 4097 bytes"},
+		{"raw empty", 3, pagesPayload(testEntry{enc: encRaw}), "encoding 1 with 0 bytes"},
+		{"lz4 with 0 bytes", 3, pagesPayload(testEntry{gpa: 0x1000, enc: encLZ4}), "entry 0 (GPA 0x1000): encoding 2 with 0 bytes"},
+		{"lz4 with 4096 bytes", 3, pagesPayload(testEntry{enc: encLZ4, data: make([]byte, PageSize)}), "encoding 2 with 4096 bytes"},
+		{"zero with data", 3, pagesPayload(zero, testEntry{enc: encZero, data: []byte{0}}), "entry 1 (GPA 0x0): encoding 3 with 1 bytes"},
+		{"unknown encoding 0", 3, pagesPayload(testEntry{}), "encoding 0 with 0 bytes"},
+		{"unknown encoding 4", 3, pagesPayload(testEntry{enc: 4, data: []byte{1}}), "encoding 4 with 1 bytes"},
+		{"trailing bytes", 3, append(bytes.Clone(valid), 1, 2, 3), "3 bytes after the last entry's data"},
+		{"count too small", 3, patched(valid, 0, uint32(1)), "16 bytes after the last entry's data"},
+		{"truncated entries", 3, valid[:pagesMeta(2)-1], "2 entries need 40 bytes, the message has 39 (truncated)"},
+		{"count too large", 3, patched(valid, 0, uint32(3)), "entry 2: GPA 0xabababababababab not page-aligned"},
+		{"truncated entry data", 3, valid[:pagesMeta(2)+PageSize-1], "entries hold 4096 bytes of data, the message 4095 (truncated)"},
+		{"huge entry length", 3, patched(pagesPayload(testEntry{enc: encLZ4, data: []byte{1}}), entryOff(0, 14), uint16(0xffff)), "encoding 2 with 65535 bytes"},
+
+		{"v2 empty", 2, nil, "0 bytes, too short"},
+		{"v2 count 0", 2, make([]byte, 8), "count 0 (want 1 to 512)"},
+		{"v2 count padding", 2, patched(validV2, 4, uint32(1)), "nonzero padding after the count"},
+		{"v2 entry padding", 2, patched(validV2, pagesFixed+10, uint16(1)), "entry 0 (GPA 0x2000): nonzero padding"},
+		{"v2 unaligned GPA", 2, pagesPayloadV2(testEntry{gpa: 0x5008, enc: encZero}), "entry 0: GPA 0x5008 not page-aligned"},
+		{"v2 raw too short", 2, pagesPayloadV2(testEntry{enc: encRaw, data: make([]byte, PageSize-1)}), "encoding 1 with 4095 bytes"},
+		{"v2 zero with data", 2, pagesPayloadV2(testEntry{enc: encZero, data: []byte{0}}), "encoding 3 with 1 bytes"},
+		{"v2 huge length", 2, patched(pagesPayloadV2(testEntry{enc: encLZ4, data: []byte{1}}), pagesFixed+12, uint32(0xffffffff)), "encoding 2 with 4294967295 bytes"},
+		{"v2 truncated entry", 2, validV2[:pagesFixed+pageEntrySize+PageSize+3], "entry 1 truncated"},
+		{"v2 truncated data", 2, validV2[:pagesFixed+pageEntrySize+PageSize-1], "entry 0 (GPA 0x2000) truncated"},
+		{"v2 count too large", 2, patched(validV2, 0, uint32(3)), "entry 2 truncated"},
+		{"v2 trailing bytes", 2, append(bytes.Clone(validV2), 1, 2), "2 bytes after the last entry"},
+		{"v3 read as v2 (its CRC where the pad was)", 2, valid, "entry 0 (GPA 0x2000): nonzero padding"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			calls := 0
-			err := decodePages(tt.in, func(pageEntry) error { calls++; return nil })
+			ents, err := decodePages(tt.version, tt.in, make([]pageEntry, 0, 4))
 			checkProto(t, err, tt.wantErr)
-			if calls != 0 {
-				t.Errorf("callback called %d times for a malformed batch", calls)
-			}
-			n, err := checkPages(tt.in)
-			checkProto(t, err, tt.wantErr)
-			if n != 0 {
-				t.Errorf("checkPages: error with count %d", n)
+			if len(ents) != 0 {
+				t.Errorf("%d entries for a malformed batch", len(ents))
 			}
 		})
 	}
@@ -746,20 +806,29 @@ func TestDecodeEndRejects(t *testing.T) {
 // --- Ack, Heartbeat --------------------------------------------------------
 
 func FuzzDecodeAck(f *testing.F) {
+	const v2, v3 = true, false
 	// A valid ack.
-	f.Add(appendAck(nil, Ack{Digest: 0x0123456789abcdef, CPU: 3 * time.Millisecond}))
+	f.Add(v3, appendAck(nil, Version, Ack{Digest: 0x0123456789abcdef, CPU: 3 * time.Millisecond}))
 	// A valid ack of digest 0, no CPU time yet.
-	f.Add(appendAck(nil, Ack{}))
+	f.Add(v3, appendAck(nil, Version, Ack{}))
 	// The largest CPU time accepted, and one past it.
-	f.Add(appendAck(nil, Ack{CPU: 1 << 62}))
-	f.Add(patched(appendAck(nil, Ack{}), 8, uint64(1<<62+1)))
+	f.Add(v3, appendAck(nil, Version, Ack{CPU: 1 << 62}))
+	f.Add(v3, patched(appendAck(nil, Version, Ack{}), 8, uint64(1<<62+1)))
 	// Truncated; one byte too long; nothing.
-	f.Add(appendAck(nil, Ack{Digest: 1})[:15])
-	f.Add(append(appendAck(nil, Ack{Digest: 1}), 0))
-	f.Add([]byte{})
+	f.Add(v3, appendAck(nil, Version, Ack{Digest: 1})[:15])
+	f.Add(v3, append(appendAck(nil, Version, Ack{Digest: 1}), 0))
+	f.Add(v3, []byte{})
+	// Version 2: a valid ack (the digest alone); a version-3 ack; truncated.
+	f.Add(v2, appendAck(nil, 2, Ack{Digest: 0x0123456789abcdef}))
+	f.Add(v2, appendAck(nil, Version, Ack{Digest: 1, CPU: 2}))
+	f.Add(v2, appendAck(nil, 2, Ack{Digest: 1})[:7])
 
-	f.Fuzz(func(t *testing.T, b []byte) {
-		a, err := decodeAck(b)
+	f.Fuzz(func(t *testing.T, isV2 bool, b []byte) {
+		v := uint32(Version)
+		if isV2 {
+			v = 2
+		}
+		a, err := decodeAck(v, b)
 		if err != nil {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("error %q is not ErrProtocol", err)
@@ -769,27 +838,36 @@ func FuzzDecodeAck(f *testing.F) {
 			}
 			return
 		}
-		if a.CPU < 0 {
-			t.Fatalf("ack with negative CPU time %v", a.CPU)
+		if a.CPU < 0 || v == 2 && a.CPU != 0 {
+			t.Fatalf("version %d ack with CPU time %v", v, a.CPU)
 		}
-		if got := appendAck(nil, a); !bytes.Equal(got, b) {
+		if got := appendAck(nil, v, a); !bytes.Equal(got, b) {
 			t.Fatalf("round trip: in %x, out %x", b, got)
 		}
 	})
 }
 
 func FuzzDecodeHeartbeat(f *testing.F) {
+	const v2, v3 = true, false
 	// A valid heartbeat.
-	f.Add(appendHeartbeat(nil, Heartbeat{Sent: time.Now().UnixNano(), Epoch: 42, Progress: 1 << 40}))
+	f.Add(v3, appendHeartbeat(nil, Version, Heartbeat{Sent: time.Now().UnixNano(), Epoch: 42, Progress: 1 << 40}))
 	// A valid heartbeat with a negative clock (before 1970).
-	f.Add(appendHeartbeat(nil, Heartbeat{Sent: -1, Epoch: 0}))
+	f.Add(v3, appendHeartbeat(nil, Version, Heartbeat{Sent: -1, Epoch: 0}))
 	// Truncated; one byte too long; nothing.
-	f.Add(appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2})[:23])
-	f.Add(append(appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2}), 0))
-	f.Add([]byte{})
+	f.Add(v3, appendHeartbeat(nil, Version, Heartbeat{Sent: 1, Epoch: 2})[:23])
+	f.Add(v3, append(appendHeartbeat(nil, Version, Heartbeat{Sent: 1, Epoch: 2}), 0))
+	f.Add(v3, []byte{})
+	// Version 2: a valid heartbeat (no progress); a version-3 one; truncated.
+	f.Add(v2, appendHeartbeat(nil, 2, Heartbeat{Sent: 1, Epoch: 2}))
+	f.Add(v2, appendHeartbeat(nil, Version, Heartbeat{Sent: 1, Epoch: 2, Progress: 3}))
+	f.Add(v2, appendHeartbeat(nil, 2, Heartbeat{Sent: 1, Epoch: 2})[:15])
 
-	f.Fuzz(func(t *testing.T, b []byte) {
-		h, err := decodeHeartbeat(b)
+	f.Fuzz(func(t *testing.T, isV2 bool, b []byte) {
+		v := uint32(Version)
+		if isV2 {
+			v = 2
+		}
+		h, err := decodeHeartbeat(v, b)
 		if err != nil {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("error %q is not ErrProtocol", err)
@@ -799,27 +877,47 @@ func FuzzDecodeHeartbeat(f *testing.F) {
 			}
 			return
 		}
-		if got := appendHeartbeat(nil, h); !bytes.Equal(got, b) {
+		if v == 2 && h.Progress != 0 {
+			t.Fatalf("version 2 heartbeat with progress %d", h.Progress)
+		}
+		if got := appendHeartbeat(nil, v, h); !bytes.Equal(got, b) {
 			t.Fatalf("round trip: in %x, out %x", b, got)
 		}
 	})
 }
 
 func TestDecodeAckHeartbeatRejects(t *testing.T) {
-	a, err := decodeAck(make([]byte, 9))
+	a, err := decodeAck(Version, make([]byte, 9))
 	checkProto(t, err, "ack: 9 bytes, want 16")
 	if a != (Ack{}) {
 		t.Errorf("ack error with a result %+v", a)
 	}
-	a, err = decodeAck(patched(appendAck(nil, Ack{Digest: 5}), 8, uint64(1<<63)))
+	a, err = decodeAck(Version, patched(appendAck(nil, Version, Ack{Digest: 5}), 8, uint64(1<<63)))
 	checkProto(t, err, "is not a duration")
 	if a != (Ack{}) {
 		t.Errorf("ack error with a result %+v", a)
 	}
-	h, err := decodeHeartbeat(make([]byte, 16))
+	h, err := decodeHeartbeat(Version, make([]byte, 16))
 	checkProto(t, err, "heartbeat: 16 bytes, want 24")
 	if h != (Heartbeat{}) {
 		t.Errorf("heartbeat error with a result %+v", h)
+	}
+	// Version 2: the ack is the digest alone, a heartbeat has no progress.
+	a, err = decodeAck(2, appendAck(nil, Version, Ack{Digest: 5}))
+	checkProto(t, err, "ack: 16 bytes, want 8")
+	if a != (Ack{}) {
+		t.Errorf("ack error with a result %+v", a)
+	}
+	h, err = decodeHeartbeat(2, make([]byte, 24))
+	checkProto(t, err, "heartbeat: 24 bytes, want 16")
+	if h != (Heartbeat{}) {
+		t.Errorf("heartbeat error with a result %+v", h)
+	}
+	if a, err := decodeAck(2, appendAck(nil, 2, Ack{Digest: 5, CPU: time.Second})); err != nil || a != (Ack{Digest: 5}) {
+		t.Errorf("version 2 ack: %+v, %v; want the digest alone", a, err)
+	}
+	if h, err := decodeHeartbeat(2, appendHeartbeat(nil, 2, Heartbeat{Sent: 1, Epoch: 2, Progress: 3})); err != nil || h != (Heartbeat{Sent: 1, Epoch: 2}) {
+		t.Errorf("version 2 heartbeat: %+v, %v; want no progress", h, err)
 	}
 }
 
@@ -893,8 +991,8 @@ func TestParseHeaderRejects(t *testing.T) {
 
 func FuzzReadMsg(f *testing.F) {
 	hello := encodeMsg(nil, MsgHello, 0, appendHello(nil, testHello()))
-	stream := encodeMsg(nil, MsgHeartbeat, 3, appendHeartbeat(nil, Heartbeat{Sent: 1, Epoch: 2}))
-	stream = encodeMsg(stream, MsgAck, 3, appendAck(nil, Ack{Digest: 99}))
+	stream := encodeMsg(nil, MsgHeartbeat, 3, appendHeartbeat(nil, Version, Heartbeat{Sent: 1, Epoch: 2}))
+	stream = encodeMsg(stream, MsgAck, 3, appendAck(nil, Version, Ack{Digest: 99}))
 	stream = encodeMsg(stream, MsgBye, 4, nil)
 	// One valid message.
 	f.Add(hello)
@@ -978,7 +1076,7 @@ func TestWireReadMsg(t *testing.T) {
 		{MsgHello, 0, appendHello(nil, testHello())},
 		{MsgPages, 1, pagesPayload(testEntry{enc: encRaw, data: pageOf(7)})},
 		{MsgBye, 2, nil},
-		{MsgAck, 1, appendAck(nil, Ack{Digest: 5})},
+		{MsgAck, 1, appendAck(nil, Version, Ack{Digest: 5})},
 	}
 	for _, m := range want {
 		stream = encodeMsg(stream, m.t, m.epoch, m.payload)

@@ -88,6 +88,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -97,11 +98,10 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/repagent/repagent/diskmirror"
-	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/replicate/metrics"
+	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -279,8 +279,7 @@ type backupProgress struct {
 	metrics *metrics.BackupCollector // with --metrics; nil ignores it
 }
 
-func (p *backupProgress) onEpoch(epoch uint64, pages int, digest uint64) {
-	p.metrics.ObserveCheckpoint(epoch, pages, digest)
+func (p *backupProgress) onEpoch(epoch uint64, pages int, _ uint64) {
 	p.mu.Lock()
 	p.epochs++
 	p.pages += uint64(pages)
@@ -316,6 +315,13 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		VerifyReplica:    o.verifyReplica,
 		Log:              log,
 	}
+	pc := protect.BackupConfig{Tap: o.tap, OnAnnounce: func(tap string, mac net.HardwareAddr, ip netip.Addr, err error) {
+		if err != nil {
+			log.Error("announce the resumed guest", "tap", tap, "err", err)
+			return
+		}
+		fmt.Fprintf(stdout, "announced mac=%s ip=%s on %s\n", mac, ip, tap)
+	}}
 	if o.expectMem != 0 {
 		shape, err := testVMShape(o.expectMem, o.expectVCPUs)
 		if err != nil {
@@ -339,13 +345,10 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		resumed *testvm.Machine
 		first   snapshot
 	)
-	var tap, disk *os.File
+	var disk *os.File
 	defer func() {
-		if tap != nil {
-			tap.Close() // after the machine: its deferred Close runs first
-		}
 		if disk != nil {
-			disk.Close()
+			disk.Close() // after the backup's Close
 		}
 	}()
 	if o.disk != "" {
@@ -353,41 +356,38 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 		if disk, err = os.OpenFile(o.disk, os.O_RDWR, 0); err != nil {
 			return fmt.Errorf("open disk image: %w", err)
 		}
-		cfg.NewSink = diskmirror.NewSink(disk, diskmirror.ReplicaConfig{})
+		pc.Disk = disk
 	}
-	cfg.Resume = func(cp *replicate.Checkpoint) error {
+	pc.Restore = func(cp *replicate.Checkpoint, dev protect.Devices) (*protect.Restored, error) {
 		st, err := testvm.DecodeState(cp.State)
 		if err != nil {
 			cp.Memory.Close()
-			return err
+			return nil, err
 		}
-		if st.Config.Net != nil && o.tap != "" {
-			if tap, err = testvm.OpenTap(o.tap); err != nil {
-				cp.Memory.Close()
-				return fmt.Errorf("the resumed guest's network: %w", err)
-			}
+		opts := testvm.RestoreOptions{Console: stderr}
+		if st.Config.Net != nil && dev.Tap != nil {
+			opts.Tap = dev.Tap
 		} else if st.Config.Net != nil {
 			log.Warn("the guest has a network device but no --tap was given: it resumes with its cable unplugged")
 		}
-		opts := testvm.RestoreOptions{Console: stderr, Tap: tap}
 		var diskLine string
 		if st.Config.Disk != nil {
 			// The engine refuses a primary with a disk unless this backup
 			// has one: the image now holds the checkpoint's disk.
 			if disk == nil {
 				cp.Memory.Close()
-				return errors.New("the guest has a block device and this backup no --disk")
+				return nil, errors.New("the guest has a block device and this backup no --disk")
 			}
 			if diskLine, err = o.checkDisk(cp, st.Config, disk); err != nil {
 				cp.Memory.Close()
-				return err
+				return nil, err
 			}
 			opts.DiskIO = disk
 		}
 		m, err := testvm.Restore(cp.State, cp.Memory, opts)
 		if err != nil {
 			cp.Memory.Close() // Restore leaves it ours on error
-			return err
+			return nil, err
 		}
 		fmt.Fprintf(stdout, "failover: epoch=%d digest=%s verified=%s\n", cp.Epoch, replicate.FormatDigest(cp.Digest), strconv.FormatBool(cp.Verified))
 		if diskLine != "" {
@@ -402,33 +402,32 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 			fmt.Fprintf(stdout, "resumed disk writes=%d reads=%d flushes=%d errors=%d\n", s.DiskWrites, s.DiskReads, s.DiskFlushes, s.DiskErrors)
 		}
 		first = totals(m)
-		if tap != nil {
+		r := &protect.Restored{Start: func() error {
+			if err := m.Start(); err != nil {
+				m.Close()
+				return err
+			}
+			resumed = m
+			return nil
+		}}
+		if n := st.Config.Net; n != nil && opts.Tap != nil {
 			// The network learns where the VM is now, before it speaks:
 			// switches move its MAC to this port, neighbours refresh their
 			// entries.
-			n := st.Config.Net
-			if err := ebpf.Announce(o.tap, n.MAC, n.IP); err != nil {
-				log.Error("announce the resumed guest", "tap", o.tap, "err", err)
-			} else {
-				fmt.Fprintf(stdout, "announced mac=%s ip=%s on %s\n", n.MAC, n.IP, o.tap)
-			}
+			r.MAC, r.IP = n.MAC, n.IP
 		}
-		if err := m.Start(); err != nil {
-			m.Close()
-			return err
-		}
-		resumed = m
-		return nil
+		return r, nil
 	}
 	progress := &backupProgress{metrics: newBackupMetrics(o.metrics)}
 	cfg.OnEpoch = progress.onEpoch
-	b, err := replicate.NewBackup(cfg)
+	pc.Engine, pc.Metrics = cfg, progress.metrics
+	b, err := protect.NewBackup(pc)
 	if err != nil {
 		return err
 	}
-	defer b.Close()
+	defer b.Close() // after the resumed machine's: it uses the tap
 	if hook != nil {
-		defer faultpoint.Attach(b, hook)()
+		defer faultpoint.Attach(b.Engine(), hook)()
 	}
 
 	ln, err := net.Listen("tcp", o.listen)
@@ -480,7 +479,6 @@ func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, std
 	case err != nil:
 		return err
 	default:
-		progress.metrics.ObserveFailover(fo)
 		fmt.Fprintf(stdout, "failover took %s (verify %s, restore %s)\n", ms(fo.Took), ms(fo.Verify), ms(fo.Restore))
 	}
 

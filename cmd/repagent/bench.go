@@ -28,6 +28,8 @@ import (
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/diskmirror"
+	"github.com/repagent/repagent/internal/epochstat"
+	"github.com/repagent/repagent/internal/track"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
 )
@@ -779,10 +781,10 @@ func (b *benchRun) resolveTrack(cfg testvm.Config, interval time.Duration) (test
 	cfg.DirtyRingEntries = 0
 	switch b.mech {
 	case dirtylog.Ring:
-		cfg.DirtyRingEntries = ringEntries
+		cfg.DirtyRingEntries = track.RingEntries
 		return cfg, dirtylog.Ring, nil
 	case dirtylog.Auto:
-		mech, entries, err := recommend(cfg, interval)
+		mech, entries, err := track.Recommend(cfg, interval)
 		if err != nil {
 			return cfg, 0, err
 		}
@@ -1208,26 +1210,26 @@ func (b *benchRun) runReplicated(ctx context.Context, m *testvm.Machine, ready t
 	for _, s := range epochs {
 		if !s.Start.Before(t0) && s.Start.Before(t1) {
 			r.epochs = append(r.epochs, s)
-			r.agg.add(&s)
+			r.agg.Add(&s)
 		}
 	}
 	slices.SortFunc(r.epochs, func(a, b replicate.EpochStats) int { return cmp.Compare(a.Epoch, b.Epoch) })
 	a := &r.agg
-	r.Epochs = a.epochs
-	if a.epochs == 0 {
+	r.Epochs = a.Epochs
+	if a.Epochs == 0 {
 		return nil
 	}
-	r.PauseP50US, r.PauseP99US, r.PauseMaxUS = benchUS(a.pause.quantile(0.5)), benchUS(a.pause.quantile(0.99)), benchUS(time.Duration(a.pause.max))
-	r.KickUS, r.HarvestUS, r.SaveUS = benchUS(a.meanPart(partKick)), benchUS(a.meanPart(partHarvest)), benchUS(a.meanPart(partSave))
-	r.CopyUS, r.StallUS, r.GatesUS, r.ResumeUS = benchUS(a.meanPart(partCopy)), benchUS(a.meanPart(partStall)), benchUS(a.meanPart(partGates)), benchUS(a.meanPart(partResume))
-	r.WaitUS = benchUS(a.wait / time.Duration(a.epochs))
-	r.DirtyPages = a.meanDirty()
-	r.RawKiB = float64(a.raw) / float64(a.epochs) / 1024
-	r.WireKiB = float64(a.wire) / float64(a.epochs) / 1024
-	r.WireRatio = a.ratio()
-	r.WireMBps = float64(a.wire) / r.Seconds / 1e6
-	r.AckP50US = benchUS(a.ack.quantile(0.5))
-	r.Oversize = a.oversize
+	r.PauseP50US, r.PauseP99US, r.PauseMaxUS = benchUS(a.Pause.Quantile(0.5)), benchUS(a.Pause.Quantile(0.99)), benchUS(a.Pause.Max())
+	r.KickUS, r.HarvestUS, r.SaveUS = benchUS(a.MeanPart(epochstat.PartKick)), benchUS(a.MeanPart(epochstat.PartHarvest)), benchUS(a.MeanPart(epochstat.PartSave))
+	r.CopyUS, r.StallUS, r.GatesUS, r.ResumeUS = benchUS(a.MeanPart(epochstat.PartCopy)), benchUS(a.MeanPart(epochstat.PartStall)), benchUS(a.MeanPart(epochstat.PartGates)), benchUS(a.MeanPart(epochstat.PartResume))
+	r.WaitUS = benchUS(a.Wait / time.Duration(a.Epochs))
+	r.DirtyPages = a.MeanDirty()
+	r.RawKiB = float64(a.Raw) / float64(a.Epochs) / 1024
+	r.WireKiB = float64(a.Wire) / float64(a.Epochs) / 1024
+	r.WireRatio = a.Ratio()
+	r.WireMBps = float64(a.Wire) / r.Seconds / 1e6
+	r.AckP50US = benchUS(a.Ack.Quantile(0.5))
+	r.Oversize = a.Oversize
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/internal/privileged"
 )
 
@@ -529,7 +530,7 @@ func TestBenchSmoke(t *testing.T) {
 	// The bench's network is gone.
 	if ents, _ := os.ReadDir("/run/netns"); len(ents) > 0 {
 		for _, e := range ents {
-			if strings.HasPrefix(e.Name(), fmt.Sprintf("%s%d-", labPrefix, os.Getpid())) {
+			if strings.HasPrefix(e.Name(), fmt.Sprintf("%s%d-", netlab.Prefix, os.Getpid())) {
 				t.Errorf("namespace %s left behind", e.Name())
 			}
 		}

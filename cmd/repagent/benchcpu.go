@@ -81,13 +81,13 @@ func (b *benchRun) plainCopyPerPage(memSize uint64, n int) time.Duration {
 // benchCPUPerPage fills r's engine CPU per page, primary and backup side,
 // from the epochs of its window, and its floor.
 func (b *benchRun) benchCPUPerPage(r *benchMode, memSize uint64) {
-	if r.agg.dirty == 0 {
+	if r.agg.Dirty == 0 {
 		return
 	}
 	// From the sums, not cpuPerPage's whole nanoseconds: a page costs about
 	// a microsecond.
-	r.CPUPageUS = benchUS(r.agg.cpu) / float64(r.agg.dirty)
-	r.BackupCPUPageUS = benchUS(r.agg.backupCPU) / float64(r.agg.dirty)
+	r.CPUPageUS = benchUS(r.agg.CPU) / float64(r.agg.Dirty)
+	r.BackupCPUPageUS = benchUS(r.agg.BackupCPU) / float64(r.agg.Dirty)
 	r.CopyPages = min(max(1, int(r.DirtyPages+0.5)), int(memSize/replicate.PageSize))
 	r.CopyPageUS = float64(b.plainCopyPerPage(memSize, r.CopyPages)) / float64(time.Microsecond)
 	r.CPUVsCopy = benchRatio(r.CPUPageUS, r.CopyPageUS)

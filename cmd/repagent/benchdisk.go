@@ -623,14 +623,14 @@ func benchDiskEpochs(r *benchDiskMode, rm *benchMode) {
 		bytes += s.StreamBytes
 		wire += s.StreamWireBytes
 		all += s.WireBytes
-		ack.add(s.AckLatency)
+		ack.Add(s.AckLatency)
 	}
 	n := float64(len(eps))
 	span := eps[len(eps)-1].Start.Sub(rm.epochs[0].Start).Seconds()
 	r.Epochs = uint64(len(eps))
 	r.DiskWritesEpoch, r.DiskKiBEpoch = float64(writes)/n, float64(bytes)/n/1024
 	r.DiskWireMBps, r.WireMBps = float64(wire)/span/1e6, float64(all)/span/1e6
-	r.AckP50US, r.AckP99US = benchUS(ack.quantile(0.5)), benchUS(ack.quantile(0.99))
+	r.AckP50US, r.AckP99US = benchUS(ack.Quantile(0.5)), benchUS(ack.Quantile(0.99))
 }
 
 // diskSyncCases measures the baselines, then the initial sync to a backup

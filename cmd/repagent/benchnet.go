@@ -24,6 +24,7 @@ import (
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -156,12 +157,12 @@ func jobShapeConfig() testvm.Config {
 // benchNet measures the network section in a lab made for it, removed
 // after it, also on an error or an interrupt.
 func (b *benchRun) benchNet(ctx context.Context) (_ *benchNetResult, err error) {
-	l, err := newLab()
+	l, err := netlab.New()
 	if err != nil {
 		return nil, err
 	}
 	defer func() {
-		if cerr := l.close(); cerr != nil && err == nil {
+		if cerr := l.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("remove the network: %w", cerr)
 		}
 	}()
@@ -239,7 +240,7 @@ type benchNetVM struct {
 // 0), opens the lab's tap and puts a gate on it (in the lab's lan
 // namespace), then builds and starts a VM on the tap and waits for its
 // guest.
-func (b *benchRun) netBoot(ctx context.Context, l *lab, cfg testvm.Config, interval time.Duration) (_ *benchNetVM, err error) {
+func (b *benchRun) netBoot(ctx context.Context, l *netlab.Lab, cfg testvm.Config, interval time.Duration) (_ *benchNetVM, err error) {
 	v := &benchNetVM{cfg: cfg}
 	if interval != 0 {
 		if v.cfg, v.mech, err = b.resolveTrack(v.cfg, interval); err != nil {
@@ -251,16 +252,16 @@ func (b *benchRun) netBoot(ctx context.Context, l *lab, cfg testvm.Config, inter
 			v.close()
 		}
 	}()
-	if v.tap, err = l.openTap(); err != nil {
+	if v.tap, err = l.OpenTap(); err != nil {
 		return nil, err
 	}
-	err = netns.Do(l.lan, func() error {
+	err = netns.Do(l.Lan, func() error {
 		var err error
-		v.gate, err = ebpf.New(ebpf.Config{Interface: l.tap, ReleaseCPU: ebpf.AutoCPU, OnEpoch: v.onEpoch})
+		v.gate, err = ebpf.New(ebpf.Config{Interface: l.Tap, ReleaseCPU: ebpf.AutoCPU, OnEpoch: v.onEpoch})
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("output gate on %s: %w", l.tap, err)
+		return nil, fmt.Errorf("output gate on %s: %w", l.Tap, err)
 	}
 	cfg = v.cfg
 	cfg.Tap = v.tap
@@ -314,12 +315,12 @@ func (v *benchNetVM) gateWindow(s0, s1 ebpf.Stats, measured []replicate.EpochSta
 	v.mu.Lock()
 	for _, s := range v.epochs {
 		if in[s.Epoch] && s.Released.Frames > 0 {
-			p50.add(s.LatencyP50)
-			p99.add(s.LatencyP99)
+			p50.Add(s.LatencyP50)
+			p99.Add(s.LatencyP99)
 		}
 	}
 	v.mu.Unlock()
-	w.HoldP50US, w.HoldP99US = benchUS(p50.quantile(0.5)), benchUS(p99.quantile(0.99))
+	w.HoldP50US, w.HoldP99US = benchUS(p50.Quantile(0.5)), benchUS(p99.Quantile(0.99))
 	return w
 }
 
@@ -332,9 +333,9 @@ func netEpochs(r *benchMode) (benchNetEpochs, []replicate.EpochStats) {
 	e := benchNetEpochs{Track: r.Track, Epochs: r.Epochs, DirtyPages: r.DirtyPages, PauseP50US: r.PauseP50US, AckP50US: r.AckP50US}
 	var tr hist
 	for _, s := range r.epochs {
-		tr.add(s.Transfer)
+		tr.Add(s.Transfer)
 	}
-	e.TransferP50US = benchUS(tr.quantile(0.5))
+	e.TransferP50US = benchUS(tr.Quantile(0.5))
 	return e, r.epochs
 }
 
@@ -374,20 +375,20 @@ func (b *benchRun) netRun(ctx context.Context, v *benchNetVM, interval time.Dura
 // measureEcho measures the round trips of a client of a guest of cfg that
 // answers udp-echo (its workload or its service): without replication when
 // interval is 0, else replicated at interval.
-func (b *benchRun) measureEcho(ctx context.Context, l *lab, cfg testvm.Config, interval time.Duration) (*benchEchoMode, error) {
+func (b *benchRun) measureEcho(ctx context.Context, l *netlab.Lab, cfg testvm.Config, interval time.Duration) (*benchEchoMode, error) {
 	v, err := b.netBoot(ctx, l, cfg, interval)
 	if err != nil {
 		return nil, err
 	}
 	defer v.close()
 	guest := netip.AddrPortFrom(v.cfg.Net.IP, testvm.DefaultNetPort)
-	c, err := l.newEchoClient(guest, b.echoRate)
+	c, err := l.NewEchoClient(guest, b.echoRate)
 	if err != nil {
 		return nil, err
 	}
-	defer c.close()
+	defer c.Close()
 	// Before replication: the guest answers, and the client knows its MAC.
-	if _, err := c.ping(netPing); err != nil {
+	if _, err := c.Ping(netPing); err != nil {
 		return nil, err
 	}
 
@@ -397,7 +398,7 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, cfg testvm.Config, i
 	measure := func(ctx context.Context) (t0, t1 time.Time, err error) {
 		s0, t0 = v.gate.Stats(), time.Now()
 		wctx, cancel := context.WithTimeout(ctx, b.modeTime)
-		c.run(wctx) // its reader runs until the client closes
+		c.Run(wctx) // its reader runs until the client closes
 		cancel()
 		t1 = time.Now()
 		if err := ctx.Err(); err != nil {
@@ -406,10 +407,7 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, cfg testvm.Config, i
 		// The answers still held: the last requests' epoch ends within an
 		// interval, and its ack follows.
 		for limit := time.Now().Add(2*interval + 250*time.Millisecond); time.Now().Before(limit); {
-			c.mu.Lock()
-			done := c.answered+c.bad >= c.sent
-			c.mu.Unlock()
-			if done {
+			if t := c.Totals(); t.Answered+t.Bad >= t.Sent {
 				break
 			}
 			if err := benchSleep(ctx, v.m, time.Millisecond); err != nil {
@@ -424,10 +422,9 @@ func (b *benchRun) measureEcho(ctx context.Context, l *lab, cfg testvm.Config, i
 	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	e.Sent, e.Answered, e.Bad = c.sent, c.answered, c.bad
-	e.RTTP50US, e.RTTP99US = benchUS(c.total.quantile(0.5)), benchUS(c.total.quantile(0.99))
-	c.mu.Unlock()
+	t := c.Totals()
+	e.Sent, e.Answered, e.Bad = t.Sent, t.Answered, t.Bad
+	e.RTTP50US, e.RTTP99US = benchUS(t.P50), benchUS(t.P99)
 	if e.Answered == 0 {
 		return nil, fmt.Errorf("no answer to %d requests in %v", e.Sent, b.modeTime)
 	}
@@ -458,8 +455,8 @@ type streamSink struct {
 }
 
 // newStreamSink opens the client's socket in the lab's client namespace.
-func (l *lab) newStreamSink() (*streamSink, error) {
-	conn, err := l.listenUDP()
+func newStreamSink(l *netlab.Lab) (*streamSink, error) {
+	conn, err := l.ListenUDP()
 	if err != nil {
 		return nil, fmt.Errorf("open the stream client's socket: %w", err)
 	}
@@ -524,13 +521,13 @@ func (c *streamSink) close() {
 // measureStream measures the frames per second a client of the udp-stream
 // guest receives: without replication when interval is 0, else replicated
 // at interval, every frame held and then released.
-func (b *benchRun) measureStream(ctx context.Context, l *lab, interval time.Duration) (*benchNetStream, error) {
+func (b *benchRun) measureStream(ctx context.Context, l *netlab.Lab, interval time.Duration) (*benchNetStream, error) {
 	v, err := b.netBoot(ctx, l, b.netGuestConfig(testvm.UDPStream), interval)
 	if err != nil {
 		return nil, err
 	}
 	defer v.close()
-	c, err := l.newStreamSink()
+	c, err := newStreamSink(l)
 	if err != nil {
 		return nil, err
 	}

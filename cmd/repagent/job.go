@@ -12,9 +12,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/repagent/repagent/diskmirror"
+	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -34,17 +35,17 @@ type backupResult struct {
 // run runs the main job. It calls stopSignals once replication is over, so
 // that a second Ctrl-C during the verification kills the process.
 func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) (err error) {
-	var l *lab
+	var l *netlab.Lab
 	if o.net {
-		if l, err = newLab(); err != nil {
+		if l, err = netlab.New(); err != nil {
 			return err
 		}
 		defer func() {
-			if cerr := l.close(); cerr != nil && err == nil {
+			if cerr := l.Close(); cerr != nil && err == nil {
 				err = cerr
 			}
 		}()
-		o.repl.tap = l.tap
+		o.repl.tap = l.Tap
 	}
 	// The job's disk: a primary image the guest writes through the mirror,
 	// and a backup image the in-process backup keeps at the checkpoint it
@@ -92,7 +93,7 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 	}
 	defer stopMetrics()
 	if l != nil {
-		r.netDo = func(f func() error) error { return netns.Do(l.lan, f) }
+		r.netDo = func(f func() error) error { return netns.Do(l.Lan, f) }
 	}
 	if err := r.start(ctx); err != nil {
 		return err
@@ -113,40 +114,32 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		return fmt.Errorf("listen for the in-process backup: %w", err)
 	}
 	rmem := &replicaMemory{}
-	bcfg := replicate.BackupConfig{
-		NewMemory: rmem.new,
-		Resume: func(cp *replicate.Checkpoint) error {
-			opts := testvm.RestoreOptions{}
-			if bdisk != nil {
-				opts.DiskIO = bdisk
-			}
-			m, err := testvm.Restore(cp.State, cp.Memory, opts)
-			if err != nil {
-				cp.Memory.Close()
-				return err
-			}
-			return m.Close()
-		},
-		HeartbeatTimeout: o.repl.heartbeatTimeout,
-		Log:              r.log.With("side", "backup"),
-	}
+	bcfg := replicate.BackupConfig{NewMemory: rmem.new, HeartbeatTimeout: o.repl.heartbeatTimeout, Log: r.log.With("side", "backup")}
+	pb := protect.BackupConfig{Engine: bcfg, Metrics: bm, Restore: func(cp *replicate.Checkpoint, dev protect.Devices) (*protect.Restored, error) {
+		// The failover's proof: the checkpoint restores. The guest is not
+		// run a second time beside the first.
+		m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{DiskIO: dev.Disk})
+		if err != nil {
+			cp.Memory.Close()
+			return nil, err
+		}
+		return &protect.Restored{Start: m.Close}, nil
+	}}
 	if bdisk != nil {
-		bcfg.NewSink = diskmirror.NewSink(bdisk, diskmirror.ReplicaConfig{})
+		pb.Disk = bdisk
 	}
-	if bm != nil {
-		bcfg.OnEpoch = bm.ObserveCheckpoint
-	}
-	b, err := replicate.NewBackup(bcfg)
+	pbk, err := protect.NewBackup(pb)
 	if err != nil {
 		ln.Close()
 		return err
 	}
+	b := pbk.Engine()
 	defer b.Close()
 	bctx, bcancel := context.WithCancel(context.Background())
 	defer bcancel()
 	bdone := make(chan backupResult, 1)
 	go func() {
-		fo, err := b.Serve(bctx, ln)
+		fo, err := pbk.Serve(bctx, ln)
 		bdone <- backupResult{fo, err}
 	}()
 
@@ -169,7 +162,6 @@ func (o *jobOptions) run(ctx context.Context, stopSignals func(), stdout, stderr
 		bcancel()
 		br = <-bdone
 	}
-	bm.ObserveFailover(br.fo)
 	stopSignals()
 	if rerr != nil {
 		return rerr
@@ -269,25 +261,25 @@ func sameImages(a, b io.ReaderAt, size int64) (bool, error) {
 
 // startClient starts the job's client: a baseline of round trips before
 // replication, then echo requests at --client-rate until stop.
-func (o *jobOptions) startClient(l *lab, r *replicator, stdout io.Writer) (stop func(), err error) {
-	c, err := l.newEchoClient(netip.AddrPortFrom(o.cfg.Net.IP, o.cfg.Net.Port), o.clientRate)
+func (o *jobOptions) startClient(l *netlab.Lab, r *replicator, stdout io.Writer) (stop func(), err error) {
+	c, err := l.NewEchoClient(netip.AddrPortFrom(o.cfg.Net.IP, o.cfg.Net.Port), o.clientRate)
 	if err != nil {
 		return nil, err
 	}
-	base, err := c.ping(20)
+	base, err := c.Ping(20)
 	if err != nil {
-		c.close()
+		c.Close()
 		return nil, err
 	}
 	if !o.repl.quiet {
 		fmt.Fprintf(stdout, "network: guest %s on %s (namespace %s), client %s in %s; round trip before replication %s\n",
-			o.cfg.Net.IP, l.tap, l.lan, l.clientIP, l.cli, dur(base))
+			o.cfg.Net.IP, l.Tap, l.Lan, l.ClientIP, l.Cli, dur(base))
 	}
 	cctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); c.run(cctx) }()
+	go func() { defer close(done); c.Run(cctx) }()
 	r.client = c
-	return func() { cancel(); <-done; c.close() }, nil
+	return func() { cancel(); <-done; c.Close() }, nil
 }
 
 // backupWait is how long the in-process backup may take to notice the end of
@@ -301,7 +293,7 @@ func (r *replicator) backupWait() time.Duration {
 // and replica memory that digests to that epoch's digest.
 func checkBackup(w io.Writer, b *replicate.Backup, br backupResult, r *replicator) error {
 	r.mu.Lock()
-	last, synced := r.total.last, r.synced
+	last, synced := r.total.Last, r.synced
 	r.mu.Unlock()
 	epoch, digest := b.LastCheckpoint()
 	switch {

@@ -6,7 +6,11 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/netlab"
 )
+
+// echoClient is the main job's client (internal/netlab, shared with the bench).
+type echoClient = netlab.EchoClient
 
 // netAgg sums up the output gate's epochs that ended in a window.
 type netAgg struct {
@@ -18,13 +22,12 @@ func (a *netAgg) add(s ebpf.EpochStats) {
 	if s.Released.Frames == 0 {
 		return
 	}
-	a.p50.add(s.LatencyP50)
+	a.p50.Add(s.LatencyP50)
 	a.p99 = max(a.p99, s.LatencyP99)
 }
 
 // onGateEpoch is the gate's per-epoch report (on the gate's goroutine).
 func (r *replicator) onGateEpoch(s ebpf.EpochStats) {
-	r.metrics.ObserveGateEpoch(s)
 	r.netMu.Lock()
 	r.netWin.add(s)
 	r.netMu.Unlock()
@@ -67,11 +70,11 @@ func (r *replicator) netSecond(secs float64) *netLine {
 		held:     float64(st.Held.Frames-prev.Held.Frames) / secs,
 		released: float64(st.Released.Frames-prev.Released.Frames) / secs,
 		dropped:  float64(dropped(st)-dropped(prev)) / secs,
-		holdP50:  w.p50.quantile(0.5),
+		holdP50:  w.p50.Quantile(0.5),
 		holdP99:  w.p99,
 	}
 	if c := r.client; c != nil {
-		n.rttN, n.rttP50, n.rttP99 = c.second()
+		n.rttN, n.rttP50, n.rttP99 = c.Second()
 	}
 	return n
 }
@@ -97,9 +100,8 @@ func (r *replicator) netSummary(w io.Writer) {
 		fmt.Fprintf(w, "  pcap: released frames in %s\n", r.o.pcap)
 	}
 	if c := r.client; c != nil {
-		c.mu.Lock()
+		t := c.Totals()
 		fmt.Fprintf(w, "  client: %d echoes sent, %d answered, %d out of order; rtt p50 %s p99 %s (%s before replication)\n",
-			c.sent, c.answered, c.bad, dur(c.total.quantile(0.5)), dur(c.total.quantile(0.99)), dur(c.baseline))
-		c.mu.Unlock()
+			t.Sent, t.Answered, t.Bad, dur(t.P50), dur(t.P99), dur(t.Baseline))
 	}
 }

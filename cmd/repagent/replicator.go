@@ -17,18 +17,17 @@ import (
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/epochstat"
 	"github.com/repagent/repagent/internal/faultpoint"
-	"github.com/repagent/repagent/kvm"
+	"github.com/repagent/repagent/internal/track"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/replicate/metrics"
+	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/testvm"
 )
 
 // vmmName is how the primary names its VMM to the backup.
 const vmmName = "repagent testvm"
-
-// ringEntries is the dirty ring size (entries per vCPU) for --dirty-track ring.
-const ringEntries = 4096
 
 // newLogger returns the engine's logger: text on stderr, info level, or warn
 // with --quiet.
@@ -59,11 +58,13 @@ type replicator struct {
 	m *testvm.Machine
 	p *replicate.Primary
 
-	// The guest's network, with a tap: the tap, the output gate on it and
-	// where released frames go (--pcap). netDo runs code in the tap's
-	// network namespace (nil: this process's).
+	// prot joins the engine, the output gate on the guest's tap and the
+	// mirror on its disk (package protect); gate and mirror are its, nil
+	// without a tap or a disk. netDo runs code in the tap's network
+	// namespace (nil: this process's); pcap is where released frames go
+	// (--pcap).
+	prot    *protect.Primary
 	netDo   func(func() error) error
-	tap     *os.File
 	gate    *ebpf.Gate
 	pcap    *os.File
 	netMu   sync.Mutex
@@ -107,9 +108,9 @@ func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr
 	r.mech, r.cfg.DirtyRingEntries = o.mech, 0
 	switch o.mech {
 	case dirtylog.Ring:
-		r.cfg.DirtyRingEntries = ringEntries
+		r.cfg.DirtyRingEntries = track.RingEntries
 	case dirtylog.Auto:
-		mech, entries, err := recommend(cfg, o.interval)
+		mech, entries, err := track.Recommend(cfg, o.interval)
 		if err != nil {
 			return nil, err
 		}
@@ -128,98 +129,46 @@ func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr
 	return r, nil
 }
 
-// recommend picks a dirty tracking mechanism for a VM about to be built with
-// cfg from the pages its workload is expected to dirty per interval, with
-// dirtylog.Recommend (which weighs the ring's per-page cost against the
-// bitmap's scan of all memory).
-func recommend(cfg testvm.Config, interval time.Duration) (dirtylog.Mechanism, uint32, error) {
-	sys, err := kvm.Open()
-	if err != nil {
-		return 0, 0, err
-	}
-	defer sys.Close()
-	mech, entries := dirtylog.Recommend(sys, cfg.MemSize, expectedDirty(cfg, interval), cfg.VCPUs)
-	return mech, entries, nil
-}
-
-// diskBufPages is the pages of the block device's buffer area (512 KiB, see
-// testvm's doc), which the disk workload's writes and reads go through.
-const diskBufPages = 128
-
-// expectedDirty estimates the distinct pages cfg's guest dirties in one
-// interval: its working set at full speed, fewer at a set rate, and a few
-// (status and stack pages) for the idle and counter workloads. The disk
-// workload dirties the block device's buffers and ring and, at most, its
-// whole version table (8 bytes per block).
-func expectedDirty(cfg testvm.Config, interval time.Duration) uint64 {
-	vcpus := uint64(cfg.VCPUs)
-	fixed := 4 * vcpus
-	if cfg.Workload == testvm.Disk && cfg.Disk != nil {
-		ws := cfg.Disk.WorkingSet
-		if ws == 0 {
-			ws = cfg.Disk.Blocks
+// start opens the guest's devices through protect (the tap and its gate in
+// the tap's namespace, the disk's mirror), builds the VM over them, starts
+// it and waits for its guest to be ready.
+func (r *replicator) start(ctx context.Context) error {
+	pc := protect.Config{Engine: r.engineConfig(), InNamespace: r.netDo, Metrics: r.metrics}
+	if r.o.tap != "" {
+		pc.Tap = r.o.tap
+		pc.Gate = ebpf.Config{HoldLimit: int(r.o.holdLimit), ReleaseCPU: ebpf.AutoCPU, OnEpoch: r.onGateEpoch}
+		if r.o.pcap != "" {
+			f, err := os.Create(r.o.pcap)
+			if err != nil {
+				return fmt.Errorf("create pcap file: %w", err)
+			}
+			r.pcap, pc.Gate.Pcap = f, f
 		}
-		return fixed + diskBufPages + 2 + (ws*8+replicate.PageSize-1)/replicate.PageSize
 	}
-	if cfg.Workload != testvm.Dirty {
-		return fixed
-	}
-	ws := cfg.WorkingSet
-	if ws == 0 && cfg.MemSize > testvm.DataAddr {
-		ws = (cfg.MemSize - testvm.DataAddr) / replicate.PageSize / vcpus
-	}
-	pages := ws * vcpus
-	if cfg.Rate > 0 {
-		pages = min(pages, uint64(float64(cfg.Rate*vcpus)*interval.Seconds())+1)
-	}
-	return pages + fixed
-}
-
-// openNet opens the guest's tap and puts an output gate on it, in the tap's
-// network namespace. The gate passes frames until replication opens an epoch.
-func (r *replicator) openNet() error {
-	do := r.netDo
-	if do == nil {
-		do = func(f func() error) error { return f() }
-	}
-	var w io.Writer
-	if r.o.pcap != "" {
-		f, err := os.Create(r.o.pcap)
-		if err != nil {
-			return fmt.Errorf("create pcap file: %w", err)
-		}
-		r.pcap, w = f, f
-	}
-	return do(func() error {
-		tap, err := testvm.OpenTap(r.o.tap)
+	if r.cfg.Disk != nil {
+		f, err := openDisk(r.o.disk, r.cfg.Disk.Blocks)
 		if err != nil {
 			return err
 		}
-		r.tap = tap
-		g, err := ebpf.New(ebpf.Config{Interface: r.o.tap, HoldLimit: int(r.o.holdLimit), ReleaseCPU: ebpf.AutoCPU,
-			Pcap: w, OnEpoch: r.onGateEpoch})
-		if err != nil {
-			return fmt.Errorf("output gate on %s: %w", r.o.tap, err)
+		r.diskFile, pc.Disk = f, f
+		if r.cfg.Workload == testvm.Disk {
+			// A guest that runs the disk workload starts from an empty disk.
+			if err := eraseDisk(f, int64(r.cfg.Disk.Blocks*testvm.DiskBlockSize)); err != nil {
+				return err
+			}
 		}
-		r.gate = g
-		return nil
-	})
-}
-
-// start builds the VM, starts it and waits for its guest to be ready.
-func (r *replicator) start(ctx context.Context) error {
+	}
+	prot, err := protect.NewPrimary(pc)
+	if err != nil {
+		return err
+	}
+	r.prot, r.gate, r.mirror = prot, prot.Gate(), prot.Disk()
 	cfg := r.cfg
 	cfg.Console = r.stderr
-	if r.o.tap != "" {
-		if err := r.openNet(); err != nil {
-			return err
-		}
-		cfg.Tap = r.tap
+	if r.gate != nil {
+		cfg.Tap = prot.Tap()
 	}
-	if cfg.Disk != nil {
-		if err := r.openDisk(); err != nil {
-			return err
-		}
+	if r.mirror != nil {
 		cfg.DiskIO = r.mirror
 	}
 	m, err := testvm.New(cfg)
@@ -245,39 +194,17 @@ func (r *replicator) start(ctx context.Context) error {
 	return nil
 }
 
-// openDisk opens the guest's disk image and the Mirror the guest writes it
-// through. A guest that runs the disk workload starts from an empty disk.
-func (r *replicator) openDisk() error {
-	f, err := openDisk(r.o.disk, r.cfg.Disk.Blocks)
-	if err != nil {
-		return err
-	}
-	r.diskFile = f
-	if r.cfg.Workload == testvm.Disk {
-		if err := eraseDisk(f, int64(r.cfg.Disk.Blocks*testvm.DiskBlockSize)); err != nil {
-			return err
-		}
-	}
-	if r.mirror, err = diskmirror.NewMirror(f, diskmirror.Config{}); err != nil {
-		return fmt.Errorf("disk mirror: %w", err)
-	}
-	return nil
-}
-
 // close closes the VM, the network and the stats file.
 func (r *replicator) close() error {
 	var err error
 	if r.m != nil {
 		err = r.m.Close()
 	}
+	if r.prot != nil {
+		err = errors.Join(err, r.prot.Close()) // after the machine, which used the tap
+	}
 	if r.diskFile != nil {
 		r.diskFile.Close() // after the machine, which wrote it
-	}
-	if r.gate != nil {
-		err = errors.Join(err, r.gate.Close())
-	}
-	if r.tap != nil {
-		r.tap.Close()
 	}
 	if r.pcap != nil {
 		if cerr := r.pcap.Close(); cerr != nil {
@@ -322,10 +249,10 @@ func (r *replicator) note() any {
 	return out
 }
 
-// newPrimary makes the engine for the started VM.
-func (r *replicator) newPrimary() error {
+// engineConfig is the engine's configuration; protect adds the VM, the gate
+// and the disk's stream.
+func (r *replicator) engineConfig() replicate.Config {
 	cfg := replicate.Config{
-		VM:               r.m,
 		Interval:         r.o.interval,
 		DirtyTrack:       r.mech,
 		Workers:          r.o.workers,
@@ -343,17 +270,15 @@ func (r *replicator) newPrimary() error {
 		VMM:              vmmName,
 		Log:              r.log,
 	}
-	if r.gate != nil {
-		cfg.Gates = []replicate.OutputGate{r.gate}
+	if r.cfg.Disk != nil {
+		cfg.OnStreamSync = r.onDiskSync
 	}
-	if r.mirror != nil {
-		src, err := diskmirror.NewSource(r.mirror, diskmirror.SourceConfig{})
-		if err != nil {
-			return err
-		}
-		cfg.Stream, cfg.OnStreamSync = src, r.onDiskSync
-	}
-	p, err := replicate.NewPrimary(cfg)
+	return cfg
+}
+
+// newPrimary makes the engine for the started VM.
+func (r *replicator) newPrimary() error {
+	p, err := r.prot.Protect(r.m)
 	if err != nil {
 		return err
 	}
@@ -380,11 +305,10 @@ func (r *replicator) hook(point string, epoch uint64) {
 }
 
 func (r *replicator) onEpoch(s *replicate.EpochStats) {
-	r.metrics.ObserveEpoch(s)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.window.add(s)
-	r.total.add(s)
+	r.window.Add(s)
+	r.total.Add(s)
 	r.lastAcked = s
 	if r.statsBuf == nil || r.statsErr != nil {
 		return
@@ -474,11 +398,10 @@ func diskSyncLine(s replicate.StreamSyncProgress) string {
 func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err error) {
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	defer r.metrics.SetProtected(false) // replication is over, whichever way
 	done := make(chan error, 1)
 	r.t0 = time.Now()
 	r.first = totals(r.m)
-	go func() { done <- r.p.Run(runCtx, conn) }()
+	go func() { done <- r.prot.RunConn(runCtx, conn) }()
 
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -497,7 +420,6 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 		}
 		if errors.Is(rerr, replicate.ErrBackupLost) {
 			lost = rerr
-			r.metrics.ObserveBackupLost()
 			fmt.Fprintf(r.stderr, "%s: backup lost: VM running UNPROTECTED: %v\n", r.name, lostCause(rerr))
 			return nil
 		}
@@ -555,15 +477,10 @@ func (r *replicator) machineStopped() error {
 	return errors.New("machine stopped unexpectedly")
 }
 
-// lostCause strips ErrBackupLost from the error Primary.Run returned, leaving
-// why the backup was lost.
+// lostCause is why the backup was lost, from the error Primary.Run returned.
 func lostCause(err error) error {
-	if u, ok := err.(interface{ Unwrap() []error }); ok {
-		for _, e := range u.Unwrap() {
-			if !errors.Is(e, replicate.ErrBackupLost) {
-				return e
-			}
-		}
+	if lost, ok := errors.AsType[*replicate.BackupLostError](err); ok {
+		return lost.Cause
 	}
 	return err
 }
@@ -575,29 +492,29 @@ func (r *replicator) statusLine(now time.Time, secs, guestRate float64, lost boo
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	w := &r.window
-	defer w.reset()
+	defer w.Reset()
 	if !r.synced && !lost {
 		return nil
 	}
 	s := &statusLine{
 		elapsed:     now.Sub(r.t0),
-		epochs:      float64(w.epochs) / secs,
-		n:           w.epochs,
-		p50:         w.pause.quantile(0.5),
-		p99:         w.pause.quantile(0.99),
-		xfer:        w.transfer.quantile(0.5),
-		period:      w.period.quantile(0.5),
-		dirty:       w.meanDirty(),
-		wireRate:    float64(w.wire) / secs,
-		ratio:       w.ratio(),
+		epochs:      float64(w.Epochs) / secs,
+		n:           w.Epochs,
+		p50:         w.Pause.Quantile(0.5),
+		p99:         w.Pause.Quantile(0.99),
+		xfer:        w.Transfer.Quantile(0.5),
+		period:      w.Period.Quantile(0.5),
+		dirty:       w.MeanDirty(),
+		wireRate:    float64(w.Wire) / secs,
+		ratio:       w.Ratio(),
 		guest:       guestRate,
 		op:          opName(r.cfg.Workload),
 		unprotected: lost || (r.lastAcked != nil && !r.p.Protected()),
 		net:         r.netSecond(secs),
 	}
-	s.cpu, s.backupCPU = w.cpuPerPage()
+	s.cpu, s.backupCPU = w.CPUPerPage()
 	if r.mirror != nil {
-		s.disk = &diskLine{writes: float64(w.diskWrites) / secs, bytes: float64(w.diskBytes) / secs}
+		s.disk = &diskLine{writes: float64(w.DiskWrites) / secs, bytes: float64(w.DiskBytes) / secs}
 	}
 	sent, acked := r.p.LastSent(), r.p.LastAcked()
 	if sent > acked {
@@ -698,38 +615,38 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 		fmt.Fprintf(w, "  sync: not finished when the run ended (%d rounds done): no checkpoint was taken, the VM was never protected\n", r.initSync.rounds)
 	}
 	last := uint64(0)
-	if t.last != nil {
-		last = t.last.Epoch
+	if t.Last != nil {
+		last = t.Last.Epoch
 	}
 	fmt.Fprintf(w, "  epochs: %d acknowledged (%.1f/s after the sync), last %d, %d oversize, back-pressure wait %s total\n",
-		t.epochs, float64(t.epochs)/secs, last, t.oversize, dur(t.wait))
-	fmt.Fprintf(w, "  pause: p50 %s p90 %s p99 %s max %s mean %s\n", dur(t.pause.quantile(0.5)), dur(t.pause.quantile(0.9)),
-		dur(t.pause.quantile(0.99)), dur(time.Duration(t.pause.max)), dur(t.pause.mean()))
+		t.Epochs, float64(t.Epochs)/secs, last, t.Oversize, dur(t.Wait))
+	fmt.Fprintf(w, "  pause: p50 %s p90 %s p99 %s max %s mean %s\n", dur(t.Pause.Quantile(0.5)), dur(t.Pause.Quantile(0.9)),
+		dur(t.Pause.Quantile(0.99)), dur(t.Pause.Max()), dur(t.Pause.Mean()))
 	fmt.Fprint(w, "  pause parts (mean):")
-	for i, name := range partNames {
-		if i == partAudit && t.audited == 0 {
+	for i, name := range epochstat.PartNames {
+		if i == epochstat.PartAudit && t.Audited == 0 {
 			continue
 		}
-		fmt.Fprintf(w, " %s %s", name, dur(t.meanPart(i)))
+		fmt.Fprintf(w, " %s %s", name, dur(t.MeanPart(i)))
 	}
 	fmt.Fprintln(w)
 	zero := 0.0
-	if t.dirty > 0 {
-		zero = 100 * float64(t.zero) / float64(t.dirty)
+	if t.Dirty > 0 {
+		zero = 100 * float64(t.Zero) / float64(t.Dirty)
 	}
-	fmt.Fprintf(w, "  dirty: %.0f pages/epoch (mean), %.1f%% zero\n", t.meanDirty(), zero)
-	fmt.Fprintf(w, "  shipped: raw %s, wire %s, ratio %.3f, %s/s on the wire\n", bytesSI(float64(t.raw)), bytesSI(float64(t.wire)),
-		t.ratio(), bytesSI(float64(t.wire)/secs))
-	fmt.Fprintf(w, "  ack latency: p50 %s p99 %s\n", dur(t.ack.quantile(0.5)), dur(t.ack.quantile(0.99)))
-	fmt.Fprintf(w, "  transfer: p50 %s p99 %s; period: p50 %s p99 %s\n", dur(t.transfer.quantile(0.5)), dur(t.transfer.quantile(0.99)),
-		dur(t.period.quantile(0.5)), dur(t.period.quantile(0.99)))
-	pc, bc := t.cpuPerPage()
-	fmt.Fprintf(w, "  engine cpu: primary %s, backup %s per dirty page (%s and %s in all)\n", dur(pc), dur(bc), dur(t.cpu), dur(t.backupCPU))
+	fmt.Fprintf(w, "  dirty: %.0f pages/epoch (mean), %.1f%% zero\n", t.MeanDirty(), zero)
+	fmt.Fprintf(w, "  shipped: raw %s, wire %s, ratio %.3f, %s/s on the wire\n", bytesSI(float64(t.Raw)), bytesSI(float64(t.Wire)),
+		t.Ratio(), bytesSI(float64(t.Wire)/secs))
+	fmt.Fprintf(w, "  ack latency: p50 %s p99 %s\n", dur(t.Ack.Quantile(0.5)), dur(t.Ack.Quantile(0.99)))
+	fmt.Fprintf(w, "  transfer: p50 %s p99 %s; period: p50 %s p99 %s\n", dur(t.Transfer.Quantile(0.5)), dur(t.Transfer.Quantile(0.99)),
+		dur(t.Period.Quantile(0.5)), dur(t.Period.Quantile(0.99)))
+	pc, bc := t.CPUPerPage()
+	fmt.Fprintf(w, "  engine cpu: primary %s, backup %s per dirty page (%s and %s in all)\n", dur(pc), dur(bc), dur(t.CPU), dur(t.BackupCPU))
 	if r.o.auditEvery > 0 {
-		fmt.Fprintf(w, "  audits: %d passed (every %d epochs)\n", t.audited, r.o.auditEvery)
+		fmt.Fprintf(w, "  audits: %d passed (every %d epochs)\n", t.Audited, r.o.auditEvery)
 	}
 	if r.stats != nil {
-		fmt.Fprintf(w, "  stats: %d lines in %s\n", t.epochs, r.o.stats)
+		fmt.Fprintf(w, "  stats: %d lines in %s\n", t.Epochs, r.o.stats)
 	}
 	r.diskSummary(w, secs)
 	r.netSummary(w)
@@ -760,8 +677,8 @@ func (r *replicator) diskSummary(w io.Writer, secs float64) {
 	}
 	fmt.Fprintf(w, "  disk sync total: %d phases, %d blocks sent, %s (wire %s), %s\n", len(r.diskSync), sent, bytesSI(float64(data)), bytesSI(float64(enc)), dur(took))
 	t := &r.total
-	fmt.Fprintf(w, "  disk mirrored: %d writes, %s (wire %s) in %d epochs, %s writes/s, %s/s\n", t.diskWrites, bytesSI(float64(t.diskBytes)),
-		bytesSI(float64(t.diskWire)), t.epochs, si(float64(t.diskWrites)/secs), bytesSI(float64(t.diskBytes)/secs))
+	fmt.Fprintf(w, "  disk mirrored: %d writes, %s (wire %s) in %d epochs, %s writes/s, %s/s\n", t.DiskWrites, bytesSI(float64(t.DiskBytes)),
+		bytesSI(float64(t.DiskWire)), t.Epochs, si(float64(t.DiskWrites)/secs), bytesSI(float64(t.DiskBytes)/secs))
 }
 
 // finish pauses the VM, prints the replication summary and the guest's, and
@@ -777,32 +694,9 @@ func (r *replicator) finish(w io.Writer, lost error) error {
 
 // dialBackup connects to the backup at addr, trying again until timeout.
 func dialBackup(ctx context.Context, addr string, timeout time.Duration) (net.Conn, error) {
-	deadline := time.Now().Add(timeout)
-	var (
-		d    net.Dialer
-		last error // the last failure that was not the deadline's
-	)
-	for {
-		dctx, cancel := context.WithDeadline(ctx, deadline)
-		conn, err := d.DialContext(dctx, "tcp", addr)
-		cut := dctx.Err() != nil
-		cancel()
-		if err == nil {
-			return conn, nil
-		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		if !cut || last == nil {
-			last = err
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("connect to backup %s: %w (gave up after %v; is `repagent backup --listen %s` running?)", addr, last, timeout, addr)
-		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
+	conn, err := protect.Dial(ctx, addr, timeout)
+	if err != nil && ctx.Err() == nil {
+		return nil, fmt.Errorf("%w; is `repagent backup --listen %s` running?", err, addr)
 	}
+	return conn, err
 }

@@ -635,27 +635,6 @@ func opName(w testvm.Workload) string {
 	return "ticks"
 }
 
-// si formats x with three significant digits and a decimal prefix: 999, 1.00k,
-// 23.1M.
-func si(x float64) string {
-	const prefixes = "kMGTPE"
-	if x < 999.5 {
-		return fmt.Sprintf("%.0f", x)
-	}
-	i := -1
-	for x >= 999.5 && i < len(prefixes)-1 {
-		x /= 1000
-		i++
-	}
-	switch {
-	case x < 9.995:
-		return fmt.Sprintf("%.2f%c", x, prefixes[i])
-	case x < 99.95:
-		return fmt.Sprintf("%.1f%c", x, prefixes[i])
-	}
-	return fmt.Sprintf("%.0f%c", x, prefixes[i])
-}
-
 // summarize prints what the paused machine did since first, and verifies it:
 // every vCPU's pages for the dirty workload, every counter's hash chain for
 // the counter workload.

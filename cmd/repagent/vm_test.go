@@ -229,20 +229,6 @@ func TestProgressString(t *testing.T) {
 	}
 }
 
-func TestSI(t *testing.T) {
-	for _, tc := range []struct {
-		x    float64
-		want string
-	}{
-		{0, "0"}, {999.4, "999"}, {999.6, "1.00k"}, {1000, "1.00k"}, {9994, "9.99k"}, {9996, "10.0k"},
-		{23_100_000, "23.1M"}, {999_400_000, "999M"}, {999_600_000, "1.00G"}, {4.2e18, "4.20E"}, {4.2e21, "4200E"},
-	} {
-		if got := si(tc.x); got != tc.want {
-			t.Errorf("si(%g) = %q, want %q", tc.x, got, tc.want)
-		}
-	}
-}
-
 // sameConfig compares the fields the vm flags set (Config holds a func, so it
 // is not comparable with ==).
 func sameConfig(a, b testvm.Config) bool {

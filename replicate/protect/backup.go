@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/internal/hostsys"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/metrics"
 )
 
 // BackupConfig configures a Backup.
@@ -39,6 +41,8 @@ type BackupConfig struct {
 	// OnAnnounce, when set, is told of the announcement of the resumed
 	// guest on the tap (err is nil if it went out).
 	OnAnnounce func(tap string, mac net.HardwareAddr, ip netip.Addr, err error)
+	// Metrics, when set, is fed every checkpoint applied and the failover.
+	Metrics *metrics.BackupCollector
 }
 
 // Devices are what the backup opened for the VM it resumes.
@@ -76,6 +80,14 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	ec := cfg.Engine
 	ec.Resume = b.resume
 	ec.NewSink = nil
+	if m, on := cfg.Metrics, ec.OnEpoch; m != nil {
+		ec.OnEpoch = func(epoch uint64, pages int, digest uint64) {
+			m.ObserveCheckpoint(epoch, pages, digest)
+			if on != nil {
+				on(epoch, pages, digest)
+			}
+		}
+	}
 	if cfg.Disk != nil {
 		ec.NewSink = diskmirror.NewSink(cfg.Disk, cfg.Replica)
 	}
@@ -93,12 +105,16 @@ func (b *Backup) Engine() *replicate.Backup { return b.eng }
 // Serve accepts primaries on ln, one session at a time, until one fails
 // over (its VM then runs here) or ctx ends (replicate.Backup.Serve).
 func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*replicate.Failover, error) {
-	return b.eng.Serve(ctx, ln)
+	fo, err := b.eng.Serve(ctx, ln)
+	b.cfg.Metrics.ObserveFailover(fo)
+	return fo, err
 }
 
 // Handle runs one session on conn (replicate.Backup.Handle).
 func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*replicate.Failover, error) {
-	return b.eng.Handle(ctx, conn)
+	fo, err := b.eng.Handle(ctx, conn)
+	b.cfg.Metrics.ObserveFailover(fo)
+	return fo, err
 }
 
 // resume is the engine's Resume: tap, Restore, announce, Start.
@@ -120,6 +136,9 @@ func (b *Backup) resume(cp *replicate.Checkpoint) error {
 	if err != nil {
 		return err
 	}
+	if r == nil || r.Start == nil {
+		return errors.New("protect: Restore returned no VM to start")
+	}
 	if b.tap != nil && r.MAC != nil {
 		err := inNamespace(b.cfg.InNamespace, func() error { return ebpf.Announce(b.cfg.Tap, r.MAC, r.IP) })
 		if b.cfg.OnAnnounce != nil {
@@ -132,9 +151,11 @@ func (b *Backup) resume(cp *replicate.Checkpoint) error {
 }
 
 func (b *Backup) log(msg string, args ...any) {
-	if l := b.cfg.Engine.Log; l != nil {
-		l.Error(msg, args...)
+	l := b.cfg.Engine.Log
+	if l == nil {
+		l = slog.Default()
 	}
+	l.Error(msg, args...)
 }
 
 // Close closes the engine's backup and the tap. Call it after the resumed

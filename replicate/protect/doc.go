@@ -52,4 +52,8 @@
 //     is now) and only then starts the VM.
 //  4. Backup.Close after the resumed VM stopped: it closes the engine and
 //     the tap.
+//
+// Config.Metrics and BackupConfig.Metrics take Prometheus collectors
+// (package replicate/metrics) that the Primary and the Backup feed
+// themselves; the embedder registers them in its own registry.
 package protect

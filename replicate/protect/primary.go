@@ -12,6 +12,7 @@ import (
 	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/internal/hostsys"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/metrics"
 )
 
 // Config configures a Primary.
@@ -39,6 +40,10 @@ type Config struct {
 	DiskSync diskmirror.SourceConfig
 	// DialTimeout bounds Run's attempts to reach the backup; 0 means 10 s.
 	DialTimeout time.Duration
+	// Metrics, when set, is fed every epoch, every gate epoch, the loss of
+	// the backup and the end of protection; register it in a
+	// prometheus.Registerer to export them.
+	Metrics *metrics.PrimaryCollector
 }
 
 // Primary protects one VM on its host: it owns the tap's output gate, the
@@ -92,6 +97,14 @@ func (p *Primary) openNet() error {
 	p.tap = tap
 	gc := p.cfg.Gate
 	gc.Interface = p.cfg.Tap
+	if m, on := p.cfg.Metrics, gc.OnEpoch; m != nil {
+		gc.OnEpoch = func(s ebpf.EpochStats) {
+			m.ObserveGateEpoch(s)
+			if on != nil {
+				on(s)
+			}
+		}
+	}
 	if p.gate, err = ebpf.New(gc); err != nil {
 		return fmt.Errorf("output gate on %s: %w", p.cfg.Tap, err)
 	}
@@ -117,6 +130,14 @@ func (p *Primary) Protect(vm replicate.VM) (*replicate.Primary, error) {
 	}
 	ec := p.cfg.Engine
 	ec.VM = vm
+	if m, on := p.cfg.Metrics, ec.OnEpoch; m != nil {
+		ec.OnEpoch = func(s *replicate.EpochStats) {
+			m.ObserveEpoch(s)
+			if on != nil {
+				on(s)
+			}
+		}
+	}
 	ec.Gates = nil
 	if p.gate != nil {
 		ec.Gates = append(ec.Gates, p.gate)
@@ -157,7 +178,7 @@ func (p *Primary) Run(ctx context.Context, addr string) error {
 	if err != nil {
 		return err
 	}
-	return p.eng.Run(ctx, conn)
+	return p.run(ctx, conn)
 }
 
 // RunConn is Run over a connection the caller made.
@@ -166,7 +187,16 @@ func (p *Primary) RunConn(ctx context.Context, conn net.Conn) error {
 		conn.Close()
 		return errors.New("protect: Run before Protect")
 	}
-	return p.eng.Run(ctx, conn)
+	return p.run(ctx, conn)
+}
+
+func (p *Primary) run(ctx context.Context, conn net.Conn) error {
+	err := p.eng.Run(ctx, conn)
+	if errors.Is(err, replicate.ErrBackupLost) {
+		p.cfg.Metrics.ObserveBackupLost()
+	}
+	p.cfg.Metrics.SetProtected(false) // replication is over, whichever way
+	return err
 }
 
 // Close closes the gate and the tap. Call it after Run returned and the VM
