@@ -1,14 +1,13 @@
 package replicate_test
 
 import (
-	"context"
-	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -32,28 +31,9 @@ func (v *sneakyVM) Resume() error {
 // the VMM says it holds.
 func TestAuditNamesMissedPage(t *testing.T) {
 	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Counter}, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: testvm.NewMemFile,
-		Resume: func(*replicate.Checkpoint) error { return nil }, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go b.Serve(context.Background(), ln)
-	conn, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := replicate.NewPrimary(replicate.Config{VM: &sneakyVM{Machine: m}, Interval: 20 * time.Millisecond,
-		AuditEvery: 1, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), vmtest.Wait)
-	defer cancel()
-	err = p.Run(ctx, conn)
+	pair := replicatetest.NewPair(t, replicate.Config{VM: &sneakyVM{Machine: m}, Interval: 20 * time.Millisecond, AuditEvery: 1},
+		replicate.BackupConfig{NewMemory: testvm.NewMemFile})
+	err := pair.PrimaryErr()
 	if err == nil {
 		t.Fatal("replication ended without an error; want an audit failure")
 	}

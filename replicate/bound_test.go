@@ -1,16 +1,15 @@
 package replicate_test
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 )
 
 // P6: staging is bounded. A link slower than the guest's dirty rate makes
@@ -33,53 +32,26 @@ func testStagingBounded(t *testing.T, stagingPages uint64, wantOversize bool) {
 	vm := newToyVM(1 << 20)
 	vm.start()
 	defer vm.close()
-	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t), VerifyReplica: true,
-		Resume: func(cp *replicate.Checkpoint) error { defer cp.Memory.Close(); return checkToyReplica(cp) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	bln, pln := listen(t), listen(t)
-	var fo *replicate.Failover
-	var ferr error
-	bdone := make(chan struct{})
-	go func() {
-		defer close(bdone)
-		conn, err := bln.Accept()
-		if err != nil {
-			ferr = err
-			return
-		}
-		fo, ferr = b.Handle(context.Background(), conn)
-	}()
+	var mu sync.Mutex
+	var stats []*replicate.EpochStats
+	pair := replicatetest.NewUnstartedPair(t, replicate.Config{VM: vm, Interval: 10 * time.Millisecond, StagingBytes: stagingPages * replicate.PageSize,
+		HeartbeatTimeout: 5 * time.Second, AuditEvery: 1,
+		OnEpoch: func(s *replicate.EpochStats) { mu.Lock(); stats = append(stats, s); mu.Unlock() }},
+		replicate.BackupConfig{VerifyReplica: true,
+			Resume: func(cp *replicate.Checkpoint) error { defer cp.Memory.Close(); return checkToyReplica(cp) }})
 	// A slow link: each page batch takes 20 ms, longer than the interval.
-	go proxy(t, pln, bln.Addr().String(), func(f frame) ([]frame, bool) {
+	pair.Proxy = proxy(func(f frame) ([]frame, bool) {
 		if f.typ() == tPages {
 			time.Sleep(20 * time.Millisecond)
 		}
 		return []frame{f}, false
 	})
-	conn, err := net.Dial("tcp", pln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var stats []*replicate.EpochStats
-	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, StagingBytes: stagingPages * replicate.PageSize,
-		HeartbeatTimeout: 5 * time.Second, Log: testLog(t), AuditEvery: 1,
-		OnEpoch: func(s *replicate.EpochStats) { mu.Lock(); stats = append(stats, s); mu.Unlock() }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	perr := make(chan error, 1)
-	go func() { perr <- p.Run(context.Background(), conn) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for p.LastAcked() < 20 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	conn.Close()
-	<-perr
-	<-bdone
+	pair.Timeout = 30 * time.Second
+	pair.Start()
+	pair.WaitAcked(20)
+	pair.KillPrimary()
+	pair.PrimaryErr()
+	fo, ferr := pair.BackupResult()
 	if ferr != nil {
 		t.Fatalf("failover: %v", ferr)
 	}
@@ -132,32 +104,19 @@ func TestPrimaryAbortIsNotFailover(t *testing.T) {
 	vm := newToyVM(1 << 20)
 	vm.start()
 	defer vm.close()
-	b := noResumeBackup(t, tempMemory)
-	pc, bc := tcpPair(t)
-	berr := make(chan error, 1)
-	go func() {
-		fo, err := b.Handle(context.Background(), bc)
-		if fo != nil {
-			err = fmt.Errorf("failed over to epoch %d", fo.Epoch)
-		}
-		berr <- err
-	}()
-	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t),
-		Gates: []replicate.OutputGate{&failingGate{failAt: 8}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	perr := p.Run(context.Background(), pc)
+	pair := replicatetest.NewPair(t, replicate.Config{VM: vm, Interval: 10 * time.Millisecond,
+		Gates: []replicate.OutputGate{&failingGate{failAt: 8}}}, replicate.BackupConfig{})
+	p := pair.Primary
+	perr := pair.PrimaryErr()
 	if perr == nil || errors.Is(perr, replicate.ErrBackupLost) || !strings.Contains(perr.Error(), "gate cannot open epoch 8") {
 		t.Fatalf("primary: %v, want the gate's error, not a lost backup", perr)
 	}
-	select {
-	case err := <-berr:
-		if !errors.Is(err, replicate.ErrPrimaryStopped) || !strings.Contains(err.Error(), "gate cannot open epoch 8") {
-			t.Fatalf("backup: %v, want ErrPrimaryStopped with the primary's reason", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("backup's session did not end")
+	fo, err := pair.BackupResult()
+	if fo != nil {
+		err = fmt.Errorf("failed over to epoch %d", fo.Epoch)
+	}
+	if !errors.Is(err, replicate.ErrPrimaryStopped) || !strings.Contains(err.Error(), "gate cannot open epoch 8") {
+		t.Fatalf("backup: %v, want ErrPrimaryStopped with the primary's reason", err)
 	}
 	if p.Protected() {
 		t.Fatal("primary reports itself protected after stopping replication")
@@ -183,31 +142,19 @@ func TestVMFailureDiscardsOutput(t *testing.T) {
 	vm := &failingVM{toyVM: newToyVM(1 << 20), failAt: 8}
 	vm.start()
 	defer vm.close()
-	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: tempMemory, Log: testLog(t),
-		Resume: func(cp *replicate.Checkpoint) error { cp.Memory.Close(); return errors.New("must not resume") }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	pc, bc := tcpPair(t)
-	bdone := make(chan error, 1)
-	go func() {
-		fo, err := b.Handle(context.Background(), bc)
-		if fo != nil {
-			err = fmt.Errorf("failed over to epoch %d", fo.Epoch)
-		}
-		bdone <- err
-	}()
 	gate := &recordingGate{}
-	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Gates: []replicate.OutputGate{gate}, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = p.Run(context.Background(), pc)
+	pair := replicatetest.NewPair(t, replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Gates: []replicate.OutputGate{gate}},
+		replicate.BackupConfig{})
+	p := pair.Primary
+	err := pair.PrimaryErr()
 	if err == nil || errors.Is(err, replicate.ErrBackupLost) || !strings.Contains(err.Error(), "lost its vCPU") {
 		t.Fatalf("primary: %v, want the VM's failure", err)
 	}
-	if berr := <-bdone; berr == nil || !strings.Contains(berr.Error(), "lost its vCPU") {
+	fo, berr := pair.BackupResult()
+	if fo != nil {
+		berr = fmt.Errorf("failed over to epoch %d", fo.Epoch)
+	}
+	if berr == nil || !strings.Contains(berr.Error(), "lost its vCPU") {
 		t.Fatalf("backup: %v, want the primary's reason and no failover", berr)
 	}
 	if gate.err != nil {

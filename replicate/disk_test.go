@@ -2,7 +2,6 @@ package replicate_test
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -16,6 +15,7 @@ import (
 	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -400,7 +400,13 @@ func TestKVMDiskFailover(t *testing.T) {
 	m := vmtest.Boot(t, cfg, nil)
 	resumed := make(chan *testvm.Machine, 1)
 	var report testvm.DiskReport
-	b, err := replicate.NewBackup(replicate.BackupConfig{
+	var syncs []replicate.StreamSyncProgress
+	src, err := diskmirror.NewSource(mirror, diskmirror.SourceConfig{Block: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair := replicatetest.NewPair(t, replicate.Config{VM: m, Interval: 10 * time.Millisecond, AuditEvery: 1,
+		Stream: src, OnStreamSync: func(d replicate.StreamSyncProgress) { syncs = append(syncs, d) }}, replicate.BackupConfig{
 		NewMemory:     testvm.NewMemFile,
 		VerifyReplica: true,
 		NewSink:       diskmirror.NewSink(bimg, diskmirror.ReplicaConfig{}),
@@ -418,34 +424,15 @@ func TestKVMDiskFailover(t *testing.T) {
 			resumed <- rm
 			return nil
 		},
-		Log: testLog(t),
 	})
+	p := pair.Primary
+	pair.WaitAcked(30)
+	pair.KillPrimary() // the primary's host dies
+	fo, err := pair.BackupResult()
 	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	pc, bc := tcpPair(t)
-	bres := make(chan error, 1)
-	var fo *replicate.Failover
-	go func() {
-		var err error
-		fo, err = b.Handle(context.Background(), bc)
-		bres <- err
-	}()
-	var syncs []replicate.StreamSyncProgress
-	src, err := diskmirror.NewSource(mirror, diskmirror.SourceConfig{Block: 64 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, perr, cancel := runPrimary(t, replicate.Config{VM: m, Interval: 10 * time.Millisecond, AuditEvery: 1, Log: testLog(t),
-		Stream: src, OnStreamSync: func(d replicate.StreamSyncProgress) { syncs = append(syncs, d) }}, pc)
-	defer cancel()
-	waitAcked(t, p, perr, 30)
-	pc.Close() // the primary's host dies
-	if err := <-bres; err != nil {
 		t.Fatalf("backup: %v", err)
 	}
-	if !errors.Is(<-perr, replicate.ErrBackupLost) {
+	if !errors.Is(pair.PrimaryErr(), replicate.ErrBackupLost) {
 		t.Error("primary did not report its backup lost")
 	}
 	rm := <-resumed

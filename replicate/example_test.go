@@ -203,6 +203,8 @@ func Example() {
 	vm.start()
 	defer vm.close()
 
+	// The wiring of the pair, in full, as a program does it. A test can
+	// have it made, and torn down, by replicatetest.NewPair.
 	quiet := slog.New(slog.DiscardHandler)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -1,7 +1,6 @@
 package replicate_test
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -34,12 +34,8 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 	for _, wl := range []testvm.Workload{testvm.Dirty, testvm.Counter} {
 		t.Run(wl.String(), func(t *testing.T) {
 			m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: wl, Pattern: testvm.Seq, WorkingSet: 2000, Rate: 20000}, nil)
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
 			resumed := make(chan *testvm.Machine, 1)
-			b, err := replicate.NewBackup(replicate.BackupConfig{
+			pair := replicatetest.NewPair(t, replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1}, replicate.BackupConfig{
 				NewMemory:     testvm.NewMemFile,
 				VerifyReplica: true,
 				Resume: func(cp *replicate.Checkpoint) error {
@@ -50,40 +46,21 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 					resumed <- rm
 					return nil
 				},
-				Log: testLog(t),
 			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			type result struct {
-				fo  *replicate.Failover
-				err error
-			}
-			bres := make(chan result, 1)
-			go func() {
-				fo, err := b.Serve(context.Background(), ln)
-				bres <- result{fo, err}
-			}()
-			conn, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			p, perr, cancel := runPrimary(t, replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t)}, conn)
-			waitAcked(t, p, perr, 20)
+			p := pair.Primary
+			pair.WaitAcked(20)
 			// Kill the link as a dead host would: the backup sees the stream end.
-			conn.Close()
-			err = <-perr
-			cancel()
-			if !errors.Is(err, replicate.ErrBackupLost) {
+			pair.KillPrimary()
+			if err := pair.PrimaryErr(); !errors.Is(err, replicate.ErrBackupLost) {
 				t.Fatalf("primary: %v, want ErrBackupLost", err)
 			}
-			r := <-bres
-			if r.err != nil {
-				t.Fatalf("backup: %v", r.err)
+			fo, err := pair.BackupResult()
+			if err != nil {
+				t.Fatalf("backup: %v", err)
 			}
-			t.Logf("failover to epoch %d (primary acked %d) in %v", r.fo.Epoch, p.LastAcked(), r.fo.Took)
-			if r.fo.Epoch < p.LastAcked() || !r.fo.Verified {
-				t.Fatalf("failover to epoch %d (verified %v), primary had %d acknowledged", r.fo.Epoch, r.fo.Verified, p.LastAcked())
+			t.Logf("failover to epoch %d (primary acked %d) in %v", fo.Epoch, p.LastAcked(), fo.Took)
+			if fo.Epoch < p.LastAcked() || !fo.Verified {
+				t.Fatalf("failover to epoch %d (verified %v), primary had %d acknowledged", fo.Epoch, fo.Verified, p.LastAcked())
 			}
 			rm := <-resumed
 			defer rm.Close()
@@ -115,41 +92,18 @@ func TestKVMReplicateAndFailover(t *testing.T) {
 // Killing the backup leaves the primary's guest running, reported unprotected.
 func TestKVMBackupLost(t *testing.T) {
 	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Dirty, Rate: 20000}, nil)
-	b := noResumeBackup(t, testvm.NewMemFile)
-	pc, bc := tcpPair(t)
-	bctx, killBackup := context.WithCancel(context.Background())
-	bdone := make(chan error, 1)
-	go func() { _, err := b.Handle(bctx, bc); bdone <- err }()
 	gate := &recordingGate{}
-	p, err := replicate.NewPrimary(replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{gate}, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	perr := make(chan error, 1)
-	go func() { perr <- p.Run(context.Background(), pc) }()
-	deadline := time.Now().Add(vmtest.Wait)
-	for p.LastAcked() < 5 {
-		if time.Now().After(deadline) {
-			t.Fatal("no epochs acknowledged")
-		}
-		select {
-		case err := <-perr:
-			t.Fatalf("primary stopped: %v", err)
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
+	pair := replicatetest.NewPair(t, replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{gate}},
+		replicate.BackupConfig{NewMemory: testvm.NewMemFile})
+	p := pair.Primary
+	pair.WaitAcked(5)
 	if !p.Protected() {
 		t.Fatal("primary not protected after 5 acks")
 	}
-	killBackup() // the backup's session ends as if its host died
-	<-bdone
-	select {
-	case err := <-perr:
-		if !errors.Is(err, replicate.ErrBackupLost) {
-			t.Fatalf("primary: %v, want ErrBackupLost", err)
-		}
-	case <-time.After(vmtest.Wait):
-		t.Fatal("primary did not notice the backup's loss")
+	pair.KillBackup() // the backup's session ends as if its host died
+	pair.BackupResult()
+	if err := pair.PrimaryErr(); !errors.Is(err, replicate.ErrBackupLost) {
+		t.Fatalf("primary: %v, want ErrBackupLost", err)
 	}
 	if p.Protected() {
 		t.Fatal("primary reports itself protected without a backup")
@@ -220,63 +174,15 @@ func TestKVMDiskDeviceAudited(t *testing.T) {
 	defer img.Close()
 	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Disk, Pattern: testvm.Random,
 		Disk: &testvm.DiskConfig{Blocks: 2048}, DiskIO: img}, nil)
-	b := noResumeBackup(t, testvm.NewMemFile)
-	pc, bc := tcpPair(t)
-	bctx, bstop := context.WithCancel(context.Background())
-	defer bstop()
-	go b.Handle(bctx, bc)
-	p, perr, stop := runPrimary(t, replicate.Config{VM: m, Interval: 10 * time.Millisecond, AuditEvery: 1, Log: testLog(t)}, pc)
+	pair := replicatetest.NewPair(t, replicate.Config{VM: m, Interval: 10 * time.Millisecond, AuditEvery: 1},
+		replicate.BackupConfig{NewMemory: testvm.NewMemFile})
 	reads0 := m.DiskStats().Reads
-	waitAcked(t, p, perr, 40)
-	stop()
-	if err := <-perr; err != nil {
+	pair.WaitAcked(40)
+	if err := pair.Stop(); err != nil {
 		t.Fatalf("replication: %v", err)
 	}
 	if ds := m.DiskStats(); ds.Reads == reads0 || ds.Writes == 0 {
 		t.Fatalf("the device did no reads or writes while replicated: %+v", ds)
-	}
-}
-
-// runPrimary starts a primary with cfg replicating over conn. Run's error
-// arrives on perr; cancel stops it.
-func runPrimary(t *testing.T, cfg replicate.Config, conn net.Conn) (p *replicate.Primary, perr <-chan error, cancel context.CancelFunc) {
-	t.Helper()
-	p, err := replicate.NewPrimary(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ch := make(chan error, 1)
-	done := make(chan struct{})
-	go func() { ch <- p.Run(ctx, conn); close(done) }()
-	// Run must be over before the test's VM is closed and the next test
-	// boots one. The next test's first memory slot failed with EINVAL now
-	// and then, always right after a test that left its engine running; a
-	// VM still alive beside the new one is the likely cause.
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			t.Error("Run did not return within 30s of its context ending")
-		}
-	})
-	return p, ch, cancel
-}
-
-// waitAcked waits until p has epoch n acknowledged, failing the test if
-// replication stops first or it takes longer than vmtest.Wait.
-func waitAcked(t *testing.T, p *replicate.Primary, perr <-chan error, n uint64) {
-	t.Helper()
-	for deadline := time.Now().Add(vmtest.Wait); p.LastAcked() < n; {
-		select {
-		case err := <-perr:
-			t.Fatalf("replication stopped after epoch %d: %v", p.LastAcked(), err)
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d epochs acknowledged", p.LastAcked())
-		}
 	}
 }
 
@@ -306,18 +212,15 @@ func TestKVMSyncThrottles(t *testing.T) {
 	// that starts while most of memory is still holes sends little, leaves
 	// little, and rightly never throttles (seen once in CI under load).
 	vmtest.WaitProgress(t, m, []uint64{4 * (32<<20 - testvm.DataAddr) / replicate.PageSize})
-	b := noResumeBackup(t, testvm.NewMemFile)
-	tpc, bc := tcpPair(t)
-	pc := slowConn{tpc, 100e6}
-	go b.Handle(context.Background(), bc)
 	var mu sync.Mutex
 	var rounds []replicate.SyncProgress
-	cfg := replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t),
+	cfg := replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1,
 		SyncPause: 500 * time.Microsecond, PrecopyThreshold: 64, HeartbeatTimeout: 5 * time.Second,
 		OnSync: func(s replicate.SyncProgress) { mu.Lock(); rounds = append(rounds, s); mu.Unlock() }}
-	p, perr, cancel := runPrimary(t, cfg, pc)
-	defer cancel()
-	waitAcked(t, p, perr, 10)
+	pair := replicatetest.NewUnstartedPair(t, cfg, replicate.BackupConfig{NewMemory: testvm.NewMemFile})
+	pair.Link = func(c net.Conn) net.Conn { return slowConn{c, 100e6} }
+	pair.Start()
+	pair.WaitAcked(10)
 	mu.Lock()
 	defer mu.Unlock()
 	last := rounds[len(rounds)-1]
@@ -355,15 +258,11 @@ func TestKVMSyncThrottles(t *testing.T) {
 // replicated.
 func TestKVMSyncSkipsHoles(t *testing.T) {
 	m := vmtest.Boot(t, testvm.Config{MemSize: 64 << 20, VCPUs: 1, Workload: testvm.Dirty, WorkingSet: 1000, Rate: 20000}, nil)
-	b := noResumeBackup(t, testvm.NewMemFile)
-	pc, bc := tcpPair(t)
-	go b.Handle(context.Background(), bc)
 	rounds := make(chan replicate.SyncProgress, 64)
-	cfg := replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1, Log: testLog(t),
+	cfg := replicate.Config{VM: m, Interval: 20 * time.Millisecond, AuditEvery: 1,
 		OnSync: func(s replicate.SyncProgress) { rounds <- s }}
-	p, perr, cancel := runPrimary(t, cfg, pc)
-	defer cancel()
-	waitAcked(t, p, perr, 5)
+	pair := replicatetest.NewPair(t, cfg, replicate.BackupConfig{NewMemory: testvm.NewMemFile})
+	pair.WaitAcked(5)
 	r0 := <-rounds
 	// The guest touched its code, page tables, status pages and a working
 	// set of 1000 pages: most of its 16384 pages are holes.

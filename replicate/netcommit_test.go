@@ -13,6 +13,7 @@ import (
 	"github.com/repagent/repagent/internal/nettest"
 	"github.com/repagent/repagent/internal/vmtest"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -113,11 +114,6 @@ func TestOutputCommit(t *testing.T) {
 	unprotected := count() // these flowed before replication began
 
 	// Replicate. Each epoch's note is the guest's sequence number in its pause.
-	b := noResumeBackup(t, testvm.NewMemFile)
-	pc, bc := tcpPair(t)
-	bctx, bstop := context.WithCancel(context.Background())
-	defer bstop()
-	go b.Handle(bctx, bc)
 	var nmu sync.Mutex
 	seqAt := map[uint64]uint64{} // epoch -> the guest's sequence number in its pause
 	// The client keeps writing to the guest, so the device's writes into
@@ -131,17 +127,16 @@ func TestOutputCommit(t *testing.T) {
 			time.Sleep(3 * time.Millisecond)
 		}
 	}()
-	p, perr, stop := runPrimary(t, replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{clock}, AuditEvery: 1,
+	pair := replicatetest.NewPair(t, replicate.Config{VM: m, Interval: 20 * time.Millisecond, Gates: []replicate.OutputGate{clock}, AuditEvery: 1,
 		Note:    func() any { return m.Status(0).NetSeq },
-		OnEpoch: func(s *replicate.EpochStats) { nmu.Lock(); seqAt[s.Epoch] = s.Note.(uint64); nmu.Unlock() },
-		Log:     testLog(t)}, pc)
-	waitAcked(t, p, perr, 60)
+		OnEpoch: func(s *replicate.EpochStats) { nmu.Lock(); seqAt[s.Epoch] = s.Note.(uint64); nmu.Unlock() }},
+		replicate.BackupConfig{NewMemory: testvm.NewMemFile})
+	pair.WaitAcked(60)
 	// Check up to the last acknowledged epoch: stopping replication
 	// releases what is held.
-	last := p.LastAcked()
+	last := pair.Primary.LastAcked()
 	sstop()
-	stop()
-	if err := <-perr; err != nil {
+	if err := pair.Stop(); err != nil {
 		t.Fatal(err)
 	}
 

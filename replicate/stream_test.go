@@ -17,6 +17,7 @@ import (
 	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 )
 
 // P5: a backup fed a corrupted, truncated, reordered or foreign stream, a
@@ -104,7 +105,7 @@ type through struct {
 }
 
 // replicateThrough runs a toy primary and a backup with the proxy between
-// them until the backup's session ends.
+// them until the backup's session ends, then waits for the primary.
 func replicateThrough(t *testing.T, m mangler, expect *replicate.Shape) streamResult {
 	t.Helper()
 	return replicateThroughWith(t, m, through{expect: expect})
@@ -121,7 +122,6 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 	var mu sync.Mutex
 	res.acked, res.counts = map[uint64]uint64{}, map[uint64]uint64{}
 	bcfg := replicate.BackupConfig{
-		NewMemory:     tempMemory,
 		VerifyReplica: true,
 		Resume: func(cp *replicate.Checkpoint) error {
 			defer cp.Memory.Close()
@@ -134,42 +134,18 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 			return nil
 		},
 		Expect: o.expect,
-		Log:    testLog(t),
 	}
 	if o.backupDisk != nil {
 		bcfg.NewSink = diskmirror.NewSink(o.backupDisk, diskmirror.ReplicaConfig{})
 	}
-	b, err := replicate.NewBackup(bcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	res.backup = b
-	bln := listen(t)
-	pln := listen(t)
-	backupDone := make(chan struct{})
-	go func() {
-		defer close(backupDone)
-		conn, err := bln.Accept()
-		if err != nil {
-			res.backupErr = err
-			return
-		}
-		res.failover, res.backupErr = b.Handle(context.Background(), conn)
-	}()
-	go proxy(t, pln, bln.Addr().String(), m)
-
-	conn, err := net.Dial("tcp", pln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
 	var stream replicate.Stream
 	if o.disk != nil {
+		var err error
 		if stream, err = diskmirror.NewSource(o.disk, diskmirror.SourceConfig{Block: o.diskBlock}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t),
+	pair := replicatetest.NewUnstartedPair(t, replicate.Config{VM: vm, Interval: 10 * time.Millisecond,
 		Stream: stream, StagingBytes: o.staging,
 		OnEpoch: func(s *replicate.EpochStats) {
 			mu.Lock()
@@ -183,33 +159,21 @@ func replicateThroughWith(t *testing.T, m mangler, o through) streamResult {
 			mu.Lock()
 			res.diskSync = append(res.diskSync, d)
 			mu.Unlock()
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer faultpoint.Attach(p, func(point string, epoch uint64) {
+		}}, bcfg)
+	res.backup = pair.Backup
+	pair.Proxy = proxy(m)
+	defer faultpoint.Attach(pair.Primary, func(point string, epoch uint64) {
 		if point == faultpoint.Pause { // the vCPU is stopped
 			mu.Lock()
 			res.counts[epoch] = vm.count
 			mu.Unlock()
 		}
 	})()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	primaryDone := make(chan error, 1)
-	go func() { primaryDone <- p.Run(ctx, conn) }()
-	select {
-	case <-backupDone:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the backup's session did not end")
-	}
+	pair.Start()
+	res.failover, res.backupErr = pair.BackupResult()
 	// The primary must notice on its own: the backup's reject, or the
 	// connection closing.
-	select {
-	case res.primaryErr = <-primaryDone:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the primary did not notice the session's end")
-	}
+	res.primaryErr = pair.PrimaryErr()
 	mu.Lock()
 	defer mu.Unlock()
 	return res
@@ -233,37 +197,27 @@ func listen(t *testing.T) net.Listener {
 	return ln
 }
 
-// proxy relays one connection from ln to addr, through m one way.
-func proxy(t *testing.T, ln net.Listener, addr string, m mangler) {
-	in, err := ln.Accept()
-	if err != nil {
-		return
-	}
-	defer in.Close()
-	out, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	defer out.Close()
-	go io.Copy(in, out)
-	for {
-		var f frame
-		if _, err := io.ReadFull(in, f.hdr[:]); err != nil {
-			return
-		}
-		f.payload = make([]byte, binary.LittleEndian.Uint32(f.hdr[4:]))
-		if _, err := io.ReadFull(in, f.payload); err != nil {
-			return
-		}
-		frames, cut := m(f)
-		for _, o := range frames {
-			if _, err := out.Write(o.bytes()); err != nil {
+// proxy relays the primary's frames to the backup through m.
+func proxy(m mangler) func(from io.Reader, to io.Writer) {
+	return func(from io.Reader, to io.Writer) {
+		for {
+			var f frame
+			if _, err := io.ReadFull(from, f.hdr[:]); err != nil {
 				return
 			}
-		}
-		if cut {
-			return
+			f.payload = make([]byte, binary.LittleEndian.Uint32(f.hdr[4:]))
+			if _, err := io.ReadFull(from, f.payload); err != nil {
+				return
+			}
+			frames, cut := m(f)
+			for _, o := range frames {
+				if _, err := to.Write(o.bytes()); err != nil {
+					return
+				}
+			}
+			if cut {
+				return
+			}
 		}
 	}
 }
@@ -539,6 +493,8 @@ func TestStreamCraftedContent(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			// Not a replicatetest.Pair: the primary here is the test,
+			// writing crafted bytes on a raw connection to the backup.
 			b := noResumeBackup(t, tempMemory)
 			pc, bc := tcpPair(t)
 			errc := make(chan error, 1)
@@ -612,19 +568,10 @@ func tcpPair(t *testing.T) (net.Conn, net.Conn) {
 // backup's reason.
 func TestRefusedIsTyped(t *testing.T) {
 	shape := replicate.Shape{MemSize: 64 << 20, VCPUs: 1, Regions: []replicate.Region{{GPA: 0, Size: 64 << 20}}}
-	b, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: func(uint64) (*os.File, error) { return nil, errors.New("unused") },
-		Resume: func(*replicate.Checkpoint) error { return nil }, Expect: &shape, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, bc := tcpPair(t)
-	go b.Handle(context.Background(), bc)
 	vm := newToyVM(32 << 20)
-	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 20 * time.Millisecond, Log: testLog(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = p.Run(context.Background(), pc)
+	pair := replicatetest.NewPair(t, replicate.Config{VM: vm, Interval: 20 * time.Millisecond},
+		replicate.BackupConfig{NewMemory: func(uint64) (*os.File, error) { return nil, errors.New("unused") }, Expect: &shape})
+	err := pair.PrimaryErr()
 	var refused *replicate.RefusedError
 	if !errors.As(err, &refused) || !strings.Contains(refused.Reason, "VM shape mismatch") {
 		t.Fatalf("Run: %v; want a RefusedError saying the shape does not match", err)

@@ -1,10 +1,8 @@
 package replicate_test
 
 import (
-	"context"
 	"encoding/binary"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +11,7 @@ import (
 
 	"github.com/repagent/repagent/diskmirror"
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 )
 
 // A backup serves a primary of the previous protocol version, and a primary
@@ -128,13 +127,6 @@ func runVersions(t *testing.T, pv, bv [2]uint32, disk bool, acked uint64) versio
 
 	var r versionRun
 	bcfg := replicate.BackupConfig{
-		NewMemory: func(size uint64) (*os.File, error) {
-			f, err := os.CreateTemp(t.TempDir(), "replica")
-			if err == nil {
-				err = f.Truncate(int64(size))
-			}
-			return f, err
-		},
 		VerifyReplica: true,
 		Resume: func(cp *replicate.Checkpoint) error {
 			defer cp.Memory.Close()
@@ -144,40 +136,11 @@ func runVersions(t *testing.T, pv, bv [2]uint32, disk bool, acked uint64) versio
 			}
 			return nil
 		},
-		Log: testLog(t),
 	}
 	if bimg != nil {
 		bcfg.NewSink = diskmirror.NewSink(bimg, diskmirror.ReplicaConfig{})
 	}
-	b, err := replicate.NewBackup(bcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	if bv != [2]uint32{} {
-		replicate.BackupSpeaks(b, bv[0], bv[1])
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	type served struct {
-		fo  *replicate.Failover
-		err error
-	}
-	backupDone := make(chan served, 1)
-	go func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			backupDone <- served{nil, err}
-			return
-		}
-		fo, err := b.Handle(context.Background(), conn)
-		backupDone <- served{fo, err}
-	}()
-
-	cfg := replicate.Config{VM: vm, Interval: 10 * time.Millisecond, Log: testLog(t)}
+	cfg := replicate.Config{VM: vm, Interval: 10 * time.Millisecond}
 	if mirror != nil {
 		src, err := diskmirror.NewSource(mirror, diskmirror.SourceConfig{})
 		if err != nil {
@@ -185,42 +148,25 @@ func runVersions(t *testing.T, pv, bv [2]uint32, disk bool, acked uint64) versio
 		}
 		cfg.Stream = src
 	}
-	p, err := replicate.NewPrimary(cfg)
-	if err != nil {
-		t.Fatal(err)
+	pair := replicatetest.NewUnstartedPair(t, cfg, bcfg)
+	if bv != [2]uint32{} {
+		replicate.BackupSpeaks(pair.Backup, bv[0], bv[1])
 	}
 	if pv != [2]uint32{} {
-		replicate.PrimarySpeaks(p, pv[0], pv[1])
+		replicate.PrimarySpeaks(pair.Primary, pv[0], pv[1])
 	}
-	conn, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	primaryDone := make(chan error, 1)
-	go func() { primaryDone <- p.Run(context.Background(), conn) }()
+	pair.Timeout = 30 * time.Second
+	pair.Start()
 	if acked == 0 {
-		r.refused = <-primaryDone
-		s := <-backupDone
-		r.backupErr = s.err
+		r.refused = pair.PrimaryErr()
+		_, r.backupErr = pair.BackupResult()
 		return r
 	}
-	deadline := time.After(30 * time.Second)
-	for p.LastAcked() < acked {
-		select {
-		case err := <-primaryDone:
-			r.refused = err
-			conn.Close()
-			<-backupDone
-			return r
-		case <-deadline:
-			t.Fatalf("epoch %d not acknowledged in 30s (acked %d)", acked, p.LastAcked())
-		case <-time.After(time.Millisecond):
-		}
-	}
-	conn.Close() // the primary's host dies
-	r.primaryErr = <-primaryDone
-	s := <-backupDone
-	r.failover, r.backupErr = s.fo, s.err
-	r.version = replicate.SessionVersion(p)
+	// A refusal here fails the test in WaitAcked, with the primary's error.
+	pair.WaitAcked(acked)
+	pair.KillPrimary() // the primary's host dies
+	r.primaryErr = pair.PrimaryErr()
+	r.failover, r.backupErr = pair.BackupResult()
+	r.version = replicate.SessionVersion(pair.Primary)
 	return r
 }

@@ -22,6 +22,9 @@ func TestMetrics(t *testing.T) {
 	pm, bm := metrics.NewPrimaryCollector(), metrics.NewBackupCollector()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(pm, bm)
+	// Wired by hand, not by replicatetest.NewPair: the engines under test
+	// are the ones protect makes from its own configs (Protect, NewBackup),
+	// with the collectors they are given.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -296,9 +296,11 @@ func (p *Pair) Stop() error {
 	return p.PrimaryErr()
 }
 
-// cleanup ends Run before anything else (the test's VM may be closed right
-// after), then closes the listeners and the relay's connections, ends the
-// backup's session, waits for the relay and closes the backup.
+// cleanup ends Run before anything else: the test's VM may be closed right
+// after, and a KVM VM whose engine still ran beside the next test's made
+// that one's first memory slot fail with EINVAL now and then. Then it
+// closes the listeners and the relay's connections, ends the backup's
+// session, waits for the relay and closes the backup.
 func (p *Pair) cleanup() {
 	if p.started {
 		p.stopRun()
