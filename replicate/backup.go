@@ -330,17 +330,16 @@ type session struct {
 	applied atomic.Uint64
 
 	rep       *replica
-	version   uint32 // the protocol version the session speaks
-	precopy   bool   // still in the initial sync
-	round     uint32 // next pre-copy round expected
-	epoch     uint64 // next checkpoint epoch expected
+	version   uint32    // the protocol version the session speaks
+	st        recvState // where the session is in the protocol (wire.go's table)
+	round     uint32    // next pre-copy round expected
+	epoch     uint64    // next checkpoint epoch expected
 	crc       uint32
 	pages     uint64      // pages of the epoch (or pre-copy round) so far
 	arena     recvArena   // the epoch's Pages payloads, as received, and its LZ4 pages decoded
 	recs      []pageRec   // its pages, in stream order
 	ents      []pageEntry // the entries of the Pages message being handled
 	state     []byte
-	hasState  bool
 	seen      []uint64 // bitmap of pages sent in this epoch
 	seenList  []uint64
 	maxStaged int
@@ -388,7 +387,7 @@ func (s *session) reject(err error) error {
 // cpu is the engine CPU the session spent on checkpoints so far (0 before
 // the first). Only the session's goroutine calls it.
 func (s *session) cpu() time.Duration {
-	if s.precopy {
+	if s.st < ckptData {
 		return 0
 	}
 	return s.meter.Total()
@@ -403,7 +402,7 @@ func (s *session) run() error {
 	if err != nil {
 		return s.reject(protoErr("read hello: %v", err))
 	}
-	if h.Type != MsgHello {
+	if !s.st.accepts(h.Type) {
 		return s.reject(protoErr("first message is %v, want hello", h.Type))
 	}
 	hello, v, err := decodeHello(payload, s.b.speak.orDefault())
@@ -446,7 +445,8 @@ func (s *session) run() error {
 			return err
 		}
 	}
-	s.precopy, s.epoch = true, 1
+	s.st, s.epoch = syncRound, 1
+	defer func() { s.st = closed }()
 	s.maxStaged = stagingLimit(hello.Shape.MemSize)
 	for {
 		err := s.next(rd)
@@ -502,12 +502,12 @@ func (s *session) next(rd *msgReader) error {
 		defer s.meter.Stop()
 		return s.handle(h, rd.rawHeader(), payload)
 	}
-	if err := s.enter(h); err != nil {
+	if err := s.admit(h); err != nil {
 		return err
 	}
 	// The limit is on what the stream brings (the LZ4 pages decoded beside
 	// it are bounded anyway: a page appears once per epoch).
-	if !s.precopy && s.recvd+int(h.Length) > s.maxStaged {
+	if s.st != syncRound && s.recvd+int(h.Length) > s.maxStaged {
 		return protoErr("epoch %d exceeds the staging limit of %d bytes", s.epoch, s.maxStaged)
 	}
 	s.recvd += int(h.Length)
@@ -528,7 +528,7 @@ func stagingLimit(memSize uint64) int {
 }
 
 func (s *session) current() uint64 {
-	if s.precopy {
+	if s.st == syncRound {
 		return 0
 	}
 	return s.epoch
@@ -683,14 +683,14 @@ func (s *session) newReplica(shape Shape, sink Sink) error {
 
 // handle takes one message of the stream other than pages.
 func (s *session) handle(h Header, hdr, payload []byte) error {
+	if err := s.admit(h); err != nil {
+		return err
+	}
 	switch h.Type {
 	case MsgHeartbeat:
 		_, err := decodeHeartbeat(s.version, payload)
 		return err
 	case MsgBye:
-		if h.Epoch != s.epoch-1 || s.pages != 0 || s.hasState || len(s.recs) != 0 || s.srecv != nil {
-			return protoErr("bye at epoch %d while epoch %d is in progress", h.Epoch, s.current())
-		}
 		return fmt.Errorf("%w after epoch %d", ErrPrimaryStopped, h.Epoch)
 	case MsgReject:
 		reason, err := decodeReject(payload)
@@ -698,22 +698,11 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 			return err
 		}
 		return fmt.Errorf("%w: %s", ErrPrimaryStopped, reason)
-	case MsgState, MsgEnd, MsgStreamSync, MsgStreamEpoch:
-	default:
-		return protoErr("primary sent %v in the middle of the stream", h.Type)
-	}
-	if err := s.enter(h); err != nil {
-		return err
-	}
-	switch h.Type {
 	case MsgStreamSync, MsgStreamEpoch:
 		return s.handleStream(h, hdr, payload)
 	case MsgState:
-		if s.precopy || s.hasState {
-			return protoErr("unexpected state message in epoch %d", s.current())
-		}
 		s.crc = crc32.Update(crc32.Update(s.crc, castagnoli, hdr), castagnoli, payload)
-		s.state, s.hasState = append(s.state[:0], payload...), true
+		s.state, s.st = append(s.state[:0], payload...), ckptState
 		return nil
 	}
 	end, err := decodeEnd(payload)
@@ -723,11 +712,91 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 	return s.end(end)
 }
 
+// recvState is where a backup's session is in the protocol: the states and
+// the messages legal in each are wire.go's table ("The backup's receiver").
+type recvState uint8
+
+const (
+	awaitHello recvState = iota // nothing yet
+	syncRound                   // the initial sync, epoch 0
+	ckptData                    // checkpoint N before its state
+	ckptState                   // checkpoint N after its state
+	closed                      // the session ended
+)
+
+var recvStateNames = [...]string{"await-hello", "sync-round", "checkpoint-data", "checkpoint-state", "closed"}
+
+func (st recvState) String() string { return recvStateNames[st] }
+
+// msgSet is a set of message types, a bit per type.
+type msgSet uint32
+
+func msgs(ts ...MsgType) msgSet {
+	var m msgSet
+	for _, t := range ts {
+		m |= 1 << t
+	}
+	return m
+}
+
+// recvAccepts is the message types legal from the primary in each state;
+// the conditions beside the table in wire.go are checked by admit and the
+// handlers.
+var recvAccepts = [...]msgSet{
+	awaitHello: msgs(MsgHello),
+	syncRound:  msgs(MsgPages, MsgStreamSync, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
+	ckptData:   msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
+	ckptState:  msgs(MsgPages, MsgEnd, MsgHeartbeat, MsgReject),
+	closed:     0,
+}
+
+// accepts reports whether a message of type t is legal in st.
+func (st recvState) accepts(t MsgType) bool { return t < msgTypes && recvAccepts[st]&(1<<t) != 0 }
+
+// isData reports whether t carries part of an epoch (and so its epoch).
+func isData(t MsgType) bool {
+	return msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd)&(1<<t) != 0
+}
+
+// admit checks that a message is legal now: its type in the receiver's
+// state, and a data message's epoch the one in progress; the first data
+// message of epoch 1 ends the sync (syncRound → ckptData). A message that
+// is not is a protocol error naming it and the state.
+func (s *session) admit(h Header) error {
+	if !isData(h.Type) {
+		switch {
+		case h.Type == MsgBye && (!s.st.accepts(MsgBye) || h.Epoch != s.epoch-1 || s.pages != 0 || len(s.recs) != 0 || s.srecv != nil):
+			return protoErr("bye at epoch %d while epoch %d is in progress (%v)", h.Epoch, s.current(), s.st)
+		case !s.st.accepts(h.Type):
+			return protoErr("primary sent %v in the middle of the stream (%v)", h.Type, s.st)
+		}
+		return nil
+	}
+	if err := s.enter(h); err != nil {
+		return err
+	}
+	if (h.Type == MsgStreamSync || h.Type == MsgStreamEpoch) && s.rep.sink == nil {
+		return protoErr("%v message, and the session has no stream", h.Type)
+	}
+	if s.st.accepts(h.Type) {
+		return nil
+	}
+	switch {
+	case h.Type == MsgState:
+		return protoErr("unexpected state message in epoch %d (%v)", s.current(), s.st)
+	case h.Type == MsgStreamEpoch && s.st == syncRound:
+		return protoErr("stream part of epoch %d in the initial sync", h.Epoch)
+	case s.st == ckptState:
+		return protoErr("%v message after the state of epoch %d", h.Type, s.epoch)
+	}
+	return protoErr("%v message of epoch %d in state %v", h.Type, h.Epoch, s.st)
+}
+
 // enter checks that a data message (pages, state, end, stream) belongs to the
 // epoch in progress; the first checkpoint's first message ends the sync.
 func (s *session) enter(h Header) error {
-	if s.precopy && h.Epoch == 1 && s.pages == 0 {
-		s.precopy = false // the first checkpoint follows the last pre-copy round
+	if s.st == syncRound && h.Epoch == 1 && s.pages == 0 {
+		s.st = ckptData // the first checkpoint follows the last pre-copy round
 		s.meter.Take()
 	}
 	if want := s.current(); h.Epoch != want {
@@ -785,7 +854,7 @@ func (s *session) handlePages(hdr, payload []byte, chunk, off int) error {
 		s.recs = append(s.recs, r)
 	}
 	s.pages += uint64(n)
-	if !s.precopy && s.epoch != 1 {
+	if s.st != syncRound && s.epoch != 1 {
 		return nil
 	}
 	// Until the first checkpoint is complete the replica holds none, so
@@ -804,19 +873,14 @@ func (s *session) handlePages(hdr, payload []byte, chunk, off int) error {
 // epoch's part. In a checkpoint both come before the state, under the
 // checksum.
 func (s *session) handleStream(h Header, hdr, payload []byte) error {
-	if s.rep.sink == nil {
-		return protoErr("%v message, and the session has no stream", h.Type)
-	}
+	// admit checked the state: no stream part in the sync, nothing after
+	// the state; what is left are the epochs each kind belongs to.
 	switch {
-	case h.Type == MsgStreamSync && s.precopy:
+	case h.Type == MsgStreamSync && s.st == syncRound:
 		if s.pages != 0 {
 			return protoErr("stream sync message inside pre-copy round %d", s.round)
 		}
 		return sinkErr(s.rep.sink.ApplySync(payload))
-	case s.precopy:
-		return protoErr("stream part of epoch %d in the initial sync", h.Epoch)
-	case s.hasState:
-		return protoErr("%v message after the state of epoch %d", h.Type, s.epoch)
 	case h.Type == MsgStreamSync && s.epoch != 1:
 		return protoErr("stream sync message in checkpoint epoch %d (only the first carries the sync's residual)", s.epoch)
 	case h.Type == MsgStreamEpoch && s.epoch == 1:
@@ -832,30 +896,31 @@ func (s *session) handleStream(h Header, hdr, payload []byte) error {
 // end closes an epoch: verify, ack, apply.
 func (s *session) end(e End) error {
 	defer s.resetEpoch()
+	precopy := s.st == syncRound
 	switch {
-	case s.precopy && e.Kind != kindPrecopy:
+	case precopy && e.Kind != kindPrecopy:
 		return protoErr("checkpoint end record in the initial sync, with no checkpoint data")
-	case s.precopy && e.Round != s.round:
+	case precopy && e.Round != s.round:
 		return protoErr("end of pre-copy round %d, expected round %d", e.Round, s.round)
-	case !s.precopy && e.Kind != kindCheckpoint:
+	case !precopy && e.Kind != kindCheckpoint:
 		return protoErr("pre-copy round after the first checkpoint")
 	case e.Checksum != s.crc:
 		return protoErr("epoch %d: checksum %08x, the stream sums to %08x (corrupted)", s.current(), e.Checksum, s.crc)
-	case !s.precopy && !s.hasState:
+	case s.st == ckptData:
 		return protoErr("checkpoint epoch %d has no machine state", s.epoch)
 	}
-	if !s.precopy && s.rep.sink != nil && s.epoch > 1 {
+	if !precopy && s.rep.sink != nil && s.epoch > 1 {
 		if err := s.finishStream(); err != nil {
 			return err
 		}
 	}
 	if e.Pages != s.pages {
-		if s.precopy {
+		if precopy {
 			return protoErr("pre-copy round %d: end says %d pages, %d arrived", s.round, e.Pages, s.pages)
 		}
 		return protoErr("epoch %d: end says %d pages, %d arrived", s.epoch, e.Pages, s.pages)
 	}
-	if s.precopy {
+	if precopy {
 		if e.Digest != s.rep.table.digest {
 			return protoErr("pre-copy round %d: digest %s, replica digests to %s", s.round, FormatDigest(e.Digest), FormatDigest(s.rep.table.digest))
 		}
@@ -895,7 +960,10 @@ func (s *session) end(e End) error {
 
 func (s *session) resetEpoch() {
 	s.abortStream()
-	s.crc, s.pages, s.hasState = 0, 0, false
+	s.crc, s.pages = 0, 0
+	if s.st == ckptState {
+		s.st = ckptData // the next checkpoint
+	}
 	s.arena.reset()
 	s.recs, s.state, s.recvd = s.recs[:0], s.state[:0], 0
 	for _, i := range s.seenList {

@@ -85,74 +85,16 @@
 //
 // # The wire protocol
 //
-// One TCP connection per session. Every message starts with a 16-byte
-// little-endian header: type uint16, flags uint16 (0), payload length uint32
-// (at most MaxPayload), epoch uint64. Type 0 is invalid, so a zeroed header
-// means nothing. The payloads (wire.go documents each byte):
-//
-//	hello       P→B  "REPAGENT", versions max and min, page size, vCPUs,
-//	                 memory size, interval, heartbeat period, stream size and
-//	                 sync block size (0 without a stream), regions, VMM name
-//	welcome     B→P  the version chosen (the highest both speak)
-//	reject      both the reason a session is refused or ended, as text
-//	pages       P→B  up to MaxBatchPages pages: a count, then an entry per
-//	                 page (GPA, CRC32C of its 4 KiB, encoding raw, lz4 or
-//	                 zero, data length), then the pages' data back to back
-//	state       P→B  the machine state of a checkpoint epoch
-//	end         P→B  pages in the epoch, memory digest, CRC32C over the
-//	                 epoch's messages in order: headers and page entries of
-//	                 pages messages (their data is covered by the entries'
-//	                 CRCs), stream and state messages whole; kind (pre-copy
-//	                 round or checkpoint), round
-//	ack         B→P  the epoch in the header is safe; the backup's digest and
-//	                 its engine CPU time so far
-//	heartbeat   both the sender's clock, its latest epoch, and a progress
-//	                 count that moves while its engine works (bytes read and
-//	                 pages applied, on the backup)
-//	bye         P→B  the primary stops on purpose: do not fail over
-//	stream-reply B→P part of the sink's reply to hello (a disk's hash list)
-//	stream-sync  P→B one sync message of the stream, applied at once
-//	stream       P→B part of the epoch's stream part (≤ 1 MiB)
-//
-// Pre-copy rounds travel as epoch 0; checkpoints are epochs 1, 2, 3, ... A
-// session:
-//
-//	primary                                   backup
-//	   |---- hello (v2..3, shape) -------------->|  check magic, version, shape
-//	   |<--- welcome (v3) -----------------------|  fresh replica memory
-//	   |---- pages(0) ... end(0, round 0) ------>|  applied as they come: no
-//	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
-//	   |       (pause 1: harvest, save, stage)   |
-//	   |---- pages(1) ... state(1) end(1) ------>|  each page's CRC checked
-//	   |       (pause 2, once 1 is sent)         |  as it arrives; applied
-//	   |---- pages(2) ...                        |  at once for epoch 1 (no
-//	   |                                         |  checkpoint exists yet),
-//	   |                                         |  staged after; at end:
-//	   |                                         |  checksum, page count,
-//	   |                                         |  digest; then
-//	   |<--- ack(1, digest) ---------------------|  ack, then apply to replica
-//	   |  gates commit 1                         |
-//	   |---- ... state(2) end(2) --------------->|
-//	   |<--- heartbeat --------------------------|  (both ways, every period)
-//	   |<--- ack(2, digest) ---------------------|
-//	   X  primary dies                           |
-//	                                             |  EOF, reset or timeout:
-//	                                             |  drop the partial epoch,
-//	                                             |  resume the replica
-//
-// A backup accepts a primary whose [min, max] version range overlaps its
-// own and speaks the highest common one: this is version 3, and it speaks
-// version 2 too (pages with their data inline and no per-page CRC, whole
-// pages messages under the end checksum, no CPU time in acks and no
-// progress in heartbeats; wire.go has the details). Version 1 had no
-// stream and is no longer spoken.
-// Any message that does not decode, breaks the order
-// (a message of another epoch, a second state, a pre-copy round after a
-// checkpoint), exceeds a limit, repeats a page within an epoch, names a page
-// outside memory, or fails its checksum or digest is a protocol error
-// (ErrProtocol): the backup sends reject with the reason, ends the session,
-// and keeps its last good checkpoint; it never applies part of an epoch
-// (save a stream's sync messages, see "Streams").
+// One TCP connection per session carries framed messages: a 16-byte header
+// (type, flags, length, epoch), then a payload. The wire format is
+// documented in one place, wire.go: the session diagram, the backup
+// receiver's states and which message each accepts, every payload byte by
+// byte, the versions spoken (this is version 3; version 2 is accepted too),
+// and how payloads lie in staging on each side. Anything that does not
+// decode or breaks the order is a protocol error (ErrProtocol): the backup
+// sends reject, ends the session and keeps its last good checkpoint; it
+// never applies part of an epoch (save a stream's sync messages, see
+// "Streams").
 //
 // # Streams
 //

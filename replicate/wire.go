@@ -1,5 +1,131 @@
 package replicate
 
+// The wire protocol: the session, the backup receiver's states, and every
+// message's bytes. This file is the one place the format is defined; the
+// sender (sender.go) and the receiver (backup.go) call its encoders and
+// decoders, and switch on the session's version only through them.
+//
+// # Framing
+//
+// One TCP connection per session. Every message starts with a 16-byte
+// little-endian header: type uint16, flags uint16 (0), payload length uint32
+// (at most MaxPayload), epoch uint64. Type 0 is invalid, so a zeroed header
+// means nothing. The payloads (each is laid out byte by byte at its type
+// below):
+//
+//	hello       P→B  "REPAGENT", versions max and min, page size, vCPUs,
+//	                 memory size, interval, heartbeat period, stream size and
+//	                 sync block size (0 without a stream), regions, VMM name
+//	welcome     B→P  the version chosen (the highest both speak)
+//	reject      both the reason a session is refused or ended, as text
+//	pages       P→B  up to MaxBatchPages pages: a count, then an entry per
+//	                 page (GPA, CRC32C of its 4 KiB, encoding raw, lz4 or
+//	                 zero, data length), then the pages' data back to back
+//	                 (version 2: each entry, without CRC, followed by its data)
+//	state       P→B  the machine state of a checkpoint epoch
+//	end         P→B  pages in the epoch, memory digest, CRC32C over the
+//	                 epoch's messages in order: headers and page entries of
+//	                 pages messages (their data is covered by the entries'
+//	                 CRCs; version 2: pages messages whole), stream and
+//	                 state messages whole; kind (pre-copy round or
+//	                 checkpoint), round
+//	ack         B→P  the epoch in the header is safe; the backup's digest and
+//	                 its engine CPU time so far (version 2: the digest)
+//	heartbeat   both the sender's clock, its latest epoch, and a progress
+//	                 count that moves while its engine works (bytes read and
+//	                 pages applied, on the backup; version 2: no progress)
+//	bye         P→B  the primary stops on purpose: do not fail over
+//	stream-reply B→P part of the sink's reply to hello (a disk's hash list)
+//	stream-sync  P→B one sync message of the stream, applied at once
+//	stream       P→B part of the epoch's stream part (≤ 1 MiB)
+//
+// # A session
+//
+// Pre-copy rounds travel as epoch 0; checkpoints are epochs 1, 2, 3, ...
+// (doc.go's "Streams" shows a session with a disk's stream):
+//
+//	primary                                   backup
+//	   |---- hello (v2..3, shape) -------------->|  check magic, version, shape
+//	   |<--- welcome (v3) -----------------------|  fresh replica memory
+//	   |---- pages(0) ... end(0, round 0) ------>|  applied as they come: no
+//	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
+//	   |       (pause 1: harvest, save, stage)   |
+//	   |---- pages(1) ... state(1) end(1) ------>|  each page's CRC checked
+//	   |       (pause 2, once 1 is sent)         |  as it arrives; applied
+//	   |---- pages(2) ...                        |  at once for epoch 1 (no
+//	   |                                         |  checkpoint exists yet),
+//	   |                                         |  staged after; at end:
+//	   |                                         |  checksum, page count,
+//	   |                                         |  digest; then
+//	   |<--- ack(1, digest) ---------------------|  ack, then apply to replica
+//	   |  gates commit 1                         |
+//	   |---- ... state(2) end(2) --------------->|
+//	   |<--- heartbeat --------------------------|  (both ways, every period)
+//	   |<--- ack(2, digest) ---------------------|
+//	   X  primary dies                           |
+//	                                             |  EOF, reset or timeout:
+//	                                             |  drop the partial epoch,
+//	                                             |  resume the replica
+//
+// # The backup's receiver
+//
+// The backup's session is in one of these states (recvState, backup.go):
+//
+//	awaitHello  nothing yet: only a hello is legal
+//	syncRound   the initial sync (epoch 0), inside a pre-copy round or between two
+//	ckptData    checkpoint N before its state: its pages, its stream part
+//	ckptState   checkpoint N after its state, until its end record
+//	closed      the session ended (bye, reject, a protocol error, the primary lost)
+//
+// and accepts, from the primary (✓: legal; →: the state it moves to; a
+// condition in brackets is checked beside the state):
+//
+//	message      awaitHello   syncRound                ckptData                  ckptState
+//	hello        ✓ → syncRound
+//	pages                     ✓                        ✓                         ✓ (a reorder fails the checksum)
+//	stream-sync               ✓ [between rounds]       ✓ [epoch 1: the residual]
+//	stream                                             ✓ [epoch ≥ 2]
+//	state                                              ✓ → ckptState
+//	end                       ✓ → syncRound (round+1)  ✓ [refused: no state]     ✓ → ckptData (N+1)
+//	heartbeat                 ✓                        ✓                         ✓
+//	bye                       ✓ [between rounds] →     ✓ [nothing of N yet] →
+//	                            closed                   closed
+//	reject                    ✓ → closed               ✓ → closed                ✓ → closed
+//
+// A data message (pages, stream-sync, stream, state, end) must carry the
+// epoch in progress: 0 in syncRound, N in a checkpoint. The first data
+// message of epoch 1 in syncRound, between rounds, moves it to ckptData (1):
+// the sync is over. Any other message, or a legal one that fails its
+// condition, is a protocol error naming the message and the state: the
+// backup sends reject, moves to closed, and keeps its last good checkpoint;
+// it never applies part of an epoch (save a stream's sync messages, see
+// doc.go's "Streams"). So is a message that does not decode, exceeds a
+// limit, repeats a page within an epoch, names a page outside memory, or
+// fails its checksum or digest.
+//
+// The primary's reader is simpler: after the welcome (and a stream's reply)
+// it takes acks, heartbeats and a reject, in any order; an ack must name the
+// oldest epoch sent and not acknowledged.
+//
+// # Staging
+//
+// Staging adds no framing of its own: the header's length frames each
+// payload, and a payload's entries locate its pages. On the primary,
+// staging (sender.go's arena) is a ring of 4 KiB page slots, one per page
+// captured, freed in order once an epoch is sent; a batch is its header,
+// count and entries in one buffer (batch.head), then its data as pieces
+// (seg) of staging or of the batch's LZ4 buffer, written with one vectored
+// write: in version 3 a run of raw pages adjacent in staging is one piece,
+// in version 2 each entry goes out between its page's pieces. On the
+// backup, a checkpoint's Pages payloads are read from the socket whole into
+// the receive arena (recvarena.go: chunks of 2 × MaxPayload, so a payload
+// never straddles two), and its LZ4 pages are decoded into the same arena
+// beside them; a pageRec names each page's 4 KiB by chunk and offset (a
+// raw page where it lies in its payload, an LZ4 page where it was decoded;
+// none for a zero page) until the end record verifies and the page is
+// copied into the replica. Pre-copy rounds and checkpoint 1 are applied
+// message by message, the arena reset after each.
+
 import (
 	"bufio"
 	"bytes"
