@@ -81,9 +81,9 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		if !p.stage.has(n) {
 			p.hold.set(false) // the sender needs the workers to make room
 			m.Stop()
-			if !p.stage.wait(n, p.lost) {
+			if !p.stage.wait(n, p.sess.done) {
 				<-p.inflight
-				return p.lostErr
+				return p.sess.cause()
 			}
 			m.Start()
 		}
@@ -103,8 +103,8 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		p.jobs <- job
 		select {
 		case <-job.done:
-		case <-p.lost:
-			return p.lostErr
+		case <-p.sess.done:
+			return p.sess.cause()
 		}
 	}
 	st.DirtyPages = int(n)

@@ -119,7 +119,7 @@ func (t *throttler) run() {
 func (p *Primary) calibrateCopy() {
 	dirty := uint64(p.set.Count())
 	n := min(uint64(calibratePages), dirty/2, p.stage.size)
-	if n == 0 || !p.stage.wait(n, p.lost) {
+	if n == 0 || !p.stage.wait(n, p.sess.done) {
 		return
 	}
 	stride := dirty / n

@@ -234,15 +234,9 @@ type Primary struct {
 	endMsg, endPay []byte    // the sender's end record buffers
 	protected      atomic.Bool
 
-	lost     chan struct{}
-	lostOnce sync.Once
-	lostErr  error
-	// abortErr is set when the primary ends the session itself (a failed VM,
-	// gate or audit, a diverged replica): the backup is told not to fail
-	// over, and the error is not a lost backup.
-	abortErr  atomic.Pointer[error]
-	abortOnce sync.Once
-	released  bool // the gates were released (guarded by gmu)
+	// sess is the session's state (session.go): running, stopping, ended,
+	// unprotected. Its move to unprotected happens under gmu held alone.
+	sess *primarySession
 }
 
 // NewPrimary checks cfg and prepares a primary for Run.
@@ -251,7 +245,7 @@ func NewPrimary(cfg Config) (*Primary, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Primary{cfg: cfg, lay: layoutOf(cfg.VM.DirtySlots(), cfg.VM.NumVCPUs()), lost: make(chan struct{})}
+	p := &Primary{cfg: cfg, lay: layoutOf(cfg.VM.DirtySlots(), cfg.VM.NumVCPUs()), sess: newPrimarySession()}
 	if err := p.lay.shape.check(); err != nil {
 		return nil, fmt.Errorf("VM shape: %w", err)
 	}
@@ -284,7 +278,7 @@ func (p *Primary) Shape() Shape { return p.lay.shape }
 
 // Protected reports whether the backup holds an acknowledged checkpoint and
 // is still reachable.
-func (p *Primary) Protected() bool { return p.protected.Load() && !p.isLost() }
+func (p *Primary) Protected() bool { return p.protected.Load() && !p.sess.ended() }
 
 // LastAcked is the latest epoch the backup acknowledged (0: none yet).
 func (p *Primary) LastAcked() uint64 { return p.lastAcked.Load() }
@@ -503,26 +497,12 @@ func (p *Primary) backupWorking() bool {
 // backupProgressed records a sign that the backup's engine works.
 func (p *Primary) backupProgressed() { p.backupProgressAt.Store(time.Now().UnixNano()) }
 
-// fail records the first reason the session ended and wakes everyone. When
-// the primary aborted the session itself, that is the reason.
+// fail ends the session (the first reason stands; after an abort it is the
+// abort's) and wakes everyone: the connection is closed.
 func (p *Primary) fail(err error) {
-	p.lostOnce.Do(func() {
-		if a := p.abortErr.Load(); a != nil {
-			err = *a
-		}
-		p.lostErr = err
-		close(p.lost)
+	if p.sess.fire(evEnd, err) {
 		p.protected.Store(false)
 		p.conn.Close()
-	})
-}
-
-func (p *Primary) isLost() bool {
-	select {
-	case <-p.lost:
-		return true
-	default:
-		return false
 	}
 }
 
@@ -530,14 +510,12 @@ func (p *Primary) isLost() bool {
 // the backup why with a reject, so that the backup does not fail over to a
 // VM that goes on running here, and half-closes the connection so the reject
 // is not overtaken by a reset. The readers notice the backup closing in turn.
+// Once the session stops or ends for another reason, abort does nothing.
 func (p *Primary) abort(reason error) {
-	p.abortOnce.Do(func() {
-		p.abortErr.Store(&reason)
-		if !p.isLost() {
-			p.writeMsg(encodeMsg(nil, MsgReject, 0, appendReject(nil, "primary stopped replication: "+reason.Error())))
-			p.conn.closeWrite()
-		}
-	})
+	if p.sess.fire(evAbort, reason) {
+		p.writeMsg(encodeMsg(nil, MsgReject, 0, appendReject(nil, "primary stopped replication: "+reason.Error())))
+		p.conn.closeWrite()
+	}
 }
 
 // stop aborts the session with reason and waits (a second at most) for the
@@ -545,7 +523,7 @@ func (p *Primary) abort(reason error) {
 func (p *Primary) stop(reason error) {
 	p.abort(reason)
 	select {
-	case <-p.lost:
+	case <-p.sess.done:
 	case <-time.After(time.Second):
 	}
 	p.fail(reason)
@@ -562,7 +540,7 @@ func (e vmFailure) Unwrap() error { return e.error }
 func (p *Primary) discardGates(n uint64) {
 	p.gmu.Lock()
 	defer p.gmu.Unlock()
-	if p.released {
+	if p.sess.state() == sessUnprotected {
 		return
 	}
 	for _, g := range p.gates {
@@ -572,13 +550,14 @@ func (p *Primary) discardGates(n uint64) {
 	}
 }
 
+// releaseGates moves an ended session to unprotected and releases the
+// gates; it does nothing in any other state.
 func (p *Primary) releaseGates() {
 	p.gmu.Lock()
 	defer p.gmu.Unlock()
-	if p.released {
+	if !p.sess.fire(evRelease, nil) {
 		return
 	}
-	p.released = true
 	for _, g := range p.gates {
 		if err := g.Release(); err != nil {
 			p.cfg.Log.Error("release output gate", "err", err)
@@ -592,7 +571,7 @@ func (p *Primary) releaseGates() {
 // backup first, so it does not fail over, and is returned as it is.
 func (p *Primary) unprotected(cause error) error {
 	var le *linkError
-	if !p.isLost() && !errors.As(cause, &le) {
+	if !p.sess.ended() && !errors.As(cause, &le) {
 		p.stop(cause)
 	}
 	p.fail(cause)
@@ -600,12 +579,13 @@ func (p *Primary) unprotected(cause error) error {
 		p.discardGates(p.lastAcked.Load())
 	}
 	p.releaseGates()
-	if a := p.abortErr.Load(); a != nil {
-		p.cfg.Log.Error("REPLICATION STOPPED: the VM runs UNPROTECTED", "cause", *a, "last-acked-epoch", p.lastAcked.Load())
-		return fmt.Errorf("replication stopped: %w", *a)
+	if a := p.sess.aborted(); a != nil {
+		p.cfg.Log.Error("REPLICATION STOPPED: the VM runs UNPROTECTED", "cause", a, "last-acked-epoch", p.lastAcked.Load())
+		return fmt.Errorf("replication stopped: %w", a)
 	}
-	p.cfg.Log.Error("BACKUP LOST: the VM runs UNPROTECTED", "cause", p.lostErr, "last-acked-epoch", p.lastAcked.Load())
-	return &BackupLostError{Cause: p.lostErr}
+	cause = p.sess.cause()
+	p.cfg.Log.Error("BACKUP LOST: the VM runs UNPROTECTED", "cause", cause, "last-acked-epoch", p.lastAcked.Load())
+	return &BackupLostError{Cause: cause}
 }
 
 // finish ends a session on purpose: wait for the epochs captured to be
@@ -627,8 +607,8 @@ func (p *Primary) finish() error {
 	defer tick.Stop()
 	for p.lastAcked.Load() < p.lastSent.Load() || len(p.inflight) > 0 {
 		select {
-		case <-p.lost:
-			return p.unprotected(p.lostErr)
+		case <-p.sess.done:
+			return p.unprotected(p.sess.cause())
 		case <-tick.C:
 		}
 		if !p.backupWorking() {
@@ -636,11 +616,17 @@ func (p *Primary) finish() error {
 				p.lastAcked.Load()+1, captured, p.cfg.HeartbeatTimeout))
 		}
 	}
+	if !p.sess.fire(evBye, nil) { // aborted or ended meanwhile
+		if a := p.sess.aborted(); a != nil {
+			return p.unprotected(a)
+		}
+		return p.unprotected(p.sess.cause())
+	}
 	err := p.writeMsg(encodeMsg(nil, MsgBye, p.lastSent.Load(), nil))
 	if err == nil {
 		p.conn.closeWrite()
 		select { // the backup hangs up once it has the bye
-		case <-p.lost:
+		case <-p.sess.done:
 		case <-time.After(time.Second):
 		}
 	}
@@ -659,7 +645,7 @@ func (p *Primary) finish() error {
 func (p *Primary) gateCall(gates []OutputGate, f func(OutputGate) error) error {
 	p.gmu.RLock()
 	defer p.gmu.RUnlock()
-	if p.released {
+	if p.sess.state() == sessUnprotected {
 		return nil
 	}
 	for _, g := range gates {
@@ -761,7 +747,7 @@ func (p *Primary) heartbeatLoop() {
 	var buf, payload []byte
 	for {
 		select {
-		case <-p.lost:
+		case <-p.sess.done:
 			return
 		case <-t.C:
 		}
@@ -805,8 +791,8 @@ func (p *Primary) streamSync(ctx context.Context, phase SyncPhase) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if p.isLost() {
-			return p.lostErr
+		if p.sess.ended() {
+			return p.sess.cause()
 		}
 		if err := checkStreamMessage(msg); err != nil {
 			return err
@@ -819,8 +805,8 @@ func (p *Primary) streamSync(ctx context.Context, phase SyncPhase) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if p.isLost() {
-			return p.lostErr
+		if p.sess.ended() {
+			return p.sess.cause()
 		}
 		return fmt.Errorf("stream sync (%v): %w", phase, err)
 	}
@@ -937,8 +923,8 @@ func (p *Primary) memorySync(ctx context.Context) (err error) {
 func (p *Primary) submit(ctx context.Context, job *epochJob) error {
 	select {
 	case p.inflight <- struct{}{}:
-	case <-p.lost:
-		return p.lostErr
+	case <-p.sess.done:
+		return p.sess.cause()
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -946,8 +932,8 @@ func (p *Primary) submit(ctx context.Context, job *epochJob) error {
 	select {
 	case <-job.done:
 		return nil
-	case <-p.lost:
-		return p.lostErr
+	case <-p.sess.done:
+		return p.sess.cause()
 	case <-ctx.Done():
 		return ctx.Err() // the round is cut off, not waited for
 	}
@@ -996,8 +982,8 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-p.lost:
-			return p.lostErr
+		case <-p.sess.done:
+			return p.sess.cause()
 		case <-timer.C:
 		}
 		if ctx.Err() != nil {
@@ -1010,16 +996,16 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 			case <-prev.sent:
 			case <-ctx.Done():
 				return nil
-			case <-p.lost:
-				return p.lostErr
+			case <-p.sess.done:
+				return p.sess.cause()
 			}
 		}
 		select {
 		case p.inflight <- struct{}{}:
 		case <-ctx.Done():
 			return nil
-		case <-p.lost:
-			return p.lostErr
+		case <-p.sess.done:
+			return p.sess.cause()
 		}
 		st.Wait = time.Since(t0)
 		if err := p.checkpoint(epoch, st); err != nil {

@@ -342,7 +342,7 @@ func (h *workerHold) wait(m *cpuclock.Meter) {
 // sendLoop sends jobs in order, one at a time.
 func (p *Primary) sendLoop() {
 	for job := range p.jobs {
-		if !p.isLost() && p.abortErr.Load() == nil {
+		if p.sess.state() == sessRunning {
 			if err := p.send(job); err != nil {
 				var le *linkError
 				if !errors.As(err, &le) {
