@@ -271,7 +271,7 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	}
 	b.mu.Unlock()
 	if rep == nil || rep.epoch == 0 {
-		return nil, fmt.Errorf("%w (%v)", ErrNoCheckpoint, cause)
+		return nil, fmt.Errorf("%w (%w)", ErrNoCheckpoint, cause)
 	}
 	fo := &Failover{Epoch: rep.epoch, Digest: rep.digest, Cause: cause}
 	b.log.Warn("PRIMARY LOST: failing over", "cause", cause, "epoch", rep.epoch)
@@ -434,7 +434,7 @@ func (s *session) run() error {
 	// up waits while the primary is heard from.
 	s.conn.alive = func() bool { return s.conn.heardWithin(s.timeout) }
 	if err := s.write(MsgWelcome, 0, appendWelcome(nil, v)); err != nil {
-		return fmt.Errorf("%w: send welcome: %v", errPrimaryLost, err)
+		return fmt.Errorf("%w: send welcome: %w", errPrimaryLost, err)
 	}
 	s.b.log.Info("primary connected", "from", s.conn.RemoteAddr(), "vmm", hello.VMM, "shape", hello.Shape,
 		"interval", hello.Interval, "version", v, "heartbeat-timeout", s.timeout)
@@ -464,7 +464,7 @@ func (s *session) run() error {
 			if err == io.ErrUnexpectedEOF {
 				err = errors.New("stream ended inside a message")
 			}
-			return fmt.Errorf("%w: %v (epoch %d in progress dropped)", errPrimaryLost, err, s.current())
+			return fmt.Errorf("%w: %w (epoch %d in progress dropped)", errPrimaryLost, err, s.current())
 		}
 		return err
 	}
@@ -590,7 +590,7 @@ func (s *session) sendReply(sink Sink) error {
 	for b := reply; len(b) > 0; {
 		k := min(len(b), streamChunk)
 		if err := s.write(MsgStreamReply, 0, b[:k]); err != nil {
-			return fmt.Errorf("%w: send the stream reply: %v", errPrimaryLost, err)
+			return fmt.Errorf("%w: send the stream reply: %w", errPrimaryLost, err)
 		}
 		b = b[k:]
 	}

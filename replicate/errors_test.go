@@ -3,10 +3,13 @@ package replicate_test
 import (
 	"errors"
 	"fmt"
+	"net"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/repagent/repagent/replicate"
+	"github.com/repagent/repagent/replicate/replicatetest"
 )
 
 // TestBackupLostErrorWraps: a lost backup matches ErrBackupLost and its
@@ -27,4 +30,26 @@ func TestBackupLostErrorWraps(t *testing.T) {
 	if errors.Is(cause, replicate.ErrBackupLost) {
 		t.Error("the cause alone matches ErrBackupLost")
 	}
+}
+
+// A primary whose connection is reset is lost to the backup with the reset
+// as the cause, wrapped all the way: the failover's Cause matches
+// ECONNRESET.
+func TestPrimaryLostWrapsTheReset(t *testing.T) {
+	pair := replicatetest.NewUnstartedPair(t, replicate.Config{VM: newToyVM(8 << 20), Interval: 20 * time.Millisecond},
+		replicate.BackupConfig{Resume: func(cp *replicate.Checkpoint) error { return cp.Memory.Close() }})
+	var tcp *net.TCPConn
+	pair.Link = func(c net.Conn) net.Conn { tcp = c.(*net.TCPConn); return c }
+	pair.Start()
+	pair.WaitAcked(2)
+	tcp.SetLinger(0) // close with a reset
+	tcp.Close()
+	fo, err := pair.BackupResult()
+	if err != nil {
+		t.Fatalf("failover: %v", err)
+	}
+	if !errors.Is(fo.Cause, syscall.ECONNRESET) {
+		t.Fatalf("failover cause %q does not match ECONNRESET", fo.Cause)
+	}
+	t.Logf("cause: %v", fo.Cause)
 }

@@ -196,7 +196,7 @@ func ReadSnapshot(path string) (state []byte, mem *os.File, err error) {
 	crc, err := readExtents(f, h.memOff, dst)
 	if err != nil {
 		mem.Close()
-		return nil, nil, fmt.Errorf("read snapshot %s: %w: memory: %v", path, ErrBadSnapshot, err)
+		return nil, nil, fmt.Errorf("read snapshot %s: %w: memory: %w", path, ErrBadSnapshot, err)
 	}
 	if crc != h.memCRC {
 		mem.Close()

@@ -672,7 +672,7 @@ func (b *runner) runReplicated(ctx context.Context, m *testvm.Machine, ready tim
 		select {
 		case err := <-perr:
 			running = false
-			return fmt.Errorf("replication stopped during the warm-up: %v", err)
+			return fmt.Errorf("replication stopped during the warm-up: %w", err)
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-m.Done():
@@ -687,7 +687,7 @@ func (b *runner) runReplicated(ctx context.Context, m *testvm.Machine, ready tim
 	select {
 	case err := <-perr:
 		running = false
-		return fmt.Errorf("replication stopped while measuring: %v", err)
+		return fmt.Errorf("replication stopped while measuring: %w", err)
 	default:
 	}
 	cancel()
@@ -717,7 +717,7 @@ func (b *runner) runReplicated(ctx context.Context, m *testvm.Machine, ready tim
 			// A protocol error here (the backup refusing how the session
 			// ended) is a P5 regression, not noise: the primary says bye
 			// only once every epoch it captured is acknowledged.
-			return fmt.Errorf("backup: %v", br.err)
+			return fmt.Errorf("backup: %w", br.err)
 		}
 	case <-time.After(modeHeartbeatTimeout + 5*time.Second):
 		return errors.New("the backup did not see the primary stop")
