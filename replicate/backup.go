@@ -20,19 +20,6 @@ import (
 	"github.com/repagent/repagent/internal/hostsys"
 )
 
-// Errors a Backup returns.
-var (
-	// ErrPrimaryStopped: the primary ended the session on purpose (it said
-	// bye, or that its VM stopped). There is nothing to fail over.
-	ErrPrimaryStopped = errors.New("primary stopped replication")
-	// ErrNoCheckpoint: the primary was lost before the first checkpoint of its
-	// session completed, so there is no VM state to resume.
-	ErrNoCheckpoint = errors.New("primary lost before its first checkpoint: nothing to resume")
-	// ErrReplicaCorrupt: at failover the replica's memory does not match the
-	// digest of its checkpoint; it is not resumed.
-	ErrReplicaCorrupt = errors.New("replica memory does not match its checkpoint")
-)
-
 // errPrimaryLost marks a session that ended because the primary went away.
 var errPrimaryLost = errors.New("primary lost")
 
@@ -710,52 +697,6 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		return err
 	}
 	return s.end(end)
-}
-
-// recvState is where a backup's session is in the protocol: the states and
-// the messages legal in each are wire.go's table ("The backup's receiver").
-type recvState uint8
-
-const (
-	awaitHello recvState = iota // nothing yet
-	syncRound                   // the initial sync, epoch 0
-	ckptData                    // checkpoint N before its state
-	ckptState                   // checkpoint N after its state
-	closed                      // the session ended
-)
-
-var recvStateNames = [...]string{"await-hello", "sync-round", "checkpoint-data", "checkpoint-state", "closed"}
-
-func (st recvState) String() string { return recvStateNames[st] }
-
-// msgSet is a set of message types, a bit per type.
-type msgSet uint32
-
-func msgs(ts ...MsgType) msgSet {
-	var m msgSet
-	for _, t := range ts {
-		m |= 1 << t
-	}
-	return m
-}
-
-// recvAccepts is the message types legal from the primary in each state;
-// the conditions beside the table in wire.go are checked by admit and the
-// handlers.
-var recvAccepts = [...]msgSet{
-	awaitHello: msgs(MsgHello),
-	syncRound:  msgs(MsgPages, MsgStreamSync, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
-	ckptData:   msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
-	ckptState:  msgs(MsgPages, MsgEnd, MsgHeartbeat, MsgReject),
-	closed:     0,
-}
-
-// accepts reports whether a message of type t is legal in st.
-func (st recvState) accepts(t MsgType) bool { return t < msgTypes && recvAccepts[st]&(1<<t) != 0 }
-
-// isData reports whether t carries part of an epoch (and so its epoch).
-func isData(t MsgType) bool {
-	return msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd)&(1<<t) != 0
 }
 
 // admit checks that a message is legal now: its type in the receiver's

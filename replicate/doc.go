@@ -13,6 +13,20 @@
 // and the package's disk example). The engine knows no disk: a stream's
 // bytes are opaque to it.
 //
+// # Where things are
+//
+//   - The epoch loop: Primary.epochLoop in primary.go (one pause after
+//     another), with the pause's capture in capture.go, the initial sync and
+//     its throttle in converge.go, compressing and sending in sender.go.
+//   - The wire format: wire.go, which opens with the session diagram and the
+//     backup receiver's table, and holds every payload's encoder and decoder.
+//   - The session states: session.go, both sides' (the primary's session from
+//     running to unprotected, with its transition table; the backup
+//     receiver's states and the messages each accepts).
+//   - The backup: backup.go (Serve, Handle, staging, apply, failover).
+//   - The contracts a VMM and its devices implement: contract.go; the
+//     typed errors a caller decides on: errors.go.
+//
 // # Epochs
 //
 // A Primary first syncs memory while the guest runs: round 0 sends every page,
@@ -173,8 +187,8 @@
 //
 // The primary deems the backup lost on the same signs. It keeps the guest
 // running, releases the gates (OutputGate.Release: output flows,
-// unprotected), logs it loudly, and Run returns an error wrapping
-// ErrBackupLost. When replication fails on the primary while the link works
+// unprotected), logs it loudly, and Run returns a *BackupLostError (it wraps
+// ErrBackupLost and the cause, down to the errno). When replication fails on the primary while the link works
 // (its VM, a gate, an audit, a replica whose digest diverged), the primary
 // sends reject and half-closes: the backup ends the session without failing
 // over, since the VM goes on (or failed) on the primary. Only silence or a

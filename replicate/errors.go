@@ -1,5 +1,22 @@
 package replicate
 
+import "errors"
+
+// The errors a caller of the engine decides on. Every cause is wrapped with
+// %w, so errors.Is and errors.As see through to the errno or the reason.
+
+// ErrProtocol is returned (wrapped, naming the problem) for anything on the
+// wire that does not decode or breaks the protocol's rules: the side that
+// sees it drops the session and keeps its last good checkpoint.
+var ErrProtocol = errors.New("replication protocol error")
+
+// ErrBackupLost is matched (errors.Is) by what Primary.Run returns when the
+// backup stopped answering, closed the connection or ended the session after
+// it began. The guest keeps running, unprotected; the output gates were
+// released. The error is a *BackupLostError, with the cause. A session the
+// backup refuses at hello is a *RefusedError.
+var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
+
 // BackupLostError is what Primary.Run returns when the backup was lost after
 // the session began: Cause is why (the link's error, such as a reset or a
 // timeout, or the reason the backup gave). It matches ErrBackupLost
@@ -16,3 +33,25 @@ func (e *BackupLostError) Is(target error) bool { return target == ErrBackupLost
 
 // Unwrap returns the cause.
 func (e *BackupLostError) Unwrap() error { return e.Cause }
+
+// RefusedError is a backup's refusal of a session, with the reason it gave
+// (its VM shape, version, stream or memory limit). Run returns it (errors.As)
+// when the backup rejects the hello or the stream's set-up.
+type RefusedError struct {
+	Reason string
+}
+
+func (e *RefusedError) Error() string { return "backup refused the session: " + e.Reason }
+
+// Errors a Backup returns.
+var (
+	// ErrPrimaryStopped: the primary ended the session on purpose (it said
+	// bye, or that its VM stopped). There is nothing to fail over.
+	ErrPrimaryStopped = errors.New("primary stopped replication")
+	// ErrNoCheckpoint: the primary was lost before the first checkpoint of its
+	// session completed, so there is no VM state to resume.
+	ErrNoCheckpoint = errors.New("primary lost before its first checkpoint: nothing to resume")
+	// ErrReplicaCorrupt: at failover the replica's memory does not match the
+	// digest of its checkpoint; it is not resumed.
+	ErrReplicaCorrupt = errors.New("replica memory does not match its checkpoint")
+)

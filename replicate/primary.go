@@ -31,22 +31,6 @@ const (
 	MinHeartbeatTimeout = 2 * time.Second
 )
 
-// ErrBackupLost is matched (errors.Is) by what Primary.Run returns when the
-// backup stopped answering, closed the connection or ended the session after
-// it began. The guest keeps running, unprotected; the output gates were
-// released. The error is a *BackupLostError, with the cause. A session the
-// backup refuses at hello is a *RefusedError.
-var ErrBackupLost = errors.New("backup lost: the VM runs unprotected")
-
-// RefusedError is a backup's refusal of a session, with the reason it gave
-// (its VM shape, version, stream or memory limit). Run returns it (errors.As)
-// when the backup rejects the hello or the stream's set-up.
-type RefusedError struct {
-	Reason string
-}
-
-func (e *RefusedError) Error() string { return "backup refused the session: " + e.Reason }
-
 // Config configures a Primary.
 type Config struct {
 	// VM is the VM to protect.

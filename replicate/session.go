@@ -2,6 +2,11 @@ package replicate
 
 import "sync"
 
+// This file holds the states of a session on both sides: the primary's, from
+// running to its end (sessState), and the backup's receiver, which takes each
+// message of the primary's only in the states wire.go's table lists
+// (recvState).
+
 // The primary's session with its backup is a state machine. Whoever ends
 // the session (the epoch loop, the sender, the reader, the heartbeat, Run's
 // own end) fires an event; the table below says what the event does in each
@@ -139,4 +144,50 @@ func (s *primarySession) aborted() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.abortErr
+}
+
+// recvState is where a backup's session is in the protocol: the states and
+// the messages legal in each are wire.go's table ("The backup's receiver").
+type recvState uint8
+
+const (
+	awaitHello recvState = iota // nothing yet
+	syncRound                   // the initial sync, epoch 0
+	ckptData                    // checkpoint N before its state
+	ckptState                   // checkpoint N after its state
+	closed                      // the session ended
+)
+
+var recvStateNames = [...]string{"await-hello", "sync-round", "checkpoint-data", "checkpoint-state", "closed"}
+
+func (st recvState) String() string { return recvStateNames[st] }
+
+// msgSet is a set of message types, a bit per type.
+type msgSet uint32
+
+func msgs(ts ...MsgType) msgSet {
+	var m msgSet
+	for _, t := range ts {
+		m |= 1 << t
+	}
+	return m
+}
+
+// recvAccepts is the message types legal from the primary in each state;
+// the conditions beside the table in wire.go are checked by admit and the
+// handlers.
+var recvAccepts = [...]msgSet{
+	awaitHello: msgs(MsgHello),
+	syncRound:  msgs(MsgPages, MsgStreamSync, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
+	ckptData:   msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
+	ckptState:  msgs(MsgPages, MsgEnd, MsgHeartbeat, MsgReject),
+	closed:     0,
+}
+
+// accepts reports whether a message of type t is legal in st.
+func (st recvState) accepts(t MsgType) bool { return t < msgTypes && recvAccepts[st]&(1<<t) != 0 }
+
+// isData reports whether t carries part of an epoch (and so its epoch).
+func isData(t MsgType) bool {
+	return msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd)&(1<<t) != 0
 }

@@ -69,7 +69,7 @@ package replicate
 //
 // # The backup's receiver
 //
-// The backup's session is in one of these states (recvState, backup.go):
+// The backup's session is in one of these states (recvState, session.go):
 //
 //	awaitHello  nothing yet: only a hello is legal
 //	syncRound   the initial sync (epoch 0), inside a pre-copy round or between two
@@ -130,7 +130,6 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -190,11 +189,6 @@ const (
 )
 
 var magic = [8]byte{'R', 'E', 'P', 'A', 'G', 'E', 'N', 'T'}
-
-// ErrProtocol is returned (wrapped, naming the problem) for anything on the
-// wire that does not decode or breaks the protocol's rules: the side that
-// sees it drops the session and keeps its last good checkpoint.
-var ErrProtocol = errors.New("replication protocol error")
 
 func protoErr(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrProtocol}, args...)...)
