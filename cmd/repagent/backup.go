@@ -83,25 +83,18 @@ package main
 // kills either side at an exact point, is described in options.go.
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"os"
-	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
 
-	"github.com/repagent/repagent/internal/faultpoint"
+	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/replicate"
-	"github.com/repagent/repagent/replicate/metrics"
-	"github.com/repagent/repagent/replicate/protect"
 	"github.com/repagent/repagent/testvm"
 )
 
@@ -127,22 +120,6 @@ Flags:
 // exitNoCheckpoint is the backup's exit code when the primary was lost
 // before its first checkpoint.
 const exitNoCheckpoint = 3
-
-// backupOptions is what the backup command was asked to do.
-type backupOptions struct {
-	listen           string
-	expectMem        uint64
-	expectVCPUs      int
-	heartbeatTimeout time.Duration
-	runAfter         time.Duration
-	skipVerify       bool
-	verifyReplica    bool
-	quiet            bool
-	tap              string
-	disk             string
-	metrics          string
-	fault            *fault
-}
 
 type backupFlags struct {
 	fs               *pflag.FlagSet
@@ -174,20 +151,20 @@ func newBackupFlags() *backupFlags {
 	fs.BoolVar(&f.quiet, "quiet", false, "print no per-second lines, and log only warnings")
 	fs.StringVar(&f.tap, "tap", "", "at failover, give the resumed guest's network device the tap called `name` (opened in this process's network namespace) and announce its MAC and IP there")
 	fs.StringVar(&f.disk, "disk", "", "the backup's disk image `file`, required when the primary has --disk and of the same size: kept equal to the primary's disk at the checkpoint held, it is the resumed guest's disk at failover (checked first against the guest's records when it runs the disk workload)")
-	fs.StringVar(&f.metrics, "metrics", "", metricsHelp)
+	fs.StringVar(&f.metrics, "metrics", "", agent.MetricsHelp)
 	return f
 }
 
 // parseBackupArgs parses and checks the backup command's arguments and the
 // values of REPAGENT_FAULT and REPAGENT_FAULT_KILL_PID. It returns
 // pflag.ErrHelp for --help, and otherwise any error is a usage error.
-func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, error) {
+func parseBackupArgs(args []string, faultEnv, killPID string) (*agent.BackupJob, error) {
 	f := newBackupFlags()
 	if err := parseFlags(f.fs, args); err != nil {
 		return nil, err
 	}
-	o := &backupOptions{listen: f.listen, expectVCPUs: f.expectVCPUs, heartbeatTimeout: f.heartbeatTimeout,
-		runAfter: f.runAfter, skipVerify: f.skipVerify, verifyReplica: f.verifyReplica, quiet: f.quiet, tap: f.tap, disk: f.disk, metrics: f.metrics}
+	o := &agent.BackupJob{Listen: f.listen, ExpectVCPUs: f.expectVCPUs, HeartbeatTimeout: f.heartbeatTimeout,
+		RunAfter: f.runAfter, SkipVerify: f.skipVerify, VerifyReplica: f.verifyReplica, Quiet: f.quiet, Tap: f.tap, Disk: f.disk, Metrics: f.metrics}
 	if f.listen == "" {
 		return nil, usagef("--listen is required: the address to accept the primary on, e.g. --listen :7070")
 	}
@@ -208,7 +185,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 		if err := (testvm.Config{MemSize: mem, VCPUs: f.expectVCPUs}).Validate(); err != nil {
 			return nil, usagef("--expect-mem: %w", err)
 		}
-		o.expectMem = mem
+		o.ExpectMem = mem
 	}
 	if f.heartbeatTimeout < 0 {
 		return nil, usagef("--heartbeat-timeout %v: must not be negative", f.heartbeatTimeout)
@@ -216,7 +193,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 	if f.runAfter < 0 {
 		return nil, usagef("--run-after-failover %v: must not be negative", f.runAfter)
 	}
-	if err := checkMetricsAddr(f.metrics); err != nil {
+	if err := agent.CheckMetricsAddr(f.metrics); err != nil {
 		return nil, err
 	}
 	if f.fs.Changed("tap") && (f.tap == "" || len(f.tap) >= 16 || strings.ContainsAny(f.tap, "/ \t\n:")) {
@@ -224,7 +201,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 	}
 	if f.fs.Changed("disk") {
 		// The primary's image has the same size, so the same checks hold.
-		if _, err := diskImageSize("--disk", f.disk); err != nil {
+		if _, err := agent.DiskImageSize("--disk", f.disk); err != nil {
 			return nil, err
 		}
 	}
@@ -232,7 +209,7 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*backupOptions, e
 	if err != nil {
 		return nil, err
 	}
-	o.fault = flt
+	o.Fault = flt
 	return o, nil
 }
 
@@ -248,276 +225,3 @@ func runBackup(args []string, stdout, stderr io.Writer) int {
 	}
 	return execute("repagent backup", o, err, help, code, stdout, stderr)
 }
-
-// testVMShape is the shape a primary running the test VM with mem bytes and
-// vcpus vCPUs declares: the test VM's memory slots, as its DirtySlots lists
-// them (the engine's VM contract). It builds such a VM, without running it, to
-// read them: the slot layout is testvm's to decide.
-func testVMShape(mem uint64, vcpus int) (replicate.Shape, error) {
-	m, err := testvm.New(testvm.Config{MemSize: mem, VCPUs: vcpus, Workload: testvm.Idle})
-	if err != nil {
-		return replicate.Shape{}, fmt.Errorf("expected shape: %w", err)
-	}
-	defer m.Close()
-	s := replicate.Shape{VCPUs: uint32(m.NumVCPUs())}
-	for _, slot := range m.DirtySlots() {
-		s.Regions = append(s.Regions, replicate.Region{Slot: slot.ID, GPA: slot.GPA, Size: slot.Size})
-		s.MemSize += slot.Size
-	}
-	return s, nil
-}
-
-// backupProgress counts the checkpoints applied, for the per-second lines
-// (and, with --metrics, for metrics).
-type backupProgress struct {
-	mu     sync.Mutex
-	epochs uint64 // applied in the current second
-	pages  uint64
-	last   uint64 // the latest epoch applied
-	any    bool
-
-	metrics *metrics.BackupCollector // with --metrics; nil ignores it
-}
-
-func (p *backupProgress) onEpoch(epoch uint64, pages int, _ uint64) {
-	p.mu.Lock()
-	p.epochs++
-	p.pages += uint64(pages)
-	p.last = epoch
-	p.any = true
-	p.mu.Unlock()
-}
-
-// line returns the second's line (nil before the first checkpoint) and
-// starts the next second.
-func (p *backupProgress) line(elapsed time.Duration, secs float64) *string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if !p.any {
-		return nil
-	}
-	dirty := "-"
-	if p.epochs > 0 {
-		dirty = si(float64(p.pages) / float64(p.epochs))
-	}
-	s := fmt.Sprintf("%6.1fs  epoch %d  %.1f epochs/s  %s pages/epoch", elapsed.Seconds(), p.last, float64(p.epochs)/secs, dirty)
-	p.epochs, p.pages = 0, 0
-	return &s
-}
-
-// run serves primaries until one stops on purpose or is lost; on a loss it
-// resumes the VM, runs it and verifies it.
-func (o *backupOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) error {
-	log := newLogger(stderr, o.quiet)
-	cfg := replicate.BackupConfig{
-		NewMemory:        testvm.NewMemFile,
-		HeartbeatTimeout: o.heartbeatTimeout,
-		VerifyReplica:    o.verifyReplica,
-		Log:              log,
-	}
-	pc := protect.BackupConfig{Tap: o.tap, OnAnnounce: func(tap string, mac net.HardwareAddr, ip netip.Addr, err error) {
-		if err != nil {
-			log.Error("announce the resumed guest", "tap", tap, "err", err)
-			return
-		}
-		fmt.Fprintf(stdout, "announced mac=%s ip=%s on %s\n", mac, ip, tap)
-	}}
-	if o.expectMem != 0 {
-		shape, err := testVMShape(o.expectMem, o.expectVCPUs)
-		if err != nil {
-			return err
-		}
-		cfg.Expect = &shape
-	}
-	var hook faultpoint.Func
-	if f := o.fault; f != nil {
-		hook = func(point string, epoch uint64) {
-			if point == f.point && epoch == f.n {
-				log.Warn("fault injection: killing the primary mid-apply", "pid", f.killPID, "epoch", epoch)
-				if err := syscall.Kill(f.killPID, syscall.SIGKILL); err != nil {
-					log.Error("fault injection: kill", "pid", f.killPID, "err", err)
-				}
-				time.Sleep(100 * time.Millisecond)
-			}
-		}
-	}
-	var (
-		resumed *testvm.Machine
-		first   snapshot
-	)
-	var disk *os.File
-	defer func() {
-		if disk != nil {
-			disk.Close() // after the backup's Close
-		}
-	}()
-	if o.disk != "" {
-		var err error
-		if disk, err = os.OpenFile(o.disk, os.O_RDWR, 0); err != nil {
-			return fmt.Errorf("open disk image: %w", err)
-		}
-		pc.Disk = disk
-	}
-	pc.Restore = func(cp *replicate.Checkpoint, dev protect.Devices) (*protect.Restored, error) {
-		st, err := testvm.DecodeState(cp.State)
-		if err != nil {
-			cp.Memory.Close()
-			return nil, err
-		}
-		opts := testvm.RestoreOptions{Console: stderr}
-		if st.Config.Net != nil && dev.Tap != nil {
-			opts.Tap = dev.Tap
-		} else if st.Config.Net != nil {
-			log.Warn("the guest has a network device but no --tap was given: it resumes with its cable unplugged")
-		}
-		var diskLine string
-		if st.Config.Disk != nil {
-			// The engine refuses a primary with a disk unless this backup
-			// has one: the image now holds the checkpoint's disk.
-			if disk == nil {
-				cp.Memory.Close()
-				return nil, errors.New("the guest has a block device and this backup no --disk")
-			}
-			if diskLine, err = o.checkDisk(cp, st.Config, disk); err != nil {
-				cp.Memory.Close()
-				return nil, err
-			}
-			opts.DiskIO = disk
-		}
-		m, err := testvm.Restore(cp.State, cp.Memory, opts)
-		if err != nil {
-			cp.Memory.Close() // Restore leaves it ours on error
-			return nil, err
-		}
-		fmt.Fprintf(stdout, "failover: epoch=%d digest=%s verified=%s\n", cp.Epoch, replicate.FormatDigest(cp.Digest), strconv.FormatBool(cp.Verified))
-		if diskLine != "" {
-			fmt.Fprintln(stdout, diskLine)
-		}
-		for i := 0; i < m.NumVCPUs(); i++ {
-			st := m.Status(i)
-			fmt.Fprintf(stdout, "resumed vcpu=%d iterations=%d writes=%d counter=%d hash=%016x\n", i, st.Iterations, st.Writes, st.Counter, st.Hash)
-		}
-		if st.Config.Workload == testvm.Disk {
-			s := m.Status(0)
-			fmt.Fprintf(stdout, "resumed disk writes=%d reads=%d flushes=%d errors=%d\n", s.DiskWrites, s.DiskReads, s.DiskFlushes, s.DiskErrors)
-		}
-		first = totals(m)
-		r := &protect.Restored{Start: func() error {
-			if err := m.Start(); err != nil {
-				m.Close()
-				return err
-			}
-			resumed = m
-			return nil
-		}}
-		if n := st.Config.Net; n != nil && opts.Tap != nil {
-			// The network learns where the VM is now, before it speaks:
-			// switches move its MAC to this port, neighbours refresh their
-			// entries.
-			r.MAC, r.IP = n.MAC, n.IP
-		}
-		return r, nil
-	}
-	progress := &backupProgress{metrics: newBackupMetrics(o.metrics)}
-	cfg.OnEpoch = progress.onEpoch
-	pc.Engine, pc.Metrics = cfg, progress.metrics
-	b, err := protect.NewBackup(pc)
-	if err != nil {
-		return err
-	}
-	defer b.Close() // after the resumed machine's: it uses the tap
-	if hook != nil {
-		defer faultpoint.Attach(b.Engine(), hook)()
-	}
-
-	ln, err := net.Listen("tcp", o.listen)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	fmt.Fprintf(stdout, "listening on %s\n", ln.Addr())
-	stopMetrics, err := serveMetrics(ctx, o.metrics, stdout, progress.metrics)
-	if err != nil {
-		ln.Close()
-		return err
-	}
-	defer stopMetrics()
-	type result struct {
-		fo  *replicate.Failover
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		fo, err := b.Serve(ctx, ln)
-		done <- result{fo, err}
-	}()
-	var res result
-	t0 := time.Now()
-	prevT := t0
-	tick := time.NewTicker(time.Second)
-	for waiting := true; waiting; {
-		select {
-		case res = <-done:
-			waiting = false
-		case now := <-tick.C:
-			if line := progress.line(now.Sub(t0), now.Sub(prevT).Seconds()); line != nil && !o.quiet {
-				fmt.Fprintln(stdout, *line)
-			}
-			prevT = now
-		}
-	}
-	tick.Stop()
-	if resumed != nil {
-		defer resumed.Close()
-	}
-	switch fo, err := res.fo, res.err; {
-	case errors.Is(err, replicate.ErrPrimaryStopped):
-		fmt.Fprintln(stdout, "primary stopped replication; nothing to fail over")
-		return nil
-	case err != nil && ctx.Err() != nil && resumed == nil:
-		fmt.Fprintln(stdout, "stopped before any failover")
-		return nil
-	case err != nil:
-		return err
-	default:
-		fmt.Fprintf(stdout, "failover took %s (verify %s, restore %s)\n", ms(fo.Took), ms(fo.Verify), ms(fo.Restore))
-	}
-
-	vo := &vmOptions{duration: o.runAfter, quiet: o.quiet}
-	t1 := time.Now()
-	if err := vo.watch(ctx, resumed, t1, stdout); err != nil {
-		return err
-	}
-	stopSignals()
-	if err := resumed.Pause(); err != nil {
-		return err
-	}
-	if err := summarize(stdout, resumed, first, time.Since(t1)); err != nil {
-		return err
-	}
-	fmt.Fprintln(stdout, "verification passed")
-	return nil
-}
-
-// checkDisk checks, before the guest of checkpoint cp (with config c)
-// resumes, that the disk image holds exactly the disk of the checkpoint: for
-// the disk workload, block by block against the guest's records in the
-// checkpoint's memory. It returns the line to print, or an error that stops
-// the failover.
-func (o *backupOptions) checkDisk(cp *replicate.Checkpoint, c testvm.Config, disk *os.File) (string, error) {
-	switch {
-	case o.skipVerify:
-		return fmt.Sprintf("disk at epoch %d: image %s brought to the checkpoint (not verified: --skip-verify)", cp.Epoch, o.disk), nil
-	case c.Workload != testvm.Disk:
-		return fmt.Sprintf("disk at epoch %d: image %s brought to the checkpoint (not verified: the %s workload keeps no record of its disk)",
-			cp.Epoch, o.disk, c.Workload), nil
-	}
-	t0 := time.Now()
-	line, err := verifyDiskLine(cp.Memory, disk)
-	if err != nil {
-		return "", fmt.Errorf("disk image %s does not hold the disk of epoch %d, refusing to resume: %w", o.disk, cp.Epoch, err)
-	}
-	return fmt.Sprintf("disk verified at epoch %d: %s (%s)", cp.Epoch, line, ms(time.Since(t0))), nil
-}
-
-// ms formats a duration in milliseconds with one decimal: "12.3 ms".
-func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/1e6) }

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/internal/bench"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -211,7 +212,7 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 	}
 	o := &benchOptions{Options: bench.Options{VCPUs: f.vcpus, ModeTime: f.modeTime, Failovers: f.failovers,
 		HeartbeatTimeout: f.heartbeatTimeout, Net: !f.noNet, Disk: !f.noDisk, EchoRate: f.echoRate, StreamRate: f.streamRate,
-		Quiet: f.quiet, VMM: vmmName}, json: f.json}
+		Quiet: f.quiet, VMM: agent.VMMName}, json: f.json}
 	var err error
 	if o.Mem, err = parseSize(f.mem); err != nil {
 		return nil, usagef("--mem: %w", err)
@@ -232,7 +233,7 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 		return nil, usagef("--disk-sync-size: %w", err)
 	}
 	if err := bench.CheckDiskSizes(o.Mem, o.DiskSize, o.DiskSyncSize); err != nil {
-		return nil, usageError{err}
+		return nil, usagef("%w", err)
 	}
 	if o.Rates, err = parseRates(f.rates); err != nil {
 		return nil, err
@@ -351,7 +352,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 // writes the results to the --json file.
 func (o *benchOptions) run(ctx context.Context, stdout, stderr io.Writer) error {
 	bo := o.Options
-	bo.Log = newLogger(stderr, true)
+	bo.Log = agent.NewLogger(stderr, true)
 	res, err := bench.Run(ctx, bo, stdout, stderr)
 	if err != nil || o.json == "" {
 		return err

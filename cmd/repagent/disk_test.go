@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/internal/privileged"
 	"github.com/repagent/repagent/internal/procout"
 	"github.com/repagent/repagent/testvm"
@@ -60,31 +61,31 @@ func TestDiskOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.cfg.Disk == nil || o.cfg.Disk.Blocks != 64<<20/testvm.DiskBlockSize || o.cfg.Workload != testvm.Disk || o.repl.disk != good {
-		t.Errorf("primary --disk: disk %+v, workload %v, path %q", o.cfg.Disk, o.cfg.Workload, o.repl.disk)
+	if o.Guest.Disk == nil || o.Guest.Disk.Blocks != 64<<20/testvm.DiskBlockSize || o.Guest.Workload != testvm.Disk || o.Repl.Disk != good {
+		t.Errorf("primary --disk: disk %+v, workload %v, path %q", o.Guest.Disk, o.Guest.Workload, o.Repl.Disk)
 	}
-	if o, err := parsePrimaryArgs([]string{"--backup", "h:1", "--disk", good}, ""); err != nil || o.cfg.Disk == nil || o.cfg.Workload != testvm.Dirty {
+	if o, err := parsePrimaryArgs([]string{"--backup", "h:1", "--disk", good}, ""); err != nil || o.Guest.Disk == nil || o.Guest.Workload != testvm.Dirty {
 		t.Errorf("primary --disk with the dirty workload: %v, %+v", err, o)
 	}
-	if o, err := parsePrimaryArgs([]string{"--backup", "h:1"}, ""); err != nil || o.cfg.Disk != nil || o.repl.disk != "" {
+	if o, err := parsePrimaryArgs([]string{"--backup", "h:1"}, ""); err != nil || o.Guest.Disk != nil || o.Repl.Disk != "" {
 		t.Errorf("primary without --disk: %v, %+v", err, o)
 	}
 	v, err := parseVMArgs([]string{"--disk", good, "--workload", "disk"})
-	if err != nil || v.cfg.Disk == nil || v.cfg.Disk.Blocks != 16384 || v.disk != good || !v.changed["disk"] {
+	if err != nil || v.Guest.Disk == nil || v.Guest.Disk.Blocks != 16384 || v.Disk != good || !v.Changed["disk"] {
 		t.Errorf("vm --disk: %v, %+v", err, v)
 	}
 	b, err := parseBackupArgs([]string{"--listen", ":1", "--disk", good}, "", "")
-	if err != nil || b.disk != good {
+	if err != nil || b.Disk != good {
 		t.Errorf("backup --disk: %v, %+v", err, b)
 	}
 	j, err := parseJobArgs(nil)
-	if err != nil || !j.disk || j.cfg.Disk == nil || j.cfg.Disk.Blocks != jobDiskSize/testvm.DiskBlockSize {
-		t.Errorf("job: %v, disk %v %+v", err, j.disk, j.cfg.Disk)
+	if err != nil || !j.Disk || j.Guest.Disk == nil || j.Guest.Disk.Blocks != agent.JobDiskSize/testvm.DiskBlockSize {
+		t.Errorf("job: %v, disk %v %+v", err, j.Disk, j.Guest.Disk)
 	}
-	if j, err := parseJobArgs([]string{"--no-disk"}); err != nil || j.disk || j.cfg.Disk != nil {
-		t.Errorf("job --no-disk: %v, disk %v %+v", err, j.disk, j.cfg.Disk)
+	if j, err := parseJobArgs([]string{"--no-disk"}); err != nil || j.Disk || j.Guest.Disk != nil {
+		t.Errorf("job --no-disk: %v, disk %v %+v", err, j.Disk, j.Guest.Disk)
 	}
-	if j, err := parseJobArgs([]string{"--workload", "disk", "--no-net"}); err != nil || j.cfg.Workload != testvm.Disk || j.cfg.Disk == nil {
+	if j, err := parseJobArgs([]string{"--workload", "disk", "--no-net"}); err != nil || j.Guest.Workload != testvm.Disk || j.Guest.Disk == nil {
 		t.Errorf("job --workload disk: %v, %+v", err, j)
 	}
 
@@ -132,11 +133,11 @@ func TestSweepJobDisks(t *testing.T) {
 			dead = n + 1
 		}
 	}
-	stale := filepath.Join(tmp, fmt.Sprintf("%s%d-123", jobDiskPrefix, dead))
-	live := filepath.Join(tmp, fmt.Sprintf("%s%d-456", jobDiskPrefix, os.Getppid()))
-	mine := filepath.Join(tmp, fmt.Sprintf("%s%d-789", jobDiskPrefix, os.Getpid()))
-	file := filepath.Join(tmp, fmt.Sprintf("%s%d-000", jobDiskPrefix, dead)) // not a directory
-	other := filepath.Join(tmp, "repagent-disk")                             // no PID
+	stale := filepath.Join(tmp, fmt.Sprintf("%s%d-123", agent.JobDiskPrefix, dead))
+	live := filepath.Join(tmp, fmt.Sprintf("%s%d-456", agent.JobDiskPrefix, os.Getppid()))
+	mine := filepath.Join(tmp, fmt.Sprintf("%s%d-789", agent.JobDiskPrefix, os.Getpid()))
+	file := filepath.Join(tmp, fmt.Sprintf("%s%d-000", agent.JobDiskPrefix, dead)) // not a directory
+	other := filepath.Join(tmp, "repagent-disk")                                   // no PID
 	for _, d := range []string{stale, live, mine} {
 		if err := os.Mkdir(d, 0o700); err != nil {
 			t.Fatal(err)
@@ -145,7 +146,7 @@ func TestSweepJobDisks(t *testing.T) {
 	}
 	makeImage(t, file, 0)
 	makeImage(t, other, 0)
-	sweepJobDisks(tmp)
+	agent.SweepJobDisks(tmp)
 	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the images of a dead run are still there: %v", err)
 	}
@@ -170,7 +171,7 @@ func TestJobDisk(t *testing.T) {
 	bin := buildRepagent(t)
 	tmp := t.TempDir()
 	// A killed run's images: the PID is above any the kernel hands out.
-	stale := filepath.Join(tmp, fmt.Sprintf("%s%d-1", jobDiskPrefix, 1<<30))
+	stale := filepath.Join(tmp, fmt.Sprintf("%s%d-1", agent.JobDiskPrefix, 1<<30))
 	if err := os.Mkdir(stale, 0o700); err != nil {
 		t.Fatal(err)
 	}

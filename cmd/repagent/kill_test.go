@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/internal/privileged"
 	"github.com/repagent/repagent/internal/procout"
 	"github.com/repagent/repagent/testvm"
@@ -290,15 +291,15 @@ func (c killCase) run(t *testing.T, bin string) bool {
 }
 
 // resumedVCPUs parses the backup's "resumed vcpu=..." lines.
-func resumedVCPUs(t *testing.T, out string) []vcpuNote {
+func resumedVCPUs(t *testing.T, out string) []agent.VCPUNote {
 	t.Helper()
-	var vs []vcpuNote
+	var vs []agent.VCPUNote
 	for _, m := range resumedRE.FindAllStringSubmatch(out, -1) {
 		var n [4]uint64
 		for i := range n {
 			n[i], _ = strconv.ParseUint(m[1+i], 10, 64)
 		}
-		vs = append(vs, vcpuNote{VCPU: int(n[0]), Iterations: n[1], Writes: n[2], Counter: n[3], Hash: m[5]})
+		vs = append(vs, agent.VCPUNote{VCPU: int(n[0]), Iterations: n[1], Writes: n[2], Counter: n[3], Hash: m[5]})
 	}
 	if len(vs) == 0 {
 		t.Fatalf("no resumed vcpu lines:\n%s", out)

@@ -2,9 +2,14 @@
 //
 // With no command (`repagent --interval 100ms`) it runs the main job: the
 // built-in test VM replicated to a backup in the same process over loopback
-// TCP, with a status line per second and a summary (job.go). The primary and
-// backup commands run the two sides as separate processes (primary.go,
-// backup.go); vm runs the test VM alone (vm.go).
+// TCP, with a status line per second and a summary. The primary and backup
+// commands run the two sides as separate processes; vm runs the test VM
+// alone; bench measures replication (internal/bench).
+//
+// The command only parses flags, prints and exits: options.go, primary.go,
+// backup.go, vm.go and bench.go hold each command's flags and usage, and
+// fill a configuration of internal/agent (or internal/bench), whose Run does
+// the work on top of replicate/protect.
 package main
 
 import (
@@ -16,6 +21,7 @@ import (
 	"os/signal"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/repagent/repagent/testvm"
@@ -92,7 +98,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 // stopSignals once its run is over, so that a second Ctrl-C during a long
 // verification kills the process.
 type runner interface {
-	run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) error
+	Run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) error
 }
 
 // execute runs a command whose flags parsed to o (or err) the way every
@@ -107,7 +113,7 @@ func execute(prefix string, o runner, err error, help func(io.Writer), code func
 	if err == nil {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
-		err = o.run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
+		err = o.Run(ctx, stop, &syncWriter{w: stdout}, &syncWriter{w: stderr})
 	}
 	if err == nil {
 		return 0
@@ -155,4 +161,17 @@ func usage(w io.Writer) {
 	}
 	fmt.Fprint(w, "  help     show this help, or a command's: repagent help <command>\n")
 	fmt.Fprint(w, "\nFlags of the main job:\n"+newJobFlags().fs.FlagUsages())
+}
+
+// syncWriter serialises writes to w: the guest console writes from the vCPU
+// threads while the command writes its own errors.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }

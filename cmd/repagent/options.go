@@ -11,6 +11,7 @@ import (
 
 	"github.com/repagent/repagent/dirtylog"
 	"github.com/repagent/repagent/ebpf"
+	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -55,37 +56,14 @@ func (r *replFlags) register(fs *pflag.FlagSet) {
 	fs.BoolVar(&r.quiet, "quiet", false, "print no sync or per-second status lines, and log only warnings")
 	fs.StringVar(&r.holdLimit, "hold-limit", "", fmt.Sprintf("memory `size` for the guest's held network frames; past it frames are dropped, never released early (default %s)", testvm.FormatSize(ebpf.DefaultHoldLimit)))
 	fs.StringVar(&r.pcap, "pcap", "", "write the guest's released network frames to `file` (pcap)")
-	fs.StringVar(&r.metrics, "metrics", "", metricsHelp)
-}
-
-// replOptions is what the replication flags ask for.
-type replOptions struct {
-	interval         time.Duration
-	mech             dirtylog.Mechanism
-	heartbeatTimeout time.Duration
-	workers          int
-	compress         replicate.Compression
-	copyThreads      int
-	syncThreshold    int
-	syncPause        time.Duration
-	noThrottle       bool
-	staging          uint64
-	auditEvery       uint64
-	stats            string
-	duration         time.Duration
-	quiet            bool
-	holdLimit        uint64
-	pcap             string
-	tap              string // the guest's tap (--tap), from the guest flags
-	disk             string // the guest's disk image (--disk, or the job's own), mirrored to the backup
-	metrics          string // where to serve Prometheus metrics (--metrics); "": nowhere
+	fs.StringVar(&r.metrics, "metrics", "", agent.MetricsHelp)
 }
 
 // options checks the replication flags; any error is a usage error.
-func (r *replFlags) options() (replOptions, error) {
-	o := replOptions{interval: r.interval, heartbeatTimeout: r.heartbeatTimeout, workers: r.workers,
-		copyThreads: r.copyThreads, syncThreshold: r.syncThreshold, syncPause: r.syncPause, noThrottle: r.noThrottle,
-		auditEvery: r.auditEvery, stats: r.stats, duration: r.duration, quiet: r.quiet, pcap: r.pcap, metrics: r.metrics}
+func (r *replFlags) options() (agent.Repl, error) {
+	o := agent.Repl{Interval: r.interval, HeartbeatTimeout: r.heartbeatTimeout, Workers: r.workers,
+		CopyThreads: r.copyThreads, SyncThreshold: r.syncThreshold, SyncPause: r.syncPause, NoThrottle: r.noThrottle,
+		AuditEvery: r.auditEvery, Stats: r.stats, Duration: r.duration, Quiet: r.quiet, Pcap: r.pcap, Metrics: r.metrics}
 	if r.interval < replicate.MinInterval || r.interval > replicate.MaxInterval {
 		return o, usagef("--interval %v: want %v to %v", r.interval, replicate.MinInterval, replicate.MaxInterval)
 	}
@@ -93,7 +71,7 @@ func (r *replFlags) options() (replOptions, error) {
 	if err != nil {
 		return o, usagef("--dirty-track: %w", err)
 	}
-	o.mech = mech
+	o.Mech = mech
 	// The engine's heartbeat period is the interval, at most 100ms; the
 	// timeout must cover two of them.
 	if hb := min(r.interval, 100*time.Millisecond); r.heartbeatTimeout != 0 && r.heartbeatTimeout < 2*hb {
@@ -102,7 +80,7 @@ func (r *replFlags) options() (replOptions, error) {
 	if r.workers < 0 {
 		return o, usagef("--workers %d: must not be negative", r.workers)
 	}
-	if o.compress, err = replicate.ParseCompression(r.compress); err != nil {
+	if o.Compress, err = replicate.ParseCompression(r.compress); err != nil {
 		return o, usagef("--compress: %w", err)
 	}
 	if r.copyThreads < 0 || r.copyThreads > replicate.MaxCopyThreads {
@@ -115,11 +93,11 @@ func (r *replFlags) options() (replOptions, error) {
 		return o, usagef("--sync-pause %v: want at least 1ms", r.syncPause)
 	}
 	if r.staging != "" {
-		if o.staging, err = parseSize(r.staging); err != nil {
+		if o.Staging, err = parseSize(r.staging); err != nil {
 			return o, usagef("--staging: %w", err)
 		}
 	}
-	if least := uint64(64 * replicate.PageSize); o.staging != 0 && o.staging < least {
+	if least := uint64(64 * replicate.PageSize); o.Staging != 0 && o.Staging < least {
 		return o, usagef("--staging %s: want 0 (the default) or at least %s", r.staging, testvm.FormatSize(least))
 	}
 	if r.duration < 0 {
@@ -131,10 +109,10 @@ func (r *replFlags) options() (replOptions, error) {
 		}
 	}
 	if r.holdLimit != "" {
-		if o.holdLimit, err = parseSize(r.holdLimit); err != nil {
+		if o.HoldLimit, err = parseSize(r.holdLimit); err != nil {
 			return o, usagef("--hold-limit: %w", err)
 		}
-		if o.holdLimit < ebpf.MinHoldLimit || o.holdLimit > ebpf.MaxHoldLimit {
+		if o.HoldLimit < ebpf.MinHoldLimit || o.HoldLimit > ebpf.MaxHoldLimit {
 			return o, usagef("--hold-limit %s: want %s to %s", r.holdLimit, testvm.FormatSize(ebpf.MinHoldLimit), testvm.FormatSize(ebpf.MaxHoldLimit))
 		}
 	}
@@ -143,19 +121,10 @@ func (r *replFlags) options() (replOptions, error) {
 			return o, err
 		}
 	}
-	if err := checkMetricsAddr(r.metrics); err != nil {
+	if err := agent.CheckMetricsAddr(r.metrics); err != nil {
 		return o, err
 	}
 	return o, nil
-}
-
-// jobOptions is what the main job was asked to do.
-type jobOptions struct {
-	cfg        testvm.Config
-	repl       replOptions
-	net        bool // build the job's own network and client
-	clientRate int  // the client's echo requests per second
-	disk       bool // make the job's own disk images and mirror the disk
 }
 
 // jobFlags is the main job's flag set: the guest and replication flags.
@@ -181,12 +150,12 @@ func (f *jobFlags) registerJob() {
 	f.fs.BoolVar(&f.noNet, "no-net", false, "do not build the job's own network (namespaces, bridge, tap, client): no output commit")
 	f.fs.IntVar(&f.clientRate, "client-rate", 200, "the job's client: UDP echo requests per second to the guest")
 	f.fs.BoolVar(&f.noDisk, "no-disk", false, fmt.Sprintf("do not give the guest a block device: by default it has a %s disk whose writes are mirrored to the backup (temporary primary and backup images, removed at exit; --workload disk writes it)",
-		testvm.FormatSize(jobDiskSize)))
+		testvm.FormatSize(agent.JobDiskSize)))
 }
 
 // parseJobArgs parses and checks the main job's arguments. It returns
 // pflag.ErrHelp for --help, and otherwise any error is a usage error.
-func parseJobArgs(args []string) (*jobOptions, error) {
+func parseJobArgs(args []string) (*agent.Job, error) {
 	f := newJobFlags()
 	if err := parseFlags(f.fs, args); err != nil {
 		return nil, err
@@ -208,39 +177,30 @@ func parseJobArgs(args []string) (*jobOptions, error) {
 		return nil, usagef("--no-disk: the disk workload needs the job's disk")
 	}
 	if !f.noDisk {
-		f.diskBlocks = jobDiskSize / testvm.DiskBlockSize
+		f.diskBlocks = agent.JobDiskSize / testvm.DiskBlockSize
 	}
 	cfg, repl, err := f.configs()
 	if err != nil {
 		return nil, err
 	}
-	if f.noNet && (repl.pcap != "" || repl.holdLimit != 0) {
+	if f.noNet && (repl.Pcap != "" || repl.HoldLimit != 0) {
 		return nil, usagef("--pcap and --hold-limit are about the job's network: drop --no-net")
 	}
 	if f.noNet && cfg.Net != nil {
 		return nil, usagef("--no-net: the guest's network workload or service needs the job's network")
 	}
-	return &jobOptions{cfg: cfg, repl: repl, net: !f.noNet, clientRate: f.clientRate, disk: !f.noDisk}, nil
+	return &agent.Job{Guest: cfg, Repl: repl, Net: !f.noNet, ClientRate: f.clientRate, Disk: !f.noDisk}, nil
 }
 
 // configs checks the guest and replication flags, once parsed.
-func (f *jobFlags) configs() (testvm.Config, replOptions, error) {
+func (f *jobFlags) configs() (testvm.Config, agent.Repl, error) {
 	cfg, err := f.guestFlags.config()
 	if err != nil {
-		return cfg, replOptions{}, err
+		return cfg, agent.Repl{}, err
 	}
 	repl, err := f.replFlags.options()
-	repl.tap, repl.disk = f.guestFlags.tap, f.guestFlags.disk
+	repl.Tap, repl.Disk = f.guestFlags.tap, f.guestFlags.disk
 	return cfg, repl, err
-}
-
-// primaryOptions is what the primary command was asked to do.
-type primaryOptions struct {
-	cfg            testvm.Config
-	repl           replOptions
-	backup         string
-	connectTimeout time.Duration
-	fault          *fault
 }
 
 type primaryFlags struct {
@@ -262,7 +222,7 @@ func newPrimaryFlags() *primaryFlags {
 // parsePrimaryArgs parses and checks the primary command's arguments, and
 // faultEnv, the value of REPAGENT_FAULT. It returns pflag.ErrHelp for
 // --help, and otherwise any error is a usage error.
-func parsePrimaryArgs(args []string, faultEnv string) (*primaryOptions, error) {
+func parsePrimaryArgs(args []string, faultEnv string) (*agent.PrimaryJob, error) {
 	f := newPrimaryFlags()
 	if err := parseFlags(f.fs, args); err != nil {
 		return nil, err
@@ -280,17 +240,17 @@ func parsePrimaryArgs(args []string, faultEnv string) (*primaryOptions, error) {
 	if err != nil {
 		return nil, err
 	}
-	if repl.tap == "" && (repl.pcap != "" || repl.holdLimit != 0) {
+	if repl.Tap == "" && (repl.Pcap != "" || repl.HoldLimit != 0) {
 		return nil, usagef("--pcap and --hold-limit are about the guest's network: they need --tap")
 	}
 	flt, err := parseFault(faultEnv, "", primaryFaultPoints)
 	if err != nil {
 		return nil, err
 	}
-	return &primaryOptions{cfg: cfg, repl: repl, backup: f.backup, connectTimeout: f.connectTimeout, fault: flt}, nil
+	return &agent.PrimaryJob{Guest: cfg, Repl: repl, Backup: f.backup, ConnectTimeout: f.connectTimeout, Fault: flt}, nil
 }
 
-// Fault injection for tests. The environment variable REPAGENT_FAULT, when
+// agent.Fault injection for tests. The environment variable REPAGENT_FAULT, when
 // set, makes a process die (or, on the backup, kill another) at an exact
 // point of replication, as a host that loses power would:
 //
@@ -314,18 +274,10 @@ var (
 	backupFaultPoints  = []string{faultpoint.Apply}
 )
 
-// fault is a parsed REPAGENT_FAULT: die, or kill killPID, at point in epoch
-// (or round) n.
-type fault struct {
-	point   string
-	n       uint64
-	killPID int
-}
-
 // parseFault parses REPAGENT_FAULT's value env (and, when needed,
 // REPAGENT_FAULT_KILL_PID's value pid) for a side whose hook points are
 // points. An empty env means no fault. Any error is a usage error.
-func parseFault(env, pid string, points []string) (*fault, error) {
+func parseFault(env, pid string, points []string) (*agent.Fault, error) {
 	if env == "" {
 		return nil, nil
 	}
@@ -345,12 +297,12 @@ func parseFault(env, pid string, points []string) (*fault, error) {
 	if err != nil {
 		return nil, usagef("%s=%q: %q is not an epoch number (%s)", envFault, env, num, want)
 	}
-	f := &fault{point: point, n: n}
+	f := &agent.Fault{Point: point, N: n}
 	if point == faultpoint.Apply {
 		if pid == "" {
 			return nil, usagef("%s=%q needs %s, the process to kill", envFault, env, envFaultKillPID)
 		}
-		if f.killPID, err = strconv.Atoi(pid); err != nil || f.killPID <= 0 {
+		if f.KillPID, err = strconv.Atoi(pid); err != nil || f.KillPID <= 0 {
 			return nil, usagef("%s=%q: want a process id", envFaultKillPID, pid)
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/testvm"
@@ -21,25 +22,25 @@ func TestParseJobArgsDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantCfg := testvm.Config{MemSize: testvm.DefaultMemSize, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, Seed: 1}
-	if !sameConfig(o.cfg, wantCfg) {
-		t.Errorf("config: %+v, want %+v", o.cfg, wantCfg)
+	if !sameConfig(o.Guest, wantCfg) {
+		t.Errorf("config: %+v, want %+v", o.Guest, wantCfg)
 	}
-	wantRepl := replOptions{interval: 100 * time.Millisecond, mech: dirtylog.Auto, syncPause: replicate.DefaultSyncPause}
-	if o.repl != wantRepl {
-		t.Errorf("replication options: %+v, want %+v", o.repl, wantRepl)
+	wantRepl := agent.Repl{Interval: 100 * time.Millisecond, Mech: dirtylog.Auto, SyncPause: replicate.DefaultSyncPause}
+	if o.Repl != wantRepl {
+		t.Errorf("replication options: %+v, want %+v", o.Repl, wantRepl)
 	}
 	// The job builds its own network by default, and vCPU 0 answers its
 	// client between page writes.
-	if n := o.cfg.Net; !o.net || o.clientRate != 200 || n == nil || n.Service != testvm.UDPEcho ||
+	if n := o.Guest.Net; !o.Net || o.ClientRate != 200 || n == nil || n.Service != testvm.UDPEcho ||
 		n.MAC.String() != defaultGuestMAC || n.IP.String() != defaultGuestIP || n.Port != testvm.DefaultNetPort {
-		t.Errorf("network: net %v, client rate %d, guest %+v", o.net, o.clientRate, n)
+		t.Errorf("network: net %v, client rate %d, guest %+v", o.Net, o.ClientRate, n)
 	}
-	if o, err := parseJobArgs([]string{"--no-net"}); err != nil || o.net || o.cfg.Net != nil {
-		t.Errorf("--no-net: %v, net %v, guest %+v", err, o.net, o.cfg.Net)
+	if o, err := parseJobArgs([]string{"--no-net"}); err != nil || o.Net || o.Guest.Net != nil {
+		t.Errorf("--no-net: %v, net %v, guest %+v", err, o.Net, o.Guest.Net)
 	}
 	if o, err := parseJobArgs([]string{"--workload", "udp-echo", "--port", "9000", "--hold-limit", "1M", "--pcap", t.TempDir() + "/x.pcap"}); err != nil ||
-		o.cfg.Net.Service != testvm.UDPEcho || o.cfg.Net.Port != 9000 || o.repl.holdLimit != 1<<20 || o.repl.pcap == "" {
-		t.Errorf("network flags: %v, %+v, %+v", err, o.cfg.Net, o.repl)
+		o.Guest.Net.Service != testvm.UDPEcho || o.Guest.Net.Port != 9000 || o.Repl.HoldLimit != 1<<20 || o.Repl.Pcap == "" {
+		t.Errorf("network flags: %v, %+v, %+v", err, o.Guest.Net, o.Repl)
 	}
 
 	o, err = parseJobArgs([]string{"--interval", "5ms", "--dirty-track", "ring", "--stats", t.TempDir() + "/s.jsonl",
@@ -49,19 +50,19 @@ func TestParseJobArgsDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := o.repl
-	if r.interval != 5*time.Millisecond || r.mech != dirtylog.Ring || !strings.HasSuffix(r.stats, "/s.jsonl") ||
-		r.heartbeatTimeout != 2*time.Second || r.workers != 3 || r.staging != 64<<20 || r.auditEvery != 10 ||
-		r.duration != 3*time.Second || !r.quiet || r.compress != replicate.CompressNever || r.copyThreads != 2 || r.syncThreshold != 7 {
+	r := o.Repl
+	if r.Interval != 5*time.Millisecond || r.Mech != dirtylog.Ring || !strings.HasSuffix(r.Stats, "/s.jsonl") ||
+		r.HeartbeatTimeout != 2*time.Second || r.Workers != 3 || r.Staging != 64<<20 || r.AuditEvery != 10 ||
+		r.Duration != 3*time.Second || !r.Quiet || r.Compress != replicate.CompressNever || r.CopyThreads != 2 || r.SyncThreshold != 7 {
 		t.Errorf("parsed: %+v", r)
 	}
-	if o.cfg.MemSize != 64<<20 || o.cfg.VCPUs != 2 || o.cfg.Workload != testvm.Counter {
-		t.Errorf("parsed config: %+v", o.cfg)
+	if o.Guest.MemSize != 64<<20 || o.Guest.VCPUs != 2 || o.Guest.Workload != testvm.Counter {
+		t.Errorf("parsed config: %+v", o.Guest)
 	}
 	for _, mech := range []string{"auto", "bitmap", "manual", "ring"} {
 		o, err := parseJobArgs([]string{"--dirty-track", mech})
-		if err != nil || o.repl.mech.String() != mech {
-			t.Errorf("--dirty-track %s: %v, %v", mech, o.repl.mech, err)
+		if err != nil || o.Repl.Mech.String() != mech {
+			t.Errorf("--dirty-track %s: %v, %v", mech, o.Repl.Mech, err)
 		}
 	}
 	for _, iv := range []string{"5ms", "10s"} {
@@ -125,16 +126,16 @@ func TestPrimaryArgs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.backup != "10.0.0.2:7070" || o.connectTimeout != 10*time.Second || o.fault != nil || o.cfg.MemSize != 64<<20 ||
-		o.repl.interval != replicate.DefaultInterval {
+	if o.Backup != "10.0.0.2:7070" || o.ConnectTimeout != 10*time.Second || o.Fault != nil || o.Guest.MemSize != 64<<20 ||
+		o.Repl.Interval != replicate.DefaultInterval {
 		t.Errorf("parsed: %+v", o)
 	}
 	o, err = parsePrimaryArgs([]string{"--backup", "[::1]:7070", "--connect-timeout", "1s"}, "sent:12")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.connectTimeout != time.Second || o.fault == nil || *o.fault != (fault{point: faultpoint.Sent, n: 12}) {
-		t.Errorf("parsed: %+v, fault %+v", o, o.fault)
+	if o.ConnectTimeout != time.Second || o.Fault == nil || *o.Fault != (agent.Fault{Point: faultpoint.Sent, N: 12}) {
+		t.Errorf("parsed: %+v, fault %+v", o, o.Fault)
 	}
 	for _, tc := range []struct {
 		name  string
@@ -180,13 +181,13 @@ func TestParseFault(t *testing.T) {
 	for _, tc := range []struct {
 		name, env, pid string
 		points         []string
-		want           *fault
+		want           *agent.Fault
 	}{
 		{"unset", "", "", primaryFaultPoints, nil},
-		{"sync round", "sync:0", "", primaryFaultPoints, &fault{point: "sync", n: 0}},
-		{"pause", "pause:7", "", primaryFaultPoints, &fault{point: "pause", n: 7}},
-		{"send", "send:1", "", primaryFaultPoints, &fault{point: "send", n: 1}},
-		{"apply", "apply:4", "1234", backupFaultPoints, &fault{point: "apply", n: 4, killPID: 1234}},
+		{"sync round", "sync:0", "", primaryFaultPoints, &agent.Fault{Point: "sync", N: 0}},
+		{"pause", "pause:7", "", primaryFaultPoints, &agent.Fault{Point: "pause", N: 7}},
+		{"send", "send:1", "", primaryFaultPoints, &agent.Fault{Point: "send", N: 1}},
+		{"apply", "apply:4", "1234", backupFaultPoints, &agent.Fault{Point: "apply", N: 4, KillPID: 1234}},
 	} {
 		got, err := parseFault(tc.env, tc.pid, tc.points)
 		if err != nil || (got == nil) != (tc.want == nil) || (got != nil && *got != *tc.want) {
@@ -200,7 +201,7 @@ func TestBackupArgs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.listen != "127.0.0.1:0" || o.expectMem != 0 || o.runAfter != 0 || o.heartbeatTimeout != 0 || o.fault != nil {
+	if o.Listen != "127.0.0.1:0" || o.ExpectMem != 0 || o.RunAfter != 0 || o.HeartbeatTimeout != 0 || o.Fault != nil {
 		t.Errorf("defaults: %+v", o)
 	}
 	o, err = parseBackupArgs([]string{"--listen", ":7070", "--expect-mem", "64M", "--expect-vcpus", "2",
@@ -208,8 +209,8 @@ func TestBackupArgs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.expectMem != 64<<20 || o.expectVCPUs != 2 || o.heartbeatTimeout != 2*time.Second || o.runAfter != time.Second ||
-		!o.skipVerify || !o.quiet || o.fault == nil || *o.fault != (fault{point: "apply", n: 3, killPID: 99}) {
+	if o.ExpectMem != 64<<20 || o.ExpectVCPUs != 2 || o.HeartbeatTimeout != 2*time.Second || o.RunAfter != time.Second ||
+		!o.SkipVerify || !o.Quiet || o.Fault == nil || *o.Fault != (agent.Fault{Point: "apply", N: 3, KillPID: 99}) {
 		t.Errorf("parsed: %+v", o)
 	}
 	for _, tc := range []struct {

@@ -1,14 +1,9 @@
 package main
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"strings"
-
-	"github.com/repagent/repagent/replicate"
 )
 
 const primaryUsage = `Usage: repagent primary --backup HOST:PORT [flags]
@@ -40,61 +35,4 @@ func runPrimary(args []string, stdout, stderr io.Writer) int {
 	o, err := parsePrimaryArgs(args, os.Getenv(envFault))
 	help := func(w io.Writer) { fmt.Fprint(w, primaryUsage+newPrimaryFlags().fs.FlagUsages()) }
 	return execute("repagent primary", o, err, help, nil, stdout, stderr)
-}
-
-// run builds and starts the VM, connects to the backup and replicates until
-// the duration is over or ctx ends, then summarizes. A lost backup is not an
-// error: the guest survived.
-func (o *primaryOptions) run(ctx context.Context, stopSignals func(), stdout, stderr io.Writer) (err error) {
-	r, err := newReplicator("repagent primary", o.repl, o.cfg, stdout, stderr, o.fault)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := r.close(); cerr != nil && err == nil {
-			err = cerr
-		}
-	}()
-	stopMetrics, err := serveMetrics(ctx, o.repl.metrics, stdout, r.metrics)
-	if err != nil {
-		return err
-	}
-	defer stopMetrics()
-	if err := r.start(ctx); err != nil {
-		return err
-	}
-	conn, err := dialBackup(ctx, o.backup, o.connectTimeout)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil // stopped before there was anything to replicate
-		}
-		return err
-	}
-	if err := r.newPrimary(); err != nil {
-		conn.Close()
-		return err
-	}
-	lost, err := r.replicate(ctx, conn)
-	stopSignals()
-	if err != nil {
-		return r.diskHint(err)
-	}
-	if err := r.finish(stdout, lost); err != nil {
-		return err
-	}
-	fmt.Fprintln(stdout, "verification passed")
-	return nil
-}
-
-// diskHint adds to a backup's refusal that is about the disk what the user
-// can do about it, in terms of flags: the engine names its own API.
-func (r *replicator) diskHint(err error) error {
-	var refused *replicate.RefusedError
-	if !errors.As(err, &refused) || !strings.Contains(refused.Reason, "disk") {
-		return err
-	}
-	if r.mirror != nil {
-		return fmt.Errorf("%w (this primary mirrors --disk %s, %d bytes: the backup needs --disk with an image of exactly that size)", err, r.o.disk, r.mirror.Size())
-	}
-	return fmt.Errorf("%w (this primary has no --disk: give it one, or drop the backup's --disk)", err)
 }

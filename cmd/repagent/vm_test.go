@@ -69,10 +69,10 @@ func TestParseVMArgsDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := testvm.Config{MemSize: testvm.DefaultMemSize, VCPUs: 1, Workload: testvm.Dirty, Pattern: testvm.Random, Seed: 1}
-	if !sameConfig(o.cfg, want) || o.duration != 10*time.Second || o.save != "" || o.restore != "" || o.quiet {
+	if !sameConfig(o.Guest, want) || o.Duration != 10*time.Second || o.Save != "" || o.Restore != "" || o.Quiet {
 		t.Errorf("defaults: %+v", o)
 	}
-	for name, ch := range o.changed {
+	for name, ch := range o.Changed {
 		if ch {
 			t.Errorf("flag --%s counted as changed", name)
 		}
@@ -85,11 +85,11 @@ func TestParseVMArgsDefaults(t *testing.T) {
 	}
 	want = testvm.Config{MemSize: 1 << 30, VCPUs: 4, Workload: testvm.Counter, Pattern: testvm.HotCold,
 		WorkingSet: 10, Rate: 1000, Seed: 7}
-	if !sameConfig(o.cfg, want) || o.duration != 0 || !o.quiet || o.save != "snap" {
+	if !sameConfig(o.Guest, want) || o.Duration != 0 || !o.Quiet || o.Save != "snap" {
 		t.Errorf("parsed: %+v", o)
 	}
-	if !o.changed["mem"] || !o.changed["seed"] || o.changed["tap"] || len(o.changed) != len(guestFlagNames) {
-		t.Errorf("changed: %v", o.changed)
+	if !o.Changed["mem"] || !o.Changed["seed"] || o.Changed["tap"] || len(o.Changed) != len(guestFlagNames) {
+		t.Errorf("changed: %v", o.Changed)
 	}
 
 	if _, err := parseVMArgs([]string{"--help"}); !errors.Is(err, pflag.ErrHelp) {
@@ -187,45 +187,24 @@ func TestCheckSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := o.checkSnapshot(snap); err != nil {
+	if err := o.CheckSnapshot(snap); err != nil {
 		t.Errorf("matching flags: %v", err)
 	}
 	// Flags left at their defaults do not count, even when they differ.
-	if o, _ := parseVMArgs(nil); o.checkSnapshot(snap) != nil {
-		t.Errorf("default flags: %v", o.checkSnapshot(snap))
+	if o, _ := parseVMArgs(nil); o.CheckSnapshot(snap) != nil {
+		t.Errorf("default flags: %v", o.CheckSnapshot(snap))
 	}
 	o, err = parseVMArgs([]string{"--mem", "128MiB", "--workload", "dirty", "--seed", "1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = o.checkSnapshot(snap)
+	err = o.CheckSnapshot(snap)
 	if !errors.As(err, new(usageError)) {
 		t.Fatalf("mismatch: %v, want a usage error", err)
 	}
 	want := "--mem 128MiB does not match the snapshot's 256MiB guest; --workload dirty does not match the snapshot's counter workload"
 	if err.Error() != want {
 		t.Errorf("mismatch: %q\nwant %q", err, want)
-	}
-}
-
-func TestProgressString(t *testing.T) {
-	for _, tc := range []struct {
-		p    progress
-		want string
-	}{
-		{progress{elapsed: 3 * time.Second, workload: testvm.Dirty, vcpus: 2, rate: 2.31e6, total: 6.9e6},
-			"   3.0s  dirty    2.31M writes/s  total 6.90M  vcpus 2"},
-		{progress{elapsed: 12500 * time.Millisecond, workload: testvm.Counter, vcpus: 2, rate: 9.6e8, total: 2e9,
-			counters: []uint64{1_020_000_000, 968_000_000}},
-			"  12.5s  counter  960M steps/s  counters 1.02G 968M"},
-		{progress{elapsed: time.Second, workload: testvm.Idle, vcpus: 1, rate: 999, total: 999},
-			"   1.0s  idle     999 ticks/s  total 999  vcpus 1"},
-		{progress{elapsed: 3 * time.Second, workload: testvm.Disk, vcpus: 1, rate: 41.2e3, total: 124e3, diskReads: 15234},
-			"   3.0s  disk     41.2k block writes/s  total 124k  verified reads 15234  errors 0  vcpus 1"},
-	} {
-		if got := tc.p.String(); got != tc.want {
-			t.Errorf("got  %q\nwant %q", got, tc.want)
-		}
 	}
 }
 

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -12,16 +12,16 @@ import (
 	"github.com/repagent/repagent/replicate/metrics"
 )
 
-// metricsHelp is the --metrics flag's help, the same for every command.
-const metricsHelp = "serve Prometheus metrics at http://`ADDR`/metrics, host:port (port 0 picks one, and the line \"metrics on URL\" says which; default: none)"
+// MetricsHelp is the --metrics flag's help, the same for every command.
+const MetricsHelp = "serve Prometheus metrics at http://`ADDR`/metrics, host:port (port 0 picks one, and the line \"metrics on URL\" says which; default: none)"
 
-// checkMetricsAddr checks a --metrics value; any error is a usage error.
-func checkMetricsAddr(addr string) error {
+// CheckMetricsAddr checks a --metrics value; any error is a usage error.
+func CheckMetricsAddr(addr string) error {
 	if addr == "" {
 		return nil
 	}
 	if _, _, err := net.SplitHostPort(addr); err != nil {
-		return usagef("--metrics %s: %w", addr, err)
+		return Usagef("--metrics %s: %w", addr, err)
 	}
 	return nil
 }

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"errors"
@@ -19,23 +19,23 @@ import (
 // (--disk on the backup): at any failover the backup image holds the disk of
 // the checkpoint resumed.
 
-// diskImageSize checks that the image file a flag names exists, is a regular
+// DiskImageSize checks that the image file a flag names exists, is a regular
 // file and has a size the block device can have, and returns that size. Any
 // error is a usage error.
-func diskImageSize(flag, path string) (int64, error) {
+func DiskImageSize(flag, path string) (int64, error) {
 	fi, err := os.Stat(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return 0, usagef("%s %s: no such file (make an image first, e.g. truncate -s 64M %s)", flag, path, path)
+		return 0, Usagef("%s %s: no such file (make an image first, e.g. truncate -s 64M %s)", flag, path, path)
 	case err != nil:
-		return 0, usagef("%s %s: %w", flag, path, err)
+		return 0, Usagef("%s %s: %w", flag, path, err)
 	case !fi.Mode().IsRegular():
-		return 0, usagef("%s %s: not a regular file (want a raw disk image)", flag, path)
+		return 0, Usagef("%s %s: not a regular file (want a raw disk image)", flag, path)
 	case fi.Size() == 0 || fi.Size()%testvm.DiskBlockSize != 0:
-		return 0, usagef("%s %s: size %d bytes is not a whole number of %s blocks (resize it, e.g. truncate -s 64M %s)",
+		return 0, Usagef("%s %s: size %d bytes is not a whole number of %s blocks (resize it, e.g. truncate -s 64M %s)",
 			flag, path, fi.Size(), testvm.FormatSize(testvm.DiskBlockSize), path)
 	case uint64(fi.Size())/testvm.DiskBlockSize > testvm.MaxDiskBlocks:
-		return 0, usagef("%s %s: %s is larger than the block device's %s", flag, path,
+		return 0, Usagef("%s %s: %s is larger than the block device's %s", flag, path,
 			testvm.FormatSize(uint64(fi.Size())), testvm.FormatSize(testvm.MaxDiskBlocks*testvm.DiskBlockSize))
 	}
 	return fi.Size(), nil
@@ -76,13 +76,13 @@ func eraseDisk(f *os.File, size int64) error {
 	return nil
 }
 
-// jobDiskSize is the size of the main job's own disk images.
-const jobDiskSize = 64 << 20
+// JobDiskSize is the size of the main job's own disk images.
+const JobDiskSize = 64 << 20
 
-// jobDiskPrefix starts the name of the directory of the main job's disk
+// JobDiskPrefix starts the name of the directory of the main job's disk
 // images, followed by the job's PID: a run that was killed leaves it behind,
 // and the next run removes it.
-const jobDiskPrefix = "repagent-disk-"
+const JobDiskPrefix = "repagent-disk-"
 
 // jobDisks is the main job's pair of disk images, made for one run in a
 // temporary directory and removed after it.
@@ -94,8 +94,8 @@ type jobDisks struct {
 // newJobDisks makes two empty (sparse) images of jobDiskSize bytes, after
 // removing the ones earlier runs left behind when they were killed.
 func newJobDisks() (_ *jobDisks, err error) {
-	sweepJobDisks(os.TempDir())
-	dir, err := os.MkdirTemp("", fmt.Sprintf("%s%d-", jobDiskPrefix, os.Getpid()))
+	SweepJobDisks(os.TempDir())
+	dir, err := os.MkdirTemp("", fmt.Sprintf("%s%d-", JobDiskPrefix, os.Getpid()))
 	if err != nil {
 		return nil, fmt.Errorf("make the job's disk images (or pass --no-disk): %w", err)
 	}
@@ -110,7 +110,7 @@ func newJobDisks() (_ *jobDisks, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("make the job's disk images (or pass --no-disk): %w", err)
 		}
-		err = f.Truncate(jobDiskSize)
+		err = f.Truncate(JobDiskSize)
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
@@ -129,16 +129,16 @@ func (d *jobDisks) close() error {
 	return nil
 }
 
-// sweepJobDisks removes the directories in tmp named jobDiskPrefix + PID +
+// SweepJobDisks removes the directories in tmp named jobDiskPrefix + PID +
 // "-" + anything whose process no longer exists: what a killed run left
 // behind.
-func sweepJobDisks(tmp string) {
+func SweepJobDisks(tmp string) {
 	ents, err := os.ReadDir(tmp)
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
-		rest, ok := strings.CutPrefix(e.Name(), jobDiskPrefix)
+		rest, ok := strings.CutPrefix(e.Name(), JobDiskPrefix)
 		if !ok || !e.IsDir() {
 			continue
 		}

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"fmt"
@@ -91,8 +91,8 @@ func (r *replicator) netSummary(w io.Writer) {
 	fmt.Fprintf(w, "  hold time (added latency): p50 %s p99 %s max %s\n", dur(s.Latency.P50), dur(s.Latency.P99), dur(s.Latency.Max))
 	p := s.Protocols
 	fmt.Fprintf(w, "  held by protocol: ARP %d, IPv4 %d (UDP %d, TCP %d, ICMP %d), IPv6 %d, other %d\n", p.ARP, p.IPv4, p.UDP, p.TCP, p.ICMP, p.IPv6, p.Other)
-	if r.o.pcap != "" {
-		fmt.Fprintf(w, "  pcap: released frames in %s\n", r.o.pcap)
+	if r.o.Pcap != "" {
+		fmt.Fprintf(w, "  pcap: released frames in %s\n", r.o.Pcap)
 	}
 	if c := r.client; c != nil {
 		t := c.Totals()

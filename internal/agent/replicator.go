@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"bufio"
@@ -26,12 +26,12 @@ import (
 	"github.com/repagent/repagent/testvm"
 )
 
-// vmmName is how the primary names its VMM to the backup.
-const vmmName = "repagent testvm"
+// VMMName is how the primary names its VMM to the backup.
+const VMMName = "repagent testvm"
 
-// newLogger returns the engine's logger: text on stderr, info level, or warn
+// NewLogger returns the engine's logger: text on stderr, info level, or warn
 // with --quiet.
-func newLogger(stderr io.Writer, quiet bool) *slog.Logger {
+func NewLogger(stderr io.Writer, quiet bool) *slog.Logger {
 	level := slog.LevelInfo
 	if quiet {
 		level = slog.LevelWarn
@@ -43,14 +43,14 @@ func newLogger(stderr io.Writer, quiet bool) *slog.Logger {
 // a test VM protected by a replicate.Primary, with the sync and status lines,
 // the stats file and the summary.
 type replicator struct {
-	o      replOptions
+	o      Repl
 	cfg    testvm.Config
 	mech   dirtylog.Mechanism // what is asked of the engine (Auto resolved)
 	auto   bool               // mech was picked by --dirty-track auto
 	stdout io.Writer
 	stderr io.Writer
 	log    *slog.Logger
-	fault  *fault
+	fault  *Fault
 	name   string // the command, for messages on stderr: "repagent", "repagent primary"
 	// metrics, with --metrics, is fed from the callbacks (nil ignores it).
 	metrics *metrics.PrimaryCollector
@@ -103,24 +103,24 @@ type syncAgg struct {
 
 // newReplicator resolves the dirty tracking mechanism (it fixes how the VM is
 // built) and creates the stats file.
-func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr io.Writer, flt *fault) (*replicator, error) {
-	r := &replicator{name: name, o: o, cfg: cfg, stdout: stdout, stderr: stderr, log: newLogger(stderr, o.quiet), fault: flt}
-	r.mech, r.cfg.DirtyRingEntries = o.mech, 0
-	switch o.mech {
+func newReplicator(name string, o Repl, cfg testvm.Config, stdout, stderr io.Writer, flt *Fault) (*replicator, error) {
+	r := &replicator{name: name, o: o, cfg: cfg, stdout: stdout, stderr: stderr, log: NewLogger(stderr, o.Quiet), fault: flt}
+	r.mech, r.cfg.DirtyRingEntries = o.Mech, 0
+	switch o.Mech {
 	case dirtylog.Ring:
 		r.cfg.DirtyRingEntries = track.RingEntries
 	case dirtylog.Auto:
-		mech, entries, err := track.Recommend(cfg, o.interval)
+		mech, entries, err := track.Recommend(cfg, o.Interval)
 		if err != nil {
 			return nil, err
 		}
 		r.mech, r.cfg.DirtyRingEntries, r.auto = mech, entries, true
 	}
-	if o.metrics != "" {
+	if o.Metrics != "" {
 		r.metrics = metrics.NewPrimaryCollector()
 	}
-	if o.stats != "" {
-		f, err := os.Create(o.stats)
+	if o.Stats != "" {
+		f, err := os.Create(o.Stats)
 		if err != nil {
 			return nil, fmt.Errorf("create stats file: %w", err)
 		}
@@ -134,11 +134,11 @@ func newReplicator(name string, o replOptions, cfg testvm.Config, stdout, stderr
 // it and waits for its guest to be ready.
 func (r *replicator) start(ctx context.Context) error {
 	pc := protect.Config{Engine: r.engineConfig(), InNamespace: r.netDo, Metrics: r.metrics}
-	if r.o.tap != "" {
-		pc.Tap = r.o.tap
-		pc.Gate = ebpf.Config{HoldLimit: int(r.o.holdLimit), ReleaseCPU: ebpf.AutoCPU, OnEpoch: r.onGateEpoch}
-		if r.o.pcap != "" {
-			f, err := os.Create(r.o.pcap)
+	if r.o.Tap != "" {
+		pc.Tap = r.o.Tap
+		pc.Gate = ebpf.Config{HoldLimit: int(r.o.HoldLimit), ReleaseCPU: ebpf.AutoCPU, OnEpoch: r.onGateEpoch}
+		if r.o.Pcap != "" {
+			f, err := os.Create(r.o.Pcap)
 			if err != nil {
 				return fmt.Errorf("create pcap file: %w", err)
 			}
@@ -146,7 +146,7 @@ func (r *replicator) start(ctx context.Context) error {
 		}
 	}
 	if r.cfg.Disk != nil {
-		f, err := openDisk(r.o.disk, r.cfg.Disk.Blocks)
+		f, err := openDisk(r.o.Disk, r.cfg.Disk.Blocks)
 		if err != nil {
 			return err
 		}
@@ -188,8 +188,8 @@ func (r *replicator) start(ctx context.Context) error {
 	if r.auto {
 		how = " (auto)"
 	}
-	if !r.o.quiet {
-		fmt.Fprintf(r.stdout, "guest ready: %s, interval %v, dirty tracking %v%s\n", describe(m.Config()), r.o.interval, r.mech, how)
+	if !r.o.Quiet {
+		fmt.Fprintf(r.stdout, "guest ready: %s, interval %v, dirty tracking %v%s\n", describe(m.Config()), r.o.Interval, r.mech, how)
 	}
 	return nil
 }
@@ -208,7 +208,7 @@ func (r *replicator) close() error {
 	}
 	if r.pcap != nil {
 		if cerr := r.pcap.Close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("write pcap file %s: %w", r.o.pcap, cerr))
+			err = errors.Join(err, fmt.Errorf("write pcap file %s: %w", r.o.Pcap, cerr))
 		}
 	}
 	r.mu.Lock()
@@ -222,15 +222,15 @@ func (r *replicator) close() error {
 		}
 		r.stats = nil
 		if r.statsErr != nil && err == nil {
-			err = fmt.Errorf("write stats file %s: %w", r.o.stats, r.statsErr)
+			err = fmt.Errorf("write stats file %s: %w", r.o.Stats, r.statsErr)
 		}
 	}
 	return err
 }
 
-// vcpuNote is what the guest of one vCPU had done at an epoch boundary: the
+// VCPUNote is what the guest of one vCPU had done at an epoch boundary: the
 // primary's Config.Note, recorded in the stats file.
-type vcpuNote struct {
+type VCPUNote struct {
 	VCPU       int    `json:"vcpu"`
 	Iterations uint64 `json:"iterations"`
 	Writes     uint64 `json:"writes"`
@@ -241,10 +241,10 @@ type vcpuNote struct {
 // note reads every vCPU's status; the engine calls it in each pause, when the
 // status is exact.
 func (r *replicator) note() any {
-	out := make([]vcpuNote, r.m.NumVCPUs())
+	out := make([]VCPUNote, r.m.NumVCPUs())
 	for i := range out {
 		st := r.m.Status(i)
-		out[i] = vcpuNote{VCPU: i, Iterations: st.Iterations, Writes: st.Writes, Counter: st.Counter, Hash: fmt.Sprintf("%016x", st.Hash)}
+		out[i] = VCPUNote{VCPU: i, Iterations: st.Iterations, Writes: st.Writes, Counter: st.Counter, Hash: fmt.Sprintf("%016x", st.Hash)}
 	}
 	return out
 }
@@ -253,21 +253,21 @@ func (r *replicator) note() any {
 // and the disk's stream.
 func (r *replicator) engineConfig() replicate.Config {
 	cfg := replicate.Config{
-		Interval:         r.o.interval,
+		Interval:         r.o.Interval,
 		DirtyTrack:       r.mech,
-		Workers:          r.o.workers,
-		Compress:         r.o.compress,
-		CopyThreads:      r.o.copyThreads,
-		PrecopyThreshold: r.o.syncThreshold,
-		SyncPause:        r.o.syncPause,
-		NoThrottle:       r.o.noThrottle,
-		StagingBytes:     r.o.staging,
-		HeartbeatTimeout: r.o.heartbeatTimeout,
-		AuditEvery:       r.o.auditEvery,
+		Workers:          r.o.Workers,
+		Compress:         r.o.Compress,
+		CopyThreads:      r.o.CopyThreads,
+		PrecopyThreshold: r.o.SyncThreshold,
+		SyncPause:        r.o.SyncPause,
+		NoThrottle:       r.o.NoThrottle,
+		StagingBytes:     r.o.Staging,
+		HeartbeatTimeout: r.o.HeartbeatTimeout,
+		AuditEvery:       r.o.AuditEvery,
 		Note:             r.note,
 		OnEpoch:          r.onEpoch,
 		OnSync:           r.onSync,
-		VMM:              vmmName,
+		VMM:              VMMName,
 		Log:              r.log,
 	}
 	if r.cfg.Disk != nil {
@@ -293,7 +293,7 @@ func (r *replicator) newPrimary() error {
 // process dies at once, as if its host lost power, with the stats file
 // flushed so that a test knows what was acknowledged.
 func (r *replicator) hook(point string, epoch uint64) {
-	if point != r.fault.point || epoch != r.fault.n {
+	if point != r.fault.Point || epoch != r.fault.N {
 		return
 	}
 	r.mu.Lock()
@@ -322,7 +322,7 @@ func (r *replicator) onEpoch(s *replicate.EpochStats) {
 	}
 	if err != nil {
 		r.statsErr = err
-		r.log.Error("write stats file: no more epochs are recorded", "file", r.o.stats, "err", err)
+		r.log.Error("write stats file: no more epochs are recorded", "file", r.o.Stats, "err", err)
 	}
 }
 
@@ -338,7 +338,7 @@ func (r *replicator) onSync(s replicate.SyncProgress) {
 		r.syncDone = time.Now()
 	}
 	r.mu.Unlock()
-	if r.o.quiet {
+	if r.o.Quiet {
 		return
 	}
 	line := fmt.Sprintf("sync round %d: %d pages, %.1f MB (wire %.1f MB), %.1f MB/s, %d dirty remaining",
@@ -366,7 +366,7 @@ func (r *replicator) onDiskSync(s replicate.StreamSyncProgress) {
 	r.mu.Lock()
 	r.diskSync = append(r.diskSync, s)
 	r.mu.Unlock()
-	if !r.o.quiet {
+	if !r.o.Quiet {
 		fmt.Fprintln(r.stdout, diskSyncLine(s))
 	}
 }
@@ -406,8 +406,8 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	var end <-chan time.Time
-	if r.o.duration > 0 {
-		t := time.NewTimer(r.o.duration)
+	if r.o.Duration > 0 {
+		t := time.NewTimer(r.o.Duration)
 		defer t.Stop()
 		end = t.C
 	}
@@ -449,7 +449,7 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 			cur := totals(r.m)
 			secs := now.Sub(prevT).Seconds()
 			line := r.statusLine(now, secs, float64(cur.ops-prev.ops)/secs, lost != nil)
-			if !r.o.quiet && line != nil {
+			if !r.o.Quiet && line != nil {
 				fmt.Fprintln(r.stdout, line)
 			}
 			prev, prevT = cur, now
@@ -609,7 +609,7 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 	if !r.syncDone.IsZero() {
 		secs = r.t0.Add(d).Sub(r.syncDone).Seconds()
 	}
-	fmt.Fprintf(w, "replicated %.1fs: %s, interval %v, dirty tracking %v\n", d.Seconds(), describe(r.m.Config()), r.o.interval, r.mech)
+	fmt.Fprintf(w, "replicated %.1fs: %s, interval %v, dirty tracking %v\n", d.Seconds(), describe(r.m.Config()), r.o.Interval, r.mech)
 	fmt.Fprintf(w, "  sync: %d rounds, %d pages, wire %s in %s\n", r.initSync.rounds, r.initSync.pages, bytesSI(float64(r.initSync.wire)), dur(r.initSync.elapsed))
 	if !r.synced {
 		fmt.Fprintf(w, "  sync: not finished when the run ended (%d rounds done): no checkpoint was taken, the VM was never protected\n", r.initSync.rounds)
@@ -642,11 +642,11 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 		dur(t.Period.Quantile(0.5)), dur(t.Period.Quantile(0.99)))
 	pc, bc := t.CPUPerPage()
 	fmt.Fprintf(w, "  engine cpu: primary %s, backup %s per dirty page (%s and %s in all)\n", dur(pc), dur(bc), dur(t.CPU), dur(t.BackupCPU))
-	if r.o.auditEvery > 0 {
-		fmt.Fprintf(w, "  audits: %d passed (every %d epochs)\n", t.Audited, r.o.auditEvery)
+	if r.o.AuditEvery > 0 {
+		fmt.Fprintf(w, "  audits: %d passed (every %d epochs)\n", t.Audited, r.o.AuditEvery)
 	}
 	if r.stats != nil {
-		fmt.Fprintf(w, "  stats: %d lines in %s\n", t.Epochs, r.o.stats)
+		fmt.Fprintf(w, "  stats: %d lines in %s\n", t.Epochs, r.o.Stats)
 	}
 	r.diskSummary(w, secs)
 	r.netSummary(w)
@@ -662,7 +662,7 @@ func (r *replicator) diskSummary(w io.Writer, secs float64) {
 	if r.mirror == nil {
 		return
 	}
-	fmt.Fprintf(w, "  disk: %s image %s, mirrored to the backup's\n", testvm.FormatSize(uint64(r.mirror.Size())), r.o.disk)
+	fmt.Fprintf(w, "  disk: %s image %s, mirrored to the backup's\n", testvm.FormatSize(uint64(r.mirror.Size())), r.o.Disk)
 	var (
 		sent      int
 		data, enc uint64
