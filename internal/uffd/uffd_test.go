@@ -598,6 +598,72 @@ func TestUnprotectDontWake(t *testing.T) {
 	}
 }
 
+// TestGCWhileWriterFaults: Go code storing into protected pages while the
+// garbage collector stops the world in a loop completes. A faulting store
+// is interrupted by the runtime's preemption signal, preempted at the
+// store, and faults again when resumed, so the world can stop while the
+// handler's goroutine waits.
+//
+// The same with copy() instead of stores deadlocks the whole process
+// (tried): runtime.memmove is not asynchronously preemptible, so the world
+// never stops, and the handler, a goroutine, never runs again. See doc.go.
+func TestGCWhileWriterFaults(t *testing.T) {
+	privileged.Require(t, privileged.Root)
+	checkLeaks(t)
+	const pages, rounds = 256, 8
+	mem := memfdMem(t, pages)
+	fillPages(mem)
+	f := openFD(t)
+	base := Addr(mem)
+	if err := f.Register(base, uint64(len(mem))); err != nil {
+		t.Fatal(err)
+	}
+	c := newCopier(f, mem)
+	h, err := f.StartHandler(func(flt Fault) error {
+		_ = make([]byte, 16<<10) // the handler allocates, as ordinary Go does
+		return c.resolve(flt)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Stop() })
+	stop := make(chan struct{})
+	gcDone := make(chan struct{})
+	go func() {
+		defer close(gcDone)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				runtime.GC()
+			}
+		}
+	}()
+	defer func() { close(stop); <-gcDone }()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer close(done)
+		for r := range rounds {
+			c.mu.Lock()
+			clear(c.copied)
+			c.mu.Unlock()
+			if err := f.WriteProtect(base, uint64(len(mem))); err != nil {
+				done <- err
+				return
+			}
+			for p := range pages {
+				mem[p*pageSize+r] = byte(r)
+			}
+		}
+	}()
+	awaitErr(t, done, "the writer")
+	if n := h.Faults(); n < pages*rounds {
+		t.Errorf("%d faults, want at least %d", n, pages*rounds)
+	}
+}
+
 // TestCloseEndsWaiters: Close makes a waiting Handler and a Wait return.
 func TestCloseEndsWaiters(t *testing.T) {
 	privileged.Require(t, privileged.Root)
