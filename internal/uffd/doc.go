@@ -33,6 +33,10 @@
 //     and it is offered here); its first write would go through unseen.
 //     Shmem (memfd) marks never-touched pages as protected regardless.
 //     Otherwise populate the memory first (MADV_POPULATE_WRITE).
+//   - Protection lives in the registered mapping's page tables, not in the
+//     memory: writes through another mapping of the same memfd, or through
+//     the memfd itself (pwrite(2)), never fault. Every writer of guest
+//     memory, KVM included, must go through the registered mapping.
 //   - The resolver reads a protected page freely (reads never fault) and
 //     must copy it before unprotecting it; after the unprotect the writer
 //     may already have changed it.

@@ -841,3 +841,58 @@ func TestUnregisterDropsProtection(t *testing.T) {
 		t.Errorf("ReadFaults = %d, %v after writes to an unregistered range, want none", n, err)
 	}
 }
+
+// TestOtherMappingNotProtected pins a rule in doc.go: protection is a
+// property of the registered mapping's page tables, not of the memory.
+// Writes through a second mapping of the same memfd, or through the memfd
+// itself (pwrite(2)), do not fault, and change what the protected mapping
+// reads.
+func TestOtherMappingNotProtected(t *testing.T) {
+	privileged.Require(t, privileged.Root)
+	checkLeaks(t)
+	fd, err := unix.MemfdCreate("uffd-test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	size := 2 * pageSize
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		t.Fatal(err)
+	}
+	mapShared := func() []byte {
+		m, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Munmap(m) })
+		return m
+	}
+	mem, other := mapShared(), mapShared()
+	fillPages(mem)
+	f := openFD(t)
+	if err := f.Register(Addr(mem), uint64(size)); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.WriteProtect(Addr(mem), uint64(size)); err != nil {
+		t.Fatal(err)
+	}
+	c := newCopier(f, mem)
+	h, err := f.StartHandler(c.resolve)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Stop() })
+	await(t, writeFrom(other, []int{0}, 0, 0xC1, -1), "the writer through the other mapping")
+	if _, err := unix.Pwrite(fd, []byte{0xC2}, int64(pageSize)); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Stop(); err != nil {
+		t.Fatalf("handler: %v", err)
+	}
+	if got := c.faultedPages(t); len(got) != 0 {
+		t.Errorf("pages that faulted: %v, want none", got)
+	}
+	if mem[0] != 0xC1 || mem[pageSize] != 0xC2 {
+		t.Errorf("the protected mapping reads %#x, %#x; want the other writes 0xc1, 0xc2", mem[0], mem[pageSize])
+	}
+}
