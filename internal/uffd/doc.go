@@ -56,12 +56,12 @@
 // again when resumed (TestGCWhileWriterFaults). But code that is not
 // asynchronously preemptible (runtime.memmove behind copy(), other
 // assembly, the runtime itself, anything with GODEBUG=asyncpreemptoff=1)
-// keeps faulting
-// without ever reaching a safe point: the world never stops, the Handler's
-// goroutine never runs again, and the whole process deadlocks (tried on this
-// machine: copy() into protected pages with runtime.GC in a loop hangs,
-// the writer in memmove and the garbage collector in mark termination). So a VMM goroutine that writes guest memory with copy()
-// (a device completing a request) must have the engine copy and unprotect
+// keeps faulting without ever reaching a safe point: the world never stops,
+// the Handler's goroutine never runs again, and the whole process deadlocks
+// (tried on this machine: copy() into protected pages with runtime.GC in a
+// loop hangs, the writer in memmove and the garbage collector in mark
+// termination). So a VMM goroutine that writes guest memory with copy() (a
+// device completing a request) must have the engine copy and unprotect
 // the target pages first, or write them from a system call (read(2) into
 // the page: a goroutine in a system call does not hold up stop-the-world).
 //
