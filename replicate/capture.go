@@ -90,7 +90,15 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		st.Stall, t = lap(t)
 		job.start = p.stage.alloc(n)
 		job.staged = true
-		st.CopyThreads = p.copier.copy(job, &m)
+		if p.lazy != nil {
+			if job.lazy, err = p.lazy.capture(job, st); err != nil {
+				<-p.inflight
+				return err
+			}
+			st.CopyThreads = 1
+		} else {
+			st.CopyThreads = p.copier.copy(job, &m)
+		}
 	} else {
 		// Stop-and-copy: send from guest memory while paused.
 		st.Oversize = true
@@ -108,13 +116,20 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		}
 	}
 	st.DirtyPages = int(n)
-	st.Copy, t = lap(t)
+	if job.lazy != nil {
+		t = time.Now() // capture set Copy and Protect
+	} else {
+		st.Copy, t = lap(t)
+	}
 	paused = false
 	if err := vm.Resume(); err != nil {
 		return vmFailure{fmt.Errorf("resume VM: %w", err)}
 	}
 	st.Resume, t = lap(t)
 	st.Pause = t.Sub(st.Start)
+	if job.lazy != nil {
+		go job.lazy.behind(st)
+	}
 	if !job.live {
 		p.jobs <- job
 	}

@@ -51,6 +51,14 @@ type Config struct {
 	// beyond the pausing goroutine take chunks of the copy if they get a
 	// CPU in time; the pause never waits for one to start (capture.go).
 	CopyThreads int
+	// Capture says how a checkpoint's dirty pages are captured (lazy.go):
+	// copied in the pause (CaptureEager, the default), write-protected in
+	// the pause and copied behind the running guest (CaptureLazy), or
+	// either, run by run, from costs measured on this host (CaptureAuto).
+	// Lazy and auto need userfaultfd and a VM implementing WriteGuard; lazy
+	// without them is an error from Run wrapping ErrLazyUnsupported, auto
+	// falls back to eager and says so in the log.
+	Capture Capture
 	// StagingBytes bounds the memory holding captured pages not yet sent.
 	// 0 means the guest memory size, capped at 1 GiB. An epoch whose pages do
 	// not fit even with nothing else in flight is sent from guest memory
@@ -124,6 +132,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.CopyThreads <= 0 {
 		c.CopyThreads = max(1, min(MaxCopyThreads, runtime.NumCPU()))
+	}
+	if c.Capture < CaptureEager || c.Capture > CaptureAuto {
+		return c, fmt.Errorf("capture %v: want eager, lazy or auto", c.Capture)
 	}
 	if c.CopyThreads > MaxCopyThreads {
 		return c, fmt.Errorf("%d copy threads: at most %d", c.CopyThreads, MaxCopyThreads)
@@ -214,8 +225,9 @@ type Primary struct {
 
 	policy         *compressPolicy
 	copier         *copier
-	lastJob        *epochJob // the last checkpoint captured (the epoch loop's)
-	endMsg, endPay []byte    // the sender's end record buffers
+	lastJob        *epochJob    // the last checkpoint captured (the epoch loop's)
+	lazy           *lazyCapture // with Config.Capture lazy or auto, once Run has it
+	endMsg, endPay []byte       // the sender's end record buffers
 	protected      atomic.Bool
 
 	// sess is the session's state (session.go): running, stopping, ended,
@@ -312,6 +324,18 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 			err = fmt.Errorf("stop dirty tracking: %w", serr)
 		}
 	}()
+	if p.cfg.Capture != CaptureEager {
+		l, err := newLazyCapture(p, p.cfg.Capture)
+		switch {
+		case err == nil:
+			p.lazy = l
+			defer l.close()
+		case p.cfg.Capture == CaptureLazy:
+			return fmt.Errorf("capture lazy: %w", err)
+		default:
+			log.Warn("capture auto: copying every page in the pause (eager)", "why", err)
+		}
+	}
 	log.Info("replicating", "backup", conn.RemoteAddr(), "shape", p.lay.shape, "interval", p.cfg.Interval,
 		"dirty-track", src.Mechanism(), "heartbeat-timeout", p.cfg.HeartbeatTimeout)
 
@@ -1016,6 +1040,7 @@ type epochJob struct {
 	done        chan struct{} // closed once sent, for synchronous jobs
 	sent        chan struct{} // closed once the sender is done with it
 	ready       chan struct{} // closed once the capturing pause wrote its stats
+	lazy        *lazyJob      // with lazy capture: the copy behind the guest, which the sender waits for
 	cpu         atomic.Int64  // ns of the engine's CPU spent on it: pause, copy helpers, workers, sender
 }
 

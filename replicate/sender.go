@@ -342,8 +342,18 @@ func (h *workerHold) wait(m *cpuclock.Meter) {
 // sendLoop sends jobs in order, one at a time.
 func (p *Primary) sendLoop() {
 	for job := range p.jobs {
+		if job.lazy != nil {
+			<-job.lazy.done // copied behind the guest (it never waits on the session)
+		}
 		if p.sess.state() == sessRunning {
-			if err := p.send(job); err != nil {
+			err := error(nil)
+			if job.lazy != nil {
+				err = job.lazy.err
+			}
+			if err == nil {
+				err = p.send(job)
+			}
+			if err != nil {
 				var le *linkError
 				if !errors.As(err, &le) {
 					p.abort(err) // an audit mismatch: the link is fine

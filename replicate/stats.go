@@ -31,6 +31,18 @@ type EpochStats struct {
 	Oversize bool
 	// CopyThreads is how many goroutines copied the pages during the pause.
 	CopyThreads int
+	// Lazy capture (Config.Capture): Protect is the part of the pause spent
+	// write-protecting LazyPages of the dirty pages (the rest were copied,
+	// in Copy). Behind is how long copying them took after the resume;
+	// Faults is the guest's writes that found a page not yet copied (each
+	// copied first, FaultTime in all), GuardedPages the pages the VMM's own
+	// writes had copied first (WriteGuard).
+	Protect      time.Duration
+	LazyPages    int
+	Behind       time.Duration
+	Faults       int
+	FaultTime    time.Duration
+	GuardedPages int
 	// DirtyPages is the pages captured; ZeroPages of them were zero, and
 	// LZ4Pages went compressed.
 	DirtyPages, ZeroPages, LZ4Pages int

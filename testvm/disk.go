@@ -156,6 +156,7 @@ func (d *diskDev) stop(started bool) { d.device.stop(started, nil) }
 func (d *diskDev) executeBatch(from, to uint32) {
 	mem := d.m.mem
 	d.stats.batches.Add(1)
+	d.m.guardWrite(diskRingAddr, diskSlots*diskDescSize) // the statuses
 	for c := from; c != to; c++ {
 		desc := diskRingAddr + uint64(c%diskSlots)*diskDescSize
 		store32(mem, desc+dStatus, d.execute(mem, desc))
@@ -228,6 +229,7 @@ func (d *diskDev) execute(mem []byte, desc uint64) uint32 {
 	p := mem[r.buf : r.buf+n]
 	off := r.block * DiskBlockSize
 	if r.op == diskOpRead {
+		d.m.guardWrite(r.buf, n)
 		err := readFull(d.io, p, off)
 		// DMA into guest memory: reported even when the read failed midway.
 		d.m.recordWrite(r.buf, n)

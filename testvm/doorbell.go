@@ -69,6 +69,7 @@ func (b *doorbell) close() {
 // the flag, so a request is never left behind with the device asleep. With
 // the device's lock held.
 func (m *Machine) announceSleep(kick, prod uint64, cons uint32) (busy bool) {
+	m.guardWrite(kick, 4)
 	store32(m.mem, kick, 1)
 	m.recordWrite(kick, 4)
 	if load32(m.mem, prod) != cons {
@@ -177,6 +178,7 @@ func (d *device) take(batch func(from, to uint32), overrun func()) {
 	}
 	batch(d.cons, prod)
 	d.cons = prod
+	d.m.guardWrite(d.ring.cons, 4)
 	store32(mem, d.ring.cons, prod)
 	d.m.recordWrite(d.ring.cons, 4)
 }

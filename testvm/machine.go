@@ -83,7 +83,8 @@ type Machine struct {
 	devHeld bool     // Pause holds the devices' locks (guarded by ctl)
 
 	recorder atomic.Pointer[func(gpa, length uint64)]
-	tracker  atomic.Pointer[dirtylog.Tracker] // set by DirtyTracker
+	guard    atomic.Pointer[func(gpa, length uint64)] // called before a VMM write (SetWriteGuard)
+	tracker  atomic.Pointer[dirtylog.Tracker]         // set by DirtyTracker
 	console  io.Writer
 }
 
@@ -322,6 +323,37 @@ func (m *Machine) SetWriteRecorder(f func(gpa, length uint64)) {
 	m.recorder.Store(&f)
 }
 
+// SetWriteGuard registers f to be called before every write the VMM itself
+// makes into guest memory, with the range about to be written
+// (replicate.WriteGuard: lazy capture copies those pages of the epoch being
+// captured first). nil unregisters. f may be called from any goroutine.
+func (m *Machine) SetWriteGuard(f func(gpa, length uint64)) {
+	if f == nil {
+		m.guard.Store(nil)
+		return
+	}
+	m.guard.Store(&f)
+}
+
+// guardWrite calls the write guard for a VMM write of [off, off+n) in
+// memory offsets, split at the slot boundary, before the write.
+func (m *Machine) guardWrite(off, n uint64) {
+	if f := m.guard.Load(); f != nil && n != 0 {
+		m.forRanges(off, n, *f)
+	}
+}
+
+// forRanges calls f with the guest-physical ranges of [off, off+n) in memory
+// offsets, split at the slot boundary.
+func (m *Machine) forRanges(off, n uint64, f func(gpa, length uint64)) {
+	if off < m.layout.lowSize && off+n > m.layout.lowSize {
+		first := m.layout.lowSize - off
+		f(m.layout.gpa(off), first)
+		off, n = m.layout.lowSize, n-first
+	}
+	f(m.layout.gpa(off), n)
+}
+
 // WriteGuest copies data into guest memory at offset off and reports the write
 // to the recorder. Every VMM write into guest memory goes through here (or
 // through recordWrite), so the replica sees it.
@@ -329,6 +361,7 @@ func (m *Machine) WriteGuest(off uint64, data []byte) error {
 	if off > uint64(len(m.mem)) || uint64(len(data)) > uint64(len(m.mem))-off {
 		return fmt.Errorf("write guest memory [%#x, +%d): beyond %s", off, len(data), FormatSize(uint64(len(m.mem))))
 	}
+	m.guardWrite(off, uint64(len(data)))
 	copy(m.mem[off:], data)
 	m.recordWrite(off, uint64(len(data)))
 	return nil
@@ -337,20 +370,14 @@ func (m *Machine) WriteGuest(off uint64, data []byte) error {
 // recordWrite reports a VMM write of [off, off+n) in memory offsets, split at
 // the slot boundary.
 func (m *Machine) recordWrite(off, n uint64) {
-	f := m.recorder.Load()
-	if f == nil || n == 0 {
-		return
+	if f := m.recorder.Load(); f != nil && n != 0 {
+		m.forRanges(off, n, *f)
 	}
-	if off < m.layout.lowSize && off+n > m.layout.lowSize {
-		first := m.layout.lowSize - off
-		(*f)(m.layout.gpa(off), first)
-		off, n = m.layout.lowSize, n-first
-	}
-	(*f)(m.layout.gpa(off), n)
 }
 
 // Go lets a guest with phases (Config.PhaseOps) run up to phase p.
 func (m *Machine) Go(p uint64) {
+	m.guardWrite(paramsAddr+pGo, 8)
 	store64(m.mem, paramsAddr+pGo, p)
 	m.recordWrite(paramsAddr+pGo, 8)
 }

@@ -203,6 +203,8 @@ func (d *netDev) rxLoop() {
 			d.stats.rxDropped.Add(1)
 		} else {
 			slot := netRxAddr + uint64(d.rxProd%netSlots)*netSlotSize
+			d.m.guardWrite(slot, netSlotData+uint64(n))
+			d.m.guardWrite(netAddr+nRxProd, 4)
 			copy(mem[slot+netSlotData:], buf[:n])
 			store32(mem, slot, uint32(n))
 			d.m.recordWrite(slot, netSlotData+uint64(n))

@@ -1,0 +1,433 @@
+package replicate
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/repagent/repagent/internal/uffd"
+)
+
+// Lazy capture (copy-before-write). In the pause, after the harvest, the
+// epoch's dirty runs are write-protected with userfaultfd instead of copied
+// (all of them with CaptureLazy; with CaptureAuto, those the cost model says
+// are cheaper to protect than to copy, the rest copied as eagerly); the
+// guest resumes; a copier goroutine copies the protected pages into the
+// epoch's staging, in address order, a chunk at a time, and unprotects each
+// chunk once it is copied. A write to a page not yet copied blocks the
+// writer in a fault; the fault handler (its own locked thread) copies the
+// page first and unprotects it, which wakes the writer. So every staged page
+// holds its content at the epoch boundary, as the eager copy would.
+//
+// Every page is copied exactly once, by whoever claims it first (the
+// copier, the handler, or the write guard below), and a page is unprotected
+// only once it is copied, so no write reaches a page before its copy.
+//
+// The VMM's own writes into guest memory (device DMA) must not fault: a Go
+// goroutine blocked in a fault inside copy() holds up the garbage
+// collector's stop-the-world, and the whole process with it (internal/uffd,
+// "Go writers and stop-the-world"). So lazy capture needs a VM that
+// implements WriteGuard: the VMM calls the guard before it writes, and the
+// guard copies and unprotects the pages first.
+//
+// The sender sends an epoch only once its copier is done, and the next pause
+// waits for the sender, so at most one epoch is being copied behind the
+// guest. A failure anywhere in lazy capture closes the userfaultfd (which
+// unprotects everything and wakes every blocked writer) and ends the
+// session: the guest runs on unprotected, and no torn page is ever sent.
+
+// Capture says how a checkpoint's dirty pages are captured.
+type Capture int
+
+const (
+	// CaptureEager copies every dirty page into staging during the pause.
+	CaptureEager Capture = iota
+	// CaptureLazy write-protects the dirty runs during the pause and copies
+	// them behind the running guest (copy-before-write).
+	CaptureLazy
+	// CaptureAuto chooses per run, from costs measured on this host: runs
+	// long enough that protecting them costs the pause less than copying
+	// (and the guest's faults on them less than that saves) go lazy.
+	CaptureAuto
+)
+
+var captureNames = []string{CaptureEager: "eager", CaptureLazy: "lazy", CaptureAuto: "auto"}
+
+func (c Capture) String() string {
+	if int(c) >= 0 && int(c) < len(captureNames) {
+		return captureNames[c]
+	}
+	return fmt.Sprintf("capture(%d)", int(c))
+}
+
+// ParseCapture parses eager, lazy or auto (the CLI's --capture).
+func ParseCapture(s string) (Capture, error) {
+	for c, n := range captureNames {
+		if n == s {
+			return Capture(c), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown capture %q (want eager, lazy or auto)", s)
+}
+
+// WriteGuard is implemented by a VM whose VMM writes guest memory itself
+// (device DMA). Lazy capture needs it: the engine installs a guard, and the
+// VMM calls it before each of its own writes of [gpa, gpa+length), from any
+// goroutine; the guard returns once the range may be written (its pages of
+// the epoch being captured copied and unprotected). nil removes the guard.
+type WriteGuard interface {
+	SetWriteGuard(guard func(gpa, length uint64))
+}
+
+// ErrLazyUnsupported is wrapped by the error of a primary asked for lazy
+// capture where it cannot have it: userfaultfd missing or refused, or a VM
+// without WriteGuard. CaptureAuto falls back to eager instead, with a note
+// in the log.
+var ErrLazyUnsupported = errors.New("lazy capture not supported")
+
+// Page states of a lazy job, by the page's index in the job.
+const (
+	pageProtected uint32 = iota // protected, not copied yet
+	pageCopying                 // claimed: being copied
+	pageCopied                  // copied (and, once its chunk or fault is done, unprotected)
+	pageEager                   // copied in the pause, never protected
+)
+
+const (
+	lazyChunk            = 64   // pages the copier copies before unprotecting them
+	lazyCallGuess        = 3500 // ns per UFFDIO_WRITEPROTECT call, until measured (PLATFORM.md, in a VM)
+	lazyPageGuess        = 70   // ns per page of a call, until measured
+	lazyFaultGuess       = 15000
+	lazyProbeMin         = 32 // pages: auto protects the longest run at least this long each epoch, to measure
+	lazyPerPageMinSample = 16 // pages: runs at least this long sample the per-page cost
+)
+
+// lazyCapture is a primary's userfaultfd, fault handler and cost model.
+type lazyCapture struct {
+	p    *Primary
+	mode Capture
+	fd   *uffd.FD
+	h    *uffd.Handler
+	vm   WriteGuard
+	cur  atomic.Pointer[lazyJob] // the epoch being copied behind the guest, or the last one
+	base []uint64                // host address of each layout region
+
+	// The cost model, in ns (the pausing goroutine's; faultNs and faults
+	// are fed by copiers after their epoch is done, read at the next pause).
+	mu                    sync.Mutex
+	callNs, pageNs        float64
+	faultRate, faultStall float64
+	closed                atomic.Bool
+}
+
+// lazyJob is one epoch's copy behind the guest.
+type lazyJob struct {
+	l       *lazyCapture
+	job     *epochJob
+	state   []atomic.Uint32
+	runs    [][2]int // protected runs, job page indexes [from, to), in address order
+	pages   int      // protected pages
+	done    chan struct{}
+	err     error // set before done closes
+	faults  atomic.Int64
+	faultNs atomic.Int64 // the resolver's time on faults it copied for
+	guarded atomic.Int64 // pages the write guard copied
+}
+
+// newLazyCapture opens a userfaultfd over the VM's memory and starts the
+// fault handler; the error wraps ErrLazyUnsupported when it cannot.
+func newLazyCapture(p *Primary, mode Capture) (*lazyCapture, error) {
+	wg, ok := p.cfg.VM.(WriteGuard)
+	if !ok {
+		return nil, fmt.Errorf("%w: the VM does not implement replicate.WriteGuard (its own writes into guest memory must be guarded)", ErrLazyUnsupported)
+	}
+	fd, err := uffd.Open(uffd.FeatureWPUnpopulated)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrLazyUnsupported, err)
+	}
+	l := &lazyCapture{p: p, mode: mode, fd: fd, vm: wg, callNs: lazyCallGuess, pageNs: lazyPageGuess, faultStall: lazyFaultGuess}
+	for _, r := range p.lay.regions {
+		a := uffd.Addr(r.host)
+		if err := fd.Register(a, r.size); err != nil {
+			fd.Close()
+			return nil, fmt.Errorf("%w: %w", ErrLazyUnsupported, err)
+		}
+		l.base = append(l.base, a)
+	}
+	if l.h, err = fd.StartHandler(l.resolve); err != nil {
+		fd.Close()
+		return nil, fmt.Errorf("%w: %w", ErrLazyUnsupported, err)
+	}
+	wg.SetWriteGuard(l.guard)
+	return l, nil
+}
+
+// close removes the guard and closes the userfaultfd: every page is
+// unprotected and every blocked writer woken.
+func (l *lazyCapture) close() {
+	if l.closed.Swap(true) {
+		return
+	}
+	l.vm.SetWriteGuard(nil)
+	l.fd.Close()
+	l.h.Stop()
+}
+
+// hostAddr is the host address of the page at gpa.
+func (l *lazyCapture) hostAddr(gpa uint64) uint64 {
+	for i := range l.p.lay.regions {
+		r := &l.p.lay.regions[i]
+		if gpa >= r.gpa && gpa-r.gpa < r.size {
+			return l.base[i] + gpa - r.gpa
+		}
+	}
+	return 0
+}
+
+// gpaOf is the guest-physical address of host address a, if it is guest memory.
+func (l *lazyCapture) gpaOf(a uint64) (uint64, bool) {
+	for i, b := range l.base {
+		r := &l.p.lay.regions[i]
+		if a >= b && a-b < r.size {
+			return r.gpa + (a-b)&^(PageSize-1), true
+		}
+	}
+	return 0, false
+}
+
+// index is the job index of the page at gpa, or -1.
+func (j *lazyJob) index(gpa uint64) int {
+	g := j.job.gpas
+	k := sort.Search(len(g), func(i int) bool { return g[i] >= gpa })
+	if k < len(g) && k < len(j.state) && g[k] == gpa {
+		return k
+	}
+	return -1
+}
+
+// finished reports whether the copy behind the guest is over (every page
+// copied and unprotected).
+func (j *lazyJob) finished() bool {
+	select {
+	case <-j.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// take copies page k into staging unless someone else claimed it, and
+// returns once it is copied; it reports whether this call copied it.
+func (j *lazyJob) take(k int) bool {
+	s := &j.state[k]
+	if s.CompareAndSwap(pageProtected, pageCopying) {
+		p := j.l.p
+		copy(p.stage.page(j.job.start, uint64(k)), p.lay.page(j.job.gpas[k]))
+		s.Store(pageCopied)
+		return true
+	}
+	for spins := 0; s.Load() == pageCopying; spins++ {
+		if spins < 100 {
+			runtime.Gosched()
+		} else {
+			time.Sleep(time.Microsecond)
+		}
+	}
+	return false
+}
+
+// resolve handles a write fault: copy the page first if it is the current
+// epoch's and not copied yet, then unprotect it, which wakes the writer. A
+// fault on a page that is no epoch's (protected no more) is unprotected too.
+func (l *lazyCapture) resolve(f uffd.Fault) error {
+	page := f.Addr &^ (PageSize - 1)
+	if gpa, ok := l.gpaOf(page); ok {
+		if j := l.cur.Load(); j != nil && !j.finished() {
+			if k := j.index(gpa); k >= 0 {
+				t := time.Now()
+				if j.take(k) {
+					j.faults.Add(1)
+					j.faultNs.Add(int64(time.Since(t)))
+				}
+			}
+		}
+	}
+	if err := l.fd.Unprotect(page, PageSize, true); err != nil {
+		l.p.cfg.Log.Error("lazy capture: resolve a write fault", "addr", fmt.Sprintf("%#x", page), "err", err)
+		l.close() // unprotects everything: the writer runs on; the epoch's copier fails
+		return err
+	}
+	return nil
+}
+
+// guard is the WriteGuard: before the VMM writes [gpa, gpa+n), the pages of
+// the epoch being copied are copied and unprotected.
+func (l *lazyCapture) guard(gpa, n uint64) {
+	j := l.cur.Load()
+	if j == nil || n == 0 {
+		return
+	}
+	if j.finished() {
+		return // copied and unprotected
+	}
+	for pg := gpa &^ (PageSize - 1); pg < gpa+n; pg += PageSize {
+		k := j.index(pg)
+		if k < 0 || j.state[k].Load() == pageEager {
+			continue
+		}
+		if j.take(k) {
+			j.guarded.Add(1)
+		}
+		if err := l.fd.Unprotect(l.hostAddr(pg), PageSize, true); err != nil && !l.closed.Load() {
+			l.p.cfg.Log.Error("lazy capture: unprotect before a VMM write", "gpa", fmt.Sprintf("%#x", pg), "err", err)
+			l.close()
+		}
+	}
+}
+
+// capture is the pause's part of a lazy or auto checkpoint, for a job with
+// staging: it copies what goes eagerly, protects the rest, and returns the
+// job for the copier to finish after the resume (nil if nothing was
+// protected: the epoch was captured in the pause).
+func (l *lazyCapture) capture(job *epochJob, st *EpochStats) (*lazyJob, error) {
+	n := len(job.gpas)
+	j := &lazyJob{l: l, job: job, state: make([]atomic.Uint32, n), done: make(chan struct{})}
+	// Runs of contiguous pages in one region.
+	var runs [][2]int
+	for k := 0; k < n; {
+		e := k + 1
+		for e < n && job.gpas[e] == job.gpas[e-1]+PageSize && l.hostAddr(job.gpas[e]) == l.hostAddr(job.gpas[e-1])+PageSize {
+			e++
+		}
+		runs = append(runs, [2]int{k, e})
+		k = e
+	}
+	l.mu.Lock()
+	callNs, pageNs, faultCost := l.callNs, l.pageNs, l.faultRate*l.faultStall
+	l.mu.Unlock()
+	copyNs := l.p.copier.estimate(1).Nanoseconds()
+	longest := -1
+	for i, r := range runs {
+		if longest < 0 || r[1]-r[0] > runs[longest][1]-runs[longest][0] {
+			longest = i
+		}
+	}
+	lazy := make([]bool, len(runs))
+	for i, r := range runs {
+		m := float64(r[1] - r[0])
+		switch l.mode {
+		case CaptureLazy:
+			lazy[i] = true
+		case CaptureAuto:
+			lazy[i] = callNs+m*(pageNs+faultCost) < m*float64(copyNs) ||
+				(i == longest && r[1]-r[0] >= lazyProbeMin) // keep the protect cost measured
+		}
+	}
+	t0 := time.Now()
+	for i, r := range runs {
+		if lazy[i] {
+			continue
+		}
+		l.p.copier.copyRange(job, r[0], r[1])
+		for k := r[0]; k < r[1]; k++ {
+			j.state[k].Store(pageEager)
+		}
+	}
+	st.Copy = time.Since(t0)
+	if eager := n - countLazy(runs, lazy); eager >= copyMinPages/4 {
+		c := l.p.copier
+		c.single = avg(c.single, float64(st.Copy.Nanoseconds())/float64(eager))
+	}
+	for i, r := range runs {
+		if lazy[i] {
+			j.runs = append(j.runs, r)
+			j.pages += r[1] - r[0]
+		}
+	}
+	if j.pages == 0 {
+		return nil, nil
+	}
+	l.cur.Store(j) // before protecting: a VMM write meanwhile copies first
+	t0 = time.Now()
+	var callSum, pageSum float64
+	var calls, sampled int
+	for _, r := range j.runs {
+		m := r[1] - r[0]
+		t := time.Now()
+		if err := l.fd.WriteProtect(l.hostAddr(job.gpas[r[0]]), uint64(m)*PageSize); err != nil {
+			l.close()
+			return nil, fmt.Errorf("lazy capture: write-protect %d pages at %#x: %w", m, job.gpas[r[0]], err)
+		}
+		ns := float64(time.Since(t).Nanoseconds())
+		if m <= 2 {
+			callSum += ns
+			calls++
+		} else if m >= lazyPerPageMinSample {
+			pageSum += (ns - callNs) / float64(m)
+			sampled++
+		}
+	}
+	st.Protect = time.Since(t0)
+	st.LazyPages = j.pages
+	l.mu.Lock()
+	if calls > 0 {
+		l.callNs = avg(l.callNs, callSum/float64(calls))
+	}
+	if sampled > 0 {
+		l.pageNs = max(0, avg(l.pageNs, pageSum/float64(sampled)))
+	}
+	l.mu.Unlock()
+	return j, nil
+}
+
+// behind copies a lazy job's protected pages after the resume, a chunk at a
+// time, unprotecting each chunk once it is copied; then it feeds the cost
+// model and closes done.
+func (j *lazyJob) behind(st *EpochStats) {
+	l := j.l
+	t0 := time.Now()
+	defer func() {
+		st.Behind = time.Since(t0)
+		st.Faults = int(j.faults.Load())
+		st.GuardedPages = int(j.guarded.Load())
+		if f := j.faults.Load(); f > 0 {
+			st.FaultTime = time.Duration(j.faultNs.Load())
+		}
+		l.mu.Lock()
+		l.faultRate = avg(l.faultRate, float64(j.faults.Load()+j.guarded.Load())/float64(j.pages))
+		l.mu.Unlock()
+		close(j.done)
+	}()
+	for _, r := range j.runs {
+		for from := r[0]; from < r[1]; from += lazyChunk {
+			to := min(from+lazyChunk, r[1])
+			for k := from; k < to; k++ {
+				j.take(k)
+			}
+			if l.closed.Load() {
+				j.err = errors.New("lazy capture: the userfaultfd was closed while the epoch was copied")
+				return
+			}
+			if err := l.fd.Unprotect(l.hostAddr(j.job.gpas[from]), uint64(to-from)*PageSize, true); err != nil {
+				l.close()
+				j.err = fmt.Errorf("lazy capture: unprotect %d pages at %#x: %w", to-from, j.job.gpas[from], err)
+				return
+			}
+		}
+	}
+}
+
+// countLazy is the pages of the runs marked lazy.
+func countLazy(runs [][2]int, lazy []bool) int {
+	n := 0
+	for i, r := range runs {
+		if lazy[i] {
+			n += r[1] - r[0]
+		}
+	}
+	return n
+}
