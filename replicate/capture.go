@@ -91,12 +91,12 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		job.start = p.stage.alloc(n)
 		job.staged = true
 		if p.lazy != nil {
-			if job.lazy, err = p.lazy.capture(job, st); err != nil {
+			if job.lazy, err = p.lazy.capture(job, st, &m); err != nil {
 				<-p.inflight
 				return err
 			}
-			st.CopyThreads = 1
-		} else {
+		}
+		if job.lazy == nil {
 			st.CopyThreads = p.copier.copy(job, &m)
 		}
 	} else {
@@ -173,6 +173,7 @@ type copier struct {
 // copyWork is one pause's copy, shared by its copiers.
 type copyWork struct {
 	job    *epochJob
+	idx    []int // the job's pages to copy, by index; nil: all of them
 	n      int
 	next   atomic.Int64 // the next chunk to claim
 	copied atomic.Int64 // pages copied
@@ -224,7 +225,11 @@ func (c *copier) claim(w *copyWork) int {
 			return done
 		}
 		to := min(from+copyChunk, w.n)
-		c.copyRange(w.job, from, to)
+		if w.idx != nil {
+			c.copyPages(w.job, w.idx[from:to])
+		} else {
+			c.copyRange(w.job, from, to)
+		}
 		w.copied.Add(int64(to - from))
 		done += to - from
 	}
@@ -233,9 +238,15 @@ func (c *copier) claim(w *copyWork) int {
 // copy copies job's pages into its staging and returns how many goroutines
 // took part. m, the pause's meter, is stopped while the pause waits for a
 // helper's last chunk.
-func (c *copier) copy(job *epochJob, m *cpuclock.Meter) int {
+func (c *copier) copy(job *epochJob, m *cpuclock.Meter) int { return c.copyIdx(job, nil, m) }
+
+// copyIdx is copy for the job's pages idx (nil: all of them).
+func (c *copier) copyIdx(job *epochJob, idx []int, m *cpuclock.Meter) int {
 	n := len(job.gpas)
-	w := &copyWork{job: job, n: n}
+	if idx != nil {
+		n = len(idx)
+	}
+	w := &copyWork{job: job, idx: idx, n: n}
 	offered := 0
 	if n >= copyMinPages {
 		for range c.helpers {
@@ -290,6 +301,14 @@ func (c *copier) estimate(n int) time.Duration {
 		ns = copyPerPageGuess
 	}
 	return time.Duration(float64(n) * ns)
+}
+
+// copyPages copies the job's pages idx from guest memory into staging.
+func (c *copier) copyPages(job *epochJob, idx []int) {
+	p := c.p
+	for _, k := range idx {
+		copy(p.stage.page(job.start, uint64(k)), p.lay.page(job.gpas[k]))
+	}
 }
 
 // copyRange copies pages [from, to) of job from guest memory into staging.

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/repagent/repagent/internal/cpuclock"
 	"github.com/repagent/repagent/internal/uffd"
 )
 
@@ -102,7 +103,8 @@ const (
 	lazyCallGuess        = 3500 // ns per UFFDIO_WRITEPROTECT call, until measured (PLATFORM.md, in a VM)
 	lazyPageGuess        = 70   // ns per page of a call, until measured
 	lazyFaultGuess       = 15000
-	lazyProbeMin         = 32 // pages: auto protects the longest run at least this long each epoch, to measure
+	lazyProbeMin         = 32 // pages: auto probes the protect cost on runs at least this long
+	lazyProbeEvery       = 16 // epochs between probes
 	lazyPerPageMinSample = 16 // pages: runs at least this long sample the per-page cost
 )
 
@@ -291,9 +293,10 @@ func (l *lazyCapture) guard(gpa, n uint64) {
 
 // capture is the pause's part of a lazy or auto checkpoint, for a job with
 // staging: it copies what goes eagerly, protects the rest, and returns the
-// job for the copier to finish after the resume (nil if nothing was
-// protected: the epoch was captured in the pause).
-func (l *lazyCapture) capture(job *epochJob, st *EpochStats) (*lazyJob, error) {
+// job for the copier to finish after the resume. When the cost model sends
+// every run eager it does nothing and returns nil: the caller copies the
+// epoch as an eager one (with the copy helpers).
+func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) (*lazyJob, error) {
 	n := len(job.gpas)
 	j := &lazyJob{l: l, job: job, state: make([]atomic.Uint32, n), done: make(chan struct{})}
 	// Runs of contiguous pages in one region.
@@ -309,13 +312,21 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats) (*lazyJob, error) {
 	l.mu.Lock()
 	callNs, pageNs, faultCost := l.callNs, l.pageNs, l.faultRate*l.faultStall
 	l.mu.Unlock()
-	copyNs := l.p.copier.estimate(1).Nanoseconds()
+	copyNs := l.p.copier.perPage // a large copy's wall time per page, helpers and all
+	if copyNs == 0 {
+		copyNs = float64(l.p.copier.estimate(1).Nanoseconds())
+	}
 	longest := -1
 	for i, r := range runs {
 		if longest < 0 || r[1]-r[0] > runs[longest][1]-runs[longest][0] {
 			longest = i
 		}
 	}
+	// Every lazyProbeEvery epochs, auto protects the longest run even when
+	// the model says copy, so the protect cost stays measured on this host;
+	// the other epochs the model alone decides (an epoch with a few runs
+	// protected copies the rest on the pausing goroutine, without helpers).
+	probe := job.epoch%lazyProbeEvery == 1
 	lazy := make([]bool, len(runs))
 	for i, r := range runs {
 		m := float64(r[1] - r[0])
@@ -323,25 +334,27 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats) (*lazyJob, error) {
 		case CaptureLazy:
 			lazy[i] = true
 		case CaptureAuto:
-			lazy[i] = callNs+m*(pageNs+faultCost) < m*float64(copyNs) ||
-				(i == longest && r[1]-r[0] >= lazyProbeMin) // keep the protect cost measured
+			lazy[i] = callNs+m*(pageNs+faultCost) < m*copyNs ||
+				(probe && i == longest && r[1]-r[0] >= lazyProbeMin) // keep the protect cost measured
+		}
+	}
+	if countLazy(runs, lazy) == 0 {
+		return nil, nil // all eager: the caller's copier copies it, with its helpers
+	}
+	var eager []int
+	for i, r := range runs {
+		if !lazy[i] {
+			for k := r[0]; k < r[1]; k++ {
+				eager = append(eager, k)
+				j.state[k].Store(pageEager)
+			}
 		}
 	}
 	t0 := time.Now()
-	for i, r := range runs {
-		if lazy[i] {
-			continue
-		}
-		l.p.copier.copyRange(job, r[0], r[1])
-		for k := r[0]; k < r[1]; k++ {
-			j.state[k].Store(pageEager)
-		}
+	if len(eager) > 0 {
+		st.CopyThreads = l.p.copier.copyIdx(job, eager, m)
 	}
 	st.Copy = time.Since(t0)
-	if eager := n - countLazy(runs, lazy); eager >= copyMinPages/4 {
-		c := l.p.copier
-		c.single = avg(c.single, float64(st.Copy.Nanoseconds())/float64(eager))
-	}
 	for i, r := range runs {
 		if lazy[i] {
 			j.runs = append(j.runs, r)

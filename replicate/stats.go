@@ -101,6 +101,12 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 		AuditUS    float64 `json:"audit_us,omitempty"`
 		Oversize   bool    `json:"oversize,omitempty"`
 		CopyThr    int     `json:"copy_threads"`
+		ProtectUS  float64 `json:"protect_us,omitempty"`
+		LazyPages  int     `json:"lazy_pages,omitempty"`
+		BehindUS   float64 `json:"behind_us,omitempty"`
+		Faults     int     `json:"faults,omitempty"`
+		FaultUS    float64 `json:"fault_us,omitempty"`
+		Guarded    int     `json:"guarded_pages,omitempty"`
 		Dirty      int     `json:"dirty_pages"`
 		Zero       int     `json:"zero_pages"`
 		LZ4        int     `json:"lz4_pages"`
@@ -119,7 +125,8 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 		Note       any     `json:"note,omitempty"`
 	}{
 		s.Epoch, s.Start.UTC().Format(time.RFC3339Nano), us(s.Wait), us(s.Pause), us(s.Kick), us(s.Harvest), us(s.Save),
-		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.CopyThreads, s.DirtyPages, s.ZeroPages, s.LZ4Pages,
+		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.CopyThreads,
+		us(s.Protect), s.LazyPages, us(s.Behind), s.Faults, us(s.FaultTime), s.GuardedPages, s.DirtyPages, s.ZeroPages, s.LZ4Pages,
 		s.RawBytes, s.WireBytes, s.StateBytes, s.StreamRecords, s.StreamBytes, s.StreamWireBytes, us(s.Transfer), us(s.AckLatency),
 		us(s.CPU), us(s.BackupCPU), FormatDigest(s.Digest), s.Audited, s.Note,
 	})

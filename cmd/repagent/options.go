@@ -22,6 +22,7 @@ import (
 type replFlags struct {
 	interval, heartbeatTimeout, duration time.Duration
 	dirtyTrack, stats, staging, compress string
+	capture                              string
 	workers, copyThreads, syncThreshold  int
 	auditEvery                           uint64
 	syncPause                            time.Duration
@@ -41,6 +42,8 @@ func (r *replFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&r.workers, "workers", 0, "compression goroutines (default 0: one per CPU, at most 4)")
 	fs.StringVar(&r.compress, "compress", "auto",
 		"LZ4 compression of pages: auto (where a probe finds it pays, per 2MiB of memory), always or never")
+	fs.StringVar(&r.capture, "capture", "eager",
+		"how a checkpoint's dirty pages are captured: eager (copied in the pause), lazy (write-protected in the pause with userfaultfd and copied behind the running guest) or auto (per run of pages, from the costs measured on this host)")
 	fs.IntVar(&r.copyThreads, "copy-threads", 0,
 		"at most this many goroutines copy an epoch's pages during its pause, 1 to 4; more than 1 are used only when they pay for waking them (default 0: one per CPU, at most 4)")
 	fs.IntVar(&r.syncThreshold, "sync-threshold", 0,
@@ -82,6 +85,9 @@ func (r *replFlags) options() (agent.Repl, error) {
 	}
 	if o.Compress, err = replicate.ParseCompression(r.compress); err != nil {
 		return o, usagef("--compress: %w", err)
+	}
+	if o.Capture, err = replicate.ParseCapture(r.capture); err != nil {
+		return o, usagef("--capture: %w", err)
 	}
 	if r.copyThreads < 0 || r.copyThreads > replicate.MaxCopyThreads {
 		return o, usagef("--copy-threads %d: want 0 (the default) or 1 to %d", r.copyThreads, replicate.MaxCopyThreads)

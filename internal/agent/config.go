@@ -18,6 +18,7 @@ type Repl struct {
 	Workers          int
 	Compress         replicate.Compression
 	CopyThreads      int
+	Capture          replicate.Capture
 	SyncThreshold    int
 	SyncPause        time.Duration
 	NoThrottle       bool

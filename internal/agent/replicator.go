@@ -258,6 +258,7 @@ func (r *replicator) engineConfig() replicate.Config {
 		Workers:          r.o.Workers,
 		Compress:         r.o.Compress,
 		CopyThreads:      r.o.CopyThreads,
+		Capture:          r.o.Capture,
 		PrecopyThreshold: r.o.SyncThreshold,
 		SyncPause:        r.o.SyncPause,
 		NoThrottle:       r.o.NoThrottle,
@@ -516,6 +517,12 @@ func (r *replicator) statusLine(now time.Time, secs, guestRate float64, lost boo
 	if r.mirror != nil {
 		s.disk = &diskLine{writes: float64(w.DiskWrites) / secs, bytes: float64(w.DiskBytes) / secs}
 	}
+	if r.o.Capture != replicate.CaptureEager {
+		s.lazy = &lazyLine{faults: float64(w.Faults) / secs, behind: w.Behind.Quantile(0.5)}
+		if w.Dirty > 0 {
+			s.lazy.share = float64(w.LazyPages) / float64(w.Dirty)
+		}
+	}
 	sent, acked := r.p.LastSent(), r.p.LastAcked()
 	if sent > acked {
 		s.lag = sent - acked
@@ -545,7 +552,20 @@ type statusLine struct {
 	op          string        // what the guest's operations are
 	disk        *diskLine     // with a mirrored disk
 	net         *netLine      // with an output gate
+	lazy        *lazyLine     // with lazy or auto capture
 	unprotected bool
+}
+
+// lazyLine is the lazy capture part of a status line: the share of the dirty
+// pages protected in the pause and copied behind the guest, the guest's
+// faults on them per second, and the median time the copy behind took.
+type lazyLine struct {
+	share, faults float64
+	behind        time.Duration
+}
+
+func (l *lazyLine) String() string {
+	return fmt.Sprintf("  lazy %.0f%% faults %s/s behind %s", 100*l.share, si(l.faults), dur(l.behind))
 }
 
 // diskLine is the disk part of a status line: the guest's disk writes the
@@ -568,7 +588,8 @@ func (d *diskLine) String() string {
 // backup cannot keep up), cpu/page the engine's CPU time per dirty page on
 // the primary + on the backup (the memory path: capture, encode and send;
 // receive, check and apply). Then, with a mirrored disk, "  disk 12.3k writes/s 50.4MB/s", then the
-// network part (netLine) with an output gate, and "  UNPROTECTED" at the end while the backup holds no current
+// network part (netLine) with an output gate, with lazy or auto capture
+// "  lazy 78% faults 1.2k/s behind 3.10ms" (lazyLine), and "  UNPROTECTED" at the end while the backup holds no current
 // checkpoint. With no epoch in the second, the pause, dirty and ratio fields
 // are "-".
 func (s statusLine) String() string {
@@ -592,6 +613,9 @@ func (s statusLine) String() string {
 	}
 	if s.net != nil {
 		line += s.net.String()
+	}
+	if s.lazy != nil {
+		line += s.lazy.String()
 	}
 	if s.unprotected {
 		line += "  UNPROTECTED"
@@ -629,7 +653,18 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 		}
 		fmt.Fprintf(w, " %s %s", name, dur(t.MeanPart(i)))
 	}
+	if t.LazyPages > 0 && t.Epochs > 0 {
+		fmt.Fprintf(w, " protect %s", dur(t.Protect/time.Duration(t.Epochs)))
+	}
 	fmt.Fprintln(w)
+	if r.o.Capture != replicate.CaptureEager {
+		share := 0.0
+		if t.Dirty > 0 {
+			share = 100 * float64(t.LazyPages) / float64(t.Dirty)
+		}
+		fmt.Fprintf(w, "  capture %v: %.1f%% of the dirty pages protected and copied behind the guest; %d guest faults, %d pages copied before a VMM write; behind p50 %s p99 %s\n",
+			r.o.Capture, share, t.Faults, t.Guarded, dur(t.Behind.Quantile(0.5)), dur(t.Behind.Quantile(0.99)))
+	}
 	zero := 0.0
 	if t.Dirty > 0 {
 		zero = 100 * float64(t.Zero) / float64(t.Dirty)

@@ -123,6 +123,14 @@ type Agg struct {
 	// period of a second's first epoch is known.
 	prevStart time.Time
 
+	// Lazy capture: the pages protected in the pause and copied behind the
+	// guest, the guest's faults on them, the pages the VMM's own writes had
+	// copied first, the protect time (part of the pauses), and how long the
+	// copies behind the guest took.
+	LazyPages, Faults, Guarded uint64
+	Protect                    time.Duration
+	Behind                     Hist
+
 	// The disk: write records mirrored (in epoch 1, the sync's residual
 	// blocks), their data, their messages on the wire.
 	DiskWrites, DiskBytes, DiskWire uint64
@@ -163,6 +171,13 @@ func (a *Agg) Add(s *replicate.EpochStats) {
 		a.Parts[i] += d
 	}
 	a.Wait += s.Wait
+	if s.LazyPages > 0 {
+		a.LazyPages += uint64(s.LazyPages)
+		a.Faults += uint64(s.Faults)
+		a.Guarded += uint64(s.GuardedPages)
+		a.Protect += s.Protect
+		a.Behind.Add(s.Behind)
+	}
 	a.Dirty += uint64(s.DirtyPages)
 	a.Zero += uint64(s.ZeroPages)
 	a.Raw += s.RawBytes
