@@ -16,8 +16,9 @@
 // # Where things are
 //
 //   - The epoch loop: Primary.epochLoop in primary.go (one pause after
-//     another), with the pause's capture in capture.go, the initial sync and
-//     its throttle in converge.go, compressing and sending in sender.go.
+//     another), with the pause's capture in capture.go (lazy capture in
+//     lazy.go), the initial sync and its throttle in converge.go,
+//     compressing and sending in sender.go.
 //   - The wire format: wire.go, which opens with the session diagram and the
 //     backup receiver's table, and holds every payload's encoder and decoder.
 //   - The session states: session.go, both sides' (the primary's session from
@@ -42,7 +43,11 @@
 //     now on is N+1's.
 //  5. Copy the dirty pages into staging (eager snapshot), on the pausing
 //     goroutine and on up to Config.CopyThreads-1 helpers, which take
-//     chunks of it if they get a CPU in time (capture.go).
+//     chunks of it if they get a CPU in time (capture.go). With
+//     Config.Capture lazy (or auto, run by run from costs measured on the
+//     host), write-protect the dirty runs with userfaultfd instead; they
+//     are copied behind the running guest, a write to a page not yet copied
+//     having it copied first, and the epoch is sent once all are (lazy.go).
 //  6. Resume the vCPUs. Steps 1-6 are the pause the guest sees.
 //  7. While the guest runs, in Config.Workers goroutines (sender.go): find
 //     zero pages by a word scan, CRC32C each page once, LZ4 it where the

@@ -116,6 +116,7 @@ type lazyCapture struct {
 	h    *uffd.Handler
 	vm   WriteGuard
 	cur  atomic.Pointer[lazyJob] // the epoch being copied behind the guest, or the last one
+	hot  []atomic.Uint64         // with auto: a bit per replica page written while it was copied behind
 	base []uint64                // host address of each layout region
 
 	// The cost model, in ns (the pausing goroutine's; faultNs and faults
@@ -152,6 +153,9 @@ func newLazyCapture(p *Primary, mode Capture) (*lazyCapture, error) {
 		return nil, fmt.Errorf("%w: %w", ErrLazyUnsupported, err)
 	}
 	l := &lazyCapture{p: p, mode: mode, fd: fd, vm: wg, callNs: lazyCallGuess, pageNs: lazyPageGuess, faultStall: lazyFaultGuess}
+	if mode == CaptureAuto {
+		l.hot = make([]atomic.Uint64, (p.lay.shape.Pages()+63)/64)
+	}
 	for _, r := range p.lay.regions {
 		a := uffd.Addr(r.host)
 		if err := fd.Register(a, r.size); err != nil {
@@ -177,6 +181,23 @@ func (l *lazyCapture) close() {
 	l.vm.SetWriteGuard(nil)
 	l.fd.Close()
 	l.h.Stop()
+}
+
+// markHot records that the page at gpa was written while it was copied
+// behind the guest (auto only).
+func (l *lazyCapture) markHot(gpa uint64) {
+	if l.hot == nil {
+		return
+	}
+	if i, ok := l.p.lay.index(gpa &^ (PageSize - 1)); ok {
+		l.hot[i/64].Or(1 << (i % 64))
+	}
+}
+
+// isHot reports whether markHot recorded the page at gpa.
+func (l *lazyCapture) isHot(gpa uint64) bool {
+	i, ok := l.p.lay.index(gpa)
+	return ok && l.hot[i/64].Load()&(1<<(i%64)) != 0
 }
 
 // hostAddr is the host address of the page at gpa.
@@ -254,6 +275,7 @@ func (l *lazyCapture) resolve(f uffd.Fault) error {
 				if j.take(k) {
 					j.faults.Add(1)
 					j.faultNs.Add(int64(time.Since(t)))
+					l.markHot(gpa)
 				}
 			}
 		}
@@ -283,6 +305,7 @@ func (l *lazyCapture) guard(gpa, n uint64) {
 		}
 		if j.take(k) {
 			j.guarded.Add(1)
+			l.markHot(pg)
 		}
 		if err := l.fd.Unprotect(l.hostAddr(pg), PageSize, true); err != nil && !l.closed.Load() {
 			l.p.cfg.Log.Error("lazy capture: unprotect before a VMM write", "gpa", fmt.Sprintf("%#x", pg), "err", err)
@@ -299,14 +322,25 @@ func (l *lazyCapture) guard(gpa, n uint64) {
 func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) (*lazyJob, error) {
 	n := len(job.gpas)
 	j := &lazyJob{l: l, job: job, state: make([]atomic.Uint32, n), done: make(chan struct{})}
-	// Runs of contiguous pages in one region.
+	// Runs of contiguous pages in one region; with auto, a page the guest
+	// wrote while it was being copied behind (hot) breaks a run and goes
+	// eager: protecting it again would most likely cost the guest a fault.
+	auto := l.mode == CaptureAuto
+	if auto && job.epoch%lazyProbeEvery == 0 {
+		for i := range l.hot {
+			l.hot[i].Store(0) // learn again
+		}
+	}
+	hot := func(k int) bool { return auto && l.isHot(job.gpas[k]) }
 	var runs [][2]int
+	var hotRun []bool
 	for k := 0; k < n; {
-		e := k + 1
-		for e < n && job.gpas[e] == job.gpas[e-1]+PageSize && l.hostAddr(job.gpas[e]) == l.hostAddr(job.gpas[e-1])+PageSize {
+		e, h := k+1, hot(k)
+		for e < n && job.gpas[e] == job.gpas[e-1]+PageSize && l.hostAddr(job.gpas[e]) == l.hostAddr(job.gpas[e-1])+PageSize && hot(e) == h {
 			e++
 		}
 		runs = append(runs, [2]int{k, e})
+		hotRun = append(hotRun, h)
 		k = e
 	}
 	l.mu.Lock()
@@ -334,8 +368,8 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) 
 		case CaptureLazy:
 			lazy[i] = true
 		case CaptureAuto:
-			lazy[i] = callNs+m*(pageNs+faultCost) < m*copyNs ||
-				(probe && i == longest && r[1]-r[0] >= lazyProbeMin) // keep the protect cost measured
+			lazy[i] = !hotRun[i] && callNs+m*(pageNs+faultCost) < m*copyNs ||
+				(probe && i == longest && !hotRun[i] && r[1]-r[0] >= lazyProbeMin) // keep the protect cost measured
 		}
 	}
 	if countLazy(runs, lazy) == 0 {

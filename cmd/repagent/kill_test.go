@@ -107,6 +107,17 @@ func TestKillPrimary(t *testing.T) {
 			k++
 		}
 	}
+	// Every case after the sync takes the capture modes in turn, so every
+	// run kills primaries capturing eagerly, lazily (copy-before-write) and
+	// by the cost model.
+	captures := []string{"eager", "lazy", "auto"}
+	k = 0
+	for i := range cases {
+		if !strings.HasPrefix(cases[i].fault, "sync:") {
+			cases[i].capture = captures[k%len(captures)]
+			k++
+		}
+	}
 	resumed, ran := 0, 0
 	for _, c := range cases {
 		t.Run(c.name(), func(t *testing.T) {
@@ -129,6 +140,7 @@ func TestKillPrimary(t *testing.T) {
 type killCase struct {
 	workload    string
 	content     string        // the dirty workload's --content
+	capture     string        // the primary's --capture ("": the default)
 	fault       string        // REPAGENT_FAULT, for the primary or (backupFault) the backup
 	backupFault bool          // the backup kills the primary, in its apply
 	after       time.Duration // no fault: kill the primary after this long
@@ -140,6 +152,9 @@ func (c killCase) name() string {
 	wl := c.workload
 	if c.content != "" {
 		wl += "-" + c.content
+	}
+	if c.capture != "" && c.capture != "eager" {
+		wl += "-" + c.capture
 	}
 	if c.fault == "" {
 		return fmt.Sprintf("%s/after=%v", wl, c.after.Round(time.Millisecond))
@@ -169,6 +184,9 @@ func (c killCase) run(t *testing.T, bin string) bool {
 	}
 	if c.content != "" {
 		primaryArgs = append(primaryArgs, "--content", c.content)
+	}
+	if c.capture != "" {
+		primaryArgs = append(primaryArgs, "--capture", c.capture)
 	}
 	if c.fault == "sync:1" {
 		// A round 0 quick enough to leave fewer pages than the default
