@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -415,5 +416,41 @@ func TestSmoke(t *testing.T) {
 				t.Errorf("namespace %s left behind", e.Name())
 			}
 		}
+	}
+}
+
+// The capture section measures every pattern, interval and capture, and the
+// lazy modes really protect pages; its goal lines are there. It asserts no
+// timing.
+func TestCaptureSection(t *testing.T) {
+	privileged.Require(t, privileged.KVM)
+	b := &runner{Options: &Options{Mem: 64 << 20, ModeTime: 200 * time.Millisecond, DirtyTrack: dirtylog.Auto, Quiet: true}}
+	b.log = slog.New(slog.DiscardHandler)
+	cr, err := b.measureCapture(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	printCapture(&out, cr)
+	t.Logf("\n%s", out.String())
+	if len(cr.Cases) != len(capturePatterns)*len(captureIntervals) {
+		t.Fatalf("%d cases", len(cr.Cases))
+	}
+	for _, cc := range cr.Cases {
+		for _, m := range cc.Modes {
+			if m.Mode.Epochs == 0 {
+				t.Errorf("%s at %vms, %s: no epochs measured", cc.Pattern, cc.IntervalMS, m.Capture)
+			}
+			if m.Capture == "lazy" && m.LazyShare == 0 {
+				t.Errorf("%s at %vms: lazy capture protected nothing", cc.Pattern, cc.IntervalMS)
+			}
+			if m.Capture == "eager" && m.LazyShare != 0 {
+				t.Errorf("%s at %vms: eager capture protected pages", cc.Pattern, cc.IntervalMS)
+			}
+		}
+	}
+	goals := captureGoals(cr)
+	if len(goals) != len(cr.Cases)+2*len(captureIntervals) {
+		t.Errorf("%d goal lines: %v", len(goals), goals)
 	}
 }

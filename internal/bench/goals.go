@@ -23,6 +23,7 @@ func (b *runner) goals(res *Result) []Goal {
 		c.DirtyPages, c.PauseP99US/1e3, c.Ratio, goalPauseRatio, verdict(ok))})
 	out = append(out, copyGoal(res.Copy))
 	out = append(out, tailsGoal(res.Tails))
+	out = append(out, captureGoals(res.Capture)...)
 	for _, rr := range res.Rates {
 		var at100 *Mode
 		for _, m := range rr.Modes {

@@ -19,6 +19,7 @@ type Result struct {
 	Check10kOne *Mode           `json:"check_10k_one_copy_goroutine"`
 	Copy        CopyCheck       `json:"check_10k_copy"`
 	Tails       *TailsResult    `json:"pause_tails"`
+	Capture     *CaptureResult  `json:"capture,omitempty"`
 	Failover    *FailoverResult `json:"failover,omitempty"`
 	Sync        *SyncResult     `json:"sync,omitempty"`
 	Disk        *DiskResult     `json:"disk,omitempty"`

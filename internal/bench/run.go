@@ -87,6 +87,7 @@ type Options struct {
 	DiskSyncSize     uint64   // the disk sync image
 	EchoRate         int      // the echo client's requests per second
 	StreamRate       uint64   // the stream guest's datagrams per second
+	Capture          bool     // measure the capture section (eager, lazy, auto)
 	Sync             bool     // measure the large guest's initial sync
 	SyncSizes        []uint64 // its guest sizes
 	Quiet            bool     // no progress lines
@@ -185,6 +186,16 @@ func Run(ctx context.Context, o Options, stdout, stderr io.Writer) (*Result, err
 	res.Tails = tr
 	fmt.Fprintln(stdout)
 	printTails(stdout, tr)
+
+	if o.Capture {
+		cr, err := b.measureCapture(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("capture: %w", err)
+		}
+		res.Capture = cr
+		fmt.Fprintln(stdout)
+		printCapture(stdout, cr)
+	}
 
 	if o.Failovers > 0 {
 		fo, err := b.measureFailover(ctx)
@@ -489,16 +500,23 @@ func (b *runner) measureReplicated(ctx context.Context, cfg testvm.Config, inter
 // measureReplicatedCopy is measureReplicated with the engine's
 // Config.CopyThreads set to copyThreads (0: the engine's default).
 func (b *runner) measureReplicatedCopy(ctx context.Context, cfg testvm.Config, interval time.Duration, copyThreads int) (*Mode, error) {
+	return b.measureReplicatedWith(ctx, cfg, interval, repl{copyThreads: copyThreads})
+}
+
+// measureReplicatedWith is measureReplicated with the engine settings of rp
+// (copyThreads, capture); the rest of rp is filled here.
+func (b *runner) measureReplicatedWith(ctx context.Context, cfg testvm.Config, interval time.Duration, rp repl) (*Mode, error) {
 	m, ready, mech, err := b.bootTracked(ctx, cfg, interval)
 	if err != nil {
 		return nil, err
 	}
 	defer m.Close()
 	r := &Mode{Mode: interval.String(), IntervalMS: toMS(interval), Track: mech.String()}
-	err = b.runReplicated(ctx, m, ready, repl{interval: interval, mech: mech, copyThreads: copyThreads, warmup: b.warmup(),
-		measure: func(ctx context.Context) (time.Time, time.Time, error) {
-			return b.windowFor(ctx, m, r, max(b.ModeTime, 2*interval))
-		}}, r)
+	rp.interval, rp.mech, rp.warmup = interval, mech, b.warmup()
+	rp.measure = func(ctx context.Context) (time.Time, time.Time, error) {
+		return b.windowFor(ctx, m, r, max(b.ModeTime, 2*interval))
+	}
+	err = b.runReplicated(ctx, m, ready, rp, r)
 	if err != nil {
 		return nil, err
 	}
@@ -513,8 +531,10 @@ type repl struct {
 	interval time.Duration
 	mech     dirtylog.Mechanism
 	gates    []replicate.OutputGate // the engine's Config.Gates
-	// copyThreads is the engine's Config.CopyThreads (0: its default).
+	// copyThreads is the engine's Config.CopyThreads (0: its default),
+	// capture its Config.Capture.
 	copyThreads int
+	capture     replicate.Capture
 	warmup      time.Duration // the least time since the guest was ready before the window
 	// measure runs the window, once the warm-up is over, and returns its
 	// bounds: the epochs whose pause starts between them are measured.
@@ -609,6 +629,7 @@ func (b *runner) runReplicated(ctx context.Context, m *testvm.Machine, ready tim
 		HeartbeatTimeout: modeHeartbeatTimeout,
 		Gates:            rp.gates,
 		CopyThreads:      rp.copyThreads,
+		Capture:          rp.capture,
 		OnEpoch: func(s *replicate.EpochStats) {
 			if rp.onEpoch != nil {
 				rp.onEpoch(s)
