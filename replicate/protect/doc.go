@@ -33,6 +33,12 @@
 //     writes guest memory or the tap; Save must then return the whole
 //     machine state, which Restore on the backup checks before it builds
 //     anything.
+//   - For lazy capture (Engine.Capture lazy or auto), implement
+//     replicate.WriteGuard and call its guard before every write of the
+//     VMM's own into guest memory: the page may be write-protected, and a Go
+//     copy() that faults on it can deadlock the process (replicate/lazy.go).
+//     Guest memory must be writable only through the mapping DirtySlots
+//     returns (protection is per mapping).
 //   - Send guest frames only on Primary.Tap and write the disk only through
 //     Primary.Disk, from the first epoch on: the gate and the mirror
 //     assign them to the epoch that produced them.
