@@ -55,3 +55,9 @@ var (
 	// digest of its checkpoint; it is not resumed.
 	ErrReplicaCorrupt = errors.New("replica memory does not match its checkpoint")
 )
+
+// ErrLazyUnsupported is wrapped by the error of a primary asked for lazy
+// capture where it cannot have it: userfaultfd missing or refused, or a VM
+// without WriteGuard. CaptureAuto falls back to eager instead, with a note
+// in the log.
+var ErrLazyUnsupported = errors.New("lazy capture not supported")

@@ -84,12 +84,6 @@ type WriteGuard interface {
 	SetWriteGuard(guard func(gpa, length uint64))
 }
 
-// ErrLazyUnsupported is wrapped by the error of a primary asked for lazy
-// capture where it cannot have it: userfaultfd missing or refused, or a VM
-// without WriteGuard. CaptureAuto falls back to eager instead, with a note
-// in the log.
-var ErrLazyUnsupported = errors.New("lazy capture not supported")
-
 // Page states of a lazy job, by the page's index in the job.
 const (
 	pageProtected uint32 = iota // protected, not copied yet
