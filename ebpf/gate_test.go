@@ -340,7 +340,14 @@ func TestReleaseDrain(t *testing.T) {
 	}
 	must(t, g.Release())
 	c.expect(t, seqRange(1, 15))
-	s := g.Stats()
+	// The owner publishes its counters after it handled a batch of the
+	// ring, which may be after the collector saw the last frame.
+	var s Stats
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		if s = g.Stats(); s.Released.Frames >= 15 || time.Now().After(deadline) {
+			break
+		}
+	}
 	if s.Drained != (Counter{5, 300}) || s.Held.Frames != 15 || s.Released.Frames != 15 {
 		t.Errorf("drained %+v held %+v released %+v: want 5 drained, 15 held and released", s.Drained, s.Held, s.Released)
 	}
