@@ -120,6 +120,9 @@
 // guest memory (WriteGuest, Go, and the devices' DMA: received frames, blocks
 // read, ring updates) reports the guest-physical range to the recorder set
 // with SetWriteRecorder; dirty tracking merges those ranges into its harvest.
+// Before each such write the machine calls the guard set with SetWriteGuard
+// (replicate.WriteGuard), so that lazy capture copies a write-protected page
+// of the epoch being captured before the device changes it.
 //
 // # As a replicated VM
 //
