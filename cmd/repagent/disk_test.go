@@ -400,10 +400,13 @@ func TestKillPrimaryDisk(t *testing.T) {
 	if ran < kills {
 		return // -run picked some kills only
 	}
-	// Only the kill in the sync never resumes; the one after writing epoch 1
-	// may not (epoch 1 may not have left the dead primary's socket).
-	if resumed < kills-2 {
-		t.Fatalf("%d of %d kills ended in a resumed guest, want at least %d", resumed, kills, kills-2)
+	// The kill in the sync never resumes; the three other faults, at
+	// epochs 1 to 3, may not: on a loaded host epoch 1 may not have left
+	// the dead primary's socket yet (each such kill was checked above: no
+	// checkpoint on the backup, no ack on the primary). The timed kills,
+	// from the first ack on, always resume.
+	if resumed < kills-4 {
+		t.Fatalf("%d of %d kills ended in a resumed guest, want at least %d", resumed, kills, kills-4)
 	}
 	t.Logf("%d kills, %d resumed", kills, resumed)
 }
