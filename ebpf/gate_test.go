@@ -32,7 +32,7 @@ func TestPassThrough(t *testing.T) {
 	if seq := atomic.LoadUint64(&g.att.ctl.Seq); seq != 0 {
 		t.Errorf("hold path entered %d times in pass mode, want 0", seq)
 	}
-	s := g.Stats()
+	s := syncStats(g)
 	if s.Mode != ModePass || s.Held != (Counter{}) || s.InRing != 0 || s.Released != (Counter{}) {
 		t.Errorf("stats in pass mode: %+v, want pass mode and nothing held", s)
 	}
@@ -58,7 +58,7 @@ func TestHoldCommit(t *testing.T) {
 	c.expect(t, seqRange(11, 20))
 	c.none(t, heldWait/2)
 
-	s := g.Stats()
+	s := syncStats(g)
 	ten := Counter{10, 600}
 	if s.Mode != ModeHold || s.OpenEpoch != 2 || s.CommittedEpoch != 2 {
 		t.Errorf("mode %v, open epoch %d, committed %d: want hold, 2, 2", s.Mode, s.OpenEpoch, s.CommittedEpoch)
@@ -121,7 +121,7 @@ func TestToVMNotHeld(t *testing.T) {
 		}
 	}
 	c.none(t, heldWait/2)
-	if s := g.Stats(); s.Held.Frames != 3 || s.Pending.Frames != 3 {
+	if s := syncStats(g); s.Held.Frames != 3 || s.Pending.Frames != 3 {
 		t.Errorf("held %+v pending %+v: want only the VM's 3 frames", s.Held, s.Pending)
 	}
 	must(t, g.Commit(1))
@@ -155,7 +155,7 @@ func TestHoldLimit(t *testing.T) {
 	if e := es[0]; e.Held != (Counter{4, 4000}) || e.Released != e.Held || e.DroppedHoldLimit != (Counter{6, 6000}) {
 		t.Errorf("epoch 1: held %+v released %+v dropped at the hold limit %+v: want 4, 4, 6 frames", e.Held, e.Released, e.DroppedHoldLimit)
 	}
-	if s := g.Stats(); s.DroppedHoldLimit != (Counter{6, 6000}) || s.Released.Frames != 6 {
+	if s := syncStats(g); s.DroppedHoldLimit != (Counter{6, 6000}) || s.Released.Frames != 6 {
 		t.Errorf("stats: dropped at the hold limit %+v, released %+v", s.DroppedHoldLimit, s.Released)
 	}
 }
@@ -187,7 +187,7 @@ func TestRingFull(t *testing.T) {
 	if e.Held.Frames != fit || e.Released.Frames != fit || e.DroppedRingFull != (Counter{sent - fit, (sent - fit) * 1500}) {
 		t.Errorf("epoch 1: held %+v released %+v dropped ring full %+v: want %d, %d, %d frames", e.Held, e.Released, e.DroppedRingFull, fit, fit, sent-fit)
 	}
-	if s := g.Stats(); s.DroppedRingFull.Frames != sent-fit {
+	if s := syncStats(g); s.DroppedRingFull.Frames != sent-fit {
 		t.Errorf("stats: ring-full drops %+v, want %d", s.DroppedRingFull, sent-fit)
 	}
 }
@@ -236,7 +236,7 @@ func TestDiscard(t *testing.T) {
 				i, e.Epoch, e.Outcome, e.Released.Frames, e.Discarded.Frames, w.epoch, w.outcome, w.released, w.discarded)
 		}
 	}
-	if s := g.Stats(); s.Discarded.Frames != 10 || s.Released.Frames != 8 || s.Pending.Frames != 0 {
+	if s := syncStats(g); s.Discarded.Frames != 10 || s.Released.Frames != 8 || s.Pending.Frames != 0 {
 		t.Errorf("stats: discarded %+v released %+v pending %+v", s.Discarded, s.Released, s.Pending)
 	}
 }
@@ -283,7 +283,7 @@ func TestRelease(t *testing.T) {
 		}
 	}
 	c.none(t, heldWait/2)
-	s := g.Stats()
+	s := syncStats(g)
 	if s.Mode != ModePass {
 		t.Errorf("mode %v after Release, want pass", s.Mode)
 	}
@@ -340,14 +340,7 @@ func TestReleaseDrain(t *testing.T) {
 	}
 	must(t, g.Release())
 	c.expect(t, seqRange(1, 15))
-	// The owner publishes its counters after it handled a batch of the
-	// ring, which may be after the collector saw the last frame.
-	var s Stats
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
-		if s = g.Stats(); s.Released.Frames >= 15 || time.Now().After(deadline) {
-			break
-		}
-	}
+	s := syncStats(g)
 	if s.Drained != (Counter{5, 300}) || s.Held.Frames != 15 || s.Released.Frames != 15 {
 		t.Errorf("drained %+v held %+v released %+v: want 5 drained, 15 held and released", s.Drained, s.Held, s.Released)
 	}
@@ -385,7 +378,7 @@ func TestOrderUnderLoad(t *testing.T) {
 		}
 	}
 	c.none(t, heldWait/2)
-	s := g.Stats()
+	s := syncStats(g)
 	if s.Released.Frames != epochs*perEpoch || s.Lost != 0 || s.Failed.Frames != 0 {
 		t.Errorf("released %d lost %d failed %d, want %d released", s.Released.Frames, s.Lost, s.Failed.Frames, epochs*perEpoch)
 	}
@@ -414,4 +407,13 @@ func TestDiscardThenRelease(t *testing.T) {
 	if err := g.Open(2); err != nil {
 		t.Fatalf("Open after Release: %v", err)
 	}
+}
+
+// syncStats is g's statistics once the owner has handled every record the
+// ring holds: the owner publishes its counters after a batch, which may be
+// after a test saw the frames arrive, so a bare Stats can lag behind.
+// After Close, it is Stats.
+func syncStats(g *Gate) Stats {
+	g.call(func() error { return nil }) // drains the ring, then publishes; an error means the gate is closed
+	return g.Stats()
 }

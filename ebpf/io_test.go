@@ -81,7 +81,7 @@ func TestPcap(t *testing.T) {
 		t.Errorf("pcap has more than the %d released frames (err %v)", len(frames), err)
 	}
 
-	s := g.Stats()
+	s := syncStats(g)
 	if s.Failed != (Counter{1, uint64(len(tooLong))}) || s.LastFailure == nil || !errors.Is(s.LastFailure, unix.EMSGSIZE) {
 		t.Errorf("failed %+v (last failure %v), want the %d-byte frame failed with EMSGSIZE", s.Failed, s.LastFailure, len(tooLong))
 	}
@@ -182,7 +182,7 @@ func TestInject(t *testing.T) {
 	if pt := sn.find(t, garp); pt != unix.PACKET_BROADCAST {
 		t.Errorf("the gratuitous ARP was seen on %s with packet type %d, want %d (incoming broadcast)", tapName, pt, unix.PACKET_BROADCAST)
 	}
-	if s := g.Stats(); s.Injected != 1 || s.Held.Frames != 0 || s.InRing != 0 {
+	if s := syncStats(g); s.Injected != 1 || s.Held.Frames != 0 || s.InRing != 0 {
 		t.Errorf("injected %d held %d in ring %d: want 1 injected, nothing held", s.Injected, s.Held.Frames, s.InRing)
 	}
 	if err := g.Inject([]byte{1, 2, 3}); err == nil || !strings.Contains(err.Error(), "3-byte frame") {
@@ -266,7 +266,7 @@ func TestCloseDetaches(t *testing.T) {
 	if len(es) != 1 || es[0].Outcome != OutcomeClosed || es[0].Discarded.Frames != 3 || es[0].Released.Frames != 0 {
 		t.Errorf("epoch stats %+v, want epoch 1 closed with 3 frames discarded", es)
 	}
-	if s := g.Stats(); s.Discarded.Frames != 3 || s.Held.Frames != 3 {
+	if s := syncStats(g); s.Discarded.Frames != 3 || s.Held.Frames != 3 {
 		t.Errorf("stats after Close: %+v", s)
 	}
 	// Without the gate, frames pass again.
