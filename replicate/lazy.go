@@ -93,13 +93,13 @@ const (
 )
 
 const (
-	lazyChunk            = 64   // pages the copier copies before unprotecting them
-	lazyCallGuess        = 3500 // ns per UFFDIO_WRITEPROTECT call, until measured (PLATFORM.md, in a VM)
-	lazyPageGuess        = 70   // ns per page of a call, until measured
-	lazyFaultGuess       = 15000
-	lazyProbeMin         = 32 // pages: auto probes the protect cost on runs at least this long
-	lazyProbeEvery       = 16 // epochs between probes
-	lazyPerPageMinSample = 16 // pages: runs at least this long sample the per-page cost
+	lazyChunk            = 64    // pages the copier copies before unprotecting them
+	lazyCallGuess        = 3500  // ns per UFFDIO_WRITEPROTECT call, until measured (PLATFORM.md, in a VM)
+	lazyPageGuess        = 70    // ns per page of a call, until measured
+	lazyFaultGuess       = 15000 // ns the handler takes on a fault (copy and unprotect), until measured
+	lazyProbeMin         = 32    // pages: auto probes the protect cost on runs at least this long
+	lazyProbeEvery       = 16    // epochs between probes
+	lazyPerPageMinSample = 16    // pages: runs at least this long sample the per-page cost
 )
 
 // lazyCapture is a primary's userfaultfd, fault handler and cost model.
@@ -113,12 +113,20 @@ type lazyCapture struct {
 	hot  []atomic.Uint64         // with auto: a bit per replica page written while it was copied behind
 	base []uint64                // host address of each layout region
 
-	// The cost model, in ns (the pausing goroutine's; faultNs and faults
-	// are fed by copiers after their epoch is done, read at the next pause).
+	// The cost model, in ns: the protect's cost per call and per page (fed
+	// by the pause), the faults per protected page and the handler's time
+	// per fault (fed by each epoch's copier once it is done).
 	mu                    sync.Mutex
 	callNs, pageNs        float64
 	faultRate, faultStall float64
 	closed                atomic.Bool
+
+	// Scratch of capture, which only the pausing goroutine runs: the
+	// epoch's runs, which of them are hot and lazy, and its eager pages.
+	runs   [][2]int
+	hotRun []bool
+	lazy   []bool
+	eager  []int
 }
 
 // lazyJob is one epoch's copy behind the guest.
@@ -131,7 +139,7 @@ type lazyJob struct {
 	done    chan struct{}
 	err     error // set before done closes
 	faults  atomic.Int64
-	faultNs atomic.Int64 // the resolver's time on faults it copied for
+	faultNs atomic.Int64 // the handler's time (copy and unprotect) on the faults it copied for
 	guarded atomic.Int64 // pages the write guard copied
 }
 
@@ -188,10 +196,10 @@ func (l *lazyCapture) markHot(gpa uint64) {
 	}
 }
 
-// isHot reports whether markHot recorded the page at gpa.
-func (l *lazyCapture) isHot(gpa uint64) bool {
-	i, ok := l.p.lay.index(gpa)
-	return ok && l.hot[i/64].Load()&(1<<(i%64)) != 0
+// isHot reports whether markHot recorded the page at gpa, which is in r.
+func (l *lazyCapture) isHot(r *layoutRegion, gpa uint64) bool {
+	i := r.first + (gpa-r.gpa)/PageSize
+	return l.hot[i/64].Load()&(1<<(i%64)) != 0
 }
 
 // hostAddr is the host address of the page at gpa.
@@ -267,16 +275,25 @@ func (l *lazyCapture) resolve(f uffd.Fault) error {
 			if k := j.index(gpa); k >= 0 {
 				t := time.Now()
 				if j.take(k) {
+					err := l.unprotectFaulted(page)
 					j.faults.Add(1)
 					j.faultNs.Add(int64(time.Since(t)))
 					l.markHot(gpa)
+					return err
 				}
 			}
 		}
 	}
+	return l.unprotectFaulted(page)
+}
+
+// unprotectFaulted unprotects a faulted page and wakes its writer; on an
+// error it closes the userfaultfd, which unprotects everything: the writer
+// runs on, and the epoch's copier fails.
+func (l *lazyCapture) unprotectFaulted(page uint64) error {
 	if err := l.fd.Unprotect(page, PageSize, true); err != nil {
 		l.p.cfg.Log.Error("lazy capture: resolve a write fault", "addr", fmt.Sprintf("%#x", page), "err", err)
-		l.close() // unprotects everything: the writer runs on; the epoch's copier fails
+		l.close()
 		return err
 	}
 	return nil
@@ -325,18 +342,20 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) 
 			l.hot[i].Store(0) // learn again
 		}
 	}
-	hot := func(k int) bool { return auto && l.isHot(job.gpas[k]) }
-	var runs [][2]int
-	var hotRun []bool
+	runs, hotRun := l.runs[:0], l.hotRun[:0]
 	for k := 0; k < n; {
-		e, h := k+1, hot(k)
-		for e < n && job.gpas[e] == job.gpas[e-1]+PageSize && l.hostAddr(job.gpas[e]) == l.hostAddr(job.gpas[e-1])+PageSize && hot(e) == h {
+		r := l.p.lay.find(job.gpas[k])
+		end := r.gpa + r.size
+		h := auto && l.isHot(r, job.gpas[k])
+		e := k + 1
+		for e < n && job.gpas[e] == job.gpas[e-1]+PageSize && job.gpas[e] < end && (auto && l.isHot(r, job.gpas[e])) == h {
 			e++
 		}
 		runs = append(runs, [2]int{k, e})
 		hotRun = append(hotRun, h)
 		k = e
 	}
+	l.runs, l.hotRun = runs, hotRun
 	l.mu.Lock()
 	callNs, pageNs, faultCost := l.callNs, l.pageNs, l.faultRate*l.faultStall
 	l.mu.Unlock()
@@ -352,11 +371,11 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) 
 	}
 	// Every lazyProbeEvery epochs, auto protects the longest run even when
 	// the model says copy, so the protect cost stays measured on this host;
-	// the other epochs the model alone decides (an epoch with a few runs
-	// protected copies the rest on the pausing goroutine, without helpers).
+	// the other epochs the model alone decides.
 	probe := job.epoch%lazyProbeEvery == 1
-	lazy := make([]bool, len(runs))
+	lazy := l.lazy[:0]
 	for i, r := range runs {
+		lazy = append(lazy, false)
 		m := float64(r[1] - r[0])
 		switch l.mode {
 		case CaptureLazy:
@@ -366,32 +385,28 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) 
 				(probe && i == longest && !hotRun[i] && r[1]-r[0] >= lazyProbeMin) // keep the protect cost measured
 		}
 	}
-	if countLazy(runs, lazy) == 0 {
-		return nil, nil // all eager: the caller's copier copies it, with its helpers
-	}
-	var eager []int
+	l.lazy = lazy
+	eager := l.eager[:0]
 	for i, r := range runs {
-		if !lazy[i] {
-			for k := r[0]; k < r[1]; k++ {
-				eager = append(eager, k)
-				j.state[k].Store(pageEager)
-			}
+		if lazy[i] {
+			j.runs = append(j.runs, r)
+			j.pages += r[1] - r[0]
+			continue
 		}
+		for k := r[0]; k < r[1]; k++ {
+			eager = append(eager, k)
+			j.state[k].Store(pageEager)
+		}
+	}
+	l.eager = eager
+	if j.pages == 0 {
+		return nil, nil // all eager: the caller's copier copies it, with its helpers
 	}
 	t0 := time.Now()
 	if len(eager) > 0 {
 		st.CopyThreads = l.p.copier.copyIdx(job, eager, m)
 	}
 	st.Copy = time.Since(t0)
-	for i, r := range runs {
-		if lazy[i] {
-			j.runs = append(j.runs, r)
-			j.pages += r[1] - r[0]
-		}
-	}
-	if j.pages == 0 {
-		return nil, nil
-	}
 	l.cur.Store(j) // before protecting: a VMM write meanwhile copies first
 	t0 = time.Now()
 	var callSum, pageSum float64
@@ -433,13 +448,15 @@ func (j *lazyJob) behind(st *EpochStats) {
 	t0 := time.Now()
 	defer func() {
 		st.Behind = time.Since(t0)
-		st.Faults = int(j.faults.Load())
+		faults := j.faults.Load()
+		st.Faults = int(faults)
 		st.GuardedPages = int(j.guarded.Load())
-		if f := j.faults.Load(); f > 0 {
-			st.FaultTime = time.Duration(j.faultNs.Load())
-		}
+		st.FaultTime = time.Duration(j.faultNs.Load())
 		l.mu.Lock()
-		l.faultRate = avg(l.faultRate, float64(j.faults.Load()+j.guarded.Load())/float64(j.pages))
+		l.faultRate = avg(l.faultRate, float64(faults+j.guarded.Load())/float64(j.pages))
+		if faults > 0 {
+			l.faultStall = avg(l.faultStall, float64(st.FaultTime.Nanoseconds())/float64(faults))
+		}
 		l.mu.Unlock()
 		close(j.done)
 	}()
@@ -460,15 +477,4 @@ func (j *lazyJob) behind(st *EpochStats) {
 			}
 		}
 	}
-}
-
-// countLazy is the pages of the runs marked lazy.
-func countLazy(runs [][2]int, lazy []bool) int {
-	n := 0
-	for i, r := range runs {
-		if lazy[i] {
-			n += r[1] - r[0]
-		}
-	}
-	return n
 }

@@ -35,8 +35,9 @@ type EpochStats struct {
 	// write-protecting LazyPages of the dirty pages (the rest were copied,
 	// in Copy). Behind is how long copying them took after the resume;
 	// Faults is the guest's writes that found a page not yet copied (each
-	// copied first, FaultTime in all), GuardedPages the pages the VMM's own
-	// writes had copied first (WriteGuard).
+	// copied first; FaultTime is the handler's time on them, copy and
+	// unprotect), GuardedPages the pages the VMM's own writes had copied
+	// first (WriteGuard).
 	Protect      time.Duration
 	LazyPages    int
 	Behind       time.Duration

@@ -217,14 +217,19 @@ func (f *FD) Register(addr, length uint64) error {
 // write protection and wakes any thread blocked on it: its write goes
 // through uncopied.
 func (f *FD) Unregister(addr, length uint64) error {
-	const op = "UFFDIO_UNREGISTER"
+	return f.rangeCall("UFFDIO_UNREGISTER", UFFDIO_UNREGISTER, addr, length)
+}
+
+// rangeCall makes an ioctl whose argument is a range (UFFDIO_UNREGISTER,
+// UFFDIO_WAKE).
+func (f *FD) rangeCall(op string, req uintptr, addr, length uint64) error {
 	fd, ok := f.acquire()
 	if !ok {
 		return rangeError(op, addr, length, ErrClosed)
 	}
 	defer f.release()
 	r := uffdioRange{Start: addr, Len: length}
-	if errno := ioctlRange(fd, UFFDIO_UNREGISTER, &r); errno != 0 {
+	if errno := ioctlRange(fd, req, &r); errno != 0 {
 		return rangeError(op, addr, length, errno)
 	}
 	return nil
@@ -267,17 +272,7 @@ func (f *FD) writeProtect(op string, addr, length, mode uint64) error {
 // Wake wakes the threads blocked on a fault in [addr, addr+length). A woken
 // thread whose page is still protected faults again.
 func (f *FD) Wake(addr, length uint64) error {
-	const op = "UFFDIO_WAKE"
-	fd, ok := f.acquire()
-	if !ok {
-		return rangeError(op, addr, length, ErrClosed)
-	}
-	defer f.release()
-	r := uffdioRange{Start: addr, Len: length}
-	if errno := ioctlRange(fd, UFFDIO_WAKE, &r); errno != 0 {
-		return rangeError(op, addr, length, errno)
-	}
-	return nil
+	return f.rangeCall("UFFDIO_WAKE", UFFDIO_WAKE, addr, length)
 }
 
 // maxBatch is how many messages one ReadFaults reads at most.

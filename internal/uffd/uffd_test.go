@@ -349,7 +349,7 @@ func TestUnpopulated(t *testing.T) {
 		t.Fatal(err)
 	}
 	if offered&FeatureWPUnpopulated == 0 {
-		t.Skipf("the kernel does not offer UFFD_FEATURE_WP_UNPOPULATED (it offers %s)", offered)
+		privileged.Lacks(t, fmt.Errorf("the kernel does not offer UFFD_FEATURE_WP_UNPOPULATED (it offers %s)", offered))
 	}
 	for _, tc := range []struct {
 		name   string
