@@ -15,6 +15,33 @@ import (
 // guest stopped, so it is kept to what must be done then; compression,
 // checksums and sending come after (sender.go).
 
+// measureGuest samples the vCPU threads' host time after a resume, for the
+// stats and auto's budget: the run it covers ended with this pause, whose
+// harvest holds the pages the run dirtied.
+func (p *Primary) measureGuest(st *EpochStats, now time.Time) {
+	if p.vclock == nil {
+		return
+	}
+	d, ok := p.vclock.sample()
+	if !ok {
+		return
+	}
+	st.VCPUHost = d
+	l := p.lazy
+	if l == nil || l.budget == nil {
+		return
+	}
+	// The pause the lazy pages saved is measured with the run that
+	// follows it; the faults of the previous epoch's copy (finished, since
+	// this pause waited for it) with the run they stalled.
+	saved := time.Duration(p.copier.perPage*float64(st.LazyPages)) - st.Protect
+	var stall time.Duration
+	if j := p.lastJob; j != nil && j.lazy != nil && j.lazy.finished() {
+		stall = j.stats.FaultTime
+	}
+	l.budget.observe(d, stall, saved, st.DirtyPages, st.LazyPages, l.wanted, now)
+}
+
 // checkpoint is one pause. The epoch then goes to the sender.
 func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	vm := p.cfg.VM
@@ -30,6 +57,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	var m cpuclock.Meter
 	defer func() { m.Stop(); job.cpu.Add(int64(m.Total())) }()
 	st.Start = time.Now()
+	st.LazyCap = -1
 	if err := vm.Pause(); err != nil {
 		<-p.inflight
 		return vmFailure{fmt.Errorf("pause VM: %w", err)}
@@ -91,6 +119,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		job.start = p.stage.alloc(n)
 		job.staged = true
 		if p.lazy != nil {
+			p.lazy.wanted = 0
 			if job.lazy, err = p.lazy.capture(job, st, &m); err != nil {
 				<-p.inflight
 				return err
@@ -127,6 +156,7 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	}
 	st.Resume, t = lap(t)
 	st.Pause = t.Sub(st.Start)
+	p.measureGuest(st, t)
 	if job.lazy != nil {
 		go job.lazy.behind(st)
 	}

@@ -32,6 +32,17 @@ type VM interface {
 	Save() ([]byte, error)
 }
 
+// VCPUThreads is implemented by a VM whose vCPUs each run on an OS thread of
+// this process that runs nothing else. It is optional. With it, the engine
+// reads what those threads spend outside guest mode each epoch
+// (EpochStats.VCPUHost), which is what capture costs the guest beyond the
+// pause, and auto capture keeps that cost within its budget (lazy.go).
+type VCPUThreads interface {
+	// VCPUThreadIDs returns the thread ID of each vCPU's thread, 0 for one
+	// that has not started.
+	VCPUThreadIDs() []int
+}
+
 // MemoryBacking is implemented by a VM whose guest memory is a file the
 // engine may ask where its holes are (lseek SEEK_DATA and SEEK_HOLE: a
 // memfd, a tmpfs or a regular file). It is optional. With it, the initial

@@ -48,7 +48,11 @@
 //     host), write-protect the dirty runs with userfaultfd instead; they
 //     are copied behind the running guest, a write to a page not yet copied
 //     having it copied first, and the epoch is sent once all are (lazy.go).
-//  6. Resume the vCPUs. Steps 1-6 are the pause the guest sees.
+//     Auto also keeps what lazy capture costs the guest outside the pause,
+//     measured on its vCPU threads, within a budget (lazyguest.go).
+//  6. Resume the vCPUs. Steps 1-6 are the pause the guest sees. Then, with
+//     a VM that names its vCPU threads (VCPUThreads), read their time
+//     outside guest mode since the last resume (EpochStats.VCPUHost).
 //  7. While the guest runs, in Config.Workers goroutines (sender.go): find
 //     zero pages by a word scan, CRC32C each page once, LZ4 it where the
 //     compression policy says it has been paying (compress.go; a region of

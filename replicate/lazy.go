@@ -52,7 +52,9 @@ const (
 	CaptureLazy
 	// CaptureAuto chooses per run, from costs measured on this host: runs
 	// long enough that protecting them costs the pause less than copying
-	// (and the guest's faults on them less than that saves) go lazy.
+	// (and the guest's faults on them less than that saves) go lazy, as
+	// many as keep what lazy capture costs the guest outside the pause
+	// within a budget (lazyguest.go).
 	CaptureAuto
 )
 
@@ -127,6 +129,14 @@ type lazyCapture struct {
 	hotRun []bool
 	lazy   []bool
 	eager  []int
+	// With auto and a VM that names its vCPU threads, the cap on lazy
+	// pages (lazyguest.go), the pages this epoch's model wanted lazy, and
+	// capRuns' scratch.
+	budget      *guestBudget
+	wanted      int
+	order, keep []int
+	splitRuns   [][2]int
+	splitLazy   []bool
 }
 
 // lazyJob is one epoch's copy behind the guest.
@@ -169,6 +179,13 @@ func newLazyCapture(p *Primary, mode Capture) (*lazyCapture, error) {
 	if l.h, err = fd.StartHandler(l.resolve); err != nil {
 		fd.Close()
 		return nil, fmt.Errorf("%w: %w", ErrLazyUnsupported, err)
+	}
+	if mode == CaptureAuto {
+		if _, ok := p.cfg.VM.(VCPUThreads); ok {
+			l.budget = newGuestBudget(p.cfg.Interval, p.cfg.CaptureCalibration)
+		} else {
+			p.cfg.Log.Warn("capture auto: the VM does not name its vCPU threads (replicate.VCPUThreads), so auto cannot measure what lazy capture costs the guest outside the pause; it weighs the pause alone")
+		}
 	}
 	wg.SetWriteGuard(l.guard)
 	return l, nil
@@ -386,6 +403,11 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) 
 		}
 	}
 	l.lazy = lazy
+	if l.budget != nil {
+		st.LazyCap = l.budget.allowed()
+		l.wanted = l.capRuns(st.LazyCap)
+		runs, lazy = l.runs, l.lazy
+	}
 	eager := l.eager[:0]
 	for i, r := range runs {
 		if lazy[i] {
@@ -438,6 +460,59 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) 
 	}
 	l.mu.Unlock()
 	return j, nil
+}
+
+// capRuns keeps at most limit of the pages of capture's lazy runs lazy:
+// the longest runs first (their protect costs least per page), the last one
+// taken split where the limit falls, the rest copied eagerly. The runs stay
+// in address order. It returns the pages the runs held before.
+func (l *lazyCapture) capRuns(limit int) (wanted int) {
+	order := l.order[:0]
+	for i, r := range l.runs {
+		if l.lazy[i] {
+			wanted += r[1] - r[0]
+			order = append(order, i)
+		}
+	}
+	l.order = order
+	if wanted <= limit {
+		return wanted
+	}
+	sort.Slice(order, func(a, b int) bool {
+		ra, rb := l.runs[order[a]], l.runs[order[b]]
+		return ra[1]-ra[0] > rb[1]-rb[0]
+	})
+	keep := l.keep[:0]
+	for range l.runs {
+		keep = append(keep, 0)
+	}
+	left := limit
+	for _, i := range order {
+		m := l.runs[i][1] - l.runs[i][0]
+		if m > left {
+			m = left
+			if m < lazyProbeMin {
+				m = 0 // too short to be worth a call of its own
+			}
+		}
+		keep[i] = m
+		left -= m
+	}
+	l.keep = keep
+	runs, lazy := l.splitRuns[:0], l.splitLazy[:0]
+	for i, r := range l.runs {
+		switch k := keep[i]; {
+		case !l.lazy[i] || k == r[1]-r[0]:
+			runs, lazy = append(runs, r), append(lazy, l.lazy[i])
+		case k == 0:
+			runs, lazy = append(runs, r), append(lazy, false)
+		default:
+			runs, lazy = append(runs, [2]int{r[0], r[0] + k}, [2]int{r[0] + k, r[1]}), append(lazy, true, false)
+		}
+	}
+	// Swap the scratch slices, so that the next epoch reuses both.
+	l.splitRuns, l.splitLazy, l.runs, l.lazy = l.runs, l.lazy, runs, lazy
+	return wanted
 }
 
 // behind copies a lazy job's protected pages after the resume, a chunk at a

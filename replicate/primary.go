@@ -59,6 +59,12 @@ type Config struct {
 	// without them is an error from Run wrapping ErrLazyUnsupported, auto
 	// falls back to eager and says so in the log.
 	Capture Capture
+	// CaptureCalibration is how long auto capture copies every page in the
+	// pause at the start, to measure what eager capture costs the guest
+	// (lazyguest.go); 0 means 2 s. It is at least 8 epochs whatever it says.
+	// A shorter one lets a short run try lazy capture sooner, on a noisier
+	// baseline.
+	CaptureCalibration time.Duration
 	// StagingBytes bounds the memory holding captured pages not yet sent.
 	// 0 means the guest memory size, capped at 1 GiB. An epoch whose pages do
 	// not fit even with nothing else in flight is sent from guest memory
@@ -135,6 +141,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Capture < CaptureEager || c.Capture > CaptureAuto {
 		return c, fmt.Errorf("capture %v: want eager, lazy or auto", c.Capture)
+	}
+	if c.CaptureCalibration < 0 {
+		return c, fmt.Errorf("capture calibration %v: must not be negative", c.CaptureCalibration)
+	}
+	if c.CaptureCalibration == 0 {
+		c.CaptureCalibration = lazyCalibrateTime
 	}
 	if c.CopyThreads > MaxCopyThreads {
 		return c, fmt.Errorf("%d copy threads: at most %d", c.CopyThreads, MaxCopyThreads)
@@ -227,6 +239,7 @@ type Primary struct {
 	copier         *copier
 	lastJob        *epochJob    // the last checkpoint captured (the epoch loop's)
 	lazy           *lazyCapture // with Config.Capture lazy or auto, once Run has it
+	vclock         *vcpuClock   // with a VM that implements VCPUThreads
 	endMsg, endPay []byte       // the sender's end record buffers
 	protected      atomic.Bool
 
@@ -335,6 +348,9 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		default:
 			log.Warn("capture auto: copying every page in the pause (eager)", "why", err)
 		}
+	}
+	if vt, ok := p.cfg.VM.(VCPUThreads); ok {
+		p.vclock = &vcpuClock{vm: vt}
 	}
 	log.Info("replicating", "backup", conn.RemoteAddr(), "shape", p.lay.shape, "interval", p.cfg.Interval,
 		"dirty-track", src.Mechanism(), "heartbeat-timeout", p.cfg.HeartbeatTimeout)

@@ -44,6 +44,15 @@ type EpochStats struct {
 	Faults       int
 	FaultTime    time.Duration
 	GuardedPages int
+	// VCPUHost is the CPU time the vCPU threads spent outside guest mode
+	// between the previous resume and this one (KVM's page faults, exits,
+	// device emulation), when the VM names its threads (VCPUThreads). The
+	// kernel samples it at its tick, so one epoch's figure is coarse; sums
+	// over many are not. LazyCap is, with auto capture, how many pages the
+	// guest-cost budget let the epoch capture lazily; it is -1 where no
+	// budget applied (eager, lazy, or a VM that does not name its threads).
+	VCPUHost time.Duration
+	LazyCap  int
 	// DirtyPages is the pages captured; ZeroPages of them were zero, and
 	// LZ4Pages went compressed.
 	DirtyPages, ZeroPages, LZ4Pages int
@@ -87,6 +96,10 @@ func us(d time.Duration) float64 { return float64(d) / 1e3 }
 
 // MarshalJSON writes the stats as one flat object, durations in microseconds.
 func (s *EpochStats) MarshalJSON() ([]byte, error) {
+	var lazyCap *int
+	if s.LazyCap >= 0 {
+		lazyCap = &s.LazyCap
+	}
 	return json.Marshal(struct {
 		Epoch      uint64  `json:"epoch"`
 		Start      string  `json:"start"`
@@ -108,6 +121,8 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 		Faults     int     `json:"faults,omitempty"`
 		FaultUS    float64 `json:"fault_us,omitempty"`
 		Guarded    int     `json:"guarded_pages,omitempty"`
+		VCPUHostUS float64 `json:"vcpu_host_us"`
+		LazyCap    *int    `json:"lazy_cap,omitempty"`
 		Dirty      int     `json:"dirty_pages"`
 		Zero       int     `json:"zero_pages"`
 		LZ4        int     `json:"lz4_pages"`
@@ -127,7 +142,7 @@ func (s *EpochStats) MarshalJSON() ([]byte, error) {
 	}{
 		s.Epoch, s.Start.UTC().Format(time.RFC3339Nano), us(s.Wait), us(s.Pause), us(s.Kick), us(s.Harvest), us(s.Save),
 		us(s.Stall), us(s.Copy), us(s.Gates), us(s.Resume), us(s.Audit), s.Oversize, s.CopyThreads,
-		us(s.Protect), s.LazyPages, us(s.Behind), s.Faults, us(s.FaultTime), s.GuardedPages, s.DirtyPages, s.ZeroPages, s.LZ4Pages,
+		us(s.Protect), s.LazyPages, us(s.Behind), s.Faults, us(s.FaultTime), s.GuardedPages, us(s.VCPUHost), lazyCap, s.DirtyPages, s.ZeroPages, s.LZ4Pages,
 		s.RawBytes, s.WireBytes, s.StateBytes, s.StreamRecords, s.StreamBytes, s.StreamWireBytes, us(s.Transfer), us(s.AckLatency),
 		us(s.CPU), us(s.BackupCPU), FormatDigest(s.Digest), s.Audited, s.Note,
 	})

@@ -323,6 +323,18 @@ func (m *Machine) SetWriteRecorder(f func(gpa, length uint64)) {
 	m.recorder.Store(&f)
 }
 
+// VCPUThreadIDs returns the OS thread of each vCPU (replicate.VCPUThreads):
+// each runs on a thread locked to it for its life, 0 until it starts.
+func (m *Machine) VCPUThreadIDs() []int {
+	ids := make([]int, len(m.vcpus))
+	for i, v := range m.vcpus {
+		v.mu.Lock()
+		ids[i] = v.tid
+		v.mu.Unlock()
+	}
+	return ids
+}
+
 // SetWriteGuard registers f to be called before every write the VMM itself
 // makes into guest memory, with the range about to be written
 // (replicate.WriteGuard: lazy capture copies those pages of the epoch being

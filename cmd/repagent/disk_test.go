@@ -464,7 +464,7 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 
 	primary := exec.Command(bin, "primary", "--backup", addr, "--disk", pimg, "--workload", "disk", "--mem", "32M",
 		"--interval", c.interval, "--rate", strconv.FormatUint(c.rate, 10), "--stats", stats, "--heartbeat-timeout", "5s",
-		"--capture", c.capture)
+		"--capture", c.capture, "--capture-calibration", "1ms") // auto lazy by the kill
 	primary.Env = os.Environ()
 	if c.fault != "" {
 		primary.Env = append(primary.Env, "REPAGENT_FAULT="+c.fault)

@@ -186,7 +186,9 @@ func (c killCase) run(t *testing.T, bin string) bool {
 		primaryArgs = append(primaryArgs, "--content", c.content)
 	}
 	if c.capture != "" {
-		primaryArgs = append(primaryArgs, "--capture", c.capture)
+		// Auto's calibration at its shortest, so that auto has captured
+		// lazily by the kill.
+		primaryArgs = append(primaryArgs, "--capture", c.capture, "--capture-calibration", "1ms")
 	}
 	if c.fault == "sync:1" {
 		// A round 0 quick enough to leave fewer pages than the default

@@ -100,7 +100,7 @@ func netKillOnce(t *testing.T, bin string, lan, cli *nettest.Namespace, after in
 	var pout bytes.Buffer
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	primary := lan.Command(bin, "primary", "--backup", addr, "--tap", "tp", "--workload", "udp-stream", "--stream-rate", "2000",
-		"--mem", "32M", "--interval", interval, "--heartbeat-timeout", "5s", "--quiet", "--stats", stats, "--audit-every", "1", "--capture", capture)
+		"--mem", "32M", "--interval", interval, "--heartbeat-timeout", "5s", "--quiet", "--stats", stats, "--audit-every", "1", "--capture", capture, "--capture-calibration", "1ms")
 	primary.Stdout, primary.Stderr = &pout, &pout
 	if err := primary.Start(); err != nil {
 		t.Fatal(err)

@@ -25,7 +25,7 @@ type replFlags struct {
 	capture                              string
 	workers, copyThreads, syncThreshold  int
 	auditEvery                           uint64
-	syncPause                            time.Duration
+	syncPause, captureCalib              time.Duration
 	quiet, noThrottle                    bool
 	holdLimit, pcap                      string
 	metrics                              string
@@ -44,6 +44,8 @@ func (r *replFlags) register(fs *pflag.FlagSet) {
 		"LZ4 compression of pages: auto (where a probe finds it pays, per 2MiB of memory), always or never")
 	fs.StringVar(&r.capture, "capture", "eager",
 		"how a checkpoint's dirty pages are captured: eager (copied in the pause), lazy (write-protected in the pause with userfaultfd and copied behind the running guest) or auto (per run of pages, from the costs measured on this host)")
+	fs.DurationVar(&r.captureCalib, "capture-calibration", 0,
+		"with --capture auto: how long every page is copied in the pause at the start, to measure what eager capture costs the guest before lazy capture is priced against it; at least 8 epochs (default 0: 2s)")
 	fs.IntVar(&r.copyThreads, "copy-threads", 0,
 		"at most this many goroutines copy an epoch's pages during its pause, 1 to 4; more than 1 are used only when they pay for waking them (default 0: one per CPU, at most 4)")
 	fs.IntVar(&r.syncThreshold, "sync-threshold", 0,
@@ -89,6 +91,10 @@ func (r *replFlags) options() (agent.Repl, error) {
 	if o.Capture, err = replicate.ParseCapture(r.capture); err != nil {
 		return o, usagef("--capture: %w", err)
 	}
+	if r.captureCalib < 0 {
+		return o, usagef("--capture-calibration %v: must not be negative", r.captureCalib)
+	}
+	o.CaptureCalib = r.captureCalib
 	if r.copyThreads < 0 || r.copyThreads > replicate.MaxCopyThreads {
 		return o, usagef("--copy-threads %d: want 0 (the default) or 1 to %d", r.copyThreads, replicate.MaxCopyThreads)
 	}

@@ -45,7 +45,7 @@ func TestParseJobArgsDefaults(t *testing.T) {
 
 	o, err = parseJobArgs([]string{"--interval", "5ms", "--dirty-track", "ring", "--stats", t.TempDir() + "/s.jsonl",
 		"--heartbeat-timeout", "2s", "--workers", "3", "--staging", "64M", "--audit-every", "10", "--duration", "3s",
-		"--compress", "never", "--copy-threads", "2", "--sync-threshold", "7",
+		"--compress", "never", "--copy-threads", "2", "--sync-threshold", "7", "--capture", "auto", "--capture-calibration", "300ms",
 		"--quiet", "--mem", "64M", "--vcpus", "2", "--workload", "counter"})
 	if err != nil {
 		t.Fatal(err)
@@ -53,7 +53,8 @@ func TestParseJobArgsDefaults(t *testing.T) {
 	r := o.Repl
 	if r.Interval != 5*time.Millisecond || r.Mech != dirtylog.Ring || !strings.HasSuffix(r.Stats, "/s.jsonl") ||
 		r.HeartbeatTimeout != 2*time.Second || r.Workers != 3 || r.Staging != 64<<20 || r.AuditEvery != 10 ||
-		r.Duration != 3*time.Second || !r.Quiet || r.Compress != replicate.CompressNever || r.CopyThreads != 2 || r.SyncThreshold != 7 {
+		r.Duration != 3*time.Second || !r.Quiet || r.Compress != replicate.CompressNever || r.CopyThreads != 2 || r.SyncThreshold != 7 ||
+		r.Capture != replicate.CaptureAuto || r.CaptureCalib != 300*time.Millisecond {
 		t.Errorf("parsed: %+v", r)
 	}
 	if o.Guest.MemSize != 64<<20 || o.Guest.VCPUs != 2 || o.Guest.Workload != testvm.Counter {
@@ -93,6 +94,7 @@ func TestJobUsageErrors(t *testing.T) {
 		{"negative workers", []string{"--workers", "-1"}, "--workers -1: must not be negative"},
 		{"bad compress", []string{"--compress", "zstd"}, `--compress: unknown compression "zstd" (want auto, always or never)`},
 		{"too many copy threads", []string{"--copy-threads", "5"}, "--copy-threads 5: want 0 (the default) or 1 to 4"},
+		{"negative capture calibration", []string{"--capture", "auto", "--capture-calibration", "-1s"}, "--capture-calibration -1s: must not be negative"},
 		{"negative sync threshold", []string{"--sync-threshold", "-1"}, "--sync-threshold -1: must not be negative"},
 		{"staging too small", []string{"--staging", "4K"}, "--staging 4K: want 0 (the default) or at least 256KiB"},
 		{"staging bad unit", []string{"--staging", "4X"}, `--staging: size "4X": unknown unit`},

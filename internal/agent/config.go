@@ -19,6 +19,7 @@ type Repl struct {
 	Compress         replicate.Compression
 	CopyThreads      int
 	Capture          replicate.Capture
+	CaptureCalib     time.Duration
 	SyncThreshold    int
 	SyncPause        time.Duration
 	NoThrottle       bool

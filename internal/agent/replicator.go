@@ -253,23 +253,24 @@ func (r *replicator) note() any {
 // and the disk's stream.
 func (r *replicator) engineConfig() replicate.Config {
 	cfg := replicate.Config{
-		Interval:         r.o.Interval,
-		DirtyTrack:       r.mech,
-		Workers:          r.o.Workers,
-		Compress:         r.o.Compress,
-		CopyThreads:      r.o.CopyThreads,
-		Capture:          r.o.Capture,
-		PrecopyThreshold: r.o.SyncThreshold,
-		SyncPause:        r.o.SyncPause,
-		NoThrottle:       r.o.NoThrottle,
-		StagingBytes:     r.o.Staging,
-		HeartbeatTimeout: r.o.HeartbeatTimeout,
-		AuditEvery:       r.o.AuditEvery,
-		Note:             r.note,
-		OnEpoch:          r.onEpoch,
-		OnSync:           r.onSync,
-		VMM:              VMMName,
-		Log:              r.log,
+		Interval:           r.o.Interval,
+		DirtyTrack:         r.mech,
+		Workers:            r.o.Workers,
+		Compress:           r.o.Compress,
+		CopyThreads:        r.o.CopyThreads,
+		Capture:            r.o.Capture,
+		CaptureCalibration: r.o.CaptureCalib,
+		PrecopyThreshold:   r.o.SyncThreshold,
+		SyncPause:          r.o.SyncPause,
+		NoThrottle:         r.o.NoThrottle,
+		StagingBytes:       r.o.Staging,
+		HeartbeatTimeout:   r.o.HeartbeatTimeout,
+		AuditEvery:         r.o.AuditEvery,
+		Note:               r.note,
+		OnEpoch:            r.onEpoch,
+		OnSync:             r.onSync,
+		VMM:                VMMName,
+		Log:                r.log,
 	}
 	if r.cfg.Disk != nil {
 		cfg.OnStreamSync = r.onDiskSync
@@ -664,6 +665,10 @@ func (r *replicator) summary(w io.Writer, d time.Duration, lost error) {
 		}
 		fmt.Fprintf(w, "  capture %v: %.1f%% of the dirty pages protected and copied behind the guest; %d guest faults, %d pages copied before a VMM write; behind p50 %s p99 %s\n",
 			r.o.Capture, share, t.Faults, t.Guarded, dur(t.Behind.Quantile(0.5)), dur(t.Behind.Quantile(0.99)))
+	}
+	if t.HostEpochs > 0 {
+		fmt.Fprintf(w, "  vCPU threads outside the guest (KVM faults, exits, devices): %s/epoch (mean, tick-sampled)\n",
+			dur(t.VCPUHost/time.Duration(t.HostEpochs)))
 	}
 	zero := 0.0
 	if t.Dirty > 0 {

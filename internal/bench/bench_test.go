@@ -424,6 +424,9 @@ func TestSmoke(t *testing.T) {
 // timing.
 func TestCaptureSection(t *testing.T) {
 	privileged.Require(t, privileged.KVM)
+	settle := captureAutoSettle
+	captureAutoSettle = 0 // the shape of the section, not auto's settled figures
+	t.Cleanup(func() { captureAutoSettle = settle })
 	b := &runner{Options: &Options{Mem: 64 << 20, ModeTime: 200 * time.Millisecond, DirtyTrack: dirtylog.Auto, Quiet: true}}
 	b.log = slog.New(slog.DiscardHandler)
 	cr, err := b.measureCapture(t.Context())

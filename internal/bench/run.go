@@ -512,7 +512,7 @@ func (b *runner) measureReplicatedWith(ctx context.Context, cfg testvm.Config, i
 	}
 	defer m.Close()
 	r := &Mode{Mode: interval.String(), IntervalMS: toMS(interval), Track: mech.String()}
-	rp.interval, rp.mech, rp.warmup = interval, mech, b.warmup()
+	rp.interval, rp.mech, rp.warmup = interval, mech, max(rp.warmup, b.warmup())
 	rp.measure = func(ctx context.Context) (time.Time, time.Time, error) {
 		return b.windowFor(ctx, m, r, max(b.ModeTime, 2*interval))
 	}

@@ -130,6 +130,10 @@ type Agg struct {
 	LazyPages, Faults, Guarded uint64
 	Protect                    time.Duration
 	Behind                     Hist
+	// VCPUHost sums the vCPU threads' time outside guest mode
+	// (EpochStats.VCPUHost) over the HostEpochs epochs that measured it.
+	VCPUHost   time.Duration
+	HostEpochs int
 
 	// The disk: write records mirrored (in epoch 1, the sync's residual
 	// blocks), their data, their messages on the wire.
@@ -171,6 +175,10 @@ func (a *Agg) Add(s *replicate.EpochStats) {
 		a.Parts[i] += d
 	}
 	a.Wait += s.Wait
+	if s.VCPUHost != 0 {
+		a.VCPUHost += s.VCPUHost
+		a.HostEpochs++
+	}
 	if s.LazyPages > 0 {
 		a.LazyPages += uint64(s.LazyPages)
 		a.Faults += uint64(s.Faults)

@@ -39,6 +39,10 @@
 //     copy() that faults on it can deadlock the process (replicate/lazy.go).
 //     Guest memory must be writable only through the mapping DirtySlots
 //     returns (protection is per mapping).
+//   - For auto capture to weigh what lazy capture costs the guest beyond
+//     the pause, run each vCPU on an OS thread of its own and name the
+//     threads (replicate.VCPUThreads); without it auto weighs the pause
+//     alone, and says so in the log.
 //   - Send guest frames only on Primary.Tap and write the disk only through
 //     Primary.Disk, from the first epoch on: the gate and the mirror
 //     assign them to the epoch that produced them.
