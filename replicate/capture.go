@@ -31,15 +31,20 @@ func (p *Primary) measureGuest(st *EpochStats, now time.Time) {
 	if l == nil || l.budget == nil {
 		return
 	}
+	r := guestRun{host: d, dirty: st.DirtyPages, lazy: st.LazyPages, wanted: l.wanted}
+	if gp, ok := p.cfg.VM.(GuestProgress); ok {
+		n := gp.GuestProgress()
+		r.progress, r.hasProgress = n-p.lastProgress, p.progressRead
+		p.lastProgress, p.progressRead = n, true
+	}
 	// The pause the lazy pages saved is measured with the run that
 	// follows it; the faults of the previous epoch's copy (finished, since
 	// this pause waited for it) with the run they stalled.
-	saved := time.Duration(p.copier.perPage*float64(st.LazyPages)) - st.Protect
-	var stall time.Duration
+	r.saved = time.Duration(p.copier.perPage*float64(st.LazyPages)) - st.Protect
 	if j := p.lastJob; j != nil && j.lazy != nil && j.lazy.finished() {
-		stall = j.stats.FaultTime
+		r.stall = j.stats.FaultTime
 	}
-	l.budget.observe(d, stall, saved, st.DirtyPages, st.LazyPages, l.wanted, now)
+	l.budget.observe(r, now)
 }
 
 // checkpoint is one pause. The epoch then goes to the sender.

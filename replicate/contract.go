@@ -43,6 +43,18 @@ type VCPUThreads interface {
 	VCPUThreadIDs() []int
 }
 
+// GuestProgress is implemented by a VM that can count the work its guest
+// gets done: operations, requests, retired instructions, anything that grows
+// with the guest's useful work at a steady rate when the guest is not held
+// back. It is optional, and used with VCPUThreads: auto capture then prices
+// lazy capture by the guest's rate against eager capture's, which catches
+// costs the vCPU threads' host time does not (a guest slowed inside guest
+// mode, by TLB flushes for one).
+type GuestProgress interface {
+	// GuestProgress returns the count so far; it must not decrease.
+	GuestProgress() uint64
+}
+
 // MemoryBacking is implemented by a VM whose guest memory is a file the
 // engine may ask where its holes are (lseek SEEK_DATA and SEEK_HOLE: a
 // memfd, a tmpfs or a regular file). It is optional. With it, the initial

@@ -102,9 +102,10 @@ type guestBudget struct {
 	// eagerStreak counts the pauses in a row that captured nothing lazily.
 	eagerLeft, eagerStreak int
 	prevLazy               int // the lazily captured pages of the pause before the run measured
-	// Eager's host time per dirty page: decayed sums of the baseline runs,
-	// and their dirty pages' count for the drift check (dAvg, an average).
-	baseY, baseD, baseN, dAvg float64
+	// Eager's cost: decayed sums over the baseline runs of their host
+	// time, dirty pages, guest progress and wall time, and their count;
+	// dAvg averages the dirty pages of all runs, for the drift check.
+	baseY, baseD, baseP, baseW, baseN, dAvg float64
 	// The current window: the runs' host time over the baseline, their
 	// wall time, how many, and whether a pause wanted more than the cap.
 	extra, wall time.Duration
@@ -135,12 +136,36 @@ func (b *guestBudget) allowed() int {
 	return b.cap
 }
 
-// observe feeds the run that just ended (from the previous resume to this
-// one): host is its vCPU host time, stall the guest's time blocked in
-// faults, saved the pause its lazy pages saved, dirty the pages it dirtied
-// (this pause's harvest); lazy and wanted are what this pause captured
-// lazily and would have without the cap.
-func (b *guestBudget) observe(host, stall, saved time.Duration, dirty, lazy, wanted int, now time.Time) {
+// guestRun is what the engine measured of the run that just ended, from the
+// previous resume to this one.
+type guestRun struct {
+	host  time.Duration // the vCPU threads' host time
+	stall time.Duration // the guest's time blocked in faults
+	saved time.Duration // the pause its lazy pages saved (copying them, less protecting them)
+	// progress is the guest's progress over the run (GuestProgress), when
+	// hasProgress.
+	progress    uint64
+	hasProgress bool
+	dirty       int // the pages it dirtied (this pause's harvest)
+	// lazy and wanted are what this pause captured lazily, and would have
+	// without the cap.
+	lazy, wanted int
+}
+
+// lost is the guest time the run lost over what eager capture would have
+// cost it, by the baseline. With the guest's progress, that is the wall
+// time less the time the progress took eager's runs; without, the host
+// time over eager's per dirty page, plus the stall, less the pause saved.
+func (b *guestBudget) lost(r guestRun, wall time.Duration) time.Duration {
+	if r.hasProgress && b.baseP > 0 {
+		return wall - time.Duration(float64(r.progress)*b.baseW/b.baseP)
+	}
+	return r.host + r.stall - r.saved - time.Duration(b.baseY/b.baseD*float64(r.dirty))
+}
+
+// observe feeds the run that just ended, at now.
+func (b *guestBudget) observe(r guestRun, now time.Time) {
+	dirty, lazy, wanted := r.dirty, r.lazy, r.wanted
 	prev := b.prevLazy
 	b.prevLazy = lazy
 	b.epochs++
@@ -163,9 +188,13 @@ func (b *guestBudget) observe(host, stall, saved time.Duration, dirty, lazy, wan
 	}
 	b.dAvg = avg(b.dAvg, float64(dirty))
 	if b.eagerStreak > lazyEagerLag {
-		b.baseY = b.baseY*lazyBaseDecay + float64(host)
+		b.baseY = b.baseY*lazyBaseDecay + float64(r.host)
 		b.baseD = b.baseD*lazyBaseDecay + float64(dirty)
 		b.baseN = b.baseN*lazyBaseDecay + 1
+		if r.hasProgress {
+			b.baseP = b.baseP*lazyBaseDecay + float64(r.progress)
+			b.baseW = b.baseW*lazyBaseDecay + float64(wall)
+		}
 	}
 	if b.baseD == 0 {
 		return
@@ -176,14 +205,14 @@ func (b *guestBudget) observe(host, stall, saved time.Duration, dirty, lazy, wan
 		case b.dAvg > dBase*(1+lazyDriftShare) || b.dAvg < dBase*(1-lazyDriftShare):
 			// Another workload: a baseline of its own, from a longer block.
 			b.eagerLeft, b.lastCal = 2*lazyEagerRun, b.epochs
-			b.baseY, b.baseD, b.baseN = 0, 0, 0
+			b.baseY, b.baseD, b.baseP, b.baseW, b.baseN = 0, 0, 0, 0, 0
 			b.dAvg = float64(dirty)
 			return
 		case b.epochs-b.lastCal >= b.recal:
 			b.eagerLeft, b.lastCal = lazyEagerRun, b.epochs
 		}
 	}
-	b.extra += host + stall - saved - time.Duration(b.baseY/b.baseD*float64(dirty))
+	b.extra += b.lost(r, wall)
 	b.wall += wall
 	b.lazyN += prev
 	if b.n++; b.n < b.window {

@@ -21,7 +21,7 @@ func simulateBudget(epochs, dirty int, extra float64) (*guestBudget, int) {
 		host := time.Duration(2000*float64(dirty) + extra*1000*float64(prev))
 		saved := time.Duration(700 * lazy)
 		now = now.Add(interval)
-		b.observe(host, 0, saved, dirty, lazy, dirty, now)
+		b.observe(guestRun{host: host, saved: saved, dirty: dirty, lazy: lazy, wanted: dirty}, now)
 		prev = lazy
 	}
 	return b, lazy
@@ -68,7 +68,7 @@ func TestGuestBudgetRecalibrates(t *testing.T) {
 			eager++
 		}
 		now = now.Add(interval)
-		b.observe(time.Duration(2000*dirty+1000*lazy), 0, time.Duration(700*lazy), dirty, lazy, dirty, now)
+		b.observe(guestRun{host: time.Duration(2000*dirty + 1000*lazy), saved: time.Duration(700 * lazy), dirty: dirty, lazy: lazy, wanted: dirty}, now)
 	}
 	// Periodic blocks of lazyEagerRun epochs at epochs 600 and 1200, a
 	// longer one for the drift at 1500, and none after (the period restarts
@@ -102,5 +102,29 @@ func TestCapRuns(t *testing.T) {
 	l.runs, l.lazy = [][2]int{{0, 10}}, []bool{true}
 	if l.capRuns(100); len(l.runs) != 1 || !l.lazy[0] {
 		t.Fatalf("runs %v lazy %v under the cap", l.runs, l.lazy)
+	}
+}
+
+// With the guest's progress, the price is the guest's rate against eager's:
+// here lazy capture costs nothing on the vCPU threads' host time but slows
+// the guest by 20% when every dirty page goes lazy, so 8% of its time buys
+// 40% of the pages.
+func TestGuestBudgetPricesByProgress(t *testing.T) {
+	const interval = 100 * time.Millisecond
+	const dirty = 8000
+	b := newGuestBudget(interval, lazyCalibrateTime)
+	now := time.Unix(1000, 0)
+	prev := 0
+	for range 600 {
+		lazy := min(b.allowed(), dirty)
+		rate := 1 - 0.2*float64(prev)/dirty // of eager's, in the run after the pause
+		now = now.Add(interval)
+		b.observe(guestRun{host: 2000 * dirty, progress: uint64(1e6 * rate), hasProgress: true,
+			dirty: dirty, lazy: lazy, wanted: dirty}, now)
+		prev = lazy
+	}
+	want := lazyGuestBudget / 0.2 * dirty
+	if math.Abs(float64(b.cap)-want) > 0.15*want {
+		t.Fatalf("cap %d pages, want about %.0f (price %.0f ns)", b.cap, want, b.price)
 	}
 }

@@ -240,7 +240,9 @@ type Primary struct {
 	lastJob        *epochJob    // the last checkpoint captured (the epoch loop's)
 	lazy           *lazyCapture // with Config.Capture lazy or auto, once Run has it
 	vclock         *vcpuClock   // with a VM that implements VCPUThreads
-	endMsg, endPay []byte       // the sender's end record buffers
+	lastProgress   uint64       // GuestProgress at the last resume, if progressRead
+	progressRead   bool
+	endMsg, endPay []byte // the sender's end record buffers
 	protected      atomic.Bool
 
 	// sess is the session's state (session.go): running, stopping, ended,

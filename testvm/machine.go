@@ -335,6 +335,17 @@ func (m *Machine) VCPUThreadIDs() []int {
 	return ids
 }
 
+// GuestProgress is the operations the guest has done on every vCPU (page
+// writes, counter steps, idle ticks or block writes: Status.Iterations),
+// for replicate.GuestProgress. It reads the status pages, without an exit.
+func (m *Machine) GuestProgress() uint64 {
+	var n uint64
+	for i := range m.vcpus {
+		n += m.Status(i).Iterations
+	}
+	return n
+}
+
 // SetWriteGuard registers f to be called before every write the VMM itself
 // makes into guest memory, with the range about to be written
 // (replicate.WriteGuard: lazy capture copies those pages of the epoch being
