@@ -58,6 +58,7 @@ const (
 	lazyEagerLag        = 2                // the first pauses of a block that do not feed the baseline
 	lazyDriftShare      = 0.5              // dirty pages per epoch this far from the baseline's: calibrate again
 	lazyPriceMin        = 1024             // lazy pages a window needs to price them
+	lazyPriceDecay      = 0.5              // weight of the older windows in the price, per window
 	lazyBaseDecay       = 0.95             // weight of the older baseline samples, per sample
 )
 
@@ -110,9 +111,12 @@ type guestBudget struct {
 	// wall time, how many, and whether a pause wanted more than the cap.
 	extra, wall time.Duration
 	n, lazyN    int     // runs, and the lazy pages captured before them
-	price       float64 // ns of guest time a lazy page costs over eager, averaged over windows
-	bound       bool
-	last        time.Time
+	price       float64 // ns of guest time a lazy page costs over eager (0: not priced yet)
+	// priceX and priceL are the decayed sums over windows of the guest
+	// time lost and the lazy pages that cost it.
+	priceX, priceL float64
+	bound          bool
+	last           time.Time
 }
 
 // newGuestBudget returns a budget for epochs of interval that calibrates
@@ -222,11 +226,13 @@ func (b *guestBudget) observe(r guestRun, now time.Time) {
 	// many pages as the budget pays for at that price. A window with too
 	// few lazy pages to price them opens the cap a little, to measure.
 	if b.lazyN >= lazyPriceMin {
-		c := float64(b.extra) / float64(b.lazyN)
+		// The price is over the last few windows, each weighted by its
+		// lazy pages: a window that took few is a poor measure of them.
+		b.priceX = b.priceX*lazyPriceDecay + float64(b.extra)
+		b.priceL = b.priceL*lazyPriceDecay + float64(b.lazyN)
+		b.price = b.priceX / b.priceL
 		if b.price == 0 {
-			b.price = c
-		} else {
-			b.price = (b.price + c) / 2
+			b.price = math.SmallestNonzeroFloat64 // priced: free
 		}
 		perEpoch := lazyGuestBudget * float64(b.wall) / float64(b.n)
 		if b.price <= 0 {
