@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -57,6 +58,23 @@ type BackupConfig struct {
 	VerifyReplica bool
 	// OnEpoch is told of every checkpoint applied.
 	OnEpoch func(epoch uint64, pages int, digest uint64)
+	// TLS, when set, is the server side of a TLS session that every
+	// connection must complete before its hello: protect.LoadTLS makes one
+	// that requires, and verifies, the primary's certificate. Without it
+	// the link is plaintext and anyone who reaches the port is served.
+	TLS *tls.Config
+	// HandshakeTimeout bounds a connection's handshake, TLS and hello
+	// together, as a whole: bytes that trickle in do not extend it
+	// (default DefaultHandshakeTimeout).
+	HandshakeTimeout time.Duration
+	// MaxHandshakes is how many connections Serve takes through their
+	// handshake at once (default DefaultMaxHandshakes); more are closed at
+	// once, and counted (ServeStats).
+	MaxHandshakes int
+	// Once makes Serve return after its first session, however it ended;
+	// by default a session that ends before its first checkpoint (refused,
+	// lost, stopped) leaves Serve waiting for the next primary.
+	Once bool
 	// Log receives the backup's messages; nil means slog.Default().
 	Log *slog.Logger
 }
@@ -81,6 +99,8 @@ type Backup struct {
 
 	mu  sync.Mutex
 	rep *replica // the current session's replica
+
+	counts serveCounters // Serve's
 
 	// speak is the protocol versions the backup accepts (unset: all this
 	// build speaks); tests narrow it to play an older backup.
@@ -197,56 +217,61 @@ func (b *Backup) Close() error {
 	return err
 }
 
-// Serve accepts primaries on ln, one session at a time. A session the backup
-// refuses (a protocol error: corrupt, truncated, reordered or foreign data, a
-// wrong version or shape) is logged and the next primary awaited; the replica
-// keeps its last good checkpoint. When a primary is lost after its first
-// checkpoint, Serve fails over and returns what it did. It returns
-// ErrPrimaryStopped when the primary stopped on purpose, an error wrapping
-// ErrNoCheckpoint when it was lost too early, and ctx's error when ctx ends.
-func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) {
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-	for {
-		conn, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
-			return nil, fmt.Errorf("accept primary: %w", err)
-		}
-		fo, err := b.Handle(ctx, conn)
-		if errors.Is(err, ErrProtocol) {
-			epoch, _ := b.LastCheckpoint()
-			b.log.Error("refused primary", "from", conn.RemoteAddr(), "err", err, "replica-epoch", epoch)
-			continue
-		}
-		return fo, err
-	}
-}
-
 // Handle runs one session with a primary over conn, which it closes, and
-// fails over if the primary is lost. Errors are as for Serve; a protocol
-// error wraps ErrProtocol.
+// fails over if the primary is lost: the handshake (TLS with
+// BackupConfig.TLS, then the hello) within BackupConfig.HandshakeTimeout,
+// then the session. Errors are as for Serve; a refused handshake or session
+// wraps ErrProtocol.
 func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*Failover, error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	ic := &idleConn{Conn: conn, timeout: max(b.cfg.HeartbeatTimeout, 5*time.Second)}
-	s := &session{b: b, conn: ic, done: make(chan struct{})}
-	ic.meter = &s.meter
-	err := s.run()
+	defer stop()
+	pc, err := b.handshake(ctx, conn)
+	if err != nil {
+		conn.Close()
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, err
+	}
+	return b.runSession(ctx, pc)
+}
+
+// runSession serves a connection through its handshake until the session
+// ends, and fails over if the primary is lost.
+func (b *Backup) runSession(ctx context.Context, pc *pending) (*Failover, error) {
+	stop := context.AfterFunc(ctx, func() { pc.s.conn.Close() })
+	s := pc.s
+	s.conn.until = time.Time{} // the heartbeat timeout from now on
+	err := s.serve(pc.rd, pc.hello)
 	close(s.done)
 	stop()
 	if errors.Is(err, ErrProtocol) {
-		lingerClose(ic)
+		lingerClose(s.conn)
 	}
-	conn.Close()
+	s.conn.Close()
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
 	if !errors.Is(err, errPrimaryLost) {
+		if s.rep != nil && s.rep.epoch == 0 {
+			b.dropReplica(s.rep)
+		}
 		return nil, err
 	}
 	return b.failover(s.rep, err)
+}
+
+// dropReplica frees rep if it is the backup's replica: a session that ended
+// before its first checkpoint leaves nothing to keep.
+func (b *Backup) dropReplica(rep *replica) {
+	b.mu.Lock()
+	if b.rep != rep {
+		b.mu.Unlock()
+		return
+	}
+	b.rep = nil
+	b.mu.Unlock()
+	rep.close()
 }
 
 // failover resumes the session's last checkpoint.
@@ -258,6 +283,9 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	}
 	b.mu.Unlock()
 	if rep == nil || rep.epoch == 0 {
+		if rep != nil {
+			b.dropReplica(rep)
+		}
 		return nil, fmt.Errorf("%w (%w)", ErrNoCheckpoint, cause)
 	}
 	fo := &Failover{Epoch: rep.epoch, Digest: rep.digest, Cause: cause}
@@ -380,27 +408,35 @@ func (s *session) cpu() time.Duration {
 	return s.meter.Total()
 }
 
-// run handles the session until it ends. It runs on its own thread, so
-// that its CPU clock is the receiving's cost (Handle locks it).
-func (s *session) run() error {
-	s.timeout = s.conn.timeout
-	rd := newMsgReader(s.conn)
+// greet reads and checks the primary's hello, the session's first message;
+// a hello the backup cannot serve is refused (ErrProtocol).
+func (s *session) greet(rd *msgReader) (Hello, error) {
 	h, payload, err := rd.ReadMsg()
 	if err != nil {
-		return s.reject(protoErr("read hello: %v", err))
+		if isTimeout(err) {
+			return Hello{}, s.reject(protoErr("no complete hello within the handshake's %v", s.b.handshakeTimeout()))
+		}
+		return Hello{}, s.reject(protoErr("read hello: %v", err))
 	}
 	if !s.st.accepts(h.Type) {
-		return s.reject(protoErr("first message is %v, want hello", h.Type))
+		return Hello{}, s.reject(protoErr("first message is %v, want hello", h.Type))
 	}
 	hello, v, err := decodeHello(payload, s.b.speak.orDefault())
 	if err != nil {
-		return s.reject(err)
+		return Hello{}, s.reject(err)
 	}
 	s.version = v
 	if e := s.b.cfg.Expect; e != nil && !e.Equal(hello.Shape) {
-		return s.reject(protoErr("VM shape mismatch: primary has %v (regions %v), this backup expects %v (regions %v)",
+		return Hello{}, s.reject(protoErr("VM shape mismatch: primary has %v (regions %v), this backup expects %v (regions %v)",
 			hello.Shape, hello.Shape.Regions, *e, e.Regions))
 	}
+	return hello, nil
+}
+
+// serve runs the session after its hello until it ends. It runs on its own
+// thread, so that its CPU clock is the receiving's cost (the meter locks it).
+func (s *session) serve(rd *msgReader, hello Hello) error {
+	v := s.version
 	sink, err := s.newSink(hello)
 	if err != nil {
 		return s.reject(err)

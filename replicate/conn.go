@@ -23,6 +23,9 @@ import (
 type idleConn struct {
 	net.Conn
 	timeout time.Duration
+	// until, when set, is a whole deadline for every read and write instead
+	// (a handshake's: bytes trickling in do not extend it).
+	until time.Time
 	// alive, when set, reports whether the peer showed progress within the
 	// timeout; nil means a blocked write fails at its deadline.
 	alive func() bool
@@ -45,13 +48,28 @@ type idleConn struct {
 	rerr    error
 }
 
+// deadline is the deadline of an I/O starting now.
+func (c *idleConn) deadline() time.Time {
+	if !c.until.IsZero() {
+		return c.until
+	}
+	return time.Now().Add(c.timeout)
+}
+
 func (c *idleConn) Read(b []byte) (int, error) {
-	c.Conn.SetReadDeadline(time.Now().Add(c.timeout))
+	c.Conn.SetReadDeadline(c.deadline())
 	var n int
 	var err error
-	if c.meter != nil && c.rawConn() != nil {
+	switch {
+	case c.meter != nil && c.rawConn() != nil:
 		n, err = c.meteredRead(b)
-	} else {
+	case c.meter != nil:
+		// Not a socket (TLS): the meter covers the whole read, whose wait
+		// costs the locked thread no CPU, so the decryption is counted.
+		c.meter.Start()
+		n, err = c.Conn.Read(b)
+		c.meter.Stop()
+	default:
 		n, err = c.Conn.Read(b)
 	}
 	if n > 0 {
@@ -114,7 +132,7 @@ func (c *idleConn) heardWithin(d time.Duration) bool {
 func (c *idleConn) Write(b []byte) (int, error) {
 	done := 0
 	for {
-		c.Conn.SetWriteDeadline(time.Now().Add(c.timeout))
+		c.Conn.SetWriteDeadline(c.deadline())
 		n, err := c.Conn.Write(b[done:])
 		done += n
 		c.written.Add(uint64(n))
@@ -130,7 +148,7 @@ func (c *idleConn) Write(b []byte) (int, error) {
 // consumes bufs.
 func (c *idleConn) writeBuffers(bufs *net.Buffers) error {
 	for len(*bufs) > 0 {
-		c.Conn.SetWriteDeadline(time.Now().Add(c.timeout))
+		c.Conn.SetWriteDeadline(c.deadline())
 		n, err := bufs.WriteTo(c.Conn)
 		c.written.Add(uint64(n))
 		if err == nil {
@@ -147,7 +165,7 @@ func (c *idleConn) writeBuffers(bufs *net.Buffers) error {
 // go on: its deadline passed, and it either moved bytes meanwhile or the peer
 // is alive.
 func (c *idleConn) retry(err error, n int) bool {
-	if !errors.Is(err, os.ErrDeadlineExceeded) {
+	if !errors.Is(err, os.ErrDeadlineExceeded) || !c.until.IsZero() {
 		return false
 	}
 	return n > 0 || (c.alive != nil && c.alive())

@@ -1,0 +1,267 @@
+package replicate
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Serving: a backup that bad clients cannot stop.
+//
+// Serve accepts connections on its own goroutine and takes each through its
+// handshake (TLS when configured, then the hello) on a goroutine of its own,
+// at most MaxHandshakes at a time, each within HandshakeTimeout as a whole:
+// a client that sends a byte a second, or nothing, is cut off when that
+// time is up, and meanwhile other connections are served. Connections
+// beyond MaxHandshakes are closed at once and counted. A connection through
+// its handshake becomes the session, unless one is running: it is then
+// refused as busy. A session that ends before its first checkpoint (refused,
+// lost, or stopped) frees its replica and Serve waits for the next primary;
+// only a session that reached a checkpoint can end Serve, by a failover or
+// by its primary's stop.
+
+// Defaults of BackupConfig.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultMaxHandshakes    = 8
+)
+
+// ServeStats counts what Serve did with the connections it accepted.
+type ServeStats struct {
+	Accepted    uint64 // connections accepted
+	RefusedFull uint64 // closed at once: MaxHandshakes were in their handshake
+	RefusedBusy uint64 // through their handshake while a session ran
+	Failed      uint64 // handshakes that failed: TLS, a bad or missing hello, the deadline
+	Sessions    uint64 // sessions started
+	Early       uint64 // sessions that ended before their first checkpoint, Serve going on
+}
+
+type serveCounters struct {
+	accepted, full, busy, failed, sessions, early atomic.Uint64
+}
+
+// ServeStats returns the counts so far.
+func (b *Backup) ServeStats() ServeStats {
+	c := &b.counts
+	return ServeStats{Accepted: c.accepted.Load(), RefusedFull: c.full.Load(), RefusedBusy: c.busy.Load(),
+		Failed: c.failed.Load(), Sessions: c.sessions.Load(), Early: c.early.Load()}
+}
+
+func (b *Backup) handshakeTimeout() time.Duration {
+	if b.cfg.HandshakeTimeout > 0 {
+		return b.cfg.HandshakeTimeout
+	}
+	return DefaultHandshakeTimeout
+}
+
+func (b *Backup) maxHandshakes() int {
+	if b.cfg.MaxHandshakes > 0 {
+		return b.cfg.MaxHandshakes
+	}
+	return DefaultMaxHandshakes
+}
+
+// pending is a connection through its handshake: the session that will
+// serve it, its reader (holding what was read past the hello) and the hello.
+type pending struct {
+	s     *session
+	rd    *msgReader
+	hello Hello
+	peer  string // the primary's certificate names (TLS), else ""
+}
+
+// handshake takes conn through TLS (with BackupConfig.TLS) and the hello,
+// within the handshake timeout. The error wraps ErrProtocol; conn is left
+// open on success only.
+func (b *Backup) handshake(ctx context.Context, conn net.Conn) (*pending, error) {
+	until := time.Now().Add(b.handshakeTimeout())
+	var peer string
+	if b.cfg.TLS != nil {
+		tc := tls.Server(conn, b.cfg.TLS)
+		conn.SetDeadline(until)
+		hctx, cancel := context.WithDeadline(ctx, until)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("%w: TLS handshake: %w", ErrProtocol, err)
+		}
+		if certs := tc.ConnectionState().PeerCertificates; len(certs) > 0 {
+			peer = certNames(certs[0])
+		}
+		conn = tc
+	}
+	ic := &idleConn{Conn: conn, timeout: b.handshakeTimeout(), until: until}
+	s := &session{b: b, conn: ic, done: make(chan struct{})}
+	s.timeout = ic.timeout
+	ic.meter = &s.meter
+	rd := newMsgReader(ic)
+	hello, err := s.greet(rd)
+	if err != nil {
+		lingerClose(ic)
+		return nil, err
+	}
+	return &pending{s: s, rd: rd, hello: hello, peer: peer}, nil
+}
+
+// certNames lists a certificate's DNS and URI names, for the log.
+func certNames(c *x509.Certificate) string {
+	names := append([]string(nil), c.DNSNames...)
+	for _, u := range c.URIs {
+		names = append(names, u.String())
+	}
+	return strings.Join(names, ",")
+}
+
+// Serve accepts primaries on ln and serves one session at a time, as the
+// comment at the top of serve.go says. When a primary is lost after its
+// first checkpoint, Serve fails over and returns what it did. It returns
+// ErrPrimaryStopped when a primary that reached a checkpoint stopped on
+// purpose, ctx's error when ctx ends, and an error from accept or the
+// backup's own failures (its memory, its sink). With BackupConfig.Once it
+// returns after the first session whatever its end, as Handle does (an
+// error wrapping ErrNoCheckpoint for a primary lost too early). Serve
+// closes ln when it returns.
+func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait() // last: the accept loop and every handshake end with ctx
+	defer cancel()
+	context.AfterFunc(ctx, func() { ln.Close() })
+	ready := make(chan *pending)
+	acceptErr := make(chan error, 1)
+	slots := make(chan struct{}, b.maxHandshakes())
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		acceptErr <- b.accept(ctx, ln, slots, ready, &wg)
+	}()
+	type result struct {
+		fo  *Failover
+		err error
+		pc  *pending
+	}
+	done := make(chan result, 1)
+	running := false
+	for {
+		select {
+		case err := <-acceptErr:
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, fmt.Errorf("accept primary: %w", err)
+		case pc := <-ready:
+			if running {
+				b.counts.busy.Add(1)
+				b.log.Warn("refused connection: a session is running", "from", pc.s.conn.RemoteAddr(), "peer", pc.peer)
+				go func() {
+					pc.s.reject(protoErr("this backup is serving another primary"))
+					lingerClose(pc.s.conn)
+					pc.s.conn.Close()
+				}()
+				continue
+			}
+			running = true
+			b.counts.sessions.Add(1)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				fo, err := b.runSession(ctx, pc)
+				done <- result{fo, err, pc}
+			}()
+		case r := <-done:
+			running = false
+			if b.cfg.Once || ctx.Err() != nil || !b.early(r.err) {
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				return r.fo, r.err
+			}
+			b.counts.early.Add(1)
+			b.log.Warn("session ended before its first checkpoint; waiting for the next primary",
+				"from", r.pc.s.conn.RemoteAddr(), "peer", r.pc.peer, "err", r.err)
+		}
+	}
+}
+
+// early reports whether a session's end (runSession's error) leaves nothing
+// to fail over or stop for: refused, or ended before its first checkpoint.
+func (b *Backup) early(err error) bool {
+	if errors.Is(err, ErrProtocol) || errors.Is(err, ErrNoCheckpoint) {
+		return true
+	}
+	if errors.Is(err, ErrPrimaryStopped) {
+		epoch, _ := b.LastCheckpoint()
+		return epoch == 0
+	}
+	return false
+}
+
+// accept accepts connections until ln fails (or ctx ends and closes it),
+// starting a handshake for each while a slot is free and closing the rest.
+func (b *Backup) accept(ctx context.Context, ln net.Listener, slots chan struct{}, ready chan<- *pending, wg *sync.WaitGroup) error {
+	var backoff time.Duration
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if ctx.Err() == nil && errors.As(err, &ne) && ne.Timeout() || isTemporary(err) {
+				// Out of descriptors, most likely: wait for some to close.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				b.log.Warn("accept", "err", err, "retry-in", backoff)
+				select {
+				case <-time.After(backoff):
+					continue
+				case <-ctx.Done():
+				}
+			}
+			return err
+		}
+		backoff = 0
+		b.counts.accepted.Add(1)
+		select {
+		case slots <- struct{}{}:
+		default:
+			b.counts.full.Add(1)
+			b.log.Warn("refused connection: too many in their handshake", "from", conn.RemoteAddr(), "max", cap(slots))
+			conn.Close()
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			stop := context.AfterFunc(ctx, func() { conn.Close() })
+			pc, err := b.handshake(ctx, conn)
+			<-slots
+			if err != nil {
+				stop()
+				conn.Close()
+				if ctx.Err() == nil {
+					b.counts.failed.Add(1)
+					b.log.Warn("refused connection", "from", conn.RemoteAddr(), "err", err)
+				}
+				return
+			}
+			select {
+			case ready <- pc:
+				stop()
+			case <-ctx.Done():
+				conn.Close()
+			}
+		}()
+	}
+}
+
+// isTemporary reports whether an accept error is worth retrying: the
+// process or the system out of descriptors, or a connection aborted before
+// it was accepted.
+func isTemporary(err error) bool {
+	var errno interface{ Temporary() bool }
+	return errors.As(err, &errno) && errno.Temporary()
+}
