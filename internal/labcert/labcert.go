@@ -72,10 +72,10 @@ func (o Options) withDefaults() (Options, error) {
 	if o.Validity < 0 {
 		return o, fmt.Errorf("validity %v: must not be negative", o.Validity)
 	}
-	if err := checkName(o.PrimaryName); err != nil {
+	if err := CheckName(o.PrimaryName); err != nil {
 		return o, fmt.Errorf("primary name: %w", err)
 	}
-	if err := checkName(o.BackupName); err != nil {
+	if err := CheckName(o.BackupName); err != nil {
 		return o, fmt.Errorf("backup name: %w", err)
 	}
 	if o.PrimaryName == o.BackupName {
@@ -84,8 +84,10 @@ func (o Options) withDefaults() (Options, error) {
 	return o, nil
 }
 
-// checkName reports what is wrong with name as an end's name.
-func checkName(name string) error {
+// CheckName reports what is wrong with name as the name of an end, as
+// Generate checks Options.PrimaryName and Options.BackupName: it must be a
+// host name in lower case, and not localhost.
+func CheckName(name string) error {
 	if name == "localhost" {
 		return errors.New(`"localhost" does not identify an end: both certificates carry it`)
 	}
