@@ -43,6 +43,7 @@ func commands() []command {
 		{"backup", "receive a primary's checkpoints; resume the VM if the primary is lost", runBackup},
 		{"bench", "measure replication: guest throughput, pauses, bytes, failover time", runBench},
 		{"vm", "run the test VM, optionally saving or restoring a snapshot", runVM},
+		{"certs", "make a lab CA and certificates for TLS between a primary and a backup", runCerts},
 	}
 }
 
