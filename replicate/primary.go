@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -118,6 +119,12 @@ type Config struct {
 	OnSync func(SyncProgress)
 	// VMM names the VMM to the backup, for its messages.
 	VMM string
+	// TLS, when set, is the client side of the TLS session Run opens on its
+	// connection before anything else: protect.LoadTLS makes one that
+	// presents the primary's certificate and verifies the backup's. A
+	// backup that refuses the certificate makes Run return a
+	// *RefusedError naming the TLS alert.
+	TLS *tls.Config
 	// Log receives the engine's messages; nil means slog.Default().
 	Log *slog.Logger
 }
@@ -312,6 +319,14 @@ func (p *Primary) Interval() time.Duration { return p.cfg.Interval }
 // the gates and returns that error. Run is for one session: make a new
 // Primary for the next.
 func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
+	if p.cfg.TLS != nil {
+		tc, err := tlsClient(ctx, conn, p.cfg.TLS, max(p.cfg.HeartbeatTimeout, DefaultHandshakeTimeout))
+		if err != nil {
+			conn.Close()
+			return err
+		}
+		conn = tc
+	}
 	p.conn = &idleConn{Conn: conn, timeout: p.cfg.HeartbeatTimeout}
 	p.conn.alive = p.backupWorking
 	p.backupProgressed() // a new connection: the backup is as alive as the timeout allows
@@ -445,6 +460,11 @@ func (p *Primary) handshake() error {
 		}
 		h, payload, err := p.rd.ReadMsg()
 		if err != nil {
+			if alert := tlsAlert(err); alert != "" {
+				// TLS 1.3 finishes the client's handshake before the
+				// backup checks its certificate: a refusal arrives here.
+				return &RefusedError{Reason: "TLS: " + alert}
+			}
 			if isTimeout(err) {
 				err = fmt.Errorf("no answer in %v: %w", p.cfg.HeartbeatTimeout, err)
 			}

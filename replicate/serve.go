@@ -90,6 +90,13 @@ func (b *Backup) handshake(ctx context.Context, conn net.Conn) (*pending, error)
 		err := tc.HandshakeContext(hctx)
 		cancel()
 		if err != nil {
+			var rh tls.RecordHeaderError
+			if errors.As(err, &rh) && rh.Conn != nil {
+				// Not TLS: most likely a primary without TLS, which reads
+				// a reject in its own protocol.
+				rh.Conn.Write(encodeMsg(nil, MsgReject, 0, appendReject(nil,
+					"it speaks TLS only: give the primary the link's TLS certificate, key and CA (--tls-cert, --tls-key, --tls-ca)")))
+			}
 			return nil, fmt.Errorf("%w: TLS handshake: %w", ErrProtocol, err)
 		}
 		if certs := tc.ConnectionState().PeerCertificates; len(certs) > 0 {
@@ -264,4 +271,31 @@ func (b *Backup) accept(ctx context.Context, ln net.Listener, slots chan struct{
 func isTemporary(err error) bool {
 	var errno interface{ Temporary() bool }
 	return errors.As(err, &errno) && errno.Temporary()
+}
+
+// tlsClient opens a TLS session on conn within timeout.
+func tlsClient(ctx context.Context, conn net.Conn, cfg *tls.Config, timeout time.Duration) (*tls.Conn, error) {
+	tc := tls.Client(conn, cfg)
+	until := time.Now().Add(timeout)
+	conn.SetDeadline(until)
+	hctx, cancel := context.WithDeadline(ctx, until)
+	defer cancel()
+	if err := tc.HandshakeContext(hctx); err != nil {
+		if alert := tlsAlert(err); alert != "" {
+			return nil, &RefusedError{Reason: "TLS: " + alert}
+		}
+		return nil, fmt.Errorf("TLS handshake with the backup: %w", err)
+	}
+	conn.SetDeadline(time.Time{})
+	return tc, nil
+}
+
+// tlsAlert returns the alert of a TLS error the peer sent ("bad
+// certificate"), or "" for any other error.
+func tlsAlert(err error) string {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "remote error" {
+		return strings.TrimPrefix(op.Err.Error(), "tls: ")
+	}
+	return ""
 }

@@ -134,6 +134,8 @@ type backupFlags struct {
 	tap              string
 	disk             string
 	metrics          string
+	tls              tlsFlags
+	insecure, once   bool
 }
 
 func newBackupFlags() *backupFlags {
@@ -152,6 +154,9 @@ func newBackupFlags() *backupFlags {
 	fs.StringVar(&f.tap, "tap", "", "at failover, give the resumed guest's network device the tap called `name` (opened in this process's network namespace) and announce its MAC and IP there")
 	fs.StringVar(&f.disk, "disk", "", "the backup's disk image `file`, required when the primary has --disk and of the same size: kept equal to the primary's disk at the checkpoint held, it is the resumed guest's disk at failover (checked first against the guest's records when it runs the disk workload)")
 	fs.StringVar(&f.metrics, "metrics", "", agent.MetricsHelp)
+	f.tls.register(fs, "the primary")
+	fs.BoolVar(&f.insecure, "insecure", false, "serve a --listen address other hosts can reach without TLS: anyone who reaches it can then feed this backup a VM to resume, or replace the replica it protects")
+	fs.BoolVar(&f.once, "once", false, "exit after the first session however it ends (exit 3 if the primary was lost before its first checkpoint); by default a session that ends before its first checkpoint leaves the backup waiting for the next primary")
 	return f
 }
 
@@ -205,6 +210,14 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*agent.BackupJob,
 			return nil, err
 		}
 	}
+	tl, err := f.tls.load()
+	if err != nil {
+		return nil, err
+	}
+	if tl == nil && !f.insecure && !loopbackOnly(f.listen) {
+		return nil, usagef("--listen %s is reachable from other hosts, and without TLS anyone who reaches it can feed this backup a VM to resume or replace its replica: give --tls-cert, --tls-key and --tls-ca (repagent certs DIR makes a lab set), listen on a loopback address, or accept that with --insecure", f.listen)
+	}
+	o.TLS, o.Once = serverTLS(tl), f.once
 	flt, err := parseFault(faultEnv, killPID, backupFaultPoints)
 	if err != nil {
 		return nil, err

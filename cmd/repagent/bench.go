@@ -169,7 +169,7 @@ type benchFlags struct {
 	quiet, noNet, noDisk        bool
 	diskSize, diskSyncSize      string
 	failoverSizes, syncSizes    string
-	noSync, noCapture           bool
+	noSync, noCapture, noLink   bool
 }
 
 func newBenchFlags() *benchFlags {
@@ -187,6 +187,7 @@ func newBenchFlags() *benchFlags {
 		"comma-separated guest memory `sizes` of the failover primaries (a size that does not fit in free memory is skipped)")
 	fs.BoolVar(&f.noSync, "no-sync", false, "skip the large guest's initial sync section")
 	fs.BoolVar(&f.noCapture, "no-capture", false, "skip the capture section (eager, lazy and auto capture side by side)")
+	fs.BoolVar(&f.noLink, "no-link", false, "skip the link section (plaintext and TLS side by side)")
 	fs.StringVar(&f.syncSizes, "sync-sizes", "1G,4G",
 		"comma-separated guest memory `sizes` of the initial sync section (a size that does not fit in free memory is skipped)")
 	fs.StringVar(&f.dirtyTrack, "dirty-track", "auto",
@@ -212,7 +213,7 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 		return nil, err
 	}
 	o := &benchOptions{Options: bench.Options{VCPUs: f.vcpus, ModeTime: f.modeTime, Failovers: f.failovers,
-		HeartbeatTimeout: f.heartbeatTimeout, Net: !f.noNet, Disk: !f.noDisk, Capture: !f.noCapture, EchoRate: f.echoRate, StreamRate: f.streamRate,
+		HeartbeatTimeout: f.heartbeatTimeout, Net: !f.noNet, Disk: !f.noDisk, Capture: !f.noCapture, Link: !f.noLink, EchoRate: f.echoRate, StreamRate: f.streamRate,
 		Quiet: f.quiet, VMM: agent.VMMName}, json: f.json}
 	var err error
 	if o.Mem, err = parseSize(f.mem); err != nil {

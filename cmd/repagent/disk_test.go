@@ -74,7 +74,7 @@ func TestDiskOptions(t *testing.T) {
 	if err != nil || v.Guest.Disk == nil || v.Guest.Disk.Blocks != 16384 || v.Disk != good || !v.Changed["disk"] {
 		t.Errorf("vm --disk: %v, %+v", err, v)
 	}
-	b, err := parseBackupArgs([]string{"--listen", ":1", "--disk", good}, "", "")
+	b, err := parseBackupArgs([]string{"--listen", "127.0.0.1:1", "--disk", good}, "", "")
 	if err != nil || b.Disk != good {
 		t.Errorf("backup --disk: %v, %+v", err, b)
 	}
@@ -105,8 +105,8 @@ func TestDiskOptions(t *testing.T) {
 		{"vm not a multiple", "vm", []string{"--disk", odd, "--workload", "disk"}, notMultiple},
 		{"vm disk workload without disk", "vm", []string{"--workload", "disk"}, "--workload disk needs a block device"},
 		{"vm table too large", "vm", []string{"--disk", big, "--workload", "disk", "--mem", "8M", "--vcpus", "4"}, "disk working set of 262144 blocks needs a 2MiB version table"},
-		{"backup missing", "backup", []string{"--listen", ":1", "--disk", missing}, "no such file"},
-		{"backup not a multiple", "backup", []string{"--listen", ":1", "--disk", odd}, notMultiple},
+		{"backup missing", "backup", []string{"--listen", "127.0.0.1:1", "--disk", missing}, "no such file"},
+		{"backup not a multiple", "backup", []string{"--listen", "127.0.0.1:1", "--disk", odd}, notMultiple},
 		{"job disk workload without disk", "", []string{"--workload", "disk", "--no-disk"}, "--no-disk: the disk workload needs the job's disk"},
 		{"job has no --disk", "", []string{"--disk", good}, "unknown flag: --disk"},
 	} {
@@ -384,7 +384,12 @@ func TestKillPrimaryDisk(t *testing.T) {
 		c.after = time.Duration(rng.Int64N(int64(1500 * time.Millisecond)))
 		c.junk = junkImage(t, bimg, size, rng)
 		c.capture = []string{"eager", "lazy", "auto"}[i%3] // the device's DMA into guest memory races lazy capture
-		t.Run(fmt.Sprintf("kill%d-%s", i, c.capture), func(t *testing.T) {
+		c.tls = i%2 == 1
+		name := fmt.Sprintf("kill%d-%s", i, c.capture)
+		if c.tls {
+			name += "-tls"
+		}
+		t.Run(name, func(t *testing.T) {
 			ran++
 			if c.run(t, bin, pimg, bimg) {
 				resumed++
@@ -447,6 +452,7 @@ type diskKill struct {
 	atMost   uint64         // with fault: the newest epoch the backup may resume
 	junk     map[int64]bool // the sync blocks of the backup image junk hit
 	capture  string         // the primary's --capture
+	tls      bool           // replicate over TLS (labTLSArgs)
 }
 
 // run kills a primary as the case says and checks the failover. It reports
@@ -454,7 +460,12 @@ type diskKill struct {
 func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	addr := freeAddr(t)
-	backup := exec.Command(bin, "backup", "--listen", addr, "--disk", bimg, "--run-after-failover", "1s", "--heartbeat-timeout", "5s", "--verify-replica")
+	var backupTLS, primaryTLS []string
+	if c.tls {
+		backupTLS, primaryTLS = labTLSArgs(t)
+	}
+	backup := exec.Command(bin, append([]string{"backup", "--listen", addr, "--disk", bimg, "--run-after-failover", "1s", "--heartbeat-timeout", "5s",
+		"--verify-replica", "--once"}, backupTLS...)...)
 	bout := &procout.Buffer{}
 	backup.Stdout, backup.Stderr = bout, bout
 	if err := backup.Start(); err != nil {
@@ -462,9 +473,9 @@ func (c diskKill) run(t *testing.T, bin, pimg, bimg string) bool {
 	}
 	defer func() { backup.Process.Kill(); backup.Wait() }()
 
-	primary := exec.Command(bin, "primary", "--backup", addr, "--disk", pimg, "--workload", "disk", "--mem", "32M",
+	primary := exec.Command(bin, append([]string{"primary", "--backup", addr, "--disk", pimg, "--workload", "disk", "--mem", "32M",
 		"--interval", c.interval, "--rate", strconv.FormatUint(c.rate, 10), "--stats", stats, "--heartbeat-timeout", "5s",
-		"--capture", c.capture, "--capture-calibration", "1ms") // auto lazy by the kill
+		"--capture", c.capture, "--capture-calibration", "1ms"}, primaryTLS...)...) // auto lazy by the kill
 	primary.Env = os.Environ()
 	if c.fault != "" {
 		primary.Env = append(primary.Env, "REPAGENT_FAULT="+c.fault)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/internal/agent"
+	"github.com/repagent/repagent/internal/labcert"
 	"github.com/repagent/repagent/internal/privileged"
 	"github.com/repagent/repagent/internal/procout"
 	"github.com/repagent/repagent/testvm"
@@ -118,6 +119,11 @@ func TestKillPrimary(t *testing.T) {
 			k++
 		}
 	}
+	// Every other case replicates over TLS, so the kills cut TLS sessions
+	// as well as plaintext ones.
+	for i := range cases {
+		cases[i].tls = i%2 == 1
+	}
 	resumed, ran := 0, 0
 	for _, c := range cases {
 		t.Run(c.name(), func(t *testing.T) {
@@ -144,6 +150,7 @@ type killCase struct {
 	fault       string        // REPAGENT_FAULT, for the primary or (backupFault) the backup
 	backupFault bool          // the backup kills the primary, in its apply
 	after       time.Duration // no fault: kill the primary after this long
+	tls         bool          // replicate over TLS (labTLSArgs)
 	atMost      uint64        // the newest epoch the backup may resume (0: no bound but the primary's)
 	atLeast     uint64        // the oldest epoch the backup may resume (0: no bound but the primary's)
 }
@@ -155,6 +162,9 @@ func (c killCase) name() string {
 	}
 	if c.capture != "" && c.capture != "eager" {
 		wl += "-" + c.capture
+	}
+	if c.tls {
+		wl += "-tls"
 	}
 	if c.fault == "" {
 		return fmt.Sprintf("%s/after=%v", wl, c.after.Round(time.Millisecond))
@@ -195,6 +205,12 @@ func (c killCase) run(t *testing.T, bin string) bool {
 		// threshold would end the sync before round 1 and its fault.
 		primaryArgs = append(primaryArgs, "--sync-threshold", "1")
 	}
+	var backupTLS []string
+	if c.tls {
+		var primaryTLS []string
+		backupTLS, primaryTLS = labTLSArgs(t)
+		primaryArgs = append(primaryArgs, primaryTLS...)
+	}
 	primary := exec.Command(bin, primaryArgs...)
 	pout := &procout.Buffer{}
 	primary.Stdout, primary.Stderr = pout, pout
@@ -207,7 +223,8 @@ func (c killCase) run(t *testing.T, bin string) bool {
 	}
 	defer primary.Process.Kill()
 
-	backup := exec.Command(bin, "backup", "--listen", addr, "--run-after-failover", "500ms", "--heartbeat-timeout", "5s", "--verify-replica")
+	backup := exec.Command(bin, append([]string{"backup", "--listen", addr, "--run-after-failover", "500ms", "--heartbeat-timeout", "5s",
+		"--verify-replica", "--once"}, backupTLS...)...)
 	backup.Env = os.Environ()
 	if c.backupFault {
 		backup.Env = append(backup.Env, "REPAGENT_FAULT="+c.fault, fmt.Sprintf("REPAGENT_FAULT_KILL_PID=%d", primary.Process.Pid))
@@ -379,4 +396,19 @@ func exitCode(err error) int {
 		return -1
 	}
 	return 0
+}
+
+// labTLSArgs makes a lab PKI (repagent certs) in a temporary directory and
+// returns the backup's and the primary's TLS flags over it, each end
+// allowing only the other's name.
+func labTLSArgs(t *testing.T) (backup, primary []string) {
+	t.Helper()
+	dir := t.TempDir()
+	f, err := labcert.Write(dir, labcert.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	backup = []string{"--tls-cert", f.BackupCert, "--tls-key", f.BackupKey, "--tls-ca", f.CACert, "--tls-allow", labcert.DefaultPrimaryName}
+	primary = []string{"--tls-cert", f.PrimaryCert, "--tls-key", f.PrimaryKey, "--tls-ca", f.CACert, "--tls-allow", labcert.DefaultBackupName}
+	return backup, primary
 }

@@ -90,17 +90,27 @@ func TestKillPrimaryNetwork(t *testing.T) {
 		after, extra := 20+rng.IntN(380), time.Duration(rng.IntN(50))*time.Millisecond
 		interval := []string{"10ms", "20ms", "50ms"}[rng.IntN(3)]
 		capture := []string{"eager", "lazy", "auto"}[i%3] // the network device's DMA races lazy capture
-		t.Run(fmt.Sprintf("kill%d-%s", i, capture), func(t *testing.T) { netKillOnce(t, bin, lan, cli, after, extra, interval, capture) })
+		tls := i%2 == 1                                   // every other kill cuts a TLS session
+		name := fmt.Sprintf("kill%d-%s", i, capture)
+		if tls {
+			name += "-tls"
+		}
+		t.Run(name, func(t *testing.T) { netKillOnce(t, bin, lan, cli, after, extra, interval, capture, tls) })
 	}
 }
 
-func netKillOnce(t *testing.T, bin string, lan, cli *nettest.Namespace, after int, extra time.Duration, interval, capture string) {
-	backup, bl, berr, addr := startBackupCmd(t, lan.Command(bin, "backup", "--listen", "127.0.0.1:0", "--tap", "tb",
-		"--run-after-failover", "2s", "--heartbeat-timeout", "5s"))
+func netKillOnce(t *testing.T, bin string, lan, cli *nettest.Namespace, after int, extra time.Duration, interval, capture string, tls bool) {
+	var backupTLS, primaryTLS []string
+	if tls {
+		backupTLS, primaryTLS = labTLSArgs(t)
+	}
+	backup, bl, berr, addr := startBackupCmd(t, lan.Command(bin, append([]string{"backup", "--listen", "127.0.0.1:0", "--tap", "tb",
+		"--run-after-failover", "2s", "--heartbeat-timeout", "5s", "--once"}, backupTLS...)...))
 	var pout bytes.Buffer
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	primary := lan.Command(bin, "primary", "--backup", addr, "--tap", "tp", "--workload", "udp-stream", "--stream-rate", "2000",
 		"--mem", "32M", "--interval", interval, "--heartbeat-timeout", "5s", "--quiet", "--stats", stats, "--audit-every", "1", "--capture", capture, "--capture-calibration", "1ms")
+	primary.Args = append(primary.Args, primaryTLS...)
 	primary.Stdout, primary.Stderr = &pout, &pout
 	if err := primary.Start(); err != nil {
 		t.Fatal(err)

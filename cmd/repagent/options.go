@@ -147,6 +147,7 @@ type jobFlags struct {
 	noNet      bool
 	clientRate int
 	noDisk     bool
+	tls        bool
 }
 
 func newJobFlags() *jobFlags {
@@ -161,6 +162,7 @@ func newJobFlags() *jobFlags {
 func (f *jobFlags) registerJob() {
 	f.fs.BoolVar(&f.noNet, "no-net", false, "do not build the job's own network (namespaces, bridge, tap, client): no output commit")
 	f.fs.IntVar(&f.clientRate, "client-rate", 200, "the job's client: UDP echo requests per second to the guest")
+	f.fs.BoolVar(&f.tls, "tls", false, "replicate over TLS 1.3 with mutual authentication, as primary and backup on two hosts would, with certificates made in memory (default: plaintext on the job's loopback link)")
 	f.fs.BoolVar(&f.noDisk, "no-disk", false, fmt.Sprintf("do not give the guest a block device: by default it has a %s disk whose writes are mirrored to the backup (temporary primary and backup images, removed at exit; --workload disk writes it)",
 		testvm.FormatSize(agent.JobDiskSize)))
 }
@@ -201,7 +203,7 @@ func parseJobArgs(args []string) (*agent.Job, error) {
 	if f.noNet && cfg.Net != nil {
 		return nil, usagef("--no-net: the guest's network workload or service needs the job's network")
 	}
-	return &agent.Job{Guest: cfg, Repl: repl, Net: !f.noNet, ClientRate: f.clientRate, Disk: !f.noDisk}, nil
+	return &agent.Job{Guest: cfg, Repl: repl, Net: !f.noNet, ClientRate: f.clientRate, Disk: !f.noDisk, TLS: f.tls}, nil
 }
 
 // configs checks the guest and replication flags, once parsed.
@@ -219,12 +221,14 @@ type primaryFlags struct {
 	jobFlags
 	backup         string
 	connectTimeout time.Duration
+	tls            tlsFlags
 }
 
 func newPrimaryFlags() *primaryFlags {
 	f := &primaryFlags{jobFlags: jobFlags{fs: newFlagSet("primary")}}
 	f.fs.StringVar(&f.backup, "backup", "", "the backup's `host:port` (repagent backup --listen); required")
 	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach the backup")
+	f.tls.register(f.fs, "the backup")
 	f.guestFlags.register(f.fs)
 	f.guestFlags.registerDisk(f.fs, "its writes are mirrored to the backup, whose --disk must be an image of the same size")
 	f.replFlags.register(f.fs)
@@ -259,6 +263,11 @@ func parsePrimaryArgs(args []string, faultEnv string) (*agent.PrimaryJob, error)
 	if err != nil {
 		return nil, err
 	}
+	tl, err := f.tls.load()
+	if err != nil {
+		return nil, err
+	}
+	repl.TLS = clientTLS(tl)
 	return &agent.PrimaryJob{Guest: cfg, Repl: repl, Backup: f.backup, ConnectTimeout: f.connectTimeout, Fault: flt}, nil
 }
 

@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -198,6 +200,34 @@ func TestParseFault(t *testing.T) {
 	}
 }
 
+// A backup other hosts can reach serves plaintext only with --insecure, and
+// with TLS files that load it serves TLS.
+func TestBackupArgsTLS(t *testing.T) {
+	o, err := parseBackupArgs([]string{"--listen", ":7070", "--insecure", "--once"}, "", "")
+	if err != nil || o.TLS != nil || !o.Once {
+		t.Fatalf("--insecure --once: %+v, %v", o, err)
+	}
+	for _, l := range []string{"127.0.0.1:7070", "[::1]:7070", "localhost:7070"} {
+		if _, err := parseBackupArgs([]string{"--listen", l}, "", ""); err != nil {
+			t.Errorf("--listen %s without TLS: %v; loopback needs no TLS", l, err)
+		}
+	}
+	dir := t.TempDir()
+	if code := run([]string{"certs", dir}, io.Discard, io.Discard); code != 0 {
+		t.Fatalf("certs: exit %d", code)
+	}
+	o, err = parseBackupArgs([]string{"--listen", ":7070", "--tls-cert", dir + "/backup.crt", "--tls-key", dir + "/backup.key",
+		"--tls-ca", dir + "/ca.crt", "--tls-allow", "primary"}, "", "")
+	if err != nil || o.TLS == nil || o.TLS.MinVersion != tls.VersionTLS13 {
+		t.Fatalf("TLS: %+v, %v", o, err)
+	}
+	p, err := parsePrimaryArgs([]string{"--backup", "10.0.0.1:7070", "--tls-cert", dir + "/primary.crt", "--tls-key", dir + "/primary.key",
+		"--tls-ca", dir + "/ca.crt", "--tls-allow", "backup"}, "")
+	if err != nil || p.Repl.TLS == nil {
+		t.Fatalf("primary TLS: %+v, %v", p, err)
+	}
+}
+
 func TestBackupArgs(t *testing.T) {
 	o, err := parseBackupArgs([]string{"--listen", "127.0.0.1:0"}, "", "")
 	if err != nil {
@@ -206,7 +236,7 @@ func TestBackupArgs(t *testing.T) {
 	if o.Listen != "127.0.0.1:0" || o.ExpectMem != 0 || o.RunAfter != 0 || o.HeartbeatTimeout != 0 || o.Fault != nil {
 		t.Errorf("defaults: %+v", o)
 	}
-	o, err = parseBackupArgs([]string{"--listen", ":7070", "--expect-mem", "64M", "--expect-vcpus", "2",
+	o, err = parseBackupArgs([]string{"--listen", "127.0.0.1:7070", "--expect-mem", "64M", "--expect-vcpus", "2",
 		"--heartbeat-timeout", "2s", "--run-after-failover", "1s", "--skip-verify", "--quiet"}, "apply:3", "99")
 	if err != nil {
 		t.Fatal(err)
@@ -223,18 +253,23 @@ func TestBackupArgs(t *testing.T) {
 	}{
 		{"no listen", nil, "", "", "--listen is required"},
 		{"listen without port", []string{"--listen", "localhost"}, "", "", "--listen localhost: address localhost: missing port"},
-		{"mem without vcpus", []string{"--listen", ":1", "--expect-mem", "64M"}, "", "", "--expect-mem and --expect-vcpus go together"},
-		{"vcpus without mem", []string{"--listen", ":1", "--expect-vcpus", "2"}, "", "", "--expect-mem and --expect-vcpus go together"},
-		{"bad expect-mem", []string{"--listen", ":1", "--expect-mem", "4M", "--expect-vcpus", "1"}, "", "", "--expect-mem: "},
-		{"bad expect-vcpus", []string{"--listen", ":1", "--expect-mem", "64M", "--expect-vcpus", "0"}, "", "", "--expect-vcpus 0: want 1 to 4"},
-		{"negative run-after", []string{"--listen", ":1", "--run-after-failover", "-1s"}, "", "", "--run-after-failover -1s: must not be negative"},
-		{"fault without pid", []string{"--listen", ":1"}, "apply:3", "", `REPAGENT_FAULT="apply:3" needs REPAGENT_FAULT_KILL_PID`},
-		{"fault bad pid", []string{"--listen", ":1"}, "apply:3", "me", `REPAGENT_FAULT_KILL_PID="me": want a process id`},
-		{"fault primary point", []string{"--listen", ":1"}, "sent:3", "", `unknown point "sent" here (want POINT:N with POINT one of apply)`},
-		{"empty tap", []string{"--listen", ":1", "--tap", ""}, "", "", `--tap "": not a network interface name`},
-		{"long tap", []string{"--listen", ":1", "--tap", "abcdefghijklmnop"}, "", "", `--tap "abcdefghijklmnop": not a network interface name`},
-		{"tap with slash", []string{"--listen", ":1", "--tap", "a/b"}, "", "", `--tap "a/b": not a network interface name`},
-		{"metrics without port", []string{"--listen", ":1", "--metrics", "localhost"}, "", "", "--metrics localhost: address localhost: missing port in address"},
+		{"mem without vcpus", []string{"--listen", "127.0.0.1:1", "--expect-mem", "64M"}, "", "", "--expect-mem and --expect-vcpus go together"},
+		{"vcpus without mem", []string{"--listen", "127.0.0.1:1", "--expect-vcpus", "2"}, "", "", "--expect-mem and --expect-vcpus go together"},
+		{"bad expect-mem", []string{"--listen", "127.0.0.1:1", "--expect-mem", "4M", "--expect-vcpus", "1"}, "", "", "--expect-mem: "},
+		{"bad expect-vcpus", []string{"--listen", "127.0.0.1:1", "--expect-mem", "64M", "--expect-vcpus", "0"}, "", "", "--expect-vcpus 0: want 1 to 4"},
+		{"negative run-after", []string{"--listen", "127.0.0.1:1", "--run-after-failover", "-1s"}, "", "", "--run-after-failover -1s: must not be negative"},
+		{"fault without pid", []string{"--listen", "127.0.0.1:1"}, "apply:3", "", `REPAGENT_FAULT="apply:3" needs REPAGENT_FAULT_KILL_PID`},
+		{"fault bad pid", []string{"--listen", "127.0.0.1:1"}, "apply:3", "me", `REPAGENT_FAULT_KILL_PID="me": want a process id`},
+		{"fault primary point", []string{"--listen", "127.0.0.1:1"}, "sent:3", "", `unknown point "sent" here (want POINT:N with POINT one of apply)`},
+		{"empty tap", []string{"--listen", "127.0.0.1:1", "--tap", ""}, "", "", `--tap "": not a network interface name`},
+		{"long tap", []string{"--listen", "127.0.0.1:1", "--tap", "abcdefghijklmnop"}, "", "", `--tap "abcdefghijklmnop": not a network interface name`},
+		{"tap with slash", []string{"--listen", "127.0.0.1:1", "--tap", "a/b"}, "", "", `--tap "a/b": not a network interface name`},
+		{"metrics without port", []string{"--listen", "127.0.0.1:1", "--metrics", "localhost"}, "", "", "--metrics localhost: address localhost: missing port in address"},
+		{"reachable without TLS", []string{"--listen", ":7070"}, "", "", "--listen :7070 is reachable from other hosts, and without TLS"},
+		{"reachable on an address", []string{"--listen", "10.0.0.1:7070"}, "", "", "or accept that with --insecure"},
+		{"TLS cert alone", []string{"--listen", ":7070", "--tls-cert", "c.pem"}, "", "", "TLS needs --tls-cert, --tls-key and --tls-ca together"},
+		{"TLS allow alone", []string{"--listen", "127.0.0.1:1", "--tls-allow", "primary"}, "", "", "TLS needs --tls-cert, --tls-key and --tls-ca together"},
+		{"TLS files missing", []string{"--listen", ":7070", "--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem", "--tls-ca", "/nonexistent/ca.pem"}, "", "", "/nonexistent/"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parseBackupArgs(tc.args, tc.fault, tc.pi)

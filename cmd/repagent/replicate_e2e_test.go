@@ -20,6 +20,7 @@ import (
 
 	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/procout"
 	"github.com/repagent/repagent/internal/vmtest"
 )
 
@@ -133,20 +134,20 @@ type lineReader struct {
 // startBackup starts `repagent backup --listen 127.0.0.1:0 args...`, killed
 // when the test ends, and returns it, its stdout lines, its stderr and the
 // address it says it listens on.
-func startBackup(ctx context.Context, t *testing.T, bin string, args ...string) (*exec.Cmd, *lineReader, *bytes.Buffer, string) {
+func startBackup(ctx context.Context, t *testing.T, bin string, args ...string) (*exec.Cmd, *lineReader, *procout.Buffer, string) {
 	t.Helper()
 	return startBackupCmd(t, exec.CommandContext(ctx, bin, append([]string{"backup", "--listen", "127.0.0.1:0"}, args...)...))
 }
 
 // startBackupCmd is startBackup for a backup command made by the caller (in a
 // network namespace, say).
-func startBackupCmd(t *testing.T, backup *exec.Cmd) (*exec.Cmd, *lineReader, *bytes.Buffer, string) {
+func startBackupCmd(t *testing.T, backup *exec.Cmd) (*exec.Cmd, *lineReader, *procout.Buffer, string) {
 	t.Helper()
 	bout, err := backup.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	berr := &bytes.Buffer{}
+	berr := &procout.Buffer{} // read while the backup runs
 	backup.Stderr = berr
 	if err := backup.Start(); err != nil {
 		t.Fatal(err)

@@ -34,13 +34,16 @@ func TestSlowLinkProtected(t *testing.T) {
 		t.Fatalf("tc qdisc add tbf: %v: %s", err, out)
 	}
 
-	backup, bl, berr, addr := startBackupCmd(t, bns.Command(bin, "backup", "--listen", "10.78.0.2:0",
-		"--run-after-failover", "500ms", "--heartbeat-timeout", "2s", "--verify-replica"))
+	// Two hosts: the link is TLS, as it would be between them.
+	backupTLS, primaryTLS := labTLSArgs(t)
+	backup, bl, berr, addr := startBackupCmd(t, bns.Command(bin, append([]string{"backup", "--listen", "10.78.0.2:0",
+		"--run-after-failover", "500ms", "--heartbeat-timeout", "2s", "--verify-replica"}, backupTLS...)...))
 	stats := filepath.Join(t.TempDir(), "stats.jsonl")
 	var pout bytes.Buffer
 	const interval = 100 * time.Millisecond
 	primary := pns.Command(bin, "primary", "--backup", addr, "--mem", "64M", "--workload", "dirty", "--rate", "20000",
 		"--interval", interval.String(), "--heartbeat-timeout", "2s", "--stats", stats, "--quiet")
+	primary.Args = append(primary.Args, primaryTLS...)
 	primary.Stdout, primary.Stderr = &pout, &pout
 	if err := primary.Start(); err != nil {
 		t.Fatal(err)

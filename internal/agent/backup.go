@@ -167,6 +167,8 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 		HeartbeatTimeout: o.HeartbeatTimeout,
 		VerifyReplica:    o.VerifyReplica,
 		Log:              log,
+		TLS:              o.TLS,
+		Once:             o.Once,
 	}
 	pc := protect.BackupConfig{Tap: o.Tap, OnAnnounce: func(tap string, mac net.HardwareAddr, ip netip.Addr, err error) {
 		if err != nil {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"crypto/tls"
 	"fmt"
 	"os"
 	"time"
@@ -20,6 +21,7 @@ type Repl struct {
 	CopyThreads      int
 	Capture          replicate.Capture
 	CaptureCalib     time.Duration
+	TLS              *tls.Config // the client side of the link's TLS; nil: plaintext
 	SyncThreshold    int
 	SyncPause        time.Duration
 	NoThrottle       bool
@@ -42,6 +44,7 @@ type Job struct {
 	Net        bool // build the job's own network and client
 	ClientRate int  // the client's echo requests per second
 	Disk       bool // make the job's own disk images and mirror the disk
+	TLS        bool // TLS on the loopback link, with a lab PKI made in memory
 }
 
 // PrimaryJob is what the primary command was asked to do.
@@ -75,6 +78,10 @@ type BackupJob struct {
 	Disk             string
 	Metrics          string
 	Fault            *Fault
+	// TLS is the server side of the link's TLS (nil: plaintext); Once
+	// ends the backup after its first session (replicate.BackupConfig).
+	TLS  *tls.Config
+	Once bool
 }
 
 // VMJob is what the vm command was asked to do.

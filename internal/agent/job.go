@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/repagent/repagent/internal/labcert"
 	"github.com/repagent/repagent/internal/netlab"
 	"github.com/repagent/repagent/internal/netns"
 	"github.com/repagent/repagent/replicate"
@@ -69,6 +71,14 @@ func (o *Job) Run(ctx context.Context, stopSignals func(), stdout, stderr io.Wri
 				testvm.FormatSize(JobDiskSize), disks.primary, disks.backup)
 		}
 	}
+	var backupTLS *tls.Config
+	if o.TLS {
+		pt, bt, err := labTLS()
+		if err != nil {
+			return err
+		}
+		o.Repl.TLS, backupTLS = pt.Client(), bt.Server()
+	}
 	r, err := newReplicator("repagent", o.Repl, o.Guest, stdout, stderr, nil)
 	if err != nil {
 		return err
@@ -107,7 +117,9 @@ func (o *Job) Run(ctx context.Context, stopSignals func(), stdout, stderr io.Wri
 		return fmt.Errorf("listen for the in-process backup: %w", err)
 	}
 	rmem := &replicaMemory{}
-	bcfg := replicate.BackupConfig{NewMemory: rmem.new, HeartbeatTimeout: o.Repl.HeartbeatTimeout, Log: r.log.With("side", "backup")}
+	// One session: the job's primary is the only one, and its end is the job's.
+	bcfg := replicate.BackupConfig{NewMemory: rmem.new, HeartbeatTimeout: o.Repl.HeartbeatTimeout, Log: r.log.With("side", "backup"),
+		TLS: backupTLS, Once: true}
 	pb := protect.BackupConfig{Engine: bcfg, Metrics: bm, Restore: func(cp *replicate.Checkpoint, dev protect.Devices) (*protect.Restored, error) {
 		// The failover's proof: the checkpoint restores. The guest is not
 		// run a second time beside the first.
@@ -322,4 +334,28 @@ func checkBackup(w io.Writer, b *replicate.Backup, br backupResult, r *replicato
 	}
 	fmt.Fprintf(w, "  backup: replica at epoch %d, digest %s (verified: its memory digests to the primary's)\n", epoch, replicate.FormatDigest(digest))
 	return nil
+}
+
+// labTLS makes the main job's --tls: a lab PKI (internal/labcert), written
+// to a temporary directory only for as long as it takes to load it, each
+// end allowing only the other's name.
+func labTLS() (primary, backup *protect.TLS, err error) {
+	dir, err := os.MkdirTemp("", "repagent-tls-")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer os.RemoveAll(dir)
+	f, err := labcert.Write(dir, labcert.Options{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("--tls: %w", err)
+	}
+	if primary, err = protect.LoadTLS(protect.TLSFiles{Cert: f.PrimaryCert, Key: f.PrimaryKey, CA: f.CACert,
+		Allow: []string{labcert.DefaultBackupName}}); err != nil {
+		return nil, nil, fmt.Errorf("--tls: %w", err)
+	}
+	if backup, err = protect.LoadTLS(protect.TLSFiles{Cert: f.BackupCert, Key: f.BackupKey, CA: f.CACert,
+		Allow: []string{labcert.DefaultPrimaryName}}); err != nil {
+		return nil, nil, fmt.Errorf("--tls: %w", err)
+	}
+	return primary, backup, nil
 }

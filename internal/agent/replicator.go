@@ -260,6 +260,7 @@ func (r *replicator) engineConfig() replicate.Config {
 		CopyThreads:        r.o.CopyThreads,
 		Capture:            r.o.Capture,
 		CaptureCalibration: r.o.CaptureCalib,
+		TLS:                r.o.TLS,
 		PrecopyThreshold:   r.o.SyncThreshold,
 		SyncPause:          r.o.SyncPause,
 		NoThrottle:         r.o.NoThrottle,

@@ -457,3 +457,27 @@ func TestCaptureSection(t *testing.T) {
 		t.Errorf("%d goal lines: %v", len(goals), goals)
 	}
 }
+
+// The link section replicates over plaintext and over TLS, and both modes
+// acknowledge epochs and spend engine CPU on the pages. It asserts no
+// timing.
+func TestLinkSection(t *testing.T) {
+	privileged.Require(t, privileged.KVM)
+	b := &runner{Options: &Options{Mem: 64 << 20, VCPUs: 1, Pattern: testvm.Random, ModeTime: 300 * time.Millisecond, DirtyTrack: dirtylog.Auto, Quiet: true}}
+	b.log = slog.New(slog.DiscardHandler)
+	lr, err := b.measureLink(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	printLink(&out, lr)
+	t.Logf("\n%s", out.String())
+	if len(lr.Links) != 2 || lr.Links[0].Link != "plaintext" || lr.Links[1].Link != "tls" {
+		t.Fatalf("links %+v", lr.Links)
+	}
+	for _, l := range lr.Links {
+		if l.Mode.Epochs == 0 || l.Mode.WireMBps == 0 || l.Mode.CPUPageUS == 0 {
+			t.Errorf("%s: %d epochs, %.0f MB/s on the wire, %.2f µs CPU a page", l.Link, l.Mode.Epochs, l.Mode.WireMBps, l.Mode.CPUPageUS)
+		}
+	}
+}

@@ -20,6 +20,7 @@ type Result struct {
 	Copy        CopyCheck       `json:"check_10k_copy"`
 	Tails       *TailsResult    `json:"pause_tails"`
 	Capture     *CaptureResult  `json:"capture,omitempty"`
+	Link        *LinkResult     `json:"link,omitempty"`
 	Failover    *FailoverResult `json:"failover,omitempty"`
 	Sync        *SyncResult     `json:"sync,omitempty"`
 	Disk        *DiskResult     `json:"disk,omitempty"`

@@ -5,6 +5,7 @@ package bench
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -88,6 +89,7 @@ type Options struct {
 	EchoRate         int      // the echo client's requests per second
 	StreamRate       uint64   // the stream guest's datagrams per second
 	Capture          bool     // measure the capture section (eager, lazy, auto)
+	Link             bool     // measure the link section (plaintext and TLS)
 	Sync             bool     // measure the large guest's initial sync
 	SyncSizes        []uint64 // its guest sizes
 	Quiet            bool     // no progress lines
@@ -195,6 +197,16 @@ func Run(ctx context.Context, o Options, stdout, stderr io.Writer) (*Result, err
 		res.Capture = cr
 		fmt.Fprintln(stdout)
 		printCapture(stdout, cr)
+	}
+
+	if o.Link {
+		lr, err := b.measureLink(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("link: %w", err)
+		}
+		res.Link = lr
+		fmt.Fprintln(stdout)
+		printLink(stdout, lr)
 	}
 
 	if o.Failovers > 0 {
@@ -535,7 +547,10 @@ type repl struct {
 	// capture its Config.Capture.
 	copyThreads int
 	capture     replicate.Capture
-	warmup      time.Duration // the least time since the guest was ready before the window
+	// tlsClient and tlsServer are the link's TLS (Config.TLS and
+	// BackupConfig.TLS); nil: plaintext.
+	tlsClient, tlsServer *tls.Config
+	warmup               time.Duration // the least time since the guest was ready before the window
 	// measure runs the window, once the warm-up is over, and returns its
 	// bounds: the epochs whose pause starts between them are measured.
 	measure func(ctx context.Context) (t0, t1 time.Time, err error)
@@ -575,6 +590,7 @@ func (b *runner) runReplicated(ctx context.Context, m *testvm.Machine, ready tim
 		Resume:           func(cp *replicate.Checkpoint) error { return cp.Memory.Close() },
 		HeartbeatTimeout: modeHeartbeatTimeout,
 		Log:              b.log.With("side", "backup"),
+		TLS:              rp.tlsServer,
 	}
 	if rp.backupDisk != nil {
 		bcfg.NewSink = diskmirror.NewSink(rp.backupDisk, diskmirror.ReplicaConfig{})
@@ -630,6 +646,7 @@ func (b *runner) runReplicated(ctx context.Context, m *testvm.Machine, ready tim
 		Gates:            rp.gates,
 		CopyThreads:      rp.copyThreads,
 		Capture:          rp.capture,
+		TLS:              rp.tlsClient,
 		OnEpoch: func(s *replicate.EpochStats) {
 			if rp.onEpoch != nil {
 				rp.onEpoch(s)
