@@ -73,9 +73,9 @@ func (o *Job) Run(ctx context.Context, stopSignals func(), stdout, stderr io.Wri
 	}
 	var backupTLS *tls.Config
 	if o.TLS {
-		pt, bt, err := labTLS()
+		pt, bt, err := labcert.LoadPair()
 		if err != nil {
-			return err
+			return fmt.Errorf("--tls: %w", err)
 		}
 		o.Repl.TLS, backupTLS = pt.Client(), bt.Server()
 	}
@@ -334,28 +334,4 @@ func checkBackup(w io.Writer, b *replicate.Backup, br backupResult, r *replicato
 	}
 	fmt.Fprintf(w, "  backup: replica at epoch %d, digest %s (verified: its memory digests to the primary's)\n", epoch, replicate.FormatDigest(digest))
 	return nil
-}
-
-// labTLS makes the main job's --tls: a lab PKI (internal/labcert), written
-// to a temporary directory only for as long as it takes to load it, each
-// end allowing only the other's name.
-func labTLS() (primary, backup *protect.TLS, err error) {
-	dir, err := os.MkdirTemp("", "repagent-tls-")
-	if err != nil {
-		return nil, nil, err
-	}
-	defer os.RemoveAll(dir)
-	f, err := labcert.Write(dir, labcert.Options{})
-	if err != nil {
-		return nil, nil, fmt.Errorf("--tls: %w", err)
-	}
-	if primary, err = protect.LoadTLS(protect.TLSFiles{Cert: f.PrimaryCert, Key: f.PrimaryKey, CA: f.CACert,
-		Allow: []string{labcert.DefaultBackupName}}); err != nil {
-		return nil, nil, fmt.Errorf("--tls: %w", err)
-	}
-	if backup, err = protect.LoadTLS(protect.TLSFiles{Cert: f.BackupCert, Key: f.BackupKey, CA: f.CACert,
-		Allow: []string{labcert.DefaultPrimaryName}}); err != nil {
-		return nil, nil, fmt.Errorf("--tls: %w", err)
-	}
-	return primary, backup, nil
 }

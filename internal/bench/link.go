@@ -9,12 +9,10 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
-	"os"
 	"time"
 
 	"github.com/repagent/repagent/internal/labcert"
 	"github.com/repagent/repagent/internal/report"
-	"github.com/repagent/repagent/replicate/protect"
 )
 
 // linkInterval is the link section's epoch.
@@ -32,10 +30,11 @@ type LinkMode struct {
 }
 
 func (b *runner) measureLink(ctx context.Context) (*LinkResult, error) {
-	client, server, err := benchTLS()
+	pt, bt, err := labcert.LoadPair()
 	if err != nil {
 		return nil, err
 	}
+	client, server := pt.Client(), bt.Server()
 	res := &LinkResult{}
 	cfg := b.guestConfig(0)
 	for _, l := range []struct {
@@ -50,28 +49,6 @@ func (b *runner) measureLink(ctx context.Context) (*LinkResult, error) {
 		res.Links = append(res.Links, &LinkMode{Link: l.name, Mode: m})
 	}
 	return res, nil
-}
-
-// benchTLS is a lab PKI's two ends, each allowing only the other.
-func benchTLS() (client, server *tls.Config, err error) {
-	dir, err := os.MkdirTemp("", "repagent-bench-tls-")
-	if err != nil {
-		return nil, nil, err
-	}
-	defer os.RemoveAll(dir)
-	f, err := labcert.Write(dir, labcert.Options{})
-	if err != nil {
-		return nil, nil, err
-	}
-	p, err := protect.LoadTLS(protect.TLSFiles{Cert: f.PrimaryCert, Key: f.PrimaryKey, CA: f.CACert, Allow: []string{labcert.DefaultBackupName}})
-	if err != nil {
-		return nil, nil, err
-	}
-	bk, err := protect.LoadTLS(protect.TLSFiles{Cert: f.BackupCert, Key: f.BackupKey, CA: f.CACert, Allow: []string{labcert.DefaultPrimaryName}})
-	if err != nil {
-		return nil, nil, err
-	}
-	return p.Client(), bk.Server(), nil
 }
 
 func printLink(w io.Writer, lr *LinkResult) {
