@@ -17,14 +17,17 @@
 //
 //   - The epoch loop: Primary.epochLoop in primary.go (one pause after
 //     another), with the pause's capture in capture.go (lazy capture in
-//     lazy.go), the initial sync and its throttle in converge.go,
-//     compressing and sending in sender.go.
+//     lazy.go, auto's guest-cost budget in lazyguest.go), the initial sync
+//     and its throttle in converge.go, compressing and sending in sender.go.
 //   - The wire format: wire.go, which opens with the session diagram and the
 //     backup receiver's table, and holds every payload's encoder and decoder.
 //   - The session states: session.go, both sides' (the primary's session from
 //     running to unprotected, with its transition table; the backup
 //     receiver's states and the messages each accepts).
-//   - The backup: backup.go (Serve, Handle, staging, apply, failover).
+//   - The backup: serve.go (Serve's accept loop, handshakes with a whole
+//     deadline, TLS, at most a few at once, sessions that end before a
+//     checkpoint not ending it), backup.go (Handle, staging, apply,
+//     failover).
 //   - The contracts a VMM and its devices implement: contract.go; the
 //     typed errors a caller decides on: errors.go.
 //
@@ -181,8 +184,10 @@
 // which the VMM maps directly (testvm.Restore does), without a copy. With a
 // stream, the backup first brings its sink to the checkpoint's epoch
 // (Sink.Failover: nothing later is applied). A primary
-// lost before its first checkpoint leaves nothing to resume (ErrNoCheckpoint);
-// one that said bye, nothing to fail over (ErrPrimaryStopped).
+// lost before its first checkpoint leaves nothing to resume (ErrNoCheckpoint:
+// Handle returns it, Serve waits for the next primary unless
+// BackupConfig.Once); one that said bye, nothing to fail over
+// (ErrPrimaryStopped).
 //
 // The replica is always the last checkpoint the backup acknowledged, or one
 // past the last ack the primary received (the ack was lost with the primary).

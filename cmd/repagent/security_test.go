@@ -26,8 +26,9 @@ import (
 // both ends, and goes on serving with nothing changed: a plaintext primary,
 // one with a certificate from another CA, one with a certificate of the
 // right CA for a name the backup does not allow, and a TLS client with no
-// certificate. Then the real primary replicates, is killed, and the backup
-// fails over to its last checkpoint.
+// certificate. They come while the real primary replicates, whose session
+// goes on acknowledging epochs; then it is killed, and the backup fails
+// over to its last checkpoint.
 func TestBackupRefusesUnauthenticatedPrimaries(t *testing.T) {
 	privileged.Require(t, privileged.KVM)
 	bin := buildRepagent(t)
@@ -54,6 +55,17 @@ func TestBackupRefusesUnauthenticatedPrimaries(t *testing.T) {
 	// backup by: the backup is the one to refuse.
 	_, other := labTLSArgs(t)
 	otherCA := []string{"--tls-cert", other[1], "--tls-key", other[3], "--tls-ca", f.CACert}
+	// The real primary, replicating throughout.
+	stats := filepath.Join(t.TempDir(), "stats.jsonl")
+	var pout bytes.Buffer
+	p := exec.CommandContext(ctx, bin, "primary", "--backup", addr, "--mem", "32M", "--stats", stats, "--heartbeat-timeout", "5s",
+		"--tls-cert", f.PrimaryCert, "--tls-key", f.PrimaryKey, "--tls-ca", f.CACert, "--tls-allow", labcert.DefaultBackupName)
+	p.Stdout, p.Stderr = &pout, &pout
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Process.Kill()
+	waitFor(t, 30*time.Second, "3 acknowledged epochs", func() bool { return len(readStats(t, stats)) >= 3 })
 	primary := func(tlsArgs ...string) (string, int) {
 		return runBin(t, bin, append([]string{"primary", "--backup", addr, "--mem", "32M", "--duration", "2s", "--connect-timeout", "2s"}, tlsArgs...)...)
 	}
@@ -96,19 +108,20 @@ func TestBackupRefusesUnauthenticatedPrimaries(t *testing.T) {
 		waitFor(t, 30*time.Second, "backup log line about the missing certificate", func() bool { return strings.Contains(berr.String(), "didn't provide a certificate") })
 		alive("a client without a certificate")
 	})
+	t.Run("second primary", func(t *testing.T) {
+		// Authenticated, but a session runs: refused as busy.
+		out, code := primary("--tls-cert", f.PrimaryCert, "--tls-key", f.PrimaryKey, "--tls-ca", f.CACert)
+		if want := "this backup is serving another primary"; code != 1 || !strings.Contains(out, want) {
+			t.Errorf("a second primary: exit %d, want 1 and %q:\n%s", code, want, out)
+		}
+		alive("a second primary")
+	})
 	if t.Failed() {
 		return
 	}
-	// The real primary, killed once it has checkpoints acknowledged.
-	stats := filepath.Join(t.TempDir(), "stats.jsonl")
-	var pout bytes.Buffer
-	p := exec.CommandContext(ctx, bin, "primary", "--backup", addr, "--mem", "32M", "--stats", stats, "--heartbeat-timeout", "5s",
-		"--tls-cert", f.PrimaryCert, "--tls-key", f.PrimaryKey, "--tls-ca", f.CACert, "--tls-allow", labcert.DefaultBackupName)
-	p.Stdout, p.Stderr = &pout, &pout
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 30*time.Second, "3 acknowledged epochs", func() bool { return len(readStats(t, stats)) >= 3 })
+	// The real session went on through them all.
+	acked := len(readStats(t, stats))
+	waitFor(t, 30*time.Second, "more acknowledged epochs after the refusals", func() bool { return len(readStats(t, stats)) >= acked+3 })
 	p.Process.Signal(syscall.SIGKILL)
 	p.Wait()
 	select {

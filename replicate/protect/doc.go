@@ -52,7 +52,9 @@
 //  1. NewBackup with a Restore function, the tap name (and namespace) the
 //     resumed VM uses, and the backup's disk image.
 //  2. Backup.Serve on a listener: it receives checkpoints until the
-//     primary is lost, then fails over.
+//     primary is lost, then fails over. It serves on through connections
+//     it refuses and sessions that end before their first checkpoint
+//     (replicate/serve.go); BackupConfig.Engine.Once ends it after one.
 //  3. At failover the Backup opens the tap, and calls Restore with the
 //     checkpoint and the devices: the disk image already holds the
 //     checkpoint's disk. Restore owns cp.Memory from the call on (map it as
@@ -62,6 +64,13 @@
 //     is now) and only then starts the VM.
 //  4. Backup.Close after the resumed VM stopped: it closes the engine and
 //     the tap.
+//
+// Between two hosts the link should be TLS: LoadTLS reads each end's
+// certificate, key and CA (and the names it allows of the other end), and
+// its Client and Server configurations go in Config.Engine.TLS and
+// BackupConfig.Engine.TLS. Both ends are then authenticated by the CA and
+// everything after the handshake is encrypted (SECURITY.md); without it
+// anyone who reaches the backup's port can feed it a VM to resume.
 //
 // Config.Metrics and BackupConfig.Metrics take Prometheus collectors
 // (package replicate/metrics) that the Primary and the Backup feed
