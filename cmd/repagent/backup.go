@@ -65,10 +65,14 @@ package main
 //	primary stopped replication; nothing to fail over    (exit code 0)
 //	stopped before any failover                          (Ctrl-C; exit code 0)
 //
-// and a primary lost before its first checkpoint completed gives, on stderr,
-// "repagent backup: primary lost before its first checkpoint: ..." and exit
-// code 3. Other errors exit with 1, usage errors with 2. Messages of the
-// replication engine go to stderr (log/slog text).
+// A session that ends before its first checkpoint (refused, lost, stopped)
+// is a log line on stderr ("session ended before its first checkpoint;
+// waiting for the next primary", or "refused connection" with the reason),
+// and the backup serves on. With --once it ends instead, and a primary lost
+// before its first checkpoint completed gives, on stderr, "repagent backup:
+// primary lost before its first checkpoint: ..." and exit code 3. Other
+// errors exit with 1, usage errors with 2. Messages of the replication
+// engine go to stderr (log/slog text).
 //
 // What a test compares these lines with comes from the primary (primary.go):
 // its --stats file has one JSON object per line for each acknowledged epoch,
@@ -109,10 +113,19 @@ that tap, and a gratuitous ARP announces the guest's MAC and IP there. With
 --disk, the backup's disk image follows the primary's --disk checkpoint by
 checkpoint (an initial sync sends only the blocks that differ) and is the
 resumed guest's disk; a guest that runs the disk workload has it checked
-block by block against its own records before it resumes. Exit code 0 when
-the primary stopped on purpose or the resumed guest verified, 1 when it did
-not or on a runtime error, 2 on a usage error, 3 when the primary was lost
-before its first checkpoint (nothing to resume).
+block by block against its own records before it resumes.
+
+Between hosts, give the link TLS (--tls-cert, --tls-key, --tls-ca and
+--tls-allow; repagent certs DIR makes a lab set): a backup on an address
+other hosts can reach refuses to run without it unless --insecure. The
+backup serves on through connections it refuses (each logged, with the
+reason) and sessions that end before their first checkpoint; only a primary
+that reached a checkpoint can make it fail over or stop (see SECURITY.md).
+
+Exit code 0 when the primary stopped on purpose or the resumed guest
+verified, 1 when it did not or on a runtime error, 2 on a usage error, and,
+with --once, 3 when the primary was lost before its first checkpoint
+(nothing to resume).
 
 Flags:
 `
