@@ -393,8 +393,13 @@ func (s *session) write(t MsgType, epoch uint64, payload []byte) error {
 	return err
 }
 
-// reject tells the primary why the session ends and returns err.
+// reject tells the primary why the session ends and returns err. In the
+// handshake, whose deadline may be what ended it, the reject has a second
+// of its own.
 func (s *session) reject(err error) error {
+	if !s.conn.until.IsZero() {
+		s.conn.until = time.Now().Add(time.Second)
+	}
 	s.write(MsgReject, 0, appendReject(nil, err.Error()))
 	return err
 }

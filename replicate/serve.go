@@ -237,6 +237,13 @@ func (b *Backup) accept(ctx context.Context, ln net.Listener, slots chan struct{
 		default:
 			b.counts.full.Add(1)
 			b.log.Warn("refused connection: too many in their handshake", "from", conn.RemoteAddr(), "max", cap(slots))
+			if b.cfg.TLS == nil {
+				// Say why, in the protocol a plaintext primary reads; a
+				// fresh socket takes the few bytes without waiting.
+				conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+				conn.Write(encodeMsg(nil, MsgReject, 0, appendReject(nil,
+					fmt.Sprintf("%d connections are in their handshake at this backup, its limit; try again", cap(slots)))))
+			}
 			conn.Close()
 			continue
 		}
