@@ -68,8 +68,8 @@ type BackupConfig struct {
 	// (default DefaultHandshakeTimeout).
 	HandshakeTimeout time.Duration
 	// MaxHandshakes is how many connections Serve takes through their
-	// handshake at once (default DefaultMaxHandshakes); more are closed at
-	// once, and counted (ServeStats).
+	// handshake at once (default DefaultMaxHandshakes); one more evicts the
+	// oldest, counted (ServeStats).
 	MaxHandshakes int
 	// Once makes Serve return after its first session, however it ended;
 	// by default a session that ends before its first checkpoint (refused,

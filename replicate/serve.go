@@ -19,8 +19,10 @@ import (
 // handshake (TLS when configured, then the hello) on a goroutine of its own,
 // at most MaxHandshakes at a time, each within HandshakeTimeout as a whole:
 // a client that sends a byte a second, or nothing, is cut off when that
-// time is up, and meanwhile other connections are served. Connections
-// beyond MaxHandshakes are closed at once and counted. A connection through
+// time is up, and meanwhile other connections are served. A connection
+// beyond MaxHandshakes evicts the oldest in its handshake, counted: a real
+// primary completes its handshake in milliseconds, so clients that stall
+// cannot keep it out however many they open. A connection through
 // its handshake becomes the session, unless one is running: it is then
 // refused as busy. A session that ends before its first checkpoint (refused,
 // lost, or stopped) frees its replica and Serve waits for the next primary;
@@ -36,7 +38,7 @@ const (
 // ServeStats counts what Serve did with the connections it accepted.
 type ServeStats struct {
 	Accepted    uint64 // connections accepted
-	RefusedFull uint64 // closed at once: MaxHandshakes were in their handshake
+	RefusedFull uint64 // evicted: the oldest of MaxHandshakes in their handshake when another came
 	RefusedBusy uint64 // through their handshake while a session ran
 	Failed      uint64 // handshakes that failed: TLS, a bad or missing hello, the deadline
 	Sessions    uint64 // sessions started
@@ -143,11 +145,10 @@ func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) 
 	context.AfterFunc(ctx, func() { ln.Close() })
 	ready := make(chan *pending)
 	acceptErr := make(chan error, 1)
-	slots := make(chan struct{}, b.maxHandshakes())
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		acceptErr <- b.accept(ctx, ln, slots, ready, &wg)
+		acceptErr <- b.accept(ctx, ln, b.maxHandshakes(), ready, &wg)
 	}()
 	type result struct {
 		fo  *Failover
@@ -210,9 +211,54 @@ func (b *Backup) early(err error) bool {
 	return false
 }
 
+// handshaking is the connections in their handshake, at most max: a new
+// one past max evicts the oldest, so that connections that stall cannot
+// keep a real primary out (it completes its handshake in milliseconds,
+// long before it would be the oldest).
+type handshaking struct {
+	mu   sync.Mutex
+	max  int
+	live map[net.Conn]*handshakeSlot
+}
+
+type handshakeSlot struct {
+	start   time.Time
+	evicted bool
+}
+
+// admit adds c, and returns the connection it evicted to make room (nil if
+// there was room).
+func (h *handshaking) admit(c net.Conn) net.Conn {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var oldest net.Conn
+	if len(h.live) >= h.max {
+		for oc, sl := range h.live {
+			if oldest == nil || sl.start.Before(h.live[oldest].start) {
+				oldest = oc
+			}
+		}
+		h.live[oldest].evicted = true
+		delete(h.live, oldest)
+	}
+	h.live[c] = &handshakeSlot{start: time.Now()}
+	return oldest
+}
+
+// done removes c once its handshake ended, and reports whether it was
+// evicted meanwhile.
+func (h *handshaking) done(c net.Conn) (evicted bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, ok := h.live[c]
+	delete(h.live, c)
+	return !ok
+}
+
 // accept accepts connections until ln fails (or ctx ends and closes it),
-// starting a handshake for each while a slot is free and closing the rest.
-func (b *Backup) accept(ctx context.Context, ln net.Listener, slots chan struct{}, ready chan<- *pending, wg *sync.WaitGroup) error {
+// taking each through its handshake, at most max at once (handshaking).
+func (b *Backup) accept(ctx context.Context, ln net.Listener, limit int, ready chan<- *pending, wg *sync.WaitGroup) error {
+	hs := &handshaking{max: limit, live: make(map[net.Conn]*handshakeSlot)}
 	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
@@ -232,31 +278,27 @@ func (b *Backup) accept(ctx context.Context, ln net.Listener, slots chan struct{
 		}
 		backoff = 0
 		b.counts.accepted.Add(1)
-		select {
-		case slots <- struct{}{}:
-		default:
+		if old := hs.admit(conn); old != nil {
 			b.counts.full.Add(1)
-			b.log.Warn("refused connection: too many in their handshake", "from", conn.RemoteAddr(), "max", cap(slots))
+			b.log.Warn("refused connection: the oldest of too many in their handshake, to make room", "from", old.RemoteAddr(), "max", limit)
 			if b.cfg.TLS == nil {
-				// Say why, in the protocol a plaintext primary reads; a
-				// fresh socket takes the few bytes without waiting.
-				conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-				conn.Write(encodeMsg(nil, MsgReject, 0, appendReject(nil,
-					fmt.Sprintf("%d connections are in their handshake at this backup, its limit; try again", cap(slots)))))
+				// Say why, in the protocol a plaintext primary reads.
+				old.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+				old.Write(encodeMsg(nil, MsgReject, 0, appendReject(nil,
+					fmt.Sprintf("evicted: the oldest of the %d connections in their handshake at this backup, its limit, when another came", limit))))
 			}
-			conn.Close()
-			continue
+			old.Close()
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			stop := context.AfterFunc(ctx, func() { conn.Close() })
 			pc, err := b.handshake(ctx, conn)
-			<-slots
-			if err != nil {
+			evicted := hs.done(conn)
+			if err != nil || evicted {
 				stop()
 				conn.Close()
-				if ctx.Err() == nil {
+				if ctx.Err() == nil && !evicted {
 					b.counts.failed.Add(1)
 					b.log.Warn("refused connection", "from", conn.RemoteAddr(), "err", err)
 				}

@@ -2,6 +2,7 @@ package replicate_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"strings"
@@ -13,10 +14,11 @@ import (
 	"github.com/repagent/repagent/testvm"
 )
 
-// Serve bounds the connections in their handshake: past MaxHandshakes a
-// connection is told why and closed; a silent one is cut off at the end of
-// HandshakeTimeout however it trickles; and a real primary is served once a
-// slot is free. ServeStats counts each.
+// Serve bounds the connections in their handshake, and stalling ones
+// cannot keep a real primary out: past MaxHandshakes a new connection
+// evicts the oldest, which is told why; a silent one is cut off at the end
+// of HandshakeTimeout, and told why; a real primary arriving while two
+// stall is served. ServeStats counts each.
 func TestServeBoundsHandshakes(t *testing.T) {
 	bk, err := replicate.NewBackup(replicate.BackupConfig{NewMemory: testvm.NewMemFile,
 		Resume:           func(cp *replicate.Checkpoint) error { return cp.Memory.Close() },
@@ -30,9 +32,13 @@ func TestServeBoundsHandshakes(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { _, err := bk.Serve(ctx, ln); served <- err }()
-	defer func() { cancel(); <-served }()
+	type served struct {
+		fo  *replicate.Failover
+		err error
+	}
+	done := make(chan served, 1)
+	go func() { fo, err := bk.Serve(ctx, ln); done <- served{fo, err} }()
+	defer cancel()
 
 	dial := func() net.Conn {
 		c, err := net.Dial("tcp", ln.Addr().String())
@@ -42,55 +48,82 @@ func TestServeBoundsHandshakes(t *testing.T) {
 		t.Cleanup(func() { c.Close() })
 		return c
 	}
-	// Two that trickle a byte every 100 ms take both slots.
-	slow := []net.Conn{dial(), dial()}
-	stop := make(chan struct{})
-	for _, c := range slow {
-		go func() {
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(100 * time.Millisecond):
-				}
-				if _, err := c.Write([]byte{'R'}); err != nil {
-					return
-				}
-			}
-		}()
-	}
-	defer close(stop)
-	for bk.ServeStats().Accepted < 2 {
-		time.Sleep(time.Millisecond)
-	}
-	// A third is refused, and told why.
-	c := dial()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	msg, _ := io.ReadAll(c)
-	if !strings.Contains(string(msg), "connections are in their handshake at this backup") {
-		t.Fatalf("third connection read %q, want a reject naming the limit", msg)
-	}
-	// The trickling ones are closed by the backup at their handshake's
-	// whole deadline (500 ms), though bytes keep coming: the reads end in
-	// EOF, not in this side's 10 s deadline.
-	for i, c := range slow {
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		msg, err := io.ReadAll(c)
-		if err != nil || !strings.Contains(string(msg), "no complete hello within the handshake's 500ms") {
-			t.Fatalf("trickling connection %d: read %q, %v; want the backup's reject and its close", i, msg, err)
+	waitAccepted := func(n uint64) {
+		for bk.ServeStats().Accepted < n {
+			time.Sleep(time.Millisecond)
 		}
 	}
-	// Each is counted once its reject has lingered (at most a second).
-	for deadline := time.Now().Add(5 * time.Second); bk.ServeStats().Failed < 2 && time.Now().Before(deadline); {
+	// One that trickles a byte every 100 ms, then one that says nothing:
+	// both slots taken.
+	trickler := dial()
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			if _, err := trickler.Write([]byte{'R'}); err != nil {
+				return
+			}
+		}
+	}()
+	waitAccepted(1)
+	silent := dial()
+	waitAccepted(2)
+	// A real primary evicts the oldest, the trickler, and is served.
+	vm := newToyVM(8 << 20)
+	vm.start()
+	defer vm.close()
+	acked := make(chan struct{}, 64)
+	p, err := replicate.NewPrimary(replicate.Config{VM: vm, Interval: 20 * time.Millisecond, Log: replicatetest.Logger(t),
+		OnEpoch: func(*replicate.EpochStats) { acked <- struct{}{} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pctx, pcancel := context.WithCancel(context.Background())
+	perr := make(chan error, 1)
+	go func() { perr <- p.Run(pctx, dial()) }()
+	for range 3 {
+		select {
+		case <-acked:
+		case err := <-perr:
+			t.Fatalf("the real primary, with two stalling connections at the backup: %v", err)
+		case <-time.After(30 * time.Second):
+			t.Fatal("no epoch acknowledged in 30 s")
+		}
+	}
+	for i, tc := range []struct {
+		c    net.Conn
+		want string
+	}{
+		{trickler, "evicted: the oldest of the 2 connections in their handshake"},
+		{silent, "no complete hello within the handshake's 500ms"},
+	} {
+		// The backup closes them: the reads end in EOF, not in this side's
+		// deadline.
+		tc.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		msg, err := io.ReadAll(tc.c)
+		if err != nil || !strings.Contains(string(msg), tc.want) {
+			t.Errorf("stalling connection %d: read %q, %v; want %q and the backup's close", i, msg, err, tc.want)
+		}
+	}
+	// The silent one is counted once its reject has lingered (a second at
+	// most; this side has closed it).
+	silent.Close()
+	for deadline := time.Now().Add(5 * time.Second); bk.ServeStats().Failed < 1 && time.Now().Before(deadline); {
 		time.Sleep(5 * time.Millisecond)
 	}
-	st := bk.ServeStats()
-	if st.RefusedFull != 1 || st.Failed != 2 || st.Sessions != 0 {
-		t.Fatalf("stats %+v, want 1 refused for the limit and 2 failed handshakes", st)
+	if st := bk.ServeStats(); st.RefusedFull != 1 || st.Failed != 1 || st.Sessions != 1 {
+		t.Errorf("stats %+v, want 1 evicted, 1 failed handshake and 1 session", st)
 	}
-	select {
-	case err := <-served:
-		t.Fatalf("Serve returned: %v", err)
-	default:
+	pcancel()
+	if err := <-perr; err != nil {
+		t.Fatalf("primary: %v", err)
+	}
+	if r := <-done; r.err != nil && !errors.Is(r.err, replicate.ErrPrimaryStopped) {
+		t.Fatalf("Serve after the primary stopped: %v", r.err)
 	}
 }
