@@ -263,6 +263,15 @@ func TestBackupObserve(t *testing.T) {
 	}
 	// The signature is BackupConfig.OnEpoch's.
 	_ = replicate.BackupConfig{OnEpoch: c.ObserveCheckpoint}
+
+	// Serve's counts, read at each scrape.
+	st := replicate.ServeStats{Accepted: 12, RefusedFull: 3, RefusedBusy: 1, Failed: 6, Sessions: 2, Early: 1}
+	c.WatchServe(func() replicate.ServeStats { return st })
+	for outcome, want := range map[string]float64{"accepted": 12, "evicted": 3, "busy": 1, "failed": 6, "session": 2, "early": 1} {
+		if got := value(t, reg, "repagent_backup_connections_total", "outcome", outcome); got != want {
+			t.Errorf("backup_connections_total{outcome=%q} = %v, want %v", outcome, got, want)
+		}
+	}
 }
 
 // TestNilCollectors: an agent without metrics calls the methods all the same.
@@ -273,6 +282,7 @@ func TestNilCollectors(t *testing.T) {
 	p.ObserveBackupLost()
 	p.SetProtected(true)
 	var b *BackupCollector
+	b.WatchServe(nil)
 	b.ObserveCheckpoint(1, 1, 1)
 	b.ObserveFailover(&replicate.Failover{})
 }

@@ -96,6 +96,7 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 		return nil, err
 	}
 	b.eng = eng
+	cfg.Metrics.WatchServe(eng.ServeStats)
 	return b, nil
 }
 
