@@ -101,6 +101,7 @@ const (
 	lazyFaultGuess       = 15000 // ns the handler takes on a fault (copy and unprotect), until measured
 	lazyProbeMin         = 32    // pages: auto probes the protect cost on runs at least this long
 	lazyProbeEvery       = 16    // epochs between probes
+	lazyQuietEpochs      = 4     // auto: epochs the model wanted nothing lazy before it stops looking until a probe
 	lazyPerPageMinSample = 16    // pages: runs at least this long sample the per-page cost
 )
 
@@ -133,6 +134,7 @@ type lazyCapture struct {
 	// pages (lazyguest.go), the pages this epoch's model wanted lazy, and
 	// capRuns' scratch.
 	budget      *guestBudget
+	quiet       int // auto: epochs in a row whose model wanted no page lazy
 	wanted      int
 	order, keep []int
 	splitRuns   [][2]int
@@ -348,12 +350,20 @@ func (l *lazyCapture) guard(gpa, n uint64) {
 // every run eager it does nothing and returns nil: the caller copies the
 // epoch as an eager one (with the copy helpers).
 func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) (*lazyJob, error) {
+	auto := l.mode == CaptureAuto
+	if auto && l.quiet >= lazyQuietEpochs && job.epoch%lazyProbeEvery > 1 {
+		// The model has wanted no page lazy for a while (scattered pages):
+		// no bookkeeping in the pause until the next probe looks again.
+		if l.budget != nil {
+			st.LazyCap = l.budget.allowed()
+		}
+		return nil, nil
+	}
 	n := len(job.gpas)
 	j := &lazyJob{l: l, job: job, state: make([]atomic.Uint32, n), done: make(chan struct{})}
 	// Runs of contiguous pages in one region; with auto, a page the guest
 	// wrote while it was being copied behind (hot) breaks a run and goes
 	// eager: protecting it again would most likely cost the guest a fault.
-	auto := l.mode == CaptureAuto
 	if auto && job.epoch%lazyProbeEvery == 0 {
 		for i := range l.hot {
 			l.hot[i].Store(0) // learn again
@@ -403,6 +413,15 @@ func (l *lazyCapture) capture(job *epochJob, st *EpochStats, m *cpuclock.Meter) 
 		}
 	}
 	l.lazy = lazy
+	if auto {
+		l.quiet++
+		for _, z := range lazy {
+			if z {
+				l.quiet = 0
+				break
+			}
+		}
+	}
 	if l.budget != nil {
 		st.LazyCap = l.budget.allowed()
 		l.wanted = l.capRuns(st.LazyCap)
