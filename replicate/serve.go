@@ -42,7 +42,7 @@ type ServeStats struct {
 	RefusedBusy uint64 // through their handshake while a session ran
 	Failed      uint64 // handshakes that failed: TLS, a bad or missing hello, the deadline
 	Sessions    uint64 // sessions started
-	Early       uint64 // sessions that ended before their first checkpoint, Serve going on
+	Early       uint64 // sessions that ended with nothing to fail over (refused, or before their first checkpoint), Serve going on
 }
 
 type serveCounters struct {
@@ -192,14 +192,17 @@ func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) 
 				return r.fo, r.err
 			}
 			b.counts.early.Add(1)
-			b.log.Warn("session ended before its first checkpoint; waiting for the next primary",
-				"from", r.pc.s.conn.RemoteAddr(), "peer", r.pc.peer, "err", r.err)
+			epoch, _ := b.LastCheckpoint()
+			b.log.Warn("session ended with nothing to fail over; waiting for the next primary",
+				"from", r.pc.s.conn.RemoteAddr(), "peer", r.pc.peer, "err", r.err, "replica-epoch", epoch)
 		}
 	}
 }
 
 // early reports whether a session's end (runSession's error) leaves nothing
-// to fail over or stop for: refused, or ended before its first checkpoint.
+// to fail over or stop for: refused (a protocol error, whose replica keeps
+// its last good checkpoint, as before), or ended before its first
+// checkpoint.
 func (b *Backup) early(err error) bool {
 	if errors.Is(err, ErrProtocol) || errors.Is(err, ErrNoCheckpoint) {
 		return true

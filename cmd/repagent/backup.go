@@ -66,7 +66,7 @@ package main
 //	stopped before any failover                          (Ctrl-C; exit code 0)
 //
 // A session that ends before its first checkpoint (refused, lost, stopped)
-// is a log line on stderr ("session ended before its first checkpoint;
+// is a log line on stderr ("session ended with nothing to fail over;
 // waiting for the next primary", or "refused connection" with the reason),
 // and the backup serves on. With --once it ends instead, and a primary lost
 // before its first checkpoint completed gives, on stderr, "repagent backup:

@@ -56,7 +56,7 @@ func NewBackupCollector() *BackupCollector {
 	c.failovers = c.counter("failovers_total", "Failovers: the primary was lost and the VM resumed here.")
 	c.failover = c.gauge("failover_duration_seconds", "How long the latest failover took, from detecting the loss to the VM resumed.")
 	c.serve = &serveStats{desc: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "", "backup_connections_total"),
-		"Connections the backup accepted, and what became of them: evicted (the oldest in its handshake when too many were), busy (a session was running), failed (its handshake: TLS, the hello, the deadline), session (a session started), early (a session that ended before its first checkpoint).",
+		"Connections the backup accepted, and what became of them: evicted (the oldest in its handshake when too many were), busy (a session was running), failed (its handshake: TLS, the hello, the deadline), session (a session started), early (a session that ended with nothing to fail over: refused, or before its first checkpoint).",
 		[]string{"outcome"}, nil)}
 	c.add(c.serve)
 	return c
