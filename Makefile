@@ -77,7 +77,7 @@ lint:
 	$(GO) vet ./...
 
 # Tools the build and tests need. On Debian, as root, missing ones are installed.
-DEPS := gcc:gcc objcopy:binutils ip:iproute2 clang-14:clang-14 llvm-strip-14:llvm-14
+DEPS := gcc:gcc objcopy:binutils ip:iproute2 clang-14:clang-14 llvm-strip-14:llvm-14 etcd:etcd-server
 deps:
 	@missing=""; for d in $(DEPS); do cmd=$${d%%:*}; pkg=$${d##*:}; \
 		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

@@ -1,4 +1,5 @@
-// Package privileged gates tests that need /dev/kvm, root or CAP_NET_ADMIN.
+// Package privileged gates tests that need /dev/kvm, root, CAP_NET_ADMIN or
+// an etcd server binary.
 //
 // A test calls Require with what it needs. When a need is not met the test is
 // skipped with the reason, unless REPAGENT_REQUIRE_PRIVILEGED=1 is set (CI sets
@@ -26,7 +27,13 @@ const (
 	Root
 	// NetAdmin: the process has CAP_NET_ADMIN (to make namespaces, taps, BPF links).
 	NetAdmin
+	// Etcd: an etcd server binary (EtcdBinary, from Debian's etcd-server,
+	// which `make deps` installs) exists and is executable.
+	Etcd
 )
+
+// EtcdBinary is the etcd server that internal/etcdtest starts.
+const EtcdBinary = "/usr/bin/etcd"
 
 // Require skips (or, with REPAGENT_REQUIRE_PRIVILEGED=1, fails) t unless
 // every need is met.
@@ -74,6 +81,11 @@ func check(n Need) error {
 		}
 		if data[0].Effective&(1<<unix.CAP_NET_ADMIN) == 0 {
 			return fmt.Errorf("needs CAP_NET_ADMIN")
+		}
+		return nil
+	case Etcd:
+		if err := unix.Access(EtcdBinary, unix.X_OK); err != nil {
+			return fmt.Errorf("needs an etcd server at %s (apt-get install etcd-server, or make deps): %w", EtcdBinary, err)
 		}
 		return nil
 	}
