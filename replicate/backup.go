@@ -249,13 +249,13 @@ func (b *Backup) runSession(ctx context.Context, pc *pending) (*Failover, error)
 		lingerClose(s.conn)
 	}
 	s.conn.Close()
+	if s.rep != nil && s.rep.epoch == 0 {
+		b.dropReplica(s.rep) // nothing to keep; failover then finds no checkpoint
+	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
 	if !errors.Is(err, errPrimaryLost) {
-		if s.rep != nil && s.rep.epoch == 0 {
-			b.dropReplica(s.rep)
-		}
 		return nil, err
 	}
 	return b.failover(s.rep, err)
@@ -283,9 +283,6 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	}
 	b.mu.Unlock()
 	if rep == nil || rep.epoch == 0 {
-		if rep != nil {
-			b.dropReplica(rep)
-		}
 		return nil, fmt.Errorf("%w (%w)", ErrNoCheckpoint, cause)
 	}
 	fo := &Failover{Epoch: rep.epoch, Digest: rep.digest, Cause: cause}

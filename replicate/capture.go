@@ -19,6 +19,10 @@ import (
 // stats and auto's budget: the run it covers ended with this pause, whose
 // harvest holds the pages the run dirtied.
 func (p *Primary) measureGuest(st *EpochStats, now time.Time) {
+	var wanted int
+	if p.lazy != nil {
+		wanted, p.lazy.wanted = p.lazy.wanted, 0 // this pause's, read once
+	}
 	if p.vclock == nil {
 		return
 	}
@@ -31,7 +35,7 @@ func (p *Primary) measureGuest(st *EpochStats, now time.Time) {
 	if l == nil || l.budget == nil {
 		return
 	}
-	r := guestRun{host: d, dirty: st.DirtyPages, lazy: st.LazyPages, wanted: l.wanted}
+	r := guestRun{host: d, dirty: st.DirtyPages, lazy: st.LazyPages, wanted: wanted}
 	if gp, ok := p.cfg.VM.(GuestProgress); ok {
 		n := gp.GuestProgress()
 		r.progress, r.hasProgress = n-p.lastProgress, p.progressRead
@@ -124,7 +128,6 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		job.start = p.stage.alloc(n)
 		job.staged = true
 		if p.lazy != nil {
-			p.lazy.wanted = 0
 			if job.lazy, err = p.lazy.capture(job, st, &m); err != nil {
 				<-p.inflight
 				return err
@@ -161,10 +164,10 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 	}
 	st.Resume, t = lap(t)
 	st.Pause = t.Sub(st.Start)
-	p.measureGuest(st, t)
 	if job.lazy != nil {
-		go job.lazy.behind(st)
+		go job.lazy.behind(st) // first: every µs before it is the guest's to fault in
 	}
+	p.measureGuest(st, t) // before the sender owns st (the copier sets other fields)
 	if !job.live {
 		p.jobs <- job
 	}

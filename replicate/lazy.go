@@ -131,7 +131,8 @@ type lazyCapture struct {
 	lazy   []bool
 	eager  []int
 	// With auto and a VM that names its vCPU threads, the cap on lazy
-	// pages (lazyguest.go), the pages this epoch's model wanted lazy, and
+	// pages (lazyguest.go), the pages this pause's model wanted lazy
+	// (measureGuest reads and clears it after the resume), and
 	// capRuns' scratch.
 	budget      *guestBudget
 	quiet       int // auto: epochs in a row whose model wanted no page lazy

@@ -16,8 +16,9 @@ import (
 // checkpoint leaves the mapping in place and costs at most a write-protect
 // fault (PLATFORM.md measures both). How much more that is depends on the
 // host's MMU (shadow paging under PVM, EPT or NPT elsewhere) and on when the
-// guest touches the page again: about 1 µs a page on one host, 5 µs on
-// another, in the same bench. The pause model (lazy.go) cannot see it.
+// guest touches the page again: 1.6 µs a page of vCPU host time on an Intel
+// host (seq at 100 ms), more on an AMD one where lazy seq ran the guest at
+// 0.59x eager's rate. The pause model (lazy.go) cannot see it.
 //
 // The vCPU threads can: the kernel accounts their time outside guest mode
 // (KVM's faults, exits, device emulation) apart from their guest time. The
@@ -30,10 +31,15 @@ import (
 // less protecting them), over the pages captured lazily. The cap is what
 // lazyGuestBudget of the wall time buys at that price (no cap at a price of
 // nothing or less); a window that captured too few pages lazily to price
-// them opens the cap a little, to measure.
+// them opens the cap a little, to measure. Where the VM counts its guest's
+// progress (GuestProgress), a run's lost time is instead its wall time less
+// the time its progress took the baseline runs: the guest's rate against
+// eager's, pause included, which also catches a guest slowed inside guest
+// mode (on hotcold the host times of auto and eager matched while the guest
+// ran slower).
 //
 // Eager's cost per dirty page is calibrated at the start: the first
-// lazyCalibrateTime of epochs (at least lazyWindowMin) are captured eagerly,
+// Config.CaptureCalibration (default lazyCalibrateTime) of epochs (at least lazyWindowMin) are captured eagerly,
 // and all but the first lazyEagerLag of them (whose runs may still carry an
 // earlier capture's remapping) give the baseline. It is calibrated again,
 // from scratch with a block of 2*lazyEagerRun eager epochs when the dirty

@@ -2,12 +2,10 @@ package main
 
 import (
 	"bytes"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"io"
 	"io/fs"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/repagent/repagent/internal/tlstest"
 	"github.com/repagent/repagent/replicate/protect"
 )
 
@@ -34,53 +33,6 @@ var certFiles = []struct {
 	{"ca.crt", 0o644}, {"ca.key", 0o600},
 	{"primary.crt", 0o644}, {"primary.key", 0o600},
 	{"backup.crt", 0o644}, {"backup.key", 0o600},
-}
-
-// tlsLink makes a TLS handshake over loopback TCP between a backup with
-// config srv and a primary with config cli, and sends a message each way.
-// It returns each end's first error.
-func tlsLink(t *testing.T, srv, cli *tls.Config) (serverErr, clientErr error) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	talk := func(c *tls.Conn, send, want string) error {
-		c.SetDeadline(deadline)
-		if err := c.Handshake(); err != nil {
-			return err
-		}
-		if _, err := c.Write([]byte(send)); err != nil {
-			return err
-		}
-		got := make([]byte, len(want))
-		if _, err := io.ReadFull(c, got); err != nil {
-			return err
-		}
-		if string(got) != want {
-			t.Errorf("read %q, want %q", got, want)
-		}
-		return nil
-	}
-	done := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			done <- err
-			return
-		}
-		defer c.Close()
-		done <- talk(tls.Server(c, srv), "backup here", "primary here")
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	clientErr = talk(tls.Client(c, cli), "primary here", "backup here")
-	return <-done, clientErr
 }
 
 // flagValue returns the value after flag in the command line that starts
@@ -147,8 +99,8 @@ func TestCerts(t *testing.T) {
 		return c
 	}
 	backup, primary := end("repagent backup"), end("repagent primary")
-	if serr, cerr := tlsLink(t, backup.Server(), primary.Client()); serr != nil || cerr != nil {
-		t.Fatalf("handshake: backup %v, primary %v", serr, cerr)
+	if srv, cli := tlstest.Link(t, backup.Server(), primary.Client()); srv.Err != nil || cli.Err != nil {
+		t.Fatalf("handshake: backup %v, primary %v", srv.Err, cli.Err)
 	}
 }
 

@@ -181,7 +181,9 @@ func TestBackupSurvivesHostileClients(t *testing.T) {
 			}
 			c.Write(hello)
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
-			c.Read(make([]byte, 64)) // the welcome: the session began
+			if n, err := c.Read(make([]byte, 64)); n == 0 {
+				t.Fatalf("no welcome to the replayed hello (%v): the attack would be mere junk", err)
+			}
 			c.Close()
 			return nil
 		}},

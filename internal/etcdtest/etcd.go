@@ -8,11 +8,11 @@ import (
 	"net/http"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/procout"
 )
 
 // startTimeout bounds how long Start waits for the server to answer.
@@ -61,7 +61,7 @@ func start(t testing.TB) ([]string, error) {
 		"--logger", "zap",
 		"--log-level", "warn",
 	)
-	out := &syncBuffer{}
+	out := &procout.Buffer{} // the server's first 64 KiB, for a failure's message
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("run %s: %w", privileged.EtcdBinary, err)
@@ -133,21 +133,4 @@ func freePorts(n int) ([]int, error) {
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -9,7 +9,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
-	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -20,6 +19,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/internal/labcert"
+	"github.com/repagent/repagent/internal/tlstest"
 	"github.com/repagent/repagent/replicate/protect"
 )
 
@@ -50,73 +50,6 @@ func ends(t *testing.T, f labcert.Files) (backup, primary *protect.TLS) {
 		loadTLS(t, f.PrimaryCert, f.PrimaryKey, f.CACert, "backup")
 }
 
-// side is what one end of a link saw.
-type side struct {
-	err   error // the first error the end met, nil if it exchanged its messages
-	state tls.ConnectionState
-}
-
-// link connects a client with config cli to a server with config srv over
-// loopback TCP. Each end makes the handshake, sends a message and reads the
-// other's, and stops at the first error; both connections stay open until
-// both ends are done, so that a refused end reads the alert it was sent
-// rather than a reset. Deadlines bound every step: an end that would hang
-// gets a timeout error instead.
-func link(t *testing.T, srv, cli *tls.Config) (server, client side) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	done := make(chan side, 1)
-	conns := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			done <- side{err: err}
-			return
-		}
-		conns <- c
-		c.SetDeadline(deadline)
-		done <- exchange(tls.Server(c, srv), "from the backup", "from the primary")
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(deadline)
-	client = exchange(tls.Client(c, cli), "from the primary", "from the backup")
-	server = <-done
-	select {
-	case sc := <-conns:
-		sc.Close()
-	default:
-	}
-	return server, client
-}
-
-// exchange makes conn's handshake, writes send and reads want.
-func exchange(conn *tls.Conn, send, want string) side {
-	if err := conn.Handshake(); err != nil {
-		return side{err: err}
-	}
-	s := side{state: conn.ConnectionState()}
-	if _, err := conn.Write([]byte(send)); err != nil {
-		s.err = err
-		return s
-	}
-	got := make([]byte, len(want))
-	if _, err := io.ReadFull(conn, got); err != nil {
-		s.err = err
-	} else if string(got) != want {
-		s.err = fmt.Errorf("read %q, want %q", got, want)
-	}
-	return s
-}
-
 // checkRemoteAlert checks that err is the alert the peer sent, saying alert.
 func checkRemoteAlert(t *testing.T, who string, err error, alert string) {
 	t.Helper()
@@ -144,23 +77,23 @@ func checkPeerError(t *testing.T, who string, err error, want string) *protect.P
 // over TLS 1.3 and exchange data; each sees the other's certificate.
 func TestTLSHandshake(t *testing.T) {
 	backup, primary := ends(t, writePKI(t, labcert.Options{}))
-	server, client := link(t, backup.Server(), primary.Client())
-	if server.err != nil || client.err != nil {
-		t.Fatalf("backup: %v; primary: %v", server.err, client.err)
+	server, client := tlstest.Link(t, backup.Server(), primary.Client())
+	if server.Err != nil || client.Err != nil {
+		t.Fatalf("backup: %v; primary: %v", server.Err, client.Err)
 	}
 	for _, tc := range []struct {
 		name    string
-		s       side
+		s       tlstest.Side
 		wantCN  string
 		wantURI string
 	}{
 		{"backup", server, "primary", "repagent://primary"},
 		{"primary", client, "backup", "repagent://backup"},
 	} {
-		if tc.s.state.Version != tls.VersionTLS13 {
-			t.Errorf("%s: version %#x, want TLS 1.3", tc.name, tc.s.state.Version)
+		if tc.s.State.Version != tls.VersionTLS13 {
+			t.Errorf("%s: version %#x, want TLS 1.3", tc.name, tc.s.State.Version)
 		}
-		peer := tc.s.state.PeerCertificates
+		peer := tc.s.State.PeerCertificates
 		if len(peer) == 0 || peer[0].Subject.CommonName != tc.wantCN || len(peer[0].URIs) != 1 || peer[0].URIs[0].String() != tc.wantURI {
 			t.Errorf("%s: peer certificates %v; want %s's", tc.name, peer, tc.wantCN)
 		}
@@ -172,8 +105,8 @@ func TestTLSWithoutAllow(t *testing.T) {
 	f := writePKI(t, labcert.Options{})
 	backup := loadTLS(t, f.BackupCert, f.BackupKey, f.CACert)
 	primary := loadTLS(t, f.PrimaryCert, f.PrimaryKey, f.CACert)
-	if server, client := link(t, backup.Server(), primary.Client()); server.err != nil || client.err != nil {
-		t.Fatalf("backup: %v; primary: %v", server.err, client.err)
+	if server, client := tlstest.Link(t, backup.Server(), primary.Client()); server.Err != nil || client.Err != nil {
+		t.Fatalf("backup: %v; primary: %v", server.Err, client.Err)
 	}
 }
 
@@ -182,11 +115,11 @@ func TestTLSWithoutAllow(t *testing.T) {
 func TestTLSNoClientCertificate(t *testing.T) {
 	backup, _ := ends(t, writePKI(t, labcert.Options{}))
 	anon := &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true}
-	server, client := link(t, backup.Server(), anon)
-	if server.err == nil || !strings.Contains(server.err.Error(), "didn't provide a certificate") {
-		t.Errorf("backup: %v; want a refusal of the client without a certificate", server.err)
+	server, client := tlstest.Link(t, backup.Server(), anon)
+	if server.Err == nil || !strings.Contains(server.Err.Error(), "didn't provide a certificate") {
+		t.Errorf("backup: %v; want a refusal of the client without a certificate", server.Err)
 	}
-	checkRemoteAlert(t, "client", client.err, "certificate required")
+	checkRemoteAlert(t, "client", client.Err, "certificate required")
 }
 
 // (c) A primary whose certificate another CA signed is refused by the
@@ -196,12 +129,12 @@ func TestTLSClientFromOtherCA(t *testing.T) {
 	backup, _ := ends(t, f)
 	// It trusts the right CA, but its own certificate is the other CA's.
 	stranger := loadTLS(t, other.PrimaryCert, other.PrimaryKey, f.CACert, "backup")
-	server, client := link(t, backup.Server(), stranger.Client())
+	server, client := tlstest.Link(t, backup.Server(), stranger.Client())
 	var cve *tls.CertificateVerificationError
-	if !errors.As(server.err, &cve) || !errors.As(server.err, new(x509.UnknownAuthorityError)) {
-		t.Errorf("backup: %v (%T); want a *tls.CertificateVerificationError for an unknown authority", server.err, server.err)
+	if !errors.As(server.Err, &cve) || !errors.As(server.Err, new(x509.UnknownAuthorityError)) {
+		t.Errorf("backup: %v (%T); want a *tls.CertificateVerificationError for an unknown authority", server.Err, server.Err)
 	}
-	checkRemoteAlert(t, "primary", client.err, "unknown certificate authority")
+	checkRemoteAlert(t, "primary", client.Err, "unknown certificate authority")
 }
 
 // (d) The backup refuses a primary that its CA signed but whose names it
@@ -226,19 +159,19 @@ func TestTLSServerAllow(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			backup := loadTLS(t, f.BackupCert, f.BackupKey, f.CACert, tc.allow...)
-			server, client := link(t, backup.Server(), primary.Client())
+			server, client := tlstest.Link(t, backup.Server(), primary.Client())
 			if tc.wantError == "" {
-				if server.err != nil || client.err != nil {
-					t.Fatalf("backup: %v; primary: %v", server.err, client.err)
+				if server.Err != nil || client.Err != nil {
+					t.Fatalf("backup: %v; primary: %v", server.Err, client.Err)
 				}
 				return
 			}
-			if pe := checkPeerError(t, "backup", server.err, tc.wantError); pe != nil && pe.Err != nil {
+			if pe := checkPeerError(t, "backup", server.Err, tc.wantError); pe != nil && pe.Err != nil {
 				t.Errorf("a name refusal has a cause: %v", pe.Err)
 			}
-			checkRemoteAlert(t, "primary", client.err, "bad certificate")
-			if client.state.Version != tls.VersionTLS13 {
-				t.Errorf("primary's handshake failed (%v); with TLS 1.3 it ends before the backup's check, the refusal comes at the first Read", client.err)
+			checkRemoteAlert(t, "primary", client.Err, "bad certificate")
+			if client.State.Version != tls.VersionTLS13 {
+				t.Errorf("primary's handshake failed (%v); with TLS 1.3 it ends before the backup's check, the refusal comes at the first Read", client.Err)
 			}
 		})
 	}
@@ -250,10 +183,10 @@ func TestTLSClientAllow(t *testing.T) {
 	f := writePKI(t, labcert.Options{})
 	backup, _ := ends(t, f)
 	primary := loadTLS(t, f.PrimaryCert, f.PrimaryKey, f.CACert, "repagent://backup-2")
-	server, client := link(t, backup.Server(), primary.Client())
-	checkPeerError(t, "primary", client.err,
+	server, client := tlstest.Link(t, backup.Server(), primary.Client())
+	checkPeerError(t, "primary", client.Err,
 		"peer certificate names [backup localhost repagent://backup], none allowed (allowed: [repagent://backup-2])")
-	checkRemoteAlert(t, "backup", server.err, "bad certificate")
+	checkRemoteAlert(t, "backup", server.Err, "bad certificate")
 }
 
 // (e) The primary refuses a backup whose certificate another CA signed,
@@ -271,13 +204,13 @@ func TestTLSServerFromOtherCA(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			impostor := loadTLS(t, other.BackupCert, other.BackupKey, f.CACert, "primary")
-			server, client := link(t, impostor.Server(), tc.primary.Client())
-			pe := checkPeerError(t, "primary", client.err,
+			server, client := tlstest.Link(t, impostor.Server(), tc.primary.Client())
+			pe := checkPeerError(t, "primary", client.Err,
 				`peer certificate (names ["backup" "localhost" "repagent://backup"]) does not verify against the CA in `+f.CACert)
-			if pe != nil && !errors.As(client.err, new(x509.UnknownAuthorityError)) {
-				t.Errorf("primary: %v; want it to unwrap to x509.UnknownAuthorityError", client.err)
+			if pe != nil && !errors.As(client.Err, new(x509.UnknownAuthorityError)) {
+				t.Errorf("primary: %v; want it to unwrap to x509.UnknownAuthorityError", client.Err)
 			}
-			checkRemoteAlert(t, "backup", server.err, "bad certificate")
+			checkRemoteAlert(t, "backup", server.Err, "bad certificate")
 		})
 	}
 }
@@ -331,21 +264,21 @@ func TestTLSKeyUsage(t *testing.T) {
 	primary := loadTLS(t, f.PrimaryCert, f.PrimaryKey, f.CACert)
 
 	cert, key := signLeaf(t, f, "server-only", x509.ExtKeyUsageServerAuth)
-	server, client := link(t, backup.Server(), loadTLS(t, cert, key, f.CACert).Client())
+	server, client := tlstest.Link(t, backup.Server(), loadTLS(t, cert, key, f.CACert).Client())
 	var inv x509.CertificateInvalidError
-	if !errors.As(server.err, new(*tls.CertificateVerificationError)) || !errors.As(server.err, &inv) || inv.Reason != x509.IncompatibleUsage {
-		t.Errorf("backup, primary with a server-only certificate: %v; want a verification error for incompatible usage", server.err)
+	if !errors.As(server.Err, new(*tls.CertificateVerificationError)) || !errors.As(server.Err, &inv) || inv.Reason != x509.IncompatibleUsage {
+		t.Errorf("backup, primary with a server-only certificate: %v; want a verification error for incompatible usage", server.Err)
 	}
-	checkRemoteAlert(t, "server-only primary", client.err, "bad certificate")
+	checkRemoteAlert(t, "server-only primary", client.Err, "bad certificate")
 
 	cert, key = signLeaf(t, f, "client-only", x509.ExtKeyUsageClientAuth)
-	server, client = link(t, loadTLS(t, cert, key, f.CACert).Server(), primary.Client())
-	checkPeerError(t, "primary, backup with a client-only certificate", client.err,
+	server, client = tlstest.Link(t, loadTLS(t, cert, key, f.CACert).Server(), primary.Client())
+	checkPeerError(t, "primary, backup with a client-only certificate", client.Err,
 		`peer certificate (names ["client-only"]) does not verify against the CA in `+f.CACert+": x509: certificate specifies an incompatible key usage")
-	if !errors.As(client.err, &inv) || inv.Reason != x509.IncompatibleUsage {
-		t.Errorf("primary: %v; want it to unwrap to x509's incompatible usage", client.err)
+	if !errors.As(client.Err, &inv) || inv.Reason != x509.IncompatibleUsage {
+		t.Errorf("primary: %v; want it to unwrap to x509's incompatible usage", client.Err)
 	}
-	checkRemoteAlert(t, "client-only backup", server.err, "bad certificate")
+	checkRemoteAlert(t, "client-only backup", server.Err, "bad certificate")
 }
 
 // TLS 1.2 is refused on both ends.
@@ -353,15 +286,15 @@ func TestTLS12Refused(t *testing.T) {
 	backup, primary := ends(t, writePKI(t, labcert.Options{}))
 	old := primary.Client()
 	old.MinVersion, old.MaxVersion = tls.VersionTLS12, tls.VersionTLS12
-	server, client := link(t, backup.Server(), old)
-	if server.err == nil || client.err == nil {
-		t.Errorf("TLS 1.2 client: backup %v, client %v; want both to fail", server.err, client.err)
+	server, client := tlstest.Link(t, backup.Server(), old)
+	if server.Err == nil || client.Err == nil {
+		t.Errorf("TLS 1.2 client: backup %v, client %v; want both to fail", server.Err, client.Err)
 	}
 	oldServer := backup.Server()
 	oldServer.MinVersion, oldServer.MaxVersion = tls.VersionTLS12, tls.VersionTLS12
-	server, client = link(t, oldServer, primary.Client())
-	if server.err == nil || client.err == nil {
-		t.Errorf("TLS 1.2 server: server %v, primary %v; want both to fail", server.err, client.err)
+	server, client = tlstest.Link(t, oldServer, primary.Client())
+	if server.Err == nil || client.Err == nil {
+		t.Errorf("TLS 1.2 server: server %v, primary %v; want both to fail", server.Err, client.Err)
 	}
 }
 
