@@ -118,7 +118,8 @@ type replica struct {
 	mapped  []byte
 	written []uint64
 	table   *digestTable
-	epoch   uint64 // last checkpoint applied (0: none)
+	session SessionID // the session that fills it (zero in versions 2 and 3)
+	epoch   uint64    // last checkpoint applied (0: none)
 	state   []byte
 	digest  uint64
 	sink    Sink // the session's stream sink; nil without one
@@ -308,7 +309,8 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	t := time.Now()
 	fo.Verify = t.Sub(t0)
 	rep.unmap()
-	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape, Verified: fo.Verified}
+	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape, Verified: fo.Verified,
+		Session: rep.session}
 	b.mu.Lock()
 	b.rep = nil // the memory is Resume's now
 	b.mu.Unlock()
@@ -343,6 +345,7 @@ type session struct {
 
 	rep       *replica
 	version   uint32    // the protocol version the session speaks
+	id        SessionID // the session's ID, chosen here (version 4; zero before)
 	st        recvState // where the session is in the protocol (wire.go's table)
 	round     uint32    // next pre-copy round expected
 	epoch     uint64    // next checkpoint epoch expected
@@ -439,6 +442,9 @@ func (s *session) greet(rd *msgReader) (Hello, error) {
 // thread, so that its CPU clock is the receiving's cost (the meter locks it).
 func (s *session) serve(rd *msgReader, hello Hello) error {
 	v := s.version
+	if v >= 4 {
+		s.id = newSessionID()
+	}
 	sink, err := s.newSink(hello)
 	if err != nil {
 		return s.reject(err)
@@ -458,11 +464,11 @@ func (s *session) serve(rd *msgReader, hello Hello) error {
 	// A write to the primary (an ack, a heartbeat) that the full link holds
 	// up waits while the primary is heard from.
 	s.conn.alive = func() bool { return s.conn.heardWithin(s.timeout) }
-	if err := s.write(MsgWelcome, 0, appendWelcome(nil, v)); err != nil {
+	if err := s.write(MsgWelcome, 0, appendWelcome(nil, v, s.id)); err != nil {
 		return fmt.Errorf("%w: send welcome: %w", errPrimaryLost, err)
 	}
 	s.b.log.Info("primary connected", "from", s.conn.RemoteAddr(), "vmm", hello.VMM, "shape", hello.Shape,
-		"interval", hello.Interval, "version", v, "heartbeat-timeout", s.timeout)
+		"interval", hello.Interval, "version", v, "session", s.id.String(), "heartbeat-timeout", s.timeout)
 	go s.heartbeats(min(hello.Heartbeat, s.timeout/4))
 	defer s.abortStream()
 	if sink != nil {
@@ -701,6 +707,7 @@ func (s *session) newReplica(shape Shape, sink Sink) error {
 		mem.Close()
 		return err
 	}
+	s.rep.session = s.id
 	s.seen = make([]uint64, (shape.Pages()+63)/64)
 	s.b.setReplica(s.rep)
 	return nil

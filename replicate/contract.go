@@ -97,6 +97,9 @@ type Checkpoint struct {
 	// Verified says the backup digested the whole replica and it matched
 	// Digest (BackupConfig.VerifyReplica).
 	Verified bool
+	// Session is the session that delivered the checkpoint, as its welcome
+	// named it; zero for a primary of version 2 or 3.
+	Session SessionID
 }
 
 // OutputGate holds a VM's externally visible output (network frames, disk

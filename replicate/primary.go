@@ -224,6 +224,9 @@ type Primary struct {
 	// one the backup chose, which every message after the welcome is in.
 	speak   versions
 	version uint32
+	// session is the session's ID as the backup's welcome named it; nil
+	// before the welcome (and zero in a session of version 2 or 3).
+	session atomic.Pointer[SessionID]
 
 	work      chan *batch
 	jobs      chan *epochJob
@@ -298,6 +301,16 @@ func (p *Primary) Shape() Shape { return p.lay.shape }
 // is still reachable.
 func (p *Primary) Protected() bool { return p.protected.Load() && !p.sess.ended() }
 
+// Session is the session's ID as the backup's welcome named it: zero before
+// the welcome, and in a session of version 2 or 3 (whose welcome names
+// none). It may be called from any goroutine.
+func (p *Primary) Session() SessionID {
+	if id := p.session.Load(); id != nil {
+		return *id
+	}
+	return SessionID{}
+}
+
 // LastAcked is the latest epoch the backup acknowledged (0: none yet).
 func (p *Primary) LastAcked() uint64 { return p.lastAcked.Load() }
 
@@ -370,7 +383,8 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		p.vclock = &vcpuClock{vm: vt}
 	}
 	log.Info("replicating", "backup", conn.RemoteAddr(), "shape", p.lay.shape, "interval", p.cfg.Interval,
-		"dirty-track", src.Mechanism(), "heartbeat-timeout", p.cfg.HeartbeatTimeout)
+		"session", p.Session().String(), "dirty-track", src.Mechanism(),
+		"heartbeat-timeout", p.cfg.HeartbeatTimeout)
 
 	p.work = make(chan *batch, 2*p.cfg.Workers)
 	p.jobs = make(chan *epochJob, p.cfg.MaxInFlight)
@@ -481,11 +495,12 @@ func (p *Primary) handshake() error {
 			}
 			return &RefusedError{Reason: reason}
 		case h.Type == MsgWelcome && !welcomed:
-			v, err := decodeWelcome(payload, speak)
+			v, id, err := decodeWelcome(payload, speak)
 			if err != nil {
 				return err
 			}
 			p.version, welcomed = v, true
+			p.session.Store(&id)
 		case h.Type == MsgHeartbeat && welcomed:
 			if _, err := decodeHeartbeat(p.version, payload); err != nil {
 				return err

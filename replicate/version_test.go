@@ -14,12 +14,13 @@ import (
 	"github.com/repagent/repagent/replicate/replicatetest"
 )
 
-// A backup serves a primary of the previous protocol version, and a primary
-// a backup of the previous version, end to end: the sync, checkpoints (with
-// a disk's stream, in one case), acks, heartbeats, and a failover whose
-// replica (and disk) is exactly what its saved count implies. The older
-// side is the real engine narrowed to version 2, so every message of the
-// session is in version 2's encoding on both sides.
+// A backup serves a primary of an older protocol version still spoken (2
+// or 3), and a primary a backup of one, end to end: the sync, checkpoints
+// (with a disk's stream, in some cases), acks, heartbeats, and a failover
+// whose replica (and disk) is exactly what its saved count implies. The
+// older side is the real engine narrowed to that version, so every message
+// of the session is in its encoding on both sides. Two of this build speak
+// the current version.
 func TestPreviousVersionServed(t *testing.T) {
 	tests := []struct {
 		name            string
@@ -31,6 +32,10 @@ func TestPreviousVersionServed(t *testing.T) {
 		{"version-2 primary with a disk, this backup", [2]uint32{2, 2}, [2]uint32{}, true, 2},
 		{"this primary, a version-2 backup", [2]uint32{}, [2]uint32{2, 2}, false, 2},
 		{"this primary, a version-2 backup, with a disk", [2]uint32{}, [2]uint32{2, 2}, true, 2},
+		{"version-3 primary, this backup", [2]uint32{2, 3}, [2]uint32{}, false, 3},
+		{"version-3 primary with a disk, this backup", [2]uint32{3, 3}, [2]uint32{}, true, 3},
+		{"this primary, a version-3 backup", [2]uint32{}, [2]uint32{2, 3}, false, 3},
+		{"this primary, a version-3 backup, with a disk", [2]uint32{}, [2]uint32{3, 3}, true, 3},
 		{"both of this build", [2]uint32{}, [2]uint32{}, false, replicate.Version},
 	}
 	for _, tt := range tests {
@@ -58,6 +63,56 @@ func TestPreviousVersionServed(t *testing.T) {
 	}
 }
 
+// The session ID the backup chose in its version-4 welcome is the one the
+// primary reports and the one the failover's Checkpoint carries; a session
+// of version 3 (either side narrowed to it) or 2 names none, on both sides.
+func TestSessionAtFailover(t *testing.T) {
+	tests := []struct {
+		name            string
+		primary, backup [2]uint32
+		wantVersion     uint32
+	}{
+		{"both of this build", [2]uint32{}, [2]uint32{}, 4},
+		{"a primary narrowed to version 3", [2]uint32{2, 3}, [2]uint32{}, 3},
+		{"a backup narrowed to version 3", [2]uint32{}, [2]uint32{2, 3}, 3},
+		{"a primary narrowed to version 2", [2]uint32{2, 2}, [2]uint32{}, 2},
+	}
+	var seen []replicate.SessionID
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := runVersions(t, tt.primary, tt.backup, false, 3)
+			if r.version != tt.wantVersion {
+				t.Fatalf("the session spoke version %d, want %d", r.version, tt.wantVersion)
+			}
+			if r.failover == nil || r.resumeErr != nil {
+				t.Fatalf("failover %+v (backup: %v), resumed replica: %v", r.failover, r.backupErr, r.resumeErr)
+			}
+			if r.resumed != r.session {
+				t.Errorf("the checkpoint resumed names session %v, the primary's session is %v", r.resumed, r.session)
+			}
+			if named := tt.wantVersion >= 4; r.session.IsZero() == named {
+				t.Errorf("version %d session with ID %v (named: want %v)", r.version, r.session, named)
+			}
+			if !r.session.IsZero() {
+				if s := r.session.String(); len(s) != 32 || strings.ToLower(s) != s {
+					t.Errorf("session ID %q, want 32 lower-case hex digits", s)
+				}
+				seen = append(seen, r.session)
+			}
+		})
+	}
+	// Another session of this build gets another ID.
+	r := runVersions(t, [2]uint32{}, [2]uint32{}, false, 1)
+	if r.session.IsZero() || r.session != r.resumed {
+		t.Fatalf("second session: primary %v, checkpoint %v", r.session, r.resumed)
+	}
+	for _, id := range seen {
+		if id == r.session {
+			t.Errorf("two sessions share ID %v", id)
+		}
+	}
+}
+
 // A peer of a version neither side speaks is told so, naming both ranges.
 func TestOtherVersionRefused(t *testing.T) {
 	tests := []struct {
@@ -65,9 +120,10 @@ func TestOtherVersionRefused(t *testing.T) {
 		primary, backup [2]uint32
 		wantReason      string
 	}{
-		{"version-1 primary", [2]uint32{1, 1}, [2]uint32{}, "protocol version: primary speaks 1..1, this backup 2..3"},
+		{"version-1 primary", [2]uint32{1, 1}, [2]uint32{}, "protocol version: primary speaks 1..1, this backup 2..4"},
 		{"version-3-only primary, version-2 backup", [2]uint32{3, 3}, [2]uint32{2, 2}, "primary speaks 3..3, this backup 2..2"},
-		{"a primary of a future version only", [2]uint32{4, 9}, [2]uint32{}, "primary speaks 4..9, this backup 2..3"},
+		{"version-4-only primary, version-3 backup", [2]uint32{4, 4}, [2]uint32{2, 3}, "primary speaks 4..4, this backup 2..3"},
+		{"a primary of a future version only", [2]uint32{5, 9}, [2]uint32{}, "primary speaks 5..9, this backup 2..4"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -85,7 +141,9 @@ func TestOtherVersionRefused(t *testing.T) {
 
 type versionRun struct {
 	version    uint32
-	refused    error // Run's error when the backup refused the hello
+	session    replicate.SessionID // the primary's Session() once Run returned
+	resumed    replicate.SessionID // the Session of the Checkpoint handed to Resume
+	refused    error               // Run's error when the backup refused the hello
 	primaryErr error
 	backupErr  error
 	failover   *replicate.Failover
@@ -130,6 +188,7 @@ func runVersions(t *testing.T, pv, bv [2]uint32, disk bool, acked uint64) versio
 		VerifyReplica: true,
 		Resume: func(cp *replicate.Checkpoint) error {
 			defer cp.Memory.Close()
+			r.resumed = cp.Session
 			r.resumeErr = checkToyReplica(cp)
 			if r.resumeErr == nil && bimg != nil {
 				r.resumeErr = checkToyDisk(binary.LittleEndian.Uint64(cp.State), bimg, mirror.Size())
@@ -168,5 +227,6 @@ func runVersions(t *testing.T, pv, bv [2]uint32, disk bool, acked uint64) versio
 	r.primaryErr = pair.PrimaryErr()
 	r.failover, r.backupErr = pair.BackupResult()
 	r.version = replicate.SessionVersion(pair.Primary)
+	r.session = pair.Primary.Session()
 	return r
 }

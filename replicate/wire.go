@@ -16,7 +16,8 @@ package replicate
 //	hello       P→B  "REPAGENT", versions max and min, page size, vCPUs,
 //	                 memory size, interval, heartbeat period, stream size and
 //	                 sync block size (0 without a stream), regions, VMM name
-//	welcome     B→P  the version chosen (the highest both speak)
+//	welcome     B→P  the version chosen (the highest both speak); the
+//	                 session's ID, which the backup chooses (version 4)
 //	reject      both the reason a session is refused or ended, as text
 //	pages       P→B  up to MaxBatchPages pages: a count, then an entry per
 //	                 page (GPA, CRC32C of its 4 KiB, encoding raw, lz4 or
@@ -45,8 +46,8 @@ package replicate
 // (doc.go's "Streams" shows a session with a disk's stream):
 //
 //	primary                                   backup
-//	   |---- hello (v2..3, shape) -------------->|  check magic, version, shape
-//	   |<--- welcome (v3) -----------------------|  fresh replica memory
+//	   |---- hello (v2..4, shape) -------------->|  check magic, version, shape
+//	   |<--- welcome (v4, session ID) -----------|  fresh replica memory
 //	   |---- pages(0) ... end(0, round 0) ------>|  applied as they come: no
 //	   |---- pages(0) ... end(0, round 1) ------>|  checkpoint exists yet
 //	   |       (pause 1: harvest, save, stage)   |
@@ -129,7 +130,9 @@ package replicate
 import (
 	"bufio"
 	"bytes"
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -140,14 +143,19 @@ import (
 // Protocol versions. A backup accepts a primary whose version range
 // [MinVersion, Version] overlaps its own and speaks the highest common one;
 // the primary speaks the version the backup's welcome names. Both sides
-// speak the current version and the one before it:
+// speak the current version and the two before it:
 //
-//   - Version 3 (current) puts each page's CRC32C in its entry and the
+//   - Version 4 (current) is version 3 plus a welcome that carries a
+//     16-byte session ID (SessionID) the backup chooses at random, so that
+//     both sides (and the fencing that records which backup session is a
+//     VM's standby) can name the session. Every other message is as in
+//     version 3.
+//   - Version 3 (previous) puts each page's CRC32C in its entry and the
 //     pages' data after all the entries; the end record's checksum covers
 //     a Pages message's header and entries, not its data (the entries' CRCs
 //     do). The ack carries the backup's engine CPU time, heartbeats a
-//     progress count.
-//   - Version 2 (previous) carries each page's data right after its entry,
+//     progress count. Its welcome has no session ID.
+//   - Version 2 (still spoken) carries each page's data right after its entry,
 //     with no CRC: the backup computes each page's CRC itself, and the end
 //     checksum covers whole Pages messages. The ack is the digest alone, a
 //     heartbeat has no progress (so a busy v2 peer on a full link shows
@@ -156,12 +164,39 @@ import (
 //   - Version 1 had no stream; it is no longer spoken, and a peer of it is
 //     refused with a message naming both ranges.
 //
-// The rest (header, hello, welcome, reject, state, end, bye, the stream
-// messages) is the same in versions 2 and 3.
+// The rest (header, hello, reject, state, end, bye, the stream messages) is
+// the same in versions 2, 3 and 4, and so is the welcome in versions 2 and
+// 3. The encoders and decoders switch on version 2 alone (== 2, != 2), save
+// the welcome's, which switches on version 4: versions 3 and 4 differ in
+// nothing else, and what a comment says of version 3 (of anything but the
+// welcome) holds for version 4.
 const (
-	Version    = 3
+	Version    = 4
 	MinVersion = 2
 )
+
+// SessionID names one replication session. The backup chooses it at random
+// (crypto/rand) for each session and sends it in the version-4 welcome; it
+// is zero in sessions of versions 2 and 3, whose welcome has none. Fencing
+// records it to tell the backup session that holds a VM's current replica
+// from one holding a stale one.
+type SessionID [16]byte
+
+// String is the ID as 32 lower-case hex digits.
+func (id SessionID) String() string { return hex.EncodeToString(id[:]) }
+
+// IsZero reports whether id is the zero ID: no session named (versions 2
+// and 3, or before the welcome).
+func (id SessionID) IsZero() bool { return id == SessionID{} }
+
+// newSessionID draws a session ID from crypto/rand (never zero).
+func newSessionID() SessionID {
+	var id SessionID
+	for id.IsZero() {
+		rand.Read(id[:]) // never fails (crypto/rand.Read's contract since Go 1.24)
+	}
+	return id
+}
 
 // versions is a range of protocol versions a side speaks: [MinVersion,
 // Version] unless a test narrows it (export_test.go) to play an older peer.
@@ -200,7 +235,7 @@ type MsgType uint16
 const (
 	_              MsgType = iota
 	MsgHello               // P→B: magic, versions, VM shape, timing
-	MsgWelcome             // B→P: the version chosen
+	MsgWelcome             // B→P: the version chosen; the session ID (version 4)
 	MsgReject              // either way: the session is refused or ended, with a reason
 	MsgPages               // P→B: a batch of pages of the epoch in the header
 	MsgState               // P→B: the machine state of the epoch in the header
@@ -467,25 +502,59 @@ func negotiate(h Hello, ours versions) (uint32, error) {
 	return v, nil
 }
 
-// Welcome accepts a session (B→P): version uint32, pad uint32.
-func appendWelcome(dst []byte, version uint32) []byte {
+// Welcome accepts a session (B→P). Versions 2 and 3:
+//
+//	0  version uint32 (the one chosen)
+//	4  pad     uint32
+//
+// Version 4 adds the session's ID, chosen by the backup:
+//
+//	8  session [16]byte (nonzero)
+//
+// A welcome of version 2 or 3 ignores session.
+func appendWelcome(dst []byte, version uint32, session SessionID) []byte {
 	dst = binary.LittleEndian.AppendUint32(dst, version)
-	return binary.LittleEndian.AppendUint32(dst, 0)
+	dst = binary.LittleEndian.AppendUint32(dst, 0)
+	if version >= 4 {
+		dst = append(dst, session[:]...)
+	}
+	return dst
 }
 
-// decodeWelcome decodes a welcome for a primary that offered ours.
-func decodeWelcome(b []byte, ours versions) (uint32, error) {
-	if len(b) != 8 {
-		return 0, protoErr("welcome: %d bytes, want 8", len(b))
-	}
-	if binary.LittleEndian.Uint32(b[4:]) != 0 {
-		return 0, protoErr("welcome: nonzero padding")
+const (
+	welcomeV3 = 8  // a welcome's bytes in versions 2 and 3
+	welcomeV4 = 24 // and in version 4
+)
+
+// decodeWelcome decodes a welcome for a primary that offered ours: the
+// version the backup chose, which the layout depends on, and the session's
+// ID (zero in versions 2 and 3).
+func decodeWelcome(b []byte, ours versions) (uint32, SessionID, error) {
+	if len(b) < welcomeV3 {
+		return 0, SessionID{}, protoErr("welcome: %d bytes, want at least %d", len(b), welcomeV3)
 	}
 	v := binary.LittleEndian.Uint32(b)
 	if v < ours.lo || v > ours.hi {
-		return 0, protoErr("welcome: backup chose version %d, this primary speaks %d..%d", v, ours.lo, ours.hi)
+		return 0, SessionID{}, protoErr("welcome: backup chose version %d, this primary speaks %d..%d", v, ours.lo, ours.hi)
 	}
-	return v, nil
+	want := welcomeV3
+	if v >= 4 {
+		want = welcomeV4
+	}
+	if len(b) != want {
+		return 0, SessionID{}, protoErr("welcome: %d bytes, want %d for version %d", len(b), want, v)
+	}
+	if binary.LittleEndian.Uint32(b[4:]) != 0 {
+		return 0, SessionID{}, protoErr("welcome: nonzero padding")
+	}
+	var id SessionID
+	if v >= 4 {
+		id = SessionID(b[8:welcomeV4])
+		if id.IsZero() {
+			return 0, SessionID{}, protoErr("welcome: version %d with a zero session ID", v)
+		}
+	}
+	return v, id, nil
 }
 
 // Reject carries a reason: UTF-8 text of at most 1024 bytes.

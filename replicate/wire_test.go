@@ -273,11 +273,11 @@ func TestDecodeHelloRejects(t *testing.T) {
 		{"VMM name too long", helloWith(func(h *Hello) { h.VMM = strings.Repeat("v", maxVMM+1) }), "VMM name of 257 bytes"},
 		{"truncated", valid[:len(valid)-1], "129 bytes, want 130 for 2 regions"},
 		{"trailing byte", append(bytes.Clone(valid), 0), "131 bytes, want 130 for 2 regions"},
-		{"min > max version", patched(valid, helloOffMin, uint32(4)), "version range 4..3 is empty"},
+		{"min > max version", patched(valid, helloOffMin, uint32(Version+1)), fmt.Sprintf("version range %d..%d is empty", Version+1, Version)},
 		// Version 1's layout had no disk fields: a version-1 primary hears
 		// about versions, not about its hello's length.
 		{"a version-1 primary", patched(patched(append(bytes.Clone(valid[:helloOffDiskSize]), valid[helloFixed:]...),
-			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 2..3"},
+			helloOffVersion, uint32(1)), helloOffMin, uint32(1)), "protocol version: primary speaks 1..1, this backup 2..4"},
 		{"disk without block size", patched(valid, helloOffDiskSize, uint64(1<<20)), "stream of 1048576 bytes in 0-byte sync blocks"},
 		{"block size without disk", patched(valid, helloOffDiskBlk, uint32(4096)), "stream of 0 bytes in 4096-byte sync blocks"},
 		{"negative disk size", patched(patched(valid, helloOffDiskSize, uint64(1<<63)), helloOffDiskBlk, uint32(4096)), "stream of -9223372036854775808 bytes"},
@@ -325,14 +325,16 @@ func TestHelloNegotiate(t *testing.T) {
 		want    uint32
 		wantErr string
 	}{
-		{"exactly ours", 3, 3, versions{}, 3, ""},
-		{"newer primary that still speaks 3", 1, 5, versions{}, 3, ""},
-		{"primary claiming version 0 too", 0, 3, versions{}, 3, ""},
-		{"only newer versions", 4, 5, versions{}, 0, "primary speaks 4..5, this backup 2..3"},
-		{"only version 2 (page data among the entries): the previous version, spoken", 2, 2, versions{}, 2, ""},
+		{"exactly ours", 4, 4, versions{}, 4, ""},
+		{"newer primary that still speaks 4", 1, 6, versions{}, 4, ""},
+		{"primary claiming version 0 too", 0, 4, versions{}, 4, ""},
+		{"only newer versions", 5, 6, versions{}, 0, "primary speaks 5..6, this backup 2..4"},
+		{"only version 3 (no session ID): the previous version, spoken", 3, 3, versions{}, 3, ""},
+		{"a primary of 2..4, a backup of 2..3", 2, 4, versions{2, 3}, 3, ""},
+		{"only version 2 (page data among the entries): still spoken", 2, 2, versions{}, 2, ""},
 		{"a primary of 2..3, a backup of only 2", 2, 3, versions{2, 2}, 2, ""},
 		{"a primary of only 3, a backup of only 2", 3, 3, versions{2, 2}, 0, "primary speaks 3..3, this backup 2..2"},
-		{"only version 1 (no disk)", 1, 1, versions{}, 0, "primary speaks 1..1, this backup 2..3"},
+		{"only version 1 (no disk)", 1, 1, versions{}, 0, "primary speaks 1..1, this backup 2..4"},
 		{"only version 0", 0, 0, versions{}, 0, "primary speaks 0..0"},
 	}
 	for _, tt := range tests {
@@ -356,65 +358,139 @@ func TestHelloNegotiate(t *testing.T) {
 
 // --- Welcome ---------------------------------------------------------------
 
+// testSessionID is a session ID with every byte set, so a test sees any of
+// them lost.
+var testSessionID = SessionID{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0xff}
+
 func FuzzDecodeWelcome(f *testing.F) {
-	// A valid welcome choosing this version.
-	f.Add(appendWelcome(nil, Version))
-	// Version 0, never valid.
-	f.Add(appendWelcome(nil, 0))
-	// A version newer than this primary speaks.
-	f.Add(appendWelcome(nil, Version+1))
-	// The previous version, spoken; and the one before, not.
-	f.Add(appendWelcome(nil, MinVersion))
-	f.Add(appendWelcome(nil, MinVersion-1))
-	// Nonzero padding.
-	f.Add(patched(appendWelcome(nil, Version), 4, uint32(1)))
+	// A valid welcome choosing this version, with its session ID.
+	f.Add(appendWelcome(nil, Version, testSessionID))
+	// The previous version (no session ID), spoken; and version 2.
+	f.Add(appendWelcome(nil, 3, SessionID{}))
+	f.Add(appendWelcome(nil, MinVersion, SessionID{}))
+	// Version 0, never valid; and the version before MinVersion.
+	f.Add(appendWelcome(nil, 0, SessionID{}))
+	f.Add(appendWelcome(nil, MinVersion-1, SessionID{}))
+	// A version newer than this primary speaks, with and without an ID.
+	f.Add(appendWelcome(nil, Version+1, testSessionID))
+	f.Add(appendWelcome(nil, Version+1, SessionID{})[:welcomeV3])
+	// Version 4 with a zero session ID.
+	f.Add(appendWelcome(nil, 4, SessionID{}))
+	// Version 4 without its ID; version 3 with one.
+	f.Add(appendWelcome(nil, 4, testSessionID)[:welcomeV3])
+	f.Add(append(appendWelcome(nil, 3, SessionID{}), testSessionID[:]...))
+	// Nonzero padding, in version 3 and 4.
+	f.Add(patched(appendWelcome(nil, Version, testSessionID), 4, uint32(1)))
+	f.Add(patched(appendWelcome(nil, 3, SessionID{}), 4, uint32(1)))
 	// Truncated; and one byte too long.
-	f.Add(appendWelcome(nil, Version)[:7])
-	f.Add(append(appendWelcome(nil, Version), 0))
+	f.Add(appendWelcome(nil, Version, testSessionID)[:welcomeV4-1])
+	f.Add(append(appendWelcome(nil, Version, testSessionID), 0))
+	f.Add(appendWelcome(nil, 3, SessionID{})[:7])
+	f.Add(append(appendWelcome(nil, 3, SessionID{}), 0))
 	// Nothing.
 	f.Add([]byte{})
 
 	f.Fuzz(func(t *testing.T, b []byte) {
-		v, err := decodeWelcome(b, ours)
+		v, id, err := decodeWelcome(b, ours)
 		if err != nil {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("error %q is not ErrProtocol", err)
 			}
-			if v != 0 {
-				t.Fatalf("error %q with version %d", err, v)
+			if v != 0 || !id.IsZero() {
+				t.Fatalf("error %q with version %d, session %v", err, v, id)
 			}
 			return
 		}
 		if v < MinVersion || v > Version {
 			t.Fatalf("accepted version %d", v)
 		}
-		if got := appendWelcome(nil, v); !bytes.Equal(got, b) {
+		if id.IsZero() != (v < 4) {
+			t.Fatalf("version %d with session %v", v, id)
+		}
+		if got := appendWelcome(nil, v, id); !bytes.Equal(got, b) {
 			t.Fatalf("round trip: in %x, out %x", b, got)
 		}
 	})
 }
 
+func TestDecodeWelcome(t *testing.T) {
+	tests := []struct {
+		name    string
+		version uint32
+		session SessionID // what the welcome is built with
+		want    SessionID // what it decodes to
+		size    int
+	}{
+		{"version 4 names the session", 4, testSessionID, testSessionID, welcomeV4},
+		{"version 3 names none", 3, SessionID{}, SessionID{}, welcomeV3},
+		{"version 3 drops an ID it was given", 3, testSessionID, SessionID{}, welcomeV3},
+		{"version 2 names none", 2, testSessionID, SessionID{}, welcomeV3},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := appendWelcome(nil, tt.version, tt.session)
+			if len(b) != tt.size {
+				t.Fatalf("welcome of %d bytes, want %d", len(b), tt.size)
+			}
+			v, id, err := decodeWelcome(b, ours)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v != tt.version || id != tt.want {
+				t.Fatalf("decoded version %d, session %v; want %d, %v", v, id, tt.version, tt.want)
+			}
+		})
+	}
+}
+
+func TestSessionID(t *testing.T) {
+	if got, want := testSessionID.String(), "0102030405060708090a0b0c0d0e0fff"; got != want {
+		t.Errorf("String() = %q, want %q", got, want)
+	}
+	if got, want := (SessionID{}).String(), strings.Repeat("0", 32); got != want {
+		t.Errorf("zero String() = %q, want %q", got, want)
+	}
+	if (SessionID{}).IsZero() != true || testSessionID.IsZero() || (SessionID{15: 1}).IsZero() {
+		t.Error("IsZero is wrong")
+	}
+	a, b := newSessionID(), newSessionID()
+	if a.IsZero() || b.IsZero() || a == b {
+		t.Errorf("newSessionID gave %v and %v", a, b)
+	}
+}
+
 func TestDecodeWelcomeRejects(t *testing.T) {
+	v3 := appendWelcome(nil, 3, SessionID{})
+	v4 := appendWelcome(nil, 4, testSessionID)
 	tests := []struct {
 		name    string
 		in      []byte
 		offered versions // zero: ours
 		wantErr string
 	}{
-		{"empty", nil, versions{}, "welcome: 0 bytes, want 8"},
-		{"long", make([]byte, 9), versions{}, "welcome: 9 bytes, want 8"},
-		{"version 0", appendWelcome(nil, 0), versions{}, "backup chose version 0"},
-		{"version too old", appendWelcome(nil, 1), versions{}, "backup chose version 1, this primary speaks 2..3"},
-		{"version too new", appendWelcome(nil, 4), versions{}, "backup chose version 4"},
-		{"a version the hello did not offer", appendWelcome(nil, 3), versions{2, 2}, "backup chose version 3, this primary speaks 2..2"},
-		{"padding", patched(appendWelcome(nil, Version), 4, uint32(1)), versions{}, "nonzero padding"},
+		{"empty", nil, versions{}, "welcome: 0 bytes, want at least 8"},
+		{"short", v3[:7], versions{}, "welcome: 7 bytes, want at least 8"},
+		{"version 3, long", append(bytes.Clone(v3), 0), versions{}, "welcome: 9 bytes, want 8 for version 3"},
+		{"version 3 with a session ID", append(bytes.Clone(v3), testSessionID[:]...), versions{}, "welcome: 24 bytes, want 8 for version 3"},
+		{"version 2 with a session ID", append(appendWelcome(nil, 2, SessionID{}), testSessionID[:]...), versions{}, "welcome: 24 bytes, want 8 for version 2"},
+		{"version 4 without its session ID", v4[:8], versions{}, "welcome: 8 bytes, want 24 for version 4"},
+		{"version 4, truncated", v4[:23], versions{}, "welcome: 23 bytes, want 24 for version 4"},
+		{"version 4, long", append(bytes.Clone(v4), 0), versions{}, "welcome: 25 bytes, want 24 for version 4"},
+		{"version 4 with a zero session ID", appendWelcome(nil, 4, SessionID{}), versions{}, "welcome: version 4 with a zero session ID"},
+		{"version 0", appendWelcome(nil, 0, SessionID{}), versions{}, "backup chose version 0"},
+		{"version too old", appendWelcome(nil, 1, SessionID{}), versions{}, "backup chose version 1, this primary speaks 2..4"},
+		{"version too new", appendWelcome(nil, 5, testSessionID), versions{}, "backup chose version 5"},
+		{"a version the hello did not offer", v4, versions{2, 3}, "backup chose version 4, this primary speaks 2..3"},
+		{"an older version the hello did not offer", v3, versions{2, 2}, "backup chose version 3, this primary speaks 2..2"},
+		{"padding, version 4", patched(v4, 4, uint32(1)), versions{}, "nonzero padding"},
+		{"padding, version 3", patched(v3, 4, uint32(1)), versions{}, "nonzero padding"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			v, err := decodeWelcome(tt.in, tt.offered.orDefault())
+			v, id, err := decodeWelcome(tt.in, tt.offered.orDefault())
 			checkProto(t, err, tt.wantErr)
-			if v != 0 {
-				t.Errorf("error with version %d", v)
+			if v != 0 || !id.IsZero() {
+				t.Errorf("error with version %d, session %v", v, id)
 			}
 		})
 	}
