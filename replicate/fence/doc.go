@@ -49,6 +49,20 @@
 // expiry, at least Margin later, which is the time the old owner has to
 // fence itself before a backup can win the key.
 //
+// # The standby record
+//
+// Owning the VM is not enough for a backup to resume it: its replica must
+// hold what the world saw. A second key, /repagent/vm/<Name>/standby
+// (StandbyKey), names the backup session that holds the VM's state, or
+// NoStandby. The owner writes it with SetStandby, in a transaction that
+// succeeds only while its own owner key stands, so every record is written
+// before any later owner can win the key: the primary records a session's
+// backup before it first releases that session's output, and records
+// NoStandby before it releases output its lost backup did not acknowledge.
+// Claim, the backup's failover step, takes the key over, reads the record,
+// and resumes only the session it names (else a *StaleError, and the key is
+// released), then records NoStandby: the resumed VM has no backup.
+//
 // # What the embedder must do
 //
 //  1. Make a clientv3.Client and a Config naming the VM and this agent.
@@ -58,8 +72,10 @@
 //     step (releasing held output, acknowledging a disk commit), and fences
 //     itself (stops releasing output, pauses the VM, stops the disk) as soon
 //     as Lost is closed.
-//  4. The backup, on losing the primary, calls TakeOver and resumes the VM
-//     only once it returns an Owner, then behaves as a primary (3).
-//  5. On a planned stop or handover, the owner calls Release after it has
+//  4. The primary calls SetStandby as the standby record section says.
+//  5. The backup, on losing the primary, calls Claim with its replica's
+//     session and resumes the VM only once it returns an Owner, then
+//     behaves as a primary (3).
+//  6. On a planned stop or handover, the owner calls Release after it has
 //     stopped releasing output: Lost closes and the key is free at once.
 package fence

@@ -136,14 +136,30 @@ func TakeOver(ctx context.Context, cfg Config) (*Owner, error) {
 	}
 	key := Key(cfg.Name)
 	for {
-		resp, err := cfg.Client.Get(ctx, key)
+		// Every request is bounded: across a partition a request can hang
+		// until TCP gives up, long after etcd is reachable again.
+		rctx, cancel := context.WithTimeout(ctx, cfg.TTL)
+		resp, err := cfg.Client.Get(rctx, key)
+		cancel()
 		if err != nil {
-			return nil, fmt.Errorf("take over vm %q: read owner: %w", cfg.Name, err)
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("take over vm %q: read owner: %w", cfg.Name, ctx.Err())
+			}
+			cfg.Log.Warn("fence: cannot read vm's owner; trying again", "vm", cfg.Name, "err", err)
+			pause(ctx, cfg.TTL/10)
+			continue
 		}
 		if len(resp.Kvs) == 0 {
-			o, holder, err := try(ctx, cfg)
+			rctx, cancel := context.WithTimeout(ctx, 2*cfg.TTL)
+			o, holder, err := try(rctx, cfg)
+			cancel()
 			if err != nil {
-				return nil, err
+				if ctx.Err() != nil {
+					return nil, err
+				}
+				cfg.Log.Warn("fence: cannot own vm; trying again", "vm", cfg.Name, "err", err)
+				pause(ctx, cfg.TTL/10)
+				continue
 			}
 			if o != nil {
 				return o, nil
@@ -155,6 +171,14 @@ func TakeOver(ctx context.Context, cfg Config) (*Owner, error) {
 		if err := waitDeleted(ctx, cfg, key, resp.Header.Revision); err != nil {
 			return nil, fmt.Errorf("take over vm %q: %w", cfg.Name, err)
 		}
+	}
+}
+
+// pause waits d, or until ctx ends.
+func pause(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
 	}
 }
 
@@ -385,4 +409,101 @@ func (o *Owner) watch(ctx context.Context) {
 		case <-time.After(o.cfg.TTL / 3):
 		}
 	}
+}
+
+// StandbyKey is the key naming the backup session that holds the state of
+// the VM called name: its value is a session ID, or NoStandby.
+func StandbyKey(name string) string { return "/repagent/vm/" + name + "/standby" }
+
+// NoStandby is the standby key's value while no backup holds the VM's state
+// (the primary runs unprotected, or a backup resumed it).
+const NoStandby = "none"
+
+// SetStandby records session (NoStandby when "") as the VM's standby, in a
+// transaction that succeeds only while this agent's owner key is in etcd:
+// the record is then written under this ownership, before any later owner
+// can win the key. The primary calls it before it first releases a
+// session's output, and with "" before it releases output its lost backup
+// did not acknowledge; a backup that wins the key resumes only the session
+// the record names (Claim).
+func (o *Owner) SetStandby(ctx context.Context, session string) error {
+	if session == "" {
+		session = NoStandby
+	}
+	if !o.Valid() {
+		return fmt.Errorf("record standby of vm %q: %w", o.cfg.Name, o.lostCause())
+	}
+	txn, err := o.cfg.Client.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(o.key), "=", o.rev),
+			clientv3.Compare(clientv3.Value(o.key), "=", o.cfg.ID)).
+		Then(clientv3.OpPut(StandbyKey(o.cfg.Name), session)).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("record standby of vm %q: %w", o.cfg.Name, err)
+	}
+	if !txn.Succeeded {
+		o.lose(ErrDisplaced)
+		return fmt.Errorf("record standby of vm %q: %w", o.cfg.Name, ErrDisplaced)
+	}
+	o.cfg.Log.Info("fence: standby recorded", "vm", o.cfg.Name, "standby", session, "revision", txn.Header.Revision)
+	return nil
+}
+
+// lostCause is Cause, or ErrLapsed while validity ran out before Lost
+// closed.
+func (o *Owner) lostCause() error {
+	if err := o.Cause(); err != nil {
+		return err
+	}
+	return ErrLapsed
+}
+
+// StaleError is Claim's refusal: the standby record does not name the
+// session whose replica the backup holds, so the primary released output
+// that replica does not have (or another backup holds the VM now).
+type StaleError struct {
+	Name    string
+	Session string // the replica's session
+	Standby string // the record's
+}
+
+func (e *StaleError) Error() string {
+	if e.Standby == "" {
+		return fmt.Sprintf("vm %q: no standby was ever recorded, and the replica is of session %s", e.Name, e.Session)
+	}
+	if e.Standby == NoStandby {
+		return fmt.Sprintf("vm %q: the replica of session %s is stale: the primary ran on unprotected after it (its output since is not in this replica)", e.Name, e.Session)
+	}
+	return fmt.Sprintf("vm %q: the replica of session %s is stale: the VM's standby is session %q", e.Name, e.Session, e.Standby)
+}
+
+// Claim is the backup's failover step: it waits until it owns the VM
+// (TakeOver), checks that the standby record names session, the one whose
+// replica it holds, and records that no backup holds the VM any more (its
+// output is about to be released unheld). On a stale replica it releases
+// the VM and returns a *StaleError. On success the caller resumes the VM and
+// fences it when the Owner's Lost closes.
+func Claim(ctx context.Context, cfg Config, session string) (*Owner, error) {
+	o, err := TakeOver(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := o.cfg.Client.Get(ctx, StandbyKey(o.cfg.Name))
+	if err != nil {
+		o.Release(context.Background())
+		return nil, fmt.Errorf("claim vm %q: read standby: %w", o.cfg.Name, err)
+	}
+	standby := ""
+	if len(resp.Kvs) > 0 {
+		standby = string(resp.Kvs[0].Value)
+	}
+	if standby != session || session == "" {
+		o.Release(context.Background())
+		return nil, &StaleError{Name: o.cfg.Name, Session: session, Standby: standby}
+	}
+	if err := o.SetStandby(ctx, ""); err != nil {
+		o.Release(context.Background())
+		return nil, fmt.Errorf("claim vm %q: %w", o.cfg.Name, err)
+	}
+	return o, nil
 }

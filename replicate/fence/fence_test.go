@@ -297,3 +297,83 @@ func TestConfig(t *testing.T) {
 		})
 	}
 }
+
+// The standby record decides which replica a backup may resume: the
+// session it names, and only once the backup owns the VM.
+func TestClaimChecksStandby(t *testing.T) {
+	eps := etcdtest.Start(t)
+	c := newClient(t, eps[0])
+	standby := func() string {
+		t.Helper()
+		r, err := c.Get(ctx(t), fence.StandbyKey("vm1"))
+		if err != nil || len(r.Kvs) != 1 {
+			t.Fatalf("read standby: %v (%d keys)", err, len(r.Kvs))
+		}
+		return string(r.Kvs[0].Value)
+	}
+
+	// A records session s1, then is gone: the backup of s1 claims the VM.
+	a := acquire(t, config(c, "a"))
+	if err := a.SetStandby(ctx(t), "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := standby(); got != "s1" {
+		t.Fatalf("standby %q, want s1", got)
+	}
+	if err := a.Release(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	b, err := fence.Claim(ctx(t), config(c, "b"), "s1")
+	if err != nil {
+		t.Fatalf("claim of the recorded session: %v", err)
+	}
+	if got := standby(); got != fence.NoStandby {
+		t.Fatalf("standby after the claim %q, want %q: the resumed VM has no backup", got, fence.NoStandby)
+	}
+	if err := b.Release(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+
+	// A2 records s2, then runs on unprotected (none): s2's replica is stale.
+	a2 := acquire(t, config(c, "a2"))
+	if err := a2.SetStandby(ctx(t), "s2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a2.SetStandby(ctx(t), ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := a2.Release(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = fence.Claim(ctx(t), config(c, "b2"), "s2")
+	var stale *fence.StaleError
+	if !errors.As(err, &stale) || stale.Standby != fence.NoStandby || stale.Session != "s2" {
+		t.Fatalf("claim of a stale session: %v, want a *StaleError naming s2 and %q", err, fence.NoStandby)
+	}
+	// The refused claimant released the VM.
+	acquire(t, config(c, "c"))
+}
+
+// An owner whose key was taken from it cannot record a standby, and knows
+// it lost the VM.
+func TestSetStandbyDisplaced(t *testing.T) {
+	eps := etcdtest.Start(t)
+	c := newClient(t, eps[0])
+	a := acquire(t, config(c, "a"))
+	if _, err := c.Delete(ctx(t), fence.Key("vm1")); err != nil {
+		t.Fatal(err)
+	}
+	// The watch may close Lost first; either way the record is refused.
+	if err := a.SetStandby(ctx(t), "s1"); !errors.Is(err, fence.ErrDisplaced) {
+		t.Fatalf("SetStandby after the key was deleted: %v, want ErrDisplaced", err)
+	}
+	select {
+	case <-a.Lost():
+	case <-time.After(eventually):
+		t.Fatal("Lost did not close")
+	}
+	r, err := c.Get(ctx(t), fence.StandbyKey("vm1"))
+	if err != nil || len(r.Kvs) != 0 {
+		t.Fatalf("a standby was written by a displaced owner: %v %v", r.Kvs, err)
+	}
+}
