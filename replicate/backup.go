@@ -32,6 +32,13 @@ type BackupConfig struct {
 	// Resume restores the VM from a checkpoint and runs it: the failover.
 	// It owns cp.Memory from the call on. Required.
 	Resume func(cp *Checkpoint) error
+	// Claim, when set, is the failover's first step: it returns once this
+	// backup may resume cp (with fencing, once it owns the VM and the
+	// standby record names cp's session: protect does it with
+	// replicate/fence), or with an error, and then nothing is resumed: the
+	// replica and the disk stay as they are. It may wait as long as the
+	// primary holds the VM, until ctx ends.
+	Claim func(ctx context.Context, cp *Checkpoint) error
 	// Expect, when set, is the only VM shape accepted.
 	Expect *Shape
 	// MaxMemory is the largest guest memory a primary may declare (default
@@ -86,6 +93,7 @@ type Failover struct {
 	Verified bool          // the replica was digested and matched
 	Stream   bool          // the stream's sink (a disk) was brought to the checkpoint's epoch
 	Cause    error         // why the primary was deemed lost
+	Claim    time.Duration // waiting for BackupConfig.Claim: with fencing, to own the VM
 	Verify   time.Duration // digesting the replica, and bringing the sink to its epoch
 	Restore  time.Duration // the Resume call
 	Took     time.Duration // from detecting the loss to Resume returning
@@ -101,6 +109,8 @@ type Backup struct {
 	rep *replica // the current session's replica
 
 	counts serveCounters // Serve's
+	// claiming is set while a failover waits for BackupConfig.Claim.
+	claiming atomic.Bool
 
 	// speak is the protocol versions the backup accepts (unset: all this
 	// build speaks); tests narrow it to play an older backup.
@@ -259,7 +269,7 @@ func (b *Backup) runSession(ctx context.Context, pc *pending) (*Failover, error)
 	if !errors.Is(err, errPrimaryLost) {
 		return nil, err
 	}
-	return b.failover(s.rep, err)
+	return b.failover(ctx, s.rep, err)
 }
 
 // dropReplica frees rep if it is the backup's replica: a session that ended
@@ -276,7 +286,7 @@ func (b *Backup) dropReplica(rep *replica) {
 }
 
 // failover resumes the session's last checkpoint.
-func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
+func (b *Backup) failover(ctx context.Context, rep *replica, cause error) (*Failover, error) {
 	t0 := time.Now()
 	b.mu.Lock()
 	if b.rep != rep {
@@ -288,6 +298,19 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 	}
 	fo := &Failover{Epoch: rep.epoch, Digest: rep.digest, Cause: cause}
 	b.log.Warn("PRIMARY LOST: failing over", "cause", cause, "epoch", rep.epoch)
+	if b.cfg.Claim != nil {
+		cp := &Checkpoint{Epoch: rep.epoch, Digest: rep.digest, Shape: rep.shape, Session: rep.session}
+		b.claiming.Store(true)
+		err := b.cfg.Claim(ctx, cp)
+		b.claiming.Store(false)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, fmt.Errorf("claim the VM: %w", err)
+		}
+		fo.Claim = time.Since(t0)
+	}
 	if b.cfg.VerifyReplica {
 		d, err := DigestMemory(rep.mem, rep.shape.MemSize)
 		if err != nil {
@@ -307,7 +330,7 @@ func (b *Backup) failover(rep *replica, cause error) (*Failover, error) {
 		fo.Stream = true
 	}
 	t := time.Now()
-	fo.Verify = t.Sub(t0)
+	fo.Verify = t.Sub(t0) - fo.Claim
 	rep.unmap()
 	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape, Verified: fo.Verified,
 		Session: rep.session}

@@ -28,6 +28,10 @@
 //     deadline, TLS, at most a few at once, sessions that end before a
 //     checkpoint not ending it), backup.go (Handle, staging, apply,
 //     failover).
+//   - Fencing: lease.go (the primary's rules with a Lease: release only
+//     while it is valid, the standby record, fencing on its loss); the
+//     backup's side is BackupConfig.Claim, and Serve takes a primary that
+//     reconnects while a failover waits to own the VM.
 //   - The contracts a VMM and its devices implement: contract.go; the
 //     typed errors a caller decides on: errors.go.
 //
@@ -115,7 +119,8 @@
 // (type, flags, length, epoch), then a payload. The wire format is
 // documented in one place, wire.go: the session diagram, the backup
 // receiver's states and which message each accepts, every payload byte by
-// byte, the versions spoken (this is version 3; version 2 is accepted too),
+// byte, the versions spoken (this is version 4; versions 2 and 3 are
+// accepted too),
 // and how payloads lie in staging on each side. Anything that does not
 // decode or breaks the order is a protocol error (ErrProtocol): the backup
 // sends reject, ends the session and keeps its last good checkpoint; it
@@ -215,6 +220,16 @@
 // Run starts, so what the guest sends before (while nothing protects it)
 // flows, and epoch 1 holds what it sends from then on, through the initial
 // sync, until the first checkpoint is acknowledged.
+//
+// Without a lease, a partition between two live hosts makes both sides
+// think the other dead: the primary releases its output and runs on, the
+// backup resumes a second copy. With Config.Lease and BackupConfig.Claim
+// (protect.Fence: the VM's owner key in etcd), the primary releases output
+// only while its lease is valid and fences the VM when it cannot know it
+// is, and the backup resumes only once it owns the VM and the standby
+// record names its session; the rules are in lease.go. A fenced primary
+// ends its session as a dead one would, so the backup takes over once it
+// owns the VM; Run returns a *FencedError (ErrFenced).
 //
 // Both sides measure silence, not transfer time: every read pushes the read
 // deadline out, and a write that moves no byte for the heartbeat timeout

@@ -1,6 +1,10 @@
 package replicate
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+	"time"
+)
 
 // The errors a caller of the engine decides on. Every cause is wrapped with
 // %w, so errors.Is and errors.As see through to the errno or the reason.
@@ -61,3 +65,29 @@ var (
 // without WriteGuard. CaptureAuto falls back to eager instead, with a note
 // in the log.
 var ErrLazyUnsupported = errors.New("lazy capture not supported")
+
+// ErrFenced is matched (errors.Is) by what Primary.Run returns when the
+// VM's lease (Config.Lease) was lost: the engine stopped releasing output
+// and paused the VM. The error is a *FencedError.
+var ErrFenced = errors.New("fenced: this host no longer knows it owns the VM")
+
+// FencedError is what Primary.Run returns when it fenced the VM: Cause is
+// why the lease was lost (its Lost closed, a renewal lapsed, or the standby
+// could not be recorded), LastCommitted the last epoch whose output was
+// released, and At the moment from which no output was released any more.
+type FencedError struct {
+	Cause         error
+	LastCommitted uint64
+	LastRelease   time.Time // when LastCommitted's output was released (zero: none was)
+	At            time.Time
+}
+
+func (e *FencedError) Error() string {
+	return fmt.Sprintf("%v: %v (output of the epochs after %d held, never released; VM paused)", ErrFenced, e.Cause, e.LastCommitted)
+}
+
+// Is reports whether target is ErrFenced.
+func (e *FencedError) Is(target error) bool { return target == ErrFenced }
+
+// Unwrap returns the cause.
+func (e *FencedError) Unwrap() error { return e.Cause }

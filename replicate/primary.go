@@ -125,6 +125,12 @@ type Config struct {
 	// backup that refuses the certificate makes Run return a
 	// *RefusedError naming the TLS alert.
 	TLS *tls.Config
+	// Lease, when set, is the VM's ownership in a coordination service
+	// (protect makes one from replicate/fence): output is released only
+	// while it is valid, the backup session that may resume the VM is
+	// recorded under it, and its loss fences the VM (lease.go). It needs a
+	// backup of protocol version 4 or later, which names its session.
+	Lease Lease
 	// Log receives the engine's messages; nil means slog.Default().
 	Log *slog.Logger
 }
@@ -255,6 +261,15 @@ type Primary struct {
 	endMsg, endPay []byte // the sender's end record buffers
 	protected      atomic.Bool
 
+	// With a Lease (lease.go): fenced is set, under gmu held alone, when
+	// the engine fenced the VM; standbySet once this session's backup is
+	// recorded as the standby (the reader's); lastCommit and lastCommitAt
+	// are the last epoch whose output was released, and when.
+	fenced       *FencedError
+	standbySet   bool
+	lastCommit   atomic.Uint64
+	lastCommitAt atomic.Int64
+
 	// sess is the session's state (session.go): running, stopping, ended,
 	// unprotected. Its move to unprotected happens under gmu held alone.
 	sess *primarySession
@@ -332,6 +347,11 @@ func (p *Primary) Interval() time.Duration { return p.cfg.Interval }
 // the gates and returns that error. Run is for one session: make a new
 // Primary for the next.
 func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
+	defer func() { err = p.pauseFenced(err) }() // last: after everything stopped
+	if err := p.checkLease(); err != nil {
+		conn.Close()
+		return err
+	}
 	if p.cfg.TLS != nil {
 		tc, err := tlsClient(ctx, conn, p.cfg.TLS, max(p.cfg.HeartbeatTimeout, DefaultHandshakeTimeout))
 		if err != nil {
@@ -353,6 +373,9 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	}
 	if err != nil {
 		return err
+	}
+	if p.cfg.Lease != nil && p.Session().IsZero() {
+		return fmt.Errorf("fencing needs a backup that names its session (protocol version 4 or later); this one speaks version %d", p.version)
 	}
 	src, err := p.cfg.VM.DirtySource(p.cfg.DirtyTrack)
 	if err != nil {
@@ -612,11 +635,22 @@ func (p *Primary) discardGates(n uint64) {
 }
 
 // releaseGates moves an ended session to unprotected and releases the
-// gates; it does nothing in any other state.
+// gates; it does nothing in any other state. With a lease it first records
+// that no backup holds the VM, and fences instead if it cannot, or if the
+// engine fenced (lease.go).
 func (p *Primary) releaseGates() {
+	if p.cfg.Lease != nil && p.fencedErr() == nil && p.sess.state() == sessEnded {
+		if err := p.clearStandby(); err != nil {
+			p.fence(err)
+			return
+		}
+	}
 	p.gmu.Lock()
 	defer p.gmu.Unlock()
-	if !p.sess.fire(evRelease, nil) {
+	if p.cfg.Lease != nil && !p.cfg.Lease.Valid() {
+		p.fenceLocked(fmt.Errorf("lease not valid when the held output would be released: %w", leaseCause(p.cfg.Lease)))
+	}
+	if p.fenced != nil || !p.sess.fire(evRelease, nil) {
 		return
 	}
 	for _, g := range p.gates {
@@ -640,6 +674,9 @@ func (p *Primary) unprotected(cause error) error {
 		p.discardGates(p.lastAcked.Load())
 	}
 	p.releaseGates()
+	if f := p.fencedErr(); f != nil {
+		return f
+	}
 	if a := p.sess.aborted(); a != nil {
 		p.cfg.Log.Error("REPLICATION STOPPED: the VM runs UNPROTECTED", "cause", a, "last-acked-epoch", p.lastAcked.Load())
 		return fmt.Errorf("replication stopped: %w", a)
@@ -792,7 +829,7 @@ func (p *Primary) acked(n uint64, a Ack) error {
 	st.AckLatency = now.Sub(st.Start.Add(st.Pause + st.Transfer))
 	p.lastAcked.Store(n)
 	p.protected.Store(true) // Protected also checks the link
-	if err := p.gateCall(p.gates, func(g OutputGate) error { return g.Commit(n) }); err != nil {
+	if err := p.commit(n); err != nil {
 		return err
 	}
 	if p.cfg.OnEpoch != nil {

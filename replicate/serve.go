@@ -157,6 +157,37 @@ func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) 
 	}
 	done := make(chan result, 1)
 	running := false
+	// With a Claim, a session whose primary was lost may wait long to own
+	// the VM (its primary alive, cut off from this backup only). A primary
+	// that connects meanwhile is the owner protecting its VM again: the
+	// wait is cancelled and the new session served (next), whose sync
+	// replaces the stale replica.
+	var (
+		cancelRunning context.CancelFunc
+		next          *pending
+	)
+	start := func(pc *pending) {
+		running = true
+		b.counts.sessions.Add(1)
+		sctx, scancel := context.WithCancel(ctx)
+		cancelRunning = scancel
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer scancel()
+			fo, err := b.runSession(sctx, pc)
+			done <- result{fo, err, pc}
+		}()
+	}
+	refuse := func(pc *pending, why string) {
+		b.counts.busy.Add(1)
+		b.log.Warn("refused connection: "+why, "from", pc.s.conn.RemoteAddr(), "peer", pc.peer)
+		go func() {
+			pc.s.reject(protoErr("%s", why))
+			lingerClose(pc.s.conn)
+			pc.s.conn.Close()
+		}()
+	}
 	for {
 		select {
 		case err := <-acceptErr:
@@ -165,26 +196,32 @@ func (b *Backup) Serve(ctx context.Context, ln net.Listener) (*Failover, error) 
 			}
 			return nil, fmt.Errorf("accept primary: %w", err)
 		case pc := <-ready:
-			if running {
-				b.counts.busy.Add(1)
-				b.log.Warn("refused connection: a session is running", "from", pc.s.conn.RemoteAddr(), "peer", pc.peer)
-				go func() {
-					pc.s.reject(protoErr("this backup is serving another primary"))
-					lingerClose(pc.s.conn)
-					pc.s.conn.Close()
-				}()
-				continue
+			switch {
+			case !running:
+				start(pc)
+			case b.claiming.Load() && !b.cfg.Once:
+				if next != nil {
+					refuse(next, "superseded by a newer connection while this backup waited to own the VM")
+				}
+				next = pc
+				b.log.Warn("a primary connected while this backup waited to own the VM: serving it, dropping the old replica",
+					"from", pc.s.conn.RemoteAddr(), "peer", pc.peer)
+				cancelRunning()
+			default:
+				refuse(pc, "this backup is serving another primary")
 			}
-			running = true
-			b.counts.sessions.Add(1)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				fo, err := b.runSession(ctx, pc)
-				done <- result{fo, err, pc}
-			}()
 		case r := <-done:
 			running = false
+			if next != nil && ctx.Err() == nil {
+				pc := next
+				next = nil
+				if r.fo == nil && errors.Is(r.err, context.Canceled) {
+					b.counts.early.Add(1)
+					start(pc)
+					continue
+				}
+				refuse(pc, "this backup failed over")
+			}
 			if b.cfg.Once || ctx.Err() != nil || !b.early(r.err) {
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
