@@ -240,6 +240,11 @@ func (t *Tracker) Start() error {
 	return nil
 }
 
+// Reusable reports whether the tracker is stopped and was made without
+// InitiallySet, so that Start may begin tracking again: a second session of
+// a VM reuses its tracker (and the dirty rings it mapped).
+func (t *Tracker) Reusable() bool { return !t.started && !t.cfg.InitiallySet }
+
 // Stop turns dirty logging off. Pages written since the last harvest are not
 // reported.
 func (t *Tracker) Stop() error {

@@ -56,7 +56,14 @@ func (m *Machine) DirtyTracker(mech dirtylog.Mechanism, initiallySet bool) (*dir
 
 // DirtySource is DirtyTracker(mech, false) as a dirtylog.Source: the form
 // replicate's VM contract asks for.
+//
+// A second source with the mechanism of the last one (a VM protected again
+// after its backup was lost) is that tracker again, stopped: a vCPU's dirty
+// ring is mapped once for its life, and the tracker keeps its place in it.
 func (m *Machine) DirtySource(mech dirtylog.Mechanism) (dirtylog.Source, error) {
+	if t := m.tracker.Load(); t != nil && (mech == dirtylog.Auto || t.Mechanism() == mech) && t.Reusable() {
+		return t, nil
+	}
 	t, err := m.DirtyTracker(mech, false)
 	if err != nil {
 		return nil, err
