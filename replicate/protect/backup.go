@@ -43,6 +43,12 @@ type BackupConfig struct {
 	OnAnnounce func(tap string, mac net.HardwareAddr, ip netip.Addr, err error)
 	// Metrics, when set, is fed every checkpoint applied and the failover.
 	Metrics *metrics.BackupCollector
+	// Fence, when set, resumes the VM only once this backup owns it in etcd
+	// and the standby record names the session whose replica it holds
+	// (fence.Claim): a failover waits while the primary holds its lease.
+	// The resumed VM's embedder pauses it when Ownership().Lost() closes.
+	// RunOnLoss is ignored here: the resumed VM fences on any loss.
+	Fence *Fence
 }
 
 // Devices are what the backup opened for the VM it resumes.
@@ -66,9 +72,10 @@ type Restored struct {
 // last checkpoint: the tap reopened, the disk at the checkpoint's epoch,
 // the guest announced, then started.
 type Backup struct {
-	cfg BackupConfig
-	eng *replicate.Backup
-	tap *os.File
+	cfg   BackupConfig
+	eng   *replicate.Backup
+	tap   *os.File
+	owner *lease // with Fence, once a failover claimed the VM
 }
 
 // NewBackup makes the engine's backup with protect's Resume.
@@ -80,6 +87,10 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	ec := cfg.Engine
 	ec.Resume = b.resume
 	ec.NewSink = nil
+	ec.Claim = nil
+	if cfg.Fence != nil {
+		ec.Claim = b.claim
+	}
 	if m, on := cfg.Metrics, ec.OnEpoch; m != nil {
 		ec.OnEpoch = func(epoch uint64, pages int, digest uint64) {
 			m.ObserveCheckpoint(epoch, pages, digest)
@@ -98,6 +109,15 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 	b.eng = eng
 	cfg.Metrics.WatchServe(eng.ServeStats)
 	return b, nil
+}
+
+// Ownership is the resumed VM's lease, with Fence once a failover claimed
+// the VM; nil otherwise.
+func (b *Backup) Ownership() Ownership {
+	if b.owner == nil {
+		return nil
+	}
+	return b.owner
 }
 
 // Engine is the engine's backup (Serve, Handle, Close, Replica).
@@ -163,6 +183,12 @@ func (b *Backup) log(msg string, args ...any) {
 // VM stopped: it uses the tap until then.
 func (b *Backup) Close() error {
 	err := b.eng.Close()
+	if b.owner != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), fenceDialTimeout)
+		err = errors.Join(err, b.owner.release(ctx))
+		cancel()
+		b.owner = nil
+	}
 	if b.tap != nil {
 		err = errors.Join(err, b.tap.Close())
 		b.tap = nil

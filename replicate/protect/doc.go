@@ -72,6 +72,22 @@
 // everything after the handshake is encrypted (SECURITY.md); without it
 // anyone who reaches the backup's port can feed it a VM to resume.
 //
+// Against partitions, give both sides a Fence (Config.Fence,
+// BackupConfig.Fence): the VM's ownership becomes a lease in etcd
+// (replicate/fence). NewPrimary then acquires the VM (a *fence.HeldError if
+// another agent owns it); the engine releases output only while the lease
+// is valid, records which backup session holds the VM before it releases
+// anything, and fences the VM (pauses it, releases nothing more: Run
+// returns replicate.ErrFenced) when the lease is lost. After Run returned
+// with the backup lost, the VM runs unprotected: watch
+// Primary.Ownership().Lost() and pause it when that closes; Protect and
+// Run again to protect it again once the backup is back (the backup,
+// waiting to own the VM, takes the new session instead). The backup's
+// failover first claims the VM (fence.Claim): it waits while the primary
+// holds its lease, and refuses a replica the primary ran on past. Its
+// resumed VM is then the owner: pause it when Backup.Ownership().Lost()
+// closes. Close gives the VM up on either side.
+//
 // Config.Metrics and BackupConfig.Metrics take Prometheus collectors
 // (package replicate/metrics) that the Primary and the Backup feed
 // themselves; the embedder registers them in its own registry.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/repagent/repagent/diskmirror"
@@ -44,6 +45,12 @@ type Config struct {
 	// the backup and the end of protection; register it in a
 	// prometheus.Registerer to export them.
 	Metrics *metrics.PrimaryCollector
+	// Fence, when set, makes the VM's ownership a lease in etcd: NewPrimary
+	// acquires it (a *fence.HeldError if another agent owns the VM), the
+	// engine releases output only while it is valid and fences the VM when
+	// it is lost, and Close gives it up. While the VM runs unprotected after
+	// Run, the embedder pauses it when Ownership().Lost() closes.
+	Fence *Fence
 }
 
 // Primary protects one VM on its host: it owns the tap's output gate, the
@@ -55,6 +62,11 @@ type Primary struct {
 	gate   *ebpf.Gate
 	mirror *diskmirror.Mirror
 	eng    *replicate.Primary
+	lease  *lease       // with Config.Fence
+	sgate  *sessionGate // the gate as the engines see it
+	// running is set while Run runs: Protect may make a new engine once it
+	// returned (protection again after a lost backup).
+	running atomic.Bool
 }
 
 // NewPrimary opens what cfg names: the tap and its gate (in the tap's
@@ -67,6 +79,14 @@ func NewPrimary(cfg Config) (_ *Primary, err error) {
 			p.Close()
 		}
 	}()
+	if f := cfg.Fence; f != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), max(f.TTL, fenceDialTimeout))
+		p.lease, err = acquire(ctx, *f)
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("own the VM: %w", err)
+		}
+	}
 	if cfg.Tap != "" {
 		if err := inNamespace(cfg.InNamespace, p.openNet); err != nil {
 			return nil, err
@@ -78,6 +98,17 @@ func NewPrimary(cfg Config) (_ *Primary, err error) {
 		}
 	}
 	return p, nil
+}
+
+// fenceDialTimeout bounds NewPrimary's wait for etcd.
+const fenceDialTimeout = 10 * time.Second
+
+// Ownership is the VM's lease with Config.Fence, nil without.
+func (p *Primary) Ownership() Ownership {
+	if p.lease == nil {
+		return nil
+	}
+	return p.lease
 }
 
 func inNamespace(do func(func() error) error, f func() error) error {
@@ -108,8 +139,32 @@ func (p *Primary) openNet() error {
 	if p.gate, err = ebpf.New(gc); err != nil {
 		return fmt.Errorf("output gate on %s: %w", p.cfg.Tap, err)
 	}
+	p.sgate = &sessionGate{g: p.gate}
 	return nil
 }
+
+// sessionGate numbers the gate's epochs across sessions: each session's
+// engine opens its epochs from 1, while the gate wants them increasing for
+// its whole life. A session's epoch n is the gate's base+n.
+type sessionGate struct {
+	g         *ebpf.Gate
+	base, top uint64 // top: the highest epoch opened (by the engine's pause goroutine)
+}
+
+func (s *sessionGate) Open(n uint64) error {
+	if err := s.g.Open(s.base + n); err != nil {
+		return err
+	}
+	s.top = max(s.top, s.base+n)
+	return nil
+}
+func (s *sessionGate) Commit(n uint64) error  { return s.g.Commit(s.base + n) }
+func (s *sessionGate) Discard(n uint64) error { return s.g.Discard(s.base + n) }
+func (s *sessionGate) Release() error         { return s.g.Release() }
+
+// nextSession starts the numbering of a new session's epochs after the
+// last one's.
+func (s *sessionGate) nextSession() { s.base = s.top }
 
 // Tap is the VM's tap device for the VMM to read and write frames on; nil
 // without Config.Tap. Primary owns it.
@@ -123,10 +178,16 @@ func (p *Primary) Gate() *ebpf.Gate { return p.gate }
 func (p *Primary) Disk() *diskmirror.Mirror { return p.mirror }
 
 // Protect makes the engine for vm, with the gate and the disk's stream. Call
-// it once, after the VM is built; Run starts it.
+// it after the VM is built; Run starts it. Once Run returned (the backup
+// lost, the VM running on unprotected), Protect may be called again, for the
+// same VM, to protect it again with a new engine: a new session, starting
+// with a new sync. Gates of Config.Engine see each session's epochs from 1.
 func (p *Primary) Protect(vm replicate.VM) (*replicate.Primary, error) {
-	if p.eng != nil {
-		return nil, errors.New("protect: Protect called twice")
+	if p.running.Load() {
+		return nil, errors.New("protect: Protect while Run runs")
+	}
+	if p.eng != nil && p.sgate != nil {
+		p.sgate.nextSession()
 	}
 	ec := p.cfg.Engine
 	ec.VM = vm
@@ -139,10 +200,13 @@ func (p *Primary) Protect(vm replicate.VM) (*replicate.Primary, error) {
 		}
 	}
 	ec.Gates = nil
-	if p.gate != nil {
-		ec.Gates = append(ec.Gates, p.gate)
+	if p.sgate != nil {
+		ec.Gates = append(ec.Gates, p.sgate)
 	}
 	ec.Gates = append(ec.Gates, p.cfg.Engine.Gates...)
+	if p.lease != nil {
+		ec.Lease = p.lease
+	}
 	if p.mirror != nil {
 		src, err := diskmirror.NewSource(p.mirror, p.cfg.DiskSync)
 		if err != nil {
@@ -191,6 +255,11 @@ func (p *Primary) RunConn(ctx context.Context, conn net.Conn) error {
 }
 
 func (p *Primary) run(ctx context.Context, conn net.Conn) error {
+	if !p.running.CompareAndSwap(false, true) {
+		conn.Close()
+		return errors.New("protect: Run while Run runs")
+	}
+	defer p.running.Store(false)
 	err := p.eng.Run(ctx, conn)
 	if errors.Is(err, replicate.ErrBackupLost) {
 		p.cfg.Metrics.ObserveBackupLost()
@@ -199,10 +268,17 @@ func (p *Primary) run(ctx context.Context, conn net.Conn) error {
 	return err
 }
 
-// Close closes the gate and the tap. Call it after Run returned and the VM
+// Close closes the gate and the tap, and with Config.Fence gives the VM up
+// (unless its lease was lost). Call it after Run returned and the VM
 // stopped: until then the VM writes the tap and the disk.
 func (p *Primary) Close() error {
 	var err error
+	if p.lease != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), fenceDialTimeout)
+		err = p.lease.release(ctx)
+		cancel()
+		p.lease = nil
+	}
 	if p.gate != nil {
 		err = p.gate.Close()
 		p.gate = nil
