@@ -17,10 +17,19 @@ package main
 //
 // On failover, after restoring the VM and before starting it:
 //
+//	owner: vm=NAME id=ID revision=R at=UNIXNANO     (with --etcd)
 //	failover: epoch=N digest=DIGEST verified=true|false
 //	resumed vcpu=I iterations=N writes=N counter=N hash=HASH
 //
-// one resumed line per vCPU, I from 0: the guest's status at the checkpoint,
+// With --etcd the failover first waits to own the VM (fence.Claim): the
+// owner line says it won the owner key at revision R, at UNIXNANO (ns since
+// the epoch, this host's clock). If the standby record in etcd does not
+// name the session whose replica this backup holds, it refuses instead
+// ("repagent backup: claim the VM: ... stale ...", exit code 1). While the
+// resumed VM runs, losing the key pauses it and prints the primary's
+// fenced line (below), exit code 4.
+//
+// One resumed line per vCPU, I from 0: the guest's status at the checkpoint,
 // exact because the vCPUs have not run yet; DIGEST and HASH are 16 lower-case
 // hex digits (DIGEST as in the primary's --stats file, HASH as in its note).
 // verified=true (with --verify-replica) means the whole replica's memory was
@@ -83,7 +92,18 @@ package main
 // epoch's pause, so equal to the resumed lines of a failover to that epoch.
 // A failover resumes an epoch no older than the last line. Losing the backup
 // makes the primary print "repagent primary: backup lost: VM running
-// UNPROTECTED: CAUSE" on stderr and go on (exit code 0). REPAGENT_FAULT, which
+// UNPROTECTED: CAUSE" on stderr and go on (exit code 0).
+//
+// With --etcd, the primary prints, once it owns the VM, before replicating,
+// the owner line above; with a backup lost it tries it every second, and
+// when it answers, "backup reachable again at ADDR: protecting the VM again
+// (a new session, from a new sync)". When it fences:
+//
+//	fenced: vm=NAME last-released-epoch=N last-release=UNIXNANO at=UNIXNANO cause="CAUSE"
+//
+// with "FENCED" in a log line on stderr, and exit code 4: no output was
+// released after last-release (0: none under the lease), nor from at on,
+// and the VM is paused. REPAGENT_FAULT, which
 // kills either side at an exact point, is described in options.go.
 
 import (
@@ -122,10 +142,17 @@ backup serves on through connections it refuses (each logged, with the
 reason) and sessions that end before their first checkpoint; only a primary
 that reached a checkpoint can make it fail over or stop (see SECURITY.md).
 
+Between hosts, also fence through etcd (--etcd, --name; the same on the
+primary): the backup then resumes the VM only once it owns it in etcd (the
+primary's lease expired) and only the session the primary last recorded
+there, so a partition cannot leave two copies running. While it waits, a
+primary that reconnects is served instead, from a new sync.
+
 Exit code 0 when the primary stopped on purpose or the resumed guest
 verified, 1 when it did not or on a runtime error, 2 on a usage error, and,
 with --once, 3 when the primary was lost before its first checkpoint
-(nothing to resume).
+(nothing to resume); 4 when, with --etcd, the resumed VM lost its ownership
+and was paused.
 
 Flags:
 `
@@ -148,6 +175,7 @@ type backupFlags struct {
 	disk             string
 	metrics          string
 	tls              tlsFlags
+	etcd             etcdFlags
 	insecure, once   bool
 }
 
@@ -168,6 +196,7 @@ func newBackupFlags() *backupFlags {
 	fs.StringVar(&f.disk, "disk", "", "the backup's disk image `file`, required when the primary has --disk and of the same size: kept equal to the primary's disk at the checkpoint held, it is the resumed guest's disk at failover (checked first against the guest's records when it runs the disk workload)")
 	fs.StringVar(&f.metrics, "metrics", "", agent.MetricsHelp)
 	f.tls.register(fs, "the primary")
+	f.etcd.register(fs, false)
 	fs.BoolVar(&f.insecure, "insecure", false, "serve a --listen address other hosts can reach without TLS: anyone who reaches it can then feed this backup a VM to resume, or replace the replica it protects")
 	fs.BoolVar(&f.once, "once", false, "exit after the first session however it ends (exit 3 if the primary was lost before its first checkpoint); by default a session that ends before its first checkpoint leaves the backup waiting for the next primary")
 	return f
@@ -236,6 +265,9 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*agent.BackupJob,
 		return nil, err
 	}
 	o.Fault = flt
+	if o.Fencing, err = f.etcd.load(f.fs); err != nil {
+		return nil, err
+	}
 	return o, nil
 }
 
@@ -246,6 +278,9 @@ func runBackup(args []string, stdout, stderr io.Writer) int {
 	code := func(err error) int {
 		if errors.Is(err, replicate.ErrNoCheckpoint) {
 			return exitNoCheckpoint
+		}
+		if errors.Is(err, replicate.ErrFenced) {
+			return agent.ExitFenced
 		}
 		return 1
 	}

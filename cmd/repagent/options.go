@@ -222,6 +222,7 @@ type primaryFlags struct {
 	backup         string
 	connectTimeout time.Duration
 	tls            tlsFlags
+	etcd           etcdFlags
 }
 
 func newPrimaryFlags() *primaryFlags {
@@ -229,6 +230,7 @@ func newPrimaryFlags() *primaryFlags {
 	f.fs.StringVar(&f.backup, "backup", "", "the backup's `host:port` (repagent backup --listen); required")
 	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach the backup")
 	f.tls.register(f.fs, "the backup")
+	f.etcd.register(f.fs, true)
 	f.guestFlags.register(f.fs)
 	f.guestFlags.registerDisk(f.fs, "its writes are mirrored to the backup, whose --disk must be an image of the same size")
 	f.replFlags.register(f.fs)
@@ -268,7 +270,11 @@ func parsePrimaryArgs(args []string, faultEnv string) (*agent.PrimaryJob, error)
 		return nil, err
 	}
 	repl.TLS = clientTLS(tl)
-	return &agent.PrimaryJob{Guest: cfg, Repl: repl, Backup: f.backup, ConnectTimeout: f.connectTimeout, Fault: flt}, nil
+	fencing, err := f.etcd.load(f.fs)
+	if err != nil {
+		return nil, err
+	}
+	return &agent.PrimaryJob{Guest: cfg, Repl: repl, Backup: f.backup, ConnectTimeout: f.connectTimeout, Fault: flt, Fencing: fencing}, nil
 }
 
 // agent.Fault injection for tests. The environment variable REPAGENT_FAULT, when

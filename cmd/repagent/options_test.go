@@ -312,3 +312,55 @@ func TestHelp(t *testing.T) {
 		}
 	}
 }
+
+func TestEtcdArgs(t *testing.T) {
+	p, err := parsePrimaryArgs([]string{"--backup", "h:1", "--etcd", "http://10.0.0.9:2379,http://10.0.0.10:2379", "--name", "web1",
+		"--lease-ttl", "3s", "--on-etcd-loss", "run"}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := p.Fencing; f == nil || len(f.Endpoints) != 2 || f.Name != "web1" || f.TTL != 3*time.Second || !f.RunOnLoss || f.TLS != nil {
+		t.Fatalf("fencing: %+v", f)
+	}
+	if p, err := parsePrimaryArgs([]string{"--backup", "h:1"}, ""); err != nil || p.Fencing != nil {
+		t.Fatalf("no --etcd: %+v, %v", p.Fencing, err)
+	}
+	b, err := parseBackupArgs([]string{"--listen", "127.0.0.1:1", "--etcd", "http://10.0.0.9:2379", "--name", "web1"}, "", "")
+	if err != nil || b.Fencing == nil || b.Fencing.TTL != 2*time.Second || b.Fencing.RunOnLoss {
+		t.Fatalf("backup fencing: %+v, %v", b.Fencing, err)
+	}
+	dir := t.TempDir()
+	if code := run([]string{"certs", dir}, io.Discard, io.Discard); code != 0 {
+		t.Fatalf("certs: exit %d", code)
+	}
+	b, err = parseBackupArgs([]string{"--listen", "127.0.0.1:1", "--etcd", "https://10.0.0.9:2379", "--name", "web1",
+		"--etcd-ca", dir + "/ca.crt", "--etcd-cert", dir + "/backup.crt", "--etcd-key", dir + "/backup.key"}, "", "")
+	if err != nil || b.Fencing.TLS == nil || len(b.Fencing.TLS.Certificates) != 1 {
+		t.Fatalf("TLS to etcd: %+v, %v", b.Fencing, err)
+	}
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--name", "web1"}, "--name is about fencing through etcd: it needs --etcd"},
+		{[]string{"--on-etcd-loss", "run"}, "--on-etcd-loss is about fencing"},
+		{[]string{"--etcd", "http://e:2379"}, "--etcd needs --name"},
+		{[]string{"--etcd", "http://e:2379", "--name", "a/b"}, `--name "a/b": want at most 128 bytes and no '/'`},
+		{[]string{"--etcd", "e:2379", "--name", "a"}, `--etcd "e:2379": want a URL`},
+		{[]string{"--etcd", "http://e:2379", "--name", "a", "--lease-ttl", "1500ms"}, "--lease-ttl 1.5s: want whole seconds"},
+		{[]string{"--etcd", "http://e:2379", "--name", "a", "--on-etcd-loss", "maybe"}, `--on-etcd-loss "maybe": want fence or run`},
+		{[]string{"--etcd", "https://e:2379", "--name", "a"}, "TLS to etcd needs --etcd-ca"},
+		{[]string{"--etcd", "http://e:2379", "--name", "a", "--etcd-cert", "x"}, "--etcd-cert and --etcd-key go together"},
+		{[]string{"--etcd", "http://e:2379", "--name", "a", "--etcd-ca", dir + "/nope"}, "--etcd-ca: open"},
+	} {
+		_, err := parsePrimaryArgs(append([]string{"--backup", "h:1"}, tt.args...), "")
+		var ue agent.UsageError
+		if !errors.As(err, &ue) || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("primary %v: %v, want a usage error with %q", tt.args, err, tt.want)
+		}
+	}
+	if _, err := parseBackupArgs([]string{"--listen", "127.0.0.1:1", "--etcd", "http://e:2379", "--name", "a", "--on-etcd-loss", "run"}, "", ""); err == nil ||
+		!strings.Contains(err.Error(), "unknown flag: --on-etcd-loss") {
+		t.Errorf("backup --on-etcd-loss: %v, want it unknown (the resumed VM always fences)", err)
+	}
+}

@@ -1,9 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/repagent/repagent/internal/agent"
+	"github.com/repagent/repagent/replicate"
 )
 
 const primaryUsage = `Usage: repagent primary --backup HOST:PORT [flags]
@@ -24,8 +28,18 @@ the sync and the totals.
 
 If the backup is lost, it says "backup lost: VM running UNPROTECTED" on
 stderr and keeps the guest running, its status lines marked UNPROTECTED, until
-the end; that is reported, not a failure. Exit code 0 on success, 1 on a
-runtime error, 2 on a usage error.
+the end; that is reported, not a failure.
+
+With --etcd and --name (the same on the backup), the VM is fenced: the
+primary owns it through a lease in etcd, releases held output only while it
+knows the lease valid, and when it cannot renew in time (etcd unreachable,
+with --on-etcd-loss fence) it stops releasing output, pauses the VM, prints
+"fenced: ..." and exits with 4. A backup lost while the lease holds leaves
+the VM running unprotected, as above, and the primary tries the backup
+every second to protect it again. Another owner makes it refuse to start.
+
+Exit code 0 on success, 1 on a runtime error, 2 on a usage error, 4 when
+fenced.
 
 Flags:
 `
@@ -34,5 +48,11 @@ Flags:
 func runPrimary(args []string, stdout, stderr io.Writer) int {
 	o, err := parsePrimaryArgs(args, os.Getenv(envFault))
 	help := func(w io.Writer) { fmt.Fprint(w, primaryUsage+newPrimaryFlags().fs.FlagUsages()) }
-	return execute("repagent primary", o, err, help, nil, stdout, stderr)
+	code := func(err error) int {
+		if errors.Is(err, replicate.ErrFenced) {
+			return agent.ExitFenced
+		}
+		return 1
+	}
+	return execute("repagent primary", o, err, help, code, stdout, stderr)
 }

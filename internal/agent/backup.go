@@ -206,6 +206,18 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 			disk.Close() // after the backup's Close
 		}
 	}()
+	var (
+		fz *fencer
+		b  *protect.Backup
+	)
+	if o.Fencing != nil {
+		var err error
+		if fz, err = newFencer(o.Fencing, log); err != nil {
+			return err
+		}
+		defer fz.close() // after the backup's Close, which gives the VM up
+		pc.Fence = &fz.fence
+	}
 	if o.Disk != "" {
 		var err error
 		if disk, err = os.OpenFile(o.Disk, os.O_RDWR, 0); err != nil {
@@ -244,6 +256,9 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 			cp.Memory.Close() // Restore leaves it ours on error
 			return nil, err
 		}
+		if fz != nil {
+			fz.printOwner(stdout, b.Ownership())
+		}
 		fmt.Fprintf(stdout, "failover: epoch=%d digest=%s verified=%s\n", cp.Epoch, replicate.FormatDigest(cp.Digest), strconv.FormatBool(cp.Verified))
 		if diskLine != "" {
 			fmt.Fprintln(stdout, diskLine)
@@ -276,7 +291,8 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 	progress := &backupProgress{metrics: newBackupMetrics(o.Metrics)}
 	cfg.OnEpoch = progress.onEpoch
 	pc.Engine, pc.Metrics = cfg, progress.metrics
-	b, err := protect.NewBackup(pc)
+	var err error
+	b, err = protect.NewBackup(pc)
 	if err != nil {
 		return err
 	}
@@ -339,8 +355,32 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 
 	vo := &VMJob{Duration: o.RunAfter, Quiet: o.Quiet}
 	t1 := time.Now()
-	if err := vo.watch(ctx, resumed, t1, stdout); err != nil {
+	wctx := ctx
+	if own := b.Ownership(); own != nil {
+		// The resumed VM's output passes unheld: it must stop the moment
+		// this backup no longer knows it owns the VM.
+		var cancel context.CancelFunc
+		wctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		go func() {
+			select {
+			case <-own.Lost():
+				cancel()
+			case <-wctx.Done():
+			}
+		}()
+	}
+	if err := vo.watch(wctx, resumed, t1, stdout); err != nil {
 		return err
+	}
+	if own := b.Ownership(); own != nil && own.Cause() != nil && ctx.Err() == nil {
+		fe := &replicate.FencedError{Cause: fmt.Errorf("lease lost while running the resumed VM: %w", own.Cause()), LastCommitted: res.fo.Epoch, At: time.Now()}
+		log.Error("FENCED: pausing the resumed VM", "cause", own.Cause())
+		if err := resumed.Pause(); err != nil {
+			return errors.Join(fe, fmt.Errorf("pause the fenced VM: %w", err))
+		}
+		fz.printFenced(stdout, fe)
+		return fe
 	}
 	stopSignals()
 	if err := resumed.Pause(); err != nil {

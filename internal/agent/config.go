@@ -54,6 +54,7 @@ type PrimaryJob struct {
 	Backup         string
 	ConnectTimeout time.Duration
 	Fault          *Fault
+	Fencing        *Fencing // with --etcd
 }
 
 // Fault is a parsed REPAGENT_FAULT: die, or kill killPID, at point in epoch
@@ -82,6 +83,8 @@ type BackupJob struct {
 	// ends the backup after its first session (replicate.BackupConfig).
 	TLS  *tls.Config
 	Once bool
+	// Fencing, with --etcd, resumes the VM only once this backup owns it.
+	Fencing *Fencing
 }
 
 // VMJob is what the vm command was asked to do.

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
+	"time"
 
 	"github.com/repagent/repagent/replicate"
 )
@@ -23,6 +25,13 @@ func (o *PrimaryJob) Run(ctx context.Context, stopSignals func(), stdout, stderr
 			err = cerr
 		}
 	}()
+	if o.Fencing != nil {
+		if r.fencer, err = newFencer(o.Fencing, r.log); err != nil {
+			return err
+		}
+		defer r.fencer.close() // after r.close, which releases the VM
+		r.redial = func(ctx context.Context) (net.Conn, error) { return dialBackup(ctx, o.Backup, time.Second) }
+	}
 	stopMetrics, err := serveMetrics(ctx, o.Repl.Metrics, stdout, r.metrics)
 	if err != nil {
 		return err

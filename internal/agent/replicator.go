@@ -54,6 +54,10 @@ type replicator struct {
 	name   string // the command, for messages on stderr: "repagent", "repagent primary"
 	// metrics, with --metrics, is fed from the callbacks (nil ignores it).
 	metrics *metrics.PrimaryCollector
+	// fencer, with --etcd, makes the VM's ownership a lease in etcd, and
+	// redial reaches the backup again after it was lost.
+	fencer *fencer
+	redial func(context.Context) (net.Conn, error)
 
 	m *testvm.Machine
 	p *replicate.Primary
@@ -158,11 +162,17 @@ func (r *replicator) start(ctx context.Context) error {
 			}
 		}
 	}
+	if r.fencer != nil {
+		pc.Fence = &r.fencer.fence
+	}
 	prot, err := protect.NewPrimary(pc)
 	if err != nil {
 		return err
 	}
 	r.prot, r.gate, r.mirror = prot, prot.Gate(), prot.Disk()
+	if r.fencer != nil {
+		r.fencer.printOwner(r.stdout, prot.Ownership())
+	}
 	cfg := r.cfg
 	cfg.Console = r.stderr
 	if r.gate != nil {
@@ -415,13 +425,38 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 		end = t.C
 	}
 	prev, prevT := r.first, r.t0
+	// ownLost is the lease's loss, watched while the VM runs unprotected
+	// (before, the engine fences on it).
+	var ownLost <-chan struct{}
+	// reconn, with fencing, delivers a new connection to the backup after
+	// it was lost: the VM is then protected again (a new session).
+	var reconn chan net.Conn
+	reprotecting := false
 	// runEnded handles Run's return: a lost backup is reported and lived with.
 	runEnded := func(rerr error) error {
 		done = nil
+		if fe, ok := errors.AsType[*replicate.FencedError](rerr); ok {
+			r.fencer.printFenced(r.stdout, fe)
+			return rerr
+		}
 		if r.machineStopped() != nil {
 			return r.machineStopped()
 		}
+		if reprotecting && !errors.Is(rerr, replicate.ErrBackupLost) && rerr != nil {
+			// Protecting the VM again failed (the backup refused, or the
+			// link broke before the session began): it runs on
+			// unprotected, and the next attempt follows.
+			fmt.Fprintf(r.stderr, "%s: protecting the VM again failed: %v\n", r.name, rerr)
+			rerr = &replicate.BackupLostError{Cause: rerr}
+		}
 		if errors.Is(rerr, replicate.ErrBackupLost) {
+			if own := r.prot.Ownership(); own != nil {
+				ownLost = own.Lost()
+				if r.redial != nil {
+					reconn = make(chan net.Conn, 1)
+					go r.reconnect(runCtx, reconn)
+				}
+			}
 			lost = rerr
 			fmt.Fprintf(r.stderr, "%s: backup lost: VM running UNPROTECTED: %v\n", r.name, lostCause(rerr))
 			return nil
@@ -448,6 +483,21 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 				<-done
 			}
 			return lost, r.machineStopped()
+		case <-ownLost:
+			return lost, r.fenceUnprotected()
+		case c := <-reconn:
+			reconn = nil
+			if err := r.newPrimary(); err != nil {
+				c.Close()
+				return lost, fmt.Errorf("protect the VM again: %w", err)
+			}
+			r.mu.Lock()
+			r.synced = false
+			r.mu.Unlock()
+			fmt.Fprintf(r.stdout, "backup reachable again at %s: protecting the VM again (a new session, from a new sync)\n", c.RemoteAddr())
+			lost, ownLost, reprotecting = nil, nil, true
+			done = make(chan error, 1)
+			go func() { done <- r.prot.RunConn(runCtx, c) }()
 		case now := <-tick.C:
 			cur := totals(r.m)
 			secs := now.Sub(prevT).Seconds()
@@ -465,6 +515,37 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 		}
 	}
 	return lost, nil
+}
+
+// reconnect dials the backup until it answers (or ctx ends) and delivers
+// the connection on ch.
+// Attempts are a second apart, the first a second after the loss.
+func (r *replicator) reconnect(ctx context.Context, ch chan<- net.Conn) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+		if c, err := r.redial(ctx); err == nil {
+			ch <- c
+			return
+		}
+	}
+}
+
+// fenceUnprotected fences the VM that ran on unprotected (its output
+// passing unheld) when its lease is lost: it pauses it and says so.
+func (r *replicator) fenceUnprotected() error {
+	at := time.Now()
+	own := r.prot.Ownership()
+	fe := &replicate.FencedError{Cause: fmt.Errorf("lease lost while running unprotected: %w", own.Cause()), LastCommitted: r.p.LastAcked(), At: at}
+	r.log.Error("FENCED: pausing the VM, which ran unprotected", "cause", own.Cause())
+	if err := r.m.Pause(); err != nil {
+		return errors.Join(fe, fmt.Errorf("pause the fenced VM: %w", err))
+	}
+	r.fencer.printFenced(r.stdout, fe)
+	return fe
 }
 
 // machineStopped returns why the VM stopped, or nil if it runs.

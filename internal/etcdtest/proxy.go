@@ -12,8 +12,8 @@ import (
 // (or a hung server) while the server and its other clients go on; Restore
 // lets the held bytes through. It is closed when the test ends.
 type Proxy struct {
-	ln     net.Listener
-	target string
+	ln   net.Listener
+	dial func() (net.Conn, error)
 
 	mu     sync.Mutex
 	open   chan struct{} // closed while traffic flows
@@ -29,11 +29,20 @@ func NewProxy(t testing.TB, endpoint string) *Proxy {
 	if err != nil {
 		t.Fatalf("proxy: listen: %v", err)
 	}
+	target := strings.TrimPrefix(endpoint, "http://")
+	return NewProxyOn(t, ln, func() (net.Conn, error) { return net.Dial("tcp", target) })
+}
+
+// NewProxyOn is a proxy of the connections accepted on ln (which it closes
+// when t ends) to those dial makes: listener and dial may belong to
+// different network namespaces (made in nettest.Namespace.Do), so that it
+// can stand for the link between two hosts, or between a host and etcd.
+func NewProxyOn(t testing.TB, ln net.Listener, dial func() (net.Conn, error)) *Proxy {
 	open := make(chan struct{})
 	close(open)
 	p := &Proxy{
 		ln:     ln,
-		target: strings.TrimPrefix(endpoint, "http://"),
+		dial:   dial,
 		open:   open,
 		closed: make(chan struct{}),
 		conns:  map[net.Conn]struct{}{},
@@ -44,7 +53,10 @@ func NewProxy(t testing.TB, endpoint string) *Proxy {
 }
 
 // Endpoint is the address clients dial instead of the server's.
-func (p *Proxy) Endpoint() string { return "http://" + p.ln.Addr().String() }
+func (p *Proxy) Endpoint() string { return "http://" + p.Addr() }
+
+// Addr is the proxy's host:port.
+func (p *Proxy) Addr() string { return p.ln.Addr().String() }
 
 // Cut holds every byte through the proxy, both ways, and every new
 // connection, until Restore. Connections stay open, as in a partition where
@@ -101,7 +113,7 @@ func (p *Proxy) serve(c net.Conn) {
 	if !p.wait() {
 		return
 	}
-	s, err := net.Dial("tcp", p.target)
+	s, err := p.dial()
 	if err != nil {
 		return
 	}
