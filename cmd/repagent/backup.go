@@ -148,6 +148,12 @@ primary's lease expired) and only the session the primary last recorded
 there, so a partition cannot leave two copies running. While it waits, a
 primary that reconnects is served instead, from a new sync.
 
+With --reprotect-to HOST:PORT, the resumed VM is protected in turn, as a
+primary protects its VM (with its output gate on --tap and its disk
+mirrored), to the backup there: a second failover resumes it on that host.
+The sync and status lines are then a primary's, and the verification comes
+at the end of --run-after-failover (or Ctrl-C), after a planned stop.
+
 Exit code 0 when the primary stopped on purpose or the resumed guest
 verified, 1 when it did not or on a runtime error, 2 on a usage error, and,
 with --once, 3 when the primary was lost before its first checkpoint
@@ -177,6 +183,8 @@ type backupFlags struct {
 	tls              tlsFlags
 	etcd             etcdFlags
 	insecure, once   bool
+	reprotectTo      string
+	reprotectEvery   time.Duration
 }
 
 func newBackupFlags() *backupFlags {
@@ -197,6 +205,8 @@ func newBackupFlags() *backupFlags {
 	fs.StringVar(&f.metrics, "metrics", "", agent.MetricsHelp)
 	f.tls.register(fs, "the primary")
 	f.etcd.register(fs, false)
+	fs.StringVar(&f.reprotectTo, "reprotect-to", "", "after a failover, protect the resumed VM in turn: replicate it to the backup at this `host:port` (a chain: another failover resumes it there); with TLS, --tls-allow must also name that backup")
+	fs.DurationVar(&f.reprotectEvery, "reprotect-interval", replicate.DefaultInterval, "the epoch interval of --reprotect-to's replication")
 	fs.BoolVar(&f.insecure, "insecure", false, "serve a --listen address other hosts can reach without TLS: anyone who reaches it can then feed this backup a VM to resume, or replace the replica it protects")
 	fs.BoolVar(&f.once, "once", false, "exit after the first session however it ends (exit 3 if the primary was lost before its first checkpoint); by default a session that ends before its first checkpoint leaves the backup waiting for the next primary")
 	return f
@@ -267,6 +277,17 @@ func parseBackupArgs(args []string, faultEnv, killPID string) (*agent.BackupJob,
 	o.Fault = flt
 	if o.Fencing, err = f.etcd.load(f.fs); err != nil {
 		return nil, err
+	}
+	if f.reprotectTo != "" {
+		if _, _, err := net.SplitHostPort(f.reprotectTo); err != nil {
+			return nil, usagef("--reprotect-to %s: %w", f.reprotectTo, err)
+		}
+		if f.reprotectEvery < replicate.MinInterval || f.reprotectEvery > replicate.MaxInterval {
+			return nil, usagef("--reprotect-interval %v: want %v to %v", f.reprotectEvery, replicate.MinInterval, replicate.MaxInterval)
+		}
+		o.ReprotectTo, o.ReprotectInterval, o.ReprotectTLS = f.reprotectTo, f.reprotectEvery, clientTLS(tl)
+	} else if f.fs.Changed("reprotect-interval") {
+		return nil, usagef("--reprotect-interval is about --reprotect-to: give it too")
 	}
 	return o, nil
 }

@@ -95,6 +95,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/repagent/repagent/dirtylog"
+	"github.com/repagent/repagent/ebpf"
 	"github.com/repagent/repagent/internal/faultpoint"
 	"github.com/repagent/repagent/replicate"
 	"github.com/repagent/repagent/replicate/metrics"
@@ -218,6 +220,18 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 		defer fz.close() // after the backup's Close, which gives the VM up
 		pc.Fence = &fz.fence
 	}
+	// With --reprotect-to, the resumed VM is protected in turn: rp is its
+	// replicator, as a primary's, over the VM and the Primary the failover
+	// makes.
+	var rp *replicator
+	if o.ReprotectTo != "" {
+		rp = &replicator{name: "repagent backup", stdout: stdout, stderr: stderr, log: log, mech: dirtylog.Auto, fencer: fz,
+			o: Repl{Interval: o.ReprotectInterval, Mech: dirtylog.Auto, HeartbeatTimeout: o.HeartbeatTimeout, TLS: o.ReprotectTLS,
+				Quiet: o.Quiet, Duration: o.RunAfter}}
+		ec := rp.engineConfig()
+		ec.OnStreamSync = rp.onDiskSync
+		pc.Reprotect = &protect.Config{Engine: ec, Gate: ebpf.Config{ReleaseCPU: ebpf.AutoCPU, OnEpoch: rp.onGateEpoch}}
+	}
 	if o.Disk != "" {
 		var err error
 		if disk, err = os.OpenFile(o.Disk, os.O_RDWR, 0); err != nil {
@@ -249,7 +263,7 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 				cp.Memory.Close()
 				return nil, err
 			}
-			opts.DiskIO = disk
+			opts.DiskIO = dev.Disk // the image, or with --reprotect-to the mirror over it
 		}
 		m, err := testvm.Restore(cp.State, cp.Memory, opts)
 		if err != nil {
@@ -353,6 +367,14 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 		fmt.Fprintf(stdout, "failover took %s (verify %s, restore %s)\n", ms(fo.Took), ms(fo.Verify), ms(fo.Restore))
 	}
 
+	if rp != nil {
+		if prim := b.Primary(); prim != nil {
+			defer prim.Close() // after the resumed machine's, before the backup's
+			if err := o.reprotect(ctx, rp, resumed, prim, stopSignals); err == nil || !errors.Is(err, errNoNextBackup) {
+				return err
+			}
+		}
+	}
 	vo := &VMJob{Duration: o.RunAfter, Quiet: o.Quiet}
 	t1 := time.Now()
 	wctx := ctx
@@ -390,6 +412,43 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 		return err
 	}
 	fmt.Fprintln(stdout, "verification passed")
+	return nil
+}
+
+// errNoNextBackup: --reprotect-to's backup did not answer; the resumed VM
+// runs unprotected.
+var errNoNextBackup = errors.New("the next backup did not answer")
+
+// reprotect protects the resumed VM to --reprotect-to, as the primary
+// command protects its VM, until --run-after-failover or Ctrl-C, then stops
+// replication and verifies the guest.
+func (o *BackupJob) reprotect(ctx context.Context, r *replicator, m *testvm.Machine, prim *protect.Primary, stopSignals func()) error {
+	r.m, r.cfg, r.prot, r.gate, r.mirror = m, m.Config(), prim, prim.Gate(), prim.Disk()
+	if r.fencer != nil {
+		r.redial = func(ctx context.Context) (net.Conn, error) { return dialBackup(ctx, o.ReprotectTo, time.Second) }
+	}
+	conn, err := dialBackup(ctx, o.ReprotectTo, 10*time.Second)
+	if err != nil {
+		if ctx.Err() != nil {
+			return err
+		}
+		fmt.Fprintf(r.stderr, "repagent backup: protect the resumed VM: %v: it runs UNPROTECTED\n", err)
+		return errNoNextBackup
+	}
+	fmt.Fprintf(r.stdout, "protecting the resumed VM: backup %s\n", o.ReprotectTo)
+	if err := r.newPrimary(); err != nil {
+		conn.Close()
+		return err
+	}
+	lost, err := r.replicate(ctx, conn)
+	stopSignals()
+	if err != nil {
+		return err
+	}
+	if err := r.finish(r.stdout, lost); err != nil {
+		return err
+	}
+	fmt.Fprintln(r.stdout, "verification passed")
 	return nil
 }
 

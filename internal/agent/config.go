@@ -85,6 +85,12 @@ type BackupJob struct {
 	Once bool
 	// Fencing, with --etcd, resumes the VM only once this backup owns it.
 	Fencing *Fencing
+	// ReprotectTo, when set, is the next backup: the resumed VM is
+	// protected to it at ReprotectInterval, over ReprotectTLS (the client
+	// side of the link's TLS; nil: plaintext).
+	ReprotectTo       string
+	ReprotectInterval time.Duration
+	ReprotectTLS      *tls.Config
 }
 
 // VMJob is what the vm command was asked to do.

@@ -49,6 +49,15 @@ type BackupConfig struct {
 	// The resumed VM's embedder pauses it when Ownership().Lost() closes.
 	// RunOnLoss is ignored here: the resumed VM fences on any loss.
 	Fence *Fence
+	// Reprotect, when set, prepares the resumed VM to be protected in turn
+	// (a chain of failovers: A, then B, then C): at failover the Backup
+	// puts an output gate on the tap and a diskmirror.Mirror on the disk
+	// (Devices.Disk is then the Mirror: build the VM's block device over
+	// it), before the VM starts. Backup.Primary is then a Primary over
+	// them, holding the VM's lease with Fence: Protect the resumed VM with
+	// it and Run it to the next backup, as on a first primary. Its Tap,
+	// InNamespace, Disk and Fence are the Backup's; the rest is as given.
+	Reprotect *Config
 }
 
 // Devices are what the backup opened for the VM it resumes.
@@ -75,7 +84,8 @@ type Backup struct {
 	cfg   BackupConfig
 	eng   *replicate.Backup
 	tap   *os.File
-	owner *lease // with Fence, once a failover claimed the VM
+	owner *lease   // with Fence, once a failover claimed the VM
+	prim  *Primary // with Reprotect, once a failover resumed the VM
 }
 
 // NewBackup makes the engine's backup with protect's Resume.
@@ -114,11 +124,21 @@ func NewBackup(cfg BackupConfig) (*Backup, error) {
 // Ownership is the resumed VM's lease, with Fence once a failover claimed
 // the VM; nil otherwise.
 func (b *Backup) Ownership() Ownership {
-	if b.owner == nil {
-		return nil
+	switch {
+	case b.owner != nil:
+		return b.owner
+	case b.prim != nil && b.prim.lease != nil:
+		return b.prim.lease
 	}
-	return b.owner
+	return nil
 }
+
+// Primary is, with BackupConfig.Reprotect once a failover resumed the VM,
+// the Primary that protects it in turn: its tap, gate and disk mirror are
+// those the resumed VM uses, and it holds the VM's lease (with Fence).
+// Close it after the resumed VM stopped, before Backup.Close. Nil
+// otherwise.
+func (b *Backup) Primary() *Primary { return b.prim }
 
 // Engine is the engine's backup (Serve, Handle, Close, Replica).
 func (b *Backup) Engine() *replicate.Backup { return b.eng }
@@ -138,7 +158,8 @@ func (b *Backup) Handle(ctx context.Context, conn net.Conn) (*replicate.Failover
 	return fo, err
 }
 
-// resume is the engine's Resume: tap, Restore, announce, Start.
+// resume is the engine's Resume: tap, Restore, announce, Start. With
+// Reprotect the gate and the mirror go on the tap and the disk first.
 func (b *Backup) resume(cp *replicate.Checkpoint) error {
 	dev := Devices{Disk: b.cfg.Disk}
 	if b.cfg.Tap != "" {
@@ -152,6 +173,17 @@ func (b *Backup) resume(cp *replicate.Checkpoint) error {
 			return fmt.Errorf("the resumed VM's network: %w", err)
 		}
 		dev.Tap = b.tap
+	}
+	if b.cfg.Reprotect != nil {
+		p, err := b.reprotect()
+		if err != nil {
+			cp.Memory.Close()
+			return fmt.Errorf("prepare to protect the resumed VM: %w", err)
+		}
+		b.prim = p
+		if p.mirror != nil {
+			dev.Disk = p.mirror
+		}
 	}
 	r, err := b.cfg.Restore(cp, dev)
 	if err != nil {
@@ -169,6 +201,35 @@ func (b *Backup) resume(cp *replicate.Checkpoint) error {
 		}
 	}
 	return r.Start()
+}
+
+// reprotect makes the Primary of the resumed VM: the gate on the Backup's
+// tap (which it then owns), the mirror on its disk, the claimed lease.
+func (b *Backup) reprotect() (*Primary, error) {
+	cfg := *b.cfg.Reprotect
+	cfg.Tap, cfg.InNamespace, cfg.Disk, cfg.Fence = b.cfg.Tap, b.cfg.InNamespace, b.cfg.Disk, b.cfg.Fence
+	p := &Primary{cfg: cfg}
+	if b.tap != nil {
+		p.tap = b.tap
+		if err := inNamespace(cfg.InNamespace, p.openGate); err != nil {
+			p.tap = nil
+			return nil, err
+		}
+		b.tap = nil // the Primary's now
+	}
+	if cfg.Disk != nil {
+		m, err := diskmirror.NewMirror(cfg.Disk, cfg.Mirror)
+		if err != nil {
+			b.tap, p.tap = p.tap, nil
+			p.Close()
+			return nil, fmt.Errorf("disk mirror: %w", err)
+		}
+		p.mirror = m
+	}
+	if b.owner != nil {
+		p.lease, b.owner = b.owner, nil // the Primary releases it at Close
+	}
+	return p, nil
 }
 
 func (b *Backup) log(msg string, args ...any) {

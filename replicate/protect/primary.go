@@ -126,6 +126,11 @@ func (p *Primary) openNet() error {
 		return err
 	}
 	p.tap = tap
+	return p.openGate()
+}
+
+// openGate puts the output gate on the open tap.
+func (p *Primary) openGate() error {
 	gc := p.cfg.Gate
 	gc.Interface = p.cfg.Tap
 	if m, on := p.cfg.Metrics, gc.OnEpoch; m != nil {
@@ -136,6 +141,7 @@ func (p *Primary) openNet() error {
 			}
 		}
 	}
+	var err error
 	if p.gate, err = ebpf.New(gc); err != nil {
 		return fmt.Errorf("output gate on %s: %w", p.cfg.Tap, err)
 	}
