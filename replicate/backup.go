@@ -94,6 +94,7 @@ type Failover struct {
 	Stream   bool          // the stream's sink (a disk) was brought to the checkpoint's epoch
 	Cause    error         // why the primary was deemed lost
 	Claim    time.Duration // waiting for BackupConfig.Claim: with fencing, to own the VM
+	Handover bool          // the primary handed the VM over (a planned migration), not lost
 	Verify   time.Duration // digesting the replica, and bringing the sink to its epoch
 	Restore  time.Duration // the Resume call
 	Took     time.Duration // from detecting the loss to Resume returning
@@ -259,17 +260,50 @@ func (b *Backup) runSession(ctx context.Context, pc *pending) (*Failover, error)
 	if errors.Is(err, ErrProtocol) {
 		lingerClose(s.conn)
 	}
-	s.conn.Close()
+	ho, handedOver := errors.AsType[*handoverError](err)
+	if !handedOver {
+		s.conn.Close() // a handover answers on it once the VM runs
+	}
 	if s.rep != nil && s.rep.epoch == 0 {
 		b.dropReplica(s.rep) // nothing to keep; failover then finds no checkpoint
 	}
 	if ctx.Err() != nil {
+		s.conn.Close()
 		return nil, ctx.Err()
+	}
+	if handedOver {
+		return b.handover(ctx, s, ho)
 	}
 	if !errors.Is(err, errPrimaryLost) {
 		return nil, err
 	}
 	return b.failover(ctx, s.rep, err)
+}
+
+// handoverError ends a session whose primary handed its VM over: the
+// backup resumes epoch at once (a planned migration).
+type handoverError struct{ epoch uint64 }
+
+func (e *handoverError) Error() string {
+	return fmt.Sprintf("primary handed the VM over at epoch %d", e.epoch)
+}
+
+// handover resumes the checkpoint the primary handed over, and tells it the
+// VM runs here (or why it does not).
+func (b *Backup) handover(ctx context.Context, s *session, ho *handoverError) (*Failover, error) {
+	defer s.conn.Close()
+	fo, err := b.failover(ctx, s.rep, ho)
+	if err != nil {
+		s.reject(fmt.Errorf("handover of epoch %d failed: %w", ho.epoch, err))
+		lingerClose(s.conn)
+		return fo, err
+	}
+	fo.Handover = true
+	if werr := s.write(MsgResumed, ho.epoch, nil); werr != nil {
+		b.log.Warn("tell the primary the VM runs here", "epoch", ho.epoch, "err", werr)
+	}
+	lingerClose(s.conn)
+	return fo, nil
 }
 
 // dropReplica frees rep if it is the backup's replica: a session that ended
@@ -747,6 +781,8 @@ func (s *session) handle(h Header, hdr, payload []byte) error {
 		return err
 	case MsgBye:
 		return fmt.Errorf("%w after epoch %d", ErrPrimaryStopped, h.Epoch)
+	case MsgHandover:
+		return &handoverError{epoch: h.Epoch}
 	case MsgReject:
 		reason, err := decodeReject(payload)
 		if err != nil {
@@ -776,6 +812,11 @@ func (s *session) admit(h Header) error {
 		switch {
 		case h.Type == MsgBye && (!s.st.accepts(MsgBye) || h.Epoch != s.epoch-1 || s.pages != 0 || len(s.recs) != 0 || s.srecv != nil):
 			return protoErr("bye at epoch %d while epoch %d is in progress (%v)", h.Epoch, s.current(), s.st)
+		case h.Type == MsgHandover && s.version < 4:
+			return protoErr("handover in a session of version %d (it came with version 4)", s.version)
+		case h.Type == MsgHandover && (!s.st.accepts(MsgHandover) || h.Epoch == 0 || h.Epoch != s.epoch-1 || h.Epoch != s.acked.Load() ||
+			s.pages != 0 || len(s.recs) != 0 || s.srecv != nil):
+			return protoErr("handover of epoch %d while epoch %d is in progress, %d acknowledged (%v)", h.Epoch, s.current(), s.acked.Load(), s.st)
 		case !s.st.accepts(h.Type):
 			return protoErr("primary sent %v in the middle of the stream (%v)", h.Type, s.st)
 		}

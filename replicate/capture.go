@@ -159,8 +159,10 @@ func (p *Primary) checkpoint(epoch uint64, st *EpochStats) (err error) {
 		st.Copy, t = lap(t)
 	}
 	paused = false
-	if err := vm.Resume(); err != nil {
-		return vmFailure{fmt.Errorf("resume VM: %w", err)}
+	if epoch != p.finalEpoch.Load() { // a handover's final pause leaves the VM stopped
+		if err := vm.Resume(); err != nil {
+			return vmFailure{fmt.Errorf("resume VM: %w", err)}
+		}
 	}
 	st.Resume, t = lap(t)
 	st.Pause = t.Sub(st.Start)

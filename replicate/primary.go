@@ -265,8 +265,17 @@ type Primary struct {
 	// the engine fenced the VM; standbySet once this session's backup is
 	// recorded as the standby (the reader's); lastCommit and lastCommitAt
 	// are the last epoch whose output was released, and when.
-	fenced       *FencedError
-	standbySet   bool
+	fenced     *FencedError
+	standbySet bool
+
+	// A handover (handover.go): hoReq closes when it is asked for,
+	// finalEpoch is the final pause's epoch (the epoch loop's), resumed
+	// closes when the backup says the VM runs there.
+	hoReq        chan struct{}
+	hoOnce       sync.Once
+	finalEpoch   atomic.Uint64
+	resumed      chan struct{}
+	handedOver   *Handover
 	lastCommit   atomic.Uint64
 	lastCommitAt atomic.Int64
 
@@ -281,7 +290,8 @@ func NewPrimary(cfg Config) (*Primary, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Primary{cfg: cfg, lay: layoutOf(cfg.VM.DirtySlots(), cfg.VM.NumVCPUs()), sess: newPrimarySession()}
+	p := &Primary{cfg: cfg, lay: layoutOf(cfg.VM.DirtySlots(), cfg.VM.NumVCPUs()), sess: newPrimarySession(),
+		hoReq: make(chan struct{}), resumed: make(chan struct{})}
 	if err := p.lay.shape.check(); err != nil {
 		return nil, fmt.Errorf("VM shape: %w", err)
 	}
@@ -348,6 +358,7 @@ func (p *Primary) Interval() time.Duration { return p.cfg.Interval }
 // Primary for the next.
 func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	defer func() { err = p.pauseFenced(err) }() // last: after everything stopped
+	runStart := time.Now()
 	if err := p.checkLease(); err != nil {
 		conn.Close()
 		return err
@@ -464,6 +475,9 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 		<-prefaulted
 	}
 	if err := p.epochLoop(ctx); err != nil {
+		if errors.Is(err, errFinal) {
+			return p.handover(p.finalEpoch.Load(), p.lastJob.stats, runStart)
+		}
 		return p.unprotected(err)
 	}
 	return p.finish()
@@ -799,6 +813,16 @@ func (p *Primary) readLoop() {
 			}
 			p.fail(err)
 			return
+		case MsgResumed:
+			if f := p.finalEpoch.Load(); f == 0 || h.Epoch != f || p.lastAcked.Load() != h.Epoch || len(payload) != 0 {
+				p.abort(protoErr("backup sent resumed for epoch %d, and no handover of it was sent", h.Epoch))
+				break
+			}
+			select {
+			case <-p.resumed:
+			default:
+				close(p.resumed)
+			}
 		default:
 			p.abort(protoErr("backup sent %v", h.Type))
 		}
@@ -1087,6 +1111,14 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil // the timer and ctx were both ready: stop, take no more
 		}
+		select {
+		case <-p.hoReq:
+			if p.cfg.Lease != nil {
+				return &HandoverError{Epoch: epoch, Cause: errors.New("a handover of a fenced VM is not supported: its lease would have to pass to the backup")}
+			}
+			p.finalEpoch.Store(epoch) // this pause is the last: the VM stays paused
+		default:
+		}
 		st := &EpochStats{Epoch: epoch}
 		t0 := time.Now()
 		if prev := p.lastJob; prev != nil {
@@ -1108,6 +1140,9 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		st.Wait = time.Since(t0)
 		if err := p.checkpoint(epoch, st); err != nil {
 			return err
+		}
+		if epoch == p.finalEpoch.Load() {
+			return errFinal
 		}
 		timer.Reset(max(0, p.cfg.Interval-time.Since(st.Start)))
 	}

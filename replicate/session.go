@@ -179,7 +179,7 @@ func msgs(ts ...MsgType) msgSet {
 var recvAccepts = [...]msgSet{
 	awaitHello: msgs(MsgHello),
 	syncRound:  msgs(MsgPages, MsgStreamSync, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
-	ckptData:   msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd, MsgHeartbeat, MsgBye, MsgReject),
+	ckptData:   msgs(MsgPages, MsgStreamSync, MsgStreamEpoch, MsgState, MsgEnd, MsgHeartbeat, MsgBye, MsgHandover, MsgReject),
 	ckptState:  msgs(MsgPages, MsgEnd, MsgHeartbeat, MsgReject),
 	closed:     0,
 }

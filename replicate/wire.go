@@ -39,6 +39,10 @@ package replicate
 //	stream-reply B→P part of the sink's reply to hello (a disk's hash list)
 //	stream-sync  P→B one sync message of the stream, applied at once
 //	stream       P→B part of the epoch's stream part (≤ 1 MiB)
+//	handover    P→B  (version 4) no payload: the epoch in the header,
+//	                 acknowledged, is the session's last: resume it now
+//	resumed     B→P  (version 4) no payload: the VM of the handover's epoch
+//	                 runs on the backup (the primary may stop)
 //
 // # A session
 //
@@ -68,6 +72,15 @@ package replicate
 //	                                             |  drop the partial epoch,
 //	                                             |  resume the replica
 //
+// A planned migration (Primary.Handover) ends a session instead with:
+//
+//	   |  (final pause N: the VM stays paused)   |
+//	   |---- pages(N) ... state(N) end(N) ------>|
+//	   |<--- ack(N, digest) ---------------------|
+//	   |---- handover(N) ----------------------->|  resume checkpoint N
+//	   |<--- resumed(N) -------------------------|  (the VM runs here)
+//	   |  the primary stops its VM               |
+//
 // # The backup's receiver
 //
 // The backup's session is in one of these states (recvState, session.go):
@@ -91,6 +104,8 @@ package replicate
 //	heartbeat                 ✓                        ✓                         ✓
 //	bye                       ✓ [between rounds] →     ✓ [nothing of N yet] →
 //	                            closed                   closed
+//	handover                                           ✓ [v4, N-1 acked, nothing
+//	                                                     of N yet] → closed
 //	reject                    ✓ → closed               ✓ → closed                ✓ → closed
 //
 // A data message (pages, stream-sync, stream, state, end) must carry the
@@ -106,7 +121,7 @@ package replicate
 //
 // The primary's reader is simpler: after the welcome (and a stream's reply)
 // it takes acks, heartbeats and a reject, in any order; an ack must name the
-// oldest epoch sent and not acknowledged.
+// oldest epoch sent and not acknowledged; resumed only after its handover.
 //
 // # Staging
 //
@@ -246,11 +261,13 @@ const (
 	MsgStreamReply         // B→P: part of the backup sink's reply to hello (a disk image's hash list)
 	MsgStreamSync          // P→B: a stream sync message (disk blocks), applied at once
 	MsgStreamEpoch         // P→B: part of the stream of the checkpoint epoch in the header (disk writes)
+	MsgHandover            // P→B (version 4): the epoch in the header, acknowledged, is the last: resume the VM now (a planned migration)
+	MsgResumed             // B→P (version 4): the VM of the handover's epoch runs here
 	msgTypes
 )
 
 var msgNames = [...]string{"invalid", "hello", "welcome", "reject", "pages", "state", "end", "ack", "heartbeat", "bye",
-	"stream-reply", "stream-sync", "stream"}
+	"stream-reply", "stream-sync", "stream", "handover", "resumed"}
 
 func (t MsgType) String() string {
 	if t < msgTypes {
