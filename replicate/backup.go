@@ -331,7 +331,11 @@ func (b *Backup) failover(ctx context.Context, rep *replica, cause error) (*Fail
 		return nil, fmt.Errorf("%w (%w)", ErrNoCheckpoint, cause)
 	}
 	fo := &Failover{Epoch: rep.epoch, Digest: rep.digest, Cause: cause}
-	b.log.Warn("PRIMARY LOST: failing over", "cause", cause, "epoch", rep.epoch)
+	if _, ok := cause.(*handoverError); ok {
+		b.log.Info("handover: resuming the VM", "epoch", rep.epoch)
+	} else {
+		b.log.Warn("PRIMARY LOST: failing over", "cause", cause, "epoch", rep.epoch)
+	}
 	if b.cfg.Claim != nil {
 		cp := &Checkpoint{Epoch: rep.epoch, Digest: rep.digest, Shape: rep.shape, Session: rep.session}
 		b.claiming.Store(true)

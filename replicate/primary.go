@@ -1113,6 +1113,12 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		}
 		select {
 		case <-p.hoReq:
+			// The final epoch goes alone: the epochs before it are
+			// acknowledged first, so that its ack, which the downtime
+			// waits for, queues behind nothing.
+			if err := p.drain(ctx); err != nil {
+				return err
+			}
 			if p.cfg.Lease != nil {
 				return &HandoverError{Epoch: epoch, Cause: errors.New("a handover of a fenced VM is not supported: its lease would have to pass to the backup")}
 			}
@@ -1146,6 +1152,21 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		}
 		timer.Reset(max(0, p.cfg.Interval-time.Since(st.Start)))
 	}
+}
+
+// drain waits, the guest running, until every epoch captured is
+// acknowledged.
+func (p *Primary) drain(ctx context.Context) error {
+	for len(p.inflight) > 0 {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-p.sess.done:
+			return p.sess.cause()
+		case <-time.After(200 * time.Microsecond):
+		}
+	}
+	return nil
 }
 
 // epochJob is a checkpoint epoch or pre-copy round for the sender.

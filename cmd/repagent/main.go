@@ -3,11 +3,13 @@
 // With no command (`repagent --interval 100ms`) it runs the main job: the
 // built-in test VM replicated to a backup in the same process over loopback
 // TCP, with a status line per second and a summary. The primary and backup
-// commands run the two sides as separate processes; vm runs the test VM
-// alone; bench measures replication (internal/bench).
+// commands run the two sides as separate processes; migrate moves a test VM
+// live to a backup's host; vm runs the test VM alone; bench measures
+// replication (internal/bench).
 //
 // The command only parses flags, prints and exits: options.go, primary.go,
-// backup.go, vm.go and bench.go hold each command's flags and usage, and
+// backup.go, migrate.go, vm.go and bench.go hold each command's flags and
+// usage, and
 // fill a configuration of internal/agent (or internal/bench), whose Run does
 // the work on top of replicate/protect.
 package main
@@ -41,6 +43,7 @@ func commands() []command {
 	return []command{
 		{"primary", "run a test VM and replicate it to a backup", runPrimary},
 		{"backup", "receive a primary's checkpoints; resume the VM if the primary is lost", runBackup},
+		{"migrate", "run a test VM and move it live to a backup's host", runMigrate},
 		{"bench", "measure replication: guest throughput, pauses, bytes, failover time", runBench},
 		{"vm", "run the test VM, optionally saving or restoring a snapshot", runVM},
 		{"certs", "make a lab CA and certificates for TLS between a primary and a backup", runCerts},

@@ -223,6 +223,8 @@ type primaryFlags struct {
 	connectTimeout time.Duration
 	tls            tlsFlags
 	etcd           etcdFlags
+	// switchoverAfter is the migrate command's --switchover-after.
+	switchoverAfter time.Duration
 }
 
 func newPrimaryFlags() *primaryFlags {

@@ -39,15 +39,24 @@ type partitionLab struct {
 
 func newPartitionLab(t *testing.T) *partitionLab {
 	privileged.Require(t, privileged.KVM, privileged.Root, privileged.NetAdmin, privileged.Etcd)
-	l := &partitionLab{bin: buildRepagent(t), etcd: etcdtest.Start(t)[0]}
+	l := newStreamLab(t)
+	l.etcd = etcdtest.Start(t)[0]
+	target := strings.TrimPrefix(l.etcd, "http://")
+	l.pEtcd = l.proxy(t, func() (net.Conn, error) { return net.Dial("tcp", target) })
+	l.bEtcd = l.proxy(t, func() (net.Conn, error) { return net.Dial("tcp", target) })
+	return l
+}
+
+// newStreamLab is the network alone: the lan namespace with the taps tp
+// and tb on a bridge with the client's veth (10.77.0.1 in cli).
+func newStreamLab(t *testing.T) *partitionLab {
+	privileged.Require(t, privileged.KVM, privileged.Root, privileged.NetAdmin)
+	l := &partitionLab{bin: buildRepagent(t)}
 	l.lan, l.cli = nettest.New(t), nettest.New(t)
 	l.lan.AddTap(t, "tp", "")
 	l.lan.AddTap(t, "tb", "")
 	nettest.AddVeth(t, l.lan, "lan0", "", l.cli, "cli0", "10.77.0.1/24")
 	l.lan.AddBridge(t, "br0", "", "tp", "tb", "lan0")
-	target := strings.TrimPrefix(l.etcd, "http://")
-	l.pEtcd = l.proxy(t, func() (net.Conn, error) { return net.Dial("tcp", target) })
-	l.bEtcd = l.proxy(t, func() (net.Conn, error) { return net.Dial("tcp", target) })
 	return l
 }
 

@@ -55,6 +55,11 @@ type PrimaryJob struct {
 	ConnectTimeout time.Duration
 	Fault          *Fault
 	Fencing        *Fencing // with --etcd
+	// Migrate, for the migrate command: hand the VM over to the backup
+	// once an epoch is acknowledged SwitchoverAfter after the first
+	// (replicate.Primary.Handover).
+	Migrate         bool
+	SwitchoverAfter time.Duration
 }
 
 // Fault is a parsed REPAGENT_FAULT: die, or kill killPID, at point in epoch

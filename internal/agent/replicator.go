@@ -58,6 +58,11 @@ type replicator struct {
 	// redial reaches the backup again after it was lost.
 	fencer *fencer
 	redial func(context.Context) (net.Conn, error)
+	// migrate, for the migrate command: the first epoch acknowledged
+	// switchoverAfter after the first asks the engine for a handover.
+	migrate         bool
+	switchoverAfter time.Duration
+	firstAck        time.Time
 
 	m *testvm.Machine
 	p *replicate.Primary
@@ -318,6 +323,16 @@ func (r *replicator) hook(point string, epoch uint64) {
 }
 
 func (r *replicator) onEpoch(s *replicate.EpochStats) {
+	if r.migrate {
+		// Once synced and protected (and after --switchover-after), the
+		// next pause is the last.
+		if r.firstAck.IsZero() {
+			r.firstAck = time.Now()
+		}
+		if time.Since(r.firstAck) >= r.switchoverAfter {
+			r.p.Handover()
+		}
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.window.Add(s)
@@ -442,6 +457,18 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 		if r.machineStopped() != nil {
 			return r.machineStopped()
 		}
+		if r.migrate && rerr == nil && r.p.HandedOver() != nil {
+			return errHandedOver
+		}
+		if _, ok := errors.AsType[*replicate.HandoverError](rerr); ok && !errors.Is(rerr, replicate.ErrBackupLost) {
+			return rerr // unconfirmed: the VM stays paused
+		}
+		if r.migrate && rerr != nil && !errors.Is(rerr, replicate.ErrBackupLost) {
+			// The destination refused: the VM runs on here, as after a
+			// lost backup.
+			fmt.Fprintf(r.stderr, "%s: migration failed: %v\n", r.name, rerr)
+			rerr = &replicate.BackupLostError{Cause: rerr}
+		}
 		if reprotecting && !errors.Is(rerr, replicate.ErrBackupLost) && rerr != nil {
 			// Protecting the VM again failed (the backup refused, or the
 			// link broke before the session began): it runs on
@@ -471,6 +498,9 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 			running = false
 		case rerr := <-done:
 			if err := runEnded(rerr); err != nil {
+				if err == errHandedOver {
+					return nil, nil
+				}
 				return lost, err
 			}
 			if lost == nil {
@@ -511,11 +541,17 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 	cancel()
 	if done != nil {
 		if err := runEnded(<-done); err != nil {
+			if err == errHandedOver {
+				return nil, nil
+			}
 			return lost, err
 		}
 	}
 	return lost, nil
 }
+
+// errHandedOver ends replicate: the VM was handed over (migrate).
+var errHandedOver = errors.New("handed over")
 
 // reconnect dials the backup until it answers (or ctx ends) and delivers
 // the connection on ch.

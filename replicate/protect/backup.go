@@ -192,8 +192,8 @@ func (b *Backup) resume(cp *replicate.Checkpoint) error {
 	if r == nil || r.Start == nil {
 		return errors.New("protect: Restore returned no VM to start")
 	}
-	if b.tap != nil && r.MAC != nil {
-		err := inNamespace(b.cfg.InNamespace, func() error { return ebpf.Announce(b.cfg.Tap, r.MAC, r.IP) })
+	if dev.Tap != nil && r.MAC != nil {
+		err := announce(dev.Tap, r.MAC, r.IP)
 		if b.cfg.OnAnnounce != nil {
 			b.cfg.OnAnnounce(b.cfg.Tap, r.MAC, r.IP, err)
 		} else if err != nil {
@@ -230,6 +230,22 @@ func (b *Backup) reprotect() (*Primary, error) {
 		p.lease, b.owner = b.owner, nil // the Primary releases it at Close
 	}
 	return p, nil
+}
+
+// announce writes a gratuitous ARP for the guest on its tap, as its NIC
+// would send it: the frame enters the host at the tap, before the VM's
+// first. One write, where ebpf.Announce loads and attaches a TC program to
+// inject it, which costs tens of milliseconds, all of them downtime. A gate the Backup put on the tap (Reprotect) passes frames
+// until its first epoch opens, after Start.
+func announce(tap *os.File, mac net.HardwareAddr, ip netip.Addr) error {
+	frame, err := ebpf.GratuitousARP(mac, ip)
+	if err != nil {
+		return err
+	}
+	if _, err := tap.Write(frame); err != nil {
+		return fmt.Errorf("write a gratuitous ARP on the tap: %w", err)
+	}
+	return nil
 }
 
 func (b *Backup) log(msg string, args ...any) {
