@@ -9,9 +9,8 @@
 //
 // The command only parses flags, prints and exits: options.go, primary.go,
 // backup.go, migrate.go, vm.go and bench.go hold each command's flags and
-// usage, and
-// fill a configuration of internal/agent (or internal/bench), whose Run does
-// the work on top of replicate/protect.
+// usage, and fill a configuration of internal/agent (or internal/bench),
+// whose Run does the work on top of replicate/protect.
 package main
 
 import (
