@@ -169,6 +169,7 @@ type benchFlags struct {
 	quiet, noNet, noDisk        bool
 	diskSize, diskSyncSize      string
 	failoverSizes, syncSizes    string
+	migrateSizes                string
 	noSync, noCapture, noLink   bool
 }
 
@@ -186,6 +187,8 @@ func newBenchFlags() *benchFlags {
 	fs.StringVar(&f.failoverSizes, "failover-sizes", "256M,4G",
 		"comma-separated guest memory `sizes` of the failover primaries (a size that does not fit in free memory is skipped)")
 	fs.BoolVar(&f.noSync, "no-sync", false, "skip the large guest's initial sync section")
+	fs.StringVar(&f.migrateSizes, "migrate-sizes", "256M,1G",
+		"comma-separated guest memory `sizes` the migration section moves with repagent migrate, each at 20000 writes/s and at full speed (\"\": no migration section; a size that does not fit in free memory is skipped)")
 	fs.BoolVar(&f.noCapture, "no-capture", false, "skip the capture section (eager, lazy and auto capture side by side)")
 	fs.BoolVar(&f.noLink, "no-link", false, "skip the link section (plaintext and TLS side by side)")
 	fs.StringVar(&f.syncSizes, "sync-sizes", "1G,4G",
@@ -253,6 +256,11 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 		return nil, err
 	}
 	o.Sync = !f.noSync
+	if f.migrateSizes != "" {
+		if o.MigrateSizes, err = parseGuestSizes("--migrate-sizes", f.migrateSizes, o.VCPUs); err != nil {
+			return nil, err
+		}
+	}
 	if o.SyncSizes, err = parseGuestSizes("--sync-sizes", f.syncSizes, bench.SyncVCPUs); err != nil {
 		return nil, err
 	}

@@ -199,7 +199,7 @@ func TestSmoke(t *testing.T) {
 	o := Options{Mem: 32 << 20, VCPUs: 1, Rates: []uint64{20000}, Pattern: testvm.Random, Intervals: []time.Duration{20 * time.Millisecond},
 		ModeTime: 300 * time.Millisecond, Failovers: 1, FailoverSizes: []uint64{32 << 20, 64 << 20}, DirtyTrack: dirtylog.Auto,
 		Net: true, Disk: true, DiskSize: 4 << 20, DiskSyncSize: 8 << 20, EchoRate: 200, StreamRate: 100000,
-		Sync: true, SyncSizes: []uint64{64 << 20}, Executable: vmtest.BuildRepagent(t), VMM: "repagent testvm"}
+		Sync: true, SyncSizes: []uint64{64 << 20}, MigrateSizes: []uint64{32 << 20}, Executable: vmtest.BuildRepagent(t), VMM: "repagent testvm"}
 	var stdout, stderr bytes.Buffer
 	got, err := Run(t.Context(), o, &stdout, &stderr)
 	t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
@@ -208,7 +208,7 @@ func TestSmoke(t *testing.T) {
 	}
 	// Every section printed its table.
 	for _, title := range []string{"Rate 20000/s per vCPU:", "Engine CPU per dirty page", "10k check: seq over 10000 pages",
-		"10k check, the pause's copy:", "Pause tails at a moderate rate:", "Failover: primary process at rate 20000/s",
+		"10k check, the pause's copy:", "Pause tails at a moderate rate:", "Failover: primary process at rate 20000/s", "Migration: repagent migrate",
 		"Initial sync of a large guest:", "Disk write throughput:", "Initial disk sync: 8MiB image", "Output commit (network):",
 		"Output commit with the main job's shape:", "Held-frame throughput:", "Goals:"} {
 		if !strings.Contains(stdout.String(), title) {
@@ -246,9 +246,21 @@ func TestSmoke(t *testing.T) {
 		`(?m)^main job's shape at 100ms: hold p50 [\d.]+ ms \(client rtt p50 [\d.]+ ms\) = [\d.]+x the prediction ` +
 			`\(goal <= 100ms/2 \+ pause p50 [\d.]+ ms \+ transfer p50 [\d.]+ ms \+ 1 ms = [\d.]+ ms\): (MET|NOT MET)$`,
 		`(?m)^main job's shape at 10ms: transfer p50 [\d.]+ ms = [\d.]+% of the interval, \d+ dirty pages/epoch \(goal <= 10%\): (MET|NOT MET)$`,
+		`(?m)^migration downtime at 32MiB, 20000/s: [\d.]+ ms \(final pause [\d.]+ ms, ack [\d.]+ ms, restore [\d.]+ ms; total \d+ ms\) \(goal <= 3ms, QEMU 7\.2 here: 3 ms\): (MET|NOT MET)$`,
+		`(?m)^migration downtime at 32MiB, full speed: [\d.]+ ms .*\(goal <= 17ms, QEMU 7\.2 here: 11-17 ms\): (MET|NOT MET)$`,
 	} {
 		if !regexp.MustCompile(re).MatchString(strings.Join(goals, "\n")) {
 			t.Errorf("goals lack %s", re)
+		}
+	}
+	if mr := res.Migrate; mr == nil || len(mr.Runs) != 2 {
+		t.Errorf("migration: %+v, want a run at each rate", mr)
+	} else {
+		for _, r := range mr.Runs {
+			if r.Error != "" || r.Epoch == 0 || r.DowntimeMS <= r.PauseMS || r.TotalMS <= r.SourceMS || r.SourceMS <= 0 || r.RestoreMS <= 0 ||
+				r.FirstWriteMS < r.DowntimeMS {
+				t.Errorf("migration run: %+v", r)
+			}
 		}
 	}
 	if rr := res.Rates; len(rr) == 1 && len(rr[0].Modes) == 3 {
@@ -282,7 +294,7 @@ func TestSmoke(t *testing.T) {
 	if nr := res.Net; nr != nil && len(nr.Stream) == 2 && (nr.Stream[0].VsNone != 1 || nr.Stream[0].Held != 0) {
 		t.Errorf("stream none: %+v", nr.Stream[0])
 	}
-	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 5 || len(res.Goals) != 16 {
+	if len(res.Rates) != 1 || len(res.Rates[0].Modes) != 3 || res.Failover == nil || len(res.Failover.Runs) != 5 || len(res.Goals) != 18 {
 		t.Errorf("--json file: %s", b)
 	}
 	for _, m := range res.Rates[0].Modes {

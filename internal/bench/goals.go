@@ -42,6 +42,9 @@ func (b *runner) goals(res *Result) []Goal {
 	for i := range res.Rates {
 		out = append(out, cpuGoal(&res.Rates[i]))
 	}
+	if mr := res.Migrate; mr != nil {
+		out = append(out, migrateGoals(mr)...)
+	}
 	if fo := res.Failover; fo != nil {
 		hb := b.failoverTimeout()
 		bound := goalFailoverExtra + hb

@@ -22,6 +22,7 @@ type Result struct {
 	Capture     *CaptureResult  `json:"capture,omitempty"`
 	Link        *LinkResult     `json:"link,omitempty"`
 	Failover    *FailoverResult `json:"failover,omitempty"`
+	Migrate     *MigrateResult  `json:"migration,omitempty"`
 	Sync        *SyncResult     `json:"sync,omitempty"`
 	Disk        *DiskResult     `json:"disk,omitempty"`
 	Net         *NetResult      `json:"network,omitempty"`

@@ -92,6 +92,9 @@ type Options struct {
 	Link             bool     // measure the link section (plaintext and TLS)
 	Sync             bool     // measure the large guest's initial sync
 	SyncSizes        []uint64 // its guest sizes
+	// MigrateSizes are the guest sizes the migration section moves, each
+	// at 20,000 writes/s and at full speed (none: no migration section).
+	MigrateSizes []uint64
 	Quiet            bool     // no progress lines
 
 	// Executable is the repagent binary whose primary command the failover
@@ -217,6 +220,16 @@ func Run(ctx context.Context, o Options, stdout, stderr io.Writer) (*Result, err
 		res.Failover = fo
 		fmt.Fprintln(stdout)
 		printFailover(stdout, fo)
+	}
+
+	if len(o.MigrateSizes) > 0 {
+		mr, err := b.measureMigrate(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("migration: %w", err)
+		}
+		res.Migrate = mr
+		fmt.Fprintln(stdout)
+		printMigrate(stdout, mr)
 	}
 
 	if o.Sync {
