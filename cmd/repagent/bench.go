@@ -171,6 +171,7 @@ type benchFlags struct {
 	failoverSizes, syncSizes    string
 	migrateSizes                string
 	noSync, noCapture, noLink   bool
+	noFence                     bool
 }
 
 func newBenchFlags() *benchFlags {
@@ -191,6 +192,7 @@ func newBenchFlags() *benchFlags {
 		"comma-separated guest memory `sizes` the migration section moves with repagent migrate, each at 20000 writes/s and at full speed (\"\": no migration section; a size that does not fit in free memory is skipped)")
 	fs.BoolVar(&f.noCapture, "no-capture", false, "skip the capture section (eager, lazy and auto capture side by side)")
 	fs.BoolVar(&f.noLink, "no-link", false, "skip the link section (plaintext and TLS side by side)")
+	fs.BoolVar(&f.noFence, "no-fence", false, "skip the fenced failover section (a primary fenced through etcd, killed and frozen; it needs etcd-server)")
 	fs.StringVar(&f.syncSizes, "sync-sizes", "1G,4G",
 		"comma-separated guest memory `sizes` of the initial sync section (a size that does not fit in free memory is skipped)")
 	fs.StringVar(&f.dirtyTrack, "dirty-track", "auto",
@@ -216,7 +218,7 @@ func parseBenchArgs(args []string) (*benchOptions, error) {
 		return nil, err
 	}
 	o := &benchOptions{Options: bench.Options{VCPUs: f.vcpus, ModeTime: f.modeTime, Failovers: f.failovers,
-		HeartbeatTimeout: f.heartbeatTimeout, Net: !f.noNet, Disk: !f.noDisk, Capture: !f.noCapture, Link: !f.noLink, EchoRate: f.echoRate, StreamRate: f.streamRate,
+		HeartbeatTimeout: f.heartbeatTimeout, Net: !f.noNet, Disk: !f.noDisk, Capture: !f.noCapture, Link: !f.noLink, Fence: !f.noFence, EchoRate: f.echoRate, StreamRate: f.streamRate,
 		Quiet: f.quiet, VMM: agent.VMMName}, json: f.json}
 	var err error
 	if o.Mem, err = parseSize(f.mem); err != nil {

@@ -199,7 +199,7 @@ func TestSmoke(t *testing.T) {
 	o := Options{Mem: 32 << 20, VCPUs: 1, Rates: []uint64{20000}, Pattern: testvm.Random, Intervals: []time.Duration{20 * time.Millisecond},
 		ModeTime: 300 * time.Millisecond, Failovers: 1, FailoverSizes: []uint64{32 << 20, 64 << 20}, DirtyTrack: dirtylog.Auto,
 		Net: true, Disk: true, DiskSize: 4 << 20, DiskSyncSize: 8 << 20, EchoRate: 200, StreamRate: 100000,
-		Sync: true, SyncSizes: []uint64{64 << 20}, MigrateSizes: []uint64{32 << 20}, Executable: vmtest.BuildRepagent(t), VMM: "repagent testvm"}
+		Sync: true, SyncSizes: []uint64{64 << 20}, MigrateSizes: []uint64{32 << 20}, Fence: true, Executable: vmtest.BuildRepagent(t), VMM: "repagent testvm"}
 	var stdout, stderr bytes.Buffer
 	got, err := Run(t.Context(), o, &stdout, &stderr)
 	t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
@@ -208,7 +208,7 @@ func TestSmoke(t *testing.T) {
 	}
 	// Every section printed its table.
 	for _, title := range []string{"Rate 20000/s per vCPU:", "Engine CPU per dirty page", "10k check: seq over 10000 pages",
-		"10k check, the pause's copy:", "Pause tails at a moderate rate:", "Failover: primary process at rate 20000/s", "Migration: repagent migrate",
+		"10k check, the pause's copy:", "Pause tails at a moderate rate:", "Failover: primary process at rate 20000/s", "Migration: repagent migrate", "Fenced failover: a 32MiB primary process",
 		"Initial sync of a large guest:", "Disk write throughput:", "Initial disk sync: 8MiB image", "Output commit (network):",
 		"Output commit with the main job's shape:", "Held-frame throughput:", "Goals:"} {
 		if !strings.Contains(stdout.String(), title) {
@@ -251,6 +251,21 @@ func TestSmoke(t *testing.T) {
 	} {
 		if !regexp.MustCompile(re).MatchString(strings.Join(goals, "\n")) {
 			t.Errorf("goals lack %s", re)
+		}
+	}
+	if fr := res.Fence; fr == nil || len(fr.Runs) != 2 {
+		t.Errorf("fenced failover: %+v, want a run by SIGKILL and one by SIGSTOP", fr)
+	} else {
+		for _, r := range fr.Runs {
+			if r.Error != "" || r.Epoch == 0 || r.DetectMS < 0 || r.ExpiryMS < 0 || r.AcquireMS <= 0 || r.RestoreMS <= 0 ||
+				r.TotalMS < r.DetectMS+r.ExpiryMS+r.AcquireMS {
+				t.Errorf("fenced failover run: %+v", r)
+			}
+		}
+		if k := fr.Runs[0]; k.Error == "" && k.ExpiryMS < 500 {
+			// A killed primary renewed at most TTL/3 before: most of
+			// the lease is left after its connection closed.
+			t.Errorf("SIGKILL: lease expiry %.0f ms after detection, want most of the %v TTL", k.ExpiryMS, FenceTTL)
 		}
 	}
 	if mr := res.Migrate; mr == nil || len(mr.Runs) != 2 {

@@ -23,6 +23,7 @@ type Result struct {
 	Link        *LinkResult     `json:"link,omitempty"`
 	Failover    *FailoverResult `json:"failover,omitempty"`
 	Migrate     *MigrateResult  `json:"migration,omitempty"`
+	Fence       *FenceResult    `json:"fenced_failover,omitempty"`
 	Sync        *SyncResult     `json:"sync,omitempty"`
 	Disk        *DiskResult     `json:"disk,omitempty"`
 	Net         *NetResult      `json:"network,omitempty"`

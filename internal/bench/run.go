@@ -92,6 +92,8 @@ type Options struct {
 	Link             bool     // measure the link section (plaintext and TLS)
 	Sync             bool     // measure the large guest's initial sync
 	SyncSizes        []uint64 // its guest sizes
+	// Fence measures fenced failovers (etcd) after the failover section.
+	Fence bool
 	// MigrateSizes are the guest sizes the migration section moves, each
 	// at 20,000 writes/s and at full speed (none: no migration section).
 	MigrateSizes []uint64
@@ -220,6 +222,15 @@ func Run(ctx context.Context, o Options, stdout, stderr io.Writer) (*Result, err
 		res.Failover = fo
 		fmt.Fprintln(stdout)
 		printFailover(stdout, fo)
+		if o.Fence {
+			fr, err := b.measureFence(ctx)
+			if err != nil {
+				return nil, fmt.Errorf("fenced failover: %w", err)
+			}
+			res.Fence = fr
+			fmt.Fprintln(stdout)
+			printFence(stdout, fr)
+		}
 	}
 
 	if len(o.MigrateSizes) > 0 {

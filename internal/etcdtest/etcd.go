@@ -41,15 +41,33 @@ func Start(t testing.TB) (endpoints []string) {
 }
 
 func start(t testing.TB) ([]string, error) {
-	ports, err := freePorts(2)
+	ep, stop, out, err := Launch(t.TempDir())
 	if err != nil {
 		return nil, err
+	}
+	t.Cleanup(func() {
+		stop()
+		if t.Failed() {
+			t.Logf("etcd output:\n%s", out.String())
+		}
+	})
+	return []string{ep}, nil
+}
+
+// Launch runs one etcd server (privileged.EtcdBinary) with its data in dir
+// and its URLs on free 127.0.0.1 ports, and returns its client endpoint once
+// it answers, a function that kills it, and its output so far. The bench
+// command uses it outside tests.
+func Launch(dir string) (endpoint string, stop func(), out fmt.Stringer, err error) {
+	ports, err := freePorts(2)
+	if err != nil {
+		return "", nil, nil, err
 	}
 	client := fmt.Sprintf("http://127.0.0.1:%d", ports[0])
 	peer := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
 	cmd := exec.Command(privileged.EtcdBinary,
 		"--name", "etcdtest",
-		"--data-dir", t.TempDir(),
+		"--data-dir", dir,
 		"--listen-client-urls", client,
 		"--advertise-client-urls", client,
 		"--listen-peer-urls", peer,
@@ -61,41 +79,32 @@ func start(t testing.TB) ([]string, error) {
 		"--logger", "zap",
 		"--log-level", "warn",
 	)
-	out := &procout.Buffer{} // the server's first 64 KiB, for a failure's message
-	cmd.Stdout, cmd.Stderr = out, out
+	buf := &procout.Buffer{} // the server's first 64 KiB, for a failure's message
+	cmd.Stdout, cmd.Stderr = buf, buf
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("run %s: %w", privileged.EtcdBinary, err)
+		return "", nil, nil, fmt.Errorf("run %s: %w", privileged.EtcdBinary, err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	stop := func() {
+	kill := func() {
 		cmd.Process.Kill()
 		<-exited
+		exited <- nil // a second stop returns at once
 	}
 
 	deadline := time.Now().Add(startTimeout)
-	for {
-		if healthy(client) {
-			break
-		}
+	for !healthy(client) {
 		select {
 		case err := <-exited:
-			exited <- err
-			return nil, fmt.Errorf("etcd exited before answering (%v): %s", err, out.String())
+			return "", nil, nil, fmt.Errorf("etcd exited before answering (%v): %s", err, buf.String())
 		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			stop()
-			return nil, fmt.Errorf("etcd did not answer at %s within %v: %s", client, startTimeout, out.String())
+			kill()
+			return "", nil, nil, fmt.Errorf("etcd did not answer at %s within %v: %s", client, startTimeout, buf.String())
 		}
 	}
-	t.Cleanup(func() {
-		stop()
-		if t.Failed() {
-			t.Logf("etcd output:\n%s", out.String())
-		}
-	})
-	return []string{client}, nil
+	return client, kill, buf, nil
 }
 
 // healthy reports whether the server at url answers /health with a leader.
