@@ -97,7 +97,7 @@ type Options struct {
 	// MigrateSizes are the guest sizes the migration section moves, each
 	// at 20,000 writes/s and at full speed (none: no migration section).
 	MigrateSizes []uint64
-	Quiet            bool     // no progress lines
+	Quiet        bool // no progress lines
 
 	// Executable is the repagent binary whose primary command the failover
 	// runs; empty means this program (os.Executable). Tests, whose
