@@ -123,21 +123,36 @@ type agents struct {
 // start runs a backup and a primary fenced through etcd, with extra
 // primary flags, and waits until the guest's stream is protected.
 func (l *partitionLab) start(t *testing.T, name string, primaryArgs ...string) *agents {
+	return l.startWith(t, name, false, primaryArgs...)
+}
+
+// startWith is start; with disk the guest runs the disk workload instead,
+// over an image mirrored to the backup's, and start waits for acknowledged
+// epochs instead of the stream (there is no client).
+func (l *partitionLab) startWith(t *testing.T, name string, disk bool, primaryArgs ...string) *agents {
+	var bdisk, pdisk []string
+	if disk {
+		dir := t.TempDir()
+		pimg, bimg := filepath.Join(dir, "p.img"), filepath.Join(dir, "b.img")
+		makeImage(t, pimg, 16<<20)
+		makeImage(t, bimg, 16<<20)
+		bdisk, pdisk = []string{"--disk", bimg}, []string{"--workload", "disk", "--rate", "2000", "--disk", pimg}
+	}
 	a := &agents{t: t, l: l, pout: &syncBuf{}, perr: &syncBuf{}, stats: filepath.Join(t.TempDir(), "stats.jsonl"),
 		pExit: make(chan error, 1), bExit: make(chan error, 1)}
 	ttl := partitionTTL.String()
 	var bl *lineReader
 	var addr string
-	a.backup, bl, a.berr, addr = startBackupCmd(t, l.lan.Command(l.bin, "backup", "--listen", "127.0.0.1:0", "--tap", "tb",
+	a.backup, bl, a.berr, addr = startBackupCmd(t, l.lan.Command(l.bin, append([]string{"backup", "--listen", "127.0.0.1:0", "--tap", "tb",
 		"--run-after-failover", "3s", "--heartbeat-timeout", "2s", "--quiet",
-		"--etcd", l.bEtcd.Endpoint(), "--name", name, "--lease-ttl", ttl))
+		"--etcd", l.bEtcd.Endpoint(), "--name", name, "--lease-ttl", ttl}, bdisk...)...))
 	a.bout = bl
 	go func() { a.bExit <- a.backup.Wait() }()
 	a.link = l.linkTo(t, addr)
 	args := []string{"primary", "--backup", a.link.Addr(), "--tap", "tp", "--workload", "udp-stream", "--stream-rate", "1000",
 		"--mem", "32M", "--interval", "20ms", "--heartbeat-timeout", "2s", "--quiet", "--stats", a.stats,
 		"--etcd", l.pEtcd.Endpoint(), "--name", name, "--lease-ttl", ttl}
-	a.primary = l.lan.Command(l.bin, append(args, primaryArgs...)...)
+	a.primary = l.lan.Command(l.bin, append(append(args, pdisk...), primaryArgs...)...)
 	a.primary.Stdout, a.primary.Stderr = a.pout, a.perr
 	if err := a.primary.Start(); err != nil {
 		t.Fatal(err)
@@ -147,6 +162,10 @@ func (l *partitionLab) start(t *testing.T, name string, primaryArgs ...string) *
 		a.primary.Process.Kill()
 		a.backup.Process.Kill()
 	})
+	if disk {
+		a.waitFor(30*time.Second, "20 acknowledged epochs", func() bool { return len(readStats(t, a.stats)) >= 20 })
+		return a
+	}
 	a.client = newStreamClient(t, l.cli, "10.77.0.1")
 	t.Cleanup(func() { a.client.conn.Close() })
 	guest := &net.UDPAddr{IP: net.ParseIP(defaultGuestIP), Port: 7777}
@@ -217,6 +236,9 @@ func (a *agents) claimed(within time.Duration) time.Time {
 // streamGoesOn waits for n more datagrams than before.
 func (a *agents) streamGoesOn(before, n int, within time.Duration, what string) {
 	a.t.Helper()
+	if a.client == nil {
+		return
+	}
 	deadline := time.Now().Add(within)
 	for len(a.client.snapshot()) < before+n {
 		if time.Now().After(deadline) {
@@ -231,6 +253,9 @@ func (a *agents) streamGoesOn(before, n int, within time.Duration, what string) 
 // not produce again.
 func (a *agents) checkStream() []uint64 {
 	a.t.Helper()
+	if a.client == nil {
+		return nil
+	}
 	seqs := a.client.snapshot()
 	a.client.mu.Lock()
 	bad := a.client.bad
@@ -287,28 +312,51 @@ func unixNano(t *testing.T, s string) time.Time {
 // the client must see the stream go on from the backup without a repeat.
 func TestPartitionPrimaryIsolated(t *testing.T) {
 	l := newPartitionLab(t)
-	a := l.start(t, "vm-a")
-	t.Logf("cut the primary off from the backup and etcd after %d datagrams", len(a.client.snapshot()))
+	t.Run("stream", func(t *testing.T) { l.isolate(t, "vm-a", false) })
+	// The same with the disk workload: the backup's image must be the disk
+	// of the epoch it resumes, by the guest's own records.
+	t.Run("disk", func(t *testing.T) { l.isolate(t, "vm-a-disk", true) })
+}
+
+func (l *partitionLab) isolate(t *testing.T, name string, disk bool) {
+	a := l.startWith(t, name, disk)
 	cut := time.Now()
 	a.link.Cut()
 	l.pEtcd.Cut()
+	defer l.pEtcd.Restore() // the lab's next test
 	lastRelease, fencedAt := a.fenced(3 * partitionTTL)
-	before := len(a.client.snapshot())
+	before := 0
+	if a.client != nil {
+		before = len(a.client.snapshot())
+	}
 	claimedAt := a.claimed(10 * partitionTTL)
 	a.streamGoesOn(before, 200, 30*time.Second, "the stream after the failover")
 	if err := a.backupDone(30 * time.Second); err != nil {
 		t.Fatalf("backup: %v\n%s", err, a.report())
 	}
-	if !strings.Contains(a.bout.String(), "verification passed") {
+	out := a.bout.String()
+	if !strings.Contains(out, "verification passed") {
 		t.Fatalf("the backup did not verify the resumed guest\n%s", a.report())
+	}
+	fm := failoverRE.FindStringSubmatch(out)
+	if fm == nil {
+		t.Fatalf("no failover line\n%s", a.report())
+	}
+	// The epoch resumed is one the primary acknowledged (or the one after,
+	// whose ack was lost with the link), as the primary recorded it.
+	checkAgainstStats(t, readStats(t, a.stats), fm, resumedVCPUs(t, out), a.report)
+	if disk {
+		if dv := diskVerifiedRE.FindStringSubmatch(out); dv == nil || dv[1] != fm[1] || !diskFinalRE.MatchString(out) {
+			t.Fatalf("the backup's disk was not verified at the epoch it resumed (%s)\n%s", fm[1], a.report())
+		}
 	}
 	seqs := a.checkStream()
 	if !lastRelease.Before(fencedAt) || !fencedAt.Before(claimedAt) {
 		t.Fatalf("the primary released output until %v and fenced at %v, the backup owned the VM at %v: not in that order",
 			lastRelease, fencedAt, claimedAt)
 	}
-	t.Logf("cut at 0; primary's last release %v, fenced %v, backup owned the VM %v; %d datagrams, none repeated",
-		lastRelease.Sub(cut), fencedAt.Sub(cut), claimedAt.Sub(cut), len(seqs))
+	t.Logf("cut at 0; primary's last release %v, fenced %v, backup owned the VM %v and resumed epoch %s; %d datagrams, none repeated",
+		lastRelease.Sub(cut), fencedAt.Sub(cut), claimedAt.Sub(cut), fm[1], len(seqs))
 }
 
 // (b) Primary and backup are cut off from each other, both reach etcd:
