@@ -65,6 +65,40 @@ func (p *Primary) Handover() {
 // did not complete). Read it once Run returned.
 func (p *Primary) HandedOver() *Handover { return p.handedOver }
 
+// A handover converges before its final pause, as QEMU's migration
+// iterates until what is left fits its downtime limit: each round
+// acknowledges every epoch in flight (so the next one queues behind
+// nothing), then checkpoints at once, so that it holds only what the
+// guest dirtied during the previous round's pause and ack, which shrinks
+// while the link outruns the guest. The final pause comes when the last
+// round held at most convergePages pages, stopped shrinking by a quarter,
+// or after maxConvergeRounds rounds; it then holds what the guest dirtied
+// during that round's ack alone.
+const (
+	convergePages     = 64
+	maxConvergeRounds = 8
+)
+
+type convergence struct {
+	rounds int
+	pages  int // the last round's dirty pages
+}
+
+// converged reports whether the next pause is the final one, last being
+// the epoch just acknowledged, and counts a round if not.
+func (c *convergence) converged(last *epochJob) bool {
+	n := 0
+	if last != nil {
+		n = last.stats.DirtyPages
+	}
+	done := c.rounds >= maxConvergeRounds || n <= convergePages || (c.rounds > 0 && 4*n > 3*c.pages)
+	if !done {
+		c.rounds++
+		c.pages = n
+	}
+	return done
+}
+
 // errFinal ends the epoch loop after the final pause of a handover.
 var errFinal = errors.New("final pause of a handover")
 

@@ -1100,6 +1100,7 @@ func (p *Primary) gpasOf(dst []uint64) []uint64 {
 func (p *Primary) epochLoop(ctx context.Context) error {
 	timer := time.NewTimer(0) // the first checkpoint follows the sync at once
 	defer timer.Stop()
+	var ho convergence // a handover's rounds
 	for epoch := uint64(1); ; epoch++ {
 		select {
 		case <-ctx.Done():
@@ -1113,16 +1114,15 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		}
 		select {
 		case <-p.hoReq:
-			// The final epoch goes alone: the epochs before it are
-			// acknowledged first, so that its ack, which the downtime
-			// waits for, queues behind nothing.
-			if err := p.drain(ctx); err != nil {
-				return err
-			}
 			if p.cfg.Lease != nil {
 				return &HandoverError{Epoch: epoch, Cause: errors.New("a handover of a fenced VM is not supported: its lease would have to pass to the backup")}
 			}
-			p.finalEpoch.Store(epoch) // this pause is the last: the VM stays paused
+			if err := p.drain(ctx); err != nil {
+				return err
+			}
+			if ho.converged(p.lastJob) {
+				p.finalEpoch.Store(epoch) // this pause is the last: the VM stays paused
+			}
 		default:
 		}
 		st := &EpochStats{Epoch: epoch}
@@ -1149,6 +1149,10 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 		}
 		if epoch == p.finalEpoch.Load() {
 			return errFinal
+		}
+		if ho.rounds > 0 {
+			timer.Reset(0) // converging: the next pause follows this one's ack at once
+			continue
 		}
 		timer.Reset(max(0, p.cfg.Interval-time.Since(st.Start)))
 	}
