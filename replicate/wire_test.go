@@ -1048,7 +1048,7 @@ func TestParseHeaderRejects(t *testing.T) {
 		wantErr string
 	}{
 		{"type 0", headerBytes(Header{Type: 0, Length: 8}), "unknown message type 0"},
-		{"type msgTypes", headerBytes(Header{Type: msgTypes}), "unknown message type 13"},
+		{"type msgTypes", headerBytes(Header{Type: msgTypes}), "unknown message type 15"},
 		{"type 0xffff", headerBytes(Header{Type: 0xffff}), "unknown message type 65535"},
 		{"nonzero flags", headerBytes(Header{Type: MsgPages, Flags: 1}), "pages message with unknown flags 0x1"},
 		{"length > MaxPayload", headerBytes(Header{Type: MsgState, Length: MaxPayload + 1}), "state message of 8388609 bytes exceeds the 8388608-byte limit"},
