@@ -32,6 +32,15 @@ type BackupConfig struct {
 	// Resume restores the VM from a checkpoint and runs it: the failover.
 	// It owns cp.Memory from the call on. Required.
 	Resume func(cp *Checkpoint) error
+	// Prepare, when set, is called once per session with its first
+	// checkpoint, after its ack: the VMM may build the VM a failover would
+	// restore (its KVM VM, memory slots over cp.Memory, vCPUs), so that the
+	// failover only loads the state (testvm.Prepare). cp.Memory stays the
+	// backup's, which keeps writing it: map it shared, do not close it. A
+	// Resume whose cp.Memory is the same file may use what Prepare built;
+	// one of another file (a later session's) may not. An error is logged,
+	// and the failover builds the VM.
+	Prepare func(cp *Checkpoint) error
 	// Claim, when set, is the failover's first step: it returns once this
 	// backup may resume cp (with fencing, once it owns the VM and the
 	// standby record names cp's session: protect does it with
@@ -1007,6 +1016,14 @@ func (s *session) end(e End) error {
 	s.acked.Store(s.epoch)
 	if s.b.cfg.OnEpoch != nil {
 		s.b.cfg.OnEpoch(s.epoch, int(s.pages), d)
+	}
+	if s.epoch == 1 && s.b.cfg.Prepare != nil {
+		// Once per session, after the first ack: the next acks wait for
+		// it, a failover does not.
+		cp := &Checkpoint{Epoch: 1, State: s.rep.state, Memory: s.rep.mem, Digest: d, Shape: s.rep.shape, Session: s.rep.session}
+		if err := s.b.cfg.Prepare(cp); err != nil {
+			s.b.log.Warn("prepare the VM for a failover: a failover will build it", "err", err)
+		}
 	}
 	s.epoch++
 	return nil

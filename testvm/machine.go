@@ -139,7 +139,11 @@ func New(cfg Config) (*Machine, error) {
 
 // build creates the KVM side of a machine: memory (a new memfd, or memF when
 // restoring), slots, irqchip, PIT and vCPUs with CPUID set.
-func build(cfg Config, memF *os.File) (_ *Machine, err error) {
+func build(cfg Config, memF *os.File) (*Machine, error) { return buildWith(cfg, memF, true) }
+
+// buildWith is build, with the devices or without them (a Shell adds them
+// at its restore, when their tap and backend are known).
+func buildWith(cfg Config, memF *os.File, devices bool) (_ *Machine, err error) {
 	callerMem := memF
 	m := &Machine{cfg: cfg, layout: newLayout(cfg.MemSize, cfg.VCPUs), changed: make(chan struct{}),
 		done: make(chan struct{}), console: cfg.Console}
@@ -220,20 +224,33 @@ func build(cfg Config, memF *os.File) (_ *Machine, err error) {
 	if m.msrs, err = m.vcpus[0].cpu.ReadableMSRs(msrList); err != nil {
 		return nil, err
 	}
-	if cfg.Net != nil {
-		if m.net, err = newNetDev(m, cfg.Tap); err != nil {
-			return nil, err
-		}
-	}
-	if cfg.Disk != nil {
-		if cfg.DiskIO == nil {
-			return nil, fmt.Errorf("block device of %d blocks without a backend (set Config.DiskIO or RestoreOptions.DiskIO, e.g. to an image file)", cfg.Disk.Blocks)
-		}
-		if m.disk, err = newDiskDev(m, cfg.DiskIO, cfg.Disk.Blocks, cfg.DiskPoll); err != nil {
+	if devices {
+		if err := m.addDevices(); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// addDevices makes the devices m.cfg has: the network device over its tap,
+// the block device over its backend.
+func (m *Machine) addDevices() error {
+	cfg := m.cfg
+	var err error
+	if cfg.Net != nil {
+		if m.net, err = newNetDev(m, cfg.Tap); err != nil {
+			return err
+		}
+	}
+	if cfg.Disk != nil {
+		if cfg.DiskIO == nil {
+			return fmt.Errorf("block device of %d blocks without a backend (set Config.DiskIO or RestoreOptions.DiskIO, e.g. to an image file)", cfg.Disk.Blocks)
+		}
+		if m.disk, err = newDiskDev(m, cfg.DiskIO, cfg.Disk.Blocks, cfg.DiskPoll); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (m *Machine) enableDirtyRing(entries uint32) error {

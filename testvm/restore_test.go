@@ -273,3 +273,97 @@ func TestRestoreErrorPathCleansUp(t *testing.T) {
 	}
 	m.Close()
 }
+
+// A Shell built from an early checkpoint, over memory that changes after
+// (as a backup's replica does), restores a later checkpoint exactly: the
+// machine is what was saved then, and its counters go on from there.
+func TestShellRestoresLaterState(t *testing.T) {
+	m := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 2, Workload: testvm.Counter}, nil)
+	type snap struct {
+		state, mem []byte
+		desc       string
+		status     []testvm.Status
+	}
+	snapshot := func() snap {
+		t.Helper()
+		if err := m.Pause(); err != nil {
+			t.Fatal(err)
+		}
+		defer m.Resume()
+		state, err := m.Save()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sn := snap{state: state, mem: append([]byte(nil), m.Memory()...), desc: describe(m)}
+		for i := range m.NumVCPUs() {
+			sn.status = append(sn.status, m.Status(i))
+		}
+		return sn
+	}
+	early := snapshot()
+	mem, err := testvm.NewMemFile(32 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mem.WriteAt(early.mem, 0); err != nil {
+		t.Fatal(err)
+	}
+	sh, err := testvm.Prepare(early.state, mem, testvm.RestoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	late := snapshot()
+	if _, err := mem.WriteAt(late.mem, 0); err != nil { // the replica moves on
+		t.Fatal(err)
+	}
+	r, err := sh.Restore(late.state, testvm.RestoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got := describe(r); got != late.desc || late.desc == early.desc {
+		t.Fatalf("the shell restored %q, the late checkpoint was %q (the early one %q)", got, late.desc, early.desc)
+	}
+	if _, err := sh.Restore(late.state, testvm.RestoreOptions{}); err == nil {
+		t.Fatal("a shell restored twice")
+	}
+	if err := r.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if err := r.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	for i, s := range late.status {
+		st := r.Status(i)
+		if want := testvm.CounterHash(s.Hash, s.Counter, st.Counter); st.Counter <= s.Counter || st.Hash != want {
+			t.Fatalf("vCPU %d: counter %d hash %#x after restore; from the saved %d/%#x the hash should be %#x",
+				i, st.Counter, st.Hash, s.Counter, s.Hash, want)
+		}
+	}
+	// A shell of another shape refuses a state, and leaves its file.
+	other := vmtest.Boot(t, testvm.Config{MemSize: 32 << 20, VCPUs: 1, Workload: testvm.Counter}, nil)
+	if err := other.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	ostate, err := other.Save()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem2, err := testvm.NewMemFile(32 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem2.Close()
+	sh2, err := testvm.Prepare(early.state, mem2, testvm.RestoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sh2.Restore(ostate, testvm.RestoreOptions{}); !errors.Is(err, testvm.ErrBadState) {
+		t.Fatalf("a 2-vCPU shell restored a 1-vCPU state: %v", err)
+	}
+	if _, err := mem2.Stat(); err != nil {
+		t.Fatalf("the refused shell closed the caller's file: %v", err)
+	}
+}

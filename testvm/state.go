@@ -289,16 +289,104 @@ type RestoreOptions struct {
 // machine; on error it stays the caller's). Mapping the file directly means a backup restores from its replica
 // without copying memory. The state is fully checked before anything is built.
 func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
+	sh, s, err := prepare(state, mem, opt, true)
+	if err != nil {
+		return nil, err
+	}
+	return sh.load(s)
+}
+
+// Shell is a machine built for a restore and not yet restored: its KVM VM,
+// its memory slots over the replica's file, its vCPUs with their CPUID.
+// Building them is most of a restore's cost (registering the memory slots
+// alone is milliseconds, as KVM waits for its readers each time), so a
+// backup builds the Shell once its first checkpoint arrives, while the
+// primary runs, and a failover only loads the state into it (Restore).
+type Shell struct {
+	m    *Machine
+	opt  RestoreOptions
+	used bool
+}
+
+// Prepare builds a Shell for the checkpoints of the machine whose state is
+// state (any checkpoint of the session: only its configuration is used),
+// over mem, which the backup keeps writing (its replica; the Shell maps it
+// shared). The devices come at Restore, with their tap and backend. mem
+// stays the caller's until a Restore succeeds.
+func Prepare(state []byte, mem *os.File, opt RestoreOptions) (*Shell, error) {
+	sh, _, err := prepare(state, mem, opt, false)
+	return sh, err
+}
+
+// Memory is the file the Shell maps.
+func (sh *Shell) Memory() *os.File { return sh.m.memF }
+
+// Restore loads state, a checkpoint of the same machine, into the Shell,
+// with the devices over opt's tap and backend, and returns the machine, not
+// yet started, which owns the memory file from now on. A Shell restores
+// once; on an error it is closed.
+func (sh *Shell) Restore(state []byte, opt RestoreOptions) (*Machine, error) {
+	if sh.used {
+		return nil, errors.New("restore: the shell was already restored")
+	}
+	sh.used = true
+	s, err := DecodeState(state)
+	if err == nil && !sameShape(s.Config, sh.m.cfg) {
+		err = fmt.Errorf("%w: the state is of another machine than the shell (%s, %d vCPUs)", ErrBadState,
+			FormatSize(sh.m.cfg.MemSize), sh.m.cfg.VCPUs)
+	}
+	if err != nil {
+		sh.Close()
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	m := sh.m
+	m.cfg.Console, m.console = opt.Console, opt.Console
+	if m.console == nil {
+		m.console = io.Discard
+	}
+	m.cfg.Tap, m.cfg.DiskIO = opt.Tap, opt.DiskIO
+	if m.cfg.Disk != nil && opt.DiskPoll != 0 {
+		m.cfg.DiskPoll = opt.DiskPoll
+	}
+	if err := m.addDevices(); err != nil {
+		sh.Close()
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	return sh.load(s)
+}
+
+// Close frees a Shell that was not restored; its memory file stays the
+// caller's.
+func (sh *Shell) Close() error {
+	if sh.m == nil {
+		return nil
+	}
+	sh.m.memF = nil
+	err := sh.m.Close()
+	sh.m = nil
+	return err
+}
+
+// sameShape reports whether a and b describe the same machine: what a
+// Shell was built for.
+func sameShape(a, b Config) bool {
+	return a.MemSize == b.MemSize && a.VCPUs == b.VCPUs && (a.Net == nil) == (b.Net == nil) &&
+		(a.Disk == nil) == (b.Disk == nil) && (a.Disk == nil || a.Disk.Blocks == b.Disk.Blocks)
+}
+
+// prepare checks state and mem and builds the machine for them, with its
+// devices or not.
+func prepare(state []byte, mem *os.File, opt RestoreOptions, devices bool) (*Shell, *SavedState, error) {
 	s, err := DecodeState(state)
 	if err != nil {
-		return nil, fmt.Errorf("restore: %w", err)
+		return nil, nil, fmt.Errorf("restore: %w", err)
 	}
 	fi, err := mem.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("restore: stat memory file: %w", err)
+		return nil, nil, fmt.Errorf("restore: stat memory file: %w", err)
 	}
 	if uint64(fi.Size()) != s.Config.MemSize {
-		return nil, fmt.Errorf("restore: %w: the state is for a %s guest, the memory image holds %d bytes",
+		return nil, nil, fmt.Errorf("restore: %w: the state is for a %s guest, the memory image holds %d bytes",
 			ErrBadState, FormatSize(s.Config.MemSize), fi.Size())
 	}
 	cfg := s.Config.withDefaults()
@@ -309,30 +397,38 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 		cfg.DiskPoll = opt.DiskPoll
 	}
 	if err := cfg.Validate(); err != nil {
-		return nil, fmt.Errorf("restore: %w", err)
+		return nil, nil, fmt.Errorf("restore: %w", err)
 	}
-	m, err := build(cfg, mem)
+	m, err := buildWith(cfg, mem, devices)
 	if err != nil {
-		return nil, fmt.Errorf("restore: %w", err)
+		return nil, nil, fmt.Errorf("restore: %w", err)
 	}
-	if err := m.restoreDevices(s); err != nil {
+	return &Shell{m: m, opt: opt}, s, nil
+}
+
+// load restores s into the Shell's machine (devices, vCPUs, VM), which then
+// owns its memory file.
+func (sh *Shell) load(s *SavedState) (*Machine, error) {
+	m := sh.m
+	fail := func(err error) (*Machine, error) {
 		m.memF = nil // the caller keeps the file on failure
 		m.Close()
-		return nil, fmt.Errorf("restore: %w", err)
+		sh.m = nil
+		return nil, err
+	}
+	if err := m.restoreDevices(s); err != nil {
+		return fail(fmt.Errorf("restore: %w", err))
 	}
 	for i, v := range m.vcpus {
 		if err := v.cpu.RestoreState(&s.vcpus[i]); err != nil {
-			m.memF = nil // the caller keeps the file on failure
-			m.Close()
-			return nil, fmt.Errorf("restore vCPU %d: %w", i, err)
+			return fail(fmt.Errorf("restore vCPU %d: %w", i, err))
 		}
 	}
 	if err := m.vm.RestoreState(&s.vm); err != nil {
-		m.memF = nil
-		m.Close()
-		return nil, fmt.Errorf("restore VM state: %w", err)
+		return fail(fmt.Errorf("restore VM state: %w", err))
 	}
 	m.ready = s.ready
+	sh.m = nil
 	return m, nil
 }
 

@@ -201,7 +201,13 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 	var (
 		resumed *testvm.Machine
 		first   snapshot
+		shell   *testvm.Shell // built for the current session's failover (Prepare)
 	)
+	defer func() {
+		if shell != nil {
+			shell.Close()
+		}
+	}()
 	var disk *os.File
 	defer func() {
 		if disk != nil {
@@ -265,7 +271,13 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 			}
 			opts.DiskIO = dev.Disk // the image, or with --reprotect-to the mirror over it
 		}
-		m, err := testvm.Restore(cp.State, cp.Memory, opts)
+		var m *testvm.Machine
+		if sh := shell; sh != nil && sh.Memory() == cp.Memory {
+			shell = nil
+			m, err = sh.Restore(cp.State, opts) // built while the primary ran
+		} else {
+			m, err = testvm.Restore(cp.State, cp.Memory, opts)
+		}
 		if err != nil {
 			cp.Memory.Close() // Restore leaves it ours on error
 			return nil, err
@@ -304,6 +316,20 @@ func (o *BackupJob) Run(ctx context.Context, stopSignals func(), stdout, stderr 
 	}
 	progress := &backupProgress{metrics: newBackupMetrics(o.Metrics)}
 	cfg.OnEpoch = progress.onEpoch
+	// The VM a failover would restore is built once a session's first
+	// checkpoint arrives: the failover then only loads its state.
+	cfg.Prepare = func(cp *replicate.Checkpoint) error {
+		if shell != nil {
+			shell.Close()
+			shell = nil
+		}
+		sh, err := testvm.Prepare(cp.State, cp.Memory, testvm.RestoreOptions{Console: stderr})
+		if err != nil {
+			return err
+		}
+		shell = sh
+		return nil
+	}
 	pc.Engine, pc.Metrics = cfg, progress.metrics
 	var err error
 	b, err = protect.NewBackup(pc)

@@ -206,11 +206,14 @@ func (b *runner) failoverOnce(ctx context.Context, exe string, sig syscall.Signa
 	}
 	defer ln.Close()
 	res := make(chan *resumedVM, 1)
+	var sh shells
+	defer sh.close()
 	bk, err := replicate.NewBackup(replicate.BackupConfig{
 		NewMemory: testvm.NewMemFile,
+		Prepare:   sh.prepare,
 		Resume: func(cp *replicate.Checkpoint) error {
 			rs := &resumedVM{called: time.Now(), progress: make(chan time.Time, 1)}
-			m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
+			m, err := sh.restore(cp)
 			if err != nil {
 				cp.Memory.Close()
 				return err
@@ -416,5 +419,34 @@ func printFailover(w io.Writer, fo *FailoverResult) {
 		fmt.Fprintf(w, "failover %s / %s: p50 %.0f ms / %.0f ms = %.2fx; detection %.1f ms / %.1f ms; after detection %.1f ms / %.1f ms = %.2fx\n",
 			testvm.FormatSize(last.Mem), testvm.FormatSize(first.Mem), last.KillP50MS, first.KillP50MS, fo.SizeRatio,
 			last.DetectP50MS, first.DetectP50MS, last.AfterP50MS, first.AfterP50MS, fo.AfterRatio)
+	}
+}
+
+// shells builds, as the backup command does, the VM a failover would
+// restore once a session's first checkpoint arrives (BackupConfig.Prepare),
+// and restores into it: what the failover figures measure is then what
+// the backup command does.
+type shells struct{ sh *testvm.Shell }
+
+func (s *shells) prepare(cp *replicate.Checkpoint) error {
+	s.close()
+	sh, err := testvm.Prepare(cp.State, cp.Memory, testvm.RestoreOptions{})
+	s.sh = sh
+	return err
+}
+
+// restore restores cp, into the Shell built for its memory if there is one.
+func (s *shells) restore(cp *replicate.Checkpoint) (*testvm.Machine, error) {
+	if sh := s.sh; sh != nil && sh.Memory() == cp.Memory {
+		s.sh = nil
+		return sh.Restore(cp.State, testvm.RestoreOptions{})
+	}
+	return testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
+}
+
+func (s *shells) close() {
+	if s.sh != nil {
+		s.sh.Close()
+		s.sh = nil
 	}
 }

@@ -120,11 +120,13 @@ func (b *runner) fenceOnce(ctx context.Context, exe string, client *clientv3.Cli
 	res := make(chan resumed, 1)
 	var machine *testvm.Machine
 	log := slog.New(slog.NewTextHandler(b.stderr, &slog.HandlerOptions{Level: slog.LevelError})).With("side", "fenced backup")
+	var sh shells
+	defer sh.close()
 	bk, err := protect.NewBackup(protect.BackupConfig{
-		Engine: replicate.BackupConfig{NewMemory: testvm.NewMemFile, HeartbeatTimeout: b.HeartbeatTimeout, Log: log},
+		Engine: replicate.BackupConfig{NewMemory: testvm.NewMemFile, HeartbeatTimeout: b.HeartbeatTimeout, Log: log, Prepare: sh.prepare},
 		Restore: func(cp *replicate.Checkpoint, _ protect.Devices) (*protect.Restored, error) {
 			called := time.Now()
-			m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
+			m, err := sh.restore(cp)
 			if err != nil {
 				cp.Memory.Close()
 				return nil, err

@@ -122,11 +122,14 @@ func (b *runner) migrateOnce(ctx context.Context, exe string, mem, rate uint64) 
 		m                      *testvm.Machine
 	}
 	res := make(chan *resumed, 1)
+	var sh shells
+	defer sh.close()
 	bk, err := replicate.NewBackup(replicate.BackupConfig{
 		NewMemory: testvm.NewMemFile,
+		Prepare:   sh.prepare,
 		Resume: func(cp *replicate.Checkpoint) error {
 			rs := &resumed{called: time.Now()}
-			m, err := testvm.Restore(cp.State, cp.Memory, testvm.RestoreOptions{})
+			m, err := sh.restore(cp)
 			if err != nil {
 				cp.Memory.Close()
 				return err
