@@ -262,5 +262,5 @@ func printFence(w io.Writer, fr *FenceResult) {
 		rows = append(rows, []string{strconv.Itoa(i + 1), r.Signal, strconv.FormatUint(r.Epoch, 10), f(r.DetectMS), f(r.ExpiryMS),
 			f(r.AcquireMS), f(r.RestoreMS), f(r.TotalMS), ""})
 	}
-	table(w, []string{"run", "signal", "epoch", "detect ms", "lease expiry ms", "acquire ms", "restore ms", "total ms", ""}, rows)
+	withNotes(w, []string{"run", "signal", "epoch", "detect ms", "lease expiry ms", "acquire ms", "restore ms", "total ms", ""}, rows)
 }

@@ -228,7 +228,7 @@ func printMigrate(w io.Writer, mr *MigrateResult) {
 		rows = append(rows, []string{testvm.FormatSize(r.Mem), rateName(r.Rate), f(r.TotalMS), f(r.DowntimeMS), f(r.FirstWriteMS),
 			f(r.SourceMS), strconv.Itoa(r.Pages), fmt.Sprintf("%.2f", r.PauseMS), f(r.AckMS), f(r.RestoreMS), ""})
 	}
-	table(w, []string{"mem", "rate", "total ms", "downtime ms", "first write ms", "source's downtime ms", "final pages", "final pause ms", "ack ms", "restore ms", ""}, rows)
+	withNotes(w, []string{"mem", "rate", "total ms", "downtime ms", "first write ms", "source's downtime ms", "final pages", "final pause ms", "ack ms", "restore ms", ""}, rows)
 	for _, s := range mr.Skipped {
 		fmt.Fprintf(w, "migration of %s\n", s)
 	}

@@ -101,3 +101,19 @@ func print10k(w io.Writer, cfg testvm.Config, m *Mode, c Check10k) {
 			fmtUSf(m.CPUPageUS), m.CPUVsCopy, m.CopyPages, fmtUSf(m.CopyPageUS), fmtUSf(m.BackupCPUPageUS), m.BackupVsCopy)
 	}
 }
+
+// withNotes is table with a last column of notes (a failed run's error),
+// left out when no row has one.
+func withNotes(w io.Writer, header []string, rows [][]string) {
+	for _, r := range rows {
+		if r[len(r)-1] != "" {
+			table(w, header, rows)
+			return
+		}
+	}
+	out := make([][]string, len(rows))
+	for i, r := range rows {
+		out[i] = r[:len(r)-1]
+	}
+	table(w, header[:len(header)-1], out)
+}

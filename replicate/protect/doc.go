@@ -65,6 +65,14 @@
 //  4. Backup.Close after the resumed VM stopped: it closes the engine and
 //     the tap.
 //
+// A failover's restore is mostly building the VM (its KVM VM, memory
+// slots, vCPUs); with BackupConfig.Engine.Prepare the VMM builds it when a
+// session's first checkpoint arrives, over the replica's memory file, and
+// Restore only loads the state into it (testvm.Prepare does it for the
+// test VM). With Reprotect, the resumed VM gets an output gate and a disk
+// mirror before it starts, and Backup.Primary protects it to the next
+// backup.
+//
 // Between two hosts the link should be TLS: LoadTLS reads each end's
 // certificate, key and CA (and the names it allows of the other end), and
 // its Client and Server configurations go in Config.Engine.TLS and
