@@ -33,7 +33,8 @@ type BackupConfig struct {
 	// It owns cp.Memory from the call on. Required.
 	Resume func(cp *Checkpoint) error
 	// Prepare, when set, is called once per session with its first
-	// checkpoint, after its ack: the VMM may build the VM a failover would
+	// checkpoint, after its ack, on a goroutine of its own (a failover
+	// waits for it to return): the VMM may build the VM a failover would
 	// restore (its KVM VM, memory slots over cp.Memory, vCPUs), so that the
 	// failover only loads the state (testvm.Prepare). cp.Memory stays the
 	// backup's, which keeps writing it: map it shared, do not close it. A
@@ -143,15 +144,26 @@ type replica struct {
 	state   []byte
 	digest  uint64
 	sink    Sink // the session's stream sink; nil without one
+	// prepared, once BackupConfig.Prepare runs for this replica, closes
+	// when it returns.
+	prepared chan struct{}
 }
 
 // close frees the replica's memory and drops its sink's pending epochs.
 func (r *replica) close() error {
+	r.waitPrepared()
 	if r.sink != nil {
 		r.sink.Close()
 	}
 	r.unmap()
 	return r.mem.Close()
+}
+
+// waitPrepared waits for BackupConfig.Prepare, if it runs for r.
+func (r *replica) waitPrepared() {
+	if r.prepared != nil {
+		<-r.prepared
+	}
 }
 
 // openReplica makes a replica of shape in mem, a zero-filled file.
@@ -264,12 +276,14 @@ func (b *Backup) runSession(ctx context.Context, pc *pending) (*Failover, error)
 	s := pc.s
 	s.conn.until = time.Time{} // the heartbeat timeout from now on
 	err := s.serve(pc.rd, pc.hello)
-	close(s.done)
+	ho, handedOver := errors.AsType[*handoverError](err)
+	if !handedOver {
+		close(s.done) // a handover keeps heartbeating until it answers
+	}
 	stop()
 	if errors.Is(err, ErrProtocol) {
 		lingerClose(s.conn)
 	}
-	ho, handedOver := errors.AsType[*handoverError](err)
 	if !handedOver {
 		s.conn.Close() // a handover answers on it once the VM runs
 	}
@@ -277,6 +291,9 @@ func (b *Backup) runSession(ctx context.Context, pc *pending) (*Failover, error)
 		b.dropReplica(s.rep) // nothing to keep; failover then finds no checkpoint
 	}
 	if ctx.Err() != nil {
+		if handedOver {
+			close(s.done)
+		}
 		s.conn.Close()
 		return nil, ctx.Err()
 	}
@@ -299,9 +316,13 @@ func (e *handoverError) Error() string {
 
 // handover resumes the checkpoint the primary handed over, and tells it the
 // VM runs here (or why it does not).
+// The session's heartbeats go on meanwhile: the primary, waiting with its
+// VM paused, must not take a long restore for a dead backup and resume its
+// own copy while this one starts.
 func (b *Backup) handover(ctx context.Context, s *session, ho *handoverError) (*Failover, error) {
 	defer s.conn.Close()
 	fo, err := b.failover(ctx, s.rep, ho)
+	close(s.done) // no heartbeat after the answer
 	if err != nil {
 		s.reject(fmt.Errorf("handover of epoch %d failed: %w", ho.epoch, err))
 		lingerClose(s.conn)
@@ -378,12 +399,15 @@ func (b *Backup) failover(ctx context.Context, rep *replica, cause error) (*Fail
 	}
 	t := time.Now()
 	fo.Verify = t.Sub(t0) - fo.Claim
-	rep.unmap()
 	cp := &Checkpoint{Epoch: rep.epoch, State: rep.state, Memory: rep.mem, Digest: rep.digest, Shape: rep.shape, Verified: fo.Verified,
 		Session: rep.session}
 	b.mu.Lock()
 	b.rep = nil // the memory is Resume's now
 	b.mu.Unlock()
+	// The session's mapping of the memory goes once the VM runs: unmapping
+	// a large replica takes milliseconds, and the VM has its own mapping.
+	defer rep.unmap()
+	rep.waitPrepared() // what it builds, Resume uses
 	if err := b.cfg.Resume(cp); err != nil {
 		return fo, fmt.Errorf("resume epoch %d: %w", rep.epoch, err)
 	}
@@ -1018,12 +1042,18 @@ func (s *session) end(e End) error {
 		s.b.cfg.OnEpoch(s.epoch, int(s.pages), d)
 	}
 	if s.epoch == 1 && s.b.cfg.Prepare != nil {
-		// Once per session, after the first ack: the next acks wait for
-		// it, a failover does not.
-		cp := &Checkpoint{Epoch: 1, State: s.rep.state, Memory: s.rep.mem, Digest: d, Shape: s.rep.shape, Session: s.rep.session}
-		if err := s.b.cfg.Prepare(cp); err != nil {
-			s.b.log.Warn("prepare the VM for a failover: a failover will build it", "err", err)
-		}
+		// Once per session, after the first ack, beside the session: a
+		// handover's rounds may follow at once. A failover, and the
+		// replica's close, wait for it.
+		cp := &Checkpoint{Epoch: 1, State: append([]byte(nil), s.rep.state...), Memory: s.rep.mem, Digest: d, Shape: s.rep.shape, Session: s.rep.session}
+		done := make(chan struct{})
+		s.rep.prepared = done
+		go func() {
+			defer close(done)
+			if err := s.b.cfg.Prepare(cp); err != nil {
+				s.b.log.Warn("prepare the VM for a failover: a failover will build it", "err", err)
+			}
+		}()
 	}
 	s.epoch++
 	return nil

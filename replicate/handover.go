@@ -16,12 +16,13 @@ import (
 // resumed message, which is later than the backup's first guest
 // instruction by one trip over the link.
 //
-// If the backup refuses or dies before it answers (a reject, or the
-// connection closes), it does not run the VM: Run resumes the VM here and
-// ends as a lost backup does (the VM runs on unprotected), with a
-// *HandoverError naming the cause. If the backup falls silent instead (no
-// answer within the heartbeat timeout while the connection stays open), the
-// VM may be running there or not, and the primary cannot tell: it leaves
+// If the backup refuses or dies before the handover was sent (a reject, or
+// the connection closes), it does not run the VM: Run resumes the VM here
+// and ends as a lost backup does (the VM runs on unprotected), with a
+// *HandoverError naming the cause; so it does when the backup rejects the
+// handover itself. Once the handover is sent, a connection that closes or
+// falls silent may have lost the backup's answer (it heartbeats while it
+// restores): the VM may run there, the primary cannot tell, so it leaves
 // its copy paused and Run returns a *HandoverError with Unconfirmed set.
 
 // Handover is what a planned switchover did and how long it took.
@@ -56,10 +57,22 @@ func (e *HandoverError) Unwrap() error { return e.Cause }
 
 // Handover asks Run, once its initial sync is over, to end the session with
 // a switchover (see above). It returns at once; Run reports the outcome,
-// and HandedOver the record.
-func (p *Primary) Handover() {
+// and HandedOver the record. It refuses, and the session goes on, for a
+// fenced VM (its lease would have to pass to the backup) and, once the
+// session's version is known, for a backup older than version 4.
+func (p *Primary) Handover() error {
+	if p.cfg.Lease != nil {
+		return errors.New("a handover of a fenced VM is not supported: its lease would have to pass to the backup")
+	}
+	if v := p.sessionVersion.Load(); v != 0 && v < 4 {
+		return fmt.Errorf("the backup speaks protocol version %d, which has no handover (version 4 has)", v)
+	}
 	p.hoOnce.Do(func() { close(p.hoReq) })
+	return nil
 }
+
+// errStopped: the epoch loop's context ended.
+var errStopped = errors.New("stopped")
 
 // HandedOver is the record of a completed handover (nil before, or if it
 // did not complete). Read it once Run returned.
@@ -114,16 +127,17 @@ func (p *Primary) handover(final uint64, st *EpochStats, t0 time.Time) error {
 		p.cfg.Log.Error("HANDOVER FAILED: the VM runs on here", "epoch", final, "cause", cause)
 		return &HandoverError{Epoch: final, Cause: p.unprotected(cause)}
 	}
-	tick := time.NewTicker(time.Millisecond)
+	tick := time.NewTicker(p.cfg.HeartbeatTimeout / 8)
 	defer tick.Stop()
 	p.backupProgressed()
 	for p.lastAcked.Load() < final {
 		select {
 		case <-p.sess.done:
 			return resume(p.sess.cause())
+		case <-p.finalAcked: // the reader's word, at once: this wait is downtime
 		case <-tick.C:
 		}
-		if !p.backupWorking() {
+		if p.lastAcked.Load() < final && !p.backupWorking() {
 			return resume(fmt.Errorf("epoch %d not acknowledged: the backup showed no progress for %v", final, p.cfg.HeartbeatTimeout))
 		}
 	}
@@ -131,18 +145,27 @@ func (p *Primary) handover(final uint64, st *EpochStats, t0 time.Time) error {
 	if !p.sess.fire(evBye, nil) { // aborted or ended meanwhile
 		return resume(p.sess.cause())
 	}
+	unconfirmed := func(cause error) error {
+		p.fail(cause)
+		p.cfg.Log.Error("HANDOVER UNCONFIRMED: the VM stays paused here; it may run on the backup", "epoch", final, "cause", cause)
+		return &HandoverError{Epoch: final, Unconfirmed: true, Cause: cause}
+	}
 	if err := p.writeMsg(encodeMsg(nil, MsgHandover, final, nil)); err != nil {
-		return resume(fmt.Errorf("send handover: %w", err))
+		return unconfirmed(fmt.Errorf("send handover: %w", err)) // some of it may have gone
 	}
 	select {
 	case <-p.resumed:
 	case <-p.sess.done:
-		return resume(p.sess.cause())
+		// Once the backup has the handover, only its reject says it does
+		// not run the VM: a link that closes or falls silent (the backup
+		// heartbeats while it restores) may have lost its answer.
+		cause := p.sess.cause()
+		if _, ok := errors.AsType[*backupRejected](cause); ok {
+			return resume(cause)
+		}
+		return unconfirmed(cause)
 	case <-time.After(p.cfg.HeartbeatTimeout + handoverRestore):
-		p.fail(errors.New("no answer to the handover"))
-		p.cfg.Log.Error("HANDOVER UNCONFIRMED: the VM stays paused here; it may run on the backup", "epoch", final)
-		return &HandoverError{Epoch: final, Unconfirmed: true,
-			Cause: fmt.Errorf("no answer within %v", p.cfg.HeartbeatTimeout+handoverRestore)}
+		return unconfirmed(fmt.Errorf("no answer within %v", p.cfg.HeartbeatTimeout+handoverRestore))
 	}
 	now := time.Now()
 	p.handedOver = &Handover{Epoch: final, Pages: st.DirtyPages, Paused: st.Start, Pause: st.Pause, Acked: acked,

@@ -38,7 +38,9 @@ func TestHandover(t *testing.T) {
 			return resumed.err
 		}})
 	pair.WaitAcked(3)
-	pair.Primary.Handover()
+	if err := pair.Primary.Handover(); err != nil {
+		t.Fatal(err)
+	}
 	if err := pair.PrimaryErr(); err != nil {
 		t.Fatalf("primary: %v", err)
 	}
@@ -70,11 +72,9 @@ func TestHandover(t *testing.T) {
 func TestHandoverRefused(t *testing.T) {
 	for _, tt := range []struct {
 		name string
-		old  bool // a backup of version 3, which has no handover
 		want string
 	}{
-		{"resume fails", false, "handover of epoch"},
-		{"version 3", true, "handover in a session of version 3"},
+		{"resume fails", "handover of epoch"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			vm := newToyVM(1 << 20)
@@ -86,12 +86,11 @@ func TestHandoverRefused(t *testing.T) {
 					cp.Memory.Close()
 					return errors.New("no room for it here")
 				}})
-			if tt.old {
-				replicate.BackupSpeaks(pair.Backup, 2, 3)
-			}
 			pair.Start()
 			pair.WaitAcked(3)
-			pair.Primary.Handover()
+			if err := pair.Primary.Handover(); err != nil {
+				t.Fatal(err)
+			}
 			err := pair.PrimaryErr()
 			var he *replicate.HandoverError
 			if !errors.As(err, &he) || he.Unconfirmed || !errors.Is(err, replicate.ErrBackupLost) || !strings.Contains(err.Error(), tt.want) {
@@ -109,5 +108,65 @@ func TestHandoverRefused(t *testing.T) {
 				t.Fatal("the gate still holds: the VM runs on unprotected and its output must pass")
 			}
 		})
+	}
+}
+
+// A backup of version 3 has no handover: Handover refuses, and the session
+// goes on, protected, as does a fenced VM's.
+func TestHandoverRefusedUpFront(t *testing.T) {
+	vm := newToyVM(1 << 20)
+	vm.start()
+	defer vm.close()
+	pair := replicatetest.NewUnstartedPair(t, replicate.Config{VM: vm, Interval: 10 * time.Millisecond}, replicate.BackupConfig{})
+	replicate.BackupSpeaks(pair.Backup, 2, 3)
+	pair.Start()
+	pair.WaitAcked(3)
+	if err := pair.Primary.Handover(); err == nil || !strings.Contains(err.Error(), "version 3") {
+		t.Fatalf("Handover with a version-3 backup: %v, want a refusal naming the version", err)
+	}
+	n := pair.Primary.LastAcked()
+	pair.WaitAcked(n + 3)
+	if paused(vm) {
+		t.Fatal("the VM was paused for a refused handover")
+	}
+	if err := pair.Stop(); err != nil {
+		t.Fatalf("the session did not go on: %v", err)
+	}
+	lvm := newToyVM(1 << 20)
+	p, err := replicate.NewPrimary(replicate.Config{VM: lvm, Lease: newFakeLease(&recordingGate{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Handover(); err == nil || !strings.Contains(err.Error(), "fenced VM") {
+		t.Fatalf("Handover with a lease: %v, want a refusal", err)
+	}
+}
+
+// A backup whose restore takes longer than the heartbeat timeout keeps
+// heartbeating: the primary waits for its answer, with its own copy paused,
+// instead of taking it for dead and resuming a second copy.
+func TestHandoverSlowRestore(t *testing.T) {
+	vm := newToyVM(1 << 20)
+	vm.start()
+	defer vm.close()
+	pair := replicatetest.NewPair(t, replicate.Config{VM: vm, Interval: 10 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond},
+		replicate.BackupConfig{HeartbeatTimeout: 300 * time.Millisecond, Resume: func(cp *replicate.Checkpoint) error {
+			defer cp.Memory.Close()
+			time.Sleep(time.Second) // three heartbeat timeouts
+			return checkToyReplica(cp)
+		}})
+	pair.WaitAcked(3)
+	if err := pair.Primary.Handover(); err != nil {
+		t.Fatal(err)
+	}
+	if err := pair.PrimaryErr(); err != nil {
+		t.Fatalf("primary: %v, want the handover completed", err)
+	}
+	defer vm.Resume()
+	if ho := pair.Primary.HandedOver(); ho == nil || ho.Downtime < time.Second || !paused(vm) {
+		t.Fatalf("handover %+v, paused %v: want it waited out the restore, the VM paused here", ho, paused(vm))
+	}
+	if fo, err := pair.BackupResult(); err != nil || fo == nil || !fo.Handover {
+		t.Fatalf("backup: %+v, %v", fo, err)
 	}
 }

@@ -51,15 +51,21 @@ type Lease interface {
 	SetStandby(ctx context.Context, session SessionID) error
 }
 
-// checkLease refuses to start a session without a valid lease, and starts
-// watching it: its loss fences the VM.
+// checkLease refuses to start a session without a valid lease.
 func (p *Primary) checkLease() error {
+	if l := p.cfg.Lease; l != nil && !l.Valid() {
+		return fmt.Errorf("%w: the VM's lease is not valid at the start of replication (%v)", ErrFenced, leaseCause(l))
+	}
+	return nil
+}
+
+// watchLease fences the VM when its lease is lost, until the session ends.
+// Run calls it once the connection is set up, and ends the session however
+// it returns from then on, so the watch never outlives it.
+func (p *Primary) watchLease() {
 	l := p.cfg.Lease
 	if l == nil {
-		return nil
-	}
-	if !l.Valid() {
-		return fmt.Errorf("%w: the VM's lease is not valid at the start of replication (%v)", ErrFenced, leaseCause(l))
+		return
 	}
 	go func() {
 		select {
@@ -71,7 +77,6 @@ func (p *Primary) checkLease() error {
 			// runs unprotected.
 		}
 	}()
-	return nil
 }
 
 // leaseCause is why l is not valid: its Cause, or that its validity ran
@@ -96,9 +101,7 @@ func (p *Primary) commit(n uint64) error {
 			p.fence(fmt.Errorf("lease not valid at the ack of epoch %d", n))
 			return nil
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), p.leaseWait())
-		err := l.SetStandby(ctx, p.Session())
-		cancel()
+		err := p.recordStandby(p.Session())
 		if err != nil {
 			// Nothing is released yet; the next ack tries again.
 			p.cfg.Log.Warn("record this session's backup as the VM's standby: output held", "epoch", n, "err", err)
@@ -135,10 +138,32 @@ func (p *Primary) clearStandby() error {
 	if l == nil {
 		return nil
 	}
+	if err := p.recordStandby(SessionID{}); err != nil {
+		return fmt.Errorf("cannot record that no backup holds the VM, so its held output stays held: %w", err)
+	}
+	return nil
+}
+
+// errStandbyCleared refuses a session's standby once "none" was recorded.
+var errStandbyCleared = errors.New("the session ended: no backup holds the VM")
+
+// recordStandby writes the standby record, one write at a time: once "none"
+// was recorded (the session ended, its held output about to be released),
+// a late write of the session's own, from an ack still being read, could
+// make a stale replica resumable, and is refused.
+func (p *Primary) recordStandby(session SessionID) error {
+	p.smu.Lock()
+	defer p.smu.Unlock()
+	if !session.IsZero() && (p.standbyCleared || p.sess.state() != sessRunning) {
+		return errStandbyCleared
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.leaseWait())
 	defer cancel()
-	if err := l.SetStandby(ctx, SessionID{}); err != nil {
-		return fmt.Errorf("cannot record that no backup holds the VM, so its held output stays held: %w", err)
+	if err := p.cfg.Lease.SetStandby(ctx, session); err != nil {
+		return err
+	}
+	if session.IsZero() {
+		p.standbyCleared = true
 	}
 	return nil
 }

@@ -267,17 +267,23 @@ type Primary struct {
 	// are the last epoch whose output was released, and when.
 	fenced     *FencedError
 	standbySet bool
+	// smu serialises the standby record's writes; standbyCleared is set
+	// once "none" was written.
+	smu            sync.Mutex
+	standbyCleared bool
+	lastCommit     atomic.Uint64
+	lastCommitAt   atomic.Int64
 
 	// A handover (handover.go): hoReq closes when it is asked for,
 	// finalEpoch is the final pause's epoch (the epoch loop's), resumed
 	// closes when the backup says the VM runs there.
-	hoReq        chan struct{}
-	hoOnce       sync.Once
-	finalEpoch   atomic.Uint64
-	resumed      chan struct{}
-	handedOver   *Handover
-	lastCommit   atomic.Uint64
-	lastCommitAt atomic.Int64
+	hoReq          chan struct{}
+	hoOnce         sync.Once
+	sessionVersion atomic.Uint32 // p.version, for Handover's callers
+	finalEpoch     atomic.Uint64
+	finalAcked     chan struct{} // closed by the reader when the final epoch is acknowledged
+	resumed        chan struct{}
+	handedOver     *Handover
 
 	// sess is the session's state (session.go): running, stopping, ended,
 	// unprotected. Its move to unprotected happens under gmu held alone.
@@ -291,7 +297,7 @@ func NewPrimary(cfg Config) (*Primary, error) {
 		return nil, err
 	}
 	p := &Primary{cfg: cfg, lay: layoutOf(cfg.VM.DirtySlots(), cfg.VM.NumVCPUs()), sess: newPrimarySession(),
-		hoReq: make(chan struct{}), resumed: make(chan struct{})}
+		hoReq: make(chan struct{}), finalAcked: make(chan struct{}), resumed: make(chan struct{})}
 	if err := p.lay.shape.check(); err != nil {
 		return nil, fmt.Errorf("VM shape: %w", err)
 	}
@@ -388,6 +394,8 @@ func (p *Primary) Run(ctx context.Context, conn net.Conn) (err error) {
 	if p.cfg.Lease != nil && p.Session().IsZero() {
 		return fmt.Errorf("fencing needs a backup that names its session (protocol version 4 or later); this one speaks version %d", p.version)
 	}
+	p.watchLease()
+	defer p.fail(errors.New("replication ended")) // the watch ends with the session
 	src, err := p.cfg.VM.DirtySource(p.cfg.DirtyTrack)
 	if err != nil {
 		return fmt.Errorf("dirty tracking: %w", err)
@@ -537,6 +545,7 @@ func (p *Primary) handshake() error {
 				return err
 			}
 			p.version, welcomed = v, true
+			p.sessionVersion.Store(v)
 			p.session.Store(&id)
 		case h.Type == MsgHeartbeat && welcomed:
 			if _, err := decodeHeartbeat(p.version, payload); err != nil {
@@ -552,6 +561,12 @@ func (p *Primary) handshake() error {
 		}
 	}
 }
+
+// backupRejected is the backup's reject of a running session, with its
+// reason: a word from it, unlike a closed or silent link.
+type backupRejected struct{ reason string }
+
+func (e *backupRejected) Error() string { return "backup ended the session: " + e.reason }
 
 // linkError is a failure to write to the backup: the link, not the data.
 type linkError struct{ err error }
@@ -809,7 +824,7 @@ func (p *Primary) readLoop() {
 		case MsgReject:
 			reason, err := decodeReject(payload)
 			if err == nil {
-				err = fmt.Errorf("backup ended the session: %s", reason)
+				err = &backupRejected{reason}
 			}
 			p.fail(err)
 			return
@@ -855,6 +870,9 @@ func (p *Primary) acked(n uint64, a Ack) error {
 	p.protected.Store(true) // Protected also checks the link
 	if err := p.commit(n); err != nil {
 		return err
+	}
+	if n == p.finalEpoch.Load() {
+		close(p.finalAcked) // acks come in order, once each
 	}
 	if p.cfg.OnEpoch != nil {
 		p.cfg.OnEpoch(st)
@@ -1101,6 +1119,7 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 	timer := time.NewTimer(0) // the first checkpoint follows the sync at once
 	defer timer.Stop()
 	var ho convergence // a handover's rounds
+	hoReq := p.hoReq
 	for epoch := uint64(1); ; epoch++ {
 		select {
 		case <-ctx.Done():
@@ -1113,11 +1132,15 @@ func (p *Primary) epochLoop(ctx context.Context) error {
 			return nil // the timer and ctx were both ready: stop, take no more
 		}
 		select {
-		case <-p.hoReq:
-			if p.cfg.Lease != nil {
-				return &HandoverError{Epoch: epoch, Cause: errors.New("a handover of a fenced VM is not supported: its lease would have to pass to the backup")}
+		case <-hoReq:
+			if p.version < 4 { // asked before the welcome
+				p.cfg.Log.Warn("handover refused: the backup's protocol has none", "version", p.version)
+				hoReq = nil
+				break
 			}
-			if err := p.drain(ctx); err != nil {
+			if err := p.drain(ctx); err == errStopped {
+				return nil // stopped: take no more, as above
+			} else if err != nil {
 				return err
 			}
 			if ho.converged(p.lastJob) {
@@ -1164,7 +1187,7 @@ func (p *Primary) drain(ctx context.Context) error {
 	for len(p.inflight) > 0 {
 		select {
 		case <-ctx.Done():
-			return nil
+			return errStopped
 		case <-p.sess.done:
 			return p.sess.cause()
 		case <-time.After(200 * time.Microsecond):

@@ -69,8 +69,11 @@ func (o *PrimaryJob) Run(ctx context.Context, stopSignals func(), stdout, stderr
 	fmt.Fprintln(stdout, "verification passed")
 	if o.Migrate {
 		cause := errors.New("stopped before the switchover (--duration or a signal)")
-		if lost != nil {
+		switch {
+		case lost != nil:
 			cause = lostCause(lost)
+		case r.handoverErr != nil:
+			cause = r.handoverErr
 		}
 		return &MigrationError{Cause: cause}
 	}

@@ -63,6 +63,7 @@ type replicator struct {
 	migrate         bool
 	switchoverAfter time.Duration
 	firstAck        time.Time
+	handoverErr     error // Handover's refusal
 
 	m *testvm.Machine
 	p *replicate.Primary
@@ -329,8 +330,11 @@ func (r *replicator) onEpoch(s *replicate.EpochStats) {
 		if r.firstAck.IsZero() {
 			r.firstAck = time.Now()
 		}
-		if time.Since(r.firstAck) >= r.switchoverAfter {
-			r.p.Handover()
+		if time.Since(r.firstAck) >= r.switchoverAfter && r.handoverErr == nil {
+			if err := r.p.Handover(); err != nil {
+				r.handoverErr = err
+				fmt.Fprintf(r.stderr, "%s: migration refused: %v; the VM stays here, protected by the destination\n", r.name, err)
+			}
 		}
 	}
 	r.mu.Lock()
@@ -460,8 +464,8 @@ func (r *replicator) replicate(ctx context.Context, conn net.Conn) (lost, err er
 		if r.migrate && rerr == nil && r.p.HandedOver() != nil {
 			return errHandedOver
 		}
-		if _, ok := errors.AsType[*replicate.HandoverError](rerr); ok && !errors.Is(rerr, replicate.ErrBackupLost) {
-			return rerr // unconfirmed: the VM stays paused
+		if he, ok := errors.AsType[*replicate.HandoverError](rerr); ok && he.Unconfirmed {
+			return rerr // the VM stays paused: it may run on the destination
 		}
 		if r.migrate && rerr != nil && !errors.Is(rerr, replicate.ErrBackupLost) {
 			// The destination refused: the VM runs on here, as after a

@@ -488,9 +488,18 @@ func Claim(ctx context.Context, cfg Config, session string) (*Owner, error) {
 	if err != nil {
 		return nil, err
 	}
-	resp, err := o.cfg.Client.Get(ctx, StandbyKey(o.cfg.Name))
+	// Bounded, as TakeOver's requests: a failed claim releases the key,
+	// and the lease would expire anyway.
+	release := func() {
+		rctx, cancel := context.WithTimeout(context.Background(), o.cfg.TTL)
+		defer cancel()
+		o.Release(rctx)
+	}
+	rctx, cancel := context.WithTimeout(ctx, o.cfg.TTL)
+	defer cancel()
+	resp, err := o.cfg.Client.Get(rctx, StandbyKey(o.cfg.Name))
 	if err != nil {
-		o.Release(context.Background())
+		release()
 		return nil, fmt.Errorf("claim vm %q: read standby: %w", o.cfg.Name, err)
 	}
 	standby := ""
@@ -498,11 +507,11 @@ func Claim(ctx context.Context, cfg Config, session string) (*Owner, error) {
 		standby = string(resp.Kvs[0].Value)
 	}
 	if standby != session || session == "" {
-		o.Release(context.Background())
+		release()
 		return nil, &StaleError{Name: o.cfg.Name, Session: session, Standby: standby}
 	}
-	if err := o.SetStandby(ctx, ""); err != nil {
-		o.Release(context.Background())
+	if err := o.SetStandby(rctx, ""); err != nil {
+		release()
 		return nil, fmt.Errorf("claim vm %q: %w", o.cfg.Name, err)
 	}
 	return o, nil

@@ -103,9 +103,15 @@ func (l *lease) watch() {
 			n, err := fence.Acquire(ctx, l.cfg.Config)
 			cancel()
 			var held *fence.HeldError
-			if errors.As(err, &held) {
+			if errors.As(err, &held) && held.Holder != l.cfg.ID {
 				l.lose(fmt.Errorf("%w: %w", fence.ErrDisplaced, err))
 				return
+			}
+			if err != nil {
+				// Unreachable, or our own old key still there (renewals
+				// that timed out here but reached etcd): it expires, and
+				// the next try owns the VM again.
+				continue
 			}
 			if err == nil {
 				l.mu.Lock()
