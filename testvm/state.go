@@ -304,7 +304,6 @@ func Restore(state []byte, mem *os.File, opt RestoreOptions) (*Machine, error) {
 // primary runs, and a failover only loads the state into it (Restore).
 type Shell struct {
 	m    *Machine
-	opt  RestoreOptions
 	used bool
 }
 
@@ -403,7 +402,7 @@ func prepare(state []byte, mem *os.File, opt RestoreOptions, devices bool) (*She
 	if err != nil {
 		return nil, nil, fmt.Errorf("restore: %w", err)
 	}
-	return &Shell{m: m, opt: opt}, s, nil
+	return &Shell{m: m}, s, nil
 }
 
 // load restores s into the Shell's machine (devices, vCPUs, VM), which then

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/repagent/repagent/internal/agent"
+	"github.com/repagent/repagent/internal/procout"
 )
 
 // backupEpochRE is a backup's per-second line: the latest epoch applied.
@@ -40,13 +41,13 @@ func TestChainOfFailovers(t *testing.T) {
 type chainAgent struct {
 	name string
 	cmd  *exec.Cmd
-	out  *syncBuf
+	out  *procout.Buffer
 	exit chan error
 }
 
 func (l *partitionLab) startAgent(t *testing.T, name string, args ...string) *chainAgent {
 	t.Helper()
-	a := &chainAgent{name: name, out: &syncBuf{}, exit: make(chan error, 1)}
+	a := &chainAgent{name: name, out: &procout.Buffer{}, exit: make(chan error, 1)}
 	a.cmd = l.lan.Command(l.bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
 	if err := a.cmd.Start(); err != nil {

@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"time"
 
 	"github.com/repagent/repagent/internal/agent"
 	"github.com/repagent/repagent/replicate"
@@ -46,13 +44,8 @@ Flags:
 // newMigrateFlags are the primary's flags with --to for --backup, without
 // fencing.
 func newMigrateFlags() *primaryFlags {
-	f := &primaryFlags{jobFlags: jobFlags{fs: newFlagSet("migrate")}}
-	f.fs.StringVar(&f.backup, "to", "", "the destination: a backup's `host:port` (repagent backup --listen); required")
-	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach the destination")
-	f.tls.register(f.fs, "the destination")
-	f.guestFlags.register(f.fs)
-	f.guestFlags.registerDisk(f.fs, "its writes are mirrored to the destination, whose --disk must be an image of the same size")
-	f.replFlags.register(f.fs)
+	f := newDestFlags("migrate", "to", "the destination")
+	f.registerGuest("the destination")
 	f.fs.DurationVar(&f.switchoverAfter, "switchover-after", 0, "switch over no sooner than this long after the first checkpoint (default 0: at once); until then the VM runs protected by the destination")
 	return f
 }
@@ -63,32 +56,15 @@ func parseMigrateArgs(args []string) (*agent.PrimaryJob, error) {
 	if err := parseFlags(f.fs, args); err != nil {
 		return nil, err
 	}
-	if f.backup == "" {
-		return nil, usagef("--to is required: the address a backup listens on (repagent backup --listen ADDR)")
-	}
-	if _, _, err := net.SplitHostPort(f.backup); err != nil {
-		return nil, usagef("--to %s: %w", f.backup, err)
-	}
-	if f.connectTimeout <= 0 {
-		return nil, usagef("--connect-timeout %v: must be positive", f.connectTimeout)
-	}
-	cfg, repl, err := f.configs()
+	o, err := f.job()
 	if err != nil {
 		return nil, err
 	}
-	if repl.Tap == "" && (repl.Pcap != "" || repl.HoldLimit != 0) {
-		return nil, usagef("--pcap and --hold-limit are about the guest's network: they need --tap")
-	}
-	tl, err := f.tls.load()
-	if err != nil {
-		return nil, err
-	}
-	repl.TLS = clientTLS(tl)
 	if f.switchoverAfter < 0 {
 		return nil, usagef("--switchover-after %v: must not be negative", f.switchoverAfter)
 	}
-	return &agent.PrimaryJob{Guest: cfg, Repl: repl, Backup: f.backup, ConnectTimeout: f.connectTimeout, Migrate: true,
-		SwitchoverAfter: f.switchoverAfter}, nil
+	o.Migrate, o.SwitchoverAfter = true, f.switchoverAfter
+	return o, nil
 }
 
 // runMigrate is the migrate command.

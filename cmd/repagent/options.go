@@ -225,33 +225,42 @@ type primaryFlags struct {
 	etcd           etcdFlags
 	// switchoverAfter is the migrate command's --switchover-after.
 	switchoverAfter time.Duration
+	destFlag        string // "backup" or "to": the flag that names the backup
 }
 
 func newPrimaryFlags() *primaryFlags {
-	f := &primaryFlags{jobFlags: jobFlags{fs: newFlagSet("primary")}}
-	f.fs.StringVar(&f.backup, "backup", "", "the backup's `host:port` (repagent backup --listen); required")
-	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach the backup")
-	f.tls.register(f.fs, "the backup")
+	f := newDestFlags("primary", "backup", "the backup")
 	f.etcd.register(f.fs, true)
-	f.guestFlags.register(f.fs)
-	f.guestFlags.registerDisk(f.fs, "its writes are mirrored to the backup, whose --disk must be an image of the same size")
-	f.replFlags.register(f.fs)
+	f.registerGuest("the backup")
 	return f
 }
 
-// parsePrimaryArgs parses and checks the primary command's arguments, and
-// faultEnv, the value of REPAGENT_FAULT. It returns pflag.ErrHelp for
-// --help, and otherwise any error is a usage error.
-func parsePrimaryArgs(args []string, faultEnv string) (*agent.PrimaryJob, error) {
-	f := newPrimaryFlags()
-	if err := parseFlags(f.fs, args); err != nil {
-		return nil, err
-	}
+// newDestFlags are the flags of a command that replicates a test VM to a
+// backup: the primary (--backup) and migrate (--to, the destination).
+// registerGuest adds the guest's and the replication's after the
+// command's own.
+func newDestFlags(cmd, dest, peer string) *primaryFlags {
+	f := &primaryFlags{jobFlags: jobFlags{fs: newFlagSet(cmd)}, destFlag: dest}
+	f.fs.StringVar(&f.backup, dest, "", peer+"'s `host:port` (repagent backup --listen); required")
+	f.fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "how long to keep trying to reach "+peer)
+	f.tls.register(f.fs, peer)
+	return f
+}
+
+func (f *primaryFlags) registerGuest(peer string) {
+	f.guestFlags.register(f.fs)
+	f.guestFlags.registerDisk(f.fs, "its writes are mirrored to "+peer+", whose --disk must be an image of the same size")
+	f.replFlags.register(f.fs)
+}
+
+// job checks what the primary and migrate commands share and makes their
+// job: the backup's address, the guest, the replication, the link's TLS.
+func (f *primaryFlags) job() (*agent.PrimaryJob, error) {
 	if f.backup == "" {
-		return nil, usagef("--backup is required: the address a backup listens on (repagent backup --listen ADDR)")
+		return nil, usagef("--%s is required: the address a backup listens on (repagent backup --listen ADDR)", f.destFlag)
 	}
 	if _, _, err := net.SplitHostPort(f.backup); err != nil {
-		return nil, usagef("--backup %s: %w", f.backup, err)
+		return nil, usagef("--%s %s: %w", f.destFlag, f.backup, err)
 	}
 	if f.connectTimeout <= 0 {
 		return nil, usagef("--connect-timeout %v: must be positive", f.connectTimeout)
@@ -263,20 +272,33 @@ func parsePrimaryArgs(args []string, faultEnv string) (*agent.PrimaryJob, error)
 	if repl.Tap == "" && (repl.Pcap != "" || repl.HoldLimit != 0) {
 		return nil, usagef("--pcap and --hold-limit are about the guest's network: they need --tap")
 	}
-	flt, err := parseFault(faultEnv, "", primaryFaultPoints)
-	if err != nil {
-		return nil, err
-	}
 	tl, err := f.tls.load()
 	if err != nil {
 		return nil, err
 	}
 	repl.TLS = clientTLS(tl)
-	fencing, err := f.etcd.load(f.fs)
+	return &agent.PrimaryJob{Guest: cfg, Repl: repl, Backup: f.backup, ConnectTimeout: f.connectTimeout}, nil
+}
+
+// parsePrimaryArgs parses and checks the primary command's arguments, and
+// faultEnv, the value of REPAGENT_FAULT. It returns pflag.ErrHelp for
+// --help, and otherwise any error is a usage error.
+func parsePrimaryArgs(args []string, faultEnv string) (*agent.PrimaryJob, error) {
+	f := newPrimaryFlags()
+	if err := parseFlags(f.fs, args); err != nil {
+		return nil, err
+	}
+	o, err := f.job()
 	if err != nil {
 		return nil, err
 	}
-	return &agent.PrimaryJob{Guest: cfg, Repl: repl, Backup: f.backup, ConnectTimeout: f.connectTimeout, Fault: flt, Fencing: fencing}, nil
+	if o.Fault, err = parseFault(faultEnv, "", primaryFaultPoints); err != nil {
+		return nil, err
+	}
+	if o.Fencing, err = f.etcd.load(f.fs); err != nil {
+		return nil, err
+	}
+	return o, nil
 }
 
 // agent.Fault injection for tests. The environment variable REPAGENT_FAULT, when

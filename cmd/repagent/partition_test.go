@@ -8,7 +8,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -16,6 +15,7 @@ import (
 	"github.com/repagent/repagent/internal/etcdtest"
 	"github.com/repagent/repagent/internal/nettest"
 	"github.com/repagent/repagent/internal/privileged"
+	"github.com/repagent/repagent/internal/procout"
 )
 
 // Partitions, with fencing through a real etcd: the primary and the backup
@@ -84,24 +84,6 @@ func (l *partitionLab) linkTo(t *testing.T, addr string) *etcdtest.Proxy {
 	})
 }
 
-// syncBuf is a process's output, read while it runs.
-type syncBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // agents is one run: a backup, a link to it, a primary, a client.
 type agents struct {
 	t        *testing.T
@@ -111,8 +93,8 @@ type agents struct {
 	bout     *lineReader
 	berr     fmt.Stringer
 	primary  *exec.Cmd
-	pout     *syncBuf
-	perr     *syncBuf
+	pout     *procout.Buffer
+	perr     *procout.Buffer
 	client   *streamClient
 	stats    string
 	pExit    chan error
@@ -138,7 +120,7 @@ func (l *partitionLab) startWith(t *testing.T, name string, disk bool, primaryAr
 		makeImage(t, bimg, 16<<20)
 		bdisk, pdisk = []string{"--disk", bimg}, []string{"--workload", "disk", "--rate", "2000", "--disk", pimg}
 	}
-	a := &agents{t: t, l: l, pout: &syncBuf{}, perr: &syncBuf{}, stats: filepath.Join(t.TempDir(), "stats.jsonl"),
+	a := &agents{t: t, l: l, pout: &procout.Buffer{}, perr: &procout.Buffer{}, stats: filepath.Join(t.TempDir(), "stats.jsonl"),
 		pExit: make(chan error, 1), bExit: make(chan error, 1)}
 	ttl := partitionTTL.String()
 	var bl *lineReader

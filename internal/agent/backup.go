@@ -462,12 +462,7 @@ func (o *BackupJob) reprotect(ctx context.Context, r *replicator, m *testvm.Mach
 		return errNoNextBackup
 	}
 	fmt.Fprintf(r.stdout, "protecting the resumed VM: backup %s\n", o.ReprotectTo)
-	if err := r.newPrimary(); err != nil {
-		conn.Close()
-		return err
-	}
-	lost, err := r.replicate(ctx, conn)
-	stopSignals()
+	lost, err := r.protect(ctx, conn, stopSignals)
 	if err != nil {
 		return err
 	}

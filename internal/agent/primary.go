@@ -51,12 +51,7 @@ func (o *PrimaryJob) Run(ctx context.Context, stopSignals func(), stdout, stderr
 		}
 		return err
 	}
-	if err := r.newPrimary(); err != nil {
-		conn.Close()
-		return err
-	}
-	lost, err := r.replicate(ctx, conn)
-	stopSignals()
+	lost, err := r.protect(ctx, conn, stopSignals)
 	if err != nil {
 		return r.diskHint(err)
 	}

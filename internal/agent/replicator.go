@@ -295,6 +295,19 @@ func (r *replicator) engineConfig() replicate.Config {
 	return cfg
 }
 
+// protect makes the engine for the started VM and replicates it over conn
+// (replicate), then stops the signals: what a second Ctrl-C interrupts from
+// then on is the verification.
+func (r *replicator) protect(ctx context.Context, conn net.Conn, stopSignals func()) (lost, err error) {
+	if err := r.newPrimary(); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	lost, err = r.replicate(ctx, conn)
+	stopSignals()
+	return lost, err
+}
+
 // newPrimary makes the engine for the started VM.
 func (r *replicator) newPrimary() error {
 	p, err := r.prot.Protect(r.m)

@@ -52,10 +52,7 @@ func acquire(ctx context.Context, cfg Fence) (*lease, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &lease{cfg: cfg, owner: o, lost: make(chan struct{}), stop: make(chan struct{})}
-	l.done.Add(1)
-	go l.watch()
-	return l, nil
+	return watched(cfg, o), nil
 }
 
 // claimed is the lease of a backup that won the VM (fence.Claim): it
@@ -63,6 +60,11 @@ func acquire(ctx context.Context, cfg Fence) (*lease, error) {
 // has no standby to keep safe and no output gate to hold.
 func claimed(cfg Fence, o *fence.Owner) *lease {
 	cfg.RunOnLoss = false
+	return watched(cfg, o)
+}
+
+// watched is the lease over o, its watch started.
+func watched(cfg Fence, o *fence.Owner) *lease {
 	l := &lease{cfg: cfg, owner: o, lost: make(chan struct{}), stop: make(chan struct{})}
 	l.done.Add(1)
 	go l.watch()
