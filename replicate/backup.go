@@ -75,6 +75,15 @@ type BackupConfig struct {
 	VerifyReplica bool
 	// OnEpoch is told of every checkpoint applied.
 	OnEpoch func(epoch uint64, pages int, digest uint64)
+	// OnApply, when set, is called after every checkpoint is applied (and
+	// its stream committed), on the session's goroutine, before the next
+	// epoch is read: with the checkpoint (cp.Memory is the replica's file:
+	// do not close it), the replica's memory as it is at that checkpoint
+	// (read it only, and only during the call) and the indices of the
+	// pages the checkpoint wrote (reused after the call). It is how a
+	// history keeps points (replicate/history.Intake); what it takes, the
+	// next epoch waits for, not the ack of this one.
+	OnApply func(cp *Checkpoint, mem []byte, pages []int64)
 	// TLS, when set, is the server side of a TLS session that every
 	// connection must complete before its hello: protect.LoadTLS makes one
 	// that requires, and verifies, the primary's certificate. Without it
@@ -447,6 +456,7 @@ type session struct {
 	pages     uint64      // pages of the epoch (or pre-copy round) so far
 	arena     recvArena   // the epoch's Pages payloads, as received, and its LZ4 pages decoded
 	recs      []pageRec   // its pages, in stream order
+	applied64 []int64     // their indices, for BackupConfig.OnApply
 	ents      []pageEntry // the entries of the Pages message being handled
 	state     []byte
 	seen      []uint64 // bitmap of pages sent in this epoch
@@ -1040,6 +1050,14 @@ func (s *session) end(e End) error {
 	s.acked.Store(s.epoch)
 	if s.b.cfg.OnEpoch != nil {
 		s.b.cfg.OnEpoch(s.epoch, int(s.pages), d)
+	}
+	if s.b.cfg.OnApply != nil {
+		s.applied64 = s.applied64[:0]
+		for _, r := range s.recs {
+			s.applied64 = append(s.applied64, int64(r.idx))
+		}
+		cp := &Checkpoint{Epoch: s.epoch, State: s.rep.state, Memory: s.rep.mem, Digest: d, Shape: s.rep.shape, Session: s.rep.session}
+		s.b.cfg.OnApply(cp, s.rep.mapped, s.applied64)
 	}
 	if s.epoch == 1 && s.b.cfg.Prepare != nil {
 		// Once per session, after the first ack, beside the session: a
