@@ -91,13 +91,10 @@ func TestCrash(t *testing.T) {
 // containsOnlyWarnings says the child's output is the store's own warnings
 // (the repairs of an Open after a kill).
 func containsOnlyWarnings(b []byte) bool {
-	for _, line := range splitLines(string(b)) {
-		if line != "" && !contains(line, "WARN history:") {
+	for _, line := range strings.Split(string(b), "\n") {
+		if line != "" && !strings.Contains(line, "WARN history:") {
 			return false
 		}
 	}
 	return true
 }
-
-func splitLines(s string) []string { return strings.Split(s, "\n") }
-func contains(s, sub string) bool  { return strings.Contains(s, sub) }

@@ -23,8 +23,9 @@ type GCStats struct {
 
 // GC reclaims what no point references. It marks every point's tree
 // without holding up Add (blobs an Add uses meanwhile count as live),
-// then, briefly holding Add, drops the index entries of the dead blobs
-// and rewrites each pack that is less than half live: its live blobs are
+// then, holding Add, drops the index entries of the dead blobs and
+// rewrites each pack that is less than half live (Add waits for the
+// copying; moving it out of the lock is still to do): its live blobs are
 // copied to the current pack, synced, the index moved to them in one
 // transaction, and only then is the old pack removed. A crash at any step
 // leaves every point whole: until that transaction commits, the index

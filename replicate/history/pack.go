@@ -143,19 +143,19 @@ func (w *packWriter) sync() error {
 }
 
 // readBlob reads the blob at l from f (pack id l.pack) into dst (of
-// l.raw bytes) and checks its checksum and its hash against h.
-func readBlob(f *os.File, l loc, h Hash, dst []byte, scratch []byte) error {
+// l.raw bytes) and checks its checksum and its hash against h. *scratch
+// holds the record; it grows as needed and is kept for the next read.
+func readBlob(f *os.File, l loc, h Hash, dst []byte, scratch *[]byte) error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: %s offset %d: blob %s: %s", ErrCorrupt, packName(l.pack), l.off, h, fmt.Sprintf(format, args...))
 	}
 	if len(dst) != int(l.raw) {
 		return bad("is %d bytes, %d expected", l.raw, len(dst))
 	}
-	rec := scratch
-	if int64(cap(rec)) < l.size() {
-		rec = make([]byte, l.size())
+	if int64(cap(*scratch)) < l.size() {
+		*scratch = make([]byte, l.size())
 	}
-	rec = rec[:l.size()]
+	rec := (*scratch)[:l.size()]
 	if n, err := f.ReadAt(rec, int64(l.off)); n != len(rec) {
 		return bad("%d of its %d bytes are there (truncated pack?): %v", n, len(rec), err)
 	}

@@ -582,10 +582,7 @@ func (r *reader) get(h Hash, dst []byte) error {
 	if err != nil {
 		return err
 	}
-	if r.scratch == nil {
-		r.scratch = make([]byte, blobHeader+nodeSize*2+blobTrail+leafSize)
-	}
-	return readBlob(f, l, h, dst, r.scratch)
+	return readBlob(f, l, h, dst, &r.scratch)
 }
 
 // Restored is a point read back.
