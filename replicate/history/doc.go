@@ -46,8 +46,8 @@
 //
 // GC marks every point's trees while Add goes on (whatever an Add uses
 // meanwhile counts as live), then, holding Add for the sweep and the
-// rewrite, drops the
-// index entries of dead blobs and rewrites each pack less than half live:
+// rewrite, drops the index entries of dead blobs and rewrites each pack
+// less than half live:
 // its live blobs copied to the current pack and synced, the index moved in
 // one transaction, then the old pack removed.
 //
