@@ -156,14 +156,20 @@ func (p *Primary) handover(final uint64, st *EpochStats, t0 time.Time) error {
 	select {
 	case <-p.resumed:
 	case <-p.sess.done:
-		// Once the backup has the handover, only its reject says it does
-		// not run the VM: a link that closes or falls silent (the backup
-		// heartbeats while it restores) may have lost its answer.
-		cause := p.sess.cause()
-		if _, ok := errors.AsType[*backupRejected](cause); ok {
-			return resume(cause)
+		// The backup closes the link right after its answer, and the
+		// reader may have seen both by now: the answer counts.
+		select {
+		case <-p.resumed: // confirmed
+		default:
+			// Once the backup has the handover, only its reject says it
+			// does not run the VM: a link that closes or falls silent (the
+			// backup heartbeats while it restores) may have lost its answer.
+			cause := p.sess.cause()
+			if _, ok := errors.AsType[*backupRejected](cause); ok {
+				return resume(cause)
+			}
+			return unconfirmed(cause)
 		}
-		return unconfirmed(cause)
 	case <-time.After(p.cfg.HeartbeatTimeout + handoverRestore):
 		return unconfirmed(fmt.Errorf("no answer within %v", p.cfg.HeartbeatTimeout+handoverRestore))
 	}
